@@ -1,0 +1,3 @@
+"""roadwork core: pure Python + PyTorch. Never imports dagster."""
+
+__version__ = "0.1.0"
