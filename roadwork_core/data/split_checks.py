@@ -1,0 +1,240 @@
+"""Leakage and balance checks on a splits table, as pure functions (the Dagster asset checks wrap them).
+
+Each check returns a `CheckOutcome`: passed, a message a person can act on, and small
+JSON-serialisable metadata. A splits table has at least `image_id`, `split`, `label`; `phash` is
+needed for the near-duplicate check; `file` / `uri` are used to name images when present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from roadwork_core.data.neardup import near_duplicate_pairs, pair_distances
+from roadwork_core.data.splits import SPLIT_ORDER
+
+MAX_LISTED = 20  # rows listed in a message / metadata; the rest are counted
+CLASS_NAMES = {0: "no_roadwork", 1: "roadwork"}
+
+
+@dataclass
+class CheckOutcome:
+    passed: bool
+    message: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _require(splits: pd.DataFrame, columns: list[str], check: str) -> None:
+    missing = [c for c in columns if c not in splits.columns]
+    if missing:
+        raise ValueError(
+            f"{check} needs columns {missing} in the splits table (present: {list(splits.columns)})"
+        )
+
+
+def _where(row: pd.Series) -> str:
+    """The path of an image for messages: `file`, else `uri`, else '?'."""
+    for col in ("file", "uri"):
+        value = row.get(col)
+        if isinstance(value, str) and value:
+            return value
+    return "?"
+
+
+def _split_names(splits: pd.DataFrame) -> list[str]:
+    present = set(splits["split"].astype(str))
+    known = [s.value for s in SPLIT_ORDER]
+    return known + sorted(present - set(known))
+
+
+def check_no_shared_images(splits: pd.DataFrame) -> CheckOutcome:
+    """Every image_id appears on exactly one row. A repeated image_id is the same bytes under two
+    names: in two splits it is leakage; in one split it still double-counts an image."""
+    _require(splits, ["image_id", "split"], "check_no_shared_images")
+    dup = splits[splits["image_id"].duplicated(keep=False)].sort_values("image_id", kind="mergesort")
+    n_dup_ids = int(dup["image_id"].nunique())
+    if n_dup_ids == 0:
+        return CheckOutcome(True, f"all {len(splits)} image_ids are unique", {"n_images": len(splits)})
+    listed, cross = [], 0
+    for image_id, rows in dup.groupby("image_id", sort=True):
+        n_splits = rows["split"].nunique()
+        cross += int(n_splits > 1)
+        if len(listed) < MAX_LISTED:
+            listed.append(
+                {
+                    "image_id": str(image_id),
+                    "files": [_where(r) for _, r in rows.iterrows()],
+                    "splits": [str(s) for s in rows["split"]],
+                }
+            )
+    lines = [
+        f"  {d['image_id'][:16]}…: " + ", ".join(f"{f} [{s}]" for f, s in zip(d["files"], d["splits"]))
+        for d in listed
+    ]
+    more = f"\n  … and {n_dup_ids - len(listed)} more" if n_dup_ids > len(listed) else ""
+    message = (
+        f"{n_dup_ids} image_ids appear on more than one row ({cross} of them in two or more splits): the same "
+        f"bytes under different names. Remove the copies from the drop (or dedupe the manifest by image_id) "
+        f"and rebuild the splits:\n" + "\n".join(lines) + more
+    )
+    meta = {
+        "n_images": len(splits),
+        "n_duplicated_ids": n_dup_ids,
+        "n_cross_split": cross,
+        "examples": listed,
+    }
+    return CheckOutcome(False, message, meta)
+
+
+def check_no_near_duplicates_across_splits(splits: pd.DataFrame, radius: int = 6) -> CheckOutcome:
+    """No two images in different splits have phashes within `radius` (Hamming distance)."""
+    _require(splits, ["image_id", "split", "phash"], "check_no_near_duplicates_across_splits")
+    table = splits.reset_index(drop=True)
+    phashes = table["phash"].tolist()
+    pairs = near_duplicate_pairs(phashes, radius)  # (P, 2)
+    split_arr = table["split"].astype(str).to_numpy()
+    cross = pairs[split_arr[pairs[:, 0]] != split_arr[pairs[:, 1]]] if len(pairs) else pairs
+    meta: dict[str, Any] = {"radius": radius, "n_near_duplicate_pairs": int(len(pairs))}
+    if len(cross) == 0:
+        msg = f"no near-duplicate pair (phash distance <= {radius}) crosses splits ({len(pairs)} pairs within splits)"
+        return CheckOutcome(True, msg, meta)
+    dist = pair_distances(phashes, cross)
+    order = np.lexsort((cross[:, 1], cross[:, 0], dist))  # closest pairs first
+    cross, dist = cross[order], dist[order]
+    listed = []
+    for (i, j), d in zip(cross[:MAX_LISTED].tolist(), dist[:MAX_LISTED].tolist()):
+        a, b = table.iloc[i], table.iloc[j]
+        listed.append(
+            {
+                "a": _where(a),
+                "a_split": str(a["split"]),
+                "b": _where(b),
+                "b_split": str(b["split"]),
+                "distance": int(d),
+            }
+        )
+    lines = [
+        f"  {d['a']} [{d['a_split']}] ~ {d['b']} [{d['b_split']}] distance {d['distance']}" for d in listed
+    ]
+    more = f"\n  … and {len(cross) - len(listed)} more" if len(cross) > len(listed) else ""
+    message = (
+        f"{len(cross)} near-duplicate pairs (phash distance <= {radius}) sit in different splits. Remove one "
+        f"image of each pair from the drop, or rebuild the splits so each group is one unit "
+        f"(assign_splits does this unless a previous version already split the pair):\n"
+        + "\n".join(lines)
+        + more
+    )
+    meta.update({"n_cross_split_pairs": int(len(cross)), "examples": listed})
+    return CheckOutcome(False, message, meta)
+
+
+def check_label_balance(splits: pd.DataFrame, tolerance: float = 0.05) -> CheckOutcome:
+    """Each split's positive rate is within `tolerance` (absolute) of the overall positive rate."""
+    _require(splits, ["split", "label"], "check_label_balance")
+    overall = float((splits["label"] == 1).mean()) if len(splits) else 0.0
+    rates: dict[str, float | None] = {}
+    bad: list[str] = []
+    for name in _split_names(splits):
+        rows = splits[splits["split"] == name]
+        if len(rows) == 0:
+            rates[name] = None
+            bad.append(f"split '{name}' is empty (overall positive rate {overall:.3f})")
+            continue
+        rate = float((rows["label"] == 1).mean())
+        rates[name] = round(rate, 4)
+        if abs(rate - overall) > tolerance:
+            bad.append(
+                f"split '{name}' has positive rate {rate:.3f} ({int((rows['label'] == 1).sum())}/{len(rows)}), "
+                f"overall is {overall:.3f}, off by {abs(rate - overall):.3f} > tolerance {tolerance}"
+            )
+    meta = {"overall_positive_rate": round(overall, 4), "positive_rate": rates, "tolerance": tolerance}
+    if not bad:
+        return CheckOutcome(True, f"every split's positive rate is within {tolerance} of {overall:.3f}", meta)
+    message = (
+        "label balance off:\n  "
+        + "\n  ".join(bad)
+        + "\nRebuild the splits with stratification (assign_splits) "
+        "or add images of the under-represented class; large near-duplicate groups also skew small splits."
+    )
+    return CheckOutcome(False, message, meta)
+
+
+def check_min_per_class(splits: pd.DataFrame, min_count: int = 10) -> CheckOutcome:
+    """Each class (0 no_roadwork, 1 roadwork) has at least `min_count` images in every split."""
+    _require(splits, ["split", "label"], "check_min_per_class")
+    n_total = len(splits)
+    counts: dict[str, dict[str, int]] = {}
+    short: list[str] = []
+    shortfall: list[dict[str, Any]] = []
+    for name in _split_names(splits):
+        rows = splits[splits["split"] == name]
+        share = len(rows) / n_total if n_total else 0.0
+        counts[name] = {}
+        for label, cls in CLASS_NAMES.items():
+            have = int((rows["label"] == label).sum())
+            counts[name][cls] = have
+            if have >= min_count:
+                continue
+            need = min_count - have
+            overall = (
+                f"roughly {int(np.ceil(need / share))} more {cls} images overall, since '{name}' gets {share:.0%} of images"
+                if share > 0
+                else f"'{name}' is empty; check the split ratios"
+            )
+            short.append(
+                f"split '{name}' has {have} {cls} (label {label}) images, needs {need} more ({overall})"
+            )
+            shortfall.append({"split": name, "class": cls, "have": have, "need_more": need})
+    meta = {"min_count": min_count, "counts": counts, "shortfall": shortfall}
+    if not short:
+        return CheckOutcome(True, f"every split has at least {min_count} images of each class", meta)
+    message = f"too few images per class (minimum {min_count}):\n  " + "\n  ".join(short)
+    message += "\nAdd labelled images of those classes in a new drop, or lower min_count for a demo."
+    return CheckOutcome(False, message, meta)
+
+
+def check_sticky(splits: pd.DataFrame, previous: pd.DataFrame | None) -> CheckOutcome:
+    """No image that was in the previous version's splits table changed split."""
+    _require(splits, ["image_id", "split"], "check_sticky")
+    if previous is None or len(previous) == 0:
+        return CheckOutcome(True, "no previous partition to compare with", {"n_previous": 0, "n_moved": 0})
+    _require(previous, ["image_id", "split"], "check_sticky (previous table)")
+    cols = ["image_id", "split"] + [c for c in ("file", "uri") if c in splits.columns]
+    joined = splits[cols].merge(
+        previous[["image_id", "split"]].drop_duplicates(), on="image_id", suffixes=("", "_previous")
+    )
+    moved = joined[joined["split"].astype(str) != joined["split_previous"].astype(str)]
+    moved = moved.sort_values("image_id", kind="mergesort")
+    n_dropped = int((~previous["image_id"].isin(splits["image_id"])).sum())
+    meta: dict[str, Any] = {
+        "n_previous": int(len(previous)),
+        "n_moved": int(len(moved)),
+        "n_dropped": n_dropped,
+    }
+    if len(moved) == 0:
+        msg = f"all {len(joined)} images from the previous partition kept their split"
+        if n_dropped:
+            msg += f" ({n_dropped} previous images are no longer in the manifest)"
+        return CheckOutcome(True, msg, meta)
+    listed = [
+        {
+            "image_id": str(r["image_id"]),
+            "file": _where(r),
+            "from": str(r["split_previous"]),
+            "to": str(r["split"]),
+        }
+        for _, r in moved.head(MAX_LISTED).iterrows()
+    ]
+    lines = [f"  {d['image_id'][:16]}… {d['file']}: {d['from']} -> {d['to']}" for d in listed]
+    more = f"\n  … and {len(moved) - len(listed)} more" if len(moved) > len(listed) else ""
+    message = (
+        f"{len(moved)} images changed split since the previous partition, which leaks evaluation images "
+        f"into training (or back). Rebuild with assign_splits(manifest, cfg, previous=<previous splits>):\n"
+        + "\n".join(lines)
+        + more
+    )
+    meta["moved"] = listed
+    return CheckOutcome(False, message, meta)

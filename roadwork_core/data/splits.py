@@ -1,0 +1,213 @@
+"""Deterministic, content-addressed, sticky split assignment.
+
+Each image goes to train / val_select / val_calib / val_test as a function of content only:
+
+1. Near-duplicate groups (phash within `radius`, see `neardup.py`) are the unit of assignment; a
+   group's id is its smallest image_id, so it does not depend on row order.
+2. Sticky: an image listed in `previous` keeps its split; the other members of its group follow the
+   group's previous split (the split most of its previous images hold, ties by smallest image_id).
+3. Every other group is a "free" group. Within each label stratum (a group's majority label), free
+   groups are ordered by sha256(salt + group_id) and each goes to the split that is furthest below
+   its target (count / (ratio * stratum size), smallest first). On a fresh table this hits the
+   ratios per label to within one group; on a new version it fills the splits that fell behind.
+
+Nothing depends on the input row order or on the run; the output is sorted by image_id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from roadwork_core.contracts import Split
+from roadwork_core.data.neardup import near_duplicate_groups
+
+log = logging.getLogger(__name__)
+
+SPLIT_ORDER: tuple[Split, ...] = (Split.TRAIN, Split.VAL_SELECT, Split.VAL_CALIB, Split.VAL_TEST)
+REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "label", "phash")
+LEADING_COLUMNS: list[str] = ["image_id", "split", "group_id", "label"]
+
+
+def _default_ratios() -> dict[str, float]:
+    return {
+        Split.TRAIN.value: 0.60,
+        Split.VAL_SELECT.value: 0.10,
+        Split.VAL_CALIB.value: 0.15,
+        Split.VAL_TEST.value: 0.15,
+    }
+
+
+def validate_ratios(ratios: dict) -> dict[str, float]:
+    """Return ratios keyed by split name; raise ValueError naming what is wrong."""
+    valid = [s.value for s in SPLIT_ORDER]
+    out: dict[str, float] = {}
+    for key, value in ratios.items():
+        name = key.value if isinstance(key, Split) else str(key)
+        if name not in valid:
+            raise ValueError(f"split ratio key '{name}' is not a split; use exactly {valid}")
+        out[name] = float(value)
+    missing = [s for s in valid if s not in out]
+    if missing:
+        raise ValueError(f"split ratios miss {missing}; give a ratio > 0 for each of {valid}")
+    bad = {k: v for k, v in out.items() if not (v > 0)}
+    if bad:
+        raise ValueError(f"split ratios must all be > 0, got {bad}; every split needs images")
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"split ratios must sum to 1, they sum to {total:.6f}: {out}")
+    return {s: out[s] for s in valid}
+
+
+@dataclass
+class SplitConfig:
+    ratios: dict = field(default_factory=_default_ratios)
+    radius: int = 6  # phash Hamming radius for near-duplicate groups
+    salt: str = "roadwork-splits-v1"  # changing it reshuffles every free group
+
+    def __post_init__(self) -> None:
+        self.ratios = validate_ratios(self.ratios)
+        if not isinstance(self.radius, int) or not 0 <= self.radius < 64:
+            raise ValueError(f"SplitConfig.radius must be an integer in [0, 63], got {self.radius!r}")
+
+
+def content_key(salt: str, group_id: str) -> str:
+    """The ordering key of a group: sha256 hex of salt + group_id."""
+    return hashlib.sha256(f"{salt}\x00{group_id}".encode()).hexdigest()
+
+
+def _validate_manifest(manifest: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise ValueError(
+            f"manifest is missing columns {missing}; assign_splits needs {list(REQUIRED_COLUMNS)} "
+            f"(columns present: {list(manifest.columns)})"
+        )
+    clash = [c for c in ("split", "group_id") if c in manifest.columns]
+    if clash:
+        raise ValueError(f"manifest already has columns {clash}; pass the image manifest, not a splits table")
+    bad_label = ~manifest["label"].isin([0, 1])
+    if bad_label.any():
+        row = int(np.flatnonzero(bad_label.to_numpy())[0])
+        raise ValueError(
+            f"manifest row {row} (image_id {manifest['image_id'].iloc[row]}) has label "
+            f"{manifest['label'].iloc[row]!r}; labels must be 0 (no roadwork) or 1 (roadwork)"
+        )
+
+
+def _previous_splits(previous: pd.DataFrame | None) -> dict[str, str]:
+    """image_id -> split of the previous version, validated."""
+    if previous is None or len(previous) == 0:
+        return {}
+    missing = [c for c in ("image_id", "split") if c not in previous.columns]
+    if missing:
+        raise ValueError(
+            f"previous splits table is missing columns {missing}; pass the previous 'splits' table"
+        )
+    valid = {s.value for s in SPLIT_ORDER}
+    bad = previous.loc[~previous["split"].isin(valid)]
+    if len(bad):
+        raise ValueError(
+            f"previous splits table has unknown split {bad['split'].iloc[0]!r} for image "
+            f"{bad['image_id'].iloc[0]}; valid splits are {sorted(valid)}"
+        )
+    pairs = previous[["image_id", "split"]].drop_duplicates()
+    dup = pairs["image_id"].duplicated(keep=False)
+    if dup.any():
+        ids = sorted(pairs.loc[dup, "image_id"].unique())[:10]
+        raise ValueError(
+            f"previous splits table puts images {ids} in more than one split; fix that version "
+            f"(its check_no_shared_images should have failed) before building on it"
+        )
+    return dict(zip(pairs["image_id"], pairs["split"]))
+
+
+def _sticky_group_splits(df: pd.DataFrame) -> tuple[dict[str, str], list[str]]:
+    """For groups holding previous images: the split their new members take (the most common
+    previous split in the group, ties broken by the smallest image_id holding it), and the ids of
+    groups whose previous images sit in more than one split."""
+    prev = df.loc[df["_prev"].notna(), ["group_id", "_prev", "image_id"]]
+    per = prev.groupby(["group_id", "_prev"], sort=False).agg(
+        n=("image_id", "size"), first=("image_id", "min")
+    )
+    per = per.reset_index().sort_values(
+        ["group_id", "n", "first"], ascending=[True, False, True], kind="mergesort"
+    )
+    chosen = per.drop_duplicates("group_id", keep="first")
+    n_splits = per.groupby("group_id", sort=True)["_prev"].nunique()
+    conflicts = [str(g) for g in n_splits.index[n_splits > 1]]
+    return dict(zip(chosen["group_id"], chosen["_prev"])), conflicts
+
+
+def assign_splits(
+    manifest: pd.DataFrame, cfg: SplitConfig | None = None, previous: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Assign every manifest row a split.
+
+    Returns a DataFrame with columns `image_id, split, group_id, label` followed by every other
+    manifest column, one row per manifest row, sorted by image_id. `df.attrs["sticky_conflicts"]`
+    lists groups whose previous images sit in more than one split (each keeps its own split; the
+    near-duplicate check reports them).
+    """
+    cfg = cfg or SplitConfig()
+    ratios = validate_ratios(cfg.ratios)
+    _validate_manifest(manifest)
+    prev_split = _previous_splits(previous)
+
+    sort_cols = ["image_id"] + [c for c in ("uri", "file") if c in manifest.columns]
+    df = manifest.sort_values(sort_cols, kind="mergesort").reset_index(drop=True).copy()
+    df["label"] = df["label"].astype(np.int64)
+    df["group_id"] = near_duplicate_groups(df["phash"].tolist(), cfg.radius, ids=df["image_id"].tolist())
+    df["_prev"] = df["image_id"].map(prev_split)  # NaN for images new in this version
+
+    # Per group: size, majority label (ties -> 1, the class we must not miss), previous split if any.
+    groups = df.groupby("group_id", sort=True).agg(size=("label", "size"), pos=("label", "sum"))
+    groups["stratum"] = (2 * groups["pos"] >= groups["size"]).astype(np.int64)
+    groups["key"] = [content_key(cfg.salt, g) for g in groups.index]
+
+    split_of_group, conflicts = _sticky_group_splits(df)
+    if conflicts:
+        log.warning(
+            "%d near-duplicate groups hold previous images from different splits (e.g. %s); each keeps "
+            "its split and check_no_near_duplicates_across_splits will report the pairs",
+            len(conflicts),
+            conflicts[:5],
+        )
+
+    # Counts per (stratum, split) already fixed by stickiness, then fill free groups below target.
+    names = [s.value for s in SPLIT_ORDER]
+    target = np.array([ratios[s] for s in names])  # (4,)
+    for stratum, sgroups in groups.groupby("stratum", sort=True):
+        counts = np.zeros(len(names))
+        fixed = sgroups.index[sgroups.index.isin(split_of_group.keys())]
+        for gid in fixed:
+            counts[names.index(split_of_group[gid])] += sgroups.at[gid, "size"]
+        stratum_total = float(sgroups["size"].sum())
+        free = sgroups.loc[~sgroups.index.isin(split_of_group.keys())].sort_values("key", kind="mergesort")
+        for gid, size in zip(free.index, free["size"]):
+            fill = counts / (target * stratum_total)  # fraction of each split's target reached
+            chosen = int(np.argmin(fill))  # first (in SPLIT_ORDER) among ties
+            split_of_group[gid] = names[chosen]
+            counts[chosen] += size
+        log.debug("stratum %s: %s", stratum, dict(zip(names, counts.tolist())))
+
+    df["split"] = df["group_id"].map(split_of_group)
+    has_prev = df["_prev"].notna()
+    df.loc[has_prev, "split"] = df.loc[has_prev, "_prev"]  # an image never leaves its previous split
+    df = df.drop(columns="_prev")
+    df = df[LEADING_COLUMNS + [c for c in df.columns if c not in LEADING_COLUMNS]]
+    df.attrs["sticky_conflicts"] = conflicts
+    return df
+
+
+def split_summary(splits: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{split: {"n": rows, "positives": label==1 rows}} for every split (JSON-serialisable)."""
+    out: dict[str, dict[str, int]] = {}
+    for s in SPLIT_ORDER:
+        rows = splits[splits["split"] == s.value]
+        out[s.value] = {"n": int(len(rows)), "positives": int((rows["label"] == 1).sum())}
+    return out
