@@ -1,0 +1,165 @@
+"""Data stage: image_manifest -> splits, with the split contracts as blocking checks."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from roadwork_assets._util import load_previous_version, md_table
+from roadwork_assets.partitions import dataset_version
+from roadwork_core.contracts import Split
+from roadwork_core.io import atomic_write_bytes
+from roadwork_resources.artifact_store import ArtifactStore
+from roadwork_resources.dataset import DatasetSource
+
+
+class ManifestConfig(dg.Config):
+    min_size: int = Field(32, description="images smaller than this on either side are rejected")
+    max_reject_fraction: float = Field(0.05, description="fail the run when more candidates than this are rejected")
+
+
+@dg.asset(
+    partitions_def=dataset_version,
+    group_name="data",
+    kinds={"pandas", "parquet"},
+    description="One row per accepted image of every drop up to this version; rejects listed with reasons.",
+)
+def image_manifest(
+    context: dg.AssetExecutionContext, config: ManifestConfig, dataset: DatasetSource, store: ArtifactStore
+) -> dg.Output[pd.DataFrame]:
+    from roadwork_core.data.manifest import build_manifest
+
+    drops = dataset.drops_for_version(context.partition_key)
+    result = build_manifest(
+        drops,
+        fmt=dataset.format,
+        class_names=dataset.class_names,
+        min_size=config.min_size,
+        max_reject_fraction=config.max_reject_fraction,
+    )
+    manifest, rejects = result.manifest, result.rejects
+    side = store.side_dir("image_manifest", context.partition_key)
+    atomic_write_bytes(side / "rejects.parquet", rejects.to_parquet(index=False))
+    atomic_write_bytes(side / "duplicates.parquet", result.duplicates.to_parquet(index=False))
+    if len(rejects):
+        context.log.warning(f"{len(rejects)} files rejected; see {side / 'rejects.parquet'}")
+    return dg.Output(
+        manifest,
+        metadata={
+            "drops": [p.name for p in drops],
+            "num_images": len(manifest),
+            "num_positive": int(manifest["label"].sum()) if len(manifest) else 0,
+            "num_rejected": len(rejects),
+            "rejects": md_table(rejects),
+            "rejects_path": dg.MetadataValue.path(str(side / "rejects.parquet")),
+            "num_exact_duplicates": len(result.duplicates),
+            "dagster/row_count": len(manifest),
+        },
+    )
+
+
+class SplitSettings(dg.ConfigurableResource):
+    """Split ratios and the split contract's thresholds, shared by the `splits` asset and its checks."""
+
+    train: float = 0.60
+    val_select: float = 0.10
+    val_calib: float = 0.15
+    val_test: float = 0.15
+    radius: int = Field(6, description="near-duplicate radius: phash Hamming distance")
+    balance_tolerance: float = Field(0.05, description="max |positive rate of a split - overall rate|")
+    min_per_class: int = Field(10, description="minimum images of each class in each split")
+
+    def ratios(self) -> dict[str, float]:
+        return {s.value: getattr(self, s.value) for s in Split}
+
+
+@dg.asset(
+    partitions_def=dataset_version,
+    group_name="data",
+    kinds={"pandas"},
+    description="image_id -> split (train / val_select / val_calib / val_test), near-duplicate groups kept together, "
+    "sticky across versions.",
+)
+def splits(
+    context: dg.AssetExecutionContext, split_settings: SplitSettings, image_manifest: pd.DataFrame
+) -> dg.Output[pd.DataFrame]:
+    from roadwork_core.data.splits import SplitConfig, assign_splits
+
+    prev_version, previous = load_previous_version(context.instance, context.asset_key, context.partition_key)
+    table = assign_splits(
+        image_manifest,
+        SplitConfig(ratios=split_settings.ratios(), radius=split_settings.radius),
+        previous=previous,
+    )
+    counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
+    return dg.Output(
+        table,
+        metadata={
+            "previous_version": prev_version or "(none)",
+            "counts": md_table(counts.reset_index()),
+            "num_groups": int(table["group_id"].nunique()),
+            "dagster/row_count": len(table),
+        },
+    )
+
+
+def _result(outcome, **extra) -> dg.AssetCheckResult:
+    metadata = {**outcome.metadata, **extra}
+    return dg.AssetCheckResult(
+        passed=bool(outcome.passed),
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=outcome.message,
+        metadata={k: dg.MetadataValue.json(v) if isinstance(v, dict | list) else v for k, v in metadata.items()},
+    )
+
+
+def _split_check(description: str):
+    return dg.asset_check(asset=splits, blocking=True, partitions_def=dataset_version, description=description)
+
+
+@_split_check("no image (by content hash) in two splits")
+def check_no_shared_images(splits: pd.DataFrame) -> dg.AssetCheckResult:
+    from roadwork_core.data import split_checks
+
+    return _result(split_checks.check_no_shared_images(splits))
+
+
+@_split_check("no near-duplicate pair (phash within the radius) across splits")
+def check_no_near_duplicates_across_splits(split_settings: SplitSettings, splits: pd.DataFrame) -> dg.AssetCheckResult:
+    from roadwork_core.data import split_checks
+
+    return _result(split_checks.check_no_near_duplicates_across_splits(splits, radius=split_settings.radius))
+
+
+@_split_check("each split's positive rate within the tolerance of the overall rate")
+def check_label_balance(split_settings: SplitSettings, splits: pd.DataFrame) -> dg.AssetCheckResult:
+    from roadwork_core.data import split_checks
+
+    return _result(split_checks.check_label_balance(splits, tolerance=split_settings.balance_tolerance))
+
+
+@_split_check("at least min_per_class images of each class in each split")
+def check_min_per_class(split_settings: SplitSettings, splits: pd.DataFrame) -> dg.AssetCheckResult:
+    from roadwork_core.data import split_checks
+
+    return _result(split_checks.check_min_per_class(splits, min_count=split_settings.min_per_class))
+
+
+@_split_check("no image moved split since the previous dataset version")
+def check_sticky_splits(context: dg.AssetCheckExecutionContext, splits: pd.DataFrame) -> dg.AssetCheckResult:
+    from roadwork_core.data import split_checks
+
+    prev_version, previous = load_previous_version(context.instance, dg.AssetKey("splits"), context.partition_key)
+    if previous is None:
+        return dg.AssetCheckResult(passed=True, description="first dataset version: nothing to compare with")
+    return _result(split_checks.check_sticky(splits, previous), previous_version=prev_version)
+
+
+SPLIT_CHECKS = [
+    check_no_shared_images,
+    check_no_near_duplicates_across_splits,
+    check_label_balance,
+    check_min_per_class,
+    check_sticky_splits,
+]

@@ -1,0 +1,31 @@
+"""ArtifactStore: side folders an asset owns besides its output (checkpoints, feature cache, tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+
+class ArtifactStore(dg.ConfigurableResource):
+    """Working folders under the state root. Paths include the partition so that two runs on
+    different partitions never share a checkpoint folder; the feature cache is content-addressed and
+    safe to share."""
+
+    root: str = Field(description="state folder for checkpoints, caches and side tables")
+
+    def checkpoint_dir(self, asset: str, partition: str) -> Path:
+        path = Path(self.root) / "checkpoints" / asset / partition
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def feature_cache_dir(self) -> Path:
+        path = Path(self.root) / "feature_cache"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def side_dir(self, asset: str, partition: str) -> Path:
+        path = Path(self.root) / "side" / asset / partition
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,41 @@
+"""DatasetSource: where data drops arrive and how they are read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+
+class DatasetSource(dg.ConfigurableResource):
+    """The inbox of data drops. A drop is `<inbox>/<version>/`, complete once it holds `_READY`.
+
+    Version `v` of the dataset is the union of every complete drop whose name sorts at or before `v`.
+    """
+
+    inbox: str = Field(description="folder holding one sub-folder per data drop")
+    format: Literal["auto", "labels_csv", "imagefolder", "hf_parquet"] = Field(
+        "auto", description="drop format; auto detects labels.csv, ImageFolder or Hugging Face parquet"
+    )
+    positive_class: str = Field("roadwork", description="ImageFolder / class-name label for label 1")
+    negative_class: str = Field("no_roadwork", description="ImageFolder / class-name label for label 0")
+
+    @property
+    def inbox_path(self) -> Path:
+        return Path(self.inbox)
+
+    @property
+    def class_names(self) -> dict[str, int]:
+        return {self.positive_class: 1, self.negative_class: 0}
+
+    def ready_drops(self) -> list[str]:
+        from roadwork_core.data.drops import list_ready_drops
+
+        return list_ready_drops(self.inbox_path)
+
+    def drops_for_version(self, version: str) -> list[Path]:
+        from roadwork_core.data.drops import drops_up_to
+
+        return drops_up_to(self.inbox_path, version)

@@ -1,0 +1,95 @@
+"""GPUResource: where and how the PyTorch core runs (device, precision, compile, threads, seeds)."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+
+
+class GPUResource(dg.ConfigurableResource):
+    """Compute settings handed to every training and inference asset.
+
+    Assets that train (explora_backbone, classifier) also run in the Dagster pool `gpu`, so a
+    queued run coordinator with a pool limit serializes them across runs.
+    """
+
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto picks cuda, then mps, then cpu")
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
+        "fp32", description="fp16-mixed uses a gradient scaler and needs CUDA"
+    )
+    compile: bool = Field(False, description="wrap models in torch.compile")
+    attn_backend: Literal["sdpa", "flash_attn", "eager"] = Field("sdpa", description="attention kernel")
+    threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default")
+    seed: int = Field(0, description="seed for python, numpy and torch")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms and cudnn flags")
+
+    def torch_device(self):
+        import torch
+
+        if self.device == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+                return torch.device("mps")
+            return torch.device("cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("GPUResource.device is 'cuda' but torch sees no CUDA device; set device: auto or cpu")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError("GPUResource.device is 'mps' but MPS is not available; set device: auto or cpu")
+        return torch.device(self.device)
+
+    def effective_precision(self) -> str:
+        """fp16-mixed needs CUDA; bf16 on CPU is slow, so CPU falls back to fp32 with a clear rule."""
+        device = self.torch_device()
+        if device.type == "cpu" and self.precision != "fp32":
+            return "fp32"
+        return self.precision
+
+    def autocast_dtype(self):
+        import torch
+
+        return {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}[self.effective_precision()]
+
+    def setup(self, seed_offset: int = 0) -> None:
+        """Apply threads, seeds and determinism flags to this process; call at the start of an asset."""
+        import numpy as np
+        import torch
+
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+        seed = self.seed + seed_offset
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+        if self.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        elif torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def maybe_compile(self, module):
+        if not self.compile:
+            return module
+        import torch
+
+        return torch.compile(module)
+
+    def describe(self) -> dict:
+        return {
+            "device": str(self.torch_device()),
+            "precision": self.effective_precision(),
+            "compile": self.compile,
+            "attn_backend": self.attn_backend,
+            "threads": self.threads,
+            "seed": self.seed,
+            "deterministic": self.deterministic,
+        }

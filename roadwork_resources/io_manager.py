@@ -1,0 +1,156 @@
+"""Artifact IO manager: typed, atomic, checksummed storage per asset and partition.
+
+Layout: `<root>/<asset key path>/<partition>/` holding the artifact files and `_artifact.json`
+(kind, class, sha256 and size of every file). A partition directory is built under a temporary name
+and renamed into place, so a reader sees the previous complete artifact or the new one, never a mix.
+
+Kinds (chosen from the output value):
+- pandas DataFrame          -> data.parquet
+- pydantic BaseModel        -> artifact.json (the class is recorded; only roadwork_core classes load)
+- dict[str, torch.Tensor]   -> tensors.safetensors
+- pathlib.Path (directory)  -> dir/ (a copy; bundles, model directories)
+- dict / list of JSON types -> value.json
+Anything else is refused: nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+from pydantic import BaseModel
+
+from roadwork_core.io import atomic_dir, sha256_file
+
+MANIFEST = "_artifact.json"
+_ALLOWED_CLASS_PREFIX = "roadwork_core."
+
+
+class ArtifactTypeError(TypeError):
+    pass
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    if not isinstance(obj, dict) or not obj:
+        return False
+    import torch
+
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def write_artifact(dest: Path, obj: Any) -> dict:
+    """Write `obj` as a typed artifact directory at `dest` atomically; return its manifest."""
+    with atomic_dir(dest) as tmp:
+        if isinstance(obj, pd.DataFrame):
+            kind, cls = "dataframe", None
+            obj.to_parquet(tmp / "data.parquet", index=False)
+        elif isinstance(obj, BaseModel):
+            kind, cls = "pydantic", f"{type(obj).__module__}.{type(obj).__qualname__}"
+            (tmp / "artifact.json").write_text(obj.model_dump_json(indent=2))
+        elif _is_tensor_dict(obj):
+            from safetensors.torch import save_file
+
+            kind, cls = "tensors", None
+            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(tmp / "tensors.safetensors"))
+        elif isinstance(obj, Path):
+            if not obj.is_dir():
+                raise ArtifactTypeError(f"a Path artifact must be a directory; {obj} is not one")
+            kind, cls = "directory", None
+            shutil.copytree(obj, tmp / "dir", symlinks=False)
+        elif isinstance(obj, dict | list):
+            kind, cls = "json", None
+            try:
+                (tmp / "value.json").write_text(json.dumps(obj, indent=2, allow_nan=True))
+            except TypeError as exc:
+                raise ArtifactTypeError(f"value is not JSON-serialisable ({exc}); return a pydantic model") from exc
+        else:
+            raise ArtifactTypeError(
+                f"the artifact IO manager stores DataFrames, pydantic models, dicts of tensors, directories "
+                f"and JSON values; got {type(obj).__name__}. It never pickles: convert the value to one of those."
+            )
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = f.relative_to(tmp).as_posix()
+            files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        manifest = {"kind": kind, "class": cls, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _load_class(name: str) -> type[BaseModel]:
+    if not name.startswith(_ALLOWED_CLASS_PREFIX):
+        raise ArtifactTypeError(f"refusing to load artifact class {name!r}: only {_ALLOWED_CLASS_PREFIX}* classes load")
+    module, _, qual = name.rpartition(".")
+    cls = getattr(importlib.import_module(module), qual)
+    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        raise ArtifactTypeError(f"{name} is not a pydantic model")
+    return cls
+
+
+def read_artifact(src: Path) -> Any:
+    """Load the artifact directory written by `write_artifact`."""
+    mpath = src / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(
+            f"no artifact at {src} (missing {MANIFEST}); materialize the upstream asset for this partition first"
+        )
+    manifest = json.loads(mpath.read_text())
+    kind = manifest["kind"]
+    if kind == "dataframe":
+        return pd.read_parquet(src / "data.parquet")
+    if kind == "pydantic":
+        return _load_class(manifest["class"]).model_validate_json((src / "artifact.json").read_text())
+    if kind == "tensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(src / "tensors.safetensors"))
+    if kind == "directory":
+        return src / "dir"
+    if kind == "json":
+        return json.loads((src / "value.json").read_text())
+    raise ArtifactTypeError(f"unknown artifact kind {kind!r} in {mpath}")
+
+
+class ArtifactIOManager(dg.ConfigurableIOManager):
+    """Stores every asset output as a typed artifact under `root` (see module docstring)."""
+
+    root: str
+
+    def _path(self, asset_key: dg.AssetKey, partition: str | None) -> Path:
+        return Path(self.root).joinpath(*asset_key.path, partition or "__all__")
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        dest = self._path(context.asset_key, partition)
+        manifest = write_artifact(dest, obj)
+        digest = (
+            manifest["files"][next(iter(manifest["files"]))]["sha256"] if len(manifest["files"]) == 1 else None
+        )
+        context.add_output_metadata(
+            {
+                "path": dg.MetadataValue.path(str(dest)),
+                "artifact_kind": manifest["kind"],
+                "bytes": sum(f["bytes"] for f in manifest["files"].values()),
+                "sha256": digest or _combined_digest(manifest),
+            }
+        )
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        return read_artifact(self._path(context.asset_key, partition))
+
+
+def _combined_digest(manifest: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, meta in sorted(manifest["files"].items()):
+        h.update(f"{name}:{meta['sha256']}\n".encode())
+    return h.hexdigest()
