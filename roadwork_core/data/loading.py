@@ -1,0 +1,69 @@
+"""Images -> square uint8 canvases (3, C, C), the input of RoadworkClassifier after `.float() / 255`.
+
+The canvas is the whole image resized (antialiased) to C x C; the multi-view step tiles it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import PIL.Image
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import Dataset
+
+__all__ = ["CanvasDataset", "load_canvas", "pil_to_canvas"]
+
+
+def pil_to_canvas(img: PIL.Image.Image, canvas_size: int) -> torch.Tensor:
+    """PIL image (any mode) -> uint8 (3, canvas_size, canvas_size)."""
+    pixels = TF.pil_to_tensor(img.convert("RGB"))  # (3, H, W) uint8
+    return TF.resize(pixels, [canvas_size, canvas_size], antialias=True)
+
+
+def load_canvas(uri: str, canvas_size: int) -> torch.Tensor:
+    """uri (file path or `<parquet>#row=<n>`) -> uint8 (3, canvas_size, canvas_size)."""
+    from roadwork_core.data.images import load_image
+
+    return pil_to_canvas(load_image(uri), canvas_size)
+
+
+class CanvasDataset(Dataset):
+    """Items: (uint8 canvas (3, C, C), label float (NaN when unlabelled), index int)."""
+
+    def __init__(
+        self,
+        uris: list[str],
+        labels: list[int] | None,
+        canvas_size: int,
+        transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+    ) -> None:
+        if labels is not None and len(labels) != len(uris):
+            raise ValueError(
+                f"CanvasDataset: {len(uris)} uris but {len(labels)} labels; pass one label per uri"
+            )
+        self.uris = list(uris)
+        self.labels = None if labels is None else [float(label) for label in labels]
+        self.canvas_size = canvas_size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, float, int]:
+        from roadwork_core.data.images import load_image
+
+        uri = self.uris[index]
+        try:
+            img = load_image(uri)
+            if self.transform is not None:
+                img = self.transform(img)
+            canvas = pil_to_canvas(img, self.canvas_size)
+        except Exception as e:
+            e.add_note(
+                f"CanvasDataset item {index}: uri {uri!r} (fix or remove this image from the manifest)"
+            )
+            raise
+        label = math.nan if self.labels is None else self.labels[index]
+        return canvas, label, index

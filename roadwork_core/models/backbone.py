@@ -1,0 +1,215 @@
+"""Backbone factory: a timm ViT (VisionTransformer or Eva) from a preset name or any timm ViT name.
+
+Every backbone comes back headless (`num_classes=0`): `forward(x (B, 3, S, S)) -> (B, D)` with
+`D = model.num_features`. Preprocessing (mean / std / input size) travels with the model in its
+`pretrained_cfg`; callers read it through `backbone_data_config`, never hard-code it.
+
+Weights, in order of precedence:
+- `weights_file`: a local file (safetensors or a torch state dict) loaded by timm through
+  `pretrained_cfg_overlay=dict(file=...)`; no network access.
+- `pretrained=True`: timm's own source (Hugging Face hub); needs network access.
+- otherwise random init (tests, the CPU demo).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from timm.layers import Attention
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+__all__ = [
+    "ATTN_BACKENDS",
+    "PRESETS",
+    "BackboneConfig",
+    "backbone_data_config",
+    "create_backbone",
+    "state_dict_sha256",
+]
+
+# Architecture numbers for the tiny random-init test models (fast on a CPU core).
+_TINY = dict(patch_size=8, embed_dim=48, depth=2, num_heads=3, img_size=32)
+# DINOv3's layer scale starts at 1e-5, which makes a random-init 2-block model an (almost) constant
+# function of its input; the tiny variant starts it at 1.0 so tests see input-dependent outputs.
+_TINY_DINOV3 = dict(_TINY, init_values=1.0)
+
+# preset name -> timm model name, default pooling, extra model kwargs, pretrained_cfg overlay.
+PRESETS: dict[str, dict[str, Any]] = {
+    "dinov2_small": dict(timm_name="vit_small_patch14_dinov2", pooling="token"),
+    "dinov2_small_reg4": dict(timm_name="vit_small_patch14_reg4_dinov2", pooling="token"),
+    "dinov2_base": dict(timm_name="vit_base_patch14_dinov2", pooling="token"),
+    "dinov2_base_reg4": dict(timm_name="vit_base_patch14_reg4_dinov2", pooling="token"),
+    # DINOv3 uses CLS-token pooling upstream; timm's Eva defaults to "avg", so the preset says "token".
+    "dinov3_small": dict(timm_name="vit_small_patch16_dinov3", pooling="token"),
+    "dinov3_small_qkvb": dict(timm_name="vit_small_patch16_dinov3_qkvb", pooling="token"),
+    "dinov3_base": dict(timm_name="vit_base_patch16_dinov3", pooling="token"),
+    "dinov3_base_qkvb": dict(timm_name="vit_base_patch16_dinov3_qkvb", pooling="token"),
+    # Tiny random-init models: the timm classes and code paths of the real ones, 2 blocks of width 48.
+    "vit_test_tiny": dict(timm_name="vit_tiny_patch16_224", pooling="token", model_kwargs=_TINY),
+    "vit_test_tiny_dinov3": dict(
+        timm_name="vit_small_patch16_dinov3", pooling="token", model_kwargs=_TINY_DINOV3
+    ),
+    # DINOv3 "qkvb" layout: fused attn.qkv plus separate q/v bias (the F.linear LoRA trap, see adapters.py).
+    "vit_test_tiny_dinov3_qkvb": dict(
+        timm_name="vit_small_patch16_dinov3_qkvb", pooling="token", model_kwargs=_TINY_DINOV3
+    ),
+}
+
+ATTN_BACKENDS: tuple[str, ...] = ("sdpa", "flash_attn", "eager")
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "vit_test_tiny"  # a preset name (PRESETS) or any timm ViT name (VisionTransformer / Eva)
+    pretrained: bool = False  # timm pretrained=True (hub access needed)
+    weights_file: str | None = None  # local weights: timm pretrained_cfg_overlay=dict(file=...)
+    pooling: str | None = None  # "token" (CLS) | "avg"; None -> preset default
+    img_size: int | None = None  # None -> preset default
+    grad_checkpointing: bool = False
+    attn_backend: str = "sdpa"  # "sdpa" (timm fused attention) | "flash_attn" | "eager"
+    model_kwargs: dict = field(default_factory=dict)
+
+
+class FlashAttnAttention(Attention):
+    """timm `Attention` whose core runs `flash_attn.flash_attn_func` (CUDA, fp16 / bf16 only).
+
+    Same parameters and state dict as `timm.layers.Attention`, so weights load unchanged. fp32
+    inputs are computed in bf16 and cast back (flash-attn has no fp32 kernel).
+    """
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        from flash_attn import flash_attn_func
+
+        if attn_mask is not None:
+            raise ValueError("attn_backend='flash_attn' does not support attn_mask; use attn_backend='sdpa'")
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, hd)
+        q, k, v = qkv.unbind(2)  # each (B, N, H, hd): flash-attn's layout
+        q, k = self.q_norm(q), self.k_norm(k)
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        out = flash_attn_func(
+            q.to(dtype),
+            k.to(dtype),
+            v.to(dtype),
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            softmax_scale=self.scale,
+            causal=is_causal,
+        ).to(x.dtype)  # (B, N, H, hd)
+        out = self.norm(out.reshape(B, N, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+
+def _require_flash_attn() -> None:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "BackboneConfig.attn_backend='flash_attn' needs the flash-attn package, which is not installed. "
+            "Install the project's gpu extra (pip install -e '.[gpu]', CUDA only) or use attn_backend='sdpa' "
+            "(PyTorch SDPA already picks a flash kernel on supported GPUs)."
+        ) from e
+
+
+def _resolve(cfg: BackboneConfig) -> tuple[str, dict[str, Any]]:
+    """Preset or timm name -> (timm model name, kwargs for timm.create_model)."""
+    if cfg.attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"Unknown attn_backend {cfg.attn_backend!r}; valid: {', '.join(ATTN_BACKENDS)}")
+    preset = PRESETS.get(cfg.name)
+    if preset is None and not timm.is_model(cfg.name):
+        raise ValueError(
+            f"Unknown backbone {cfg.name!r}. Valid presets: {', '.join(sorted(PRESETS))}; "
+            "or pass any timm ViT name (timm.list_models('vit_*')), e.g. 'vit_small_patch14_dinov2'."
+        )
+    preset = preset or dict(timm_name=cfg.name)
+    timm_name = preset["timm_name"]
+    kwargs: dict[str, Any] = dict(preset.get("model_kwargs", {}))
+    kwargs.update(cfg.model_kwargs)
+    pooling = cfg.pooling or preset.get("pooling")
+    if pooling is not None:
+        kwargs["global_pool"] = pooling
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.attn_backend == "flash_attn":
+        _require_flash_attn()
+        if timm.models.model_entrypoint(timm_name).__module__ != "timm.models.vision_transformer":
+            raise ValueError(
+                f"attn_backend='flash_attn' is supported for timm VisionTransformer models (e.g. DINOv2), "
+                f"not {timm_name!r} (Eva / DINOv3 with RoPE); use attn_backend='sdpa' there."
+            )
+        kwargs["attn_layer"] = FlashAttnAttention
+    return timm_name, kwargs
+
+
+def create_backbone(cfg: BackboneConfig) -> nn.Module:
+    """Headless timm ViT for `cfg`: forward(x (B, 3, S, S)) -> (B, num_features).
+
+    Downloads only when `cfg.pretrained` is set and no `weights_file` is given.
+    """
+    timm_name, kwargs = _resolve(cfg)
+    overlay: dict[str, Any] = {}
+    if "img_size" in kwargs:  # keep pretrained_cfg's input_size in step with the built model
+        overlay["input_size"] = (3, int(kwargs["img_size"]), int(kwargs["img_size"]))
+    pretrained = cfg.pretrained
+    if cfg.weights_file is not None:
+        # source "" selects timm's default resolution, where a set `file` wins over url / hub.
+        overlay.update(file=str(cfg.weights_file), source="")
+        pretrained = True
+    model = timm.create_model(
+        timm_name,
+        pretrained=pretrained,
+        num_classes=0,
+        pretrained_cfg_overlay=overlay or None,
+        **kwargs,
+    )
+    if not isinstance(model, VisionTransformer | Eva):
+        raise ValueError(
+            f"Backbone {cfg.name!r} builds a {type(model).__name__}; only timm VisionTransformer and Eva "
+            f"(DINOv2 / DINOv3) backbones are supported. Valid presets: {', '.join(sorted(PRESETS))}"
+        )
+    if cfg.attn_backend in ("sdpa", "eager"):
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = cfg.attn_backend == "sdpa"
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def backbone_data_config(model: nn.Module) -> dict[str, tuple]:
+    """{"mean": (r, g, b), "std": (r, g, b), "input_size": (3, S, S)} from the model's pretrained_cfg."""
+    data_cfg = timm.data.resolve_model_data_config(model)
+    return {
+        "mean": tuple(float(m) for m in data_cfg["mean"]),
+        "std": tuple(float(s) for s in data_cfg["std"]),
+        "input_size": tuple(int(s) for s in data_cfg["input_size"]),
+    }
+
+
+def state_dict_sha256(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """Stable sha256 over (name, dtype, shape, bytes) of every tensor, keys sorted.
+
+    Independent of device and of parameter registration order; any changed weight changes it.
+    """
+    state = (
+        model_or_state_dict.state_dict()
+        if isinstance(model_or_state_dict, nn.Module)
+        else model_or_state_dict
+    )
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

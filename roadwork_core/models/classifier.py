@@ -1,0 +1,121 @@
+"""RoadworkClassifier: backbone over all views in one forward, a linear head per view, an aggregator.
+
+canvas (B, 3, C, C) float in [0, 1]
+  -> normalize (mean / std from the backbone's pretrained_cfg)
+  -> extract_views -> (B, V, 3, S, S) -> ONE backbone forward on (B*V, 3, S, S) -> feats (B, V, D)
+  -> head (Dropout, Linear(D, 1)) -> view_logits (B, V)
+  -> aggregator -> logit (B,), prob (B,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from roadwork_core.models.aggregators import create_aggregator
+from roadwork_core.models.backbone import BackboneConfig, backbone_data_config, create_backbone
+from roadwork_core.models.multiview import MultiViewConfig, extract_views, num_views, resolve_canvas_size
+
+__all__ = ["RoadworkClassifier", "build_classifier", "classifier_config_dict"]
+
+
+class RoadworkClassifier(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mv: MultiViewConfig,
+        *,
+        aggregator: str = "topk_mean",
+        topk: int = 3,
+        dropout: float = 0.3,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        backbone_cfg: BackboneConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if mean is None or std is None:
+            data_cfg = backbone_data_config(backbone)
+            mean = data_cfg["mean"] if mean is None else mean
+            std = data_cfg["std"] if std is None else std
+        dim = int(backbone.num_features)
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, 1))
+        self.aggregator = create_aggregator(aggregator, dim, topk=topk)
+        self.mv = mv
+        self.aggregator_name = aggregator
+        self.topk = topk
+        self.dropout = dropout
+        self.backbone_cfg = backbone_cfg
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @property
+    def num_views(self) -> int:
+        return num_views(self.mv)
+
+    @property
+    def canvas_size(self) -> int:
+        """Side of the square canvas `forward` expects (what load_canvas should produce)."""
+        return resolve_canvas_size(self.mv)
+
+    def forward_features(self, canvas: torch.Tensor) -> torch.Tensor:
+        """(B, 3, C, C) float in [0, 1] -> per-view features (B, V, D)."""
+        x = (canvas - self.mean) / self.std
+        views = extract_views(x, self.mv)  # (B, V, 3, S, S)
+        B, V = views.shape[:2]
+        feats = self.backbone(views.flatten(0, 1))  # (B*V, D): every view of the batch in one forward
+        return feats.reshape(B, V, -1)
+
+    def forward_head(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """feats (B, V, D) -> {"view_logits": (B, V), "logit": (B,), "prob": (B,)}."""
+        view_logits = self.head(feats).squeeze(-1)  # (B, V)
+        logit, prob = self.aggregator(view_logits, feats)
+        return {"view_logits": view_logits, "logit": logit, "prob": prob}
+
+    def forward(self, canvas: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.forward_features(canvas)
+        return {**self.forward_head(feats), "feats": feats}
+
+
+def build_classifier(
+    backbone_cfg: BackboneConfig, mv_cfg: MultiViewConfig | None = None, **kw: Any
+) -> RoadworkClassifier:
+    """Backbone from `backbone_cfg` + multi-view + head. kw: aggregator, topk, dropout, mean, std.
+
+    With `mv_cfg=None` the views are the backbone's input size. A given `mv_cfg` must match a
+    fixed-size backbone.
+    """
+    backbone = create_backbone(backbone_cfg)
+    input_size = backbone_data_config(backbone)["input_size"][-1]
+    if mv_cfg is None:
+        mv_cfg = MultiViewConfig(view_size=input_size)
+    elif mv_cfg.view_size != input_size and not getattr(backbone, "dynamic_img_size", False):
+        raise ValueError(
+            f"MultiViewConfig.view_size={mv_cfg.view_size} but backbone {backbone_cfg.name!r} takes fixed "
+            f"{input_size}x{input_size} inputs. Set view_size={input_size}, or BackboneConfig.img_size="
+            f"{mv_cfg.view_size}."
+        )
+    return RoadworkClassifier(backbone, mv_cfg, backbone_cfg=backbone_cfg, **kw)
+
+
+def classifier_config_dict(model: RoadworkClassifier) -> dict[str, Any]:
+    """JSON-serialisable dict that rebuilds the architecture: build_classifier(BackboneConfig(**d["backbone"]),
+    MultiViewConfig(**d["multiview"]), aggregator=..., topk=..., dropout=..., mean=..., std=...).
+    """
+    if model.backbone_cfg is None:
+        raise ValueError(
+            "classifier_config_dict needs the BackboneConfig the model was built from; build it with "
+            "build_classifier(...) or pass RoadworkClassifier(..., backbone_cfg=cfg)."
+        )
+    return {
+        "backbone": dataclasses.asdict(model.backbone_cfg),
+        "multiview": dataclasses.asdict(model.mv),
+        "aggregator": model.aggregator_name,
+        "topk": model.topk,
+        "dropout": model.dropout,
+        "mean": [float(m) for m in model.mean.flatten().tolist()],
+        "std": [float(s) for s in model.std.flatten().tolist()],
+    }
