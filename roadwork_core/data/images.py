@@ -1,0 +1,165 @@
+"""Image bytes -> validated RGB PIL image, and the URIs images are read from.
+
+A URI is either an absolute file path, or `<absolute path of a parquet file>#row=<n>` for images
+stored inside a Hugging Face parquet shard (an `image` column of `{bytes, path}` structs).
+
+Decoding is strict: the whole image is decoded (`img.load()`), so a truncated file is caught here
+and not halfway through training. Nothing global in Pillow is changed (no LOAD_TRUNCATED_IMAGES,
+no MAX_IMAGE_PIXELS); the pixel limit is our own argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import threading
+import warnings
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# 8192 x 8192: larger than any street camera frame we expect, far below what exhausts memory.
+MAX_PIXELS = 8192 * 8192
+
+ROW_SEP = "#row="
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be used. `reason` is a stable short code, `detail` says why for a person.
+
+    Codes: `unreadable` (not an image, empty, unknown format), `truncated` (header readable, pixel
+    data incomplete or corrupt), `too_large` (over the pixel limit: a decompression bomb guard).
+    """
+
+    def __init__(self, reason: str, source: str, detail: str = ""):
+        self.reason, self.source, self.detail = reason, source, detail
+        super().__init__(f"{source}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `data` fully into an RGB image with EXIF orientation applied.
+
+    Grayscale, palette, CMYK and 16-bit images are converted; alpha is composited on white.
+    Raises `ImageRejected` naming `source` for anything that cannot be decoded completely.
+    """
+    if not data:
+        raise ImageRejected("unreadable", source, "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (then errors) on huge images; we apply our own limit below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("too_large", source, str(exc)) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageRejected("unreadable", source, f"not a readable image: {exc}") from exc
+
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageRejected(
+            "too_large", source, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; resize it"
+        )
+    try:
+        img.load()  # force a full decode: this is where truncated / corrupt pixel data shows up
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageRejected("truncated", source, f"{img.format} {w}x{h}: {exc}") from exc
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError) as exc:
+        raise ImageRejected("unreadable", source, f"malformed EXIF orientation: {exc}") from exc
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB; transparent pixels become white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs
+
+
+def parquet_uri(path: str | os.PathLike, row: int) -> str:
+    return f"{Path(path).absolute()}{ROW_SEP}{row}"
+
+
+def split_uri(uri: str) -> tuple[str, int | None]:
+    """`/a/b.parquet#row=3` -> ('/a/b.parquet', 3); a plain path -> (path, None)."""
+    if ROW_SEP in uri:
+        path, _, row = uri.rpartition(ROW_SEP)
+        if not row.isdigit():
+            raise ValueError(f"bad image uri {uri!r}: expected '<parquet path>#row=<non-negative int>'")
+        return path, int(row)
+    return uri, None
+
+
+class _ParquetShard:
+    """An opened parquet file with row-group offsets, so one row costs one row-group read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = pq.ParquetFile(path)
+        sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # len = n_groups + 1
+        self.lock = threading.Lock()  # a ParquetFile is not safe to read from several threads
+
+
+@functools.lru_cache(maxsize=8)
+def _open_shard(path: str, mtime_ns: int, size: int) -> _ParquetShard:
+    # mtime and size are part of the key so that a rewritten file is reopened.
+    return _ParquetShard(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _image_column(path: str, mtime_ns: int, size: int, group: int) -> pa.StructArray:
+    shard = _open_shard(path, mtime_ns, size)
+    with shard.lock:
+        table = shard.file.read_row_group(group, columns=["image"])
+    return table.column("image").combine_chunks()
+
+
+def _parquet_row_bytes(path: str, row: int) -> bytes:
+    st = os.stat(path)
+    shard = _open_shard(path, st.st_mtime_ns, st.st_size)
+    n_rows = shard.starts[-1]
+    if row >= n_rows:
+        raise IndexError(f"{path} has {n_rows} rows; row {row} does not exist")
+    group = bisect_right(shard.starts, row) - 1
+    column = _image_column(path, st.st_mtime_ns, st.st_size, group)
+    value = column[row - shard.starts[group]].as_py()
+    data = value.get("bytes") if isinstance(value, dict) else None
+    if not data:
+        raise ImageRejected("unreadable", f"{path}{ROW_SEP}{row}", "the image struct holds no embedded bytes")
+    return data
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """The raw bytes of the image at `uri` (a file path, or `<parquet>#row=<n>`)."""
+    path, row = split_uri(uri)
+    if row is None:
+        return Path(path).read_bytes()
+    return _parquet_row_bytes(path, row)
+
+
+def load_image(uri: str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read and decode the image at `uri`; raises `ImageRejected` (or OSError for a missing file)."""
+    return decode_image(read_uri_bytes(uri), source=uri, max_pixels=max_pixels)
