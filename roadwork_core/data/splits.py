@@ -129,11 +129,12 @@ def _previous_splits(previous: pd.DataFrame | None) -> dict[str, str]:
 def _sticky_group_splits(df: pd.DataFrame) -> tuple[dict[str, str], list[str]]:
     """For groups holding previous images: the split their new members take (the most common
     previous split in the group, ties broken by the smallest image_id holding it), and the ids of
-    groups whose previous images sit in more than one split."""
-    prev = df.loc[df["_prev"].notna(), ["group_id", "_prev", "image_id"]]
-    per = prev.groupby(["group_id", "_prev"], sort=False).agg(
-        n=("image_id", "size"), first=("image_id", "min")
-    )
+    groups whose previous images sit in more than one split. `df` must be sorted by image_id."""
+    prev = df.loc[df["_prev"].notna(), ["group_id", "_prev"]]
+    prev = prev.assign(
+        row=np.flatnonzero(df["_prev"].notna())
+    )  # df is sorted by image_id: row order = id order
+    per = prev.groupby(["group_id", "_prev"], sort=False).agg(n=("row", "size"), first=("row", "min"))
     per = per.reset_index().sort_values(
         ["group_id", "n", "first"], ascending=[True, False, True], kind="mergesort"
     )
@@ -181,11 +182,15 @@ def assign_splits(
     # Counts per (stratum, split) already fixed by stickiness, then fill free groups below target.
     names = [s.value for s in SPLIT_ORDER]
     target = np.array([ratios[s] for s in names])  # (4,)
+    fixed_rows = df[df["group_id"].isin(split_of_group.keys())]
+    fixed_split = fixed_rows["_prev"].fillna(fixed_rows["group_id"].map(split_of_group))
+    fixed_counts = (
+        pd.crosstab(fixed_rows["group_id"].map(groups["stratum"]), fixed_split)
+        .reindex(index=[0, 1], columns=names, fill_value=0)
+        .astype(float)
+    )  # (2 strata, 4 splits) images already placed
     for stratum, sgroups in groups.groupby("stratum", sort=True):
-        counts = np.zeros(len(names))
-        fixed = sgroups.index[sgroups.index.isin(split_of_group.keys())]
-        for gid in fixed:
-            counts[names.index(split_of_group[gid])] += sgroups.at[gid, "size"]
+        counts = fixed_counts.loc[stratum].to_numpy().copy()  # (4,)
         stratum_total = float(sgroups["size"].sum())
         free = sgroups.loc[~sgroups.index.isin(split_of_group.keys())].sort_values("key", kind="mergesort")
         for gid, size in zip(free.index, free["size"]):
