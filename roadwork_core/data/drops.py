@@ -1,0 +1,305 @@
+"""Data drops: folders of labelled images under an inbox, one per dataset version.
+
+A drop is complete when it holds `_READY`. Three layouts are read (auto-detected, or forced):
+
+- `labels_csv`: `labels.csv` with columns `file,label,<metadata...>`; `file` relative to the drop.
+- `imagefolder`: class subfolders, by default `roadwork/` (label 1) and `no_roadwork/` (label 0).
+- `hf_parquet`: Hugging Face parquet shards (`*.parquet`, e.g. under `data/`) with an `image` column
+  of `{bytes, path}` structs, a `label` column (int or class name); every other column is metadata,
+  nested structs flattened with dots (`scene_level_tags.weather`).
+
+Readers only list candidates; decoding and label checks happen in the manifest. Paths that escape
+the drop root and symlinks that resolve outside it are rejected here and never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from roadwork_core.data.images import ROW_SEP
+
+FORMATS = ("labels_csv", "imagefolder", "hf_parquet")
+DEFAULT_CLASS_NAMES: dict[str, int] = {"roadwork": 1, "no_roadwork": 0}
+READY = "_READY"
+UNLABELLED = "unlabelled"
+# Columns the listing itself defines; a metadata column with one of these names is kept as `meta.<name>`.
+RESERVED = frozenset({"uri", "file", "label", "label_raw", "source", "image_id", "phash", "width", "height"})
+BASE_COLUMNS = ["uri", "file", "label_raw", "source"]
+
+
+@dataclass(frozen=True)
+class Reject:
+    file: str
+    reason: str  # stable short code: path_escape, symlink_outside, unreadable, ...
+    detail: str = ""
+
+
+@dataclass
+class DropListing:
+    candidates: pd.DataFrame  # uri, file, label_raw, source, then metadata columns (str)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inbox
+
+
+def list_ready_drops(inbox: Path) -> list[str]:
+    """Names of the complete drops (subfolders holding `_READY`) under `inbox`, sorted."""
+    inbox = Path(inbox)
+    if not inbox.is_dir():
+        return []
+    return sorted(
+        p.name for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / READY).is_file()
+    )
+
+
+def drops_up_to(inbox: Path, version: str) -> list[Path]:
+    """Every ready drop whose name sorts at or before `version` (drops accumulate), oldest first."""
+    ready = list_ready_drops(inbox)
+    if version not in ready:
+        raise ValueError(
+            f"dataset version {version!r} is not a ready drop under {inbox} "
+            f"(ready: {ready or 'none'}); a drop is ready once `{inbox}/{version}/{READY}` exists"
+        )
+    return [Path(inbox) / name for name in ready if name <= version]
+
+
+# ---------------------------------------------------------------------------------------------
+# Format detection
+
+
+def detect_format(drop_dir: Path, class_names: dict[str, int] | None = None) -> str:
+    drop_dir = Path(drop_dir)
+    if (drop_dir / "labels.csv").is_file():
+        return "labels_csv"
+    names = class_names or DEFAULT_CLASS_NAMES
+    if any((drop_dir / name).is_dir() for name in names):
+        return "imagefolder"
+    if _parquet_files(drop_dir):
+        return "hf_parquet"
+    raise ValueError(
+        f"cannot tell the format of drop {drop_dir}: expected labels.csv, class folders "
+        f"{sorted(names)}, or *.parquet files; add one of them or set the format explicitly ({', '.join(FORMATS)})"
+    )
+
+
+def read_drop(drop_dir: Path, fmt: str = "auto", class_names: dict[str, int] | None = None) -> DropListing:
+    """List the candidate images of one drop; see the module docstring for the formats."""
+    drop_dir = Path(drop_dir)
+    if not drop_dir.is_dir():
+        raise FileNotFoundError(f"drop folder {drop_dir} does not exist")
+    names = class_names or DEFAULT_CLASS_NAMES
+    if fmt == "auto":
+        fmt = detect_format(drop_dir, names)
+    readers = {
+        "labels_csv": _read_labels_csv,
+        "imagefolder": _read_imagefolder,
+        "hf_parquet": _read_hf_parquet,
+    }
+    if fmt not in readers:
+        raise ValueError(f"unknown drop format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")
+    rows, rejects = readers[fmt](drop_dir, names)
+    return DropListing(candidates=_frame(rows, drop_dir.name), rejects=rejects)
+
+
+def list_unlabelled(drop_dir: Path) -> list[str]:
+    """Absolute paths of the images in `drop_dir/unlabelled/` (for self-supervised pretraining), sorted.
+
+    Symlinks that resolve outside the drop are left out.
+    """
+    drop_dir = Path(drop_dir)
+    folder = drop_dir / UNLABELLED
+    if not folder.is_dir():
+        return []
+    root = drop_dir.resolve()
+    out = []
+    for path in _walk_files(folder):
+        if _inside(path.resolve(), root):
+            out.append(str(path.absolute()))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each returns (rows, rejects); a row is a dict with uri, file, label_raw and metadata.
+
+
+def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[dict], list[Reject]]:
+    csv_path = drop_dir / "labels.csv"
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{csv_path} is not a readable CSV ({exc}); write it as UTF-8 CSV with a header row "
+            "`file,label,<metadata columns...>`"
+        ) from exc
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in ("file", "label") if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{csv_path} lacks column(s) {missing} (found {list(table.columns)}); the header must start "
+            "with `file,label` where file is relative to the drop folder and label is 0/1 or a class name"
+        )
+    meta_cols = [c for c in table.columns if c not in ("file", "label")]
+    rows, rejects = [], []
+    root = drop_dir.resolve()
+    for rec in table.to_dict("records"):
+        rel = rec["file"].strip()
+        target, reject = _safe_path(drop_dir, root, rel)
+        if reject is not None:
+            rejects.append(reject)
+            continue
+        row = {"uri": str(target), "file": rel, "label_raw": rec["label"].strip()}
+        row.update({c: rec[c] for c in meta_cols})
+        rows.append(row)
+    return rows, rejects
+
+
+def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[dict], list[Reject]]:
+    rows, rejects = [], []
+    root = drop_dir.resolve()
+    for name in sorted(class_names):
+        folder = drop_dir / name
+        if not folder.is_dir():
+            continue
+        for path in _walk_files(folder):
+            rel = path.relative_to(drop_dir).as_posix()
+            target, reject = _safe_path(drop_dir, root, rel)
+            if reject is not None:
+                rejects.append(reject)
+                continue
+            rows.append({"uri": str(target), "file": rel, "label_raw": name})
+    return rows, rejects
+
+
+def _read_hf_parquet(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[dict], list[Reject]]:
+    rows, rejects = [], []
+    root = drop_dir.resolve()
+    for path in _parquet_files(drop_dir):
+        rel = path.relative_to(drop_dir).as_posix()
+        _, reject = _safe_path(drop_dir, root, rel)
+        if reject is not None:
+            rejects.append(reject)
+            continue
+        pfile = pq.ParquetFile(path)
+        names = pfile.schema_arrow.names
+        if "image" not in names or "label" not in names:
+            raise ValueError(
+                f"{path} has columns {names}; a Hugging Face image-classification shard needs an `image` "
+                "column of {bytes, path} structs and a `label` column"
+            )
+        label_names = _hf_label_names(pfile)
+        meta_cols = [c for c in names if c not in ("image", "label")]
+        offset = 0
+        for group in range(pfile.num_row_groups):
+            table = pfile.read_row_group(group)
+            has_bytes = table.column("image").combine_chunks().field("bytes").is_valid().to_pylist()
+            labels = table.column("label").to_pylist()
+            meta = {c: _flatten_column(table.column(c).to_pylist(), c) for c in meta_cols}
+            for i in range(table.num_rows):
+                file = f"{rel}{ROW_SEP}{offset + i}"
+                if not has_bytes[i]:
+                    rejects.append(Reject(file, "unreadable", "the image struct holds no embedded bytes"))
+                    continue
+                label = labels[i]
+                if label_names is not None and isinstance(label, int) and 0 <= label < len(label_names):
+                    label = label_names[label]  # ClassLabel index -> its name, mapped via class_names later
+                row = {"uri": f"{path.absolute()}{ROW_SEP}{offset + i}", "file": file, "label_raw": label}
+                for flat in meta.values():
+                    row.update(flat[i])
+                rows.append(row)
+            offset += table.num_rows
+    return rows, rejects
+
+
+def _hf_label_names(pfile: pq.ParquetFile) -> list[str] | None:
+    """Names of a `ClassLabel` label feature from the Hugging Face schema metadata, if present."""
+    raw = (pfile.schema_arrow.metadata or {}).get(b"huggingface")
+    if raw is None:
+        return None
+    try:
+        feature = json.loads(raw)["info"]["features"]["label"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+        return [str(n) for n in feature["names"]]
+    return None
+
+
+def _flatten_column(values: list, name: str) -> list[dict[str, str]]:
+    return [_flatten(v, name) for v in values]
+
+
+def _flatten(value, prefix: str) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    if value is None:
+        return {prefix: ""}
+    if isinstance(value, list | tuple):
+        return {prefix: json.dumps(value, default=str)}
+    return {prefix: str(value)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _frame(rows: list[dict], source: str) -> pd.DataFrame:
+    meta_cols: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in BASE_COLUMNS and key not in meta_cols:
+                meta_cols.append(key)
+    renamed = {c: (f"meta.{c}" if c in RESERVED else c) for c in meta_cols}
+    frame = pd.DataFrame(rows, columns=BASE_COLUMNS[:3] + meta_cols)
+    frame = frame.rename(columns=renamed)
+    frame.insert(3, "source", source)
+    for col in renamed.values():
+        frame[col] = frame[col].fillna("").astype(str)
+    frame["uri"] = frame["uri"].astype(str)
+    frame["file"] = frame["file"].astype(str)
+    frame["label_raw"] = frame["label_raw"].astype(object)
+    return frame
+
+
+def _safe_path(drop_dir: Path, root: Path, rel: str) -> tuple[Path | None, Reject | None]:
+    """Resolve `rel` under the drop; reject absolute paths, `..` escapes and symlinks leaving the drop."""
+    if not rel:
+        return None, Reject(rel, "unreadable", "empty file entry")
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        return None, Reject(
+            rel, "path_escape", "absolute path; file entries must be relative to the drop folder"
+        )
+    lexical = Path(os.path.normpath(drop_dir.absolute() / rel))
+    if not _inside(lexical, drop_dir.absolute()):
+        return None, Reject(rel, "path_escape", f"resolves to {lexical}, outside the drop folder")
+    real = lexical.resolve()
+    if not _inside(real, root):
+        return None, Reject(rel, "symlink_outside", f"a symlink points to {real}, outside the drop folder")
+    return lexical, None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Regular files (or symlinks to them) below `folder`, hidden names skipped; symlinked dirs not followed."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def _parquet_files(drop_dir: Path) -> list[Path]:
+    return [p for p in _walk_files(drop_dir) if p.suffix == ".parquet"]

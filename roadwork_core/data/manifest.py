@@ -1,0 +1,193 @@
+"""The image manifest: every accepted, unique image of a dataset version, with rejects and duplicates.
+
+Each candidate from the drop readers is read, hashed (sha256 of the file bytes = `image_id`), fully
+decoded (EXIF transpose, RGB), size-checked and perceptually hashed. Exact duplicates are collapsed
+when their labels agree; when they disagree every copy is rejected as `label_conflict`.
+Reject codes: unreadable, truncated, too_large, too_small, bad_label, path_escape, symlink_outside,
+label_conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+
+from roadwork_core.data.drops import BASE_COLUMNS, DEFAULT_CLASS_NAMES, read_drop
+from roadwork_core.data.images import ImageRejected, decode_image, read_uri_bytes
+
+MANIFEST_COLUMNS = ["image_id", "uri", "file", "label", "phash", "width", "height", "source"]
+REJECT_COLUMNS = ["file", "source", "reason", "detail"]
+DUPLICATE_COLUMNS = ["image_id", "kept_file", "kept_source", "dropped_file", "dropped_source", "conflict"]
+
+
+class TooManyRejects(ValueError):
+    """More candidates were rejected than `max_reject_fraction` allows."""
+
+
+@dataclass
+class ManifestResult:
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS + metadata columns (str), sorted by image_id
+    rejects: pd.DataFrame  # REJECT_COLUMNS
+    duplicates: pd.DataFrame  # DUPLICATE_COLUMNS
+    n_candidates: int  # rows listed by the readers, accepted or not
+
+
+def parse_label(raw: object, class_names: dict[str, int]) -> int | None:
+    """0/1 (int, or a string "0"/"1"), or a known class name -> 0/1; anything else -> None."""
+    if isinstance(raw, bool | np.bool_):
+        return int(raw)
+    if isinstance(raw, int | np.integer):
+        return int(raw) if raw in (0, 1) else None
+    if isinstance(raw, float | np.floating):
+        return int(raw) if raw in (0.0, 1.0) else None
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text in ("0", "1"):
+            return int(text)
+        if text in class_names:
+            value = class_names[text]
+            return value if value in (0, 1) else None
+    return None
+
+
+def _inspect(uri: str, file: str, min_size: int) -> tuple[dict | None, tuple[str, str] | None]:
+    """Read, hash and decode one image -> (facts, None) or (None, (reason, detail)). Runs in a thread."""
+    try:
+        data = read_uri_bytes(uri)
+    except FileNotFoundError:
+        return None, ("unreadable", "file does not exist; fix the file entry or add the file")
+    except IsADirectoryError:
+        return None, ("unreadable", "is a directory, not an image file")
+    except ImageRejected as exc:
+        return None, (exc.reason, exc.detail)
+    except (OSError, IndexError, ValueError) as exc:
+        return None, ("unreadable", f"{type(exc).__name__}: {exc}")
+    try:
+        img = decode_image(data, source=file)
+    except ImageRejected as exc:
+        return None, (exc.reason, exc.detail)
+    w, h = img.size
+    if min(w, h) < min_size:
+        return None, ("too_small", f"{w}x{h} is below the minimum side of {min_size} px (min_size)")
+    facts = {
+        "image_id": hashlib.sha256(data).hexdigest(),
+        "phash": str(imagehash.phash(img)),
+        "width": w,
+        "height": h,
+    }
+    return facts, None
+
+
+def build_manifest(
+    drop_dirs: list[Path],
+    *,
+    fmt: str = "auto",
+    class_names: dict[str, int] | None = None,
+    min_size: int = 32,
+    max_reject_fraction: float = 0.05,
+    workers: int | None = None,
+) -> ManifestResult:
+    """Union of the drops (oldest first), validated and de-duplicated; see the module docstring.
+
+    Raises `TooManyRejects` when rejects / candidates > `max_reject_fraction`.
+    """
+    names = class_names or DEFAULT_CLASS_NAMES
+    frames, rejects = [], []
+    for drop in drop_dirs:
+        listing = read_drop(Path(drop), fmt=fmt, class_names=names)
+        frames.append(listing.candidates)
+        rejects += [
+            {"file": r.file, "source": Path(drop).name, "reason": r.reason, "detail": r.detail}
+            for r in listing.rejects
+        ]
+    cands = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BASE_COLUMNS)
+    n_candidates = len(cands) + len(rejects)
+    if n_candidates == 0:
+        raise ValueError(
+            f"no images found in drops {[str(d) for d in drop_dirs]}; check the folders and the format"
+        )
+    meta_cols = [c for c in cands.columns if c not in BASE_COLUMNS]
+    for col in meta_cols:  # a column missing from some drops is "" there
+        cands[col] = cands[col].fillna("").astype(str)
+
+    # labels first: cheap, and a bad label is reported whether or not the image decodes
+    cands["label"] = [parse_label(v, names) for v in cands["label_raw"]]
+    bad = cands["label"].isna()
+    for row in cands[bad].itertuples(index=False):
+        rejects.append({"file": row.file, "source": row.source, "reason": "bad_label",
+                        "detail": f"label {row.label_raw!r} is not 0/1 or one of {sorted(names)}"})  # fmt: skip
+    cands = cands[~bad].reset_index(drop=True)
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
+        results = list(pool.map(_inspect, cands["uri"], cands["file"], [min_size] * len(cands)))
+    keep = []
+    for i, (_facts, reject) in enumerate(results):
+        if reject is not None:
+            rejects.append({"file": cands.at[i, "file"], "source": cands.at[i, "source"], "reason": reject[0], "detail": reject[1]})  # fmt: skip
+        else:
+            keep.append(i)
+    facts_frame = pd.DataFrame(
+        [results[i][0] for i in keep], columns=["image_id", "phash", "width", "height"]
+    )
+    good = pd.concat([cands.loc[keep].reset_index(drop=True), facts_frame], axis=1)
+
+    manifest, duplicates, conflict_rejects = _collapse_duplicates(good)
+    rejects += conflict_rejects
+    manifest["label"] = manifest["label"].astype(int)
+    manifest[["width", "height"]] = manifest[["width", "height"]].astype(int)
+    manifest = (
+        manifest[MANIFEST_COLUMNS + meta_cols].sort_values("image_id", kind="stable").reset_index(drop=True)
+    )
+    reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+
+    fraction = len(reject_frame) / n_candidates
+    if fraction > max_reject_fraction:
+        raise TooManyRejects(_too_many_message(reject_frame, n_candidates, fraction, max_reject_fraction))
+    return ManifestResult(manifest, reject_frame, duplicates, n_candidates)
+
+
+def _collapse_duplicates(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """Keep the first copy (oldest drop, listing order) of each image_id; reject all copies on conflict."""
+    dup_rows, rejects, drop_index = [], [], []
+    for image_id, group in good[good.duplicated("image_id", keep=False)].groupby("image_id", sort=True):
+        conflict = group["label"].nunique() > 1
+        first = group.iloc[0]
+        for idx, row in group.iterrows():
+            if conflict:
+                drop_index.append(idx)
+                others = [f"{r.source}/{r.file}" for r in group.itertuples() if r.Index != idx]
+                rejects.append({"file": row["file"], "source": row["source"], "reason": "label_conflict",
+                                "detail": f"identical bytes with a different label at {others}"})  # fmt: skip
+            elif idx != group.index[0]:
+                drop_index.append(idx)
+            if conflict or idx != group.index[0]:
+                dup_rows.append({
+                    "image_id": image_id,
+                    "kept_file": "" if conflict else first["file"],
+                    "kept_source": "" if conflict else first["source"],
+                    "dropped_file": row["file"],
+                    "dropped_source": row["source"],
+                    "conflict": bool(conflict),
+                })  # fmt: skip
+    manifest = good.drop(index=drop_index).reset_index(drop=True)
+    return manifest, pd.DataFrame(dup_rows, columns=DUPLICATE_COLUMNS), rejects
+
+
+def _too_many_message(rejects: pd.DataFrame, n: int, fraction: float, limit: float) -> str:
+    counts = ", ".join(f"{k}: {v}" for k, v in rejects["reason"].value_counts().items())
+    first = "\n".join(
+        f"  {r.source}/{r.file}: {r.reason}" + (f" ({r.detail})" if r.detail else "")
+        for r in rejects.head(5).itertuples()
+    )
+    return (
+        f"{len(rejects)} of {n} images rejected ({fraction:.1%}), above the limit of {limit:.1%} "
+        f"(max_reject_fraction={limit}). By reason: {counts}. First rejects:\n{first}\n"
+        "Fix or remove these files, or raise max_reject_fraction if this share of bad files is expected."
+    )
