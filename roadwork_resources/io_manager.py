@@ -35,6 +35,16 @@ class ArtifactTypeError(TypeError):
     pass
 
 
+_SCRATCH_PREFIX = "roadwork-artifact-"
+
+
+def new_artifact_dir(name: str) -> Path:
+    """A scratch directory for an asset to fill and return; the IO manager moves it into the store."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{name}-"))
+
+
 def _is_tensor_dict(obj: Any) -> bool:
     if not isinstance(obj, dict) or not obj:
         return False
@@ -61,7 +71,10 @@ def write_artifact(dest: Path, obj: Any) -> dict:
             if not obj.is_dir():
                 raise ArtifactTypeError(f"a Path artifact must be a directory; {obj} is not one")
             kind, cls = "directory", None
-            shutil.copytree(obj, tmp / "dir", symlinks=False)
+            if obj.name.startswith(_SCRATCH_PREFIX):
+                shutil.move(str(obj), tmp / "dir")  # scratch from new_artifact_dir: move, don't copy
+            else:
+                shutil.copytree(obj, tmp / "dir", symlinks=False)
         elif isinstance(obj, dict | list):
             kind, cls = "json", None
             try:

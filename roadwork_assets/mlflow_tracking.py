@@ -1,0 +1,111 @@
+"""MLflow through dagster-mlflow's `mlflow_tracking` resource: one MLflow run per Dagster run.
+
+dagster-mlflow's own `end_mlflow_on_run_finished` hook only closes the MLflow run after the job's
+last node, which is unreliable for asset jobs (asset checks, subset selections, the implicit job of
+`dagster asset materialize` and of the UI). Instead every tracked asset carries `end_mlflow_step`:
+after a successful step the MLflow run is ended FINISHED, and the next tracked step of the same
+Dagster run reopens it (dagster-mlflow finds it by the `dagster_run_id` tag). After a failed step it
+is ended FAILED, and Dagster skips the steps downstream, so it stays FAILED. The MLflow run therefore
+ends FINISHED exactly when every tracked step succeeded, whichever way the run was launched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+from dagster_mlflow import mlflow_tracking
+
+EXPERIMENT = "roadwork"
+
+
+def mlflow_resource(tracking_uri: str | None, experiment: str = EXPERIMENT) -> dg.ResourceDefinition:
+    """The resource; with `tracking_uri=None` the URI is read from MLFLOW_TRACKING_URI at run time,
+    so credentials never appear in config, manifests or logs."""
+    uri: Any = {"env": "MLFLOW_TRACKING_URI"} if tracking_uri is None else tracking_uri
+    return mlflow_tracking.configured({"experiment_name": experiment, "mlflow_tracking_uri": uri})
+
+
+def _active(context) -> Any:
+    """The dagster-mlflow handle with its MLflow run active in this process (reopened if a previous
+    step of the same Dagster run ended it)."""
+    import mlflow
+
+    mlf = context.resources.mlflow
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != mlf.mlflow_run_id:
+        if active is not None:
+            mlflow.end_run()
+        mlflow.start_run(run_id=mlf.mlflow_run_id)
+    return mlf
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)[:500]
+
+
+def log_params(context, params: Mapping[str, Any]) -> None:
+    """Log (nested) params once per Dagster run; a retried step logging the same keys is fine."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    _active(context)
+    flat: dict[str, str] = {}
+    _flatten("", params, flat)
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    new = {k: v for k, v in flat.items() if k not in existing}
+    try:
+        for chunk_start in range(0, len(new), 100):
+            mlflow.log_params(dict(list(new.items())[chunk_start : chunk_start + 100]))
+    except MlflowException as exc:  # a conflicting value from an earlier attempt of this run
+        context.log.warning(f"MLflow params not logged: {exc}")
+
+
+def log_metrics(context, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    import mlflow
+
+    _active(context)
+    numeric = {
+        k.replace("/", "_"): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+    if numeric:
+        mlflow.log_metrics(numeric, step=int(step) if step is not None else None)
+
+
+def log_artifact_path(context, path: str, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    _active(context)
+    if __import__("os").path.isdir(path):
+        mlflow.log_artifacts(path, artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(path, artifact_path=artifact_path)
+
+
+@dg.success_hook(required_resource_keys={"mlflow"})
+def end_mlflow_step_success(context: dg.HookContext) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status="FINISHED")
+
+
+@dg.failure_hook(required_resource_keys={"mlflow"})
+def end_mlflow_step_failure(context: dg.HookContext) -> None:
+    import mlflow
+
+    mlf = context.resources.mlflow
+    if mlflow.active_run() is None and mlf.mlflow_run_id:
+        mlflow.start_run(run_id=mlf.mlflow_run_id)
+    mlflow.end_run(status="FAILED")
+
+
+MLFLOW_HOOKS = {end_mlflow_step_success, end_mlflow_step_failure}

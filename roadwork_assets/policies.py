@@ -1,0 +1,164 @@
+"""Policies stage: calibrator and the three decision policies, each fitted on the splits its contract allows."""
+
+from __future__ import annotations
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from roadwork_assets._util import json_meta, reader_metadata
+from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, log_metrics
+from roadwork_assets.partitions import dataset_version
+from roadwork_core.contracts import Split, SplitReader
+from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
+
+
+def _features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {name: frame[name].to_numpy(dtype=float) for name in UNCERTAINTY_FEATURES}
+
+
+def _policy_asset(**kw):
+    return dg.asset(
+        partitions_def=dataset_version,
+        group_name="policies",
+        kinds={"json"},
+        required_resource_keys={"mlflow"},
+        hooks=MLFLOW_HOOKS,
+        **kw,
+    )
+
+
+class CalibratorConfig(dg.Config):
+    methods: list[str] = Field(
+        ["temperature", "beta", "isotonic", "histogram"], description="candidates; chosen by held-out NLL"
+    )
+    holdout_fraction: float = 0.3
+    seed: int = 0
+
+
+@_policy_asset(description="Probability calibration map fitted on val_calib (temperature default; netcal methods).")
+def calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig, splits: pd.DataFrame, calib_predictions: pd.DataFrame):
+    from roadwork_core.calibration.calibrators import fit_calibrator
+
+    reader = SplitReader("calibrator", splits)
+    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
+    cal, report = fit_calibrator(
+        calib["logit"].to_numpy(float),
+        calib["label"].to_numpy(int),
+        methods=tuple(config.methods),
+        holdout_fraction=config.holdout_fraction,
+        seed=config.seed,
+    )
+    log_metrics(context, {f"calibration_{k}": v for k, v in report.items() if isinstance(v, int | float)})
+    return dg.Output(
+        cal,
+        metadata={
+            "method": cal.method,
+            "ece_before": float(report["ece_before"]),
+            "ece_after": float(report["ece_after"]),
+            "report": json_meta(report),
+            **reader_metadata(reader),
+        },
+    )
+
+
+class RiskTargets(dg.Config):
+    target_fnr: float = Field(0.02, description="false-negative rate target (roadwork decided no_roadwork)")
+    target_fpr: float | None = Field(None, description="optional false-positive rate target")
+
+
+def _summary_meta(policy, p: np.ndarray, feats: dict, labels: np.ndarray) -> dict:
+    from roadwork_core.calibration.policy import summarize_decisions
+
+    summary = summarize_decisions(policy.decide(p, feats), labels)
+    return {f"calib_{k}": float(v) for k, v in summary.items()}
+
+
+@_policy_asset(description='Policy "softmax": two empirical thresholds on the calibrated probability (no guarantee).')
+def threshold_policy(
+    context: dg.AssetExecutionContext, config: RiskTargets, splits: pd.DataFrame, calib_predictions: pd.DataFrame, calibrator
+):
+    from roadwork_core.calibration.threshold import fit_threshold_policy
+
+    reader = SplitReader("threshold_policy", splits)
+    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
+    p = calibrator.transform(calib["logit"].to_numpy(float))
+    labels = calib["label"].to_numpy(int)
+    policy = fit_threshold_policy(p, labels, target_fnr=config.target_fnr, target_fpr=config.target_fpr)
+    return dg.Output(policy, metadata={**_summary_meta(policy, p, _features(calib), labels), **reader_metadata(reader)})
+
+
+@_policy_asset(description='Policy "gate": failure predictor fitted on val_select, thresholded on val_calib.')
+def gate_policy(
+    context: dg.AssetExecutionContext,
+    config: RiskTargets,
+    splits: pd.DataFrame,
+    select_predictions: pd.DataFrame,
+    calib_predictions: pd.DataFrame,
+    calibrator,
+):
+    from roadwork_core.calibration.gate import fit_gate_policy
+
+    reader = SplitReader("gate_policy", splits)
+    select = reader.restrict(Split.VAL_SELECT, select_predictions)
+    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
+    p_select = calibrator.transform(select["logit"].to_numpy(float))
+    p_calib = calibrator.transform(calib["logit"].to_numpy(float))
+    labels = calib["label"].to_numpy(int)
+    policy = fit_gate_policy(
+        p_select,
+        _features(select),
+        select["label"].to_numpy(int),
+        p_calib,
+        _features(calib),
+        labels,
+        target_fnr=config.target_fnr,
+        target_fpr=config.target_fpr,
+    )
+    return dg.Output(policy, metadata={**_summary_meta(policy, p_calib, _features(calib), labels), **reader_metadata(reader)})
+
+
+class ScrcConfig(dg.Config):
+    alpha: float = Field(0.05, description="FNR bound among accepted images")
+    delta: float = Field(0.1, description="ltt mode: the bound holds with probability >= 1 - delta")
+    mode: str = Field("crc", description="crc (in expectation) | ltt (with high probability)")
+    bound: str = Field("binomial", description="ltt p-value: binomial | hoeffding_bentkus")
+    target_coverage: float = Field(0.9, description="fraction of images accepted (lambda1 quantile)")
+    confidence_feature: str = Field("max_prob", description="uncertainty feature used as the confidence score")
+
+
+@_policy_asset(description='Policy "scrc": selective conformal risk control with a finite-sample FNR guarantee.')
+def scrc_policy(
+    context: dg.AssetExecutionContext, config: ScrcConfig, splits: pd.DataFrame, calib_predictions: pd.DataFrame, calibrator
+):
+    from roadwork_core.calibration.scrc import fit_scrc_policy
+
+    reader = SplitReader("scrc_policy", splits)
+    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
+    p = calibrator.transform(calib["logit"].to_numpy(float))
+    labels = calib["label"].to_numpy(int)
+    feats = _features(calib)
+    if config.confidence_feature not in feats:
+        raise ValueError(
+            f"scrc_policy.confidence_feature={config.confidence_feature!r} is not an uncertainty feature; "
+            f"use one of {list(UNCERTAINTY_FEATURES)}"
+        )
+    policy = fit_scrc_policy(
+        p,
+        feats[config.confidence_feature],
+        labels,
+        alpha=config.alpha,
+        delta=config.delta,
+        mode=config.mode,
+        target_coverage=config.target_coverage,
+        bound=config.bound,
+    )
+    return dg.Output(
+        policy,
+        metadata={
+            "guarantee": policy.guarantee,
+            **_summary_meta(policy, p, feats, labels),
+            **reader_metadata(reader),
+        },
+    )

@@ -1,0 +1,68 @@
+"""Predictions stage: the classifier applied to val_select, val_calib and val_test, one asset each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from roadwork_assets._util import reader_metadata
+from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS
+from roadwork_assets.partitions import dataset_version
+from roadwork_core.contracts import Split, SplitReader
+from roadwork_resources.gpu import GPUResource
+
+
+class PredictConfig(dg.Config):
+    batch_size: int = 16
+
+
+def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=name,
+        partitions_def=dataset_version,
+        group_name="predictions",
+        kinds={"pytorch", "pandas"},
+        required_resource_keys={"mlflow"},
+        hooks=MLFLOW_HOOKS,
+        description=f"Per-image logit, per-view probabilities and uncertainty features on {split.value} only.",
+    )
+    def _asset(
+        context: dg.AssetExecutionContext,
+        config: PredictConfig,
+        gpu: GPUResource,
+        splits: pd.DataFrame,
+        classifier: Path,
+    ) -> dg.Output[pd.DataFrame]:
+        from roadwork_core.models.predict import predict_frame
+        from roadwork_core.models.serialization import load_classifier
+
+        gpu.setup()
+        reader = SplitReader(name, splits)
+        rows = reader.read(split)
+        model = gpu.maybe_compile(load_classifier(classifier, device=gpu.torch_device()))
+        frame = predict_frame(
+            model, rows, device=gpu.torch_device(), batch_size=config.batch_size, autocast_dtype=gpu.autocast_dtype()
+        )
+        return dg.Output(
+            frame,
+            metadata={
+                "split": split.value,
+                "num_images": len(frame),
+                "num_positive": int(frame["label"].sum()),
+                "mean_p_raw": float(frame["p_raw"].mean()) if len(frame) else float("nan"),
+                "accuracy_at_0.5": float(((frame["p_raw"] >= 0.5) == (frame["label"] == 1)).mean())
+                if len(frame)
+                else float("nan"),
+                "dagster/row_count": len(frame),
+                **reader_metadata(reader),
+            },
+        )
+
+    return _asset
+
+
+select_predictions = _predictions_asset("select_predictions", Split.VAL_SELECT)
+calib_predictions = _predictions_asset("calib_predictions", Split.VAL_CALIB)
+test_predictions = _predictions_asset("test_predictions", Split.VAL_TEST)

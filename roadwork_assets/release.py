@@ -1,0 +1,230 @@
+"""Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from roadwork_assets._util import json_meta, reader_metadata
+from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, log_artifact_path, log_metrics
+from roadwork_assets.partitions import dataset_version
+from roadwork_core.contracts import Split, SplitReader
+from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
+from roadwork_resources.gpu import GPUResource
+from roadwork_resources.io_manager import new_artifact_dir
+
+POLICY_ASSETS = {"softmax": "threshold_policy", "gate": "gate_policy", "scrc": "scrc_policy"}
+
+
+class BundleConfig(dg.Config):
+    release_policy: str = Field("scrc", description="the one policy shipped: softmax | gate | scrc")
+    register_model: bool = Field(True, description="also register the bundle as the MLflow pyfunc model 'roadwork'")
+
+
+def code_version() -> str:
+    import subprocess
+
+    import roadwork_core
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return f"roadwork {roadwork_core.__version__}" + (f" ({commit})" if commit else "")
+
+
+@dg.asset(
+    partitions_def=dataset_version,
+    group_name="release",
+    kinds={"pytorch", "json"},
+    required_resource_keys={"mlflow"},
+    hooks=MLFLOW_HOOKS,
+    description="The deployable directory: weights, config, calibrator, exactly one policy, manifest with sha256.",
+)
+def bundle(
+    context: dg.AssetExecutionContext,
+    config: BundleConfig,
+    splits: pd.DataFrame,
+    classifier: Path,
+    calibrator,
+    threshold_policy,
+    gate_policy,
+    scrc_policy,
+    calib_predictions: pd.DataFrame,
+) -> dg.Output[Path]:
+    from roadwork_core.bundle.export import export_bundle
+    from roadwork_core.calibration.policy import summarize_decisions
+
+    policies = {"softmax": threshold_policy, "gate": gate_policy, "scrc": scrc_policy}
+    if config.release_policy not in policies:
+        raise ValueError(f"bundle.release_policy={config.release_policy!r}; choose one of {sorted(policies)}")
+    policy = policies[config.release_policy]
+    reader = SplitReader("scrc_policy", splits)  # the bundle summary reads val_calib, like the policies
+    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
+    p = calibrator.transform(calib["logit"].to_numpy(float))
+    feats = {k: calib[k].to_numpy(float) for k in UNCERTAINTY_FEATURES}
+    summary = summarize_decisions(policy.decide(p, feats), calib["label"].to_numpy(int))
+    upstream = {
+        key: context.instance.get_latest_data_version_record(dg.AssetKey(key), partition_key=context.partition_key)
+        if hasattr(context.instance, "get_latest_data_version_record")
+        else None
+        for key in ()
+    }
+    out = export_bundle(
+        new_artifact_dir("bundle"),
+        classifier_dir=classifier,
+        calibrator=calibrator,
+        policy=policy,
+        dataset_version=context.partition_key,
+        upstream_versions={"dataset_version": context.partition_key, **upstream},
+        metrics_summary={f"calib_{k}": float(v) for k, v in summary.items()},
+        code_version=code_version(),
+    )
+    log_metrics(context, {f"bundle_calib_{k}": v for k, v in summary.items()})
+    return dg.Output(
+        out,
+        metadata={
+            "release_policy": config.release_policy,
+            "guarantee": str(getattr(policy, "guarantee", "")),
+            **{f"calib_{k}": float(v) for k, v in summary.items()},
+            **reader_metadata(reader),
+        },
+    )
+
+
+def _bundle_check(description: str):
+    return dg.asset_check(asset=bundle, blocking=True, partitions_def=dataset_version, description=description)
+
+
+@_bundle_check("the bundle carries exactly one policy and its checksums verify")
+def check_bundle_one_policy(bundle: Path) -> dg.AssetCheckResult:
+    import json
+
+    policies = sorted(p.name for p in bundle.glob("*policy*.json"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    ok = len(policies) == 1
+    return dg.AssetCheckResult(
+        passed=ok,
+        description="one policy" if ok else f"bundle holds {len(policies)} policy files {policies}; it must hold one",
+        metadata={"policy_files": json_meta(policies), "policy": str(manifest.get("policy", ""))},
+    )
+
+
+class ReproduceConfig(dg.Config):
+    sample: int = Field(16, description="calib images re-predicted through Bundle.load + predict")
+    tolerance: float = 1e-4
+
+
+@_bundle_check("Bundle.load + predict reproduces calib_predictions on a sample within tolerance")
+def check_bundle_reproduces_predictions(
+    config: ReproduceConfig, bundle: Path, calib_predictions: pd.DataFrame, splits: pd.DataFrame
+) -> dg.AssetCheckResult:
+    from roadwork_core.bundle.bundle import Bundle
+
+    loaded = Bundle.load(bundle)
+    sample = calib_predictions.sort_values("image_id").head(config.sample)
+    uris = splits.set_index("image_id").loc[sample["image_id"], "uri"].tolist()
+    preds = loaded.predict(uris)
+    got = np.array([pr.logit for pr in preds], dtype=float)
+    want = sample["logit"].to_numpy(float)
+    p_got = np.array([pr.p_roadwork for pr in preds], dtype=float)
+    p_want = loaded.calibrator.transform(want)
+    diff = float(max(np.max(np.abs(got - want), initial=0.0), np.max(np.abs(p_got - p_want), initial=0.0)))
+    return dg.AssetCheckResult(
+        passed=diff <= config.tolerance,
+        description=f"max |difference| over {len(sample)} calib images = {diff:.2e} (tolerance {config.tolerance:.0e})",
+        metadata={"max_abs_diff": diff, "n": len(sample)},
+    )
+
+
+class ReportConfig(dg.Config):
+    n_bootstrap: int = 1000
+    seed: int = 0
+    robustness_levels: list[int] = Field([0, 1, 2, 3], description="validator distortion levels to evaluate")
+    robustness_max_images: int | None = Field(None, description="cap on test images re-predicted per level")
+
+
+@dg.asset(
+    partitions_def=dataset_version,
+    group_name="release",
+    kinds={"json", "matplotlib"},
+    required_resource_keys={"mlflow"},
+    hooks=MLFLOW_HOOKS,
+    description="Metrics with bootstrap CIs, risk-coverage, slices, robustness and plots on val_test only.",
+)
+def evaluation_report(
+    context: dg.AssetExecutionContext,
+    config: ReportConfig,
+    gpu: GPUResource,
+    splits: pd.DataFrame,
+    test_predictions: pd.DataFrame,
+    bundle: Path,
+) -> dg.Output[Path]:
+    from roadwork_assets.report_support import evaluate_bundle_on_test
+
+    gpu.setup()
+    reader = SplitReader("evaluation_report", splits)
+    test_rows = reader.read(Split.VAL_TEST)
+    test_preds = reader.restrict(Split.VAL_TEST, test_predictions)
+    out = new_artifact_dir("evaluation_report")
+    report, paths = evaluate_bundle_on_test(
+        bundle,
+        test_rows,
+        test_preds,
+        out,
+        levels=config.robustness_levels,
+        max_images=config.robustness_max_images,
+        n_bootstrap=config.n_bootstrap,
+        seed=config.seed,
+        device=gpu.torch_device(),
+    )
+    log_metrics(context, {f"test_{k}": v for k, v in _flat_metrics(report.metrics).items()})
+    log_artifact_path(context, str(out), "evaluation_report")
+    log_artifact_path(context, str(bundle), "bundle")
+    plots_md = "\n\n".join(f"### {name}\n![{name}](file://{out / path})" for name, path in paths.items() if path.endswith(".png"))
+    return dg.Output(
+        out,
+        metadata={
+            "summary": dg.MetadataValue.md(report.summary_markdown()),
+            "plots": dg.MetadataValue.md(plots_md or "_(no plots)_"),
+            "guarantee_check": json_meta(report.guarantee_check),
+            **{k: v for k, v in _flat_metrics(report.metrics).items() if np.isfinite(v)},
+            **reader_metadata(reader),
+        },
+    )
+
+
+def _flat_metrics(metrics: dict) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                if isinstance(vv, int | float) and not isinstance(vv, bool):
+                    flat[f"{k}_{kk}"] = float(vv)
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            flat[k] = float(v)
+    return flat
+
+
+@dg.asset_check(
+    asset=evaluation_report,
+    partitions_def=dataset_version,
+    description="the realized test FNR is within the policy's guarantee plus its statistical tolerance",
+)
+def check_test_fnr_within_guarantee(evaluation_report: Path) -> dg.AssetCheckResult:
+    import json
+
+    report = json.loads((evaluation_report / "report.json").read_text())
+    gc = report.get("guarantee_check") or {}
+    return dg.AssetCheckResult(
+        passed=bool(gc.get("passed", True)),
+        severity=dg.AssetCheckSeverity.WARN,
+        description=str(gc.get("message", "no guarantee stated by the released policy")),
+        metadata={k: v for k, v in gc.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
+    )

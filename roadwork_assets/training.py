@@ -1,0 +1,254 @@
+"""Training stage: explora_backbone -> classifier. Both run in the Dagster pool `gpu`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from roadwork_assets._util import json_meta, reader_metadata
+from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, log_metrics, log_params
+from roadwork_assets.partitions import dataset_version
+from roadwork_core.contracts import Split, SplitReader
+from roadwork_resources.artifact_store import ArtifactStore
+from roadwork_resources.dataset import DatasetSource
+from roadwork_resources.gpu import GPUResource
+from roadwork_resources.io_manager import new_artifact_dir
+
+
+class BackboneSettings(dg.Config):
+    name: str = Field("vit_test_tiny", description="preset (dinov2_small, dinov3_base, vit_test_tiny, ...) or timm ViT name")
+    pretrained: bool = Field(False, description="load timm's pretrained weights from the hub (needs access)")
+    weights_file: str | None = Field(None, description="local weight file (safetensors / .pth); overrides the hub")
+    pooling: str | None = Field(None, description="token (CLS) | avg; default per preset")
+    img_size: int | None = Field(None, description="backbone input size; default per preset")
+    grad_checkpointing: bool = False
+
+
+class ExploraSettings(dg.Config):
+    enabled: bool = Field(True, description="false: pass the base weights through unchanged")
+    backbone: BackboneSettings = BackboneSettings()
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-4
+    unfrozen_blocks: int = Field(1, description="last N blocks fully trainable")
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    n_local_crops: int = 4
+    out_dim: int = Field(4096, description="DINO prototypes K")
+    max_images: int | None = Field(None, description="cap on images per epoch (train split + unlabelled pool)")
+    use_unlabelled: bool = Field(True, description="add the drops' unlabelled/ folders to the train split")
+
+
+def _backbone_config(settings: BackboneSettings, attn_backend: str):
+    from roadwork_core.models.backbone import BackboneConfig
+
+    return BackboneConfig(
+        name=settings.name,
+        pretrained=settings.pretrained,
+        weights_file=settings.weights_file,
+        pooling=settings.pooling,
+        img_size=settings.img_size,
+        grad_checkpointing=settings.grad_checkpointing,
+        attn_backend=attn_backend,
+    )
+
+
+@dg.asset(
+    partitions_def=dataset_version,
+    group_name="training",
+    pool="gpu",
+    kinds={"pytorch", "safetensors"},
+    required_resource_keys={"mlflow"},
+    hooks=MLFLOW_HOOKS,
+    description="Backbone weights after ExPLoRA extended self-supervised pretraining on train + unlabelled images "
+    "(or the base weights when disabled).",
+)
+def explora_backbone(
+    context: dg.AssetExecutionContext,
+    config: ExploraSettings,
+    gpu: GPUResource,
+    dataset: DatasetSource,
+    splits: pd.DataFrame,
+) -> dg.Output[Path]:
+    from safetensors.torch import save_file
+
+    from roadwork_core.data.drops import list_unlabelled
+    from roadwork_core.models.backbone import create_backbone
+    from roadwork_core.training.explora import ExploraConfig, run_explora
+
+    gpu.setup()
+    reader = SplitReader("explora_backbone", splits)
+    train = reader.read(Split.TRAIN)
+    uris = list(train["uri"])
+    unlabelled: list[str] = []
+    if config.use_unlabelled:
+        for drop in dataset.drops_for_version(context.partition_key):
+            unlabelled += list_unlabelled(drop)
+    uris += unlabelled
+    if config.max_images:
+        uris = uris[: config.max_images]
+
+    backbone_cfg = _backbone_config(config.backbone, gpu.attn_backend)
+    backbone = create_backbone(backbone_cfg)
+    cfg = ExploraConfig(
+        enabled=config.enabled,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        unfrozen_blocks=config.unfrozen_blocks,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        n_local_crops=config.n_local_crops,
+        out_dim=config.out_dim,
+        seed=gpu.seed,
+    )
+    log_params(context, {"explora": config.model_dump()})
+    result = run_explora(
+        backbone,
+        uris,
+        cfg,
+        device=gpu.torch_device(),
+        on_step=lambda row: log_metrics(context, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step")),
+    )
+    report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
+    out = new_artifact_dir("explora_backbone")
+    save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "backbone.safetensors"))
+    backbone_json = {**backbone_cfg.__dict__, "pretrained": False, "weights_file": None}
+    (out / "config.json").write_text(json.dumps({"backbone": backbone_json, "source": backbone_cfg.__dict__}, indent=2))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    meta = {
+        "enabled": config.enabled,
+        "note": "ExPLoRA ran" if config.enabled else "ExPLoRA disabled: base weights passed through unchanged",
+        "backbone": config.backbone.name,
+        "images_used": report.get("images_used", 0),
+        **reader_metadata(reader),
+    }
+    if config.enabled:
+        meta |= {
+            "trainable_params": int(report["trainable_params"]),
+            "trainable_pct": float(report["trainable_pct"]),
+            "blocks_unfrozen": json_meta(report.get("blocks_unfrozen")),
+            "lora_rank": int(report.get("rank", config.lora_rank)),
+            "final_ssl_loss": float(report["loss_curve"][-1]) if report.get("loss_curve") else float("nan"),
+            "ssl_loss_curve": json_meta([round(float(x), 5) for x in report.get("loss_curve", [])]),
+        }
+    return dg.Output(out, metadata=meta)
+
+
+class ClassifierSettings(dg.Config):
+    mode: str = Field("head", description="head (frozen backbone, cached features) | lora | dora | full")
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    dropout: float = 0.3
+    ema_decay: float | None = 0.999
+    patience: int = 3
+    balanced_sampling: bool = False
+    augment_max_level: int = 3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    aggregator: str = Field("topk_mean", description="topk_mean | mean | attention")
+    topk: int = 3
+    grid: int = 3
+    overlap: float = 0.15
+    include_global: bool = True
+    hflip_tta: bool = False
+    num_workers: int = 0
+
+
+@dg.asset(
+    partitions_def=dataset_version,
+    group_name="training",
+    pool="gpu",
+    kinds={"pytorch", "safetensors"},
+    required_resource_keys={"mlflow"},
+    hooks=MLFLOW_HOOKS,
+    description="Backbone (+adapters) + head + aggregator trained on train, selected on val_select MCC.",
+)
+def classifier(
+    context: dg.AssetExecutionContext,
+    config: ClassifierSettings,
+    gpu: GPUResource,
+    store: ArtifactStore,
+    splits: pd.DataFrame,
+    explora_backbone: Path,
+) -> dg.Output[Path]:
+    from safetensors.torch import load_file
+
+    from roadwork_core.models.backbone import BackboneConfig
+    from roadwork_core.models.classifier import build_classifier
+    from roadwork_core.models.multiview import MultiViewConfig
+    from roadwork_core.models.serialization import save_classifier
+    from roadwork_core.training.supervised import TrainConfig, train_classifier
+
+    gpu.setup()
+    reader = SplitReader("classifier", splits)
+    train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
+
+    backbone_cfg = BackboneConfig(**json.loads((explora_backbone / "config.json").read_text())["backbone"])
+    mv = MultiViewConfig(
+        grid=config.grid, overlap=config.overlap, include_global=config.include_global, hflip_tta=config.hflip_tta
+    )
+    model = build_classifier(backbone_cfg, mv, aggregator=config.aggregator, topk=config.topk, dropout=config.dropout)
+    model.backbone.load_state_dict(load_file(str(explora_backbone / "backbone.safetensors")))
+
+    train_cfg = TrainConfig(
+        mode=config.mode,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay,
+        patience=config.patience,
+        balanced_sampling=config.balanced_sampling,
+        augment_max_level=config.augment_max_level,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        seed=gpu.seed,
+        num_workers=config.num_workers,
+    )
+    log_params(context, {"classifier": config.model_dump(), "gpu": gpu.describe()})
+
+    def on_epoch(row: dict) -> None:
+        context.log.info(f"epoch {row.get('epoch')}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
+        log_metrics(context, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
+
+    result = train_classifier(
+        model,
+        train,
+        select,
+        train_cfg,
+        device=gpu.torch_device(),
+        precision=gpu.effective_precision(),
+        checkpoint_dir=store.checkpoint_dir("classifier", context.partition_key),
+        feature_cache_dir=store.feature_cache_dir(),
+        on_epoch=on_epoch,
+    )
+    out = new_artifact_dir("classifier")
+    save_classifier(out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history})
+    times = [h.get("seconds", float("nan")) for h in result.history]
+    meta = {
+        "mode": config.mode,
+        "best_epoch": result.best_epoch,
+        "best_select_mcc": float(result.best_select_mcc),
+        "epochs_run": len(result.history),
+        "resumed_from_epoch": result.resumed_from_epoch if result.resumed_from_epoch is not None else -1,
+        "trainable_params": int(result.trainable_params),
+        "total_params": int(result.total_params),
+        "epoch_seconds": json_meta([round(float(t), 3) for t in times]),
+        "history": json_meta(result.history),
+        **reader_metadata(reader),
+    }
+    if config.mode == "head" and len(times) > 1:
+        later = sorted(times[1:])[len(times[1:]) // 2]
+        meta["cache_speedup_first_vs_later_epochs"] = float(times[0] / max(later, 1e-9))
+    return dg.Output(out, metadata=meta)
