@@ -1,0 +1,41 @@
+"""Shared fixtures: a small synthetic demo drop (built once per session) and an image-bytes maker."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from roadwork_core.data.synthetic import make_demo_drop
+
+
+@pytest.fixture(scope="session")
+def demo_inbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An inbox holding one ready drop `v0001` of 48 synthetic scenes (+4 unlabelled)."""
+    inbox = tmp_path_factory.mktemp("inbox")
+    make_demo_drop(inbox, "v0001", n=48, seed=0, n_unlabelled=4)
+    return inbox
+
+
+@pytest.fixture(scope="session")
+def demo_drop(demo_inbox: Path) -> Path:
+    return demo_inbox / "v0001"
+
+
+@pytest.fixture
+def image_bytes() -> Callable[..., bytes]:
+    """`image_bytes(size=(64, 48), mode="RGB", fmt="JPEG", colour=...)` -> encoded image bytes."""
+
+    def make(size=(64, 48), mode: str = "RGB", fmt: str = "JPEG", colour=None) -> bytes:
+        if colour is None:
+            colour = {"RGB": (200, 80, 20), "RGBA": (200, 80, 20, 0), "L": 128, "CMYK": (0, 160, 255, 0)}[
+                mode
+            ]
+        buf = io.BytesIO()
+        Image.new(mode, size, colour).save(buf, format=fmt)
+        return buf.getvalue()
+
+    return make
