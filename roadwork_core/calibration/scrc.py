@@ -1,0 +1,213 @@
+"""Policy "scrc": selective conformal risk control of the false-negative rate.
+
+Two thresholds, both fitted on val_calib:
+- lambda1 on a confidence score decides accept vs defer. It is the ceil(target_coverage * n)-th most
+  confident calibration score: a quantile of the scores alone (no labels, no order), so the rule is
+  symmetric in the calibration points and the accepted subset stays exchangeable with accepted test
+  images.
+- lambda2 on the calibrated probability decides among accepted images: p >= lambda2 -> roadwork,
+  else no_roadwork. It controls FNR = (accepted roadwork images decided no_roadwork) / (accepted
+  roadwork images) at level alpha, in one of two modes:
+  * "crc" (Angelopoulos et al., "Conformal Risk Control"): lambda_hat = inf{lambda : n/(n+1) R_hat +
+    B/(n+1) <= alpha}, B = 1. With the n+ accepted positive scores s_(1) <= ... <= s_(n+) this is
+    lambda2 = s_(k), k = floor(alpha (n+ + 1)): at most k - 1 calibration positives lie strictly
+    below s_(k), ties included. k = 0 means no threshold qualifies: everything accepted is flagged
+    roadwork (lambda2 = 0). E[FNR] <= alpha.
+  * "ltt" (Angelopoulos et al., "Learn then Test"): a fixed grid of lambda2 from 0 (safest) upward;
+    a p-value per lambda for H0: FNR(lambda) > alpha (binomial tail or Hoeffding-Bentkus); fixed-
+    sequence testing at level delta keeps the largest lambda of the rejected prefix. P(FNR <= alpha)
+    >= 1 - delta over the calibration draw.
+The guarantee is on accepted images only; deferred images go to a human. FPR is not controlled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+from scipy.special import xlogy
+from scipy.stats import binom
+
+from roadwork_core.calibration.policy import (
+    BasePolicy,
+    check_labels,
+    check_probabilities,
+    decisions_from_masks,
+    feature_column,
+    register_policy,
+    summarize_decisions,
+)
+
+ScrcMode = Literal["crc", "ltt"]
+LttBound = Literal["binomial", "hoeffding_bentkus"]
+
+# Which way each uncertainty feature points: +1 when larger means more confident.
+CONFIDENCE_DIRECTION: dict[str, int] = {
+    "max_prob": 1,
+    "margin": 1,
+    "entropy": -1,
+    "view_var": -1,
+    "view_disagreement": -1,
+    "global_tile_disagreement": -1,
+}
+
+
+@register_policy
+class ScrcPolicy(BasePolicy):
+    policy: Literal["scrc"] = "scrc"
+    guarantee: str
+    mode: ScrcMode
+    bound: LttBound | None  # p-value bound of "ltt"; None for "crc"
+    alpha: float = Field(gt=0.0, lt=1.0)
+    delta: float | None  # "ltt" only
+    target_coverage: float = Field(gt=0.0, le=1.0)
+    confidence_feature: str
+    higher_is_confident: bool
+    lambda1: float  # accept when confidence >= lambda1 (<= when not higher_is_confident)
+    lambda2: float = Field(ge=0.0, le=1.0)  # among accepted: p >= lambda2 -> roadwork
+    k: int | None  # "crc": rank of lambda2 among accepted positive scores (0: flag everything)
+    grid_size: int | None  # "ltt": lambda2 grid is linspace(0, 1, grid_size + 1)
+    n: int
+    n_accepted: int
+    n_pos_accepted: int
+    calib_fnr_accepted: float | None  # the guaranteed quantity, measured on val_calib
+    calib_summary: dict[str, float | int | None]  # achieved figures on val_calib (all images)
+
+    def accept(self, confidence: np.ndarray) -> np.ndarray:
+        c = np.asarray(confidence, dtype=np.float64)
+        return c >= self.lambda1 if self.higher_is_confident else c <= self.lambda1
+
+    def decide(self, p: np.ndarray, features: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        p = check_probabilities(p)
+        accepted = self.accept(feature_column(features, self.confidence_feature, p.shape[0]))
+        return decisions_from_masks(roadwork=p >= self.lambda2, defer=~accepted)
+
+
+def selection_threshold(
+    confidence: np.ndarray, target_coverage: float, higher_is_confident: bool = True
+) -> float:
+    """lambda1: the ceil(target_coverage * n)-th most confident score (a label-free quantile)."""
+    s = np.sort(confidence if higher_is_confident else -confidence)  # ascending, larger = more confident
+    m = max(1, math.ceil(round(target_coverage * s.size, 9)))  # round: 0.9 * 10 must be 9, not 10
+    lam = float(s[s.size - m])
+    return lam if higher_is_confident else -lam
+
+
+def crc_threshold(pos_scores: np.ndarray, alpha: float) -> tuple[float, int]:
+    """(lambda2, k): the k-th smallest positive score, k = floor(alpha (n+ + 1)); (0.0, 0) when k = 0.
+
+    k <= n+ for alpha < 1, so no clamping is needed (or done).
+    """
+    s = np.sort(np.asarray(pos_scores, dtype=np.float64))
+    k = math.floor(alpha * (s.size + 1))
+    return (float(s[k - 1]), k) if k >= 1 else (0.0, 0)
+
+
+def ltt_pvalues(n_errors: np.ndarray, n: int, alpha: float, bound: LttBound) -> np.ndarray:
+    """(L,) p-values of H0: risk > alpha, from (L,) error counts out of n Bernoulli losses."""
+    binomial = binom.cdf(n_errors, n, alpha)  # P(Bin(n, alpha) <= errors)
+    if bound == "binomial":
+        return binomial
+    if n == 0:
+        return np.ones_like(binomial)
+    r = np.minimum(n_errors / n, alpha)
+    h1 = xlogy(r, r / alpha) + xlogy(1.0 - r, (1.0 - r) / (1.0 - alpha))  # KL(Ber(r) || Ber(alpha))
+    return np.minimum(np.exp(-n * h1), math.e * binomial)
+
+
+def ltt_threshold(
+    pos_scores: np.ndarray, alpha: float, delta: float, bound: LttBound, grid_size: int
+) -> float:
+    """Largest lambda2 of the grid prefix whose p-values are all <= delta; 0.0 when the first fails."""
+    s = np.sort(np.asarray(pos_scores, dtype=np.float64))
+    grid = np.linspace(0.0, 1.0, grid_size + 1)  # (L,) safest (no false negatives) first
+    pvals = ltt_pvalues(np.searchsorted(s, grid, side="left"), s.size, alpha, bound)
+    rejected = pvals <= delta
+    j = grid.size if rejected.all() else int(np.argmin(rejected))  # first lambda not rejected
+    return float(grid[j - 1]) if j >= 1 else 0.0
+
+
+def _guarantee(
+    mode: ScrcMode, alpha: float, delta: float | None, bound: LttBound | None, feature: str
+) -> str:
+    scope = (
+        f"FNR among ACCEPTED images (accepted: {feature} passes lambda1; FNR = accepted roadwork images "
+        f"decided no_roadwork / accepted roadwork images); deferred images go to a human and carry no "
+        f"guarantee; FPR is not controlled; assumes test images exchangeable with val_calib"
+    )
+    if mode == "crc":
+        return (
+            f"E[FNR] <= {alpha} in expectation over the val_calib draw (conformal risk control, B=1), {scope}"
+        )
+    return (
+        f"P(FNR <= {alpha}) >= {1.0 - delta:.6g} over the val_calib draw (Learn-then-Test, {bound} p-values, "
+        f"fixed-sequence testing at delta={delta}), {scope}"
+    )
+
+
+def fit_scrc_policy(
+    p: np.ndarray,
+    confidence: np.ndarray,
+    labels: np.ndarray,
+    *,
+    alpha: float = 0.1,
+    delta: float = 0.1,
+    mode: ScrcMode = "crc",
+    target_coverage: float = 0.9,
+    bound: LttBound = "binomial",
+    confidence_feature: str = "max_prob",
+    grid_size: int = 1000,
+) -> ScrcPolicy:
+    """Fit lambda1 (selection) and lambda2 (FNR control) on val_calib; see the module docstring."""
+    p = check_probabilities(p, "p (val_calib)")
+    y = check_labels(labels, p.shape[0], "labels (val_calib)")
+    c = feature_column({confidence_feature: confidence}, confidence_feature, p.shape[0])
+    if confidence_feature not in CONFIDENCE_DIRECTION:
+        raise ValueError(f"confidence_feature={confidence_feature!r}; valid: {sorted(CONFIDENCE_DIRECTION)}")
+    if mode not in ("crc", "ltt"):
+        raise ValueError(
+            f"mode={mode!r}; valid: 'crc' (in expectation) or 'ltt' (with probability 1 - delta)"
+        )
+    if bound not in ("binomial", "hoeffding_bentkus"):
+        raise ValueError(f"bound={bound!r}; valid: 'binomial' or 'hoeffding_bentkus'")
+    if not 0.0 < alpha < 1.0 or not 0.0 < delta < 1.0 or not 0.0 < target_coverage <= 1.0:
+        raise ValueError(
+            f"need 0 < alpha < 1, 0 < delta < 1, 0 < target_coverage <= 1; got alpha={alpha}, "
+            f"delta={delta}, target_coverage={target_coverage}"
+        )
+    if p.size == 0:
+        raise ValueError("val_calib is empty; SCRC needs calibration predictions")
+
+    higher = CONFIDENCE_DIRECTION[confidence_feature] > 0
+    lambda1 = selection_threshold(c, target_coverage, higher)
+    accepted = c >= lambda1 if higher else c <= lambda1
+    pos_scores = p[accepted & (y == 1)]
+    if mode == "crc":
+        lambda2, k = crc_threshold(pos_scores, alpha)
+    else:
+        lambda2, k = ltt_threshold(pos_scores, alpha, delta, bound, grid_size), None
+
+    policy = ScrcPolicy(
+        guarantee=_guarantee(mode, alpha, delta, bound, confidence_feature),
+        mode=mode,
+        bound=bound if mode == "ltt" else None,
+        alpha=alpha,
+        delta=delta if mode == "ltt" else None,
+        target_coverage=target_coverage,
+        confidence_feature=confidence_feature,
+        higher_is_confident=higher,
+        lambda1=lambda1,
+        lambda2=lambda2,
+        k=k,
+        grid_size=grid_size if mode == "ltt" else None,
+        n=int(p.size),
+        n_accepted=int(accepted.sum()),
+        n_pos_accepted=int(pos_scores.size),
+        calib_fnr_accepted=float((pos_scores < lambda2).mean()) if pos_scores.size else None,
+        calib_summary={},
+    )
+    summary = summarize_decisions(policy.decide(p, {confidence_feature: c}), y)
+    return policy.model_copy(update={"calib_summary": summary})
