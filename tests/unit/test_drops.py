@@ -1,0 +1,190 @@
+"""Drop readers (labels.csv, ImageFolder, HF parquet), path safety, inbox listing, image decoding."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from roadwork_core.data.drops import (
+    detect_format,
+    drops_up_to,
+    list_ready_drops,
+    list_unlabelled,
+    read_drop,
+)
+from roadwork_core.data.images import ImageRejected, decode_image, load_image, read_uri_bytes
+
+# ---------------------------------------------------------------------------------------------
+# image decoding
+
+
+def test_decode_converts_modes_and_composites_alpha_on_white(image_bytes: Callable[..., bytes]) -> None:
+    rgba = decode_image(image_bytes(mode="RGBA", fmt="PNG", colour=(255, 0, 0, 0)), source="a.png")
+    assert rgba.mode == "RGB" and rgba.getpixel((3, 3)) == (255, 255, 255), (
+        "transparent pixels must become white"
+    )
+    gray = decode_image(image_bytes(mode="L", fmt="PNG"), source="g.png")
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (128, 128, 128)
+    cmyk = decode_image(image_bytes(mode="CMYK", fmt="JPEG"), source="c.jpg")
+    assert cmyk.mode == "RGB" and cmyk.size == (64, 48)
+    deep = Image.fromarray(np.full((40, 40), 65535, np.uint16))
+    buf = io.BytesIO()
+    deep.save(buf, format="PNG")
+    assert decode_image(buf.getvalue(), source="d.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_decode_applies_exif_orientation() -> None:
+    img = Image.new("RGB", (60, 40), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue(), source="r.jpg").size == (40, 60), "EXIF orientation must be applied"
+
+
+def test_decode_rejects_broken_images(image_bytes: Callable[..., bytes]) -> None:
+    jpeg = image_bytes(size=(256, 256))
+    cases = {
+        b"": "unreadable",
+        b"not an image at all": "unreadable",
+        jpeg[: len(jpeg) // 2]: "truncated",
+    }
+    for data, reason in cases.items():
+        with pytest.raises(ImageRejected) as info:
+            decode_image(data, source="x.jpg")
+        assert info.value.reason == reason, f"{data[:12]!r}: expected {reason}, got {info.value.reason}"
+        assert info.value.source == "x.jpg"
+    with pytest.raises(ImageRejected) as info:
+        decode_image(jpeg, source="big.jpg", max_pixels=100)
+    assert info.value.reason == "too_large" and "256x256" in info.value.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def test_labels_csv_drop(demo_drop: Path) -> None:
+    assert detect_format(demo_drop) == "labels_csv"
+    listing = read_drop(demo_drop)
+    cands = listing.candidates
+    assert list(cands.columns) == ["uri", "file", "label_raw", "source", "time_of_day", "weather", "scene"]
+    assert len(cands) == 48 and listing.rejects == []
+    assert (cands["source"] == "v0001").all()
+    assert all(Path(u).is_absolute() and Path(u).is_file() for u in cands["uri"])
+    assert cands["file"].str.startswith("images/").all()
+    assert len(list_unlabelled(demo_drop)) == 4
+
+
+def test_imagefolder_with_custom_class_names(tmp_path: Path, image_bytes: Callable[..., bytes]) -> None:
+    for folder, n in (("works", 2), ("clear", 3)):
+        (tmp_path / folder / "nested").mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / folder / "nested" / f"{i}.jpg").write_bytes(image_bytes())
+    (tmp_path / "works" / ".DS_Store").write_bytes(b"junk")
+    names = {"works": 1, "clear": 0}
+    assert detect_format(tmp_path, names) == "imagefolder"
+    cands = read_drop(tmp_path, class_names=names).candidates
+    assert sorted(cands["label_raw"]) == ["clear"] * 3 + ["works"] * 2
+    assert "works/nested/0.jpg" in set(cands["file"]), "file must be relative to the drop root"
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        detect_format(tmp_path)  # default names roadwork/no_roadwork are absent
+
+
+def _write_hf_shard(
+    path: Path, images: list[bytes | None], labels: list, hf_names: list[str] | None = None
+) -> None:
+    table = pa.table(
+        {
+            "image": [{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(images)],
+            "label": labels,
+            "scene_level_tags": [{"weather": "rain", "light": {"kind": "day"}} for _ in images],
+            "camera": ["cam-a"] * len(images),
+        }
+    )
+    if hf_names is not None:
+        feats = {"label": {"_type": "ClassLabel", "names": hf_names}}
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": feats}})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=2)
+
+
+def test_hf_parquet_drop(tmp_path: Path, image_bytes: Callable[..., bytes]) -> None:
+    imgs = [image_bytes(colour=(i * 40, 0, 0)) for i in range(4)]
+    _write_hf_shard(
+        tmp_path / "data" / "train-00000.parquet", [*imgs, None], ["roadwork", "no_roadwork", "1", "0", "1"]
+    )
+    assert detect_format(tmp_path) == "hf_parquet"
+    listing = read_drop(tmp_path)
+    cands = listing.candidates
+    assert list(cands["file"]) == [f"data/train-00000.parquet#row={i}" for i in range(4)]
+    assert list(cands["label_raw"]) == ["roadwork", "no_roadwork", "1", "0"], "labels are kept as found"
+    assert (cands["scene_level_tags.weather"] == "rain").all(), "nested dicts must be flattened with dots"
+    assert (cands["scene_level_tags.light.kind"] == "day").all()
+    assert (cands["camera"] == "cam-a").all()
+    assert [(r.file, r.reason) for r in listing.rejects] == [("data/train-00000.parquet#row=4", "unreadable")]
+    for i in (3, 0, 2):  # rows across row groups, out of order
+        assert read_uri_bytes(cands["uri"][i]) == imgs[i]
+    assert load_image(cands["uri"][1]).size == (64, 48)
+
+
+def test_hf_classlabel_indices_become_names(tmp_path: Path, image_bytes: Callable[..., bytes]) -> None:
+    # index 0 is "roadwork" here: mapping by name keeps the meaning instead of trusting the index
+    _write_hf_shard(
+        tmp_path / "s.parquet", [image_bytes(), image_bytes()], [0, 1], ["roadwork", "no_roadwork"]
+    )
+    assert list(read_drop(tmp_path).candidates["label_raw"]) == ["roadwork", "no_roadwork"]
+
+
+def test_paths_escaping_the_drop_are_rejected_unread(
+    tmp_path: Path, image_bytes: Callable[..., bytes]
+) -> None:
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(image_bytes())
+    drop = tmp_path / "drop"
+    (drop / "images").mkdir(parents=True)
+    (drop / "images" / "ok.jpg").write_bytes(image_bytes())
+    (drop / "images" / "link.jpg").symlink_to(outside)
+    (drop / "labels.csv").write_text(
+        f"file,label\nimages/ok.jpg,1\n../outside.jpg,0\n{outside},1\nimages/../../outside.jpg,0\nimages/link.jpg,1\n"
+    )
+    listing = read_drop(drop)
+    assert list(listing.candidates["file"]) == ["images/ok.jpg"]
+    reasons = {r.file: r.reason for r in listing.rejects}
+    assert reasons == {
+        "../outside.jpg": "path_escape",
+        str(outside): "path_escape",
+        "images/../../outside.jpg": "path_escape",
+        "images/link.jpg": "symlink_outside",
+    }
+
+
+def test_bad_labels_csv_raises_naming_file_and_fix(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("path,target\na.jpg,1\n")
+    with pytest.raises(ValueError, match=r"labels\.csv lacks column\(s\) \['file', 'label'\].*file,label"):
+        read_drop(tmp_path)
+    (tmp_path / "labels.csv").write_text("file,label\na.jpg,1\nb.jpg,0,extra,fields\n")
+    with pytest.raises(ValueError, match=r"labels\.csv is not a readable CSV"):
+        read_drop(tmp_path)
+    with pytest.raises(ValueError, match="unknown drop format 'coco'"):
+        read_drop(tmp_path, fmt="coco")
+
+
+def test_inbox_ready_drops_and_accumulation(tmp_path: Path) -> None:
+    for name, ready in (("v0001", True), ("v0002", False), ("v0003", True), (".tmp-v0004.x", True)):
+        (tmp_path / name).mkdir()
+        if ready:
+            (tmp_path / name / "_READY").write_text("")
+    assert list_ready_drops(tmp_path) == ["v0001", "v0003"], "only complete, non-temporary drops are listed"
+    assert drops_up_to(tmp_path, "v0003") == [tmp_path / "v0001", tmp_path / "v0003"]
+    assert drops_up_to(tmp_path, "v0001") == [tmp_path / "v0001"]
+    with pytest.raises(ValueError, match="'v0002' is not a ready drop.*_READY"):
+        drops_up_to(tmp_path, "v0002")
+    assert list_ready_drops(tmp_path / "missing") == []
