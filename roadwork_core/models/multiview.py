@@ -57,6 +57,7 @@ def _tile_starts(canvas: int, grid: int, overlap: float) -> tuple[list[int], int
     if grid == 1:
         return [0], canvas
     tile = round(canvas / (grid - (grid - 1) * overlap))
+    tile = max(tile, -(-canvas // grid))  # never a gap: grid tiles must span the canvas
     if grid % 2 == 1 and (canvas - tile) % 2 == 1:
         tile += 1  # the middle tile must be centred exactly: canvas - tile even
     tile = min(tile, canvas)
