@@ -1,0 +1,134 @@
+"""Content-addressed cache of frozen-backbone per-view features.
+
+key = sha256(backbone weights sha256 | image_id | view config JSON) -> one safetensors file per image
+at `<root>/<key[:2]>/<key>.safetensors` holding `feats` (V, D) float32. Changing the backbone's
+weights, its pooling / architecture config, the multi-view config or the compute precision changes
+every key, so a stale cache can never hit. Files are written atomically (temp + rename) and there is
+no shared index file, so concurrent runs can fill the same cache: the worst case is two runs
+computing the same entry and one rename winning with identical content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import safetensors.torch
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from roadwork_core.io import atomic_write_bytes
+
+__all__ = ["FeatureCache", "feature_cache_key", "view_config_json"]
+
+_PRECISION_DTYPES = {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+def view_config_json(model: torch.nn.Module, precision: str = "fp32") -> str:
+    """Everything besides the weights that changes a feature: views, normalization, pooling, precision."""
+    backbone = model.backbone
+    payload = {
+        "views": dataclasses.asdict(model.mv),
+        "canvas_size": int(model.canvas_size),
+        "mean": [round(float(m), 6) for m in model.mean.flatten().tolist()],
+        "std": [round(float(s), 6) for s in model.std.flatten().tolist()],
+        "backbone_class": type(backbone).__name__,
+        "global_pool": str(getattr(backbone, "global_pool", "")),
+        "num_features": int(getattr(backbone, "num_features", 0)),
+        "precision": precision,
+    }
+    return json.dumps(payload, sort_keys=True)
+
+
+def feature_cache_key(weights_sha256: str, image_id: str, view_json: str) -> str:
+    return hashlib.sha256(f"{weights_sha256}|{image_id}|{view_json}".encode()).hexdigest()
+
+
+class FeatureCache:
+    """`FeatureCache(root).get_or_compute(model, rows, device, batch_size) -> (N, V, D)` float32 on CPU.
+
+    `hits` / `misses` count the entries found / computed by the last call; `backbone_batches` counts
+    backbone forward passes it ran (0 when everything hit).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+        self.backbone_batches = 0
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def keys_for(
+        self, model: torch.nn.Module, image_ids: Sequence[str], precision: str = "fp32"
+    ) -> list[str]:
+        from roadwork_core.models.backbone import state_dict_sha256
+
+        weights = state_dict_sha256(model.backbone)
+        view_json = view_config_json(model, precision)
+        return [feature_cache_key(weights, str(i), view_json) for i in image_ids]
+
+    def _read(self, path: Path) -> torch.Tensor | None:
+        try:
+            return safetensors.torch.load_file(str(path))["feats"]
+        except FileNotFoundError:
+            return None
+        except Exception:  # a foreign / corrupt file: treat as a miss; the recompute overwrites it
+            return None
+
+    @torch.no_grad()
+    def get_or_compute(
+        self,
+        model: torch.nn.Module,
+        rows: pd.DataFrame,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        *,
+        precision: str = "fp32",
+        num_workers: int = 0,
+    ) -> torch.Tensor:
+        """Features for `rows` (image_id, uri[, label]) in row order: (N, V, D) float32, CPU.
+
+        Only missing entries go through the backbone (in eval mode, batches of `batch_size`).
+        """
+        from roadwork_core.data.loading import CanvasDataset
+
+        if precision not in _PRECISION_DTYPES:
+            raise ValueError(f"precision {precision!r} is not one of {sorted(_PRECISION_DTYPES)}")
+        for col in ("image_id", "uri"):
+            if col not in rows.columns:
+                raise ValueError(
+                    f"rows need an {col!r} column for the feature cache; got {list(rows.columns)}"
+                )
+        keys = self.keys_for(model, rows["image_id"].tolist(), precision)
+        feats: list[torch.Tensor | None] = [self._read(self.path_for(k)) for k in keys]
+        missing = [i for i, f in enumerate(feats) if f is None]
+        self.hits, self.misses, self.backbone_batches = len(keys) - len(missing), len(missing), 0
+        if missing:
+            labels = rows["label"].tolist() if "label" in rows.columns else [0] * len(rows)
+            dataset = CanvasDataset(rows["uri"].tolist(), labels, model.canvas_size, None)
+            loader = DataLoader(
+                Subset(dataset, missing), batch_size=batch_size, shuffle=False, num_workers=num_workers
+            )
+            was_training = model.training
+            model.eval()
+            dtype = _PRECISION_DTYPES[precision]
+            device = torch.device(device)
+            try:
+                for canvas, _, index in loader:
+                    x = canvas.to(device).float() / 255.0  # (B, 3, C, C)
+                    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                        batch_feats = model.forward_features(x)  # (B, V, D)
+                    self.backbone_batches += 1
+                    for i, f in zip(index.tolist(), batch_feats.float().cpu()):
+                        f = f.contiguous()
+                        atomic_write_bytes(self.path_for(keys[i]), safetensors.torch.save({"feats": f}))
+                        feats[i] = f
+            finally:
+                model.train(was_training)
+        return torch.stack(feats)  # type: ignore[arg-type]  # (N, V, D)

@@ -1,0 +1,97 @@
+"""FeatureCache: content-addressed hits / misses, invalidation by weights and view config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+import torch
+
+from roadwork_core.data.loading import load_canvas
+from roadwork_core.models.backbone import BackboneConfig
+from roadwork_core.models.classifier import build_classifier
+from roadwork_core.models.multiview import MultiViewConfig
+from roadwork_core.training.feature_cache import FeatureCache
+
+
+def _rows(tmp_path: Path, n: int = 5) -> pd.DataFrame:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        img = PIL.Image.new("RGB", (40, 40), (80 + 10 * i, 110, 140))
+        PIL.ImageDraw.Draw(img).polygon([(5, 35), (5 + 3 * i, 8), (30, 35)], fill=(255, 140, 0))
+        path = tmp_path / f"img{i}.jpg"
+        img.save(path, quality=90)
+        records.append({"image_id": f"id{i}", "uri": str(path), "label": i % 2})
+    return pd.DataFrame(records)
+
+
+def _model(grid: int = 2, overlap: float = 0.15):
+    torch.manual_seed(0)
+    return build_classifier(
+        BackboneConfig(name="vit_test_tiny"), MultiViewConfig(view_size=32, grid=grid, overlap=overlap)
+    )
+
+
+def test_cache_hits_after_first_compute_and_matches_model(tmp_path: Path) -> None:
+    rows, model = _rows(tmp_path), _model()
+    cache = FeatureCache(tmp_path / "cache")
+    first = cache.get_or_compute(model, rows, "cpu", batch_size=2)
+    assert first.shape == (5, model.num_views, model.backbone.num_features), f"bad shape {tuple(first.shape)}"
+    assert (cache.hits, cache.misses, cache.backbone_batches) == (0, 5, 3), (
+        "first call must compute all, batched"
+    )
+
+    again = FeatureCache(tmp_path / "cache").get_or_compute(model, rows, "cpu", batch_size=2)
+    assert torch.equal(first, again), "cached features differ from the computed ones"
+
+    partial = FeatureCache(tmp_path / "cache")
+    more = pd.concat([rows.iloc[[3, 1]], _rows(tmp_path / "x", 1).assign(image_id="new")], ignore_index=True)
+    out = partial.get_or_compute(model, more, "cpu", batch_size=2)
+    assert (partial.hits, partial.misses, partial.backbone_batches) == (2, 1, 1), (
+        "only the new image may miss"
+    )
+    assert torch.equal(out[0], first[3]) and torch.equal(out[1], first[1]), "row order not kept"
+
+    model.eval()
+    canvas = torch.stack([load_canvas(u, model.canvas_size) for u in rows["uri"]]).float() / 255.0
+    with torch.no_grad():
+        direct = model.forward_features(canvas)  # (N, V, D)
+    assert torch.allclose(first, direct, atol=1e-5), "cached features are not model.forward_features"
+
+
+def test_changed_weights_or_view_config_never_hit(tmp_path: Path) -> None:
+    rows = _rows(tmp_path)
+    cache = FeatureCache(tmp_path / "cache")
+    model = _model()
+    cache.get_or_compute(model, rows, "cpu", batch_size=8)
+
+    with torch.no_grad():
+        next(model.backbone.parameters()).add_(1e-3)
+    cache.get_or_compute(model, rows, "cpu", batch_size=8)
+    assert cache.misses == 5 and cache.hits == 0, "changed backbone weights must miss every entry"
+
+    other_views = _model(overlap=0.3)
+    cache.get_or_compute(other_views, rows, "cpu", batch_size=8)
+    assert cache.misses == 5 and cache.hits == 0, "changed view config must miss every entry"
+
+    cache.get_or_compute(_model(), rows, "cpu", batch_size=8, precision="bf16-mixed")
+    assert cache.misses == 5, "another precision must miss"
+    cache.get_or_compute(_model(), rows, "cpu", batch_size=8)
+    assert cache.hits == 5, "the original weights + views must still hit"
+
+
+def test_corrupt_entry_is_recomputed_and_bad_rows_fail(tmp_path: Path) -> None:
+    rows, model = _rows(tmp_path, 2), _model()
+    cache = FeatureCache(tmp_path / "cache")
+    good = cache.get_or_compute(model, rows, "cpu")
+    key = cache.keys_for(model, ["id0"])[0]
+    cache.path_for(key).write_bytes(b"not safetensors")
+    fixed = cache.get_or_compute(model, rows, "cpu")
+    assert cache.misses == 1 and torch.equal(fixed, good), "a corrupt entry must be recomputed"
+    assert not list((tmp_path / "cache").rglob(".tmp-*")), "temporary files left behind"
+    with pytest.raises(ValueError, match="uri"):
+        cache.get_or_compute(model, rows.drop(columns=["uri"]), "cpu")
