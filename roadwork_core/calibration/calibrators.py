@@ -223,14 +223,14 @@ def _check_inputs(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
         )
     if not np.isfinite(z).all():
         i = int(np.flatnonzero(~np.isfinite(z))[0])
-        raise ValueError(f"logits[{i}] = {z[i]!r} is not finite; fix or drop that prediction row")
+        raise ValueError(f"logits[{i}] = {z[i].item()!r} is not finite; fix or drop that prediction row")
     y = np.asarray(labels)
     if y.shape != z.shape:
         raise ValueError(f"labels has shape {y.shape}, expected {z.shape} to match logits")
     bad = ~np.isin(y, (0, 1))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"labels[{i}] = {y[i]!r}; labels must be 0 (no_roadwork) or 1 (roadwork)")
+        raise ValueError(f"labels[{i}] = {y[i].item()!r}; labels must be 0 (no_roadwork) or 1 (roadwork)")
     y = y.astype(np.float64)
     n_pos = int(y.sum())
     if min(n_pos, y.size - n_pos) < 2:

@@ -111,7 +111,7 @@ def check_probabilities(p: np.ndarray, name: str = "p") -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"{name}[{i}] = {p[i]!r} is not a probability in [0, 1]; pass calibrated probabilities "
+            f"{name}[{i}] = {p[i].item()!r} is not a probability in [0, 1]; pass calibrated probabilities "
             f"(Calibrator.transform(logits)), not logits"
         )
     return p
@@ -124,7 +124,7 @@ def check_labels(labels: np.ndarray, n: int, name: str = "labels") -> np.ndarray
     bad = ~np.isin(y, (0, 1))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}[{i}] = {y[i]!r}; labels must be 0 (no_roadwork) or 1 (roadwork)")
+        raise ValueError(f"{name}[{i}] = {y[i].item()!r}; labels must be 0 (no_roadwork) or 1 (roadwork)")
     return y.astype(np.int64)
 
 
@@ -141,7 +141,7 @@ def feature_column(features: Mapping[str, np.ndarray] | None, name: str, n: int)
     bad = ~np.isfinite(col)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"feature {name!r}[{i}] = {col[i]!r} is not finite")
+        raise ValueError(f"feature {name!r}[{i}] = {col[i].item()!r} is not finite")
     return col
 
 
@@ -166,7 +166,7 @@ def summarize_decisions(decisions: np.ndarray, labels: np.ndarray) -> dict[str, 
     bad = ~np.isin(d, DECISIONS)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"decisions[{i}] = {d[i]!r}; valid decisions are {DECISIONS}")
+        raise ValueError(f"decisions[{i}] = {d[i].item()!r}; valid decisions are {DECISIONS}")
     y = check_labels(labels, d.shape[0])
     n, n_pos = int(d.shape[0]), int(y.sum())
     n_neg = n - n_pos
