@@ -1,6 +1,5 @@
 """Small helpers shared by the asset modules (orchestration only, no ML logic)."""
 
-from __future__ import annotations
 
 import json
 from typing import Any
@@ -49,7 +48,9 @@ def load_previous_version(
     return None, None
 
 
-def latest_materialization_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str) -> dict:
+def latest_materialization_metadata(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str
+) -> dict:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
     ).records

@@ -1,6 +1,5 @@
 """Data stage: image_manifest -> splits, with the split contracts as blocking checks."""
 
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd
@@ -16,7 +15,9 @@ from roadwork_resources.dataset import DatasetSource
 
 class ManifestConfig(dg.Config):
     min_size: int = Field(32, description="images smaller than this on either side are rejected")
-    max_reject_fraction: float = Field(0.05, description="fail the run when more candidates than this are rejected")
+    max_reject_fraction: float = Field(
+        0.05, description="fail the run when more candidates than this are rejected"
+    )
 
 
 @dg.asset(
@@ -110,12 +111,16 @@ def _result(outcome, **extra) -> dg.AssetCheckResult:
         passed=bool(outcome.passed),
         severity=dg.AssetCheckSeverity.ERROR,
         description=outcome.message,
-        metadata={k: dg.MetadataValue.json(v) if isinstance(v, dict | list) else v for k, v in metadata.items()},
+        metadata={
+            k: dg.MetadataValue.json(v) if isinstance(v, dict | list) else v for k, v in metadata.items()
+        },
     )
 
 
 def _split_check(description: str):
-    return dg.asset_check(asset=splits, blocking=True, partitions_def=dataset_version, description=description)
+    return dg.asset_check(
+        asset=splits, blocking=True, partitions_def=dataset_version, description=description
+    )
 
 
 @_split_check("no image (by content hash) in two splits")
@@ -126,7 +131,9 @@ def check_no_shared_images(splits: pd.DataFrame) -> dg.AssetCheckResult:
 
 
 @_split_check("no near-duplicate pair (phash within the radius) across splits")
-def check_no_near_duplicates_across_splits(split_settings: SplitSettings, splits: pd.DataFrame) -> dg.AssetCheckResult:
+def check_no_near_duplicates_across_splits(
+    split_settings: SplitSettings, splits: pd.DataFrame
+) -> dg.AssetCheckResult:
     from roadwork_core.data import split_checks
 
     return _result(split_checks.check_no_near_duplicates_across_splits(splits, radius=split_settings.radius))
@@ -150,7 +157,9 @@ def check_min_per_class(split_settings: SplitSettings, splits: pd.DataFrame) -> 
 def check_sticky_splits(context: dg.AssetCheckExecutionContext, splits: pd.DataFrame) -> dg.AssetCheckResult:
     from roadwork_core.data import split_checks
 
-    prev_version, previous = load_previous_version(context.instance, dg.AssetKey("splits"), context.partition_key)
+    prev_version, previous = load_previous_version(
+        context.instance, dg.AssetKey("splits"), context.partition_key
+    )
     if previous is None:
         return dg.AssetCheckResult(passed=True, description="first dataset version: nothing to compare with")
     return _result(split_checks.check_sticky(splits, previous), previous_version=prev_version)

@@ -9,7 +9,6 @@ is ended FAILED, and Dagster skips the steps downstream, so it stays FAILED. The
 ends FINISHED exactly when every tracked step succeeded, whichever way the run was launched.
 """
 
-from __future__ import annotations
 
 import math
 from collections.abc import Mapping

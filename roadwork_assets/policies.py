@@ -1,6 +1,5 @@
 """Policies stage: calibrator and the three decision policies, each fitted on the splits its contract allows."""
 
-from __future__ import annotations
 
 import dagster as dg
 import numpy as np
@@ -23,7 +22,6 @@ def _policy_asset(**kw):
         partitions_def=dataset_version,
         group_name="policies",
         kinds={"json"},
-        required_resource_keys={"mlflow"},
         hooks=MLFLOW_HOOKS,
         **kw,
     )
@@ -37,8 +35,15 @@ class CalibratorConfig(dg.Config):
     seed: int = 0
 
 
-@_policy_asset(description="Probability calibration map fitted on val_calib (temperature default; netcal methods).")
-def calibrator(context: dg.AssetExecutionContext, config: CalibratorConfig, splits: pd.DataFrame, calib_predictions: pd.DataFrame):
+@_policy_asset(
+    description="Probability calibration map fitted on val_calib (temperature default; netcal methods)."
+)
+def calibrator(
+    context: dg.AssetExecutionContext,
+    config: CalibratorConfig,
+    splits: pd.DataFrame,
+    calib_predictions: pd.DataFrame,
+):
     from roadwork_core.calibration.calibrators import fit_calibrator
 
     reader = SplitReader("calibrator", splits)
@@ -75,9 +80,15 @@ def _summary_meta(policy, p: np.ndarray, feats: dict, labels: np.ndarray) -> dic
     return {f"calib_{k}": float(v) for k, v in summary.items()}
 
 
-@_policy_asset(description='Policy "softmax": two empirical thresholds on the calibrated probability (no guarantee).')
+@_policy_asset(
+    description='Policy "softmax": two empirical thresholds on the calibrated probability (no guarantee).'
+)
 def threshold_policy(
-    context: dg.AssetExecutionContext, config: RiskTargets, splits: pd.DataFrame, calib_predictions: pd.DataFrame, calibrator
+    context: dg.AssetExecutionContext,
+    config: RiskTargets,
+    splits: pd.DataFrame,
+    calib_predictions: pd.DataFrame,
+    calibrator,
 ):
     from roadwork_core.calibration.threshold import fit_threshold_policy
 
@@ -86,7 +97,9 @@ def threshold_policy(
     p = calibrator.transform(calib["logit"].to_numpy(float))
     labels = calib["label"].to_numpy(int)
     policy = fit_threshold_policy(p, labels, target_fnr=config.target_fnr, target_fpr=config.target_fpr)
-    return dg.Output(policy, metadata={**_summary_meta(policy, p, _features(calib), labels), **reader_metadata(reader)})
+    return dg.Output(
+        policy, metadata={**_summary_meta(policy, p, _features(calib), labels), **reader_metadata(reader)}
+    )
 
 
 @_policy_asset(description='Policy "gate": failure predictor fitted on val_select, thresholded on val_calib.')
@@ -116,7 +129,10 @@ def gate_policy(
         target_fnr=config.target_fnr,
         target_fpr=config.target_fpr,
     )
-    return dg.Output(policy, metadata={**_summary_meta(policy, p_calib, _features(calib), labels), **reader_metadata(reader)})
+    return dg.Output(
+        policy,
+        metadata={**_summary_meta(policy, p_calib, _features(calib), labels), **reader_metadata(reader)},
+    )
 
 
 class ScrcConfig(dg.Config):
@@ -125,12 +141,20 @@ class ScrcConfig(dg.Config):
     mode: str = Field("crc", description="crc (in expectation) | ltt (with high probability)")
     bound: str = Field("binomial", description="ltt p-value: binomial | hoeffding_bentkus")
     target_coverage: float = Field(0.9, description="fraction of images accepted (lambda1 quantile)")
-    confidence_feature: str = Field("max_prob", description="uncertainty feature used as the confidence score")
+    confidence_feature: str = Field(
+        "max_prob", description="uncertainty feature used as the confidence score"
+    )
 
 
-@_policy_asset(description='Policy "scrc": selective conformal risk control with a finite-sample FNR guarantee.')
+@_policy_asset(
+    description='Policy "scrc": selective conformal risk control with a finite-sample FNR guarantee.'
+)
 def scrc_policy(
-    context: dg.AssetExecutionContext, config: ScrcConfig, splits: pd.DataFrame, calib_predictions: pd.DataFrame, calibrator
+    context: dg.AssetExecutionContext,
+    config: ScrcConfig,
+    splits: pd.DataFrame,
+    calib_predictions: pd.DataFrame,
+    calibrator,
 ):
     from roadwork_core.calibration.scrc import fit_scrc_policy
 
@@ -153,6 +177,7 @@ def scrc_policy(
         mode=config.mode,
         target_coverage=config.target_coverage,
         bound=config.bound,
+        confidence_feature=config.confidence_feature,
     )
     return dg.Output(
         policy,

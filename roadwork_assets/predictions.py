@@ -1,6 +1,5 @@
 """Predictions stage: the classifier applied to val_select, val_calib and val_test, one asset each."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -24,7 +23,6 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
         partitions_def=dataset_version,
         group_name="predictions",
         kinds={"pytorch", "pandas"},
-        required_resource_keys={"mlflow"},
         hooks=MLFLOW_HOOKS,
         description=f"Per-image logit, per-view probabilities and uncertainty features on {split.value} only.",
     )
@@ -43,7 +41,11 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
         rows = reader.read(split)
         model = gpu.maybe_compile(load_classifier(classifier, device=gpu.torch_device()))
         frame = predict_frame(
-            model, rows, device=gpu.torch_device(), batch_size=config.batch_size, autocast_dtype=gpu.autocast_dtype()
+            model,
+            rows,
+            device=gpu.torch_device(),
+            batch_size=config.batch_size,
+            autocast_dtype=gpu.autocast_dtype(),
         )
         return dg.Output(
             frame,

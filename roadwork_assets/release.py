@@ -1,6 +1,5 @@
 """Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
 
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from roadwork_assets._util import json_meta, reader_metadata
+from roadwork_assets._util import json_meta, latest_materialization_metadata, reader_metadata
 from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, log_artifact_path, log_metrics
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
@@ -22,7 +21,9 @@ POLICY_ASSETS = {"softmax": "threshold_policy", "gate": "gate_policy", "scrc": "
 
 class BundleConfig(dg.Config):
     release_policy: str = Field("scrc", description="the one policy shipped: softmax | gate | scrc")
-    register_model: bool = Field(True, description="also register the bundle as the MLflow pyfunc model 'roadwork'")
+    register_model: bool = Field(
+        True, description="also register the bundle as the MLflow pyfunc model 'roadwork'"
+    )
 
 
 def code_version() -> str:
@@ -43,7 +44,6 @@ def code_version() -> str:
     partitions_def=dataset_version,
     group_name="release",
     kinds={"pytorch", "json"},
-    required_resource_keys={"mlflow"},
     hooks=MLFLOW_HOOKS,
     description="The deployable directory: weights, config, calibrator, exactly one policy, manifest with sha256.",
 )
@@ -65,16 +65,24 @@ def bundle(
     if config.release_policy not in policies:
         raise ValueError(f"bundle.release_policy={config.release_policy!r}; choose one of {sorted(policies)}")
     policy = policies[config.release_policy]
-    reader = SplitReader("scrc_policy", splits)  # the bundle summary reads val_calib, like the policies
+    reader = SplitReader("bundle", splits)
     calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
     p = calibrator.transform(calib["logit"].to_numpy(float))
     feats = {k: calib[k].to_numpy(float) for k in UNCERTAINTY_FEATURES}
     summary = summarize_decisions(policy.decide(p, feats), calib["label"].to_numpy(int))
+    # lineage: the sha256 the IO manager recorded for each upstream artifact of this partition
     upstream = {
-        key: context.instance.get_latest_data_version_record(dg.AssetKey(key), partition_key=context.partition_key)
-        if hasattr(context.instance, "get_latest_data_version_record")
-        else None
-        for key in ()
+        key: latest_materialization_metadata(context.instance, dg.AssetKey(key), context.partition_key).get(
+            "sha256"
+        )
+        for key in (
+            "image_manifest",
+            "splits",
+            "explora_backbone",
+            "classifier",
+            "calibrator",
+            POLICY_ASSETS[config.release_policy],
+        )
     }
     out = export_bundle(
         new_artifact_dir("bundle"),
@@ -82,7 +90,7 @@ def bundle(
         calibrator=calibrator,
         policy=policy,
         dataset_version=context.partition_key,
-        upstream_versions={"dataset_version": context.partition_key, **upstream},
+        upstream_versions={"dataset_version": context.partition_key, "artifact_sha256": upstream},
         metrics_summary={f"calib_{k}": float(v) for k, v in summary.items()},
         code_version=code_version(),
     )
@@ -98,8 +106,10 @@ def bundle(
     )
 
 
-def _bundle_check(description: str):
-    return dg.asset_check(asset=bundle, blocking=True, partitions_def=dataset_version, description=description)
+def _bundle_check(description: str, **kw):
+    return dg.asset_check(
+        asset=bundle, blocking=True, partitions_def=dataset_version, description=description, **kw
+    )
 
 
 @_bundle_check("the bundle carries exactly one policy and its checksums verify")
@@ -111,7 +121,9 @@ def check_bundle_one_policy(bundle: Path) -> dg.AssetCheckResult:
     ok = len(policies) == 1
     return dg.AssetCheckResult(
         passed=ok,
-        description="one policy" if ok else f"bundle holds {len(policies)} policy files {policies}; it must hold one",
+        description="one policy"
+        if ok
+        else f"bundle holds {len(policies)} policy files {policies}; it must hold one",
         metadata={"policy_files": json_meta(policies), "policy": str(manifest.get("policy", ""))},
     )
 
@@ -121,7 +133,10 @@ class ReproduceConfig(dg.Config):
     tolerance: float = 1e-4
 
 
-@_bundle_check("Bundle.load + predict reproduces calib_predictions on a sample within tolerance")
+@_bundle_check(
+    "Bundle.load + predict reproduces calib_predictions on a sample within tolerance",
+    additional_ins={"calib_predictions": dg.AssetIn("calib_predictions"), "splits": dg.AssetIn("splits")},
+)
 def check_bundle_reproduces_predictions(
     config: ReproduceConfig, bundle: Path, calib_predictions: pd.DataFrame, splits: pd.DataFrame
 ) -> dg.AssetCheckResult:
@@ -154,7 +169,6 @@ class ReportConfig(dg.Config):
     partitions_def=dataset_version,
     group_name="release",
     kinds={"json", "matplotlib"},
-    required_resource_keys={"mlflow"},
     hooks=MLFLOW_HOOKS,
     description="Metrics with bootstrap CIs, risk-coverage, slices, robustness and plots on val_test only.",
 )
@@ -166,7 +180,7 @@ def evaluation_report(
     test_predictions: pd.DataFrame,
     bundle: Path,
 ) -> dg.Output[Path]:
-    from roadwork_assets.report_support import evaluate_bundle_on_test
+    from roadwork_core.metrics.evaluate import evaluate_bundle_on_test
 
     gpu.setup()
     reader = SplitReader("evaluation_report", splits)
@@ -187,7 +201,9 @@ def evaluation_report(
     log_metrics(context, {f"test_{k}": v for k, v in _flat_metrics(report.metrics).items()})
     log_artifact_path(context, str(out), "evaluation_report")
     log_artifact_path(context, str(bundle), "bundle")
-    plots_md = "\n\n".join(f"### {name}\n![{name}](file://{out / path})" for name, path in paths.items() if path.endswith(".png"))
+    plots_md = "\n\n".join(
+        f"### {name}\n![{name}](file://{out / path})" for name, path in paths.items() if path.endswith(".png")
+    )
     return dg.Output(
         out,
         metadata={
@@ -226,5 +242,7 @@ def check_test_fnr_within_guarantee(evaluation_report: Path) -> dg.AssetCheckRes
         passed=bool(gc.get("passed", True)),
         severity=dg.AssetCheckSeverity.WARN,
         description=str(gc.get("message", "no guarantee stated by the released policy")),
-        metadata={k: v for k, v in gc.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
+        metadata={
+            k: v for k, v in gc.items() if isinstance(v, int | float | str) and not isinstance(v, bool)
+        },
     )

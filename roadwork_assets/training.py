@@ -1,6 +1,5 @@
 """Training stage: explora_backbone -> classifier. Both run in the Dagster pool `gpu`."""
 
-from __future__ import annotations
 
 import json
 from pathlib import Path
@@ -20,9 +19,13 @@ from roadwork_resources.io_manager import new_artifact_dir
 
 
 class BackboneSettings(dg.Config):
-    name: str = Field("vit_test_tiny", description="preset (dinov2_small, dinov3_base, vit_test_tiny, ...) or timm ViT name")
+    name: str = Field(
+        "vit_test_tiny", description="preset (dinov2_small, dinov3_base, vit_test_tiny, ...) or timm ViT name"
+    )
     pretrained: bool = Field(False, description="load timm's pretrained weights from the hub (needs access)")
-    weights_file: str | None = Field(None, description="local weight file (safetensors / .pth); overrides the hub")
+    weights_file: str | None = Field(
+        None, description="local weight file (safetensors / .pth); overrides the hub"
+    )
     pooling: str | None = Field(None, description="token (CLS) | avg; default per preset")
     img_size: int | None = Field(None, description="backbone input size; default per preset")
     grad_checkpointing: bool = False
@@ -39,7 +42,9 @@ class ExploraSettings(dg.Config):
     lora_alpha: int = 16
     n_local_crops: int = 4
     out_dim: int = Field(4096, description="DINO prototypes K")
-    max_images: int | None = Field(None, description="cap on images per epoch (train split + unlabelled pool)")
+    max_images: int | None = Field(
+        None, description="cap on images per epoch (train split + unlabelled pool)"
+    )
     use_unlabelled: bool = Field(True, description="add the drops' unlabelled/ folders to the train split")
 
 
@@ -62,7 +67,6 @@ def _backbone_config(settings: BackboneSettings, attn_backend: str):
     group_name="training",
     pool="gpu",
     kinds={"pytorch", "safetensors"},
-    required_resource_keys={"mlflow"},
     hooks=MLFLOW_HOOKS,
     description="Backbone weights after ExPLoRA extended self-supervised pretraining on train + unlabelled images "
     "(or the base weights when disabled).",
@@ -112,17 +116,23 @@ def explora_backbone(
         uris,
         cfg,
         device=gpu.torch_device(),
-        on_step=lambda row: log_metrics(context, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step")),
+        on_step=lambda row: log_metrics(
+            context, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step")
+        ),
     )
     report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
     out = new_artifact_dir("explora_backbone")
     save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "backbone.safetensors"))
     backbone_json = {**backbone_cfg.__dict__, "pretrained": False, "weights_file": None}
-    (out / "config.json").write_text(json.dumps({"backbone": backbone_json, "source": backbone_cfg.__dict__}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps({"backbone": backbone_json, "source": backbone_cfg.__dict__}, indent=2)
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     meta = {
         "enabled": config.enabled,
-        "note": "ExPLoRA ran" if config.enabled else "ExPLoRA disabled: base weights passed through unchanged",
+        "note": "ExPLoRA ran"
+        if config.enabled
+        else "ExPLoRA disabled: base weights passed through unchanged",
         "backbone": config.backbone.name,
         "images_used": report.get("images_used", 0),
         **reader_metadata(reader),
@@ -168,7 +178,6 @@ class ClassifierSettings(dg.Config):
     group_name="training",
     pool="gpu",
     kinds={"pytorch", "safetensors"},
-    required_resource_keys={"mlflow"},
     hooks=MLFLOW_HOOKS,
     description="Backbone (+adapters) + head + aggregator trained on train, selected on val_select MCC.",
 )
@@ -194,9 +203,14 @@ def classifier(
 
     backbone_cfg = BackboneConfig(**json.loads((explora_backbone / "config.json").read_text())["backbone"])
     mv = MultiViewConfig(
-        grid=config.grid, overlap=config.overlap, include_global=config.include_global, hflip_tta=config.hflip_tta
+        grid=config.grid,
+        overlap=config.overlap,
+        include_global=config.include_global,
+        hflip_tta=config.hflip_tta,
     )
-    model = build_classifier(backbone_cfg, mv, aggregator=config.aggregator, topk=config.topk, dropout=config.dropout)
+    model = build_classifier(
+        backbone_cfg, mv, aggregator=config.aggregator, topk=config.topk, dropout=config.dropout
+    )
     model.backbone.load_state_dict(load_file(str(explora_backbone / "backbone.safetensors")))
 
     train_cfg = TrainConfig(
@@ -219,7 +233,9 @@ def classifier(
     log_params(context, {"classifier": config.model_dump(), "gpu": gpu.describe()})
 
     def on_epoch(row: dict) -> None:
-        context.log.info(f"epoch {row.get('epoch')}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch"))
+        context.log.info(
+            f"epoch {row.get('epoch')}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch")
+        )
         log_metrics(context, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
 
     result = train_classifier(
@@ -234,7 +250,9 @@ def classifier(
         on_epoch=on_epoch,
     )
     out = new_artifact_dir("classifier")
-    save_classifier(out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history})
+    save_classifier(
+        out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history}
+    )
     times = [h.get("seconds", float("nan")) for h in result.history]
     meta = {
         "mode": config.mode,

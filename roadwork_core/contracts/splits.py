@@ -47,6 +47,7 @@ SPLIT_CONTRACT: dict[str, SplitRule] = {
         "the failure predictor is fitted on val_select and thresholded on val_calib",
     ),
     "scrc_policy": SplitRule(frozenset({Split.VAL_CALIB}), "conformal calibration uses val_calib only"),
+    "bundle": SplitRule(frozenset({Split.VAL_CALIB}), "the bundle's decision summary is measured on val_calib"),
     "evaluation_report": SplitRule(frozenset({Split.VAL_TEST}), "final evaluation reads val_test only"),
 }
 

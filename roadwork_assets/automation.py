@@ -1,0 +1,196 @@
+"""Automation: the retrain job, the new-drop sensor, the weekly schedule, the drift sensor and the
+MLflow run closer. Sensors and the schedule are off by default; turn them on in the UI
+(Automation tab) or with `dagster sensor start new_drop_sensor`."""
+
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import yaml
+from pydantic import Field
+
+from roadwork_assets._util import latest_materialization_metadata
+from roadwork_assets.partitions import dataset_version
+from roadwork_resources.dataset import DatasetSource
+from roadwork_resources.paths import state_root
+
+retrain_job = dg.define_asset_job(
+    "retrain_job",
+    selection=dg.AssetSelection.all(),
+    partitions_def=dataset_version,
+    description="Every asset of one dataset version, from image_manifest to evaluation_report. Each tracked "
+    "asset carries the MLflow step hooks (roadwork_assets.mlflow_tracking), so the MLflow run ends FINISHED "
+    "or FAILED with the Dagster run.",
+)
+
+
+def automation_run_config() -> dict:
+    """Run config for runs that sensors and the schedule launch: the YAML at ROADWORK_RUN_CONFIG
+    (for example configs/demo.yaml), or the assets' defaults."""
+    path = os.environ.get("ROADWORK_RUN_CONFIG")
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    config = yaml.safe_load(text) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"ROADWORK_RUN_CONFIG={path} must hold a YAML mapping (ops:, resources:)")
+    return config
+
+
+@dg.sensor(
+    job=retrain_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="A new complete drop (<inbox>/<version>/_READY) adds a dataset_version partition and a retrain run.",
+)
+def new_drop_sensor(
+    context: dg.SensorEvaluationContext, dataset: DatasetSource
+) -> dg.SensorResult | dg.SkipReason:
+    seen = set(json.loads(context.cursor)) if context.cursor else set()
+    ready = dataset.ready_drops()
+    new = [v for v in ready if v not in seen]
+    if not new:
+        return dg.SkipReason(f"no new complete drop in {dataset.inbox} ({len(ready)} seen)")
+    existing = set(context.instance.get_dynamic_partitions(dataset_version.name))
+    to_add = [v for v in new if v not in existing]
+    run_config = automation_run_config()
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                partition_key=v,
+                run_key=f"drop-{v}",
+                run_config=run_config,
+                tags={"roadwork/trigger": "new_drop"},
+            )
+            for v in new
+        ],
+        dynamic_partitions_requests=[dataset_version.build_add_request(to_add)] if to_add else [],
+        cursor=json.dumps(sorted(seen | set(new))),
+    )
+
+
+def _latest_version(instance: dg.DagsterInstance) -> str | None:
+    versions = sorted(instance.get_dynamic_partitions(dataset_version.name))
+    return versions[-1] if versions else None
+
+
+@dg.schedule(
+    job=retrain_job,
+    cron_schedule=os.environ.get("ROADWORK_RETRAIN_CRON", "0 3 * * 1"),
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Retrain the latest dataset version (weekly by default; ROADWORK_RETRAIN_CRON changes it).",
+)
+def weekly_retrain(context: dg.ScheduleEvaluationContext):
+    latest = _latest_version(context.instance)
+    if latest is None:
+        return dg.SkipReason("no dataset_version partition yet")
+    return dg.RunRequest(
+        partition_key=latest,
+        run_config=automation_run_config(),
+        tags={"roadwork/trigger": "schedule"},
+    )
+
+
+class DriftSettings(dg.ConfigurableResource):
+    """Where monitored (incoming, unlabelled) images land, and when drift counts as significant."""
+
+    monitor_dir: str = Field(description="folder of recent production images to compare with training images")
+    sample: int = Field(64, description="images per side (monitoring and training reference)")
+    alpha: float = Field(0.01, description="significance level of the MMD permutation and KS tests")
+    psi_threshold: float = Field(0.25, description="PSI above this is drift")
+    n_permutations: int = 500
+    min_images: int = Field(16, description="skip while the monitoring folder holds fewer images")
+
+
+def _monitor_files(folder: Path) -> list[Path]:
+    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+    return (
+        sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        if folder.is_dir()
+        else []
+    )
+
+
+@dg.sensor(
+    job=retrain_job,
+    minimum_interval_seconds=3600,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Compares embeddings of monitored images with training embeddings (MMD permutation test) and "
+    "prediction scores (PSI, KS); requests a retrain of the latest version with the figures as run tags.",
+)
+def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> dg.RunRequest | dg.SkipReason:
+    from roadwork_core.metrics.drift_check import compare_with_training
+
+    from roadwork_resources.io_manager import read_artifact
+
+    files = _monitor_files(Path(drift.monitor_dir))
+    if len(files) < drift.min_images:
+        return dg.SkipReason(f"{len(files)} images in {drift.monitor_dir}; need {drift.min_images}")
+    fingerprint = hashlib.sha256(
+        "\n".join(f"{p}:{p.stat().st_mtime_ns}" for p in files).encode()
+    ).hexdigest()[:16]
+    if context.cursor == fingerprint:
+        return dg.SkipReason("monitoring folder unchanged since the last evaluation")
+    version = _latest_version(context.instance)
+    bundle_path = (
+        latest_materialization_metadata(context.instance, dg.AssetKey("bundle"), version).get("path")
+        if version
+        else None
+    )
+    splits_path = (
+        latest_materialization_metadata(context.instance, dg.AssetKey("splits"), version).get("path")
+        if version
+        else None
+    )
+    if not bundle_path or not splits_path:
+        return dg.SkipReason("no released bundle yet: nothing to compare with")
+    splits = read_artifact(Path(splits_path))
+    result = compare_with_training(
+        Path(read_artifact(Path(bundle_path))),
+        splits,
+        [str(p) for p in files],
+        sample=drift.sample,
+        alpha=drift.alpha,
+        psi_threshold=drift.psi_threshold,
+        n_permutations=drift.n_permutations,
+        cache_dir=state_root() / "drift_cache",
+    )
+    context.update_cursor(fingerprint)
+    context.log.info(f"drift figures for {version}: {result}")
+    if not result.drifted:
+        return dg.SkipReason(
+            f"no significant drift (MMD p={result.mmd_pvalue:.3g}, PSI={result.psi:.3g}, KS p={result.ks_pvalue:.3g})"
+        )
+    return dg.RunRequest(
+        partition_key=version,
+        run_key=f"drift-{version}-{fingerprint}",
+        run_config=automation_run_config(),
+        tags={"roadwork/trigger": "drift", **result.as_tags()},
+    )
+
+
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Marks the MLflow run of a failed Dagster run FAILED (covers failures in steps without hooks, "
+    "such as blocking asset checks).",
+)
+def mlflow_failed_run_closer(context: dg.RunFailureSensorContext) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from roadwork_resources.paths import default_mlflow_uri
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri())
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("roadwork")
+    if experiment is None:
+        return
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.dagster_run_id = '{context.dagster_run.run_id}'"
+    )
+    for run in runs:
+        if run.info.status != "FAILED":
+            client.set_terminated(run.info.run_id, status="FAILED")

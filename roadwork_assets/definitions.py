@@ -1,0 +1,90 @@
+"""The roadwork Definitions: `dagster dev -w workspace.yaml`, `dagster asset materialize -m roadwork_assets.definitions`.
+
+Runs use the in-process executor: importing torch + timm + peft + dagster costs seconds, and the
+multiprocess executor would pay it again in every step's process. The `gpu` pool still serializes
+training steps across concurrent runs.
+"""
+
+
+import os
+
+import dagster as dg
+
+from roadwork_assets.automation import (
+    DriftSettings,
+    drift_sensor,
+    mlflow_failed_run_closer,
+    new_drop_sensor,
+    retrain_job,
+    weekly_retrain,
+)
+from roadwork_assets.contract_checks import CONTRACT_CHECKS
+from roadwork_assets.data import SPLIT_CHECKS, SplitSettings, image_manifest, splits
+from roadwork_assets.mlflow_tracking import mlflow_resource
+from roadwork_assets.policies import calibrator, gate_policy, scrc_policy, threshold_policy
+from roadwork_assets.predictions import calib_predictions, select_predictions, test_predictions
+from roadwork_assets.release import (
+    bundle,
+    check_bundle_one_policy,
+    check_bundle_reproduces_predictions,
+    check_test_fnr_within_guarantee,
+    evaluation_report,
+)
+from roadwork_assets.training import classifier, explora_backbone
+from roadwork_resources.artifact_store import ArtifactStore
+from roadwork_resources.dataset import DatasetSource
+from roadwork_resources.gpu import GPUResource
+from roadwork_resources.io_manager import ArtifactIOManager
+from roadwork_resources.paths import artifact_root, default_mlflow_uri, inbox_root, state_root
+
+ASSETS = [
+    image_manifest,
+    splits,
+    explora_backbone,
+    classifier,
+    select_predictions,
+    calib_predictions,
+    test_predictions,
+    calibrator,
+    threshold_policy,
+    gate_policy,
+    scrc_policy,
+    bundle,
+    evaluation_report,
+]
+
+ASSET_CHECKS = [
+    *SPLIT_CHECKS,
+    *CONTRACT_CHECKS,
+    check_bundle_one_policy,
+    check_bundle_reproduces_predictions,
+    check_test_fnr_within_guarantee,
+]
+
+
+def build_resources() -> dict:
+    # The MLflow URI may carry credentials: when MLFLOW_TRACKING_URI is set it is read from the
+    # environment at run time and never written into config, manifests or logs.
+    mlflow_uri = None if os.environ.get("MLFLOW_TRACKING_URI") else default_mlflow_uri()
+    return {
+        "io_manager": ArtifactIOManager(root=str(artifact_root())),
+        "dataset": DatasetSource(inbox=str(inbox_root())),
+        "store": ArtifactStore(root=str(state_root())),
+        "gpu": GPUResource(),
+        "split_settings": SplitSettings(),
+        "mlflow": mlflow_resource(mlflow_uri),
+        "drift": DriftSettings(
+            monitor_dir=os.environ.get("ROADWORK_MONITOR_DIR", str(state_root() / "monitor"))
+        ),
+    }
+
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=ASSET_CHECKS,
+    jobs=[retrain_job],
+    sensors=[new_drop_sensor, drift_sensor, mlflow_failed_run_closer],
+    schedules=[weekly_retrain],
+    resources=build_resources(),
+    executor=dg.in_process_executor,
+)
