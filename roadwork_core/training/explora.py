@@ -1,0 +1,381 @@
+"""ExPLoRA extended self-supervised pretraining: DINO self-distillation on unlabelled target images.
+
+Student = backbone (frozen, plus LoRA on Q/V, unfrozen last blocks, norms and tokens; see
+``roadwork_core.models.explora``) + ``DINOHead``. Teacher = EMA copy of the student, built in
+``make_teacher`` (requires_grad False, eval mode) and changed only by ``ema_update_``.
+Multi-crop: 2 global + N local crops (torchvision.transforms.v2), sizes multiples of the patch.
+Schedules (lr, teacher momentum, teacher temperature) are precomputed per iteration like dinov2.
+The result is a merged, plain timm state dict with the input backbone's exact keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import resolve_model_data_config
+from torch import nn
+from torchvision.transforms import v2
+
+from roadwork_core.models.dino_head import DINOHead
+from roadwork_core.models.explora import ExploraConfig, ExploraPlan, merge_explora, setup_explora
+from roadwork_core.training.dino_loss import DINOLoss
+
+__all__ = [
+    "DinoStudent",
+    "ExploraConfig",
+    "ExploraResult",
+    "ExploraSchedules",
+    "MultiCropAugmentation",
+    "build_schedules",
+    "ema_update_",
+    "make_teacher",
+    "resolve_crop_sizes",
+    "run_explora",
+]
+
+
+@dataclass
+class ExploraResult:
+    state_dict: dict[str, torch.Tensor]  # merged, plain timm keys (== input backbone's keys)
+    report: dict
+
+
+@dataclass
+class ExploraSchedules:
+    lr: np.ndarray  # (steps,)
+    teacher_momentum: np.ndarray  # (steps,)
+    teacher_temp: np.ndarray  # (steps,)
+
+
+def _cosine(
+    start: float, end: float, steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> np.ndarray:
+    warmup = np.linspace(warmup_start, start, warmup_steps, endpoint=False)
+    n = steps - warmup_steps
+    cosine = end + 0.5 * (start - end) * (1 + np.cos(np.pi * np.arange(n) / max(n, 1)))
+    return np.concatenate([warmup, cosine])[:steps]
+
+
+def build_schedules(cfg: ExploraConfig, steps: int) -> ExploraSchedules:
+    """Per-iteration values: lr (linear warmup, cosine), momentum (cosine to 1), teacher temp (warmup)."""
+    lr_warmup = int(round(cfg.lr_warmup_frac * steps))
+    temp_warmup = min(int(round(cfg.teacher_temp_warmup_frac * steps)), steps)
+    teacher_temp = np.concatenate(
+        [
+            np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, temp_warmup),
+            np.full(steps - temp_warmup, cfg.teacher_temp),
+        ]
+    )
+    return ExploraSchedules(
+        lr=_cosine(cfg.lr, cfg.min_lr, steps, lr_warmup),
+        teacher_momentum=_cosine(cfg.teacher_momentum, 1.0, steps),
+        teacher_temp=teacher_temp,
+    )
+
+
+def _is_dynamic(backbone: nn.Module) -> bool:
+    return bool(getattr(backbone, "dynamic_img_size", False))
+
+
+def resolve_crop_sizes(backbone: nn.Module, cfg: ExploraConfig) -> tuple[int, int, int]:
+    """(global_size, local_size, patch_size). None sizes derive from the model's input size.
+
+    Local crops default to 96/224 of the global size (DINO's ratio), rounded to the patch size.
+    A backbone without ``dynamic_img_size`` accepts one size only: both crop kinds are produced at
+    its input size (local crops still cover a small area, then are resized up).
+    """
+    patch = int(backbone.patch_embed.patch_size[0])
+    img_size = getattr(backbone.patch_embed, "img_size", None)
+    model_size = int(img_size[0]) if img_size else int(resolve_model_data_config(backbone)["input_size"][-1])
+    global_size = cfg.global_crop_size or (model_size // patch) * patch
+    local_size = cfg.local_crop_size or max(patch, round(global_size * 96 / 224 / patch) * patch)
+    for name, size in (("global_crop_size", global_size), ("local_crop_size", local_size)):
+        if size % patch or size < patch:
+            raise ValueError(
+                f"ExploraConfig.{name}={size} is not a positive multiple of the patch size {patch}; "
+                f"use {max(patch, round(size / patch) * patch)}."
+            )
+    if not _is_dynamic(backbone):
+        if global_size != model_size:
+            raise ValueError(
+                f"ExploraConfig.global_crop_size={global_size} but the backbone takes only {model_size}px "
+                "(built without dynamic_img_size=True); set global_crop_size=None or rebuild it dynamic."
+            )
+        local_size = model_size
+    return global_size, local_size, patch
+
+
+class MultiCropAugmentation:
+    """PIL image -> (global crops: list of (3, G, G), local crops: list of (3, L, L)) tensors."""
+
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        n_local: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        global_scale: tuple[float, float] = (0.32, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.32),
+    ) -> None:
+        color = [
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+        def blur(p: float) -> v2.Transform:
+            return v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=p)
+
+        crop = v2.RandomResizedCrop
+        self.global_1 = v2.Compose(
+            [crop(global_size, scale=global_scale, antialias=True), *color, blur(1.0), *to_tensor]
+        )
+        self.global_2 = v2.Compose(
+            [
+                crop(global_size, scale=global_scale, antialias=True),
+                *color,
+                blur(0.1),
+                v2.RandomSolarize(0.5, p=0.2),
+                *to_tensor,
+            ]
+        )
+        self.local = v2.Compose(
+            [crop(local_size, scale=local_scale, antialias=True), *color, blur(0.5), *to_tensor]
+        )
+        self.n_local = n_local
+
+    def __call__(self, image: Image.Image) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [self.global_1(image), self.global_2(image)], [self.local(image) for _ in range(self.n_local)]
+
+
+class DinoStudent(nn.Module):
+    """Backbone + DINO head; forward maps each crop group to prototype logits."""
+
+    def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
+        tokens = self.backbone.forward_features(x)  # (B, N, D), prefix tokens first
+        if getattr(self.backbone, "cls_token", None) is not None:
+            return tokens[:, 0]  # class token (after the final norm)
+        return self.backbone.forward_head(tokens, pre_logits=True)
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """crops: tensors (B, 3, S_i, S_i), same-size groups batched together -> (n_crops, B, K)."""
+        logits: list[torch.Tensor] = []
+        i = 0
+        while i < len(crops):  # batch consecutive crops of equal size in one forward pass
+            j = i
+            while j < len(crops) and crops[j].shape == crops[i].shape:
+                j += 1
+            group = torch.cat(crops[i:j])  # ((j - i) * B, 3, S, S)
+            logits.extend(self.head(self.features(group)).chunk(j - i))
+            i = j
+        return torch.stack(logits)  # (n_crops, B, K)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """The one place the teacher is made: a deep copy, never trained by gradients, in eval mode."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, for the student's trainable params."""
+    teacher_params = dict(teacher.named_parameters())
+    pairs = [(teacher_params[n], p) for n, p in student.named_parameters() if p.requires_grad]
+    if not pairs:
+        return
+    t, s = zip(*pairs, strict=True)
+    torch._foreach_mul_(list(t), momentum)
+    torch._foreach_add_(list(t), [x.detach() for x in s], alpha=1.0 - momentum)
+
+
+def _default_load_image(uri: str) -> Image.Image:
+    from roadwork_core.data.images import load_image  # lazy: the data layer is optional here
+
+    return load_image(uri)
+
+
+def _batches(
+    uris: list[str],
+    batch_size: int,
+    generator: torch.Generator,
+    load_image: Callable[[str], Image.Image],
+    augment: MultiCropAugmentation,
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Endless shuffled batches: (global crops [(B, 3, G, G)] * 2, local crops [(B, 3, L, L)] * N)."""
+    while True:
+        order = torch.randperm(len(uris), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            views = []
+            for idx in order[start : start + batch_size]:
+                try:
+                    image = load_image(uris[idx]).convert("RGB")
+                except Exception as exc:
+                    raise ValueError(
+                        f"ExPLoRA could not read image {uris[idx]!r} (position {idx}): {exc}. "
+                        "Fix the file or drop it from the manifest."
+                    ) from exc
+                views.append(augment(image))
+            globals_ = [torch.stack([v[0][k] for v in views]) for k in range(2)]
+            locals_ = [torch.stack([v[1][k] for v in views]) for k in range(augment.n_local)]
+            yield globals_, locals_
+
+
+def _param_groups(module: nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases, norms, tokens and layer scales."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and p.shape[0] > 1 else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _disabled_result(backbone: nn.Module) -> ExploraResult:
+    state = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
+    total = sum(p.numel() for p in backbone.parameters())
+    report = {
+        "enabled": False,
+        "note": "ExPLoRA disabled: base backbone weights passed through unchanged",
+        "loss_curve": [],
+        "trainable_params": 0,
+        "total_params": total,
+        "trainable_pct": 0.0,
+        "blocks_unfrozen": [],
+        "lora_blocks": [],
+        "rank": 0,
+        "images_used": 0,
+        "steps": 0,
+        "seconds": 0.0,
+    }
+    return ExploraResult(state_dict=state, report=report)
+
+
+def run_explora(
+    backbone: nn.Module,
+    image_uris: list[str],
+    cfg: ExploraConfig,
+    *,
+    device: str | torch.device = "cpu",
+    load_image: Callable[[str], Image.Image] | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> ExploraResult:
+    """Continue DINO self-distillation on ``image_uris`` with the ExPLoRA plan; return merged weights.
+
+    ``backbone`` is not modified (a copy is trained). ``on_step`` receives
+    ``{"step", "loss", "lr", "teacher_momentum", "teacher_temp"}`` after every iteration.
+    """
+    if not cfg.enabled:
+        return _disabled_result(backbone)
+    if not image_uris:
+        raise ValueError("run_explora got no images: pass the train split (+ unlabelled pool) URIs.")
+    input_keys = list(backbone.state_dict().keys())
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+
+        # setup: student = wrapped copy + head; teacher = EMA copy
+        student_backbone = copy.deepcopy(backbone)
+        plan: ExploraPlan = setup_explora(student_backbone, cfg)
+        head = DINOHead(
+            student_backbone.num_features,
+            cfg.out_dim,
+            cfg.head_hidden_dim,
+            cfg.head_bottleneck_dim,
+            cfg.head_nlayers,
+        )
+        student = DinoStudent(student_backbone, head).to(device).train()
+        teacher = make_teacher(student)
+        dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
+        optimizer = torch.optim.AdamW(_param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        # data and schedules
+        global_size, local_size, _ = resolve_crop_sizes(backbone, cfg)
+        data_cfg = resolve_model_data_config(backbone)
+        augment = MultiCropAugmentation(
+            global_size, local_size, cfg.n_local_crops, data_cfg["mean"], data_cfg["std"],
+            cfg.global_crop_scale, cfg.local_crop_scale,
+        )  # fmt: skip
+        steps_per_epoch = math.ceil(len(image_uris) / cfg.batch_size)
+        steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        schedules = build_schedules(cfg, steps)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        batches = _batches(image_uris, cfg.batch_size, generator, load_image or _default_load_image, augment)
+
+        loss_curve: list[float] = []
+        for step in range(steps):
+            # schedule
+            for group in optimizer.param_groups:
+                group["lr"] = float(schedules.lr[step])
+            teacher_temp = float(schedules.teacher_temp[step])
+            globals_, locals_ = next(batches)
+            globals_ = [x.to(device, non_blocking=True) for x in globals_]
+            locals_ = [x.to(device, non_blocking=True) for x in locals_]
+
+            # forward / backward: teacher sees global crops only, student sees all of them
+            with torch.no_grad():
+                teacher_logits = teacher(globals_)  # (2, B, K)
+            student_logits = student(globals_ + locals_)  # (2 + N, B, K)
+            loss = dino_loss(student_logits, teacher_logits, teacher_temp)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"ExPLoRA loss is {loss.item()} at step {step}; lower ExploraConfig.lr (now {cfg.lr})."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if step < cfg.freeze_last_layer_iters:
+                head.cancel_last_layer_grads()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.clip_grad)
+
+            # step: student by AdamW, teacher by EMA only
+            optimizer.step()
+            momentum = float(schedules.teacher_momentum[step])
+            ema_update_(teacher, student, momentum)
+
+            # log (loss.item() is a device sync point, once per step)
+            loss_curve.append(float(loss.item()))
+            if on_step is not None:
+                on_step(
+                    {"step": step, "loss": loss_curve[-1], "lr": float(schedules.lr[step]),
+                     "teacher_momentum": momentum, "teacher_temp": teacher_temp}
+                )  # fmt: skip
+
+        exported = teacher if cfg.export_weights == "teacher" else student
+        merged = {k: v.cpu() for k, v in merge_explora(exported.backbone).items()}
+    if set(merged) != set(input_keys):
+        missing = sorted(set(input_keys) - set(merged))
+        extra = sorted(set(merged) - set(input_keys))
+        raise RuntimeError(
+            f"merged ExPLoRA state dict keys differ from the backbone's: missing {missing}, extra {extra}"
+        )
+    merged = {k: merged[k] for k in input_keys}
+    report = {
+        "enabled": True,
+        "loss_curve": loss_curve,
+        **plan.summary(),
+        "images_used": len(image_uris),
+        "steps": steps,
+        "seconds": time.perf_counter() - t0,
+        "global_crop_size": global_size,
+        "local_crop_size": local_size,
+        "n_local_crops": cfg.n_local_crops,
+        "exported": cfg.export_weights,
+        "config": cfg.to_dict(),
+    }
+    return ExploraResult(state_dict=merged, report=report)
