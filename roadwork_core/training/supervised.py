@@ -1,0 +1,438 @@
+"""Supervised training of a RoadworkClassifier: modes head / lora / dora / full, selected on val_select MCC.
+
+One readable loop (nanoGPT style): schedule -> forward/loss -> NaN guard -> backward/clip/step ->
+EMA -> evaluate on val_select with the EMA weights -> checkpoint -> early stop. Resume is exact:
+every epoch seeds its RNG from (seed, epoch), so a redone epoch draws the same shuffles, dropout and
+augmentations as the first attempt.
+
+- head: backbone frozen; per-view features computed once through the content-addressed
+  FeatureCache (clean views, no augmentation); head + aggregator train on them. Epochs after the
+  first run no backbone forward (counted per epoch in `history[i]["backbone_forwards"]`).
+- lora / dora: peft adapters on the backbone (apply_adapters) + head + aggregator trained;
+  the returned weights have the adapters merged (plain timm keys).
+- full: every parameter trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
+
+from roadwork_core.data.distortions import training_augmentation
+from roadwork_core.data.loading import CanvasDataset
+from roadwork_core.models.adapters import apply_adapters, merge_adapters
+from roadwork_core.models.backbone import state_dict_sha256
+from roadwork_core.models.classifier import RoadworkClassifier
+from roadwork_core.training.checkpoint import load_best, load_checkpoint, save_best, save_checkpoint
+from roadwork_core.training.feature_cache import FeatureCache
+
+__all__ = ["MODES", "PRECISIONS", "TrainConfig", "TrainResult", "lr_schedule", "train_classifier"]
+
+log = logging.getLogger(__name__)
+
+MODES: tuple[str, ...] = ("head", "lora", "dora", "full")
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16-mixed": torch.bfloat16,
+    "fp16-mixed": torch.float16,
+}
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "head"  # "head" (frozen backbone, cached features) | "lora" | "dora" | "full"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0  # linear warmup then cosine (per step)
+    label_smoothing: float = 0.1
+    ema_decay: float | None = 0.999  # timm ModelEmaV3 (with warmup); None = off. EMA weights are selected
+    patience: int = 3  # early stopping on val_select MCC
+    balanced_sampling: bool = False  # WeightedRandomSampler by class
+    augment_max_level: int = 3  # validator distortions on training images (not in head mode)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_regex: str | None = None
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict[str, Tensor]  # best weights of the whole classifier, adapters merged (plain timm keys)
+    best_epoch: int
+    best_select_mcc: float
+    history: list[dict] = field(default_factory=list)  # per epoch, see _epoch_record
+    resumed_from_epoch: int | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
+    """Per-step learning rate: linear warmup over warmup_epochs, then cosine to 0."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    lrs = []
+    for step in range(total):
+        if step < warmup:
+            lrs.append(cfg.lr * (step + 1) / warmup)
+        else:
+            progress = (step - warmup) / max(1, total - warmup)
+            lrs.append(cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return lrs
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{epoch}".encode()).hexdigest()[:8], 16)
+
+
+def _check_inputs(
+    cfg: TrainConfig, precision: str, device: torch.device, frames: dict[str, pd.DataFrame]
+) -> None:
+    if cfg.mode not in MODES:
+        raise ValueError(f"TrainConfig.mode={cfg.mode!r} is not valid; use one of {', '.join(MODES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16-mixed" and device.type != "cuda":
+        raise ValueError(
+            f"precision='fp16-mixed' needs a CUDA device (got {device}); use 'bf16-mixed' or 'fp32'"
+        )
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1:
+        raise ValueError(f"epochs, batch_size and patience must be >= 1; got {cfg}")
+    for name, rows in frames.items():
+        missing = {"image_id", "uri", "label"} - set(rows.columns)
+        if missing:
+            raise ValueError(f"{name} lacks columns {sorted(missing)}; it needs image_id, uri, label")
+        if len(rows) == 0:
+            raise ValueError(f"{name} is empty; training needs labelled images in train and val_select")
+        bad = rows.loc[~rows["label"].isin([0, 1]), ["image_id", "label"]]
+        if len(bad):
+            raise ValueError(f"{name} has labels outside {{0, 1}}, e.g. {bad.head(3).to_dict('records')}")
+
+
+def _fingerprint(
+    cfg: TrainConfig, precision: str, train: pd.DataFrame, select: pd.DataFrame, init_sha: str
+) -> str:
+    """What makes two runs the same run; a checkpoint with another fingerprint is not resumed."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_workers"}
+    payload = {
+        "config": config,
+        "precision": precision,
+        "train": [train["image_id"].astype(str).tolist(), train["label"].astype(int).tolist()],
+        "select": [select["image_id"].astype(str).tolist(), select["label"].astype(int).tolist()],
+        "initial_weights_sha256": init_sha,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare(model: RoadworkClassifier, cfg: TrainConfig) -> nn.Module:
+    """Set what trains for `cfg.mode`; returns the module whose parameters / EMA / checkpoint we keep."""
+    if cfg.mode in ("lora", "dora"):
+        model.backbone = apply_adapters(
+            model.backbone, cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_regex
+        )  # base weights frozen by peft; adapters trainable
+        return model
+    model.backbone.requires_grad_(cfg.mode == "full")
+    if cfg.mode == "head":
+        return nn.ModuleDict({"head": model.head, "aggregator": model.aggregator})
+    return model
+
+
+class _ForwardCounter:
+    """Counts backbone forward calls (one per batch of views) with a forward hook."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.count = 0
+        self.handle = backbone.register_forward_hook(self._hook)
+
+    def _hook(self, *_: Any) -> None:
+        self.count += 1
+
+
+@contextlib.contextmanager
+def _ema_weights(target: nn.Module, ema: ModelEmaV3 | None) -> Iterator[None]:
+    """Temporarily load the EMA weights into `target` (evaluation and best-checkpoint use them)."""
+    if ema is None:
+        yield
+        return
+    backup = {k: v.detach().clone() for k, v in target.state_dict().items()}
+    target.load_state_dict(ema.module.state_dict())
+    try:
+        yield
+    finally:
+        target.load_state_dict(backup)
+
+
+def _smoothed_bce(logit: Tensor, label: Tensor, smoothing: float) -> Tensor:
+    target = label * (1.0 - smoothing) + 0.5 * smoothing  # (B,)
+    return F.binary_cross_entropy_with_logits(logit.float(), target.float())
+
+
+@dataclass
+class _Data:
+    """Training / selection inputs: cached features (head mode) or image datasets."""
+
+    head_mode: bool
+    train_labels: Tensor  # (N,) float
+    train_set: CanvasDataset | None = None
+    select_set: CanvasDataset | None = None
+    train_feats: Tensor | None = None  # (N, V, D)
+    select_feats: Tensor | None = None  # (M, V, D)
+    select_labels: Tensor | None = None  # (M,)
+
+
+def _loader(data: _Data, cfg: TrainConfig, epoch: int, train: bool) -> DataLoader:
+    if data.head_mode:
+        feats, labels = (
+            (data.train_feats, data.train_labels) if train else (data.select_feats, data.select_labels)
+        )
+        dataset = TensorDataset(feats, labels, torch.arange(len(labels)))
+    else:
+        dataset = data.train_set if train else data.select_set
+    if not train:
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+    if cfg.balanced_sampling:
+        labels = data.train_labels.long()
+        class_weight = 1.0 / torch.bincount(labels, minlength=2).clamp(min=1).double()
+        sampler = WeightedRandomSampler(
+            class_weight[labels], len(labels), replacement=True, generator=generator
+        )
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        generator=generator,  # worker seeds derive from it: augmentations replay on resume
+    )
+
+
+def _forward(model: RoadworkClassifier, x: Tensor, head_mode: bool) -> dict[str, Tensor]:
+    return model.forward_head(x) if head_mode else model(x.float() / 255.0)  # x: feats (B,V,D) | canvas uint8
+
+
+@torch.no_grad()
+def _evaluate(
+    model: RoadworkClassifier, data: _Data, cfg: TrainConfig, device: torch.device, dtype
+) -> tuple[float, float]:
+    """val_select MCC and accuracy at threshold 0.5 of the aggregated probability."""
+    model.eval()
+    mcc, acc = BinaryMatthewsCorrCoef(), BinaryAccuracy()
+    for x, label, _ in _loader(data, cfg, 0, train=False):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            prob = _forward(model, x.to(device), data.head_mode)["prob"].float().cpu()  # (B,)
+        mcc.update(prob, label.long())
+        acc.update(prob, label.long())
+    return float(mcc.compute()), float(acc.compute())
+
+
+def _set_train_mode(model: RoadworkClassifier, target: nn.Module, head_mode: bool) -> None:
+    model.train()
+    if head_mode:
+        model.backbone.eval()  # frozen: features are fixed; target (head + aggregator) trains
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_classifier(
+    model: RoadworkClassifier,
+    train_rows: pd.DataFrame,
+    select_rows: pd.DataFrame,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    checkpoint_dir: Path,
+    feature_cache_dir: Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train `model` on train_rows (image_id, uri, label), select on select_rows by MCC.
+
+    Resumes from `checkpoint_dir` when it holds a checkpoint of the same run (fingerprint of config,
+    image ids, labels and initial weights). On return `model` holds the best weights with adapters
+    merged, i.e. exactly `TrainResult.state_dict`. Raises FloatingPointError on a NaN / inf loss.
+    """
+    device = torch.device(device)
+    checkpoint_dir = Path(checkpoint_dir)
+    _check_inputs(cfg, precision, device, {"train_rows": train_rows, "select_rows": select_rows})
+    dtype = PRECISIONS[precision]
+    head_mode = cfg.mode == "head"
+    fingerprint = _fingerprint(cfg, precision, train_rows, select_rows, state_dict_sha256(model))
+
+    # model, optimizer, EMA
+    torch.manual_seed(cfg.seed)  # adapter init is random: same seed, same adapters
+    target = _prepare(model, cfg)
+    model.to(device)
+    counter = _ForwardCounter(model.backbone)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(target, cfg.weight_decay), lr=cfg.lr)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
+    ema = ModelEmaV3(target, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
+
+    # data
+    train_labels = torch.tensor(train_rows["label"].astype(float).to_numpy(), dtype=torch.float32)
+    data = _Data(head_mode=head_mode, train_labels=train_labels)
+    if not head_mode:
+        aug = training_augmentation(cfg.augment_max_level) if cfg.augment_max_level > 0 else None
+        uris, labels = train_rows["uri"].tolist(), train_rows["label"].astype(int).tolist()
+        data.train_set = CanvasDataset(uris, labels, model.canvas_size, aug)
+        data.select_set = CanvasDataset(
+            select_rows["uri"].tolist(), select_rows["label"].astype(int).tolist(), model.canvas_size, None
+        )
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    schedule = lr_schedule(cfg, steps_per_epoch)
+
+    # resume
+    state: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_select_mcc": -math.inf,
+        "stopped_early": False,
+        "history": [],
+        "config": dataclasses.asdict(cfg),
+        "precision": precision,
+        "rng": {"seed": cfg.seed, "epoch_seed": "int(sha256(f'{seed}:{epoch}')[:8], 16)"},
+    }
+    resumed_from = None
+    ckpt = load_checkpoint(checkpoint_dir)
+    if ckpt is not None and ckpt.state.get("fingerprint") == fingerprint:
+        target.load_state_dict(ckpt.model_state)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        if ema is not None and ckpt.ema_state is not None:
+            ema.module.load_state_dict(ckpt.ema_state)
+        scaler.load_state_dict(ckpt.state.get("scaler", {}))
+        state = {k: v for k, v in ckpt.state.items() if k not in ("optimizer", "has_ema", "scaler")}
+        resumed_from = state["epoch"]
+        log.info("resuming %s from finished epoch %d", checkpoint_dir, resumed_from)
+    elif ckpt is not None:
+        log.warning(
+            "%s holds a checkpoint of a different run (fingerprint differs); starting fresh", checkpoint_dir
+        )
+
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    try:
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            if state["stopped_early"]:
+                break
+            t0, counter.count = time.perf_counter(), 0
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout / augmentation stream of this epoch
+            if head_mode and data.train_feats is None:  # first epoch of this process: fill / read cache
+                cache = FeatureCache(feature_cache_dir or checkpoint_dir / "feature_cache")
+                data.train_feats = cache.get_or_compute(
+                    model, train_rows, device, cfg.batch_size, precision=precision
+                )
+                data.select_feats = cache.get_or_compute(
+                    model, select_rows, device, cfg.batch_size, precision=precision
+                )
+                data.select_labels = torch.tensor(
+                    select_rows["label"].astype(float).to_numpy(), dtype=torch.float32
+                )
+
+            # train one epoch
+            _set_train_mode(model, target, head_mode)
+            loss_sum, n_seen, lr = 0.0, 0, cfg.lr
+            for i, (x, label, index) in enumerate(_loader(data, cfg, epoch, train=True)):
+                step = (epoch - 1) * steps_per_epoch + i
+                lr = schedule[step]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x, label = x.to(device), label.to(device).float()
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = _forward(model, x, head_mode)
+                loss = _smoothed_bce(out["logit"], label, cfg.label_smoothing)
+                if not torch.isfinite(loss):  # CPU-GPU sync point, once per step: cheap next to the forward
+                    ids = train_rows["image_id"].iloc[index.tolist()].tolist()
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at epoch {epoch}, step {i + 1}/{steps_per_epoch} (lr {lr:.3g}, "
+                        f"precision {precision}); no optimizer step was taken. Likely fixes: lower TrainConfig.lr, "
+                        f"keep grad_clip on, use precision 'bf16-mixed' or 'fp32' instead of 'fp16-mixed', and "
+                        f"check this batch's images for corrupt pixels: image_ids {ids[:8]}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update(target, step=step + 1)
+                loss_sum += float(loss.detach()) * len(label)
+                n_seen += len(label)
+
+            # select on val_select with the EMA weights
+            with _ema_weights(target, ema):
+                mcc, acc = _evaluate(model, data, cfg, device, dtype)
+                if mcc > state["best_select_mcc"]:
+                    state["best_epoch"], state["best_select_mcc"] = epoch, mcc
+                    save_best(checkpoint_dir, target.state_dict(), epoch)
+            record = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(1, n_seen),
+                "select_mcc": mcc,
+                "select_acc": acc,
+                "lr": lr,
+                "seconds": time.perf_counter() - t0,
+                "backbone_forwards": counter.count,
+            }
+            state["history"].append(record)
+            state["epoch"] = epoch
+            state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
+
+            # checkpoint (atomic; the state JSON rides inside last.safetensors)
+            save_checkpoint(
+                checkpoint_dir,
+                model_state=target.state_dict(),
+                ema_state=None if ema is None else ema.module.state_dict(),
+                optimizer_state=optimizer.state_dict(),
+                state={**state, "scaler": scaler.state_dict()},
+            )
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        counter.handle.remove()
+
+    # best weights, adapters merged into the backbone
+    target.load_state_dict(load_best(checkpoint_dir, state["best_epoch"]))
+    if cfg.mode in ("lora", "dora"):
+        model.backbone = merge_adapters(model.backbone)
+    model.requires_grad_(True)
+    model.eval()
+    return TrainResult(
+        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        best_epoch=state["best_epoch"],
+        best_select_mcc=float(state["best_select_mcc"]),
+        history=list(state["history"]),
+        resumed_from_epoch=resumed_from,
+        trainable_params=trainable,
+        total_params=total,
+    )

@@ -1,0 +1,201 @@
+"""Supervised training: head-mode cache, resume after a kill, NaN guard, LoRA merge, early stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+import torch
+
+from roadwork_core.models.backbone import BackboneConfig
+from roadwork_core.models.classifier import RoadworkClassifier, build_classifier
+from roadwork_core.models.multiview import MultiViewConfig
+from roadwork_core.training.checkpoint import load_checkpoint
+from roadwork_core.training.supervised import TrainConfig, lr_schedule, train_classifier
+
+
+def _images(root: Path, n: int, seed: int) -> pd.DataFrame:
+    """n JPEGs 48x48: orange triangles = roadwork (label 1), grey boxes only = 0."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        label = i % 2
+        img = PIL.Image.new("RGB", (48, 48), tuple(int(c) for c in rng.integers(60, 160, 3)))
+        draw = PIL.ImageDraw.Draw(img)
+        x, y = (int(v) for v in rng.integers(4, 24, 2))
+        draw.rectangle([x, y, x + 12, y + 8], fill=(90, 90, 90))
+        if label:
+            draw.polygon([(x, y + 20), (x + 8, y + 4), (x + 16, y + 20)], fill=(255, 130, 0))
+        path = root / f"img{i:02d}.jpg"
+        img.save(path, quality=90)
+        records.append({"image_id": f"{root.name}-{i:02d}", "uri": str(path), "label": label})
+    return pd.DataFrame(records)
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, pd.DataFrame]:
+    root = tmp_path_factory.mktemp("images")
+    return _images(root / "train", 16, seed=0), _images(root / "select", 8, seed=1)
+
+
+def _model() -> RoadworkClassifier:
+    torch.manual_seed(0)
+    return build_classifier(BackboneConfig(name="vit_test_tiny"), MultiViewConfig(view_size=32, grid=2))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(mode="head", epochs=3, batch_size=4, lr=1e-3, ema_decay=0.9, patience=5, augment_max_level=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_head_mode_runs_backbone_only_in_first_epoch(rows, tmp_path: Path) -> None:
+    train, select = rows
+    model = _model()
+    calls: list[int] = []
+    model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    seen: list[int] = []
+    result = train_classifier(
+        model,
+        train,
+        select,
+        _cfg(),
+        checkpoint_dir=tmp_path / "ckpt",
+        on_epoch=lambda r: seen.append(len(calls)),
+    )
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert seen[0] > 0, "epoch 1 must compute the features through the backbone"
+    assert seen[1] == seen[0] and seen[2] == seen[0], f"backbone ran after epoch 1: cumulative calls {seen}"
+    assert result.history[0]["backbone_forwards"] == seen[0], "history miscounts backbone forwards"
+    assert [h["backbone_forwards"] for h in result.history[1:]] == [0, 0]
+    assert result.trainable_params < result.total_params / 5, "head mode must freeze the backbone"
+    assert any(result.history[0]["train_loss"] != h["train_loss"] for h in result.history[1:]), (
+        "nothing trained"
+    )
+    fresh = _model()
+    fresh.load_state_dict(result.state_dict)
+    assert 1 <= result.best_epoch <= 3 and -1.0 <= result.best_select_mcc <= 1.0
+
+
+def _killer(model: RoadworkClassifier, kill_epoch: int, after_calls: int):
+    """A head forward hook that raises KeyboardInterrupt `after_calls` head calls into `kill_epoch`."""
+    state = {"epoch": 1, "calls": 0}
+
+    def hook(*_):
+        if state["epoch"] == kill_epoch:
+            state["calls"] += 1
+            if state["calls"] > after_calls:
+                raise KeyboardInterrupt(f"killed during epoch {kill_epoch}")
+
+    model.head.register_forward_hook(hook)
+    return lambda record: state.update(epoch=record["epoch"] + 1)
+
+
+@pytest.mark.parametrize("mode", ["full", "head"])
+def test_killed_run_resumes_from_last_finished_epoch_and_matches(rows, tmp_path: Path, mode: str) -> None:
+    train, select = rows
+    cfg = _cfg(mode=mode, epochs=3, balanced_sampling=mode == "head")
+    cache = tmp_path / "features"
+    straight = train_classifier(
+        _model(), train, select, cfg, checkpoint_dir=tmp_path / "a", feature_cache_dir=cache
+    )
+
+    model = _model()
+    on_epoch = _killer(model, kill_epoch=2, after_calls=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(model, train, select, cfg, checkpoint_dir=tmp_path / "b", on_epoch=on_epoch)
+    assert load_checkpoint(tmp_path / "b").state["epoch"] == 1, (
+        "the checkpoint must hold the last finished epoch"
+    )
+
+    resumed = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "b")
+    assert resumed.resumed_from_epoch == 1, (
+        f"expected a resume from epoch 1, got {resumed.resumed_from_epoch}"
+    )
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3], "history must cover every epoch once"
+    for a, b in zip(straight.history, resumed.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), f"epoch {a['epoch']} loss differs"
+    assert straight.best_epoch == resumed.best_epoch
+    for key, value in straight.state_dict.items():
+        assert torch.allclose(value.float(), resumed.state_dict[key].float(), atol=1e-5), f"{key} differs"
+
+    again = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "b")
+    assert again.resumed_from_epoch == 3 and len(again.history) == 3, "a finished run must not train again"
+    other = train_classifier(
+        _model(), train, select, _cfg(mode=mode, epochs=1, seed=1), checkpoint_dir=tmp_path / "b"
+    )
+    assert other.resumed_from_epoch is None, "a checkpoint of another config must not be resumed"
+
+
+def test_nan_loss_stops_with_clear_error_before_stepping(rows, tmp_path: Path) -> None:
+    train, select = rows
+    model = _model()
+    with torch.no_grad():
+        model.head[1].bias.fill_(float("nan"))
+    weight_before = model.head[1].weight.detach().clone()
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 1/4.*lr") as info:
+        train_classifier(model, train, select, _cfg(), checkpoint_dir=tmp_path / "ckpt")
+    assert "image_ids" in str(info.value), f"message should name the batch's images: {info.value}"
+    assert torch.equal(model.head[1].weight, weight_before), "the optimizer stepped on a NaN loss"
+
+
+def test_lora_trains_and_returns_merged_plain_timm_weights(rows, tmp_path: Path) -> None:
+    train, select = rows
+    initial = _model().state_dict()
+    model = _model()
+    result = train_classifier(
+        model,
+        train,
+        select,
+        _cfg(mode="lora", epochs=2, lora_r=4, ema_decay=None),
+        checkpoint_dir=tmp_path / "c",
+    )
+    assert not [k for k in result.state_dict if "lora" in k or "base_model" in k], "adapters not merged"
+    assert set(result.state_dict) == set(initial), "merged keys must equal a fresh classifier's keys"
+    assert result.trainable_params < result.total_params / 2, "lora must train only adapters + head"
+    changed = [
+        k for k in initial if k.startswith("backbone.") and not torch.equal(initial[k], result.state_dict[k])
+    ]
+    assert any("attn.qkv.weight" in k for k in changed), f"merged LoRA did not change qkv weights: {changed}"
+    assert "backbone.patch_embed.proj.weight" not in changed, "non-target weights must stay frozen"
+
+    fresh = _model()
+    fresh.load_state_dict(result.state_dict, strict=True)
+    fresh.eval()
+    canvas = torch.rand(2, 3, fresh.canvas_size, fresh.canvas_size)
+    with torch.no_grad():
+        assert torch.allclose(fresh(canvas)["logit"], model(canvas)["logit"], atol=1e-5), (
+            "merge changed outputs"
+        )
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(rows, tmp_path: Path) -> None:
+    train, select = rows
+    result = train_classifier(
+        _model(),
+        train,
+        select,
+        _cfg(epochs=10, lr=0.0, patience=2, ema_decay=None),
+        checkpoint_dir=tmp_path / "e",
+    )
+    assert result.best_epoch == 1, "with lr 0 nothing improves after epoch 1"
+    assert [h["epoch"] for h in result.history] == [1, 2, 3], (
+        f"should stop after 2 flat epochs: {result.history}"
+    )
+
+
+def test_lr_schedule_warmup_then_cosine_and_input_errors(rows, tmp_path: Path) -> None:
+    lrs = lr_schedule(TrainConfig(lr=1.0, epochs=4, warmup_epochs=1.0), steps_per_epoch=5)
+    assert len(lrs) == 20 and lrs[4] == pytest.approx(1.0) and lrs[0] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])), "cosine part must not increase"
+    train, select = rows
+    with pytest.raises(ValueError, match="mode"):
+        train_classifier(_model(), train, select, TrainConfig(mode="adapter"), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="fp16-mixed"):
+        train_classifier(_model(), train, select, _cfg(), precision="fp16-mixed", checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="label"):
+        train_classifier(_model(), train.drop(columns="label"), select, _cfg(), checkpoint_dir=tmp_path)
