@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -626,21 +627,27 @@ def make_demo_drop(
         raise ValueError(f"n={n}: a drop needs at least one image")
     drop = Path(out) / version
     rows = []
-    with atomic_dir(drop) as tmp:
+    # Writing (and fsyncing) happens in threads so that disk waits overlap with drawing.
+    with atomic_dir(drop) as tmp, ThreadPoolExecutor(max_workers=4) as writer:
         (tmp / "images").mkdir()
+        writes = []
         for i in range(n):
             rng = _image_rng(seed, version, "labelled", i)
             positive = bool(rng.random() < positive_rate)
             scene = draw_scene(rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate))
             name = f"images/{i:06d}.jpg"
-            _write_file(tmp / name, _jpeg_bytes(scene.image, rng))
+            writes.append(writer.submit(_write_file, tmp / name, _jpeg_bytes(scene.image, rng)))
             rows.append({"file": name, "label": scene.label, **scene.metadata})
         if n_unlabelled:
             (tmp / "unlabelled").mkdir()
             for i in range(n_unlabelled):
                 rng = _image_rng(seed, version, "unlabelled", i)
                 scene = draw_scene(rng, positive=bool(rng.random() < positive_rate), hard_negative=True)
-                _write_file(tmp / f"unlabelled/{i:06d}.jpg", _jpeg_bytes(scene.image, rng))
+                writes.append(
+                    writer.submit(_write_file, tmp / f"unlabelled/{i:06d}.jpg", _jpeg_bytes(scene.image, rng))
+                )
+        for done in writes:
+            done.result()  # re-raises a failed write (disk full, permissions) before _READY exists
         table = pd.DataFrame(rows, columns=["file", "label", "time_of_day", "weather", "scene"])
         atomic_write_text(tmp / "labels.csv", table.to_csv(index=False))
         atomic_write_text(tmp / "_READY", f"{version}\n")
