@@ -1,0 +1,106 @@
+"""`roadwork predict --bundle DIR [IMAGES...]`: one JSON line per image.
+
+With image arguments each is a file path (or `<parquet>#row=<n>`) and is named by its argument.
+Without, stdin carries one base64-encoded JPEG per line (the way the network's synapse carries
+images), named `stdin:<n>` (n counts from 0, blank lines skipped). A line per image:
+    {"image": name, "p_roadwork": ..., "decision": ..., "logit": ..., "p_raw": ..., <features>}
+or, for an image that cannot be read or decoded, {"image": name, "error": "..."}; the others are
+still predicted and the exit code is 1 at the end. A bundle that fails its checks exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TextIO
+
+from roadwork_core.bundle.bundle import Bundle, BundleError, ImageInput
+
+__all__ = ["add_predict_arguments", "predict_command", "run_predict"]
+
+EXIT_OK, EXIT_BAD_IMAGE, EXIT_BAD_BUNDLE = 0, 1, 2
+
+
+def _stdin_items(stdin: TextIO) -> Iterator[tuple[str, ImageInput | Exception]]:
+    """Lines of base64 -> (name, bytes), or (name, ValueError) for a line that is not base64."""
+    n = 0
+    for line in stdin:
+        text = line.strip()
+        if not text:
+            continue
+        name = f"stdin:{n}"
+        n += 1
+        try:
+            yield name, base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as err:
+            yield name, ValueError(f"{name}: invalid base64 ({err}); send one base64-encoded JPEG per line")
+
+
+def _line(name: str, result: object) -> str:
+    if isinstance(result, Exception):
+        return json.dumps({"image": name, "error": str(result) or type(result).__name__})
+    return json.dumps({"image": name, **result.to_dict()})
+
+
+def predict_command(
+    bundle_dir: str,
+    images: list[str],
+    stdin: TextIO | None,
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+    bundle: Bundle | None = None,
+) -> Iterator[str]:
+    """JSON lines, one per image, in input order (see the module doc). `bundle` skips re-loading."""
+    bundle = bundle if bundle is not None else Bundle.load(bundle_dir, device=device)
+    items: Iterable[tuple[str, ImageInput | Exception]]
+    if images:
+        items = ((path, path) for path in images)
+    elif stdin is not None:
+        items = _stdin_items(stdin)
+    else:
+        raise ValueError("roadwork predict: give image paths, or base64 JPEG lines on stdin")
+    for name, result in bundle.iter_predict(items, batch_size=batch_size):
+        yield _line(name, result)
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--bundle", required=True, help="bundle directory written by the bundle asset")
+    parser.add_argument(
+        "images", nargs="*", help="image files; none: read base64 JPEGs from stdin, one per line"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model forward (default 16)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
+    return parser
+
+
+def run_predict(args: argparse.Namespace, stdout: TextIO | None = None, stdin: TextIO | None = None) -> int:
+    """Print the JSON lines; exit code 0, 1 if any image failed, 2 if the bundle was refused."""
+    out = stdout if stdout is not None else sys.stdout
+    try:
+        bundle = Bundle.load(args.bundle, device=args.device)
+    except (BundleError, OSError) as err:
+        print(f"roadwork predict: cannot use bundle {args.bundle}: {err}", file=sys.stderr)
+        return EXIT_BAD_BUNDLE
+    source = None if args.images else (stdin if stdin is not None else sys.stdin)
+    code = EXIT_OK
+    for line in predict_command(
+        args.bundle, list(args.images), source, batch_size=args.batch_size, bundle=bundle
+    ):
+        if '"error"' in line and "error" in json.loads(line):
+            code = EXIT_BAD_IMAGE
+        print(line, file=out, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_predict_arguments(argparse.ArgumentParser(prog="roadwork predict", description=__doc__))
+    return run_predict(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""Bundle: classifier directory format, export -> load -> predict, integrity checks, predict CLI."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from roadwork_core.bundle import (
+    BUNDLE_FILES,
+    BUNDLE_SCHEMA_VERSION,
+    Bundle,
+    BundleError,
+    BundleIntegrityError,
+    export_bundle,
+)
+from roadwork_core.bundle.bundle import manifest_digest
+from roadwork_core.bundle.predict_cli import add_predict_arguments, predict_command, run_predict
+from roadwork_core.calibration import fit_calibrator, fit_gate_policy, fit_threshold_policy
+from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
+from roadwork_core.data.images import decode_image
+from roadwork_core.data.loading import pil_to_canvas
+from roadwork_core.models.backbone import BackboneConfig
+from roadwork_core.models.classifier import build_classifier
+from roadwork_core.models.predict import uncertainty_features
+from roadwork_core.models.serialization import load_classifier, save_classifier
+
+
+def _jpeg_bytes(seed: int, size: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _synthetic_features(rng: np.random.Generator, n: int) -> tuple[np.ndarray, dict, np.ndarray]:
+    labels = rng.integers(0, 2, n)
+    p = np.clip(rng.beta(2, 2, n) * 0.5 + 0.5 * labels * rng.uniform(0.3, 1.0, n), 0.0, 1.0)
+    feats = {name: rng.uniform(0, 1, n) for name in UNCERTAINTY_FEATURES}
+    return p, feats, labels
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.manual_seed(0)
+    model = build_classifier(BackboneConfig(name="vit_test_tiny")).eval()
+    root = tmp_path_factory.mktemp("bundle")
+    classifier_dir = root / "classifier"
+    save_classifier(classifier_dir, model, extra={"epochs": 1})
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, 400)
+    labels = (rng.uniform(size=400) < 1 / (1 + np.exp(-logits / 2))).astype(int)
+    calibrator, _ = fit_calibrator(logits, labels, methods=("temperature",))
+    sp, sf, sy = _synthetic_features(rng, 300)
+    cp, cf, cy = _synthetic_features(rng, 300)
+    policy = fit_gate_policy(sp, sf, sy, cp, cf, cy, target_fnr=0.2)
+    bundle_dir = export_bundle(
+        root / "release",
+        classifier_dir=classifier_dir,
+        calibrator=calibrator,
+        policy=policy,
+        dataset_version="v0001",
+        upstream_versions={"image_manifest": "abc123", "splits": "def456"},
+        metrics_summary={"val_calib": {"coverage": 0.9, "fnr": 0.02, "ece": float("nan")}},
+        code_version=None,
+    )
+    images = root / "images"
+    images.mkdir()
+    paths = []
+    for i, size in enumerate([(224, 224), (320, 180), (100, 150), (224, 224), (64, 64)]):
+        path = images / f"img{i}.jpg"
+        path.write_bytes(_jpeg_bytes(i, size))
+        paths.append(path)
+    return dict(
+        model=model, classifier_dir=classifier_dir, calibrator=calibrator, policy=policy,
+        bundle_dir=bundle_dir, paths=paths, root=root,
+    )  # fmt: skip
+
+
+def _copy(parts: dict, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(parts["bundle_dir"], tmp_path / "bundle"))
+
+
+def _direct(parts: dict, images: list[bytes]) -> dict[str, np.ndarray]:
+    """Model + calibrator + policy computed by hand, without the bundle."""
+    model = parts["model"]
+    canvas = torch.stack(
+        [pil_to_canvas(decode_image(b, source="t"), model.canvas_size) for b in images]
+    )  # (B, 3, C, C) uint8
+    with torch.no_grad():
+        out = model(canvas.float() / 255.0)
+    view_probs = out["view_logits"].sigmoid()
+    feats = {
+        k: v.double().numpy() for k, v in uncertainty_features(out["prob"], view_probs, model.mv).items()
+    }
+    logit = out["logit"].double().numpy()
+    p = parts["calibrator"].transform(logit)
+    return {"logit": logit, "p": p, "decision": parts["policy"].decide(p, feats), **feats}
+
+
+# ---------------------------------------------------------------------------------------------------
+# classifier directory format
+
+
+def test_save_load_classifier_reproduces_outputs(parts: dict) -> None:
+    model, loaded = parts["model"], load_classifier(parts["classifier_dir"])
+    assert not loaded.training, "load_classifier must return the model in eval mode"
+    canvas = torch.rand(2, 3, model.canvas_size, model.canvas_size)
+    with torch.no_grad():
+        a, b = model(canvas), loaded(canvas)
+    torch.testing.assert_close(
+        a["view_logits"], b["view_logits"], rtol=0, atol=0, msg="weights differ after reload"
+    )
+    config = json.loads((parts["classifier_dir"] / "config.json").read_text())
+    assert config["extra"] == {"epochs": 1}, "extra metadata must be stored under 'extra'"
+
+
+def test_load_classifier_rejects_weights_of_another_architecture(parts: dict, tmp_path: Path) -> None:
+    other = build_classifier(BackboneConfig(name="vit_test_tiny", model_kwargs={"embed_dim": 24}))
+    save_classifier(tmp_path / "other", other)
+    target = Path(shutil.copytree(parts["classifier_dir"], tmp_path / "mixed"))
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", target / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_classifier(target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# export -> load -> predict
+
+
+def test_bundle_layout_and_manifest(parts: dict) -> None:
+    bundle_dir = parts["bundle_dir"]
+    names = sorted(p.name for p in bundle_dir.iterdir())
+    assert names == sorted([*BUNDLE_FILES, "manifest.json"]), f"unexpected bundle files {names}"
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["schema_version"] == BUNDLE_SCHEMA_VERSION
+    assert manifest["dataset_version"] == "v0001"
+    assert manifest["upstream_versions"] == {"image_manifest": "abc123", "splits": "def456"}
+    assert manifest["policy"] == "gate"
+    assert manifest["code_version"]["roadwork"], "code version must name the roadwork version"
+    assert manifest["metrics_summary"]["val_calib"]["ece"] is None, "NaN metrics must be written as null"
+    assert set(manifest["files"]) == set(BUNDLE_FILES)
+    for name, entry in manifest["files"].items():
+        assert entry["size"] == (bundle_dir / name).stat().st_size, f"size of {name} not recorded correctly"
+    config = json.loads((bundle_dir / "config.json").read_text())
+    assert config["preprocessing"]["canvas_size"] == parts["model"].canvas_size
+    assert config["classifier"]["backbone"]["weights_file"] is None, "no local weight paths in a bundle"
+
+
+def test_predict_reproduces_model_calibrator_policy(parts: dict) -> None:
+    bundle = Bundle.load(parts["bundle_dir"])
+    raw = [p.read_bytes() for p in parts["paths"]]
+    expected = _direct(parts, raw)
+    for inputs in (parts["paths"], raw, [decode_image(b, source="t") for b in raw]):
+        preds = bundle.predict(inputs, batch_size=2)  # batches of 2, 2, 1
+        assert len(preds) == len(raw)
+        np.testing.assert_allclose([p.logit for p in preds], expected["logit"], atol=1e-4, err_msg="logit")
+        np.testing.assert_allclose(
+            [p.p_roadwork for p in preds], expected["p"], atol=1e-4, err_msg="p_roadwork"
+        )
+        assert [p.decision for p in preds] == list(expected["decision"]), "policy decisions differ"
+        for name in UNCERTAINTY_FEATURES:
+            np.testing.assert_allclose(
+                [p.features[name] for p in preds], expected[name], atol=1e-4, err_msg=name
+            )
+        assert all(p.decision in ("roadwork", "no_roadwork", "defer") for p in preds)
+
+
+def test_predict_raises_naming_the_bad_image(parts: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_bytes(b"this is text, not a JPEG")
+    bundle = Bundle.load(parts["bundle_dir"])
+    with pytest.raises(ValueError, match="not_an_image.jpg"):
+        bundle.predict([parts["paths"][0], bad])
+
+
+def test_export_refuses_more_than_one_policy_and_secrets(parts: dict, tmp_path: Path) -> None:
+    policy = fit_threshold_policy(np.linspace(0, 1, 50), (np.arange(50) >= 25).astype(int))
+    common = dict(
+        classifier_dir=parts["classifier_dir"], calibrator=parts["calibrator"], dataset_version="v1",
+        upstream_versions={}, code_version="deadbeef",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="exactly one policy"):
+        export_bundle(tmp_path / "b1", policy=[policy, parts["policy"]], metrics_summary={}, **common)
+    with pytest.raises(ValueError, match="credentials"):
+        export_bundle(
+            tmp_path / "b2",
+            policy=policy,
+            metrics_summary={"mlflow": "postgresql://u:hunter2@db/x"},
+            **common,
+        )
+    with pytest.raises(ValueError, match="secret"):
+        export_bundle(tmp_path / "b3", policy=policy, metrics_summary={"db_password": "hunter2"}, **common)
+    assert not (tmp_path / "b2").exists(), "a refused export must leave nothing behind"
+
+
+def test_failed_export_leaves_previous_bundle_intact(parts: dict, tmp_path: Path) -> None:
+    dest = _copy(parts, tmp_path)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    with pytest.raises(TypeError):
+        export_bundle(
+            dest, classifier_dir=parts["classifier_dir"], calibrator=parts["calibrator"], policy=parts["policy"],
+            dataset_version="v2", upstream_versions={}, metrics_summary={"bad": object()}, code_version="x",
+        )  # fmt: skip
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before, "previous bundle was modified"
+    Bundle.load(dest)
+
+
+# ---------------------------------------------------------------------------------------------------
+# integrity
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "policy.json", "config.json", "calibrator.json"])
+def test_modified_file_is_refused_naming_it(parts: dict, tmp_path: Path, name: str) -> None:
+    bundle_dir = _copy(parts, tmp_path)
+    path = bundle_dir / name
+    _flip_byte(path, len(path.read_bytes()) - 10)  # weights: the last tensor's bytes; JSON: near the end
+    with pytest.raises(BundleIntegrityError, match=name) as info:
+        Bundle.load(bundle_dir)
+    expected = json.loads((bundle_dir / "manifest.json").read_text())["files"][name]["sha256"]
+    assert expected in str(info.value), "the error must give the expected hash"
+
+
+def test_modified_manifest_is_refused(parts: dict, tmp_path: Path) -> None:
+    bundle_dir = _copy(parts, tmp_path)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["metrics_summary"]["val_calib"]["fnr"] = 0.0  # a flattering edit
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match="manifest.json"):
+        Bundle.load(bundle_dir)
+    (bundle_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleIntegrityError, match="manifest.json"):
+        Bundle.load(bundle_dir)
+
+
+def test_replaced_policy_with_recomputed_hash_still_needs_matching_manifest(
+    parts: dict, tmp_path: Path
+) -> None:
+    """Swapping policy.json and fixing its listed hash (but not the manifest digest) is caught."""
+    bundle_dir = _copy(parts, tmp_path)
+    policy = fit_threshold_policy(np.linspace(0, 1, 50), (np.arange(50) >= 25).astype(int))
+    (bundle_dir / "policy.json").write_text(policy.model_dump_json())
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    data = (bundle_dir / "policy.json").read_bytes()
+    import hashlib
+
+    manifest["files"]["policy.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match="manifest.json"):
+        Bundle.load(bundle_dir)
+
+
+def test_unlisted_extra_file_is_refused(parts: dict, tmp_path: Path) -> None:
+    bundle_dir = _copy(parts, tmp_path)
+    (bundle_dir / "policy_scrc.json").write_text(parts["policy"].model_dump_json())
+    with pytest.raises(BundleIntegrityError, match="policy_scrc.json"):
+        Bundle.load(bundle_dir)
+
+
+def test_missing_file_is_refused(parts: dict, tmp_path: Path) -> None:
+    bundle_dir = _copy(parts, tmp_path)
+    (bundle_dir / "calibrator.json").unlink()
+    with pytest.raises(BundleIntegrityError, match="calibrator.json"):
+        Bundle.load(bundle_dir)
+
+
+def test_newer_schema_version_gets_upgrade_message(parts: dict, tmp_path: Path) -> None:
+    bundle_dir = _copy(parts, tmp_path)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["schema_version"] = BUNDLE_SCHEMA_VERSION + 1
+    manifest["new_field_from_the_future"] = {"x": 1}
+    manifest["content_sha256"] = manifest_digest(manifest)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"newer roadwork.*Upgrade roadwork"):
+        Bundle.load(bundle_dir)
+    manifest["schema_version"] = 0
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="unknown bundle schema_version 0"):
+        Bundle.load(bundle_dir)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        Bundle.load(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# predict CLI
+
+
+def test_predict_command_on_files_with_one_bad_file(parts: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    paths = [str(parts["paths"][0]), str(bad), str(parts["paths"][1])]
+    lines = [json.loads(line) for line in predict_command(str(parts["bundle_dir"]), paths, None)]
+    assert [d["image"] for d in lines] == paths, "one line per image, in input order"
+    assert "error" in lines[1] and "notes.txt" in lines[1]["error"], f"bad file not named: {lines[1]}"
+    expected = _direct(parts, [parts["paths"][0].read_bytes(), parts["paths"][1].read_bytes()])
+    for line, p, d in zip([lines[0], lines[2]], expected["p"], expected["decision"], strict=True):
+        assert abs(line["p_roadwork"] - p) < 1e-4 and line["decision"] == d, f"wrong prediction {line}"
+        assert set(UNCERTAINTY_FEATURES) <= set(line), "uncertainty features missing from the JSON line"
+
+    args = add_predict_arguments(argparse.ArgumentParser()).parse_args(
+        ["--bundle", str(parts["bundle_dir"]), *paths]
+    )
+    out = io.StringIO()
+    assert run_predict(args, stdout=out) == 1, "a bad image must give a non-zero exit code"
+    assert len(out.getvalue().splitlines()) == 3
+
+
+def test_predict_command_reads_base64_from_stdin(parts: dict) -> None:
+    raw = [p.read_bytes() for p in parts["paths"][:2]]
+    stdin = io.StringIO(
+        base64.b64encode(raw[0]).decode()
+        + "\n"
+        + "@@not base64@@\n\n"
+        + base64.b64encode(raw[1]).decode()
+        + "\n"
+    )
+    lines = [json.loads(line) for line in predict_command(str(parts["bundle_dir"]), [], stdin, batch_size=1)]
+    assert [d["image"] for d in lines] == ["stdin:0", "stdin:1", "stdin:2"]
+    assert "base64" in lines[1]["error"] and "stdin:1" in lines[1]["error"]
+    expected = _direct(parts, raw)
+    assert abs(lines[0]["p_roadwork"] - expected["p"][0]) < 1e-4
+    assert abs(lines[2]["p_roadwork"] - expected["p"][1]) < 1e-4
+
+    args = add_predict_arguments(argparse.ArgumentParser()).parse_args(["--bundle", str(parts["bundle_dir"])])
+    out = io.StringIO()
+    good = io.StringIO(base64.b64encode(raw[0]).decode() + "\n")
+    assert run_predict(args, stdout=out, stdin=good) == 0
+    assert json.loads(out.getvalue())["image"] == "stdin:0"
+
+
+def test_run_predict_refused_bundle_exit_code(parts: dict, tmp_path: Path) -> None:
+    bundle_dir = _copy(parts, tmp_path)
+    _flip_byte(bundle_dir / "model.safetensors", 200)
+    args = add_predict_arguments(argparse.ArgumentParser()).parse_args(
+        ["--bundle", str(bundle_dir), str(parts["paths"][0])]
+    )
+    out = io.StringIO()
+    assert run_predict(args, stdout=out) == 2 and out.getvalue() == "", "a refused bundle predicts nothing"
