@@ -1,0 +1,196 @@
+"""SCRC guarantees by simulation, plus the edge cases of the CRC / LTT thresholds.
+
+Scores come from a known distribution: p ~ Beta(4, 2) for roadwork, Beta(2, 4) for no_roadwork
+(prevalence 1/2), confidence = max_prob = max(p, 1 - p). For a fitted (lambda1, lambda2) the TRUE
+FNR among accepted roadwork images is computed exactly from the Beta CDF, so each draw costs one fit
+and no test sampling; one test checks that formula against a large sampled test set.
+
+Tolerances: CRC promises E[FNR] <= alpha, checked as mean over draws <= alpha + 3 standard errors.
+LTT promises P(FNR > alpha) <= delta, checked as violation fraction <= delta + 3 binomial standard
+errors sqrt(delta (1 - delta) / draws).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from roadwork_core.calibration.scrc import (
+    crc_threshold,
+    fit_scrc_policy,
+    ltt_pvalues,
+    ltt_threshold,
+    selection_threshold,
+)
+
+POS_BETA, NEG_BETA = (4.0, 2.0), (2.0, 4.0)
+DRAWS = 400
+
+
+def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    labels = (rng.random(n) < 0.5).astype(np.int64)
+    p = np.where(labels == 1, rng.beta(*POS_BETA, n), rng.beta(*NEG_BETA, n))
+    return p, np.maximum(p, 1.0 - p), labels
+
+
+def true_accepted_fnr(lambda1: float, lambda2: float) -> float:
+    """P(p < lambda2 | roadwork, max(p, 1-p) >= lambda1) under Beta(4, 2)."""
+    cdf = beta(*POS_BETA).cdf
+    if lambda1 <= 0.5:  # everything accepted
+        return float(cdf(lambda2))
+    accepted = cdf(1.0 - lambda1) + 1.0 - cdf(lambda1)  # p <= 1 - lambda1 or p >= lambda1
+    missed = cdf(min(lambda2, 1.0 - lambda1)) + max(0.0, cdf(lambda2) - cdf(lambda1))
+    return float(missed / accepted)
+
+
+def simulate(
+    mode: str, alpha: float, n: int, target_coverage: float, seed: int, **kw
+) -> tuple[np.ndarray, float]:
+    rng = np.random.default_rng(seed)
+    risks, n_pos = np.empty(DRAWS), np.empty(DRAWS)
+    for i in range(DRAWS):
+        p, conf, labels = draw(rng, n)
+        policy = fit_scrc_policy(
+            p, conf, labels, alpha=alpha, mode=mode, target_coverage=target_coverage, **kw
+        )
+        risks[i] = true_accepted_fnr(policy.lambda1, policy.lambda2)
+        n_pos[i] = policy.n_pos_accepted
+    return risks, float(n_pos.mean())
+
+
+def test_true_fnr_formula_matches_a_sampled_test_set():
+    rng = np.random.default_rng(0)
+    policy = fit_scrc_policy(*draw(rng, 300), alpha=0.1, target_coverage=0.7)
+    p, conf, labels = draw(rng, 400_000)
+    d = policy.decide(p, {"max_prob": conf})
+    accepted_pos = (d != "defer") & (labels == 1)
+    sampled = (d[accepted_pos] == "no_roadwork").mean()
+    exact = true_accepted_fnr(policy.lambda1, policy.lambda2)
+    assert abs(sampled - exact) < 0.005, f"exact FNR {exact} disagrees with the sampled {sampled}"
+
+
+@pytest.mark.parametrize(("alpha", "n", "target_coverage"), [(0.1, 300, 0.8), (0.2, 150, 0.6)])
+def test_crc_holds_in_expectation(alpha, n, target_coverage):
+    risks, mean_n_pos = simulate("crc", alpha, n, target_coverage, seed=1)
+    se = risks.std(ddof=1) / math.sqrt(DRAWS)
+    assert risks.mean() <= alpha + 3 * se, (
+        f"CRC: mean FNR {risks.mean():.4f} > alpha {alpha} + 3 SE {3 * se:.4f}"
+    )
+    # CRC is also tight: E[FNR] >= alpha - 2/(n+ + 1) for continuous scores; not a vacuous rule.
+    floor = alpha - 2.0 / (mean_n_pos + 1.0) - 3 * se
+    assert risks.mean() >= floor, f"CRC is needlessly conservative: mean FNR {risks.mean():.4f} < {floor:.4f}"
+
+
+@pytest.mark.parametrize("bound", ["binomial", "hoeffding_bentkus"])
+def test_ltt_holds_with_probability_one_minus_delta(bound):
+    alpha, delta = 0.1, 0.1
+    risks, _ = simulate("ltt", alpha, 300, 0.8, seed=2, delta=delta, bound=bound)
+    violated = (risks > alpha).mean()
+    tol = 3 * math.sqrt(delta * (1 - delta) / DRAWS)
+    assert violated <= delta + tol, (
+        f"LTT ({bound}): FNR > alpha in {violated:.3f} of draws, > delta + {tol:.3f}"
+    )
+    assert np.median(risks) > alpha / 4, f"LTT ({bound}) is vacuous: median FNR {np.median(risks):.4f}"
+
+
+# -------------------------------------------------------------------------------------------------
+# Edge cases
+
+
+def test_k_zero_flags_every_accepted_image_roadwork():
+    # 5 roadwork images, alpha = 0.1: k = floor(0.1 * 6) = 0 -> no threshold qualifies.
+    p = np.array([0.9, 0.2, 0.55, 0.3, 0.8, 0.1, 0.05, 0.4])
+    labels = np.array([1, 1, 1, 1, 1, 0, 0, 0])
+    policy = fit_scrc_policy(p, np.maximum(p, 1 - p), labels, alpha=0.1, target_coverage=1.0)
+    assert policy.k == 0 and policy.lambda2 == 0.0, (
+        f"k = 0 must flag everything: k={policy.k} l2={policy.lambda2}"
+    )
+    d = policy.decide(p, {"max_prob": np.maximum(p, 1 - p)})
+    assert (d == "roadwork").all(), f"every accepted image must be roadwork when k = 0: {d}"
+    assert policy.calib_fnr_accepted == 0.0
+    ltt = fit_scrc_policy(p, np.maximum(p, 1 - p), labels, alpha=0.1, mode="ltt", target_coverage=1.0)
+    assert ltt.lambda2 == 0.0, "LTT with 5 positives cannot certify any threshold: flag everything"
+
+
+def test_crc_rank_is_never_clamped():
+    s = np.linspace(0.05, 0.95, 19)  # n+ = 19
+    assert crc_threshold(s, 0.1) == (s[1], 2), "k = floor(0.1 * 20) = 2 -> second smallest score"
+    assert crc_threshold(s, 0.96) == (s[18], 19), "k = floor(0.96 * 20) = 19 = n+: the largest score"
+    assert crc_threshold(s, 0.04) == (0.0, 0), "k = floor(0.04 * 20) = 0: flag everything"
+    assert crc_threshold(np.array([]), 0.5) == (0.0, 0), "no accepted positives: flag everything"
+
+
+def test_crc_with_tied_scores_is_the_sup_of_the_crc_condition():
+    rng = np.random.default_rng(5)
+    for alpha in (0.05, 0.1, 0.2, 0.3):
+        for _ in range(50):
+            n_pos = int(rng.integers(1, 40))
+            s = rng.integers(0, 6, n_pos) / 5.0  # heavy ties on {0, .2, ..., 1}
+            lam, k = crc_threshold(s, alpha)
+            # brute force: largest candidate lambda with (#{s < lambda} + 1) / (n+ + 1) <= alpha
+            cand = np.concatenate([[0.0], np.unique(s)])
+            ok = [(s < c).sum() + 1 <= alpha * (n_pos + 1) for c in cand]
+            expected = cand[np.flatnonzero(ok)].max() if any(ok) else 0.0
+            assert lam == expected, f"alpha={alpha} s={s}: lambda2 {lam} != brute-force {expected}"
+            assert (s < lam).mean() <= alpha, f"empirical FNR above alpha with ties: s={s} lambda2={lam}"
+            assert k == math.floor(alpha * (n_pos + 1)), f"k must be floor(alpha (n+ + 1)), got {k}"
+
+
+def test_tied_score_at_lambda2_is_roadwork():
+    p = np.array([0.3, 0.3, 0.3, 0.3, 0.6, 0.7, 0.8, 0.9, 0.95, 0.1])
+    labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0])
+    policy = fit_scrc_policy(p, np.ones_like(p), labels, alpha=0.3, target_coverage=1.0)  # k = floor(3) = 3
+    assert (policy.k, policy.lambda2) == (3, 0.3), policy
+    d = policy.decide(p, {"max_prob": np.ones_like(p)})
+    assert (d[:4] == "roadwork").all(), f"scores tied at lambda2 must be roadwork (p >= lambda2): {d}"
+
+
+def test_ltt_fixed_sequence_and_pvalues():
+    rng = np.random.default_rng(7)
+    s = rng.beta(*POS_BETA, 200)
+    lam = ltt_threshold(s, 0.1, 0.1, "binomial", 1000)
+    grid = np.linspace(0, 1, 1001)
+    pv = ltt_pvalues(np.searchsorted(np.sort(s), grid, side="left"), s.size, 0.1, "binomial")
+    j = int(np.argmin(pv <= 0.1))
+    assert lam == grid[j - 1] and (pv[:j] <= 0.1).all(), "lambda2 must be the last of the rejected prefix"
+    assert (s < lam).mean() < 0.1, "the certified threshold has empirical FNR below alpha"
+    hb = ltt_pvalues(np.array([0, 10, 20, 40]), 200, 0.1, "hoeffding_bentkus")
+    assert np.all(np.diff(hb) >= 0) and hb[0] < 1e-6 and hb[-1] == 1.0, (
+        f"HB p-values: 0 errors -> ~0, 20% -> 1: {hb}"
+    )
+
+
+def test_selection_is_symmetric_label_free_and_hits_the_coverage():
+    rng = np.random.default_rng(8)
+    p, conf, labels = draw(rng, 500)
+    a = fit_scrc_policy(p, conf, labels, target_coverage=0.85)
+    perm = rng.permutation(500)
+    b = fit_scrc_policy(p[perm], conf[perm], labels[perm], target_coverage=0.85)
+    assert (a.lambda1, a.lambda2) == (b.lambda1, b.lambda2), "thresholds must not depend on row order"
+    assert selection_threshold(conf, 0.85) == a.lambda1, "lambda1 must ignore labels"
+    assert a.n_accepted == math.ceil(0.85 * 500), (
+        f"accepted {a.n_accepted}, expected ceil(0.85 n) with no ties"
+    )
+    lower = fit_scrc_policy(p, -conf, labels, target_coverage=0.85, confidence_feature="entropy")
+    assert lower.n_accepted == a.n_accepted and not lower.higher_is_confident, (
+        "entropy: lower = more confident"
+    )
+
+
+def test_json_states_the_guarantee_precisely():
+    rng = np.random.default_rng(9)
+    p, conf, labels = draw(rng, 300)
+    crc = fit_scrc_policy(p, conf, labels, alpha=0.05, mode="crc")
+    ltt = fit_scrc_policy(p, conf, labels, alpha=0.05, delta=0.2, mode="ltt", bound="hoeffding_bentkus")
+    assert "ACCEPTED" in crc.guarantee and "E[FNR] <= 0.05" in crc.guarantee, crc.guarantee
+    assert "P(FNR <= 0.05) >= 0.8" in ltt.guarantee and "hoeffding_bentkus" in ltt.guarantee, ltt.guarantee
+    assert (crc.delta, crc.bound, ltt.delta, ltt.bound) == (None, None, 0.2, "hoeffding_bentkus")
+    for pol in (crc, ltt):
+        assert pol.n == 300 and pol.n_pos_accepted > 0 and pol.confidence_feature == "max_prob", pol
+    with pytest.raises(ValueError, match="alpha"):
+        fit_scrc_policy(p, conf, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        fit_scrc_policy(p, conf, labels, mode="split")
