@@ -162,8 +162,8 @@ def _fit_beta(z: np.ndarray, y: np.ndarray) -> Calibrator:
         return _bce_with_logits(u, y), np.array([np.mean(r * log_p), -np.mean(r * log_1mp), np.mean(r)])
 
     # Start at the identity map (a = b = 1, c = 0); a, b >= 0 keeps the map monotone.
-    res = minimize(loss_and_grad, x0=np.array([1.0, 1.0, 0.0]), jac=True, method="L-BFGS-B",
-                   bounds=[(0.0, None), (0.0, None), (None, None)])  # fmt: skip
+    bounds = [(0.0, None), (0.0, None), (None, None)]
+    res = minimize(loss_and_grad, x0=np.array([1.0, 1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=bounds)
     a, b, c = (float(v) for v in res.x)
     return Calibrator(method="beta", params={"a": a, "b": b, "c": c})
 
