@@ -39,13 +39,18 @@ _TINY = dict(patch_size=8, embed_dim=48, depth=2, num_heads=3, img_size=32)
 # DINOv3's layer scale starts at 1e-5, which makes a random-init 2-block model an (almost) constant
 # function of its input; the tiny variant starts it at 1.0 so tests see input-dependent outputs.
 _TINY_DINOV3 = dict(_TINY, init_values=1.0)
+_DINOV2 = dict(img_size=224)
 
 # preset name -> timm model name, default pooling, extra model kwargs, pretrained_cfg overlay.
 PRESETS: dict[str, dict[str, Any]] = {
-    "dinov2_small": dict(timm_name="vit_small_patch14_dinov2", pooling="token"),
-    "dinov2_small_reg4": dict(timm_name="vit_small_patch14_reg4_dinov2", pooling="token"),
-    "dinov2_base": dict(timm_name="vit_base_patch14_dinov2", pooling="token"),
-    "dinov2_base_reg4": dict(timm_name="vit_base_patch14_reg4_dinov2", pooling="token"),
+    # timm's DINOv2 default input is 518 px; the presets use 224 (the network's image size, 16x16
+    # patches), timm resamples the position embedding when it loads the 518 weights.
+    "dinov2_small": dict(timm_name="vit_small_patch14_dinov2", pooling="token", model_kwargs=_DINOV2),
+    "dinov2_small_reg4": dict(
+        timm_name="vit_small_patch14_reg4_dinov2", pooling="token", model_kwargs=_DINOV2
+    ),
+    "dinov2_base": dict(timm_name="vit_base_patch14_dinov2", pooling="token", model_kwargs=_DINOV2),
+    "dinov2_base_reg4": dict(timm_name="vit_base_patch14_reg4_dinov2", pooling="token", model_kwargs=_DINOV2),
     # DINOv3 uses CLS-token pooling upstream; timm's Eva defaults to "avg", so the preset says "token".
     "dinov3_small": dict(timm_name="vit_small_patch16_dinov3", pooling="token"),
     "dinov3_small_qkvb": dict(timm_name="vit_small_patch16_dinov3_qkvb", pooling="token"),

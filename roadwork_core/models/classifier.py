@@ -85,13 +85,15 @@ def build_classifier(
 ) -> RoadworkClassifier:
     """Backbone from `backbone_cfg` + multi-view + head. kw: aggregator, topk, dropout, mean, std.
 
-    With `mv_cfg=None` the views are the backbone's input size. A given `mv_cfg` must match a
-    fixed-size backbone.
+    The view size defaults to the backbone's input size (`mv_cfg=None` or `mv_cfg.view_size=None`);
+    an explicit view size must match a fixed-size backbone.
     """
     backbone = create_backbone(backbone_cfg)
     input_size = backbone_data_config(backbone)["input_size"][-1]
     if mv_cfg is None:
         mv_cfg = MultiViewConfig(view_size=input_size)
+    elif mv_cfg.view_size is None:
+        mv_cfg = dataclasses.replace(mv_cfg, view_size=input_size)
     elif mv_cfg.view_size != input_size and not getattr(backbone, "dynamic_img_size", False):
         raise ValueError(
             f"MultiViewConfig.view_size={mv_cfg.view_size} but backbone {backbone_cfg.name!r} takes fixed "

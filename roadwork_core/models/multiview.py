@@ -21,7 +21,9 @@ __all__ = ["MultiViewConfig", "extract_views", "num_views", "resolve_canvas_size
 
 @dataclass
 class MultiViewConfig:
-    view_size: int = 224  # side of each square view fed to the backbone (normally its input size)
+    view_size: int | None = (
+        None  # side of each square view; None -> the backbone's input size (build_classifier)
+    )
     grid: int = 3  # grid x grid tiles
     overlap: float = 0.15  # fraction of a tile shared with its neighbour
     include_global: bool = True  # prepend the whole image resized to view_size
@@ -33,8 +35,17 @@ class MultiViewConfig:
             raise ValueError(f"MultiViewConfig.grid must be >= 1, got {self.grid}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"MultiViewConfig.overlap must be in [0, 1), got {self.overlap}")
-        if self.view_size < 1:
+        if self.view_size is not None and self.view_size < 1:
             raise ValueError(f"MultiViewConfig.view_size must be >= 1, got {self.view_size}")
+
+
+def _view_size(cfg: MultiViewConfig) -> int:
+    if cfg.view_size is None:
+        raise ValueError(
+            "MultiViewConfig.view_size is None (= the backbone's input size): build the model with "
+            "build_classifier, which fills it in, or set view_size explicitly"
+        )
+    return cfg.view_size
 
 
 def num_views(cfg: MultiViewConfig) -> int:
@@ -49,7 +60,8 @@ def resolve_canvas_size(cfg: MultiViewConfig) -> int:
     """
     if cfg.canvas_size is not None:
         return int(cfg.canvas_size)
-    return cfg.view_size + (cfg.grid - 1) * round(cfg.view_size * (1.0 - cfg.overlap))
+    view_size = _view_size(cfg)
+    return view_size + (cfg.grid - 1) * round(view_size * (1.0 - cfg.overlap))
 
 
 def _tile_starts(canvas: int, grid: int, overlap: float) -> tuple[list[int], int]:
@@ -93,7 +105,7 @@ def extract_views(canvas: torch.Tensor, cfg: MultiViewConfig) -> torch.Tensor:
     B, ch, H, W = canvas.shape
     if H != W:
         raise ValueError(f"extract_views expects a square canvas, got {H}x{W}; resize with load_canvas first")
-    S, g = cfg.view_size, cfg.grid
+    S, g = _view_size(cfg), cfg.grid
     starts, tile = _tile_starts(H, g, cfg.overlap)
     offsets = torch.arange(tile, device=canvas.device)
     idx = torch.tensor(starts, device=canvas.device)[:, None] + offsets  # (g, tile)

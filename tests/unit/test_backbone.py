@@ -139,3 +139,17 @@ def test_state_dict_sha256_is_stable_and_weight_sensitive() -> None:
     assert state_dict_sha256(model) != digest, "a changed weight must change the hash"
     bf16 = {k: v.to(torch.bfloat16) for k, v in state.items() if v.is_floating_point()}
     assert len(state_dict_sha256(bf16)) == 64, "bf16 tensors must hash too"
+
+
+def test_dinov2_preset_loads_518px_weights_at_224(tmp_path) -> None:
+    """Real DINOv2 files are 518 px; the preset runs at 224 and timm resamples the position embedding."""
+    source = create_backbone(BackboneConfig(name="vit_small_patch14_dinov2", model_kwargs={"depth": 1}))
+    assert backbone_data_config(source)["input_size"] == (3, 518, 518)
+    path = tmp_path / "dinov2.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = create_backbone(
+        BackboneConfig(name="dinov2_small", weights_file=str(path), model_kwargs={"depth": 1})
+    )
+    assert backbone_data_config(model)["input_size"] == (3, 224, 224)
+    assert model.pos_embed.shape[1] == 1 + 16 * 16, "position embedding not resampled to 16x16 patches"
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)

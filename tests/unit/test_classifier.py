@@ -227,3 +227,11 @@ def test_predict_frame_requires_its_columns() -> None:
     model = build_classifier(BackboneConfig(name="vit_test_tiny"))
     with pytest.raises(ValueError, match=r"lack column\(s\) \['uri'\]"):
         predict_frame(model, pd.DataFrame({"image_id": [], "label": [], "split": []}))
+
+
+def test_view_size_none_means_the_backbone_input_size() -> None:
+    model = build_classifier(BackboneConfig(name="vit_test_tiny"), MultiViewConfig(grid=2, overlap=0.25))
+    assert model.mv.view_size == 32 and model.mv.grid == 2 and model.mv.overlap == 0.25
+    assert model(torch.rand(1, 3, model.canvas_size, model.canvas_size))["view_logits"].shape == (1, 5)
+    with pytest.raises(ValueError, match="view_size is None"):
+        extract_views(torch.rand(1, 3, 64, 64), MultiViewConfig())
