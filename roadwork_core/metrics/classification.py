@@ -112,19 +112,29 @@ def classification_metrics(p: np.ndarray, labels: np.ndarray, threshold: float =
 
     out["positive_rate"] = n_pos / n
     with _torch_single_thread():
-        out["accuracy"] = float(tmf.binary_accuracy(preds, target, threshold=threshold))
+        out["accuracy"] = float(tmf.binary_accuracy(preds, target, threshold=threshold, validate_args=False))
         # MCC's denominator is zero when the labels hold one class: undefined, not 0
         if both_classes:
-            out["mcc"] = float(tmf.binary_matthews_corrcoef(preds, target, threshold=threshold))
+            out["mcc"] = float(
+                tmf.binary_matthews_corrcoef(preds, target, threshold=threshold, validate_args=False)
+            )
         # F1 is undefined when there is neither a positive label nor a positive prediction
         if n_pos + pred_pos > 0:
-            out["f1"] = float(tmf.binary_f1_score(preds, target, threshold=threshold))
+            out["f1"] = float(tmf.binary_f1_score(preds, target, threshold=threshold, validate_args=False))
         if both_classes:
-            out["auroc"] = float(tmf.binary_auroc(preds, target))
+            out["auroc"] = float(tmf.binary_auroc(preds, target, validate_args=False))
         if n_pos > 0:
-            out["auprc"] = float(tmf.binary_average_precision(preds, target))
-        out["ece"] = float(tmf.binary_calibration_error(preds, target, n_bins=N_CALIBRATION_BINS, norm="l1"))
-        out["mce"] = float(tmf.binary_calibration_error(preds, target, n_bins=N_CALIBRATION_BINS, norm="max"))
+            out["auprc"] = float(tmf.binary_average_precision(preds, target, validate_args=False))
+        out["ece"] = float(
+            tmf.binary_calibration_error(
+                preds, target, n_bins=N_CALIBRATION_BINS, norm="l1", validate_args=False
+            )
+        )
+        out["mce"] = float(
+            tmf.binary_calibration_error(
+                preds, target, n_bins=N_CALIBRATION_BINS, norm="max", validate_args=False
+            )
+        )
     out["brier"] = float(np.mean((p - y) ** 2))
     pc = np.clip(p, _NLL_EPS, 1.0 - _NLL_EPS)
     out["nll"] = float(-np.mean(y * np.log(pc) + (1 - y) * np.log1p(-pc)))
