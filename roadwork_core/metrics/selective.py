@@ -133,7 +133,9 @@ def selective_summary(decisions: np.ndarray, labels: np.ndarray) -> dict[str, fl
 
     FNR = roadwork images decided no_roadwork / all roadwork images (deferred ones count as not
     missed); FPR = no_roadwork images decided roadwork / all no_roadwork images; selective accuracy
-    is over accepted (non-deferred) images. NaN where the denominator is zero.
+    is over accepted (non-deferred) images. `fnr_accepted` = roadwork images decided no_roadwork /
+    accepted roadwork images (what SCRC guarantees). NaN where the denominator is zero.
+    Counts: n_positive, n_positive_accepted, n_false_negative, n_negative, n_false_positive.
     """
     d = check_decisions(decisions)
     y = np.asarray(labels).reshape(-1)
@@ -145,6 +147,7 @@ def selective_summary(decisions: np.ndarray, labels: np.ndarray) -> dict[str, fl
     pos, neg = y == 1, y == 0
     accepted = d != "defer"
     n_pos, n_neg, n_acc = int(pos.sum()), int(neg.sum()), int(accepted.sum())
+    n_pos_acc = int((pos & accepted).sum())
     false_neg = int((pos & (d == "no_roadwork")).sum())
     false_pos = int((neg & (d == "roadwork")).sum())
     correct = int(((d == "roadwork") & pos).sum() + ((d == "no_roadwork") & neg).sum())
@@ -152,8 +155,12 @@ def selective_summary(decisions: np.ndarray, labels: np.ndarray) -> dict[str, fl
         "n": n,
         "coverage": n_acc / n if n else math.nan,
         "fnr": false_neg / n_pos if n_pos else math.nan,
+        "fnr_accepted": false_neg / n_pos_acc if n_pos_acc else math.nan,
         "fpr": false_pos / n_neg if n_neg else math.nan,
         "selective_accuracy": correct / n_acc if n_acc else math.nan,
         "n_positive": n_pos,
+        "n_positive_accepted": n_pos_acc,
         "n_false_negative": false_neg,
+        "n_negative": n_neg,
+        "n_false_positive": false_pos,
     }

@@ -49,6 +49,7 @@ SLICE_COLUMNS: tuple[str, ...] = (
     "reward_proxy",
     "coverage",
     "fnr",
+    "fnr_accepted",
     "fpr",
     "selective_accuracy",
 )

@@ -175,6 +175,7 @@ def test_selective_summary_counts():
     s = selective_summary(decisions, labels)
     assert s["coverage"] == pytest.approx(4 / 6)
     assert s["fnr"] == pytest.approx(1 / 3), "FNR is over ALL roadwork images, deferred ones included"
+    assert s["fnr_accepted"] == pytest.approx(1 / 2), "SCRC's FNR: missed / accepted roadwork images"
     assert s["fpr"] == pytest.approx(1 / 3)
     assert s["selective_accuracy"] == pytest.approx(2 / 4)
     assert s["n"] == 6

@@ -138,6 +138,13 @@ def test_guarantee_check_uses_binomial_tolerance():
     far = check_guarantee(decisions(30), labels, {"alpha": 0.05})
     assert far["passed"] is False and "EXCEEDS" in far["message"]
     assert check_guarantee(decisions(0), labels, None)["passed"] is None
+    # with deferrals the default scope is SCRC's: FN among ACCEPTED roadwork images
+    d = decisions(10)
+    d[10:110] = "defer"  # 100 of the 190 caught positives deferred: 10 FN / 100 accepted positives
+    accepted_scope = check_guarantee(d, labels, {"alpha": 0.05})
+    assert accepted_scope["fnr_scope"] == "accepted" and accepted_scope["realized_fnr"] == pytest.approx(0.10)
+    all_scope = check_guarantee(d, labels, {"alpha": 0.05, "fnr_scope": "all"})
+    assert all_scope["realized_fnr"] == pytest.approx(0.05) and all_scope["passed"] is True
     with_fpr = check_guarantee(decisions(0), labels, {"alpha": 0.05, "alpha_fpr": 0.0})
     assert with_fpr["passed"] is True and set(with_fpr["checks"]) == {"fnr", "fpr"}
 
