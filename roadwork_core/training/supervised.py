@@ -249,10 +249,11 @@ def _evaluate(
             prob = _forward(model, x.to(device), data.head_mode)["prob"].float().cpu()  # (B,)
         mcc.update(prob, label.long())
         acc.update(prob, label.long())
-    return float(mcc.compute()), float(acc.compute())
+    value = float(mcc.compute())
+    return (-1.0 if math.isnan(value) else value), float(acc.compute())  # NaN would never be "best"
 
 
-def _set_train_mode(model: RoadworkClassifier, target: nn.Module, head_mode: bool) -> None:
+def _set_train_mode(model: RoadworkClassifier, head_mode: bool) -> None:
     model.train()
     if head_mode:
         model.backbone.eval()  # frozen: features are fixed; target (head + aggregator) trains
@@ -358,7 +359,7 @@ def train_classifier(
                 )
 
             # train one epoch
-            _set_train_mode(model, target, head_mode)
+            _set_train_mode(model, head_mode)
             loss_sum, n_seen, lr = 0.0, 0, cfg.lr
             for i, (x, label, index) in enumerate(_loader(data, cfg, epoch, train=True)):
                 step = (epoch - 1) * steps_per_epoch + i

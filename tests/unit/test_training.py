@@ -98,14 +98,17 @@ def _killer(model: RoadworkClassifier, kill_epoch: int, after_calls: int):
 @pytest.mark.parametrize("mode", ["full", "head"])
 def test_killed_run_resumes_from_last_finished_epoch_and_matches(rows, tmp_path: Path, mode: str) -> None:
     train, select = rows
-    cfg = _cfg(mode=mode, epochs=3, balanced_sampling=mode == "head")
+    epochs = 3 if mode == "head" else 2  # full mode runs the backbone every step: keep it short on CPU
+    if mode == "full":
+        train, select = train.iloc[:8], select.iloc[:4]
+    cfg = _cfg(mode=mode, epochs=epochs, balanced_sampling=mode == "head")
     cache = tmp_path / "features"
     straight = train_classifier(
         _model(), train, select, cfg, checkpoint_dir=tmp_path / "a", feature_cache_dir=cache
     )
 
     model = _model()
-    on_epoch = _killer(model, kill_epoch=2, after_calls=2)
+    on_epoch = _killer(model, kill_epoch=2, after_calls=1)  # dies in epoch 2, step 2
     with pytest.raises(KeyboardInterrupt):
         train_classifier(model, train, select, cfg, checkpoint_dir=tmp_path / "b", on_epoch=on_epoch)
     assert load_checkpoint(tmp_path / "b").state["epoch"] == 1, (
@@ -116,7 +119,7 @@ def test_killed_run_resumes_from_last_finished_epoch_and_matches(rows, tmp_path:
     assert resumed.resumed_from_epoch == 1, (
         f"expected a resume from epoch 1, got {resumed.resumed_from_epoch}"
     )
-    assert [h["epoch"] for h in resumed.history] == [1, 2, 3], "history must cover every epoch once"
+    assert [h["epoch"] for h in resumed.history] == list(range(1, epochs + 1)), "each epoch once in history"
     for a, b in zip(straight.history, resumed.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), f"epoch {a['epoch']} loss differs"
     assert straight.best_epoch == resumed.best_epoch
@@ -124,7 +127,9 @@ def test_killed_run_resumes_from_last_finished_epoch_and_matches(rows, tmp_path:
         assert torch.allclose(value.float(), resumed.state_dict[key].float(), atol=1e-5), f"{key} differs"
 
     again = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "b")
-    assert again.resumed_from_epoch == 3 and len(again.history) == 3, "a finished run must not train again"
+    assert again.resumed_from_epoch == epochs and len(again.history) == epochs, (
+        "a finished run must not rerun"
+    )
     other = train_classifier(
         _model(), train, select, _cfg(mode=mode, epochs=1, seed=1), checkpoint_dir=tmp_path / "b"
     )
@@ -145,6 +150,7 @@ def test_nan_loss_stops_with_clear_error_before_stepping(rows, tmp_path: Path) -
 
 def test_lora_trains_and_returns_merged_plain_timm_weights(rows, tmp_path: Path) -> None:
     train, select = rows
+    train, select = train.iloc[:8], select.iloc[:4]
     initial = _model().state_dict()
     model = _model()
     result = train_classifier(
