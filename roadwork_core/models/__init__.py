@@ -1,4 +1,7 @@
-"""Model core: timm backbone factory, multi-view extraction, aggregators, the roadwork classifier."""
+"""Model core: timm backbone factory, multi-view extraction, aggregators, the roadwork classifier.
+
+PEFT adapters live in `roadwork_core.models.adapters` (imported on demand: peft is a heavy import).
+"""
 
 from roadwork_core.models.aggregators import AGGREGATORS, create_aggregator
 from roadwork_core.models.backbone import (
@@ -16,6 +19,7 @@ from roadwork_core.models.multiview import (
     resolve_canvas_size,
     tile_boxes,
 )
+from roadwork_core.models.predict import predict_frame, uncertainty_features
 
 __all__ = [
     "AGGREGATORS",
@@ -30,7 +34,9 @@ __all__ = [
     "create_backbone",
     "extract_views",
     "num_views",
+    "predict_frame",
     "resolve_canvas_size",
     "state_dict_sha256",
     "tile_boxes",
+    "uncertainty_features",
 ]
