@@ -106,7 +106,7 @@ def apply_adapters(
         **ADAPTER_KINDS[kind],
     )
     model = get_peft_model(backbone, config)
-    img_size = int(backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    img_size = int(getattr(backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
     _check_adapters_run(model, img_size)
     return model
 
