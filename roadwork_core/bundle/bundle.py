@@ -329,7 +329,7 @@ class Bundle:
     manifest: BundleManifest
     config: dict[str, Any]
     device: torch.device
-    decode_workers: int = 2
+    decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
@@ -447,6 +447,17 @@ class Bundle:
                 raise result
             results.append(result)
         return results
+
+    def max_logit_difference(self, uris: Sequence[str], logits: np.ndarray, batch_size: int = 16) -> float:
+        """Max |bundle logit - recorded logit| over images `uris` (e.g. a calib_predictions sample).
+
+        The bundle asset's reproduction check: a correct bundle gives <= 1e-4 on the same device.
+        """
+        recorded = np.asarray(logits, dtype=np.float64)
+        if recorded.shape != (len(uris),):
+            raise ValueError(f"max_logit_difference: {len(uris)} uris but logits of shape {recorded.shape}")
+        preds = self.predict(list(uris), batch_size=batch_size)
+        return float(np.abs(np.array([p.logit for p in preds]) - recorded).max(initial=0.0))
 
     @staticmethod
     def _name(index: int, image: ImageInput) -> str:

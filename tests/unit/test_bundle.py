@@ -175,6 +175,14 @@ def test_predict_reproduces_model_calibrator_policy(parts: dict) -> None:
         assert all(p.decision in ("roadwork", "no_roadwork", "defer") for p in preds)
 
 
+def test_max_logit_difference_against_recorded_logits(parts: dict) -> None:
+    bundle = Bundle.load(parts["bundle_dir"])
+    uris = [str(p) for p in parts["paths"]]
+    expected = _direct(parts, [p.read_bytes() for p in parts["paths"]])["logit"]
+    assert bundle.max_logit_difference(uris, expected) < 1e-4, "bundle does not reproduce the recorded logits"
+    assert bundle.max_logit_difference(uris, expected + 0.5) > 0.4, "a shifted logit must be reported"
+
+
 def test_predict_raises_naming_the_bad_image(parts: dict, tmp_path: Path) -> None:
     bad = tmp_path / "not_an_image.jpg"
     bad.write_bytes(b"this is text, not a JPEG")
@@ -306,10 +314,12 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 def test_predict_command_on_files_with_one_bad_file(parts: dict, tmp_path: Path) -> None:
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
-    paths = [str(parts["paths"][0]), str(bad), str(parts["paths"][1])]
+    missing = tmp_path / "missing.jpg"
+    paths = [str(parts["paths"][0]), str(bad), str(parts["paths"][1]), str(missing)]
     lines = [json.loads(line) for line in predict_command(str(parts["bundle_dir"]), paths, None)]
     assert [d["image"] for d in lines] == paths, "one line per image, in input order"
     assert "error" in lines[1] and "notes.txt" in lines[1]["error"], f"bad file not named: {lines[1]}"
+    assert "error" in lines[3] and "missing.jpg" in lines[3]["error"], f"missing file not named: {lines[3]}"
     expected = _direct(parts, [parts["paths"][0].read_bytes(), parts["paths"][1].read_bytes()])
     for line, p, d in zip([lines[0], lines[2]], expected["p"], expected["decision"], strict=True):
         assert abs(line["p_roadwork"] - p) < 1e-4 and line["decision"] == d, f"wrong prediction {line}"
@@ -320,7 +330,7 @@ def test_predict_command_on_files_with_one_bad_file(parts: dict, tmp_path: Path)
     )
     out = io.StringIO()
     assert run_predict(args, stdout=out) == 1, "a bad image must give a non-zero exit code"
-    assert len(out.getvalue().splitlines()) == 3
+    assert len(out.getvalue().splitlines()) == 4
 
 
 def test_predict_command_reads_base64_from_stdin(parts: dict) -> None:
