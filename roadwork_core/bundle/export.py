@@ -43,7 +43,10 @@ __all__ = ["current_code_version", "export_bundle"]
 
 # scheme://user:password@host  (or scheme://token@host): credentials embedded in a URI.
 _CREDENTIAL_URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+:[^/\s@]*@")
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
+# A key naming a secret as a whole word: "db_password", "api-key", "token" (not "n_tokens").
+_SECRET_KEY = re.compile(
+    r"(^|[_.-])(password|passwd|secret|token|api[_-]?key|credentials?)($|[_.-])", re.IGNORECASE
+)
 
 
 def current_code_version() -> dict[str, str | None]:
