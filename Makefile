@@ -32,7 +32,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 home: $(DAGSTER_HOME)/dagster.yaml
 
 demo: $(STAMP) home
-	$(PY) -m roadwork_core.cli demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+	$(PY) -m roadwork_assets.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -1,6 +1,5 @@
 """Small helpers shared by the asset modules (orchestration only, no ML logic)."""
 
-
 import json
 from typing import Any
 

@@ -2,7 +2,6 @@
 MLflow run closer. Sensors and the schedule are off by default; turn them on in the UI
 (Automation tab) or with `dagster sensor start new_drop_sensor`."""
 
-
 import hashlib
 import json
 import os

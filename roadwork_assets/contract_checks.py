@@ -1,7 +1,6 @@
 """Audit of the split contract: every asset that reads splits records `splits_read`; these checks
 compare what it read with SPLIT_CONTRACT, one blocking check per consuming asset."""
 
-
 import dagster as dg
 
 from roadwork_assets._util import latest_materialization_metadata

@@ -1,6 +1,5 @@
 """Data stage: image_manifest -> splits, with the split contracts as blocking checks."""
 
-
 import dagster as dg
 import pandas as pd
 from pydantic import Field

@@ -5,7 +5,6 @@ multiprocess executor would pay it again in every step's process. The `gpu` pool
 training steps across concurrent runs.
 """
 
-
 import os
 
 import dagster as dg

@@ -9,7 +9,6 @@ is ended FAILED, and Dagster skips the steps downstream, so it stays FAILED. The
 ends FINISHED exactly when every tracked step succeeded, whichever way the run was launched.
 """
 
-
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -27,12 +26,11 @@ def mlflow_resource(tracking_uri: str | None, experiment: str = EXPERIMENT) -> d
     return mlflow_tracking.configured({"experiment_name": experiment, "mlflow_tracking_uri": uri})
 
 
-def _active(context) -> Any:
+def _active(mlf) -> Any:
     """The dagster-mlflow handle with its MLflow run active in this process (reopened if a previous
     step of the same Dagster run ended it)."""
     import mlflow
 
-    mlf = context.resources.mlflow
     active = mlflow.active_run()
     if active is None or active.info.run_id != mlf.mlflow_run_id:
         if active is not None:
@@ -49,12 +47,12 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = str(value)[:500]
 
 
-def log_params(context, params: Mapping[str, Any]) -> None:
+def log_params(mlf, params: Mapping[str, Any]) -> None:
     """Log (nested) params once per Dagster run; a retried step logging the same keys is fine."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    _active(context)
+    _active(mlf)
     flat: dict[str, str] = {}
     _flatten("", params, flat)
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
@@ -63,13 +61,13 @@ def log_params(context, params: Mapping[str, Any]) -> None:
         for chunk_start in range(0, len(new), 100):
             mlflow.log_params(dict(list(new.items())[chunk_start : chunk_start + 100]))
     except MlflowException as exc:  # a conflicting value from an earlier attempt of this run
-        context.log.warning(f"MLflow params not logged: {exc}")
+        mlf.log.warning(f"MLflow params not logged: {exc}")
 
 
-def log_metrics(context, metrics: Mapping[str, Any], step: int | None = None) -> None:
+def log_metrics(mlf, metrics: Mapping[str, Any], step: int | None = None) -> None:
     import mlflow
 
-    _active(context)
+    _active(mlf)
     numeric = {
         k.replace("/", "_"): float(v)
         for k, v in metrics.items()
@@ -79,10 +77,10 @@ def log_metrics(context, metrics: Mapping[str, Any], step: int | None = None) ->
         mlflow.log_metrics(numeric, step=int(step) if step is not None else None)
 
 
-def log_artifact_path(context, path: str, artifact_path: str | None = None) -> None:
+def log_artifact_path(mlf, path: str, artifact_path: str | None = None) -> None:
     import mlflow
 
-    _active(context)
+    _active(mlf)
     if __import__("os").path.isdir(path):
         mlflow.log_artifacts(path, artifact_path=artifact_path)
     else:
@@ -108,3 +106,6 @@ def end_mlflow_step_failure(context: dg.HookContext) -> None:
 
 
 MLFLOW_HOOKS = {end_mlflow_step_success, end_mlflow_step_failure}
+
+# Type of the `mlflow` parameter of tracked assets (dagster-mlflow's legacy resource, passed as a param).
+MlflowParam = dg.ResourceParam[Any]

@@ -1,13 +1,12 @@
 """Policies stage: calibrator and the three decision policies, each fitted on the splits its contract allows."""
 
-
 import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, reader_metadata
-from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, log_metrics
+from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
@@ -40,6 +39,7 @@ class CalibratorConfig(dg.Config):
 )
 def calibrator(
     context: dg.AssetExecutionContext,
+    mlflow: MlflowParam,
     config: CalibratorConfig,
     splits: pd.DataFrame,
     calib_predictions: pd.DataFrame,
@@ -55,7 +55,7 @@ def calibrator(
         holdout_fraction=config.holdout_fraction,
         seed=config.seed,
     )
-    log_metrics(context, {f"calibration_{k}": v for k, v in report.items() if isinstance(v, int | float)})
+    log_metrics(mlflow, {f"calibration_{k}": v for k, v in report.items() if isinstance(v, int | float)})
     return dg.Output(
         cal,
         metadata={
@@ -77,7 +77,7 @@ def _summary_meta(policy, p: np.ndarray, feats: dict, labels: np.ndarray) -> dic
     from roadwork_core.calibration.policy import summarize_decisions
 
     summary = summarize_decisions(policy.decide(p, feats), labels)
-    return {f"calib_{k}": float(v) for k, v in summary.items()}
+    return {f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()}
 
 
 @_policy_asset(

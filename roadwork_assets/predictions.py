@@ -1,6 +1,5 @@
 """Predictions stage: the classifier applied to val_select, val_calib and val_test, one asset each."""
 
-
 from pathlib import Path
 
 import dagster as dg

@@ -1,6 +1,5 @@
 """Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
 
-
 from pathlib import Path
 
 import dagster as dg
@@ -9,7 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, latest_materialization_metadata, reader_metadata
-from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, log_artifact_path, log_metrics
+from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_artifact_path, log_metrics
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
@@ -49,6 +48,7 @@ def code_version() -> str:
 )
 def bundle(
     context: dg.AssetExecutionContext,
+    mlflow: MlflowParam,
     config: BundleConfig,
     splits: pd.DataFrame,
     classifier: Path,
@@ -91,16 +91,16 @@ def bundle(
         policy=policy,
         dataset_version=context.partition_key,
         upstream_versions={"dataset_version": context.partition_key, "artifact_sha256": upstream},
-        metrics_summary={f"calib_{k}": float(v) for k, v in summary.items()},
+        metrics_summary={f"calib_{k}": v for k, v in summary.items()},
         code_version=code_version(),
     )
-    log_metrics(context, {f"bundle_calib_{k}": v for k, v in summary.items()})
+    log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
     return dg.Output(
         out,
         metadata={
             "release_policy": config.release_policy,
             "guarantee": str(getattr(policy, "guarantee", "")),
-            **{f"calib_{k}": float(v) for k, v in summary.items()},
+            **{f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()},
             **reader_metadata(reader),
         },
     )
@@ -174,6 +174,7 @@ class ReportConfig(dg.Config):
 )
 def evaluation_report(
     context: dg.AssetExecutionContext,
+    mlflow: MlflowParam,
     config: ReportConfig,
     gpu: GPUResource,
     splits: pd.DataFrame,
@@ -198,9 +199,9 @@ def evaluation_report(
         seed=config.seed,
         device=gpu.torch_device(),
     )
-    log_metrics(context, {f"test_{k}": v for k, v in _flat_metrics(report.metrics).items()})
-    log_artifact_path(context, str(out), "evaluation_report")
-    log_artifact_path(context, str(bundle), "bundle")
+    log_metrics(mlflow, {f"test_{k}": v for k, v in _flat_metrics(report.metrics).items()})
+    log_artifact_path(mlflow, str(out), "evaluation_report")
+    log_artifact_path(mlflow, str(bundle), "bundle")
     plots_md = "\n\n".join(
         f"### {name}\n![{name}](file://{out / path})" for name, path in paths.items() if path.endswith(".png")
     )

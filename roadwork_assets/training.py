@@ -1,6 +1,5 @@
 """Training stage: explora_backbone -> classifier. Both run in the Dagster pool `gpu`."""
 
-
 import json
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, reader_metadata
-from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, log_metrics, log_params
+from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics, log_params
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_resources.artifact_store import ArtifactStore
@@ -73,6 +72,7 @@ def _backbone_config(settings: BackboneSettings, attn_backend: str):
 )
 def explora_backbone(
     context: dg.AssetExecutionContext,
+    mlflow: MlflowParam,
     config: ExploraSettings,
     gpu: GPUResource,
     dataset: DatasetSource,
@@ -110,14 +110,14 @@ def explora_backbone(
         out_dim=config.out_dim,
         seed=gpu.seed,
     )
-    log_params(context, {"explora": config.model_dump()})
+    log_params(mlflow, {"explora": config.model_dump()})
     result = run_explora(
         backbone,
         uris,
         cfg,
         device=gpu.torch_device(),
         on_step=lambda row: log_metrics(
-            context, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step")
+            mlflow, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step")
         ),
     )
     report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
@@ -183,6 +183,7 @@ class ClassifierSettings(dg.Config):
 )
 def classifier(
     context: dg.AssetExecutionContext,
+    mlflow: MlflowParam,
     config: ClassifierSettings,
     gpu: GPUResource,
     store: ArtifactStore,
@@ -230,13 +231,13 @@ def classifier(
         seed=gpu.seed,
         num_workers=config.num_workers,
     )
-    log_params(context, {"classifier": config.model_dump(), "gpu": gpu.describe()})
+    log_params(mlflow, {"classifier": config.model_dump(), "gpu": gpu.describe()})
 
     def on_epoch(row: dict) -> None:
         context.log.info(
             f"epoch {row.get('epoch')}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch")
         )
-        log_metrics(context, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
+        log_metrics(mlflow, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
 
     result = train_classifier(
         model,
