@@ -6,6 +6,7 @@ training steps across concurrent runs.
 """
 
 import os
+from pathlib import Path
 
 import dagster as dg
 
@@ -34,7 +35,7 @@ from roadwork_resources.artifact_store import ArtifactStore
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import ArtifactIOManager
-from roadwork_resources.paths import artifact_root, default_mlflow_uri, inbox_root, state_root
+from roadwork_resources.paths import artifact_root, inbox_root, state_root
 
 ASSETS = [
     image_manifest,
@@ -61,20 +62,26 @@ ASSET_CHECKS = [
 ]
 
 
-def build_resources() -> dict:
-    # The MLflow URI may carry credentials: when MLFLOW_TRACKING_URI is set it is read from the
-    # environment at run time and never written into config, manifests or logs.
-    mlflow_uri = None if os.environ.get("MLFLOW_TRACKING_URI") else default_mlflow_uri()
+def build_resources(
+    state: Path | None = None, inbox: Path | None = None, mlflow_uri: str | None = None
+) -> dict:
+    """Resources for the embedded set-up; arguments override the environment (tests use them).
+
+    The MLflow URI may carry credentials: when MLFLOW_TRACKING_URI is set (and no `mlflow_uri` is
+    given) it is read from the environment at run time and never written into config, manifests or logs.
+    """
+    artifacts = Path(state) / "artifacts" if state else artifact_root()
+    state = Path(state) if state else state_root()
+    if mlflow_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow_uri = f"sqlite:///{state / 'mlflow.db'}"
     return {
-        "io_manager": ArtifactIOManager(root=str(artifact_root())),
-        "dataset": DatasetSource(inbox=str(inbox_root())),
-        "store": ArtifactStore(root=str(state_root())),
+        "io_manager": ArtifactIOManager(root=str(artifacts)),
+        "dataset": DatasetSource(inbox=str(inbox or inbox_root())),
+        "store": ArtifactStore(root=str(state)),
         "gpu": GPUResource(),
         "split_settings": SplitSettings(),
         "mlflow": mlflow_resource(mlflow_uri),
-        "drift": DriftSettings(
-            monitor_dir=os.environ.get("ROADWORK_MONITOR_DIR", str(state_root() / "monitor"))
-        ),
+        "drift": DriftSettings(monitor_dir=os.environ.get("ROADWORK_MONITOR_DIR", str(state / "monitor"))),
     }
 
 

@@ -26,16 +26,41 @@ def mlflow_resource(tracking_uri: str | None, experiment: str = EXPERIMENT) -> d
     return mlflow_tracking.configured({"experiment_name": experiment, "mlflow_tracking_uri": uri})
 
 
+def _run_id(mlf) -> str | None:
+    """The MLflow run of this Dagster run: the one dagster-mlflow started or found by its
+    `dagster_run_id` tag (dagster-mlflow leaves `mlflow_run_id` unset when it starts a new run)."""
+    import mlflow
+
+    if mlf.mlflow_run_id:
+        return mlf.mlflow_run_id
+    active = mlflow.active_run()
+    if active is not None and active.data.tags.get("dagster_run_id") == mlf.dagster_run_id:
+        mlf.mlflow_run_id = active.info.run_id
+        return mlf.mlflow_run_id
+    runs = mlflow.search_runs(
+        experiment_ids=[mlf.experiment.experiment_id],
+        filter_string=f"tags.dagster_run_id = '{mlf.dagster_run_id}'",
+        output_format="list",
+    )
+    if runs:
+        mlf.mlflow_run_id = runs[0].info.run_id
+    return mlf.mlflow_run_id
+
+
 def _active(mlf) -> Any:
     """The dagster-mlflow handle with its MLflow run active in this process (reopened if a previous
     step of the same Dagster run ended it)."""
     import mlflow
 
+    run_id = _run_id(mlf)
     active = mlflow.active_run()
-    if active is None or active.info.run_id != mlf.mlflow_run_id:
+    if active is None or active.info.run_id != run_id:
         if active is not None:
             mlflow.end_run()
-        mlflow.start_run(run_id=mlf.mlflow_run_id)
+        mlflow.start_run(run_id=run_id)
+        if run_id is None:
+            mlflow.set_tag("dagster_run_id", mlf.dagster_run_id)
+            mlf.mlflow_run_id = mlflow.active_run().info.run_id
     return mlf
 
 
@@ -99,9 +124,7 @@ def end_mlflow_step_success(context: dg.HookContext) -> None:
 def end_mlflow_step_failure(context: dg.HookContext) -> None:
     import mlflow
 
-    mlf = context.resources.mlflow
-    if mlflow.active_run() is None and mlf.mlflow_run_id:
-        mlflow.start_run(run_id=mlf.mlflow_run_id)
+    _active(context.resources.mlflow)
     mlflow.end_run(status="FAILED")
 
 

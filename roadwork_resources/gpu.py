@@ -19,7 +19,9 @@ class GPUResource(dg.ConfigurableResource):
     queued run coordinator with a pool limit serializes them across runs.
     """
 
-    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto picks cuda, then mps, then cpu")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field(
+        "auto", description="auto picks cuda, then mps, then cpu"
+    )
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
         "fp32", description="fp16-mixed uses a gradient scaler and needs CUDA"
     )
@@ -39,9 +41,13 @@ class GPUResource(dg.ConfigurableResource):
                 return torch.device("mps")
             return torch.device("cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("GPUResource.device is 'cuda' but torch sees no CUDA device; set device: auto or cpu")
+            raise RuntimeError(
+                "GPUResource.device is 'cuda' but torch sees no CUDA device; set device: auto or cpu"
+            )
         if self.device == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError("GPUResource.device is 'mps' but MPS is not available; set device: auto or cpu")
+            raise RuntimeError(
+                "GPUResource.device is 'mps' but MPS is not available; set device: auto or cpu"
+            )
         return torch.device(self.device)
 
     def effective_precision(self) -> str:
@@ -54,7 +60,9 @@ class GPUResource(dg.ConfigurableResource):
     def autocast_dtype(self):
         import torch
 
-        return {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}[self.effective_precision()]
+        return {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}[
+            self.effective_precision()
+        ]
 
     def setup(self, seed_offset: int = 0) -> None:
         """Apply threads, seeds and determinism flags to this process; call at the start of an asset."""

@@ -66,7 +66,9 @@ def write_artifact(dest: Path, obj: Any) -> dict:
             from safetensors.torch import save_file
 
             kind, cls = "tensors", None
-            save_file({k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(tmp / "tensors.safetensors"))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in obj.items()}, str(tmp / "tensors.safetensors")
+            )
         elif isinstance(obj, Path):
             if not obj.is_dir():
                 raise ArtifactTypeError(f"a Path artifact must be a directory; {obj} is not one")
@@ -80,7 +82,9 @@ def write_artifact(dest: Path, obj: Any) -> dict:
             try:
                 (tmp / "value.json").write_text(json.dumps(obj, indent=2, allow_nan=True))
             except TypeError as exc:
-                raise ArtifactTypeError(f"value is not JSON-serialisable ({exc}); return a pydantic model") from exc
+                raise ArtifactTypeError(
+                    f"value is not JSON-serialisable ({exc}); return a pydantic model"
+                ) from exc
         else:
             raise ArtifactTypeError(
                 f"the artifact IO manager stores DataFrames, pydantic models, dicts of tensors, directories "
@@ -97,7 +101,9 @@ def write_artifact(dest: Path, obj: Any) -> dict:
 
 def _load_class(name: str) -> type[BaseModel]:
     if not name.startswith(_ALLOWED_CLASS_PREFIX):
-        raise ArtifactTypeError(f"refusing to load artifact class {name!r}: only {_ALLOWED_CLASS_PREFIX}* classes load")
+        raise ArtifactTypeError(
+            f"refusing to load artifact class {name!r}: only {_ALLOWED_CLASS_PREFIX}* classes load"
+        )
     module, _, qual = name.rpartition(".")
     cls = getattr(importlib.import_module(module), qual)
     if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
@@ -144,7 +150,9 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         dest = self._path(context.asset_key, partition)
         manifest = write_artifact(dest, obj)
         digest = (
-            manifest["files"][next(iter(manifest["files"]))]["sha256"] if len(manifest["files"]) == 1 else None
+            manifest["files"][next(iter(manifest["files"]))]["sha256"]
+            if len(manifest["files"]) == 1
+            else None
         )
         context.add_output_metadata(
             {

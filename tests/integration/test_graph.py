@@ -1,0 +1,140 @@
+"""Materialize the real graph on a temporary instance: every asset, the checks, MLflow, lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import pytest
+
+from roadwork_assets.definitions import build_resources
+from roadwork_assets.partitions import dataset_version
+from roadwork_core.bundle.bundle import Bundle
+from tests.integration.conftest import materialize, tiny_run_config
+
+pytestmark = pytest.mark.slow
+
+
+def _instance(version: str) -> dg.DagsterInstance:
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(dataset_version.name, [version])
+    return instance
+
+
+def _artifact(instance: dg.DagsterInstance, asset: str, version: str = "v0001"):
+    """Load an asset's stored artifact through the path its materialization recorded."""
+    from roadwork_assets._util import latest_materialization_metadata
+    from roadwork_resources.io_manager import read_artifact
+
+    return read_artifact(Path(latest_materialization_metadata(instance, dg.AssetKey(asset), version)["path"]))
+
+
+def _checks(result) -> dict[str, bool]:
+    return {
+        ev.asset_check_evaluation_data.asset_check_key.name
+        + "@"
+        + ev.asset_check_evaluation_data.asset_check_key.asset_key.to_user_string(): ev.asset_check_evaluation_data.passed
+        for ev in result.all_events
+        if ev.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
+def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw_home):
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    result = materialize(
+        "*", instance=instance, partition="v0001", resources=resources, run_config=tiny_run_config()
+    )
+    assert result.success, "the full graph failed on the tiny drop"
+
+    checks = _checks(result)
+    assert checks and all(checks.values()), f"failing checks: {[k for k, v in checks.items() if not v]}"
+    for name in (
+        "check_no_shared_images",
+        "check_no_near_duplicates_across_splits",
+        "check_label_balance",
+        "check_min_per_class",
+        "check_sticky_splits",
+    ):
+        assert f"{name}@splits" in checks, f"split check {name} did not run"
+    assert "check_split_contract@evaluation_report" in checks
+
+    # every predictions asset read exactly its own split
+    for asset, split in [
+        ("select_predictions", "val_select"),
+        ("calib_predictions", "val_calib"),
+        ("test_predictions", "val_test"),
+    ]:
+        frame = result.output_for_node(asset)
+        splits = result.output_for_node("splits")
+        own = set(splits.loc[splits["split"] == split, "image_id"])
+        assert set(frame["image_id"]) == own, f"{asset} is not exactly {split}"
+
+    # the bundle loads (checksums verified) and decides
+    bundle_dir = _artifact(instance, "bundle")
+    bundle = Bundle.load(Path(bundle_dir))
+    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    assert manifest["dataset_version"] == "v0001"
+    assert manifest["policy"] == "scrc"
+    uri = result.output_for_node("splits")["uri"].iloc[0]
+    pred = bundle.predict([uri])[0]
+    assert 0.0 <= pred.p_roadwork <= 1.0 and pred.decision in {"roadwork", "no_roadwork", "defer"}
+
+    # head mode: later epochs ran no backbone forward and are much faster (cache)
+    clf = (
+        instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("classifier"), asset_partitions=["v0001"]), limit=1
+        )
+        .records[0]
+        .asset_materialization.metadata
+    )
+    history = clf["history"].value
+    assert all(h["backbone_forwards"] == 0 for h in history[1:]), history
+
+    report_dir = _artifact(instance, "evaluation_report")
+    report = json.loads((report_dir / "report.json").read_text())
+    assert "augrc" in report["metrics"] and (report_dir / "reliability.png").is_file()
+
+    # one MLflow run for the Dagster run, FINISHED, with params, per-epoch metrics and the evaluation
+    mlflow.set_tracking_uri(rw_home["mlflow_uri"])
+    runs = mlflow.search_runs(
+        experiment_names=["roadwork"],
+        filter_string=f"tags.dagster_run_id = '{result.run_id}'",
+        output_format="list",
+    )
+    assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert "classifier.mode" in run.data.params
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(history)
+    assert any(k.startswith("test_") for k in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"bundle", "evaluation_report"} <= artifacts, artifacts
+
+
+def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, rw_home):
+    """A class too small for min_per_class: the blocking split check fails, nothing downstream runs."""
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    make_demo_drop(inbox, "v0001", n=40, seed=3)
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = tiny_run_config()
+    config["resources"]["split_settings"]["config"]["min_per_class"] = 50
+    result = materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
+    assert not result.success
+    checks = _checks(result)
+    assert checks["check_min_per_class@splits"] is False
+    materialized = {ev.asset_key.to_user_string() for ev in result.get_asset_materialization_events()}
+    assert materialized == {"image_manifest", "splits"}, f"downstream assets ran: {materialized}"
+    message = next(
+        ev.asset_check_evaluation_data.description
+        for ev in result.all_events
+        if ev.event_type_value == "ASSET_CHECK_EVALUATION"
+        and ev.asset_check_evaluation_data.asset_check_key.name == "check_min_per_class"
+    )
+    assert "more" in message, f"the failure must say how many more images are needed: {message}"
