@@ -132,3 +132,37 @@ MLFLOW_HOOKS = {end_mlflow_step_success, end_mlflow_step_failure}
 
 # Type of the `mlflow` parameter of tracked assets (dagster-mlflow's legacy resource, passed as a param).
 MlflowParam = dg.ResourceParam[Any]
+
+
+def log_bundle_model(mlf, bundle_dir: str, registered_name: str = "roadwork") -> str:
+    """Log the bundle as an MLflow pyfunc model (from code, nothing pickled) and register it as
+    `registered_name`, so that `mlflow models serve -m models:/roadwork/latest` serves it.
+    Returns the model URI."""
+    from pathlib import Path
+
+    import mlflow
+
+    import roadwork_core
+    from roadwork_core.bundle import mlflow_pyfunc
+
+    _active(mlf)
+    package_dir = Path(roadwork_core.__file__).parent
+    info = mlflow.pyfunc.log_model(
+        name="roadwork_model",
+        python_model=mlflow_pyfunc.__file__,
+        artifacts={"bundle": bundle_dir},
+        code_paths=[str(package_dir)],
+        registered_model_name=registered_name,
+        pip_requirements=[
+            "torch",
+            "torchvision",
+            "timm",
+            "safetensors",
+            "pillow",
+            "pandas",
+            "numpy",
+            "scipy",
+            "pydantic",
+        ],
+    )
+    return info.model_uri

@@ -8,7 +8,13 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, latest_materialization_metadata, reader_metadata
-from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_artifact_path, log_metrics
+from roadwork_assets.mlflow_tracking import (
+    MLFLOW_HOOKS,
+    MlflowParam,
+    log_bundle_model,
+    log_artifact_path,
+    log_metrics,
+)
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
@@ -20,9 +26,6 @@ POLICY_ASSETS = {"softmax": "threshold_policy", "gate": "gate_policy", "scrc": "
 
 class BundleConfig(dg.Config):
     release_policy: str = Field("scrc", description="the one policy shipped: softmax | gate | scrc")
-    register_model: bool = Field(
-        True, description="also register the bundle as the MLflow pyfunc model 'roadwork'"
-    )
 
 
 def code_version() -> str:
@@ -159,6 +162,9 @@ def check_bundle_reproduces_predictions(
 
 
 class ReportConfig(dg.Config):
+    register_model: bool = Field(
+        True, description="register the bundle as the MLflow pyfunc model 'roadwork'"
+    )
     n_bootstrap: int = 1000
     seed: int = 0
     robustness_levels: list[int] = Field([0, 1, 2, 3], description="validator distortion levels to evaluate")
@@ -202,6 +208,7 @@ def evaluation_report(
     log_metrics(mlflow, {f"test_{k}": v for k, v in _flat_metrics(report.metrics).items()})
     log_artifact_path(mlflow, str(out), "evaluation_report")
     log_artifact_path(mlflow, str(bundle), "bundle")
+    model_uri = log_bundle_model(mlflow, str(bundle)) if config.register_model else None
     plots_md = "\n\n".join(
         f"### {name}\n![{name}](file://{out / path})" for name, path in paths.items() if path.endswith(".png")
     )
@@ -211,6 +218,7 @@ def evaluation_report(
             "summary": dg.MetadataValue.md(report.summary_markdown()),
             "plots": dg.MetadataValue.md(plots_md or "_(no plots)_"),
             "guarantee_check": json_meta(report.guarantee_check),
+            "mlflow_model_uri": model_uri or "(not registered)",
             **{k: v for k, v in _flat_metrics(report.metrics).items() if np.isfinite(v)},
             **reader_metadata(reader),
         },

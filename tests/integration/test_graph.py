@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import pandas as pd
 import pytest
 
 from roadwork_assets.definitions import build_resources
@@ -138,3 +139,22 @@ def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, 
         and ev.asset_check_evaluation_data.asset_check_key.name == "check_min_per_class"
     )
     assert "more" in message, f"the failure must say how many more images are needed: {message}"
+
+
+def test_registered_pyfunc_model_serves_the_bundle(tiny_inbox, rw_home):
+    """The bundle registered as MLflow model 'roadwork' loads through mlflow.pyfunc and predicts."""
+    import base64
+
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    result = materialize(
+        "*", instance=instance, partition="v0001", resources=resources, run_config=tiny_run_config()
+    )
+    assert result.success
+    mlflow.set_tracking_uri(rw_home["mlflow_uri"])
+    model = mlflow.pyfunc.load_model("models:/roadwork/latest")
+    uri = _artifact(instance, "splits")["uri"].iloc[0]
+    out = model.predict(pd.DataFrame({"image_b64": [base64.b64encode(Path(uri).read_bytes()).decode()]}))
+    direct = Bundle.load(_artifact(instance, "bundle")).predict([uri])[0]
+    assert out["decision"].iloc[0] == direct.decision
+    assert abs(out["p_roadwork"].iloc[0] - direct.p_roadwork) < 1e-6
