@@ -11,8 +11,8 @@ from roadwork_assets._util import json_meta, latest_materialization_metadata, re
 from roadwork_assets.mlflow_tracking import (
     MLFLOW_HOOKS,
     MlflowParam,
-    log_bundle_model,
     log_artifact_path,
+    log_bundle_model,
     log_metrics,
 )
 from roadwork_assets.partitions import dataset_version

@@ -81,7 +81,7 @@ def explora_backbone(
     from safetensors.torch import save_file
 
     from roadwork_core.data.drops import list_unlabelled
-    from roadwork_core.models.backbone import create_backbone
+    from roadwork_core.models.backbone import create_backbone, state_dict_sha256
     from roadwork_core.training.explora import ExploraConfig, run_explora
 
     gpu.setup()
@@ -97,7 +97,8 @@ def explora_backbone(
         uris = uris[: config.max_images]
 
     backbone_cfg = _backbone_config(config.backbone, gpu.attn_backend)
-    backbone = create_backbone(backbone_cfg)
+    backbone = create_backbone(backbone_cfg)  # random init is seeded by gpu.setup(): reproducible
+    base_sha256 = state_dict_sha256(backbone)
     cfg = ExploraConfig(
         enabled=config.enabled,
         epochs=config.epochs,
@@ -125,7 +126,15 @@ def explora_backbone(
     save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "backbone.safetensors"))
     backbone_json = {**backbone_cfg.__dict__, "pretrained": False, "weights_file": None}
     (out / "config.json").write_text(
-        json.dumps({"backbone": backbone_json, "source": backbone_cfg.__dict__}, indent=2)
+        json.dumps(
+            {
+                "backbone": backbone_json,
+                "source": backbone_cfg.__dict__,
+                "seed": gpu.seed,
+                "base_sha256": base_sha256,
+            },
+            indent=2,
+        )
     )
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     meta = {

@@ -1,0 +1,110 @@
+"""ExPLoRA ablation on the same splits: a `head` probe on the base backbone against one on the
+ExPLoRA backbone, both trained on train and scored on val_select (MCC).
+
+    python -m roadwork_assets.ablation --partition v0001 -c configs/demo.yaml
+
+It reads the `splits` and `explora_backbone` artifacts of the partition from the instance (run the
+graph, or at least those two assets, first) and rebuilds the base backbone exactly as the asset did
+(same config and seed; the weights hash is checked).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from roadwork_assets._util import latest_materialization_metadata
+from roadwork_core.contracts import Split, SplitReader
+
+
+def _artifact(instance: dg.DagsterInstance, asset: str, partition: str):
+    from roadwork_resources.io_manager import read_artifact
+
+    path = latest_materialization_metadata(instance, dg.AssetKey(asset), partition).get("path")
+    if not path:
+        raise SystemExit(f"no materialization of {asset} for partition {partition}; materialize it first")
+    return read_artifact(Path(path))
+
+
+def probe(backbone_state: dict, backbone_cfg, train, select, clf_cfg: dict, seed: int) -> float:
+    """Train a head probe (frozen backbone, cached features) and return its best val_select MCC."""
+    import torch
+
+    from roadwork_core.models.classifier import build_classifier
+    from roadwork_core.models.multiview import MultiViewConfig
+    from roadwork_core.training.supervised import TrainConfig, train_classifier
+
+    torch.manual_seed(seed)
+    mv = MultiViewConfig(grid=clf_cfg.get("grid", 3), overlap=clf_cfg.get("overlap", 0.15))
+    model = build_classifier(
+        backbone_cfg, mv, aggregator=clf_cfg.get("aggregator", "topk_mean"), topk=clf_cfg.get("topk", 3)
+    )
+    model.backbone.load_state_dict(backbone_state)
+    keys = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{**{k: v for k, v in clf_cfg.items() if k in keys}, "mode": "head", "seed": seed})
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_classifier(
+            model,
+            train,
+            select,
+            cfg,
+            checkpoint_dir=Path(tmp) / "ckpt",
+            feature_cache_dir=Path(tmp) / "cache",
+        )
+    return float(result.best_select_mcc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from safetensors.torch import load_file
+
+    from roadwork_core.models.backbone import BackboneConfig, create_backbone, state_dict_sha256
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--partition", required=True, help="dataset version, e.g. v0001")
+    parser.add_argument("-c", "--config", help="run-config YAML; its ops.classifier.config sets the probe")
+    args = parser.parse_args(argv)
+
+    instance = dg.DagsterInstance.get()
+    splits = _artifact(instance, "splits", args.partition)
+    explora_dir = _artifact(instance, "explora_backbone", args.partition)
+    meta = json.loads((explora_dir / "config.json").read_text())
+    clf_cfg = {}
+    if args.config:
+        clf_cfg = (
+            (yaml.safe_load(Path(args.config).read_text()) or {}).get("ops", {}).get("classifier", {}) or {}
+        ).get("config", {}) or {}
+
+    import torch
+
+    torch.manual_seed(meta.get("seed", 0))
+    base = create_backbone(BackboneConfig(**meta["source"]))
+    if meta.get("base_sha256") and state_dict_sha256(base) != meta["base_sha256"]:
+        raise SystemExit(
+            "the rebuilt base backbone does not match the one explora_backbone started from "
+            "(different weights file or timm version); rerun explora_backbone"
+        )
+    reader = SplitReader("classifier", splits)  # the probe is a classifier: train + val_select only
+    train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
+    backbone_cfg = BackboneConfig(**meta["backbone"])
+    seed = int(meta.get("seed", 0))
+    mcc_base = probe(base.state_dict(), backbone_cfg, train, select, clf_cfg, seed)
+    mcc_explora = probe(
+        load_file(str(explora_dir / "backbone.safetensors")), backbone_cfg, train, select, clf_cfg, seed
+    )
+    print(
+        f"ExPLoRA ablation on {args.partition} ({len(train)} train, {len(select)} val_select images; head probe)"
+    )
+    print(f"  val_select MCC, base weights:    {mcc_base:.4f}")
+    print(f"  val_select MCC, ExPLoRA weights: {mcc_explora:.4f}")
+    print(f"  difference (ExPLoRA - base):     {mcc_explora - mcc_base:+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The ExPLoRA ablation command: head probes on base vs ExPLoRA weights, on the same splits."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from roadwork_assets import ablation
+from roadwork_assets.definitions import build_resources
+from tests.integration.conftest import TINY_CONFIG, materialize, tiny_run_config
+from tests.integration.test_graph import _instance
+
+pytestmark = pytest.mark.slow
+
+
+def test_ablation_prints_both_select_mcc(tiny_inbox, rw_home, capsys):
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    result = materialize(
+        ["image_manifest", "splits", "explora_backbone"],
+        instance=instance,
+        partition="v0001",
+        resources=resources,
+        run_config={
+            "ops": {"explora_backbone": tiny_run_config()["ops"]["explora_backbone"]},
+            "resources": tiny_run_config()["resources"],
+        },
+    )
+    assert result.success
+    assert ablation.main(["--partition", "v0001", "-c", str(TINY_CONFIG)]) == 0
+    out = capsys.readouterr().out
+    base = re.search(r"base weights:\s+(-?[\d.]+)", out)
+    explora = re.search(r"ExPLoRA weights:\s+(-?[\d.]+)", out)
+    assert base and explora, out
+    assert -1.0 <= float(base.group(1)) <= 1.0 and -1.0 <= float(explora.group(1)) <= 1.0
+    # the two probes differ only in the backbone weights: ExPLoRA changed them
+    assert "difference" in out
