@@ -127,7 +127,6 @@ def _monitor_files(folder: Path) -> list[Path]:
 )
 def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> dg.RunRequest | dg.SkipReason:
     from roadwork_core.metrics.drift_check import compare_with_training
-
     from roadwork_resources.io_manager import read_artifact
 
     files = _monitor_files(Path(drift.monitor_dir))

@@ -1,0 +1,99 @@
+"""End-to-end fixtures: a temporary Dagster home, state, inbox and MLflow store, passed to real
+`dagster` / `dagster-webserver` / `dagster-daemon` processes through their environment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
+
+# Runs launched without a daemon (the webserver test) need a coordinator that launches at once.
+DEFAULT_COORDINATOR_YAML = """\
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: DefaultRunCoordinator
+telemetry:
+  enabled: false
+"""
+
+
+def dagster_bin(name: str) -> str:
+    """A console script of the running interpreter's environment (dagster, dagster-webserver, ...)."""
+    return str(Path(sys.executable).with_name(name))
+
+
+def tiny_run_config() -> dict:
+    return yaml.safe_load(TINY_CONFIG.read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 1.0):
+    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stop_process(proc: subprocess.Popen, log: Path | None = None) -> str:
+    """Stop a server started with start_new_session=True (its whole process group); return its log."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    return log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def tiny_drop_source(tmp_path_factory) -> Path:
+    """A complete synthetic drop `v0001` of 120 images (+8 unlabelled), built once; copy it to use it."""
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    return make_demo_drop(tmp_path_factory.mktemp("drops"), "v0001", n=120, seed=7, n_unlabelled=8)
+
+
+@pytest.fixture
+def e2e_home(tmp_path, monkeypatch) -> Iterator[dict]:
+    """Fresh DAGSTER_HOME (the repo's dagster.yaml), ROADWORK_STATE, ROADWORK_INBOX and MLflow store,
+    set in this process's environment so that subprocesses started with os.environ inherit them."""
+    home, state, inbox = tmp_path / "dagster_home", tmp_path / "state", tmp_path / "inbox"
+    for folder in (home, state, inbox):
+        folder.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = {
+        "DAGSTER_HOME": str(home),
+        "ROADWORK_STATE": str(state),
+        "ROADWORK_INBOX": str(inbox),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("ROADWORK_RUN_CONFIG", raising=False)
+    monkeypatch.delenv("ROADWORK_MONITOR_DIR", raising=False)
+    yield {"home": home, "state": state, "inbox": inbox, "tmp": tmp_path}
