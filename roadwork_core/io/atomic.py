@@ -7,9 +7,12 @@ Temporary names start with `.tmp-` so that listings can ignore them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +48,30 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`).
+
+    Returns False where the platform or filesystem cannot (then the caller falls back to two renames).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # libc without renameat2 (glibc < 2.28, musl < 1.2.?)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"could not swap {a} into place of {b}: {os.strerror(err)}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically. Raises OSError (disk full, permissions) with the path named."""
     path = Path(path)
@@ -70,8 +97,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name, then swap it in place of `path`.
 
     Usage: `with atomic_dir(dest) as tmp: (tmp / "a.json").write_text(...)`. If the block raises, the
-    temporary directory is removed and `dest` (if it existed) is untouched. The swap renames the
-    old directory aside first, so there is a brief moment where `dest` is absent but never partial.
+    temporary directory is removed and `dest` (if it existed) is untouched. On Linux the new and the
+    old directory are exchanged in one atomic step, so `dest` is always the old or the new directory;
+    elsewhere the old one is renamed aside first (a brief moment where `dest` is absent, never partial).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +109,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.exists() and _exchange(tmp, path):
+        _fsync_dir(path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous directory
+        return
     old = None
     if path.exists():
         old = path.parent / f".tmp-old-{path.name}.{os.getpid()}"
