@@ -15,8 +15,11 @@ Anything else is refused: nothing is ever pickled.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,8 +56,34 @@ def _is_tensor_dict(obj: Any) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def _write_error(dest: Path, exc: Exception) -> OSError:
+    """An I/O failure while writing `dest` (disk full, quota, permissions) as an OSError naming it.
+
+    pyarrow and safetensors report ENOSPC without the file name (safetensors not even as an OSError)."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+    reason = os.strerror(code) if code else str(exc)
+    return OSError(
+        code,
+        f"could not write the artifact {dest}: {reason} ({type(exc).__name__}: {exc}); nothing was "
+        f"replaced, the previous artifact there (if any) is intact. Free space under {dest.parent} and rerun",
+    )
+
+
 def write_artifact(dest: Path, obj: Any) -> dict:
     """Write `obj` as a typed artifact directory at `dest` atomically; return its manifest."""
+    from safetensors import SafetensorError
+
+    dest = Path(dest)
+    try:
+        return _write_artifact(dest, obj)
+    except (OSError, SafetensorError) as exc:
+        raise _write_error(dest, exc) from exc
+
+
+def _write_artifact(dest: Path, obj: Any) -> dict:
     with atomic_dir(dest) as tmp:
         if isinstance(obj, pd.DataFrame):
             kind, cls = "dataframe", None
