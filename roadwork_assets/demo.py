@@ -93,17 +93,30 @@ def summarize(instance: dg.DagsterInstance, version: str) -> Path:
     print((report_dir / "summary.md").read_text())
     guarantee = report.get("guarantee_check", {})
     print(f"guarantee check on val_test: {guarantee.get('message')}")
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     print("\nLook at it:")
     print(
         "  Dagster UI:  make ui   (then http://127.0.0.1:3000, asset evaluation_report, partition "
         + version
         + ")"
     )
-    print(
-        f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri or 'sqlite:///state/mlflow.db'} --host 127.0.0.1"
-    )
+    print(f"  MLflow UI:   {mlflow_ui_command(os.environ.get('MLFLOW_TRACKING_URI'))}")
     return bundle_dir
+
+
+def mlflow_ui_command(tracking_uri: str | None) -> str:
+    """The `mlflow ui` line to print: bound to 127.0.0.1; a URI with credentials is never printed
+    (the line refers to $MLFLOW_TRACKING_URI instead, which the user's shell already holds)."""
+    from urllib.parse import urlsplit
+
+    store = tracking_uri or "sqlite:///state/mlflow.db"
+    lowered = store.lower()
+    if (
+        urlsplit(store).password is not None
+        or "@" in store
+        or any(k in lowered for k in ("password", "token"))
+    ):
+        store = '"$MLFLOW_TRACKING_URI"'
+    return f".venv/bin/mlflow ui --backend-store-uri {store} --host 127.0.0.1"
 
 
 def predict_demo(bundle_dir: Path, drop: Path, k: int = 3) -> None:
