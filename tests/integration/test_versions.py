@@ -1,0 +1,66 @@
+"""Across dataset versions: sticky splits through the real assets; MLflow FAILED on a failed step."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from roadwork_assets.definitions import build_resources
+from roadwork_assets.partitions import dataset_version
+from tests.integration.conftest import materialize, tiny_run_config
+from tests.integration.test_graph import _artifact, _checks, _instance
+
+pytestmark = pytest.mark.slow
+
+
+def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_home):
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    make_demo_drop(inbox, "v0001", n=80, seed=11)
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = {"resources": tiny_run_config()["resources"]}
+    # 80 + 60 images: sticky assignment of small versions cannot hold balance to the default 0.05
+    config["resources"]["split_settings"]["config"]["balance_tolerance"] = 0.2
+    first = materialize(
+        ["image_manifest", "splits"],
+        instance=instance,
+        partition="v0001",
+        resources=resources,
+        run_config=config,
+    )
+    assert first.success
+    v1 = _artifact(instance, "splits", "v0001").set_index("image_id")["split"]
+
+    make_demo_drop(inbox, "v0002", n=60, seed=12)  # version v0002 = drops v0001 + v0002
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
+    second = materialize(
+        ["image_manifest", "splits"],
+        instance=instance,
+        partition="v0002",
+        resources=resources,
+        run_config=config,
+    )
+    assert second.success
+    assert _checks(second)["check_sticky_splits@splits"] is True
+    v2 = _artifact(instance, "splits", "v0002").set_index("image_id")["split"]
+    assert len(v2) == len(v1) + 60, "version v0002 must hold both drops"
+    moved = (v2.loc[v1.index] != v1).sum()
+    assert moved == 0, f"{moved} images changed split between versions"
+
+
+def test_failed_asset_ends_mlflow_run_failed(tiny_inbox, rw_home):
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = tiny_run_config()
+    config["ops"]["classifier"]["config"]["mode"] = "not_a_mode"
+    result = materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
+    assert not result.success
+    mlflow.set_tracking_uri(rw_home["mlflow_uri"])
+    runs = mlflow.search_runs(
+        experiment_names=["roadwork"],
+        filter_string=f"tags.dagster_run_id = '{result.run_id}'",
+        output_format="list",
+    )
+    assert [r.info.status for r in runs] == ["FAILED"], [r.info.status for r in runs]
