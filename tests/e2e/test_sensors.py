@@ -1,0 +1,230 @@
+"""Way in #3: sensors. Direct evaluations with build_sensor_context (new drops, drift), and the real
+tick path: dagster-daemon evaluates new_drop_sensor, which adds the partition and launches a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+import torch
+
+from roadwork_assets.automation import DriftSettings, drift_sensor, new_drop_sensor
+from roadwork_core.data.synthetic import make_demo_drop
+from roadwork_core.metrics.drift import psi
+from roadwork_resources.dataset import DatasetSource
+from roadwork_resources.io_manager import write_artifact
+from tests.e2e.conftest import REPO, TINY_CONFIG, dagster_bin, stop_process, wait_for
+from tests.unit.test_drift import build_tiny_bundle, shifted_copies, splits_for
+
+torch.set_num_threads(1)
+
+
+def _drop(inbox: Path, version: str, ready: bool = True) -> None:
+    folder = inbox / version
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels.csv").write_text("file,label\n")
+    if ready:
+        (folder / "_READY").write_text(f"{version}\n")
+
+
+def _tick(instance, inbox: Path, cursor: str | None):
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"dataset": DatasetSource(inbox=str(inbox))}
+    )
+    return new_drop_sensor(context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# new_drop_sensor
+
+
+def test_new_drop_sensor_adds_partition_and_one_run_per_drop(tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    inbox = tmp_path / "inbox"
+    _drop(inbox, "v0001", ready=False)
+    first = _tick(instance, inbox, None)
+    assert isinstance(first, dg.SkipReason), f"a drop without _READY must be ignored, got {first}"
+
+    (inbox / "v0001" / "_READY").write_text("v0001\n")
+    second = _tick(instance, inbox, None)
+    assert isinstance(second, dg.SensorResult), f"a complete drop must trigger, got {second}"
+    [add] = second.dynamic_partitions_requests
+    assert add.partitions_def_name == "dataset_version" and list(add.partition_keys) == ["v0001"], add
+    [run] = second.run_requests
+    assert (run.partition_key, run.run_key) == ("v0001", "drop-v0001"), run
+    assert run.tags["roadwork/trigger"] == "new_drop", run.tags
+
+    third = _tick(instance, inbox, second.cursor)
+    assert isinstance(third, dg.SkipReason), f"the same drop must trigger once, got {third}"
+
+    _drop(inbox, "v0002")
+    _drop(inbox, "v0003")
+    _drop(inbox, "v0004", ready=False)
+    instance.add_dynamic_partitions("dataset_version", ["v0002"])  # added by hand earlier
+    fourth = _tick(instance, inbox, second.cursor)
+    assert isinstance(fourth, dg.SensorResult), fourth
+    assert sorted(r.partition_key for r in fourth.run_requests) == ["v0002", "v0003"], fourth.run_requests
+    assert [list(r.partition_keys) for r in fourth.dynamic_partitions_requests] == [["v0003"]], (
+        "only the partition that does not exist yet is added"
+    )
+    assert json.loads(fourth.cursor) == ["v0001", "v0002", "v0003"], fourth.cursor
+
+
+def test_new_drop_sensor_passes_the_automation_run_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(TINY_CONFIG))
+    _drop(tmp_path, "v0001")
+    result = _tick(dg.DagsterInstance.ephemeral(), tmp_path, None)
+    config = result.run_requests[0].run_config
+    assert config["ops"]["classifier"]["config"]["mode"] == "head", "ROADWORK_RUN_CONFIG was not applied"
+
+
+# ---------------------------------------------------------------------------------------------------
+# drift_sensor
+
+
+@pytest.fixture(scope="module")
+def drift_world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("drift_sensor")
+    train = make_demo_drop(root / "inbox", "v0001", n=48, seed=21)
+    same = make_demo_drop(root / "same", "m", n=32, seed=22)
+    return {
+        "bundle": build_tiny_bundle(root),
+        "splits": splits_for(train / "images"),
+        "same": same / "images",
+        "root": root,
+    }
+
+
+def _released_instance(world: dict, tmp_path: Path) -> dg.DagsterInstance:
+    """An instance whose bundle and splits for v0001 were materialized (recorded with their paths)."""
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("dataset_version", ["v0001"])
+    for key, obj in (("bundle", Path(world["bundle"])), ("splits", world["splits"])):
+        dest = tmp_path / "artifacts" / key / "v0001"
+        write_artifact(dest, obj)
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=key, partition="v0001", metadata={"path": str(dest)})
+        )
+    return instance
+
+
+def _drift_tick(instance, monitor: Path, cursor: str | None = None):
+    settings = DriftSettings(
+        monitor_dir=str(monitor), sample=32, min_images=16, n_permutations=200, psi_threshold=1.0
+    )
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"drift": settings})
+    return drift_sensor(context), context.cursor
+
+
+def test_drift_sensor_requests_retrain_with_figures(drift_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    instance = _released_instance(drift_world, tmp_path)
+    monitor = tmp_path / "monitor"
+    shifted_copies(sorted(str(p) for p in drift_world["same"].glob("*.jpg")), monitor)
+
+    request, cursor = _drift_tick(instance, monitor)
+    assert isinstance(request, dg.RunRequest), f"darkened/inverted images must request a retrain: {request}"
+    assert request.partition_key == "v0001", request
+    assert request.tags["roadwork/trigger"] == "drift", request.tags
+    assert request.tags["roadwork/drift_drifted"] == "True", request.tags
+    assert float(request.tags["roadwork/drift_mmd_pvalue"]) < 0.01, request.tags
+    assert list((tmp_path / "state" / "drift_cache").glob("*.safetensors")), "reference not cached"
+
+    again, _ = _drift_tick(instance, monitor, cursor)
+    assert isinstance(again, dg.SkipReason) and "unchanged" in again.skip_message, again
+
+
+def test_drift_sensor_skips_same_distribution(drift_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    instance = _released_instance(drift_world, tmp_path)
+    result, cursor = _drift_tick(instance, drift_world["same"])
+    assert isinstance(result, dg.SkipReason) and "no significant drift" in result.skip_message, result
+    assert cursor, "an evaluated folder must be remembered in the cursor"
+
+
+def test_drift_sensor_skips_without_bundle_or_images(drift_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    instance = dg.DagsterInstance.ephemeral()
+    result, _ = _drift_tick(instance, drift_world["same"])
+    assert isinstance(result, dg.SkipReason) and "no released bundle" in result.skip_message, result
+    few, _ = _drift_tick(instance, tmp_path / "empty")
+    assert isinstance(few, dg.SkipReason) and "need 16" in few.skip_message, few
+
+
+def test_default_drift_settings_keep_psi_false_alarms_rare():
+    """PSI grows as 1/n on small samples; the defaults must keep a no-drift folder under the threshold."""
+    defaults = DriftSettings(monitor_dir="unused")
+    rng = np.random.default_rng(0)
+    values = np.array(
+        [psi(rng.uniform(size=defaults.sample), rng.uniform(size=defaults.min_images)) for _ in range(300)]
+    )
+    rate = float((values > defaults.psi_threshold).mean())
+    assert rate <= 0.10, f"PSI > {defaults.psi_threshold} by chance in {rate:.0%} of no-drift checks"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real tick path: dagster-daemon + `dagster sensor start`
+
+
+def _run_for(instance: dg.DagsterInstance, partition: str):
+    records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": partition}))
+    return records[0].dagster_run if records else None
+
+
+@pytest.mark.slow
+def test_daemon_turns_a_new_drop_into_a_partition_and_a_successful_run(
+    e2e_home, tiny_drop_source, monkeypatch
+):
+    monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(TINY_CONFIG))
+    env = os.environ.copy()
+    log = e2e_home["tmp"] / "daemon.log"
+    daemon = subprocess.Popen(
+        [dagster_bin("dagster-daemon"), "run", "-m", "roadwork_assets.definitions"],
+        cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        start = subprocess.run(
+            [dagster_bin("dagster"), "sensor", "start", "new_drop_sensor", "-m", "roadwork_assets.definitions"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert start.returncode == 0, f"dagster sensor start failed:\n{start.stderr[-3000:]}"
+        instance = dg.DagsterInstance.get()
+        sensor_origin = None
+
+        def first_tick():
+            nonlocal sensor_origin
+            states = [s for s in instance.all_instigator_state() if s.name == "new_drop_sensor"]
+            if states:
+                sensor_origin = states[0]
+                return instance.get_ticks(states[0].instigator_origin_id, states[0].selector_id, limit=1)
+            return None
+
+        wait_for(first_tick, 90, "the daemon's first new_drop_sensor tick on an empty inbox")
+        assert not instance.get_dynamic_partitions("dataset_version"), "empty inbox added a partition"
+
+        # the acceptance: copy a complete drop in, do nothing else
+        shutil.copytree(tiny_drop_source, e2e_home["inbox"] / "v0001")
+        run = wait_for(
+            lambda: _run_for(instance, "v0001"), 90, "the sensor to launch a run for v0001 (interval 30 s)"
+        )
+        assert instance.get_dynamic_partitions("dataset_version") == ["v0001"], "partition not added"
+        assert run.tags.get("roadwork/trigger") == "new_drop", run.tags
+        done = wait_for(
+            lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r, 150, f"run {run.run_id}"
+        )
+        assert done.status == dg.DagsterRunStatus.SUCCESS, (
+            f"run {run.run_id} ended {done.status}; daemon log:\n{log.read_text()[-3000:]}"
+        )
+        report = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation_report"), asset_partitions=["v0001"]),
+            limit=1,
+        ).records
+        assert report, "the sensor-launched run did not materialize evaluation_report"
+    finally:
+        stop_process(daemon, log)
