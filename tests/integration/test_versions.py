@@ -64,3 +64,15 @@ def test_failed_asset_ends_mlflow_run_failed(tiny_inbox, rw_home):
         output_format="list",
     )
     assert [r.info.status for r in runs] == ["FAILED"], [r.info.status for r in runs]
+
+
+def test_partitions_command_adds_and_lists_versions(rw_home, capsys):
+    import dagster as dg
+
+    from roadwork_assets import partitions
+
+    assert partitions.main(["add", "v0003", "v0002"]) == 0
+    assert partitions.main(["add", "v0002"]) == 0
+    out = capsys.readouterr().out
+    assert "added ['v0003', 'v0002']" in out and "nothing (all present)" in out
+    assert sorted(dg.DagsterInstance.get().get_dynamic_partitions("dataset_version")) == ["v0002", "v0003"]
