@@ -9,8 +9,11 @@ is ended FAILED, and Dagster skips the steps downstream, so it stays FAILED. The
 ends FINISHED exactly when every tracked step succeeded, whichever way the run was launched.
 """
 
+import contextlib
+import fcntl
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -19,11 +22,43 @@ from dagster_mlflow import mlflow_tracking
 EXPERIMENT = "roadwork"
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(tracking_uri: str | None) -> Iterator[None]:
+    """For a `sqlite:///` store: an exclusive file lock beside the database while the store is opened.
+
+    Opening a fresh SQLite store runs MLflow's schema migrations and creates the experiment; two runs
+    starting at once (two partitions, a backfill) would both do it and one fails with
+    `table _alembic_tmp_... already exists`. Server stores (Postgres) are migrated once by the operator
+    (`mlflow db upgrade`), so nothing is locked for them."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0] + ".init-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dg.resource(config_schema=mlflow_tracking.config_schema, description=mlflow_tracking.description)
+def _mlflow_tracking(context: dg.InitResourceContext):
+    """dagster-mlflow's `mlflow_tracking`, opened under `_sqlite_init_lock`."""
+    from dagster_mlflow.resources import MlFlow
+
+    with _sqlite_init_lock(context.resource_config.get("mlflow_tracking_uri")):
+        mlf = MlFlow(context)
+    yield mlf
+    mlf.cleanup_on_error()
+
+
 def mlflow_resource(tracking_uri: str | None, experiment: str = EXPERIMENT) -> dg.ResourceDefinition:
     """The resource; with `tracking_uri=None` the URI is read from MLFLOW_TRACKING_URI at run time,
     so credentials never appear in config, manifests or logs."""
     uri: Any = {"env": "MLFLOW_TRACKING_URI"} if tracking_uri is None else tracking_uri
-    return mlflow_tracking.configured({"experiment_name": experiment, "mlflow_tracking_uri": uri})
+    return _mlflow_tracking.configured({"experiment_name": experiment, "mlflow_tracking_uri": uri})
 
 
 def _run_id(mlf) -> str | None:
