@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from roadwork_core.data.images import ROW_SEP
@@ -187,12 +188,23 @@ def _read_hf_parquet(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
         if reject is not None:
             rejects.append(reject)
             continue
-        pfile = pq.ParquetFile(path)
+        try:
+            pfile = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(
+                f"{path} is not a readable parquet file ({exc}); replace or remove it from the drop"
+            ) from exc
         names = pfile.schema_arrow.names
         if "image" not in names or "label" not in names:
             raise ValueError(
                 f"{path} has columns {names}; a Hugging Face image-classification shard needs an `image` "
                 "column of {bytes, path} structs and a `label` column"
+            )
+        image_type = pfile.schema_arrow.field("image").type
+        if not (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0):
+            raise ValueError(
+                f"{path}: column `image` has type {image_type}; expected a struct<bytes: binary, path: string> "
+                "(the Hugging Face `Image` feature). Re-export the shard with datasets' Image() feature"
             )
         label_names = _hf_label_names(pfile)
         meta_cols = [c for c in names if c not in ("image", "label")]
