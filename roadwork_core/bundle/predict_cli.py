@@ -87,13 +87,20 @@ def run_predict(args: argparse.Namespace, stdout: TextIO | None = None, stdin: T
         print(f"roadwork predict: cannot use bundle {args.bundle}: {err}", file=sys.stderr)
         return EXIT_BAD_BUNDLE
     source = None if args.images else (stdin if stdin is not None else sys.stdin)
-    code = EXIT_OK
+    code, n_lines = EXIT_OK, 0
     for line in predict_command(
         args.bundle, list(args.images), source, batch_size=args.batch_size, bundle=bundle
     ):
         if '"error"' in line and "error" in json.loads(line):
             code = EXIT_BAD_IMAGE
         print(line, file=out, flush=True)
+        n_lines += 1
+    if n_lines == 0:  # only stdin can be empty: argparse gives at least one path otherwise
+        print(
+            "roadwork predict: no images: stdin was empty; give image paths, or base64 JPEG lines on stdin",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_IMAGE
     return code
 
 
