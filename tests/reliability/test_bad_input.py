@@ -1,0 +1,284 @@
+"""Bad input at every entry point: the user gets an error (or a reject row) naming the input.
+
+One case here = one row of docs/bad_inputs.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+from pathlib import Path
+
+import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from roadwork_core.bundle.bundle import Bundle, BundleError, manifest_digest
+from roadwork_core.bundle.predict_cli import add_predict_arguments, run_predict
+from roadwork_core.data.drops import drops_up_to
+from roadwork_core.data.manifest import TooManyRejects, build_manifest
+
+torch.set_num_threads(1)
+
+
+def _jpeg(colour=(200, 90, 20), size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _drop(root: Path, files: dict[str, bytes], csv: str | None, ready: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    if csv is not None:
+        (root / "labels.csv").write_text(csv)
+    if ready:
+        (root / "_READY").touch()
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# drops (labels.csv)
+
+
+@pytest.mark.parametrize(
+    "csv, match",
+    [
+        ("name,label\na.jpg,1\n", r"labels\.csv lacks column\(s\) \['file'\]"),
+        ("file,class\na.jpg,1\n", r"labels\.csv lacks column\(s\) \['label'\]"),
+        ("", r"labels\.csv is not a readable CSV"),
+        ("file,label\n", r"no images found in drops"),
+    ],
+    ids=["no-file-column", "no-label-column", "empty-file", "header-only"],
+)
+def test_labels_csv_structure_errors_name_the_csv(tmp_path: Path, csv: str, match: str) -> None:
+    drop = _drop(tmp_path / "v0001", {"a.jpg": _jpeg()}, csv)
+    with pytest.raises(ValueError, match=match) as info:
+        build_manifest([drop])
+    assert str(drop) in str(info.value), f"the error must name the drop or its csv: {info.value}"
+
+
+def _noisy_jpeg() -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.effect_noise((128, 128), 64).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _bomb_png() -> bytes:
+    """A 9000x9000 1-bit PNG (~10 kB on disk, 81 Mpx decoded): over the 8192^2 pixel limit."""
+    buf = io.BytesIO()
+    PIL.Image.new("1", (9000, 9000), 0).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_bad_rows_are_rejected_each_naming_file_and_reason(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(_jpeg((1, 2, 3)))
+    good = {f"ok{i}.jpg": _jpeg((10 * i, 100, 50)) for i in range(4)}
+    bad = {
+        "page.jpg": b"<!doctype html><html><body>404 Not Found</body></html>",
+        "notes.jpg": b"just some text\n",
+        "empty.jpg": b"",
+        "cut.jpg": _noisy_jpeg()[:2000],
+        "bomb.png": _bomb_png(),
+        "tiny.jpg": _jpeg(size=(8, 8)),
+    }
+    drop = _drop(tmp_path / "v0001", {**good, **bad}, None)
+    (drop / "link.jpg").symlink_to(outside)
+    (drop / "folder.jpg").mkdir()
+    rows = [f"{n},{i % 2}" for i, n in enumerate(good)]
+    rows += [f"{n},1" for n in bad]
+    rows += [
+        "ok0.jpg,maybe",
+        "ok1.jpg,2",
+        "../outside.jpg,1",
+        "/etc/hostname,1",
+        "link.jpg,0",
+        "folder.jpg,0",
+    ]
+    rows += ["missing.jpg,1"]
+    (drop / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+
+    result = build_manifest([drop], max_reject_fraction=1.0)
+    got = {(r.file, r.reason) for r in result.rejects.itertuples()}
+    expected = {
+        ("page.jpg", "unreadable"), ("notes.jpg", "unreadable"), ("empty.jpg", "unreadable"),
+        ("cut.jpg", "truncated"), ("bomb.png", "too_large"), ("tiny.jpg", "too_small"),
+        ("ok0.jpg", "bad_label"), ("ok1.jpg", "bad_label"), ("../outside.jpg", "path_escape"),
+        ("/etc/hostname", "path_escape"), ("link.jpg", "symlink_outside"), ("folder.jpg", "unreadable"),
+        ("missing.jpg", "unreadable"),
+    }  # fmt: skip
+    assert expected <= got, f"missing rejects: {expected - got}"
+    assert all(r.detail for r in result.rejects.itertuples()), "every reject must say why"
+    assert set(result.manifest["file"]) == set(good), "only the good images are accepted"
+
+    with pytest.raises(TooManyRejects, match=r"(?s)rejected .*By reason:.*Fix or remove") as info:
+        build_manifest([drop], max_reject_fraction=0.05)
+    assert "v0001/../outside.jpg: path_escape" in str(info.value), f"the run error must name the first bad files: {info.value}"
+
+
+def test_drop_without_ready_is_not_a_version(tmp_path: Path) -> None:
+    _drop(tmp_path / "v0001", {"a.jpg": _jpeg()}, "file,label\na.jpg,1\n", ready=False)
+    with pytest.raises(ValueError, match=r"'v0001' is not a ready drop.*v0001/_READY") as info:
+        drops_up_to(tmp_path, "v0001")
+    assert "ready: none" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face parquet drops
+
+
+def _image_struct(data: bytes | None) -> dict:
+    return {"bytes": data, "path": "x.jpg"}
+
+
+def _shard(drop: Path, table: pa.Table) -> Path:
+    (drop / "data").mkdir(parents=True, exist_ok=True)
+    path = drop / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(table, path)
+    (drop / "_READY").touch()
+    return path
+
+
+@pytest.mark.parametrize(
+    "table, match",
+    [
+        (
+            pa.table({"img": [_image_struct(_jpeg())], "label": [1]}),
+            r"has columns \['img', 'label'\].*`image`",
+        ),
+        (pa.table({"image": ["x.jpg"], "label": [1]}), r"column `image` has type string; expected a struct"),
+        (None, r"is not a readable parquet file"),
+    ],
+    ids=["missing-image-column", "image-column-wrong-type", "not-parquet"],
+)
+def test_parquet_structure_errors_name_the_shard(tmp_path: Path, table, match: str) -> None:
+    drop = tmp_path / "v0001"
+    if table is None:
+        path = drop / "data" / "train.parquet"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"<html>rate limited</html>")
+    else:
+        path = _shard(drop, table)
+    with pytest.raises(ValueError, match=match) as info:
+        build_manifest([drop], fmt="hf_parquet")
+    assert str(path) in str(info.value), f"the error must name the shard: {info.value}"
+
+
+def test_parquet_bad_rows_are_rejected_by_row(tmp_path: Path) -> None:
+    good = [_image_struct(_jpeg((20 * i, 90, 40))) for i in range(4)]
+    table = pa.table(
+        {
+            "image": [
+                *good,
+                _image_struct(None),
+                _image_struct(b"\x00" * 64),
+                _image_struct(_jpeg((5, 5, 5))),
+            ],
+            "label": pa.array(["0", "1", "0", "1", "1", "0", "0.5"]),
+        }
+    )
+    drop = tmp_path / "v0001"
+    _shard(drop, table)
+    result = build_manifest([drop], fmt="hf_parquet", max_reject_fraction=1.0)
+    got = {(r.file, r.reason) for r in result.rejects.itertuples()}
+    shard = "data/train-00000-of-00001.parquet#row="
+    assert {(shard + "4", "unreadable"), (shard + "5", "unreadable"), (shard + "6", "bad_label")} <= got, got
+    assert len(result.manifest) == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# roadwork predict
+
+
+def _predict(bundle_dir: Path, images: list[str], stdin: str | None = None) -> tuple[int, list[dict], str]:
+    args = add_predict_arguments(argparse.ArgumentParser()).parse_args(["--bundle", str(bundle_dir), *images])
+    out, err = io.StringIO(), io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stderr(err):
+        code = run_predict(args, stdout=out, stdin=io.StringIO(stdin) if stdin is not None else None)
+    return code, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+
+def test_predict_bad_files_each_get_an_error_line_naming_them(tiny_bundle: dict, tmp_path: Path) -> None:
+    text = tmp_path / "readme.jpg"
+    text.write_text("not an image")
+    folder = tmp_path / "a_directory"
+    folder.mkdir()
+    missing = tmp_path / "nope.jpg"
+    good = str(tiny_bundle["images"][0])
+    inputs = [good, str(missing), str(text), str(folder), good]
+    code, lines, _ = _predict(tiny_bundle["bundle_dir"], inputs)
+    assert code == 1, "a bad image must make the exit code 1"
+    assert [line["image"] for line in lines] == inputs, "one line per input, in order"
+    for line, name in zip(lines[1:4], ["nope.jpg", "readme.jpg", "a_directory"], strict=True):
+        assert name in line.get("error", ""), f"the error line must name {name}: {line}"
+    assert "decision" in lines[0] and "decision" in lines[4], "good images are still predicted"
+
+
+def test_predict_stdin_bad_base64_and_non_image(tiny_bundle: dict) -> None:
+    good = base64.b64encode(tiny_bundle["images"][0].read_bytes()).decode()
+    stdin = f"{good}\n%%% not base64 %%%\n{base64.b64encode(b'hello').decode()}\n"
+    code, lines, _ = _predict(tiny_bundle["bundle_dir"], [], stdin)
+    assert code == 1 and [line["image"] for line in lines] == ["stdin:0", "stdin:1", "stdin:2"]
+    assert "stdin:1" in lines[1]["error"] and "base64" in lines[1]["error"]
+    assert "stdin:2" in lines[2]["error"] and "not a readable image" in lines[2]["error"]
+
+
+def test_predict_empty_stdin_says_so(tiny_bundle: dict) -> None:
+    code, lines, err = _predict(tiny_bundle["bundle_dir"], [], "")
+    assert lines == [], "no input, no prediction lines"
+    assert code == 1 and "no images" in err and "stdin" in err, (
+        f"empty stdin must be reported: {code} {err!r}"
+    )
+
+
+def test_predict_refuses_unusable_bundles_naming_them(tiny_bundle: dict, tmp_path: Path) -> None:
+    image = str(tiny_bundle["images"][0])
+    a_file = tmp_path / "bundle.tar"
+    a_file.write_bytes(b"not a directory")
+    for bundle_dir, expect in [
+        (tmp_path / "does-not-exist", "is not a directory"),
+        (a_file, "is not a directory"),
+        (tmp_path, "manifest.json is missing"),
+    ]:
+        code, lines, err = _predict(bundle_dir, [image])
+        assert code == 2 and lines == [], f"{bundle_dir}: expected exit 2 and no predictions"
+        assert str(bundle_dir) in err and expect in err, f"stderr must name {bundle_dir}: {err!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# bundle load
+
+
+def _copy_bundle(tiny_bundle: dict, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_bundle["bundle_dir"], tmp_path / "bundle"))
+
+
+def test_bundle_load_bad_schema_versions(tiny_bundle: dict, tmp_path: Path) -> None:
+    bundle_dir = _copy_bundle(tiny_bundle, tmp_path)
+    manifest_path = bundle_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for value, match in [
+        ("1", "expected an integer"),
+        (None, "expected an integer"),
+        (99, "Upgrade roadwork"),
+    ]:
+        doc = {**manifest, "schema_version": value}
+        doc["content_sha256"] = manifest_digest(doc)
+        manifest_path.write_text(json.dumps(doc))
+        with pytest.raises(BundleError, match=match) as info:
+            Bundle.load(bundle_dir)
+        assert str(manifest_path) in str(info.value)
+    manifest_path.write_text("[1, 2]")
+    with pytest.raises(BundleError, match="must hold a JSON object"):
+        Bundle.load(bundle_dir)
