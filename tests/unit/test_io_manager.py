@@ -1,0 +1,106 @@
+"""ArtifactIOManager storage: typed round trips, sha256 recorded, atomic replacement, no pickle."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from roadwork_core.calibration.calibrators import Calibrator
+from roadwork_core.io import atomic_dir, atomic_write_bytes, sha256_file
+from roadwork_resources.io_manager import (
+    MANIFEST,
+    ArtifactTypeError,
+    new_artifact_dir,
+    read_artifact,
+    write_artifact,
+)
+
+
+def test_dataframe_round_trip_keeps_list_columns(tmp_path):
+    df = pd.DataFrame({"image_id": ["a", "b"], "view_probs": [[0.1, 0.2], [0.3, 0.4]], "label": [0, 1]})
+    manifest = write_artifact(tmp_path / "t", df)
+    assert manifest["kind"] == "dataframe"
+    back = read_artifact(tmp_path / "t")
+    assert back["image_id"].tolist() == ["a", "b"]
+    assert [list(v) for v in back["view_probs"]] == [[0.1, 0.2], [0.3, 0.4]]
+
+
+def test_pydantic_round_trip_and_checksums(tmp_path):
+    cal = Calibrator(method="temperature", params={"temperature": 2.0})
+    manifest = write_artifact(tmp_path / "c", cal)
+    back = read_artifact(tmp_path / "c")
+    assert isinstance(back, Calibrator) and back == cal
+    for name, meta in manifest["files"].items():
+        assert sha256_file(tmp_path / "c" / name) == meta["sha256"], f"{name} checksum not recorded"
+
+
+def test_tensor_dict_and_json_round_trip(tmp_path):
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    write_artifact(tmp_path / "w", tensors)
+    assert torch.equal(read_artifact(tmp_path / "w")["w"], tensors["w"])
+    write_artifact(tmp_path / "j", {"a": [1, 2], "b": "x"})
+    assert read_artifact(tmp_path / "j") == {"a": [1, 2], "b": "x"}
+
+
+def test_directory_artifact_is_moved_when_scratch_and_copied_otherwise(tmp_path):
+    scratch = new_artifact_dir("bundle")
+    (scratch / "model.safetensors").write_bytes(b"abc")
+    write_artifact(tmp_path / "b", scratch)
+    assert not scratch.exists(), "a scratch directory must be moved, not left behind"
+    assert (read_artifact(tmp_path / "b") / "model.safetensors").read_bytes() == b"abc"
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "f.txt").write_text("x")
+    write_artifact(tmp_path / "k", keep)
+    assert keep.exists() and (read_artifact(tmp_path / "k") / "f.txt").read_text() == "x"
+
+
+def test_refuses_to_pickle_arbitrary_objects(tmp_path):
+    class Thing:
+        pass
+
+    with pytest.raises(ArtifactTypeError, match="never pickles"):
+        write_artifact(tmp_path / "x", Thing())
+    assert not (tmp_path / "x").exists()
+
+
+def test_refuses_to_load_classes_outside_roadwork(tmp_path):
+    write_artifact(tmp_path / "c", Calibrator(method="temperature", params={"temperature": 1.5}))
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    manifest["class"] = "os.system"
+    (tmp_path / "c" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactTypeError, match="only roadwork_core"):
+        read_artifact(tmp_path / "c")
+
+
+def test_missing_artifact_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="materialize the upstream asset"):
+        read_artifact(tmp_path / "nothing")
+
+
+def test_failed_write_leaves_previous_artifact_intact(tmp_path):
+    dest = tmp_path / "a"
+    write_artifact(dest, {"version": 1})
+
+    bad = {"version": 2, "bad": object()}  # not JSON: fails half-way through writing
+    with pytest.raises(ArtifactTypeError):
+        write_artifact(dest, bad)
+    assert read_artifact(dest) == {"version": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")], "temporary folder left behind"
+
+
+def test_atomic_helpers_replace_whole_files_and_dirs(tmp_path):
+    path = atomic_write_bytes(tmp_path / "f.bin", b"one")
+    atomic_write_bytes(path, b"two")
+    assert path.read_bytes() == b"two"
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("partial")
+        raise RuntimeError("crash while building")
+    assert not (tmp_path / "d").exists()
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("complete")
+    assert (tmp_path / "d" / "x").read_text() == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.bin"]
