@@ -6,6 +6,7 @@ from pydantic import Field
 
 from roadwork_assets._util import load_previous_version, md_table
 from roadwork_assets.partitions import dataset_version
+from roadwork_assets.types import ManifestTable, SplitsTable
 from roadwork_core.contracts import Split
 from roadwork_core.io import atomic_write_bytes
 from roadwork_resources.artifact_store import ArtifactStore
@@ -23,11 +24,12 @@ class ManifestConfig(dg.Config):
     partitions_def=dataset_version,
     group_name="data",
     kinds={"pandas", "parquet"},
+    dagster_type=ManifestTable,
     description="One row per accepted image of every drop up to this version; rejects listed with reasons.",
 )
 def image_manifest(
     context: dg.AssetExecutionContext, config: ManifestConfig, dataset: DatasetSource, store: ArtifactStore
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output:
     from roadwork_core.data.manifest import build_manifest
 
     drops = dataset.drops_for_version(context.partition_key)
@@ -78,12 +80,13 @@ class SplitSettings(dg.ConfigurableResource):
     partitions_def=dataset_version,
     group_name="data",
     kinds={"pandas"},
+    dagster_type=SplitsTable,
     description="image_id -> split (train / val_select / val_calib / val_test), near-duplicate groups kept together, "
     "sticky across versions.",
 )
 def splits(
     context: dg.AssetExecutionContext, split_settings: SplitSettings, image_manifest: pd.DataFrame
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output:
     from roadwork_core.data.splits import SplitConfig, assign_splits
 
     prev_version, previous = load_previous_version(context.instance, context.asset_key, context.partition_key)

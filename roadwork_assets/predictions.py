@@ -8,6 +8,7 @@ import pandas as pd
 from roadwork_assets._util import reader_metadata
 from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS
 from roadwork_assets.partitions import dataset_version
+from roadwork_assets.types import PredictionsTable
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_resources.gpu import GPUResource
 
@@ -22,6 +23,7 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
         partitions_def=dataset_version,
         group_name="predictions",
         kinds={"pytorch", "pandas"},
+        dagster_type=PredictionsTable,
         hooks=MLFLOW_HOOKS,
         description=f"Per-image logit, per-view probabilities and uncertainty features on {split.value} only.",
     )
@@ -31,7 +33,7 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
         gpu: GPUResource,
         splits: pd.DataFrame,
         classifier: Path,
-    ) -> dg.Output[pd.DataFrame]:
+    ) -> dg.Output:
         from roadwork_core.models.predict import predict_frame
         from roadwork_core.models.serialization import load_classifier
 
