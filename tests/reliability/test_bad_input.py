@@ -120,7 +120,9 @@ def test_bad_rows_are_rejected_each_naming_file_and_reason(tmp_path: Path) -> No
 
     with pytest.raises(TooManyRejects, match=r"(?s)rejected .*By reason:.*Fix or remove") as info:
         build_manifest([drop], max_reject_fraction=0.05)
-    assert "v0001/../outside.jpg: path_escape" in str(info.value), f"the run error must name the first bad files: {info.value}"
+    assert "v0001/../outside.jpg: path_escape" in str(info.value), (
+        f"the run error must name the first bad files: {info.value}"
+    )
 
 
 def test_drop_without_ready_is_not_a_version(tmp_path: Path) -> None:
