@@ -183,25 +183,25 @@ def test_daemon_turns_a_new_drop_into_a_partition_and_a_successful_run(
 ):
     monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(TINY_CONFIG))
     env = os.environ.copy()
+    # Create the SQLite storage and turn the sensor on before the daemon starts: two processes
+    # migrating a fresh SQLite store at once fail in alembic (seen when they raced).
+    instance = dg.DagsterInstance.get()
+    assert not instance.get_dynamic_partitions("dataset_version")
+    start = subprocess.run(
+        [dagster_bin("dagster"), "sensor", "start", "new_drop_sensor", "-m", "roadwork_assets.definitions"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert start.returncode == 0, f"dagster sensor start failed:\n{start.stderr[-3000:]}"
     log = e2e_home["tmp"] / "daemon.log"
     daemon = subprocess.Popen(
         [dagster_bin("dagster-daemon"), "run", "-m", "roadwork_assets.definitions"],
         cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        start = subprocess.run(
-            [dagster_bin("dagster"), "sensor", "start", "new_drop_sensor", "-m", "roadwork_assets.definitions"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert start.returncode == 0, f"dagster sensor start failed:\n{start.stderr[-3000:]}"
-        instance = dg.DagsterInstance.get()
-        sensor_origin = None
 
         def first_tick():
-            nonlocal sensor_origin
             states = [s for s in instance.all_instigator_state() if s.name == "new_drop_sensor"]
             if states:
-                sensor_origin = states[0]
                 return instance.get_ticks(states[0].instigator_origin_id, states[0].selector_id, limit=1)
             return None
 
