@@ -111,7 +111,7 @@ def explora_backbone(
         out_dim=config.out_dim,
         seed=gpu.seed,
     )
-    log_params(mlflow, {"explora": config.model_dump()})
+    log_params(mlflow, {"run_config": context.run.run_config, "explora": config.model_dump()})
     result = run_explora(
         backbone,
         uris,
@@ -240,7 +240,10 @@ def classifier(
         seed=gpu.seed,
         num_workers=config.num_workers,
     )
-    log_params(mlflow, {"classifier": config.model_dump(), "gpu": gpu.describe()})
+    log_params(
+        mlflow,
+        {"run_config": context.run.run_config, "classifier": config.model_dump(), "gpu": gpu.describe()},
+    )
 
     def on_epoch(row: dict) -> None:
         context.log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -109,11 +110,20 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert "classifier.mode" in run.data.params
+    assert run.data.params.get("run_config.ops.classifier.config.mode") == "head", (
+        "the run config is logged as params"
+    )
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(history)
     assert any(k.startswith("test_") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bundle", "evaluation_report"} <= artifacts, artifacts
+
+    # the bundle registered as MLflow model 'roadwork' loads through mlflow.pyfunc and predicts the same
+    model = mlflow.pyfunc.load_model("models:/roadwork/latest")
+    served = model.predict(pd.DataFrame({"image_b64": [base64.b64encode(Path(uri).read_bytes()).decode()]}))
+    assert served["decision"].iloc[0] == pred.decision
+    assert abs(served["p_roadwork"].iloc[0] - pred.p_roadwork) < 1e-6
 
 
 def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, rw_home):
@@ -139,22 +149,3 @@ def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, 
         and ev.asset_check_evaluation_data.asset_check_key.name == "check_min_per_class"
     )
     assert "more" in message, f"the failure must say how many more images are needed: {message}"
-
-
-def test_registered_pyfunc_model_serves_the_bundle(tiny_inbox, rw_home):
-    """The bundle registered as MLflow model 'roadwork' loads through mlflow.pyfunc and predicts."""
-    import base64
-
-    instance = _instance("v0001")
-    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
-    result = materialize(
-        "*", instance=instance, partition="v0001", resources=resources, run_config=tiny_run_config()
-    )
-    assert result.success
-    mlflow.set_tracking_uri(rw_home["mlflow_uri"])
-    model = mlflow.pyfunc.load_model("models:/roadwork/latest")
-    uri = _artifact(instance, "splits")["uri"].iloc[0]
-    out = model.predict(pd.DataFrame({"image_b64": [base64.b64encode(Path(uri).read_bytes()).decode()]}))
-    direct = Bundle.load(_artifact(instance, "bundle")).predict([uri])[0]
-    assert out["decision"].iloc[0] == direct.decision
-    assert abs(out["p_roadwork"].iloc[0] - direct.p_roadwork) < 1e-6
