@@ -1,0 +1,157 @@
+"""Shared plumbing for the benchmarks: side-by-side timing, machine facts, atomic JSON results.
+
+The machine is shared and noisy, so a benchmark never reports an absolute time on its own: it times
+A and B alternately inside one process (the order flips every repeat so that neither side always
+runs on a warmer cache), takes the ratio per repeat and reports the median over repeats.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roadwork_core.io import atomic_write_text
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_facts() -> dict:
+    """Cores, torch threads, device and load: what a reader needs to judge a figure."""
+    import torch
+
+    facts = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1m_5m_15m": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "when_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                facts["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return facts
+
+
+def machine_label(facts: dict, device: str = "cpu") -> str:
+    if device.startswith("cuda") and facts.get("cuda_device"):
+        return str(facts["cuda_device"])
+    return f"{facts['usable_cores']}-core CPU, {facts['torch_threads']} torch threads"
+
+
+@dataclass
+class SideBySide:
+    """Per-repeat seconds of A and B, and the per-repeat ratio `a / b` (so > 1 means B is faster)."""
+
+    a_seconds: list[float] = field(default_factory=list)
+    inner: int = 1  # calls per timed sample
+    b_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [a / b for a, b in zip(self.a_seconds, self.b_seconds, strict=True)]
+
+    @property
+    def median_ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    def as_dict(self) -> dict:
+        return {
+            "repeats": len(self.a_seconds),
+            "calls_per_sample": self.inner,
+            "a_seconds": [round(s, 6) for s in self.a_seconds],
+            "b_seconds": [round(s, 6) for s in self.b_seconds],
+            "ratios_a_over_b": [round(r, 4) for r in self.ratios],
+            "median_a_seconds": round(statistics.median(self.a_seconds), 6),
+            "median_b_seconds": round(statistics.median(self.b_seconds), 6),
+            "median_ratio_a_over_b": round(self.median_ratio, 4),
+            "min_ratio": round(min(self.ratios), 4),
+            "max_ratio": round(max(self.ratios), 4),
+        }
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def side_by_side(
+    a: Callable[[], object],
+    b: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+) -> SideBySide:
+    """Time `a` and `b` alternately `repeats` times after `warmup` untimed rounds of each.
+
+    Even repeats run A then B, odd repeats B then A. With `min_seconds` > 0 each timed sample calls
+    its function `inner` times in a row (the same count for A and B), chosen from the warm-up so the
+    slower side takes at least `min_seconds`: a millisecond call is otherwise all scheduler noise.
+    Reported seconds are per call.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    slowest = 0.0
+    for _ in range(max(1, warmup)):
+        slowest = max(slowest, timed(a), timed(b))
+    inner = max(1, math.ceil(min_seconds / slowest)) if min_seconds > 0 and slowest > 0 else 1
+
+    def run(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+
+    out = SideBySide(inner=inner)
+    for i in range(repeats):
+        if i % 2 == 0:
+            ta = run(a)
+            tb = run(b)
+        else:
+            tb = run(b)
+            ta = run(a)
+        out.a_seconds.append(ta)
+        out.b_seconds.append(tb)
+    return out
+
+
+def write_result(name: str, result: dict) -> Path:
+    """Write `bench/results/<name>.json` atomically and print where it went."""
+    path = RESULTS_DIR / f"{name}.json"
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
+    print(f"[bench] wrote {path}")
+    return path
+
+
+def read_result(name: str) -> dict | None:
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use all usable cores (2 on the shared machine) unless told otherwise; returns the count used."""
+    import torch
+
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
