@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import safetensors.torch
+import safetensors
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from roadwork_core.bundle.bundle import Bundle
 from roadwork_core.data.loading import load_canvas
@@ -81,14 +83,14 @@ def _reference(bundle: Bundle, train: pd.DataFrame, cache_dir: Path) -> tuple[np
     path = Path(cache_dir) / f"{key}.safetensors"
     if path.is_file():
         try:
-            cached = safetensors.torch.load(path.read_bytes())
+            cached = load_safetensors(path.read_bytes())
             emb, scores = cached["embeddings"].numpy(), cached["scores"].numpy()
             if len(emb) == len(scores) == len(train):
                 return emb, scores
         except (OSError, KeyError, safetensors.SafetensorError):
             pass  # unreadable or foreign cache entry: recompute and overwrite it
     emb, scores = embed_images(bundle, list(train["uri"].astype(str)))
-    data = safetensors.torch.save(
+    data = save_safetensors(
         {"embeddings": torch.from_numpy(emb), "scores": torch.from_numpy(scores)},
         metadata={"format": CACHE_FORMAT, "bundle_content_sha256": bundle.manifest.content_sha256},
     )
