@@ -12,6 +12,18 @@ from PIL import Image
 from roadwork_core.data.synthetic import make_demo_drop
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models on a 2-core box: intra-op threads only add contention (about 10x slower under load).
+    Subprocesses the tests start (CLI, webserver, daemon) choose their own threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_inbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An inbox holding one ready drop `v0001` of 48 synthetic scenes (+4 unlabelled)."""

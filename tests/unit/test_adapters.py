@@ -13,15 +13,6 @@ from roadwork_core.models.backbone import BackboneConfig, create_backbone
 TINY = ("vit_test_tiny", "vit_test_tiny_dinov3", "vit_test_tiny_dinov3_qkvb")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core box: intra-op threads only add contention (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _set_lora_b(model: torch.nn.Module, name_part: str = "", std: float = 0.1) -> int:
     """Make lora_B non-zero (peft initialises it to zero, so a fresh adapter is the identity)."""
     count = 0

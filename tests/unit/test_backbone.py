@@ -20,15 +20,6 @@ from roadwork_core.models.backbone import (
 TINY = ("vit_test_tiny", "vit_test_tiny_dinov3", "vit_test_tiny_dinov3_qkvb")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core box: intra-op threads only add contention (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_names_a_registered_timm_model(name: str) -> None:
     timm_name = PRESETS[name]["timm_name"]

@@ -22,15 +22,6 @@ from roadwork_core.models.predict import predict_frame, uncertainty_features
 D = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core box: intra-op threads only add contention (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _aggregator(name: str, topk: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
     return create_aggregator(name, D, topk=topk).eval()

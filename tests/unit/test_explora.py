@@ -32,15 +32,6 @@ from roadwork_core.training.explora import (
 DIM = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pretrained_like(model: torch.nn.Module) -> torch.nn.Module:
     """Random init sets LayerScale to 1e-5 (blocks ~ identity); trained DINO models are far from it."""
     with torch.no_grad():

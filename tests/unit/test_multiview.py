@@ -22,15 +22,6 @@ GEOMETRIES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core box: intra-op threads only add contention (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(("canvas", "grid", "overlap"), GEOMETRIES)
 def test_tiles_cover_every_pixel(canvas: int, grid: int, overlap: float) -> None:
     boxes = tile_boxes(canvas, MultiViewConfig(grid=grid, overlap=overlap))
