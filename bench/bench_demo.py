@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import machine_facts, write_result
+from bench.common import dagster_step_durations, machine_facts, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 600.0
@@ -89,16 +89,13 @@ def run_demo(n: int, root: Path) -> dict:
         m = re.search(pattern, text)
         if m:
             steps[key] = float(m.group(1))
-    # Per-step durations from the Dagster log lines ("... STEP_SUCCESS - Finished execution of step
-    # "x" in 1m 2s." style), kept as text: formats vary between Dagster versions.
-    step_lines = re.findall(r'Finished execution of step "([\w]+)" in ([^.]+(?:\.\d+)?[a-z]*)', text)
     return {
         "wall_seconds": round(wall, 1),
         "peak_tree_rss_mib": round(peak["max_tree_rss"] / 2**20, 1),
         "peak_single_process_rss_mib": round(peak["max_single_rss"] / 2**20, 1),
         "peak_single_process": peak["max_single_cmd"],
         "steps": steps,
-        "dagster_step_durations": dict(step_lines),
+        "dagster_step_durations": dagster_step_durations(text),
         "log": str(log_path),
     }
 

@@ -155,3 +155,26 @@ def set_threads(n: int | None = None) -> int:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
+
+
+def synthetic_rows(root: Path, n: int, version: str = "v0001", seed: int = 0, n_unlabelled: int = 0):
+    """A synthetic labels.csv drop of `n` scenes under `root` -> (manifest, splits) DataFrames.
+
+    Same path as the `image_manifest` and `splits` assets (build_manifest, assign_splits).
+    """
+    from roadwork_core.data.manifest import build_manifest
+    from roadwork_core.data.splits import SplitConfig, assign_splits
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    drop = Path(root) / version
+    if not (drop / "_READY").exists():
+        make_demo_drop(Path(root), version, n=n, seed=seed, n_unlabelled=n_unlabelled)
+    manifest = build_manifest([drop]).manifest
+    return manifest, assign_splits(manifest, SplitConfig())
+
+
+def dagster_step_durations(log_text: str) -> dict[str, str]:
+    """step name -> duration text from Dagster's 'Finished execution of step "x" in 1m2s.' log lines."""
+    import re
+
+    return dict(re.findall(r'Finished execution of step "(\w+)" in ([\dhms.]+?)\.?\s', log_text))

@@ -1,0 +1,223 @@
+"""The asset graph's roadwork_core calls from one plain script, no Dagster: the baseline that
+bench_orchestration compares `dagster asset materialize` against.
+
+It mirrors the assets in roadwork_assets/*.py call for call with the resolved config values that
+bench_orchestration writes (`--resolved`, the same YAML read through the assets' own Config
+classes): build_manifest -> assign_splits -> run_explora -> train_classifier -> predict_frame x3 ->
+fit_calibrator -> threshold / gate / SCRC policies -> export_bundle -> evaluate_bundle_on_test.
+Not mirrored: asset checks, MLflow logging, the IO manager's sha256 records (that is the overhead
+being measured).
+
+    python -m bench.direct_pipeline --resolved cfg.json --inbox DIR --version v0001 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+
+def _setup(gpu: dict) -> None:
+    """What GPUResource.setup does on CPU: threads and seeds."""
+    import numpy as np
+    import torch
+
+    if gpu["threads"] > 0:
+        torch.set_num_threads(gpu["threads"])
+    random.seed(gpu["seed"])
+    np.random.seed(gpu["seed"] % (2**32))
+    torch.manual_seed(gpu["seed"])
+
+
+def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from roadwork_core.bundle.export import export_bundle
+    from roadwork_core.calibration.calibrators import fit_calibrator
+    from roadwork_core.calibration.gate import fit_gate_policy
+    from roadwork_core.calibration.scrc import fit_scrc_policy
+    from roadwork_core.calibration.threshold import fit_threshold_policy
+    from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
+    from roadwork_core.data.drops import list_unlabelled
+    from roadwork_core.data.manifest import build_manifest
+    from roadwork_core.data.splits import SplitConfig, assign_splits
+    from roadwork_core.metrics.evaluate import evaluate_bundle_on_test
+    from roadwork_core.models.backbone import BackboneConfig, create_backbone
+    from roadwork_core.models.classifier import build_classifier
+    from roadwork_core.models.multiview import MultiViewConfig
+    from roadwork_core.models.predict import predict_frame
+    from roadwork_core.models.serialization import load_classifier, save_classifier
+    from roadwork_core.training.explora import ExploraConfig, run_explora
+    from roadwork_core.training.supervised import TrainConfig, train_classifier
+
+    ops, res = resolved["ops"], resolved["resources"]
+    gpu = res["gpu"]
+    device = "cpu"
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        times[name] = round(now - t, 3)
+        t = now
+
+    drops = [inbox / version]
+    mc = ops["image_manifest"]
+    manifest = build_manifest(
+        drops, min_size=mc["min_size"], max_reject_fraction=mc["max_reject_fraction"]
+    ).manifest
+    lap("image_manifest")
+    ss = res["split_settings"]
+    ratios = {k: ss[k] for k in ("train", "val_select", "val_calib", "val_test")}
+    splits = assign_splits(manifest, SplitConfig(ratios=ratios, radius=ss["radius"]))
+    by = {s: splits[splits["split"] == s].reset_index(drop=True) for s in ratios}
+    lap("splits")
+
+    ec = ops["explora_backbone"]
+    _setup(gpu)
+    uris = list(by["train"]["uri"])
+    if ec["use_unlabelled"]:
+        for drop in drops:
+            uris += list_unlabelled(drop)
+    if ec["max_images"]:
+        uris = uris[: ec["max_images"]]
+    backbone_cfg = BackboneConfig(**ec["backbone"], attn_backend=gpu["attn_backend"])
+    backbone = create_backbone(backbone_cfg)
+    keys = ("enabled", "epochs", "batch_size", "lr", "unfrozen_blocks", "lora_rank", "lora_alpha")
+    xcfg = ExploraConfig(
+        **{k: ec[k] for k in keys}, n_local_crops=ec["n_local_crops"], out_dim=ec["out_dim"], seed=gpu["seed"]
+    )
+    explora = run_explora(backbone, uris, xcfg, device=device)
+    (out / "explora").mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in explora.state_dict.items()},
+        str(out / "explora" / "backbone.safetensors"),
+    )
+    lap("explora_backbone")
+
+    cc = ops["classifier"]
+    _setup(gpu)
+    mv = MultiViewConfig(
+        grid=cc["grid"], overlap=cc["overlap"], include_global=cc["include_global"], hflip_tta=cc["hflip_tta"]
+    )
+    model = build_classifier(
+        backbone_cfg, mv, aggregator=cc["aggregator"], topk=cc["topk"], dropout=cc["dropout"]
+    )
+    model.backbone.load_state_dict(load_file(str(out / "explora" / "backbone.safetensors")))
+    tkeys = (
+        "mode",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "label_smoothing",
+        "ema_decay",
+    )
+    tkeys += ("patience", "balanced_sampling", "augment_max_level", "lora_r", "lora_alpha", "num_workers")
+    train_cfg = TrainConfig(**{k: cc[k] for k in tkeys}, seed=gpu["seed"])
+    result = train_classifier(
+        model,
+        by["train"],
+        by["val_select"],
+        train_cfg,
+        device=device,
+        precision=gpu["precision"],
+        checkpoint_dir=out / "checkpoints",
+        feature_cache_dir=out / "feature_cache",
+    )
+    save_classifier(out / "classifier", model, extra={"best_epoch": result.best_epoch})
+    lap("classifier")
+
+    preds = {}
+    for name, split in [("select", "val_select"), ("calib", "val_calib"), ("test", "val_test")]:
+        _setup(gpu)
+        clf = load_classifier(out / "classifier", device=device)
+        preds[name] = predict_frame(
+            clf, by[split], device=device, batch_size=ops[f"{name}_predictions"]["batch_size"]
+        )
+        lap(f"{name}_predictions")
+
+    def feats(frame) -> dict:
+        return {k: frame[k].to_numpy(float) for k in UNCERTAINTY_FEATURES}
+
+    cal_cfg = ops["calibrator"]
+    calib, select = preds["calib"], preds["select"]
+    labels = calib["label"].to_numpy(int)
+    calibrator, _ = fit_calibrator(
+        calib["logit"].to_numpy(float),
+        labels,
+        methods=tuple(cal_cfg["methods"]),
+        holdout_fraction=cal_cfg["holdout_fraction"],
+        seed=cal_cfg["seed"],
+    )
+    lap("calibrator")
+    p_calib = calibrator.transform(calib["logit"].to_numpy(float))
+    p_select = calibrator.transform(select["logit"].to_numpy(float))
+    tp = ops["threshold_policy"]
+    policies = {
+        "softmax": fit_threshold_policy(
+            p_calib, labels, target_fnr=tp["target_fnr"], target_fpr=tp["target_fpr"]
+        )
+    }
+    gp = ops["gate_policy"]
+    policies["gate"] = fit_gate_policy(
+        p_select, feats(select), select["label"].to_numpy(int), p_calib, feats(calib), labels,
+        target_fnr=gp["target_fnr"], target_fpr=gp["target_fpr"],
+    )  # fmt: skip
+    sp = ops["scrc_policy"]
+    policies["scrc"] = fit_scrc_policy(
+        p_calib, feats(calib)[sp["confidence_feature"]], labels, alpha=sp["alpha"], delta=sp["delta"],
+        mode=sp["mode"], target_coverage=sp["target_coverage"], bound=sp["bound"],
+        confidence_feature=sp["confidence_feature"],
+    )  # fmt: skip
+    lap("policies")
+
+    policy = policies[ops["bundle"]["release_policy"]]
+    bundle_dir = export_bundle(
+        out / "bundle",
+        classifier_dir=out / "classifier",
+        calibrator=calibrator,
+        policy=policy,
+        dataset_version=version,
+        upstream_versions={"dataset_version": version},
+        metrics_summary={},
+        code_version="bench",
+    )
+    lap("bundle")
+    rc = ops["evaluation_report"]
+    _setup(gpu)
+    test_rows = by["val_test"]
+    evaluate_bundle_on_test(
+        bundle_dir, test_rows, preds["test"], out / "report", levels=rc["robustness_levels"],
+        max_images=rc["robustness_max_images"], n_bootstrap=rc["n_bootstrap"], seed=rc["seed"], device=device,
+    )  # fmt: skip
+    lap("evaluation_report")
+    assert np.isfinite(p_calib).all(), "calibrated probabilities must be finite"
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--resolved", required=True)
+    parser.add_argument("--inbox", required=True)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    resolved = json.loads(Path(args.resolved).read_text())
+    t_imports = time.perf_counter()
+    times = run(resolved, Path(args.inbox), args.version, Path(args.out))
+    print(json.dumps({"steps": times, "in_process_seconds": round(time.perf_counter() - t_imports, 3),
+                      "since_main_seconds": round(time.perf_counter() - t0, 3)}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
