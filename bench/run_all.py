@@ -1,0 +1,178 @@
+"""`make bench`: run every benchmark in its own process, then write bench/results/README_TABLE.md.
+
+Each benchmark is a separate interpreter so that one's threads, caches and allocator state do not
+leak into the next. The end-to-end `make demo` run takes the longest (about 10 minutes with the
+default 2000 images on 2 cores); `--skip-demo` keeps its previous result, `--demo-n` shrinks it.
+
+    python -m bench.run_all [--only multiview bundle ...] [--skip-demo] [--demo-n 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import RESULTS_DIR, read_result
+from roadwork_core.io import atomic_write_text
+
+# name -> (module, result file, table row: what is compared, target text)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "multiview": ("bench.bench_multiview", "multiview"),
+    "bundle": ("bench.bench_bundle", "bundle"),
+    "feature_cache": ("bench.bench_feature_cache", "feature_cache"),
+    "scaling": ("bench.bench_scaling", "scaling"),
+    "orchestration": ("bench.bench_orchestration", "orchestration"),
+    "demo": ("bench.bench_demo", "demo"),
+}
+
+
+def _machine(result: dict, device: str = "cpu") -> str:
+    m = result.get("machine", {})
+    if device == "cuda" and m.get("cuda_device"):
+        return str(m["cuda_device"])
+    return (
+        f"{m.get('usable_cores')} cores ({m.get('cpu_model', 'CPU')}), {m.get('torch_threads')} torch threads"
+    )
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def table_rows() -> list[list[str]]:
+    rows: list[list[str]] = []
+    r = read_result("multiview")
+    if r:
+        for run in r["runs"]:
+            rows.append(
+                [
+                    "1. multi-view batched forward",
+                    f"one backbone call on {run['batch_images']}x{run['views_per_image']} views vs a loop over "
+                    f"{run['views_per_image']} views; {run['preset']} random init, {run['view_size']} px, {run['device']}",
+                    f"{run['speedup']:.2f}x (n={run['repeats']})",
+                    ">= 1.5x",
+                    _yes(run["speedup"] >= 1.5),
+                    _machine(r, run["device"]),
+                ]
+            )
+    r = read_result("bundle")
+    if r:
+        for run in r["runs"]:
+            rows.append(
+                [
+                    "2. bundle overhead",
+                    f"Bundle.predict on {run['batch_images']} 224x224 JPEGs vs raw backbone on "
+                    f"{run['crops_per_forward']} crops; {run['preset']}, {run['device']}",
+                    f"{run['throughput_ratio']:.2f} (n={run['repeats']})",
+                    ">= 0.9",
+                    _yes(run["throughput_ratio"] >= 0.9),
+                    _machine(r, run["device"]),
+                ]
+            )
+    r = read_result("feature_cache")
+    if r:
+        rows.append(
+            [
+                "3. head-mode feature cache",
+                f"head-mode epoch, empty cache vs warm cache; {r['preset']}, {r['n_train']} train + "
+                f"{r['n_select']} select images (one run: epoch 1 / later = {r['one_run_epoch1_over_median_later']:.1f}x)",
+                f"{r['ratio']:.1f}x (n={r['repeats']})",
+                ">= 20x",
+                _yes(r["met"]),
+                _machine(r),
+            ]
+        )
+    r = read_result("orchestration")
+    if r:
+        rows.append(
+            [
+                "4. orchestration overhead",
+                f"`dagster asset materialize` vs the same core calls in one script; {r['n_images']} images, "
+                f"{r['config']} (without start-up: {r['ratio_without_startup']:.2f}x)",
+                f"{r['ratio']:.2f}x (n={r['repeats']})",
+                "<= 1.15x",
+                _yes(r["met"]),
+                _machine(r),
+            ]
+        )
+    r = read_result("demo")
+    if r:
+        rows.append(
+            [
+                "5. end to end",
+                f"`make demo` ({r['n_images']} images) wall after set-up; peak RSS {r['peak_tree_rss_mib']:.0f} MiB "
+                f"(process tree)",
+                f"{r['wall_seconds'] / 60:.1f} min (n=1)",
+                "<= 10 min",
+                _yes(r["met"]),
+                _machine(r),
+            ]
+        )
+    r = read_result("scaling")
+    if r:
+        sizes = "/".join(str(s) for s in r["sizes"])
+        for kind in ("inference", "training"):
+            rows.append(
+                [
+                    f"6. scaling, {kind}",
+                    f"time vs images ({sizes}); log-log slope; {r['preset']}",
+                    f"n^{r[kind]['exponent']:.2f} (n={r['repeats']})",
+                    "~n^1 (linear)",
+                    _yes(r[kind]["exponent"] <= 1.15),
+                    _machine(r),
+                ]
+            )
+    return rows
+
+
+def write_table() -> Path:
+    header = ["benchmark", "what is compared", "median ratio", "target", "met?", "machine"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows()),
+        "",
+        "Every figure is a ratio of two things timed side by side in one process (A and B alternate "
+        "each repeat), median over n repeats; details, per-repeat figures and machine facts in "
+        "`bench/results/*.json`. Regenerate with `make bench`.",
+    ]
+    path = RESULTS_DIR / "README_TABLE.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    print(f"[bench] wrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
+    parser.add_argument("--skip-demo", action="store_true", help="keep the previous make-demo result")
+    parser.add_argument("--demo-n", type=int, default=2000)
+    parser.add_argument("--table-only", action="store_true", help="rewrite README_TABLE.md from the JSON")
+    args = parser.parse_args(argv)
+    failed = []
+    if not args.table_only:
+        names = args.only or [n for n in BENCHMARKS if not (args.skip_demo and n == "demo")]
+        for name in names:
+            module, _ = BENCHMARKS[name]
+            cmd = [sys.executable, "-m", module] + (["--n", str(args.demo_n)] if name == "demo" else [])
+            print(f"[bench] {' '.join(cmd)}", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, check=False)
+            print(
+                f"[bench] {name} finished in {time.perf_counter() - t0:.0f}s (exit {proc.returncode})",
+                flush=True,
+            )
+            if proc.returncode != 0:
+                failed.append(name)
+    write_table()
+    if failed:
+        print(f"[bench] failed: {failed}; their previous results (if any) are in the table", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
