@@ -90,6 +90,7 @@ def splits(
     from roadwork_core.data.splits import SplitConfig, assign_splits
 
     prev_version, previous = load_previous_version(context.instance, context.asset_key, context.partition_key)
+    _require_earlier_splits(context, prev_version)
     table = assign_splits(
         image_manifest,
         SplitConfig(ratios=split_settings.ratios(), radius=split_settings.radius),
@@ -104,6 +105,47 @@ def splits(
             "num_groups": int(table["group_id"].nunique()),
             "dagster/row_count": len(table),
         },
+    )
+
+
+_IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def _require_earlier_splits(context: dg.AssetExecutionContext, prev_version: str | None) -> None:
+    """Sticky splits need every earlier version's splits first: an earlier version still without
+    them would later be assigned without knowing this one, and an image could differ between the two.
+    Wait (retry) while such a version is being materialized by another run; otherwise fail, saying what to do."""
+    current = context.partition_key
+    missing = [
+        v
+        for v in sorted(context.instance.get_dynamic_partitions(dataset_version.name))
+        if (prev_version or "") < v < current
+    ]
+    if not missing:
+        return
+    running = [
+        v
+        for v in missing
+        if context.instance.get_runs_count(
+            dg.RunsFilter(statuses=_IN_PROGRESS, tags={"dagster/partition": v})
+        )
+    ]
+    if running:
+        context.log.info(
+            f"waiting for the splits of earlier version(s) {running}, being materialized by other runs"
+        )
+        raise dg.RetryRequested(max_retries=60, seconds_to_wait=10)
+    raise dg.Failure(
+        description=(
+            f"splits for {current} must stay sticky to the earlier dataset version(s) {missing}, whose splits were "
+            f"never materialized. Materialize `splits` for {missing} first (oldest first), or delete those "
+            f"partitions if the drops are gone."
+        )
     )
 
 

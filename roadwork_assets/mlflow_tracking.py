@@ -46,8 +46,13 @@ def _sqlite_init_lock(tracking_uri: str | None) -> Iterator[None]:
 @dg.resource(config_schema=mlflow_tracking.config_schema, description=mlflow_tracking.description)
 def _mlflow_tracking(context: dg.InitResourceContext):
     """dagster-mlflow's `mlflow_tracking`, opened under `_sqlite_init_lock`."""
+    import mlflow
     from dagster_mlflow.resources import MlFlow
 
+    # A run left active in this process by an earlier Dagster run (same interpreter: tests, a
+    # notebook, `dg.materialize` twice) may live in another store; dagster-mlflow would adopt it.
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
     with _sqlite_init_lock(context.resource_config.get("mlflow_tracking_uri")):
         mlf = MlFlow(context)
     yield mlf

@@ -76,3 +76,29 @@ def test_partitions_command_adds_and_lists_versions(rw_home, capsys):
     out = capsys.readouterr().out
     assert "added ['v0003', 'v0002']" in out and "nothing (all present)" in out
     assert sorted(dg.DagsterInstance.get().get_dynamic_partitions("dataset_version")) == ["v0002", "v0003"]
+
+
+def test_splits_refuse_to_skip_an_unmaterialized_earlier_version(tmp_path, rw_home):
+    """v0002's sticky splits need v0001's: with v0001 registered but never split, v0002 fails and says so."""
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    make_demo_drop(inbox, "v0001", n=40, seed=21)
+    make_demo_drop(inbox, "v0002", n=40, seed=22)
+    instance = _instance("v0001")
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = {"resources": tiny_run_config()["resources"]}
+    result = materialize(
+        ["image_manifest", "splits"],
+        instance=instance,
+        partition="v0002",
+        resources=resources,
+        run_config=config,
+    )
+    assert not result.success
+    failure = next(
+        ev for ev in result.all_events if ev.event_type_value == "STEP_FAILURE" and ev.step_key == "splits"
+    )
+    message = str(failure.event_specific_data.error)
+    assert "v0001" in message and "Materialize `splits`" in message, message
