@@ -78,10 +78,11 @@ def summarize(instance: dg.DagsterInstance, version: str) -> Path:
     print(
         f"dataset version {version}: {manifest.get('num_images')} images accepted, {manifest.get('num_rejected')} rejected"
     )
+    speedup = clf.get("cache_speedup_first_vs_later_epochs")
     print(
-        f"classifier: mode {clf.get('mode')}, best epoch {clf.get('best_epoch')}, val_select MCC "
-        f"{clf.get('best_select_mcc', float('nan')):.3f}, head-mode cache speed-up (epoch 1 vs later) "
-        f"{clf.get('cache_speedup_first_vs_later_epochs', float('nan')):.1f}x"
+        f"classifier: mode {clf.get('mode')}, best epoch {clf.get('best_epoch')} of {clf.get('epochs_run')}, "
+        f"val_select MCC {clf.get('best_select_mcc', float('nan')):.3f}"
+        + (f", feature cache: epoch 1 / later epochs = {speedup:.0f}x" if speedup else "")
     )
     print(f"bundle ({bundle_meta.get('release_policy')} policy) at {bundle_dir}")
     print(f"  guarantee: {bundle_meta.get('guarantee')}")
@@ -139,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-unlabelled", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument(
+        "--no-ablation",
+        dest="ablation",
+        action="store_false",
+        help="skip the ExPLoRA head-probe ablation at the end",
+    )
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -149,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     materialize(args.version, Path(args.config))
     bundle_dir = summarize(instance, args.version)
     predict_demo(bundle_dir, drop)
+    if args.ablation:
+        from roadwork_assets import ablation
+
+        print(
+            "\n[demo] python -m roadwork_assets.ablation --partition " + args.version + " -c " + args.config
+        )
+        ablation.main(["--partition", args.version, "-c", args.config])
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -28,7 +28,7 @@ def test_ablation_prints_both_select_mcc(tiny_inbox, rw_home, capsys):
         },
     )
     assert result.success
-    assert ablation.main(["--partition", "v0001", "-c", str(TINY_CONFIG)]) == 0
+    assert ablation.main(["--partition", "v0001", "-c", str(TINY_CONFIG), "--epochs", "3"]) == 0
     out = capsys.readouterr().out
     base = re.search(r"base weights:\s+(-?[\d.]+)", out)
     explora = re.search(r"ExPLoRA weights:\s+(-?[\d.]+)", out)
@@ -36,3 +36,4 @@ def test_ablation_prints_both_select_mcc(tiny_inbox, rw_home, capsys):
     assert -1.0 <= float(base.group(1)) <= 1.0 and -1.0 <= float(explora.group(1)) <= 1.0
     # the two probes differ only in the backbone weights: ExPLoRA changed them
     assert "difference" in out
+    assert "head-mode feature cache" in out and "ran 0 backbone forwards" in out, out
