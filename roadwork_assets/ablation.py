@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  val_select MCC, base weights:    {mcc_base:.4f}")
     print(f"  val_select MCC, ExPLoRA weights: {mcc_explora:.4f}")
     print(f"  difference (ExPLoRA - base):     {mcc_explora - mcc_base:+.4f}")
+    base_state = base.state_dict()
+    moved = max(float((explora_state[k].float() - base_state[k].float()).abs().max()) for k in base_state)
+    print(f"  largest weight change made by ExPLoRA: {moved:.2e}")
     print(
         f"  head-mode feature cache: epoch 1 / later epochs = {cache_speedup(base_run):.0f}x (base), "
         f"{cache_speedup(explora_run):.0f}x (ExPLoRA); later epochs ran "

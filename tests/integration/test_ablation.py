@@ -35,5 +35,5 @@ def test_ablation_prints_both_select_mcc(tiny_inbox, rw_home, capsys):
     assert base and explora, out
     assert -1.0 <= float(base.group(1)) <= 1.0 and -1.0 <= float(explora.group(1)) <= 1.0
     # the two probes differ only in the backbone weights: ExPLoRA changed them
-    assert "difference" in out
+    assert "difference" in out and "largest weight change" in out
     assert "head-mode feature cache" in out and "ran 0 backbone forwards" in out, out
