@@ -37,17 +37,23 @@ SPLIT_CONTRACT: dict[str, SplitRule] = {
         frozenset({Split.TRAIN, Split.VAL_SELECT}),
         "training reads train; early stopping and checkpoint choice read val_select",
     ),
-    "select_predictions": SplitRule(frozenset({Split.VAL_SELECT}), "predictions read exactly their own split"),
+    "select_predictions": SplitRule(
+        frozenset({Split.VAL_SELECT}), "predictions read exactly their own split"
+    ),
     "calib_predictions": SplitRule(frozenset({Split.VAL_CALIB}), "predictions read exactly their own split"),
     "test_predictions": SplitRule(frozenset({Split.VAL_TEST}), "predictions read exactly their own split"),
     "calibrator": SplitRule(frozenset({Split.VAL_CALIB}), "calibration is fitted on val_calib only"),
-    "threshold_policy": SplitRule(frozenset({Split.VAL_CALIB}), "policy thresholds are set on val_calib only"),
+    "threshold_policy": SplitRule(
+        frozenset({Split.VAL_CALIB}), "policy thresholds are set on val_calib only"
+    ),
     "gate_policy": SplitRule(
         frozenset({Split.VAL_SELECT, Split.VAL_CALIB}),
         "the failure predictor is fitted on val_select and thresholded on val_calib",
     ),
     "scrc_policy": SplitRule(frozenset({Split.VAL_CALIB}), "conformal calibration uses val_calib only"),
-    "bundle": SplitRule(frozenset({Split.VAL_CALIB}), "the bundle's decision summary is measured on val_calib"),
+    "bundle": SplitRule(
+        frozenset({Split.VAL_CALIB}), "the bundle's decision summary is measured on val_calib"
+    ),
     "evaluation_report": SplitRule(frozenset({Split.VAL_TEST}), "final evaluation reads val_test only"),
 }
 
