@@ -97,3 +97,17 @@ def e2e_home(tmp_path, monkeypatch) -> Iterator[dict]:
     monkeypatch.delenv("ROADWORK_RUN_CONFIG", raising=False)
     monkeypatch.delenv("ROADWORK_MONITOR_DIR", raising=False)
     yield {"home": home, "state": state, "inbox": inbox, "tmp": tmp_path}
+
+
+def mlflow_statuses(state: Path, dagster_run_id: str) -> list[str]:
+    """Statuses of the MLflow runs tagged with this Dagster run (in the e2e home's SQLite store)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("roadwork")
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.dagster_run_id = '{dagster_run_id}'"
+    )
+    return [r.info.status for r in runs]

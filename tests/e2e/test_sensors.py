@@ -19,7 +19,7 @@ from roadwork_core.data.synthetic import make_demo_drop
 from roadwork_core.metrics.drift import psi
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.io_manager import write_artifact
-from tests.e2e.conftest import REPO, TINY_CONFIG, dagster_bin, stop_process, wait_for
+from tests.e2e.conftest import REPO, TINY_CONFIG, dagster_bin, mlflow_statuses, stop_process, wait_for
 from tests.unit.test_drift import build_tiny_bundle, shifted_copies, splits_for
 
 torch.set_num_threads(1)
@@ -226,5 +226,8 @@ def test_daemon_turns_a_new_drop_into_a_partition_and_a_successful_run(
             limit=1,
         ).records
         assert report, "the sensor-launched run did not materialize evaluation_report"
+        assert mlflow_statuses(e2e_home["state"], run.run_id) == ["FINISHED"], (
+            "MLflow run of a sensor-launched run"
+        )
     finally:
         stop_process(daemon, log)

@@ -19,6 +19,7 @@ from tests.e2e.conftest import (
     REPO,
     dagster_bin,
     free_port,
+    mlflow_statuses,
     stop_process,
     tiny_run_config,
     wait_for,
@@ -114,5 +115,24 @@ def test_webserver_launches_a_materialization_and_reports_checks(e2e_home, tiny_
             {"assetKey": {"path": ["bundle"]}, "checkName": "check_bundle_one_policy"},
         )
         assert data["assetCheckExecutions"][0]["status"] == "SUCCEEDED", data
+        assert mlflow_statuses(e2e_home["state"], run_id) == ["FINISHED"], (
+            "MLflow run of a UI-launched success"
+        )
+
+        # a UI-launched run that fails (an invalid classifier mode): its MLflow run ends FAILED
+        bad = tiny_run_config()
+        bad["ops"]["classifier"]["config"]["mode"] = "not_a_mode"
+        failing = client.submit_job_execution(
+            "retrain_job", run_config=bad, tags={"dagster/partition": "v0001"}
+        )
+        status = wait_for(
+            lambda: (s := client.get_run_status(failing)) in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE,
+                                                             dg.DagsterRunStatus.CANCELED) and s,
+            150, f"run {failing} to finish",
+        )  # fmt: skip
+        assert status == dg.DagsterRunStatus.FAILURE, f"the invalid run ended {status}"
+        assert mlflow_statuses(e2e_home["state"], failing) == ["FAILED"], (
+            "MLflow run of a UI-launched failure"
+        )
     finally:
         stop_process(server, log)
