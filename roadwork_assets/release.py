@@ -28,20 +28,6 @@ class BundleConfig(dg.Config):
     release_policy: str = Field("scrc", description="the one policy shipped: softmax | gate | scrc")
 
 
-def code_version() -> str:
-    import subprocess
-
-    import roadwork_core
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return f"roadwork {roadwork_core.__version__}" + (f" ({commit})" if commit else "")
-
-
 @dg.asset(
     partitions_def=dataset_version,
     group_name="release",
@@ -95,7 +81,6 @@ def bundle(
         dataset_version=context.partition_key,
         upstream_versions={"dataset_version": context.partition_key, "artifact_sha256": upstream},
         metrics_summary={f"calib_{k}": v for k, v in summary.items()},
-        code_version=code_version(),
     )
     log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
     return dg.Output(

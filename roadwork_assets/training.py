@@ -25,7 +25,7 @@ class BackboneSettings(dg.Config):
     weights_file: str | None = Field(
         None, description="local weight file (safetensors / .pth); overrides the hub"
     )
-    pooling: str | None = Field(None, description="token (CLS) | avg; default per preset")
+    pooling: str | None = Field(None, description="token (CLS) | avg | max; default per preset")
     img_size: int | None = Field(None, description="backbone input size; default per preset")
     grad_checkpointing: bool = False
 

@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+import roadwork_core
 from roadwork_assets.definitions import build_resources
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.bundle.bundle import Bundle
@@ -80,6 +81,7 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
     assert manifest["dataset_version"] == "v0001"
     assert manifest["policy"] == "scrc"
+    assert manifest["code_version"]["roadwork"] == roadwork_core.__version__
     uri = result.output_for_node("splits")["uri"].iloc[0]
     pred = bundle.predict([uri])[0]
     assert 0.0 <= pred.p_roadwork <= 1.0 and pred.decision in {"roadwork", "no_roadwork", "defer"}
