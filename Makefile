@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements.lock
 export ROADWORK_STATE ?= $(CURDIR)/state
 export ROADWORK_INBOX ?= $(CURDIR)/data/inbox
 export DAGSTER_HOME ?= $(ROADWORK_STATE)/dagster_home
@@ -15,15 +16,36 @@ DEMO_VERSION ?= v0001
 DEMO_N ?= 2000
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test ui lint bench clean-state
+.PHONY: venv lock check-env demo test ui lint bench clean-state
 
-$(STAMP): pyproject.toml
+# Install exactly the lock (every transitive dependency pinned), then the project itself without
+# resolving anything (--no-deps, and no isolated build env that would fetch the newest setuptools).
+$(STAMP): pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --disable-pip-version-check "$$(grep -E '^pip==' $(LOCK))"
+	$(PY) -m pip install -r $(LOCK)
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	$(PY) tools/lockfile.py check $(LOCK)
 	touch $(STAMP)
 
-venv: $(STAMP)
+# Re-sync .venv with the lock (also after a failed `make check-env`).
+venv:
+	rm -f $(STAMP)
+	$(MAKE) $(STAMP)
+
+# Deliberate upgrade: resolve pyproject.toml (+dev) afresh in a throw-away venv and pin the result.
+# Review the diff of requirements.lock and commit it; see README "Dependencies".
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --upgrade pip setuptools wheel
+	.lock-venv/bin/python -m pip install '.[dev]'
+	.lock-venv/bin/python -m pip uninstall -y roadwork
+	.lock-venv/bin/python tools/lockfile.py write $(LOCK)
+	rm -rf .lock-venv
+
+check-env: $(STAMP)
+	$(PY) tools/lockfile.py check $(LOCK)
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME) $(ROADWORK_INBOX)
@@ -34,7 +56,7 @@ home: $(DAGSTER_HOME)/dagster.yaml
 demo: $(STAMP) home
 	$(PY) -m roadwork_assets.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
 
-test: $(STAMP)
+test: check-env
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 ui: $(STAMP) home
