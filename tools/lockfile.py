@@ -118,7 +118,9 @@ def check(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=["write", "check"])
     parser.add_argument("lock", type=Path, nargs="?", default=Path("requirements.lock"))
     args = parser.parse_args(argv)
