@@ -21,6 +21,8 @@ import torch
 import torchmetrics.functional.classification as tmf
 from netcal.metrics import ACE
 
+from roadwork_core.contracts.labels import HARD_LABEL_THRESHOLD, hard_label
+
 N_CALIBRATION_BINS = 15
 # log loss clips probabilities the way sklearn does for float64 (machine epsilon)
 _NLL_EPS = float(np.finfo(np.float64).eps)
@@ -94,10 +96,13 @@ def _ace(p: np.ndarray, labels: np.ndarray) -> float:
         return float(ACE(bins=N_CALIBRATION_BINS).measure(p, labels))
 
 
-def classification_metrics(p: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def classification_metrics(
+    p: np.ndarray, labels: np.ndarray, threshold: float = HARD_LABEL_THRESHOLD
+) -> dict[str, float]:
     """Point metrics of calibrated probabilities `p` (N,) against 0/1 `labels` (N,).
 
-    Keys: METRIC_NAMES. Hard prediction is `p >= threshold`. NaN where a metric is undefined.
+    Keys: METRIC_NAMES. Hard prediction is `hard_label(p, threshold)`, p > threshold (0.5 counts as
+    no_roadwork, as in torchmetrics and the validator's np.round). NaN where a metric is undefined.
     """
     p, y = validate_probabilities(p, labels)
     n = int(p.shape[0])
@@ -108,7 +113,7 @@ def classification_metrics(p: np.ndarray, labels: np.ndarray, threshold: float =
     n_pos = int(y.sum())
     both_classes = 0 < n_pos < n
     preds, target = torch.from_numpy(p), torch.from_numpy(y)
-    pred_pos = int((p >= threshold).sum())
+    pred_pos = int(hard_label(p, threshold).sum())
 
     out["positive_rate"] = n_pos / n
     with _torch_single_thread():

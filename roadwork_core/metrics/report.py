@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta
 
+from roadwork_core.contracts.labels import hard_label
 from roadwork_core.io import atomic_write_bytes, atomic_write_text
 from roadwork_core.metrics import plots
 from roadwork_core.metrics.bootstrap import bootstrap_ci
@@ -173,7 +174,7 @@ def point_metrics(
 ) -> dict[str, float]:
     """Classification metrics + AUGRC (and its optimum / excess) + the policy's decision summary."""
     out: dict[str, float] = dict(classification_metrics(p, labels))
-    correct = (np.asarray(p) >= 0.5) == (np.asarray(labels) == 1)
+    correct = hard_label(p) == (np.asarray(labels) == 1)
     error_rate = 1.0 - float(correct.mean()) if correct.size else math.nan
     out["error_rate"] = error_rate
     out["augrc"] = augrc(confidence, correct)
@@ -310,7 +311,7 @@ def build_evaluation_report(
     n = len(test)
     metrics["n"] = {"value": n, "low": n, "high": n, "n_valid": n_bootstrap}
 
-    correct = (p >= 0.5) == (labels == 1)
+    correct = hard_label(p) == (labels == 1)
     rc = risk_coverage_table(confidence, correct)
     slices = slice_metrics(
         test, p_col, LABEL_COL, decision_col, columns=slice_columns, min_count=min_slice_count

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from roadwork_core.contracts.labels import hard_label
 from roadwork_core.metrics import (
     METRIC_NAMES,
     augrc,
@@ -42,7 +43,7 @@ def _scores(n: int, seed: int = 0, separation: float = 1.5) -> tuple[np.ndarray,
 def test_classification_metrics_match_sklearn():
     p, y = _scores(400, seed=1)
     m = classification_metrics(p, y)
-    hard = (p >= 0.5).astype(int)
+    hard = hard_label(p).astype(int)
     refs = {
         "accuracy": skm.accuracy_score(y, hard),
         "mcc": skm.matthews_corrcoef(y, hard),
@@ -87,7 +88,7 @@ def test_reward_proxy_is_the_network_formula():
     assert reward_proxy(1.0, 1.0) == 1.0
     p, y = _scores(300, seed=3)
     m = classification_metrics(p, y)
-    hard = (p >= 0.5).astype(int)
+    hard = hard_label(p).astype(int)
     expected = (0.5 * skm.matthews_corrcoef(y, hard) + 0.5 * skm.accuracy_score(y, hard)) ** 3
     assert m["reward_proxy"] == pytest.approx(expected, abs=1e-5)
 
@@ -186,7 +187,7 @@ def test_selective_summary_counts():
 
 def test_bootstrap_ci_contains_point_and_narrows_with_n():
     def acc(p, y):
-        return float(np.mean((p >= 0.5) == y))
+        return float(np.mean(hard_label(p) == y))
 
     widths = []
     for n in (200, 5000):
@@ -206,7 +207,7 @@ def test_bootstrap_ci_dict_stats_seeded_and_nan_safe():
     def stats(p, y):
         pos = y == 1
         return {
-            "acc": float(np.mean((p >= 0.5) == y)),
+            "acc": float(np.mean(hard_label(p) == y)),
             "fnr": float(np.mean(p[pos] < 0.5)) if pos.any() else math.nan,
         }
 
@@ -250,7 +251,9 @@ def test_slice_metrics_drop_small_groups_and_pick_metadata_columns():
     night = s[(s["column"] == "time_of_day") & (s["value"] == "night")].iloc[0]
     part = df[df["time_of_day"] == "night"]
     assert night["n"] == len(part)
-    assert night["accuracy"] == pytest.approx(np.mean((part["p_roadwork"] >= 0.5) == part["label"]), abs=1e-6)
+    assert night["accuracy"] == pytest.approx(
+        np.mean(hard_label(part["p_roadwork"].to_numpy()) == part["label"]), abs=1e-6
+    )
     assert night["fnr"] == pytest.approx(selective_summary(part["decision"], part["label"])["fnr"])
     assert slice_metrics(df, "p_roadwork", "label", "decision", min_count=10_000).empty
 
@@ -266,7 +269,7 @@ def test_slice_metrics_names_missing_columns():
 def test_plots_return_png_bytes(tmp_path):
     df = _slice_table(300)
     p, y = df["p_roadwork"].to_numpy(), df["label"].to_numpy()
-    correct = (p >= 0.5) == y
+    correct = hard_label(p) == y
     slices = slice_metrics(df, "p_roadwork", "label", "decision")
     rob = pd.DataFrame(
         {"level": [0, 1, 2, 3], "accuracy": [0.9, 0.85, 0.8, 0.7], "mcc": [0.8, 0.7, 0.6, 0.4]}

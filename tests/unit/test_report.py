@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from roadwork_core.contracts.labels import hard_label
 from roadwork_core.metrics import (
     EvaluationReport,
     augrc,
@@ -64,7 +65,7 @@ def test_report_metrics_have_cis_and_match_direct_computation(report):
     sel = selective_summary(test["decision"], test["label"])
     for name in ("coverage", "fnr", "fpr", "selective_accuracy"):
         assert m[name]["value"] == pytest.approx(sel[name]), name
-    correct = (test["p_roadwork"] >= 0.5) == test["label"]
+    correct = hard_label(test["p_roadwork"].to_numpy()) == test["label"]
     assert m["augrc"]["value"] == pytest.approx(augrc(test["confidence"], correct))
     pi = 1 - correct.mean()
     assert m["augrc_optimal"]["value"] == pytest.approx(0.5 * pi**2)
