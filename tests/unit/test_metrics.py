@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from roadwork_core.calibration import expected_calibration_error
 from roadwork_core.contracts.labels import hard_label
 from roadwork_core.metrics import (
     METRIC_NAMES,
@@ -66,20 +67,29 @@ def test_classification_metrics_threshold_is_used():
     assert classification_metrics(p, y, threshold=0.3)["accuracy"] == pytest.approx(1.0)
 
 
-def test_ece_and_mce_match_a_hand_binned_reference():
-    p, y = _scores(600, seed=2, separation=0.7)
-    m = classification_metrics(p, y)
-    bins = np.clip(np.ceil(p * 15).astype(int) - 1, 0, 14)  # right-closed equal-width bins
+def _hand_binned(score: np.ndarray, outcome: np.ndarray) -> tuple[float, float]:
+    """(ECE, MCE): |mean score - mean outcome| per 15 equal-width bins [k/15, (k+1)/15)."""
+    bins = np.clip(np.floor(score * 15).astype(int), 0, 14)
     gaps, weights = [], []
     for b in range(15):
         sel = bins == b
         if sel.any():
-            gaps.append(abs(p[sel].mean() - y[sel].mean()))
+            gaps.append(abs(score[sel].mean() - outcome[sel].mean()))
             weights.append(sel.mean())
-    assert m["ece"] == pytest.approx(float(np.dot(gaps, weights)), abs=1e-4), (
-        "ECE differs from 15-bin reference"
+    return float(np.dot(gaps, weights)), max(gaps)
+
+
+def test_ece_and_mce_are_top_label_confidence_against_correctness():
+    p, y = _scores(600, seed=2, separation=0.7)
+    m = classification_metrics(p, y)
+    top_ece, top_mce = _hand_binned(np.maximum(p, 1.0 - p), (hard_label(p) == y).astype(float))
+    p_ece, _ = _hand_binned(p, y.astype(float))  # p against the label: what the docs do NOT mean
+    assert abs(top_ece - p_ece) > 0.01, f"test data must tell the two ECEs apart: {top_ece} vs {p_ece}"
+    assert m["ece"] == pytest.approx(top_ece, abs=1e-4), f"ECE {m['ece']} != top-label reference {top_ece}"
+    assert m["mce"] == pytest.approx(top_mce, abs=1e-4), "MCE differs from the largest top-label bin gap"
+    assert expected_calibration_error(p, y) == pytest.approx(m["ece"], abs=1e-6), (
+        "the calibrator's ECE and the report's ECE must be one number"
     )
-    assert m["mce"] == pytest.approx(max(gaps), abs=1e-4), "MCE differs from the largest bin gap"
     assert 0.0 <= m["ace"] <= 1.0, f"ACE {m['ace']} outside [0, 1]"
 
 
