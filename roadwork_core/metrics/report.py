@@ -288,6 +288,7 @@ def build_evaluation_report(
     p_col: str = "p_roadwork",
     decision_col: str = "decision",
     confidence_col: str = "confidence",
+    group_col: str = "group_id",
     policy_guarantee: dict | None = None,
     robustness: dict[int, pd.DataFrame] | None = None,
     n_bootstrap: int = 1000,
@@ -304,9 +305,21 @@ def build_evaluation_report(
     if conf_source != confidence_col:
         notes.append(f"no '{confidence_col}' column: risk-coverage ranks images by {conf_source}")
 
-    # metrics with CIs: every statistic is resampled from the same seeded index draws
+    # metrics with CIs: every statistic is resampled from the same seeded index draws, by
+    # near-duplicate group when the table says which images belong together
+    groups = test[group_col].to_numpy() if group_col in test.columns else None
+    if groups is None:
+        notes.append(f"no '{group_col}' column: the bootstrap resamples images, not near-duplicate groups")
     metrics = bootstrap_ci(
-        point_metrics, p, labels, decisions, confidence, n_resamples=n_bootstrap, seed=seed, level=level
+        point_metrics,
+        p,
+        labels,
+        decisions,
+        confidence,
+        n_resamples=n_bootstrap,
+        seed=seed,
+        level=level,
+        groups=groups,
     )
     n = len(test)
     metrics["n"] = {"value": n, "low": n, "high": n, "n_valid": n_bootstrap}
@@ -345,6 +358,8 @@ def build_evaluation_report(
             "decision_col": decision_col,
             "confidence": conf_source,
             "n_bootstrap": n_bootstrap,
+            "bootstrap_unit": group_col if groups is not None else "image",
+            "bootstrap_n_units": int(np.unique(groups).size) if groups is not None else len(test),
             "seed": seed,
             "level": level,
             "min_slice_count": min_slice_count,

@@ -230,6 +230,34 @@ def test_bootstrap_ci_dict_stats_seeded_and_nan_safe():
         bootstrap_ci(stats, p, y[:-1])
 
 
+def test_bootstrap_by_group_resamples_whole_near_duplicate_groups():
+    # 40 groups of 10 near-copies: one prediction and one label per group, repeated.
+    p_group, y_group = _scores(40, seed=6)
+    p, y, groups = np.repeat(p_group, 10), np.repeat(y_group, 10), np.repeat(np.arange(40) * 7, 10)
+    seen_sizes = set()
+
+    def acc(p, y):
+        seen_sizes.add(p.size)
+        return float(np.mean(hard_label(p) == y))
+
+    by_group = bootstrap_ci(acc, p, y, n_resamples=400, seed=0, groups=groups)
+    assert seen_sizes == {400}, f"40 groups of 10 rows: every resample has 400 rows, got {seen_sizes}"
+    by_row = bootstrap_ci(acc, p, y, n_resamples=400, seed=0)
+    independent = bootstrap_ci(acc, p_group, y_group, n_resamples=400, seed=0)
+    w = {k: ci["high"] - ci["low"] for k, ci in (("group", by_group), ("row", by_row), ("40", independent))}
+    # 40 independent outcomes: the group bootstrap must be as wide as 40 images, not as 400
+    assert w["group"] > 2 * w["row"] and abs(w["group"] - w["40"]) < 0.35 * w["40"], w
+
+    def members_whole(p, y):
+        counts = np.unique(p, return_counts=True)[1]  # a group's rows share one p
+        return float(np.all(counts % 10 == 0))
+
+    whole = bootstrap_ci(members_whole, p, y, n_resamples=50, seed=3, groups=groups)
+    assert whole["low"] == 1.0, "a resample split a near-duplicate group"
+    with pytest.raises(ValueError, match="group id per row"):
+        bootstrap_ci(acc, p, y, groups=groups[:-1])
+
+
 # ---------------------------------------------------------------- slices
 
 

@@ -116,6 +116,21 @@ def test_write_and_read_round_trip(report, tmp_path):
     )
 
 
+def test_report_bootstrap_resamples_near_duplicate_groups():
+    test = _test_table(n=300, seed=4)
+    test = test.loc[test.index.repeat(4)].reset_index(drop=True)  # every image with 3 near-copies
+    test["group_id"] = test["image_id"]
+    grouped = build_evaluation_report(test, n_bootstrap=N_BOOT)
+    by_image = build_evaluation_report(test.drop(columns="group_id"), n_bootstrap=N_BOOT)
+    assert grouped.config["bootstrap_unit"] == "group_id" and grouped.config["bootstrap_n_units"] == 300
+    assert by_image.config["bootstrap_unit"] == "image" and any("group_id" in n for n in by_image.notes)
+    width = {
+        k: r.metrics["accuracy"]["high"] - r.metrics["accuracy"]["low"]
+        for k, r in (("g", grouped), ("i", by_image))
+    }
+    assert width["g"] > 1.25 * width["i"], f"groups of 4 copies must widen the CI (about 2x): {width}"
+
+
 def test_summary_markdown(report):
     md = report.summary_markdown()
     assert "| metric | value | CI |" in md
