@@ -47,6 +47,7 @@ def policy_guarantee(policy) -> dict | None:
         "mode": policy.mode,
         "bound": policy.bound,
         "n": policy.n,
+        "conditioning": policy.conditioning,
     }
 
 

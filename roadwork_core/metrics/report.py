@@ -214,7 +214,9 @@ def check_guarantee(
             sel["n_false_positive"], sel["n_negative"], float(guarantee["alpha_fpr"]), "FPR"
         )
     extra = {
-        k: guarantee[k] for k in ("policy", "guarantee", "delta", "mode", "bound", "n") if k in guarantee
+        k: guarantee[k]
+        for k in ("policy", "guarantee", "delta", "mode", "bound", "n", "conditioning")
+        if k in guarantee
     }
     return {
         "passed": all(c["passed"] for c in checks.values()),
