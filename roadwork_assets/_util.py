@@ -24,7 +24,10 @@ def json_meta(value: Any) -> dg.MetadataValue:
 
 def reader_metadata(reader: SplitReader) -> dict[str, Any]:
     """Every asset that reads splits records them, for the contract audit check."""
-    return {"splits_read": dg.MetadataValue.json(reader.splits_read)}
+    meta = {"splits_read": dg.MetadataValue.json(reader.splits_read)}
+    if reader.rule is not None and reader.rule.hashes_of:
+        meta["hashes_read"] = dg.MetadataValue.json(reader.hashes_read)
+    return meta
 
 
 def load_previous_version(

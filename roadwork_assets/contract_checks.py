@@ -6,10 +6,12 @@ import dagster as dg
 from roadwork_assets._util import latest_materialization_metadata
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import SPLIT_CONTRACT, allowed_splits, audit_splits_read
+from roadwork_core.contracts.splits import audit_hashes_read
 
 
 def _contract_check(asset_name: str) -> dg.AssetChecksDefinition:
     allowed = sorted(s.value for s in allowed_splits(asset_name))
+    hashes_of = sorted(s.value for s in SPLIT_CONTRACT[asset_name].hashes_of)
 
     @dg.asset_check(
         asset=dg.AssetKey(asset_name),
@@ -30,13 +32,21 @@ def _contract_check(asset_name: str) -> dg.AssetChecksDefinition:
                 "images must use SplitReader and record reader_metadata(reader)",
             )
         bad = audit_splits_read(asset_name, read)
+        # assets granted hashes (ExPLoRA's unlabelled pool filter) must have read exactly those
+        hash_problems = audit_hashes_read(asset_name, meta.get("hashes_read")) if hashes_of else []
+        if bad:
+            description = (
+                f"{asset_name} read {bad}, which its contract forbids ({SPLIT_CONTRACT[asset_name].why})"
+            )
+        elif hash_problems:
+            description = f"{asset_name} " + "; ".join(hash_problems) + f" ({SPLIT_CONTRACT[asset_name].why})"
+        else:
+            description = f"read {sorted(read)}; allowed {allowed}" + (
+                f"; filtered against the hashes of {hashes_of}" if hashes_of else ""
+            )
         return dg.AssetCheckResult(
-            passed=not bad,
-            description=(
-                f"read {sorted(read)}; allowed {allowed}"
-                if not bad
-                else f"{asset_name} read {bad}, which its contract forbids ({SPLIT_CONTRACT[asset_name].why})"
-            ),
+            passed=not bad and not hash_problems,
+            description=description,
             metadata={
                 "splits_read": dg.MetadataValue.json(list(read)),
                 "allowed": dg.MetadataValue.json(allowed),

@@ -85,9 +85,12 @@ class SplitSettings(dg.ConfigurableResource):
     "sticky across versions.",
 )
 def splits(
-    context: dg.AssetExecutionContext, split_settings: SplitSettings, image_manifest: pd.DataFrame
+    context: dg.AssetExecutionContext,
+    split_settings: SplitSettings,
+    image_manifest: pd.DataFrame,
+    store: ArtifactStore,
 ) -> dg.Output:
-    from roadwork_core.data.splits import SplitConfig, assign_splits
+    from roadwork_core.data.splits import QUARANTINE_COLUMNS, SplitConfig, assign_splits
 
     prev_version, previous = load_previous_version(context.instance, context.asset_key, context.partition_key)
     _require_earlier_splits(context, prev_version)
@@ -97,9 +100,20 @@ def splits(
         previous=previous,
     )
     counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
+    # quarantined images (they bridge near-duplicates in two splits) form this asset's rejects table
+    rejects = pd.DataFrame(table.attrs.get("quarantined", []), columns=QUARANTINE_COLUMNS)
+    side = store.side_dir("splits", context.partition_key)
+    atomic_write_bytes(side / "rejects.parquet", rejects.to_parquet(index=False))
+    if len(rejects):
+        context.log.warning(
+            f"{len(rejects)} images quarantined (bridge two splits); see {side / 'rejects.parquet'}"
+        )
     return dg.Output(
         table,
         metadata={
+            "num_quarantined": len(rejects),
+            "quarantined": md_table(rejects),
+            "rejects_path": dg.MetadataValue.path(str(side / "rejects.parquet")),
             "previous_version": prev_version or "(none)",
             "counts": md_table(counts.reset_index()),
             "num_groups": int(table["group_id"].nunique()),

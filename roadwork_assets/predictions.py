@@ -10,6 +10,7 @@ from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.types import PredictionsTable
 from roadwork_core.contracts import Split, SplitReader
+from roadwork_core.contracts.labels import hard_label
 from roadwork_resources.gpu import GPUResource
 
 
@@ -55,7 +56,9 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
                 "num_images": len(frame),
                 "num_positive": int(frame["label"].sum()),
                 "mean_p_raw": float(frame["p_raw"].mean()) if len(frame) else float("nan"),
-                "accuracy_at_0.5": float(((frame["p_raw"] >= 0.5) == (frame["label"] == 1)).mean())
+                "accuracy_at_0.5": float(
+                    (hard_label(frame["p_raw"].to_numpy()) == (frame["label"] == 1)).mean()
+                )
                 if len(frame)
                 else float("nan"),
                 "dagster/row_count": len(frame),

@@ -7,10 +7,12 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from roadwork_assets._util import json_meta, reader_metadata
+from roadwork_assets._util import json_meta, md_table, reader_metadata
+from roadwork_assets.data import SplitSettings
 from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics, log_params
 from roadwork_assets.partitions import dataset_version
-from roadwork_core.contracts import Split, SplitReader
+from roadwork_core.contracts import SPLIT_CONTRACT, Split, SplitReader
+from roadwork_core.io import atomic_write_bytes
 from roadwork_resources.artifact_store import ArtifactStore
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.gpu import GPUResource
@@ -76,11 +78,14 @@ def explora_backbone(
     config: ExploraSettings,
     gpu: GPUResource,
     dataset: DatasetSource,
+    split_settings: SplitSettings,
+    store: ArtifactStore,
     splits: pd.DataFrame,
 ) -> dg.Output[Path]:
     from safetensors.torch import save_file
 
     from roadwork_core.data.drops import list_unlabelled
+    from roadwork_core.data.pool import filter_unlabelled_pool
     from roadwork_core.models.backbone import create_backbone, state_dict_sha256
     from roadwork_core.training.explora import ExploraConfig, run_explora
 
@@ -92,6 +97,17 @@ def explora_backbone(
     if config.use_unlabelled:
         for drop in dataset.drops_for_version(context.partition_key):
             unlabelled += list_unlabelled(drop)
+    # near-copies of evaluation images must not enter self-supervised training
+    others = sorted(SPLIT_CONTRACT["explora_backbone"].hashes_of)
+    reference = pd.concat([reader.read_phashes(s) for s in others], ignore_index=True)
+    pool = filter_unlabelled_pool(unlabelled, reference, radius=split_settings.radius)
+    side = store.side_dir("explora_backbone", context.partition_key)
+    atomic_write_bytes(side / "pool_rejects.parquet", pool.dropped.to_parquet(index=False))
+    if len(pool.dropped):
+        context.log.warning(
+            f"{len(pool.dropped)} unlabelled images dropped; see {side / 'pool_rejects.parquet'}"
+        )
+    unlabelled = pool.kept
     uris += unlabelled
     if config.max_images:
         uris = uris[: config.max_images]
@@ -144,6 +160,10 @@ def explora_backbone(
         else "ExPLoRA disabled: base weights passed through unchanged",
         "backbone": config.backbone.name,
         "images_used": report.get("images_used", 0),
+        "unlabelled_kept": len(unlabelled),
+        "unlabelled_dropped": len(pool.dropped),
+        "unlabelled_dropped_list": md_table(pool.dropped),
+        "pool_rejects_path": dg.MetadataValue.path(str(side / "pool_rejects.parquet")),
         **reader_metadata(reader),
     }
     if config.enabled:

@@ -207,12 +207,15 @@ def binary_nll(p: np.ndarray, labels: np.ndarray, eps: float = NLL_EPS) -> float
 
 
 def expected_calibration_error(p: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Binary ECE (L1, equal-width bins on the confidence max(p, 1-p)) via torchmetrics."""
-    from torchmetrics.functional.classification import binary_calibration_error  # heavy import, only here
+    """Top-label ECE (L1, equal-width bins on the confidence max(p, 1-p) against correctness).
 
-    preds = torch.as_tensor(np.asarray(p, dtype=np.float64))
-    target = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    return float(binary_calibration_error(preds, target, n_bins=n_bins, norm="l1"))
+    The same number as the evaluation report's `ece` (roadwork_core.metrics.classification).
+    """
+    from roadwork_core.metrics.classification import top_label_calibration_error  # heavy import, only here
+
+    return top_label_calibration_error(
+        np.asarray(p, dtype=np.float64), np.asarray(labels, dtype=np.int64), n_bins=n_bins
+    )
 
 
 def _check_inputs(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Policy "gate": a failure predictor on the uncertainty features decides when to defer.
 
 Fit on val_select: a logistic regression on the standardized UNCERTAINTY_FEATURES plus the calibrated
-probability `p` predicts "the classifier's label (p >= decision_threshold) is wrong". Its threshold on
+probability `p` predicts "the classifier's label (hard_label: p > decision_threshold) is wrong". Its threshold on
 the failure score is then set on val_calib: defer when score >= gate_threshold, the largest threshold
 (most coverage) at which the FNR (and FPR, if given) targets hold on val_calib. Otherwise the decision
 is the classifier's label. Empirical only, and the JSON says so. The fitted sklearn objects are reduced
@@ -29,6 +29,7 @@ from roadwork_core.calibration.policy import (
     register_policy,
     summarize_decisions,
 )
+from roadwork_core.contracts.labels import HARD_LABEL_THRESHOLD, hard_label
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
 
 # Columns of the failure predictor's design matrix; "p" is the calibrated probability itself.
@@ -44,7 +45,7 @@ class GatePolicy(BasePolicy):
     scaler_scale: list[float]
     coef: list[float]
     intercept: float
-    decision_threshold: float  # classifier label: p >= decision_threshold -> roadwork
+    decision_threshold: float  # classifier label: hard_label(p, decision_threshold), p > threshold
     gate_threshold: float  # defer when failure score >= gate_threshold
     target_fnr: float
     target_fpr: float | None
@@ -63,7 +64,7 @@ class GatePolicy(BasePolicy):
     def decide(self, p: np.ndarray, features: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         p = check_probabilities(p)
         defer = self.failure_score(p, features) >= self.gate_threshold
-        return decisions_from_masks(roadwork=p >= self.decision_threshold, defer=defer)
+        return decisions_from_masks(roadwork=hard_label(p, self.decision_threshold), defer=defer)
 
 
 def _design_matrix(p: np.ndarray, features: Mapping[str, np.ndarray] | None, names: list[str]) -> np.ndarray:
@@ -72,11 +73,15 @@ def _design_matrix(p: np.ndarray, features: Mapping[str, np.ndarray] | None, nam
 
 
 def _youden_threshold(p: np.ndarray, y: np.ndarray) -> float:
-    """The threshold on p maximizing TPR - FPR on val_select (Youden's J)."""
+    """The threshold on p maximizing TPR - FPR on val_select (Youden's J), for `p > threshold`.
+
+    sklearn's ROC counts `p >= t` as positive; the float just below t gives the same labels with `>`.
+    """
     if y.min() == y.max():
-        return 0.5
+        return HARD_LABEL_THRESHOLD
     fpr, tpr, thresholds = roc_curve(y, p)
-    return float(np.clip(thresholds[np.argmax(tpr - fpr)], 0.0, 1.0))
+    t = float(np.clip(thresholds[np.argmax(tpr - fpr)], 0.0, 1.0))
+    return float(np.nextafter(t, -np.inf)) if t > 0.0 else 0.0
 
 
 def fit_gate_policy(
@@ -116,7 +121,7 @@ def fit_gate_policy(
     # 1. Failure predictor on val_select.
     names = list(GATE_FEATURES)
     x = _design_matrix(sp, select_features, names)  # (N_select, F)
-    wrong = ((sp >= threshold).astype(np.int64) != sy).astype(np.int64)
+    wrong = (hard_label(sp, threshold).astype(np.int64) != sy).astype(np.int64)
     scaler = StandardScaler().fit(x)
     if 0 < wrong.sum() < wrong.size:
         clf = LogisticRegression(C=C, max_iter=1000).fit(scaler.transform(x), wrong)
@@ -150,7 +155,7 @@ def fit_gate_policy(
     # 2. Deferral threshold on val_calib: defer iff score >= tau; coverage grows with tau, so take
     # the largest candidate at which the targets hold (tau = 0.0 defers everything: always feasible).
     score = gate.failure_score(cp, calib_features)  # (N_calib,)
-    says_roadwork = cp >= threshold
+    says_roadwork = hard_label(cp, threshold)
     fn_scores = np.sort(score[(cy == 1) & ~says_roadwork])
     fp_scores = np.sort(score[(cy == 0) & says_roadwork])
     n_pos, n_neg = int(cy.sum()), int((cy == 0).sum())

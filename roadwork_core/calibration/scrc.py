@@ -1,13 +1,20 @@
 """Policy "scrc": selective conformal risk control of the false-negative rate.
 
 Two thresholds, both fitted on val_calib:
-- lambda1 on a confidence score decides accept vs defer. It is the ceil(target_coverage * n)-th most
-  confident calibration score: a quantile of the scores alone (no labels, no order), so the rule is
-  symmetric in the calibration points and the accepted subset stays exchangeable with accepted test
-  images.
+- lambda1 on a confidence score decides accept vs defer (accept when confidence >= lambda1). It is the
+  ceil(target_coverage * n)-th most confident calibration score: a quantile of the scores alone (no
+  labels, no order).
 - lambda2 on the calibrated probability decides among accepted images: p >= lambda2 -> roadwork,
-  else no_roadwork. It controls FNR = (accepted roadwork images decided no_roadwork) / (accepted
-  roadwork images) at level alpha, in one of two modes:
+  else no_roadwork. It is fitted ONLY on the calibration images strictly more confident than lambda1.
+  The image sitting at lambda1 is the one that chose lambda1, and a test image never is: keeping it
+  (as an earlier version did) biases the fit, e.g. a realized FNR of 0.64 against alpha = 0.5 with
+  n = 10 (tests/unit/test_scrc_guarantees.py). Given lambda1 = v, the calibration images with
+  confidence > v are i.i.d. draws from (image | confidence > v), the same law as an accepted test image
+  when the confidence has no atom at v, so both guarantees below hold conditionally on lambda1 (and
+  hence marginally). Calibration images tied at lambda1 are left out of the fit and counted
+  (`n_tied_at_lambda1`); a large count means a discrete score and voids the exactness.
+  lambda2 controls FNR = (accepted roadwork images decided no_roadwork) / (accepted roadwork images)
+  at level alpha, in one of two modes:
   * "crc" (Angelopoulos et al., "Conformal Risk Control"): lambda_hat = inf{lambda : n/(n+1) R_hat +
     B/(n+1) <= alpha}, B = 1. With the n+ accepted positive scores s_(1) <= ... <= s_(n+) this is
     lambda2 = s_(k), k = floor(alpha (n+ + 1)): at most k - 1 calibration positives lie strictly
@@ -68,12 +75,15 @@ class ScrcPolicy(BasePolicy):
     higher_is_confident: bool
     lambda1: float  # accept when confidence >= lambda1 (<= when not higher_is_confident)
     lambda2: float = Field(ge=0.0, le=1.0)  # among accepted: p >= lambda2 -> roadwork
+    conditioning: str  # which calibration images lambda2 was fitted on, and what the guarantee is given
     k: int | None  # "crc": rank of lambda2 among accepted positive scores (0: flag everything)
     grid_size: int | None  # "ltt": lambda2 grid is linspace(0, 1, grid_size + 1)
     n: int
-    n_accepted: int
-    n_pos_accepted: int
-    calib_fnr_accepted: float | None  # the guaranteed quantity, measured on val_calib
+    n_accepted: int  # val_calib images the rule accepts (confidence >= lambda1)
+    n_fit: int  # val_calib images lambda2 was fitted on: strictly past lambda1
+    n_tied_at_lambda1: int  # val_calib images exactly at lambda1: accepted, left out of the fit
+    n_pos_accepted: int  # roadwork images among the n_fit (the n+ of CRC / LTT)
+    calib_fnr_accepted: float | None  # the guaranteed quantity, measured on the n_pos_accepted
     calib_summary: dict[str, float | int | None]  # achieved figures on val_calib (all images)
 
     def accept(self, confidence: np.ndarray) -> np.ndarray:
@@ -148,6 +158,16 @@ def _guarantee(
     )
 
 
+def _conditioning(feature: str, higher: bool, n_fit: int, n_tied: int) -> str:
+    past = ">" if higher else "<"
+    return (
+        f"lambda2 fitted on the {n_fit} val_calib images with {feature} {past} lambda1 (strictly past; the "
+        f"image that sets lambda1 and {n_tied - 1 if n_tied else 0} other(s) tied with it excluded). Given "
+        f"lambda1 these are i.i.d. with an accepted test image, so the guarantee holds conditionally on "
+        f"lambda1 (hence marginally); exact when {feature} has no atom at lambda1"
+    )
+
+
 def fit_scrc_policy(
     p: np.ndarray,
     confidence: np.ndarray,
@@ -184,7 +204,8 @@ def fit_scrc_policy(
     higher = CONFIDENCE_DIRECTION[confidence_feature] > 0
     lambda1 = selection_threshold(c, target_coverage, higher)
     accepted = c >= lambda1 if higher else c <= lambda1
-    pos_scores = p[accepted & (y == 1)]
+    past = c > lambda1 if higher else c < lambda1  # the fit set: strictly past lambda1, see the docstring
+    pos_scores = p[past & (y == 1)]
     if mode == "crc":
         lambda2, k = crc_threshold(pos_scores, alpha)
     else:
@@ -192,6 +213,9 @@ def fit_scrc_policy(
 
     policy = ScrcPolicy(
         guarantee=_guarantee(mode, alpha, delta, bound, confidence_feature),
+        conditioning=_conditioning(
+            confidence_feature, higher, int(past.sum()), int((accepted & ~past).sum())
+        ),
         mode=mode,
         bound=bound if mode == "ltt" else None,
         alpha=alpha,
@@ -205,6 +229,8 @@ def fit_scrc_policy(
         grid_size=grid_size if mode == "ltt" else None,
         n=int(p.size),
         n_accepted=int(accepted.sum()),
+        n_fit=int(past.sum()),
+        n_tied_at_lambda1=int((accepted & ~past).sum()),
         n_pos_accepted=int(pos_scores.size),
         calib_fnr_accepted=float((pos_scores < lambda2).mean()) if pos_scores.size else None,
         calib_summary={},

@@ -3,6 +3,11 @@
 Every asset that touches labelled images gets a `SplitReader` built for its own name. The reader
 hands out only the splits the contract allows; asking for another raises `SplitContractViolation`.
 The splits actually read are recorded (`reader.splits_read`) so that an asset check can audit them.
+
+A rule may also grant `hashes_of`: splits whose perceptual hashes (and image ids), never images or
+labels, the asset may read, to keep near-copies of them out of data it trains on (ExPLoRA filters its
+unlabelled pool against the evaluation splits). `reader.read_phashes` hands those out and records
+them as `hashes_read`, audited the same way.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ class Split(StrEnum):
 class SplitRule:
     allowed: frozenset[Split]
     why: str
+    hashes_of: frozenset[Split] = frozenset()  # perceptual hashes only, for near-duplicate filtering
 
 
 # The one contract table. Keys are asset names (the Dagster asset keys).
 SPLIT_CONTRACT: dict[str, SplitRule] = {
     "explora_backbone": SplitRule(
         frozenset({Split.TRAIN}),
-        "extended pretraining sees training images (and the unlabelled pool) only",
+        "extended pretraining sees training images (and the unlabelled pool) only; the pool is filtered "
+        "by perceptual hash against the other splits",
+        hashes_of=frozenset({Split.VAL_SELECT, Split.VAL_CALIB, Split.VAL_TEST}),
     ),
     "classifier": SplitRule(
         frozenset({Split.TRAIN, Split.VAL_SELECT}),
@@ -88,6 +96,18 @@ def audit_splits_read(asset: str, splits_read: Iterable[str]) -> list[str]:
     return sorted(set(splits_read) - allowed)
 
 
+def audit_hashes_read(asset: str, hashes_read: Iterable[str] | None) -> list[str]:
+    """Problems with the perceptual hashes `asset` read (empty = clean): a split outside its rule's
+    `hashes_of`, or (when the rule has `hashes_of`) a split it should have filtered against but did not
+    (`hashes_read` None means the asset recorded nothing)."""
+    rule = SPLIT_CONTRACT.get(asset)
+    expected = {s.value for s in rule.hashes_of} if rule else set()
+    read = set(hashes_read or [])
+    problems = [f"read the hashes of {s}, which its contract does not grant" for s in sorted(read - expected)]
+    problems += [f"did not filter against {s} (no hashes of it read)" for s in sorted(expected - read)]
+    return problems
+
+
 class SplitReader:
     """Hands an asset the rows of the splits it may read, and remembers what it read.
 
@@ -102,6 +122,7 @@ class SplitReader:
         self.rule = SPLIT_CONTRACT.get(asset)
         self._table = table
         self._read: list[str] = []
+        self._hashes_read: list[str] = []
 
     def _check(self, split: Split | str) -> Split:
         try:
@@ -129,6 +150,23 @@ class SplitReader:
         ids = set(self._table.loc[self._table["split"] == split.value, "image_id"])
         return rows[rows["image_id"].isin(ids)].reset_index(drop=True).copy()
 
+    def read_phashes(self, split: Split | str) -> pd.DataFrame:
+        """`image_id, split, phash` (+ `file` if present) of `split`: no uri, no label, no image.
+
+        Only for splits in the rule's `hashes_of`; recorded in `hashes_read`.
+        """
+        split = Split(split)
+        if self.rule is None or split not in self.rule.hashes_of:
+            raise SplitContractViolation(self.asset, split, self.rule)
+        if split.value not in self._hashes_read:
+            self._hashes_read.append(split.value)
+        cols = ["image_id", "split", "phash"] + [c for c in ("file",) if c in self._table.columns]
+        return self._table.loc[self._table["split"] == split.value, cols].reset_index(drop=True).copy()
+
     @property
     def splits_read(self) -> list[str]:
         return list(self._read)
+
+    @property
+    def hashes_read(self) -> list[str]:
+        return list(self._hashes_read)

@@ -10,6 +10,12 @@ Each image goes to train / val_select / val_calib / val_test as a function of co
    groups are ordered by sha256(salt + group_id) and each goes to the split that is furthest below
    its target (count / (ratio * stratum size), smallest first). On a fresh table this hits the
    ratios per label to within one group; on a new version it fills the splits that fell behind.
+4. Quarantine: a new image can join near-duplicate groups whose previous images sit in different
+   splits (a in train and b in val_select 12 bits apart, x within 6 bits of both). Wherever x went,
+   it would be a near-duplicate of an image in another split, and stickiness forbids moving a or b,
+   so every later version would fail the near-duplicate check. Such new images (every new image of
+   a group whose previous images span splits) are left out of the splits table and listed in
+   `df.attrs["quarantined"]` (records) with the pair they bridge; the groups are then recomputed without them.
 
 Nothing depends on the input row order or on the run; the output is sorted by image_id.
 """
@@ -24,13 +30,15 @@ import numpy as np
 import pandas as pd
 
 from roadwork_core.contracts import Split
-from roadwork_core.data.neardup import near_duplicate_groups
+from roadwork_core.data.neardup import hamming_distance, near_duplicate_groups, phash_to_uint64
 
 log = logging.getLogger(__name__)
 
 SPLIT_ORDER: tuple[Split, ...] = (Split.TRAIN, Split.VAL_SELECT, Split.VAL_CALIB, Split.VAL_TEST)
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "label", "phash")
 LEADING_COLUMNS: list[str] = ["image_id", "split", "group_id", "label"]
+QUARANTINE_COLUMNS: list[str] = ["image_id", "file", "reason", "detail", "bridges"]
+QUARANTINE_REASON = "bridges_splits"
 
 
 def _default_ratios() -> dict[str, float]:
@@ -144,15 +152,67 @@ def _sticky_group_splits(df: pd.DataFrame) -> tuple[dict[str, str], list[str]]:
     return dict(zip(chosen["group_id"], chosen["_prev"])), conflicts
 
 
+def _bridging_images(df: pd.DataFrame, conflicts: list[str]) -> pd.DataFrame:
+    """New images in groups whose previous images span splits, each with the pair it bridges.
+
+    The pair is the nearest previous image (phash Hamming distance) in each of two different splits.
+    """
+    rows = []
+    where = next((c for c in ("file", "uri") if c in df.columns), "image_id")
+    for gid in conflicts:
+        members = df[df["group_id"] == gid]
+        prev = members[members["_prev"].notna()]
+        prev_hash = phash_to_uint64(prev["phash"].tolist())  # (P,)
+        for _, x in members[members["_prev"].isna()].iterrows():
+            dist = hamming_distance(phash_to_uint64([x["phash"]]).repeat(len(prev)), prev_hash)  # (P,)
+            nearest = (
+                prev.assign(_d=dist)
+                .sort_values(["_d", "image_id"], kind="mergesort")
+                .drop_duplicates("_prev")
+            )
+            (_, a), (_, b) = list(nearest.head(2).iterrows())
+            bridges = f"{a['image_id']} [{a['_prev']}] ~ {b['image_id']} [{b['_prev']}]"
+            rows.append(
+                {
+                    "image_id": x["image_id"],
+                    "file": str(x[where]),
+                    "reason": QUARANTINE_REASON,
+                    "detail": (
+                        f"near-duplicate of {a[where]} in {a['_prev']} (distance {a['_d']}) and of {b[where]} "
+                        f"in {b['_prev']} (distance {b['_d']}); both keep their split (sticky), so this image "
+                        f"fits in neither and is left out. Remove it from the drop to silence this."
+                    ),
+                    "bridges": bridges,
+                }
+            )
+    return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+
+
+def _groups_and_quarantine(df: pd.DataFrame, radius: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(rows kept with group_id, quarantined rows, sticky conflicts left among previous images)."""
+    quarantined = []
+    while True:
+        df = df.copy()
+        df["group_id"] = near_duplicate_groups(df["phash"].tolist(), radius, ids=df["image_id"].tolist())
+        split_of_group, conflicts = _sticky_group_splits(df)
+        bridging = _bridging_images(df, conflicts)
+        if bridging.empty:
+            return df, pd.DataFrame(quarantined or [], columns=QUARANTINE_COLUMNS), conflicts
+        quarantined.extend(bridging.to_dict("records"))
+        df = df[~df["image_id"].isin(bridging["image_id"])].reset_index(drop=True)
+
+
 def assign_splits(
     manifest: pd.DataFrame, cfg: SplitConfig | None = None, previous: pd.DataFrame | None = None
 ) -> pd.DataFrame:
     """Assign every manifest row a split.
 
     Returns a DataFrame with columns `image_id, split, group_id, label` followed by every other
-    manifest column, one row per manifest row, sorted by image_id. `df.attrs["sticky_conflicts"]`
-    lists groups whose previous images sit in more than one split (each keeps its own split; the
-    near-duplicate check reports them).
+    manifest column, one row per manifest row except quarantined ones, sorted by image_id.
+    `df.attrs["quarantined"]` lists the new images left out because they bridge near-duplicates in
+    different splits (QUARANTINE_COLUMNS); `df.attrs["sticky_conflicts"]` lists groups whose
+    previous images still sit in more than one split without a new image between them (each keeps
+    its own split; the near-duplicate check reports them).
     """
     cfg = cfg or SplitConfig()
     ratios = validate_ratios(cfg.ratios)
@@ -162,8 +222,14 @@ def assign_splits(
     sort_cols = ["image_id"] + [c for c in ("uri", "file") if c in manifest.columns]
     df = manifest.sort_values(sort_cols, kind="mergesort").reset_index(drop=True).copy()
     df["label"] = df["label"].astype(np.int64)
-    df["group_id"] = near_duplicate_groups(df["phash"].tolist(), cfg.radius, ids=df["image_id"].tolist())
     df["_prev"] = df["image_id"].map(prev_split)  # NaN for images new in this version
+    df, quarantined, _ = _groups_and_quarantine(df, cfg.radius)
+    if len(quarantined):
+        log.warning(
+            "%d new images bridge near-duplicates in different splits and are quarantined (e.g. %s)",
+            len(quarantined),
+            quarantined["bridges"].head(3).tolist(),
+        )
 
     # Per group: size, majority label (ties -> 1, the class we must not miss), previous split if any.
     groups = df.groupby("group_id", sort=True).agg(size=("label", "size"), pos=("label", "sum"))
@@ -206,6 +272,7 @@ def assign_splits(
     df = df.drop(columns="_prev")
     df = df[LEADING_COLUMNS + [c for c in df.columns if c not in LEADING_COLUMNS]]
     df.attrs["sticky_conflicts"] = conflicts
+    df.attrs["quarantined"] = quarantined.to_dict("records")  # plain records: attrs are compared on concat
     return df
 
 

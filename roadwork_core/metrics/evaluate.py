@@ -47,6 +47,7 @@ def policy_guarantee(policy) -> dict | None:
         "mode": policy.mode,
         "bound": policy.bound,
         "n": policy.n,
+        "conditioning": policy.conditioning,
     }
 
 
@@ -79,8 +80,10 @@ def evaluate_bundle_on_test(
 
     bundle = Bundle.load(Path(bundle_dir), device=device)
     meta_cols = [c for c in test_rows.columns if c not in METADATA_EXCLUDE and c not in test_preds.columns]
+    # group_id (near-duplicate group from the splits) makes the bootstrap resample groups
+    group_cols = [c for c in ("group_id",) if c in test_rows.columns and c not in test_preds.columns]
     table = decide_from_predictions(bundle, test_preds).merge(
-        test_rows[["image_id", *meta_cols]], on="image_id", how="left"
+        test_rows[["image_id", *group_cols, *meta_cols]], on="image_id", how="left"
     )
 
     robustness = {}

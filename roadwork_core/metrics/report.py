@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta
 
+from roadwork_core.contracts.labels import hard_label
 from roadwork_core.io import atomic_write_bytes, atomic_write_text
 from roadwork_core.metrics import plots
 from roadwork_core.metrics.bootstrap import bootstrap_ci
@@ -173,7 +174,7 @@ def point_metrics(
 ) -> dict[str, float]:
     """Classification metrics + AUGRC (and its optimum / excess) + the policy's decision summary."""
     out: dict[str, float] = dict(classification_metrics(p, labels))
-    correct = (np.asarray(p) >= 0.5) == (np.asarray(labels) == 1)
+    correct = hard_label(p) == (np.asarray(labels) == 1)
     error_rate = 1.0 - float(correct.mean()) if correct.size else math.nan
     out["error_rate"] = error_rate
     out["augrc"] = augrc(confidence, correct)
@@ -213,7 +214,9 @@ def check_guarantee(
             sel["n_false_positive"], sel["n_negative"], float(guarantee["alpha_fpr"]), "FPR"
         )
     extra = {
-        k: guarantee[k] for k in ("policy", "guarantee", "delta", "mode", "bound", "n") if k in guarantee
+        k: guarantee[k]
+        for k in ("policy", "guarantee", "delta", "mode", "bound", "n", "conditioning")
+        if k in guarantee
     }
     return {
         "passed": all(c["passed"] for c in checks.values()),
@@ -287,6 +290,7 @@ def build_evaluation_report(
     p_col: str = "p_roadwork",
     decision_col: str = "decision",
     confidence_col: str = "confidence",
+    group_col: str = "group_id",
     policy_guarantee: dict | None = None,
     robustness: dict[int, pd.DataFrame] | None = None,
     n_bootstrap: int = 1000,
@@ -303,14 +307,26 @@ def build_evaluation_report(
     if conf_source != confidence_col:
         notes.append(f"no '{confidence_col}' column: risk-coverage ranks images by {conf_source}")
 
-    # metrics with CIs: every statistic is resampled from the same seeded index draws
+    # metrics with CIs: every statistic is resampled from the same seeded index draws, by
+    # near-duplicate group when the table says which images belong together
+    groups = test[group_col].to_numpy() if group_col in test.columns else None
+    if groups is None:
+        notes.append(f"no '{group_col}' column: the bootstrap resamples images, not near-duplicate groups")
     metrics = bootstrap_ci(
-        point_metrics, p, labels, decisions, confidence, n_resamples=n_bootstrap, seed=seed, level=level
+        point_metrics,
+        p,
+        labels,
+        decisions,
+        confidence,
+        n_resamples=n_bootstrap,
+        seed=seed,
+        level=level,
+        groups=groups,
     )
     n = len(test)
     metrics["n"] = {"value": n, "low": n, "high": n, "n_valid": n_bootstrap}
 
-    correct = (p >= 0.5) == (labels == 1)
+    correct = hard_label(p) == (labels == 1)
     rc = risk_coverage_table(confidence, correct)
     slices = slice_metrics(
         test, p_col, LABEL_COL, decision_col, columns=slice_columns, min_count=min_slice_count
@@ -344,6 +360,8 @@ def build_evaluation_report(
             "decision_col": decision_col,
             "confidence": conf_source,
             "n_bootstrap": n_bootstrap,
+            "bootstrap_unit": group_col if groups is not None else "image",
+            "bootstrap_n_units": int(np.unique(groups).size) if groups is not None else len(test),
             "seed": seed,
             "level": level,
             "min_slice_count": min_slice_count,

@@ -4,6 +4,7 @@ canvas (B, 3, C, C) float in [0, 1]
   -> normalize (mean / std from the backbone's pretrained_cfg)
   -> extract_views -> (B, V, 3, S, S) -> ONE backbone forward on (B*V, 3, S, S) -> feats (B, V, D)
   -> head (Dropout, Linear(D, 1)) -> view_logits (B, V)
+  -> (hflip_tta) each view fused with its flip -> (B, V/2)
   -> aggregator -> logit (B,), prob (B,)
 """
 
@@ -17,7 +18,13 @@ from torch import nn
 
 from roadwork_core.models.aggregators import create_aggregator
 from roadwork_core.models.backbone import BackboneConfig, backbone_data_config, create_backbone
-from roadwork_core.models.multiview import MultiViewConfig, extract_views, num_views, resolve_canvas_size
+from roadwork_core.models.multiview import (
+    MultiViewConfig,
+    extract_views,
+    merge_flipped_views,
+    num_views,
+    resolve_canvas_size,
+)
 
 __all__ = ["RoadworkClassifier", "build_classifier", "classifier_config_dict"]
 
@@ -70,9 +77,12 @@ class RoadworkClassifier(nn.Module):
         return feats.reshape(B, V, -1)
 
     def forward_head(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        """feats (B, V, D) -> {"view_logits": (B, V), "logit": (B,), "prob": (B,)}."""
+        """feats (B, V, D) -> {"view_logits": (B, V), "logit": (B,), "prob": (B,)}.
+
+        view_logits keeps every view (flips too); the aggregator sees each view fused with its flip.
+        """
         view_logits = self.head(feats).squeeze(-1)  # (B, V)
-        logit, prob = self.aggregator(view_logits, feats)
+        logit, prob = self.aggregator(*merge_flipped_views(view_logits, feats, self.mv))
         return {"view_logits": view_logits, "logit": logit, "prob": prob}
 
     def forward(self, canvas: torch.Tensor) -> dict[str, torch.Tensor]:

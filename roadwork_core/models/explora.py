@@ -2,8 +2,9 @@
 
 ExPLoRA (Khanna et al., arXiv 2406.10973): keep a pretrained DINOv2 / DINOv3 backbone frozen except
 the last ``unfrozen_blocks`` blocks (all of their parameters), every norm layer and the class /
-register tokens; put LoRA of rank r on the attention Q and V projections of every other of the
-remaining (frozen) blocks; continue the source model's self-supervised objective.
+register tokens; put LoRA of rank r on the attention Q and V projections of every remaining (frozen)
+block (``lora_every_other=True`` halves that, an option the paper does not use); continue the source
+model's self-supervised objective (see ``roadwork_core.training.explora`` for which parts of it).
 
 Why a parametrization on ``attn.qkv.weight`` and not peft or a replacement module:
 timm's attention uses ONE fused ``qkv`` Linear (rows ``[0:d]`` are Q, ``[d:2d]`` K, ``[2d:3d]`` V).
@@ -67,7 +68,7 @@ class ExploraConfig:
     unfrozen_blocks: int = 1  # the last N blocks are fully trainable
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_every_other: bool = True  # LoRA on every other frozen block (else on all frozen blocks)
+    lora_every_other: bool = False  # False (the paper): LoRA on every frozen block; True: every other one
     train_norms: bool = True
     train_cls_token: bool = True
     train_reg_tokens: bool = True
@@ -78,7 +79,9 @@ class ExploraConfig:
     lr: float = 1e-4  # peak AdamW lr, cosine decay to min_lr
     min_lr: float = 1e-6
     lr_warmup_frac: float = 0.1
-    weight_decay: float = 0.04
+    weight_decay: float = 0.04  # cosine schedule from here to weight_decay_end (DINO: 0.04 -> 0.4)
+    weight_decay_end: float = 0.4
+    drop_path_rate: float = 0.1  # stochastic depth on the student, rising linearly to this at the last block
     clip_grad: float | None = 3.0
     # multi-crop
     n_global_crops: int = 2
@@ -98,7 +101,7 @@ class ExploraConfig:
     teacher_temp_warmup_frac: float = 0.3
     student_temp: float = 0.1
     center_momentum: float = 0.9
-    freeze_last_layer_iters: int = 0
+    freeze_last_layer_frac: float = 0.1  # DINO head's last layer gets no update for this share of steps
     export_weights: str = "teacher"  # "teacher" (as DINO / DINOv2 evaluate) or "student"
     seed: int = 0
 
@@ -118,6 +121,11 @@ class ExploraConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"ExploraConfig.batch_size={self.batch_size}: must be >= 1.")
+        if not 0.0 <= self.drop_path_rate < 1.0 or not 0.0 <= self.freeze_last_layer_frac <= 1.0:
+            raise ValueError(
+                f"ExploraConfig: need 0 <= drop_path_rate < 1 and 0 <= freeze_last_layer_frac <= 1, got "
+                f"{self.drop_path_rate} and {self.freeze_last_layer_frac}."
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,7 +285,7 @@ def count_trainable_closed_form(
     mlp_hidden_dim: int,
     unfrozen_blocks: int,
     lora_rank: int,
-    lora_every_other: bool = True,
+    lora_every_other: bool = False,
     train_norms: bool = True,
     train_cls_token: bool = True,
     num_reg_tokens: int = 0,

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MultiViewConfig", "extract_views", "num_views", "resolve_canvas_size", "tile_boxes"]
+__all__ = [
+    "MultiViewConfig",
+    "extract_views",
+    "merge_flipped_views",
+    "num_views",
+    "resolve_canvas_size",
+    "tile_boxes",
+]
 
 
 @dataclass
@@ -120,3 +127,21 @@ def extract_views(canvas: torch.Tensor, cfg: MultiViewConfig) -> torch.Tensor:
     if cfg.hflip_tta:
         views = torch.cat([views, views.flip(-1)], dim=1)
     return views
+
+
+def merge_flipped_views(
+    view_logits: torch.Tensor, feats: torch.Tensor, cfg: MultiViewConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With hflip_tta, fuse every view with its flipped copy before the aggregator sees them.
+
+    view_logits (B, V), feats (B, V, D) in extract_views order -> (B, V/2), (B, V/2, D): a view's
+    probability is the mean of its own and its flip's, its features the mean of both. Without this,
+    the flipped twin of the best tile took one of the top-k slots, so k = 3 covered about two distinct
+    views. Identity when hflip_tta is off.
+    """
+    if not cfg.hflip_tta:
+        return view_logits, feats
+    B, V = view_logits.shape
+    pair_probs = view_logits.float().sigmoid().reshape(B, 2, V // 2)  # (B, 2, V/2): [views, flipped]
+    prob = pair_probs.mean(dim=1).clamp(1e-6, 1.0 - 1e-6)  # (B, V/2)
+    return torch.logit(prob), feats.reshape(B, 2, V // 2, -1).mean(dim=1)

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from roadwork_core.contracts.labels import hard_label
 from roadwork_core.contracts.predictions import PREDICTION_COLUMNS, UNCERTAINTY_FEATURES
 from roadwork_core.data.loading import CanvasDataset
 from roadwork_core.models.classifier import RoadworkClassifier
@@ -33,8 +34,8 @@ def uncertainty_features(
     prob = prob.float()
     view_probs = view_probs.float()
     p = prob.clamp(_EPS, 1.0 - _EPS)
-    hard = prob >= 0.5  # (B,)
-    view_hard = view_probs >= 0.5  # (B, V)
+    hard = hard_label(prob)  # (B,)
+    view_hard = hard_label(view_probs)  # (B, V)
     if mv.include_global:
         # Views: [global, tiles...] and, with hflip TTA, the same again flipped.
         n = 1 + mv.grid * mv.grid

@@ -4,8 +4,13 @@ Student = backbone (frozen, plus LoRA on Q/V, unfrozen last blocks, norms and to
 ``roadwork_core.models.explora``) + ``DINOHead``. Teacher = EMA copy of the student, built in
 ``make_teacher`` (requires_grad False, eval mode) and changed only by ``ema_update_``.
 Multi-crop: 2 global + N local crops (torchvision.transforms.v2), sizes multiples of the patch.
-Schedules (lr, teacher momentum, teacher temperature) are precomputed per iteration like dinov2.
+Schedules (lr, weight decay 0.04 -> 0.4, teacher momentum, teacher temperature) are precomputed per
+iteration like dinov2; the DINO head's last layer is frozen for the first steps; the student (not the
+teacher, which runs in eval mode) uses drop-path.
 The result is a merged, plain timm state dict with the input backbone's exact keys.
+
+Of DINOv2's objective only the DINO image-level (CLS) loss with EMA centering is implemented: the iBOT
+masked-patch loss, the KoLeo regularizer and Sinkhorn-Knopp centering are not.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import resolve_model_data_config
+from timm.layers import DropPath
 from torch import nn
 from torchvision.transforms import v2
 
@@ -38,6 +44,7 @@ __all__ = [
     "make_teacher",
     "resolve_crop_sizes",
     "run_explora",
+    "set_drop_path",
 ]
 
 
@@ -50,6 +57,7 @@ class ExploraResult:
 @dataclass
 class ExploraSchedules:
     lr: np.ndarray  # (steps,)
+    weight_decay: np.ndarray  # (steps,)
     teacher_momentum: np.ndarray  # (steps,)
     teacher_temp: np.ndarray  # (steps,)
 
@@ -64,7 +72,8 @@ def _cosine(
 
 
 def build_schedules(cfg: ExploraConfig, steps: int) -> ExploraSchedules:
-    """Per-iteration values: lr (linear warmup, cosine), momentum (cosine to 1), teacher temp (warmup)."""
+    """Per-iteration values: lr (linear warmup, cosine), weight decay (cosine up), momentum (cosine
+    to 1), teacher temp (warmup)."""
     lr_warmup = int(round(cfg.lr_warmup_frac * steps))
     temp_warmup = min(int(round(cfg.teacher_temp_warmup_frac * steps)), steps)
     teacher_temp = np.concatenate(
@@ -75,6 +84,7 @@ def build_schedules(cfg: ExploraConfig, steps: int) -> ExploraSchedules:
     )
     return ExploraSchedules(
         lr=_cosine(cfg.lr, cfg.min_lr, steps, lr_warmup),
+        weight_decay=_cosine(cfg.weight_decay, cfg.weight_decay_end, steps),
         teacher_momentum=_cosine(cfg.teacher_momentum, 1.0, steps),
         teacher_temp=teacher_temp,
     )
@@ -205,6 +215,25 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     torch._foreach_add_(list(t), [x.detach() for x in s], alpha=1.0 - momentum)
 
 
+def set_drop_path(backbone: nn.Module, rate: float) -> list[float]:
+    """Stochastic depth on every block's residual branches, linear from 0 to `rate` (timm's rule).
+
+    Works on timm VisionTransformer and Eva blocks (`drop_path1` / `drop_path2`); returns the rates.
+    DropPath acts only in train mode, so an eval-mode copy (the teacher) is unaffected.
+    """
+    blocks = list(getattr(backbone, "blocks", []))
+    if not blocks or not all(hasattr(b, "drop_path1") and hasattr(b, "drop_path2") for b in blocks):
+        raise TypeError(
+            f"{type(backbone).__name__} has no timm blocks with drop_path1 / drop_path2; set "
+            "ExploraConfig.drop_path_rate=0 for this backbone"
+        )
+    rates = np.linspace(0.0, rate, len(blocks)).tolist()
+    for block, r in zip(blocks, rates, strict=True):
+        block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+        block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+    return rates
+
+
 def _default_load_image(uri: str) -> Image.Image:
     from roadwork_core.data.images import load_image  # lazy: the data layer is optional here
 
@@ -243,7 +272,7 @@ def _param_groups(module: nn.Module) -> list[dict]:
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 and p.shape[0] > 1 else no_decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "decay": True}, {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
 def _disabled_result(backbone: nn.Module) -> ExploraResult:
@@ -278,7 +307,8 @@ def run_explora(
     """Continue DINO self-distillation on ``image_uris`` with the ExPLoRA plan; return merged weights.
 
     ``backbone`` is not modified (a copy is trained). ``on_step`` receives
-    ``{"step", "loss", "lr", "teacher_momentum", "teacher_temp"}`` after every iteration.
+    ``{"step", "loss", "lr", "weight_decay", "teacher_momentum", "teacher_temp", "last_layer_frozen"}``
+    after every iteration.
     """
     if not cfg.enabled:
         return _disabled_result(backbone)
@@ -292,6 +322,7 @@ def run_explora(
         # setup: student = wrapped copy + head; teacher = EMA copy
         student_backbone = copy.deepcopy(backbone)
         plan: ExploraPlan = setup_explora(student_backbone, cfg)
+        drop_path_rates = set_drop_path(student_backbone, cfg.drop_path_rate) if cfg.drop_path_rate else []
         head = DINOHead(
             student_backbone.num_features,
             cfg.out_dim,
@@ -314,6 +345,7 @@ def run_explora(
         steps_per_epoch = math.ceil(len(image_uris) / cfg.batch_size)
         steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
         schedules = build_schedules(cfg, steps)
+        freeze_last_layer_steps = math.ceil(cfg.freeze_last_layer_frac * steps)
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = _batches(image_uris, cfg.batch_size, generator, load_image or _default_load_image, augment)
 
@@ -322,6 +354,8 @@ def run_explora(
             # schedule
             for group in optimizer.param_groups:
                 group["lr"] = float(schedules.lr[step])
+                if group["decay"]:
+                    group["weight_decay"] = float(schedules.weight_decay[step])
             teacher_temp = float(schedules.teacher_temp[step])
             globals_, locals_ = next(batches)
             globals_ = [x.to(device, non_blocking=True) for x in globals_]
@@ -338,7 +372,7 @@ def run_explora(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if step < cfg.freeze_last_layer_iters:
+            if step < freeze_last_layer_steps:
                 head.cancel_last_layer_grads()
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.clip_grad)
@@ -353,7 +387,9 @@ def run_explora(
             if on_step is not None:
                 on_step(
                     {"step": step, "loss": loss_curve[-1], "lr": float(schedules.lr[step]),
-                     "teacher_momentum": momentum, "teacher_temp": teacher_temp}
+                     "weight_decay": float(schedules.weight_decay[step]),
+                     "teacher_momentum": momentum, "teacher_temp": teacher_temp,
+                     "last_layer_frozen": step < freeze_last_layer_steps}
                 )  # fmt: skip
 
         exported = teacher if cfg.export_weights == "teacher" else student
@@ -375,6 +411,9 @@ def run_explora(
         "global_crop_size": global_size,
         "local_crop_size": local_size,
         "n_local_crops": cfg.n_local_crops,
+        "drop_path_rates": drop_path_rates,
+        "freeze_last_layer_steps": freeze_last_layer_steps,
+        "objective": "DINO CLS loss with EMA centering; iBOT, KoLeo and Sinkhorn-Knopp not implemented",
         "exported": cfg.export_weights,
         "config": cfg.to_dict(),
     }

@@ -100,6 +100,8 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     report_dir = _artifact(instance, "evaluation_report")
     report = json.loads((report_dir / "report.json").read_text())
     assert "augrc" in report["metrics"] and (report_dir / "reliability.png").is_file()
+    assert report["config"]["bootstrap_unit"] == "group_id", "CIs must resample near-duplicate groups"
+    assert "strictly past" in report["guarantee_check"]["policy_guarantee"]["conditioning"]
 
     # one MLflow run for the Dagster run, FINISHED, with params, per-epoch metrics and the evaluation
     mlflow.set_tracking_uri(rw_home["mlflow_uri"])

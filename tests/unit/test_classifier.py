@@ -16,7 +16,7 @@ from roadwork_core.data.loading import CanvasDataset, load_canvas, pil_to_canvas
 from roadwork_core.models.aggregators import AGGREGATORS, create_aggregator
 from roadwork_core.models.backbone import BackboneConfig, backbone_data_config
 from roadwork_core.models.classifier import build_classifier, classifier_config_dict
-from roadwork_core.models.multiview import MultiViewConfig, extract_views
+from roadwork_core.models.multiview import MultiViewConfig, extract_views, merge_flipped_views
 from roadwork_core.models.predict import predict_frame, uncertainty_features
 
 D = 16
@@ -226,3 +226,30 @@ def test_view_size_none_means_the_backbone_input_size() -> None:
     assert model(torch.rand(1, 3, model.canvas_size, model.canvas_size))["view_logits"].shape == (1, 5)
     with pytest.raises(ValueError, match="view_size is None"):
         extract_views(torch.rand(1, 3, 64, 64), MultiViewConfig())
+
+
+def test_hflip_tta_fuses_each_view_with_its_flip_before_top_k() -> None:
+    # 1 global + 4 tiles, then their flips. Tile 1 is the best view; its flip nearly as good.
+    torch.manual_seed(0)
+    model = build_classifier(
+        BackboneConfig(name="vit_test_tiny"),
+        MultiViewConfig(view_size=32, grid=2, hflip_tta=True),
+        aggregator="topk_mean",
+        topk=3,
+    ).eval()
+    probs = torch.tensor([[0.30, 0.95, 0.80, 0.70, 0.20, 0.30, 0.93, 0.78, 0.72, 0.20]])  # (1, 10)
+    feats = torch.zeros(1, 10, model.head[1].in_features)
+    feats[..., 0] = torch.logit(probs)
+    with torch.no_grad():
+        model.head[1].weight.zero_()
+        model.head[1].weight[0, 0] = 1.0  # view_logit = feats[..., 0]
+        model.head[1].bias.zero_()
+        out = model.forward_head(feats)
+    torch.testing.assert_close(out["view_logits"], torch.logit(probs), atol=1e-5, rtol=0)
+    fused = (probs[0, :5] + probs[0, 5:]) / 2  # [0.30, 0.94, 0.79, 0.71, 0.20]
+    expected = fused.topk(3).values.mean()  # three DISTINCT views: tiles 1, 2, 3
+    flip_in_topk = probs[0].topk(3).values.mean()  # 0.95, 0.93 (its flip), 0.80
+    assert abs(expected - flip_in_topk) > 0.01
+    torch.testing.assert_close(out["prob"][0], expected, atol=1e-5, rtol=0)
+    logits, fused_feats = merge_flipped_views(out["view_logits"], feats, model.mv)
+    assert logits.shape == (1, 5) and fused_feats.shape == (1, 5, feats.shape[-1])

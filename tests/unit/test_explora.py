@@ -27,6 +27,7 @@ from roadwork_core.training.explora import (
     make_teacher,
     resolve_crop_sizes,
     run_explora,
+    set_drop_path,
 )
 
 DIM = 32
@@ -123,10 +124,14 @@ def test_trainable_count_matches_closed_form(unfrozen: int, every_other: bool) -
     assert model.cls_token.requires_grad and model.reg_token.requires_grad, "tokens trainable by default"
 
 
-def test_plan_lora_every_other_counts_back_from_last_frozen_block() -> None:
+def test_plan_puts_lora_on_every_frozen_block_by_default_as_published() -> None:
     plan = setup_explora(tiny_vit(depth=6), ExploraConfig(unfrozen_blocks=1, lora_rank=2))
-    assert plan.lora_blocks == [0, 2, 4], plan.lora_blocks
+    assert plan.lora_blocks == [0, 1, 2, 3, 4] and plan.blocks_unfrozen == [5], plan
     assert plan.rank == 2
+    half = setup_explora(
+        tiny_vit(depth=6), ExploraConfig(unfrozen_blocks=1, lora_rank=2, lora_every_other=True)
+    )
+    assert half.lora_blocks == [0, 2, 4], "the every-other option counts back from the last frozen block"
 
 
 def test_tokens_frozen_when_config_says_so() -> None:
@@ -266,6 +271,22 @@ def test_schedules_per_iteration() -> None:
     assert s.teacher_momentum[0] == pytest.approx(0.996)
     assert np.all(np.diff(s.teacher_momentum) >= 0) and s.teacher_momentum[-1] <= 1.0
     assert s.teacher_temp[0] == pytest.approx(0.04) and s.teacher_temp[-1] == pytest.approx(0.07)
+    wd = build_schedules(ExploraConfig(), 100).weight_decay  # DINO: cosine from 0.04 up to 0.4
+    assert wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.4, abs=1e-3), (wd[0], wd[-1])
+    assert np.all(np.diff(wd) >= 0), "weight decay must only rise"
+
+
+def test_student_drop_path_is_stochastic_in_train_mode_only() -> None:
+    torch.manual_seed(0)
+    model = tiny_vit(depth=4)
+    rates = set_drop_path(model, 0.3)
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3]), rates
+    assert model.blocks[3].drop_path1.drop_prob == pytest.approx(0.3)
+    x = torch.rand(4, 3, 28, 28)
+    model.train()
+    assert not torch.allclose(model(x), model(x)), "drop-path must make train-mode forwards differ"
+    teacher = make_teacher(model)
+    torch.testing.assert_close(teacher(x), teacher(x), msg="the eval-mode teacher must be deterministic")
 
 
 def test_crop_sizes_are_patch_multiples() -> None:
@@ -325,6 +346,12 @@ def test_loss_falls_and_result_is_a_plain_state_dict(tmp_path: Path) -> None:
     ):
         assert key in report, f"report lacks {key}"
     assert report["images_used"] == 8 and report["steps"] == 10 and report["seconds"] > 0
+    # DINO's recipe: weight decay rises, the head's last layer is frozen first, the student drops paths
+    wd = [s["weight_decay"] for s in steps_seen]
+    assert wd[0] == pytest.approx(0.04) and wd[-1] > 0.3 and wd == sorted(wd), wd
+    assert [s["last_layer_frozen"] for s in steps_seen] == [True] + [False] * 9
+    assert report["freeze_last_layer_steps"] == 1 and report["drop_path_rates"] == pytest.approx([0.0, 0.1])
+    assert "iBOT" in report["objective"]
 
 
 @pytest.mark.parametrize("name", ["eva_dinov3", "vit_fixed_size"])

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from roadwork_core.calibration import expected_calibration_error
+from roadwork_core.contracts.labels import hard_label
 from roadwork_core.metrics import (
     METRIC_NAMES,
     augrc,
@@ -42,7 +44,7 @@ def _scores(n: int, seed: int = 0, separation: float = 1.5) -> tuple[np.ndarray,
 def test_classification_metrics_match_sklearn():
     p, y = _scores(400, seed=1)
     m = classification_metrics(p, y)
-    hard = (p >= 0.5).astype(int)
+    hard = hard_label(p).astype(int)
     refs = {
         "accuracy": skm.accuracy_score(y, hard),
         "mcc": skm.matthews_corrcoef(y, hard),
@@ -65,20 +67,29 @@ def test_classification_metrics_threshold_is_used():
     assert classification_metrics(p, y, threshold=0.3)["accuracy"] == pytest.approx(1.0)
 
 
-def test_ece_and_mce_match_a_hand_binned_reference():
-    p, y = _scores(600, seed=2, separation=0.7)
-    m = classification_metrics(p, y)
-    bins = np.clip(np.ceil(p * 15).astype(int) - 1, 0, 14)  # right-closed equal-width bins
+def _hand_binned(score: np.ndarray, outcome: np.ndarray) -> tuple[float, float]:
+    """(ECE, MCE): |mean score - mean outcome| per 15 equal-width bins [k/15, (k+1)/15)."""
+    bins = np.clip(np.floor(score * 15).astype(int), 0, 14)
     gaps, weights = [], []
     for b in range(15):
         sel = bins == b
         if sel.any():
-            gaps.append(abs(p[sel].mean() - y[sel].mean()))
+            gaps.append(abs(score[sel].mean() - outcome[sel].mean()))
             weights.append(sel.mean())
-    assert m["ece"] == pytest.approx(float(np.dot(gaps, weights)), abs=1e-4), (
-        "ECE differs from 15-bin reference"
+    return float(np.dot(gaps, weights)), max(gaps)
+
+
+def test_ece_and_mce_are_top_label_confidence_against_correctness():
+    p, y = _scores(600, seed=2, separation=0.7)
+    m = classification_metrics(p, y)
+    top_ece, top_mce = _hand_binned(np.maximum(p, 1.0 - p), (hard_label(p) == y).astype(float))
+    p_ece, _ = _hand_binned(p, y.astype(float))  # p against the label: what the docs do NOT mean
+    assert abs(top_ece - p_ece) > 0.01, f"test data must tell the two ECEs apart: {top_ece} vs {p_ece}"
+    assert m["ece"] == pytest.approx(top_ece, abs=1e-4), f"ECE {m['ece']} != top-label reference {top_ece}"
+    assert m["mce"] == pytest.approx(top_mce, abs=1e-4), "MCE differs from the largest top-label bin gap"
+    assert expected_calibration_error(p, y) == pytest.approx(m["ece"], abs=1e-6), (
+        "the calibrator's ECE and the report's ECE must be one number"
     )
-    assert m["mce"] == pytest.approx(max(gaps), abs=1e-4), "MCE differs from the largest bin gap"
     assert 0.0 <= m["ace"] <= 1.0, f"ACE {m['ace']} outside [0, 1]"
 
 
@@ -87,7 +98,7 @@ def test_reward_proxy_is_the_network_formula():
     assert reward_proxy(1.0, 1.0) == 1.0
     p, y = _scores(300, seed=3)
     m = classification_metrics(p, y)
-    hard = (p >= 0.5).astype(int)
+    hard = hard_label(p).astype(int)
     expected = (0.5 * skm.matthews_corrcoef(y, hard) + 0.5 * skm.accuracy_score(y, hard)) ** 3
     assert m["reward_proxy"] == pytest.approx(expected, abs=1e-5)
 
@@ -186,7 +197,7 @@ def test_selective_summary_counts():
 
 def test_bootstrap_ci_contains_point_and_narrows_with_n():
     def acc(p, y):
-        return float(np.mean((p >= 0.5) == y))
+        return float(np.mean(hard_label(p) == y))
 
     widths = []
     for n in (200, 5000):
@@ -206,7 +217,7 @@ def test_bootstrap_ci_dict_stats_seeded_and_nan_safe():
     def stats(p, y):
         pos = y == 1
         return {
-            "acc": float(np.mean((p >= 0.5) == y)),
+            "acc": float(np.mean(hard_label(p) == y)),
             "fnr": float(np.mean(p[pos] < 0.5)) if pos.any() else math.nan,
         }
 
@@ -217,6 +228,34 @@ def test_bootstrap_ci_dict_stats_seeded_and_nan_safe():
     assert a["acc"]["n_valid"] == 200 and 0 < a["fnr"]["n_valid"] < 200, a["fnr"]
     with pytest.raises(ValueError, match="paired"):
         bootstrap_ci(stats, p, y[:-1])
+
+
+def test_bootstrap_by_group_resamples_whole_near_duplicate_groups():
+    # 40 groups of 10 near-copies: one prediction and one label per group, repeated.
+    p_group, y_group = _scores(40, seed=6)
+    p, y, groups = np.repeat(p_group, 10), np.repeat(y_group, 10), np.repeat(np.arange(40) * 7, 10)
+    seen_sizes = set()
+
+    def acc(p, y):
+        seen_sizes.add(p.size)
+        return float(np.mean(hard_label(p) == y))
+
+    by_group = bootstrap_ci(acc, p, y, n_resamples=400, seed=0, groups=groups)
+    assert seen_sizes == {400}, f"40 groups of 10 rows: every resample has 400 rows, got {seen_sizes}"
+    by_row = bootstrap_ci(acc, p, y, n_resamples=400, seed=0)
+    independent = bootstrap_ci(acc, p_group, y_group, n_resamples=400, seed=0)
+    w = {k: ci["high"] - ci["low"] for k, ci in (("group", by_group), ("row", by_row), ("40", independent))}
+    # 40 independent outcomes: the group bootstrap must be as wide as 40 images, not as 400
+    assert w["group"] > 2 * w["row"] and abs(w["group"] - w["40"]) < 0.35 * w["40"], w
+
+    def members_whole(p, y):
+        counts = np.unique(p, return_counts=True)[1]  # a group's rows share one p
+        return float(np.all(counts % 10 == 0))
+
+    whole = bootstrap_ci(members_whole, p, y, n_resamples=50, seed=3, groups=groups)
+    assert whole["low"] == 1.0, "a resample split a near-duplicate group"
+    with pytest.raises(ValueError, match="group id per row"):
+        bootstrap_ci(acc, p, y, groups=groups[:-1])
 
 
 # ---------------------------------------------------------------- slices
@@ -250,7 +289,9 @@ def test_slice_metrics_drop_small_groups_and_pick_metadata_columns():
     night = s[(s["column"] == "time_of_day") & (s["value"] == "night")].iloc[0]
     part = df[df["time_of_day"] == "night"]
     assert night["n"] == len(part)
-    assert night["accuracy"] == pytest.approx(np.mean((part["p_roadwork"] >= 0.5) == part["label"]), abs=1e-6)
+    assert night["accuracy"] == pytest.approx(
+        np.mean(hard_label(part["p_roadwork"].to_numpy()) == part["label"]), abs=1e-6
+    )
     assert night["fnr"] == pytest.approx(selective_summary(part["decision"], part["label"])["fnr"])
     assert slice_metrics(df, "p_roadwork", "label", "decision", min_count=10_000).empty
 
@@ -266,7 +307,7 @@ def test_slice_metrics_names_missing_columns():
 def test_plots_return_png_bytes(tmp_path):
     df = _slice_table(300)
     p, y = df["p_roadwork"].to_numpy(), df["label"].to_numpy()
-    correct = (p >= 0.5) == y
+    correct = hard_label(p) == y
     slices = slice_metrics(df, "p_roadwork", "label", "decision")
     rob = pd.DataFrame(
         {"level": [0, 1, 2, 3], "accuracy": [0.9, 0.85, 0.8, 0.7], "mcc": [0.8, 0.7, 0.6, 0.4]}

@@ -20,6 +20,7 @@ from roadwork_core.calibration import (
     registered_policies,
     summarize_decisions,
 )
+from roadwork_core.contracts.labels import hard_label
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
 
 
@@ -31,13 +32,13 @@ def make_predictions(n: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarra
     view_logits = image_logit[:, None] + rng.normal(0.0, 0.8, (n, 5))  # (N, V) global first, then tiles
     view_probs = expit(view_logits)
     p = view_probs.mean(axis=1)
-    hard = p >= 0.5
+    hard = hard_label(p)
     features = {
         "max_prob": np.maximum(p, 1.0 - p),
         "entropy": -(p * np.log(p) + (1.0 - p) * np.log1p(-p)),
         "margin": np.abs(2.0 * p - 1.0),
         "view_var": view_probs.var(axis=1),
-        "view_disagreement": ((view_probs >= 0.5) != hard[:, None]).mean(axis=1),
+        "view_disagreement": (hard_label(view_probs) != hard[:, None]).mean(axis=1),
         "global_tile_disagreement": np.abs(view_probs[:, 0] - view_probs[:, 1:].mean(axis=1)),
     }
     assert set(features) == set(UNCERTAINTY_FEATURES), "test helper must produce every contract feature"
@@ -146,7 +147,7 @@ def test_gate_youden_threshold_and_no_failure_fallback(gate_data):
     (sp, sf, sy), (cp, cf, cy) = gate_data
     gate = fit_gate_policy(sp, sf, sy, cp, cf, cy, decision_threshold=None)
     assert 0.0 < gate.decision_threshold < 1.0, gate.decision_threshold
-    perfect = (sp >= 0.5).astype(np.int64)  # labels the classifier never gets wrong
+    perfect = hard_label(sp).astype(np.int64)  # labels the classifier never gets wrong
     fallback = fit_gate_policy(sp, sf, perfect, cp, cf, cy, target_fnr=0.05)
     assert "0/" in fallback.fit_note and fallback.calib_summary["fnr"] <= 0.05, fallback.fit_note
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from roadwork_core.contracts.labels import hard_label
 from roadwork_core.metrics import (
     EvaluationReport,
     augrc,
@@ -64,7 +65,7 @@ def test_report_metrics_have_cis_and_match_direct_computation(report):
     sel = selective_summary(test["decision"], test["label"])
     for name in ("coverage", "fnr", "fpr", "selective_accuracy"):
         assert m[name]["value"] == pytest.approx(sel[name]), name
-    correct = (test["p_roadwork"] >= 0.5) == test["label"]
+    correct = hard_label(test["p_roadwork"].to_numpy()) == test["label"]
     assert m["augrc"]["value"] == pytest.approx(augrc(test["confidence"], correct))
     pi = 1 - correct.mean()
     assert m["augrc_optimal"]["value"] == pytest.approx(0.5 * pi**2)
@@ -113,6 +114,21 @@ def test_write_and_read_round_trip(report, tmp_path):
     pd.testing.assert_frame_equal(
         pd.read_parquet(paths["slices.parquet"]), report.slices, check_dtype=False, obj="slices.parquet"
     )
+
+
+def test_report_bootstrap_resamples_near_duplicate_groups():
+    test = _test_table(n=300, seed=4)
+    test = test.loc[test.index.repeat(4)].reset_index(drop=True)  # every image with 3 near-copies
+    test["group_id"] = test["image_id"]
+    grouped = build_evaluation_report(test, n_bootstrap=N_BOOT)
+    by_image = build_evaluation_report(test.drop(columns="group_id"), n_bootstrap=N_BOOT)
+    assert grouped.config["bootstrap_unit"] == "group_id" and grouped.config["bootstrap_n_units"] == 300
+    assert by_image.config["bootstrap_unit"] == "image" and any("group_id" in n for n in by_image.notes)
+    width = {
+        k: r.metrics["accuracy"]["high"] - r.metrics["accuracy"]["low"]
+        for k, r in (("g", grouped), ("i", by_image))
+    }
+    assert width["g"] > 1.25 * width["i"], f"groups of 4 copies must widen the CI (about 2x): {width}"
 
 
 def test_summary_markdown(report):

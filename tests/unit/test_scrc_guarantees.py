@@ -8,6 +8,14 @@ and no test sampling; one test checks that formula against a large sampled test 
 Tolerances: CRC promises E[FNR] <= alpha, checked as mean over draws <= alpha + 3 standard errors.
 LTT promises P(FNR > alpha) <= delta, checked as violation fraction <= delta + 3 binomial standard
 errors sqrt(delta (1 - delta) / draws).
+
+Adversarial small-m cases (issue 15): roadwork images confidently wrong (p ~ U[0, 0.2], so
+max_prob ~ U[0.8, 1]) and no_roadwork images unsure (p ~ U[0.3, 0.7]). The few accepted positives are
+the most confident ones, and the one that sets lambda1 has the largest p any accepted positive can
+have; fitting lambda2 on it (the old selection) gave a mean FNR of 0.64 against alpha = 0.5 (CRC) and
+violations in 0.106 of draws against delta = 0.07 (LTT). With 4000 draws the standard errors are
+0.004 (CRC mean) and 0.004 (LTT violation rate), so the old selection and a k + 1 mutation (mean FNR
+about 0.67) fail by tens of standard errors, not by a hair.
 """
 
 from __future__ import annotations
@@ -59,6 +67,81 @@ def simulate(
         risks[i] = true_accepted_fnr(policy.lambda1, policy.lambda2)
         n_pos[i] = policy.n_pos_accepted
     return risks, float(n_pos.mean())
+
+
+ADV_DRAWS = 4000
+
+
+def adversarial_draw(rng: np.random.Generator, n: int, prevalence: float):
+    labels = (rng.random(n) < prevalence).astype(np.int64)
+    p = np.where(labels == 1, rng.uniform(0.0, 0.2, n), rng.uniform(0.3, 0.7, n))
+    return p, np.maximum(p, 1.0 - p), labels
+
+
+def adversarial_true_fnr(lambda1: float, lambda2: float) -> float:
+    """P(p < lambda2 | roadwork, max(p, 1-p) >= lambda1) for p ~ U[0, 0.2]: accepted iff p <= 1 - lambda1."""
+    top = min(1.0 - lambda1, 0.2)  # accepted roadwork images have p in [0, top]
+    return min(lambda2, top) / top
+
+
+def simulate_adversarial(mode: str, n: int, target_coverage: float, prevalence: float, **kw):
+    rng = np.random.default_rng(11)
+    risks = np.empty(ADV_DRAWS)
+    for i in range(ADV_DRAWS):
+        policy = fit_scrc_policy(
+            *adversarial_draw(rng, n, prevalence), mode=mode, target_coverage=target_coverage, **kw
+        )
+        risks[i] = adversarial_true_fnr(policy.lambda1, policy.lambda2)
+    return risks
+
+
+def test_adversarial_formula_matches_a_sampled_test_set():
+    rng = np.random.default_rng(12)
+    policy = fit_scrc_policy(*adversarial_draw(rng, 40, 0.5), alpha=0.3, target_coverage=0.3)
+    p, conf, labels = adversarial_draw(rng, 400_000, 0.5)
+    d = policy.decide(p, {"max_prob": conf})
+    sampled = (d[(d != "defer") & (labels == 1)] == "no_roadwork").mean()
+    exact = adversarial_true_fnr(policy.lambda1, policy.lambda2)
+    assert abs(sampled - exact) < 0.01, f"exact FNR {exact} disagrees with the sampled {sampled}"
+
+
+def test_crc_holds_at_small_m_when_the_selected_positives_are_adversarial():
+    # The issue's case: alpha = 0.5, n = 10, target coverage 0.3 -> 3 accepted, 2 fitted on.
+    alpha = 0.5
+    risks = simulate_adversarial("crc", 10, 0.3, 0.5, alpha=alpha)
+    se = risks.std(ddof=1) / math.sqrt(ADV_DRAWS)
+    assert risks.mean() <= alpha + 3 * se, (
+        f"CRC at small m: mean FNR among accepted {risks.mean():.4f} > alpha {alpha} + 3 SE {3 * se:.4f} "
+        "(lambda2 fitted on the image at lambda1, or k off by one?)"
+    )
+    assert risks.mean() > 0.2, f"CRC is vacuous here: mean FNR {risks.mean():.4f} (expected about 1/3)"
+
+
+def test_ltt_holds_at_small_m_when_the_selected_positives_are_adversarial():
+    # 14 images, prevalence 0.7, coverage 0.5 -> 7 accepted, 6 fitted on; delta = 0.07 separates
+    # "0 misses out of 6" (certified: Bin(6, .5) <= 0 has p = 0.016) from "1 out of 7" (p = 0.0625,
+    # certified only when the image at lambda1 counts as a 7th positive that is never missed).
+    alpha, delta = 0.5, 0.07
+    risks = simulate_adversarial("ltt", 14, 0.5, 0.7, alpha=alpha, delta=delta)
+    violated = (risks > alpha).mean()
+    tol = 3 * math.sqrt(delta * (1 - delta) / ADV_DRAWS)
+    assert violated <= delta + tol, (
+        f"LTT at small m: FNR > alpha in {violated:.4f} of draws > delta + {tol:.4f}"
+    )
+    assert risks.mean() > 0.05, f"LTT is vacuous here: mean FNR {risks.mean():.4f}"
+
+
+def test_lambda2_is_fitted_strictly_past_lambda1_and_the_json_says_so():
+    conf = np.array([0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.55])
+    p = 1.0 - conf  # all roadwork, all confidently wrong
+    labels = np.ones(8, dtype=np.int64)
+    policy = fit_scrc_policy(p, conf, labels, alpha=0.5, target_coverage=0.5)  # lambda1 = 0.85
+    assert policy.lambda1 == 0.85 and policy.n_accepted == 4, policy
+    assert (policy.n_fit, policy.n_tied_at_lambda1, policy.n_pos_accepted) == (3, 1, 3), policy
+    # k = floor(0.5 * 4) = 2 of the three scores 0.01, 0.05, 0.1 (the 0.15 at lambda1 is left out)
+    assert (policy.k, policy.lambda2) == (2, p[1]), policy
+    assert "strictly past" in policy.conditioning and "conditionally on lambda1" in policy.conditioning
+    assert "3 val_calib images" in policy.conditioning, policy.conditioning
 
 
 def test_true_fnr_formula_matches_a_sampled_test_set():
@@ -142,9 +225,10 @@ def test_crc_with_tied_scores_is_the_sup_of_the_crc_condition():
 def test_tied_score_at_lambda2_is_roadwork():
     p = np.array([0.3, 0.3, 0.3, 0.3, 0.6, 0.7, 0.8, 0.9, 0.95, 0.1])
     labels = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0])
-    policy = fit_scrc_policy(p, np.ones_like(p), labels, alpha=0.3, target_coverage=1.0)  # k = floor(3) = 3
+    conf = np.linspace(1.0, 0.6, 10)  # the no_roadwork image sets lambda1 and is left out of the fit
+    policy = fit_scrc_policy(p, conf, labels, alpha=0.3, target_coverage=1.0)  # k = floor(3) = 3
     assert (policy.k, policy.lambda2) == (3, 0.3), policy
-    d = policy.decide(p, {"max_prob": np.ones_like(p)})
+    d = policy.decide(p, {"max_prob": conf})
     assert (d[:4] == "roadwork").all(), f"scores tied at lambda2 must be roadwork (p >= lambda2): {d}"
 
 

@@ -268,3 +268,32 @@ def test_previous_table_validated() -> None:
     m = synthetic_manifest(5, 3)
     with pytest.raises(ValueError, match="unknown split 'holdout'"):
         assign_splits(m, previous=pd.DataFrame({"image_id": m["image_id"], "split": "holdout"}))
+
+
+def test_a_new_image_bridging_two_splits_is_quarantined_not_deadlocked() -> None:
+    from roadwork_core.data.split_checks import check_no_near_duplicates_across_splits, check_sticky
+
+    v1 = synthetic_manifest(6, 40)
+    a_hash = v1.loc[0, "phash"]
+    v1.loc[1, "phash"] = flip_bits(a_hash, list(range(12)))  # b: 12 bits from a, its own group
+    s1 = assign_splits(v1)
+    s1.loc[s1["image_id"] == v1.loc[0, "image_id"], "split"] = "train"
+    s1.loc[s1["image_id"] == v1.loc[1, "image_id"], "split"] = "val_select"
+    assert check_no_near_duplicates_across_splits(s1).passed, "a and b are 12 bits apart: no leak yet"
+    x = synthetic_manifest(7, 1)
+    x["phash"] = flip_bits(a_hash, list(range(6)))  # 6 bits from a and 6 from b: joins both
+    v2 = pd.concat([v1, x], ignore_index=True)
+    s2 = assign_splits(v2, previous=s1)
+    x_id = x.loc[0, "image_id"]
+    assert x_id not in set(s2["image_id"]), "the bridging image must be left out of every split"
+    assert len(s2) == len(v1) and check_sticky(s2, s1).passed
+    assert check_no_near_duplicates_across_splits(s2).passed, "quarantine must leave no cross-split pair"
+    (q,) = s2.attrs["quarantined"]
+    assert q["image_id"] == x_id and q["reason"] == "bridges_splits", q
+    pair = set(q["bridges"].split(" ~ "))
+    assert pair == {f"{v1.loc[0, 'image_id']} [train]", f"{v1.loc[1, 'image_id']} [val_select]"}, q
+    assert "distance 6" in q["detail"] and q["file"] == x.loc[0, "file"], q
+    # the next version builds on this one and stays unblocked, with the same quarantine
+    s3 = assign_splits(v2, previous=s2)
+    assert s3.attrs["quarantined"] == s2.attrs["quarantined"]
+    assert check_no_near_duplicates_across_splits(s3).passed and check_sticky(s3, s2).passed

@@ -1,0 +1,80 @@
+"""The unlabelled pool that ExPLoRA trains on, filtered against the evaluation splits.
+
+The pool (each drop's `unlabelled/` folder) never passes through `splits`, so nothing else stops a
+near-copy of a val_select / val_calib / val_test image from entering self-supervised training. Each
+pool image is hashed the way the manifest hashes (`imagehash.phash` of the decoded image) and dropped
+when it lies within `radius` bits of any image of those splits; unreadable pool images are dropped
+too. Every drop is listed with the evaluation image it copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import imagehash
+import numpy as np
+import pandas as pd
+
+from roadwork_core.data.images import ImageRejected, load_image
+from roadwork_core.data.neardup import near_duplicate_pairs, pair_distances
+
+DROPPED_COLUMNS: list[str] = ["uri", "reason", "detail", "image_id", "split", "distance"]
+
+
+@dataclass
+class PoolFilter:
+    kept: list[str]  # pool URIs to train on, in input order
+    dropped: pd.DataFrame  # DROPPED_COLUMNS, one row per dropped pool image
+
+
+def _pool_phash(uri: str) -> tuple[str | None, str]:
+    try:
+        return str(imagehash.phash(load_image(uri))), ""
+    except ImageRejected as exc:
+        return None, f"{exc.reason}: {exc.detail}"
+    except (OSError, ValueError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def filter_unlabelled_pool(uris: list[str], reference: pd.DataFrame, radius: int = 6) -> PoolFilter:
+    """Drop pool images within `radius` (phash Hamming distance) of any `reference` row.
+
+    reference: `image_id, split, phash` (+ `file`) of the splits the pool must not copy.
+    """
+    missing = [c for c in ("image_id", "split", "phash") if c not in reference.columns]
+    if missing:
+        raise ValueError(f"reference table misses columns {missing}; pass SplitReader.read_phashes rows")
+    rows: list[dict] = []
+    hashed: list[tuple[int, str]] = []  # (index into uris, phash)
+    for i, uri in enumerate(uris):
+        h, why = _pool_phash(uri)
+        if h is None:
+            rows.append({"uri": uri, "reason": "unreadable", "detail": why})
+        else:
+            hashed.append((i, h))
+    ref = reference.reset_index(drop=True)
+    phashes = [h for _, h in hashed] + ref["phash"].tolist()
+    pairs = near_duplicate_pairs(phashes, radius)  # (P, 2), i < j
+    n_pool = len(hashed)
+    cross = pairs[(pairs[:, 0] < n_pool) & (pairs[:, 1] >= n_pool)] if len(pairs) else pairs
+    if len(cross):
+        dist = pair_distances(phashes, cross)
+        order = np.lexsort((cross[:, 1], dist, cross[:, 0]))  # per pool image, the nearest first
+        cross, dist = cross[order], dist[order]
+        first = np.r_[True, cross[1:, 0] != cross[:-1, 0]]
+        for (p, r), d in zip(cross[first].tolist(), dist[first].tolist()):
+            hit = ref.iloc[r - n_pool]
+            where = hit.get("file", hit["image_id"])
+            rows.append(
+                {
+                    "uri": uris[hashed[p][0]],
+                    "reason": "near_duplicate_of_eval",
+                    "detail": f"phash within {d} bits of {where} in {hit['split']}; left out of ExPLoRA",
+                    "image_id": hit["image_id"],
+                    "split": hit["split"],
+                    "distance": int(d),
+                }
+            )
+    dropped = pd.DataFrame(rows, columns=DROPPED_COLUMNS)
+    gone = set(dropped["uri"])
+    return PoolFilter(kept=[u for u in uris if u not in gone], dropped=dropped)
