@@ -75,13 +75,16 @@ class ScrcPolicy(BasePolicy):
     higher_is_confident: bool
     lambda1: float  # accept when confidence >= lambda1 (<= when not higher_is_confident)
     lambda2: float = Field(ge=0.0, le=1.0)  # among accepted: p >= lambda2 -> roadwork
-    conditioning: str  # which calibration images lambda2 was fitted on, and what the guarantee is given
+    # Which calibration images lambda2 was fitted on, and what the guarantee is given. Policies written
+    # before lambda2 was fitted strictly past lambda1 lack the next three fields: they still load (None)
+    # and decide as before, but their guarantee is only approximate at small n (refit to get it exact).
+    conditioning: str | None = None
     k: int | None  # "crc": rank of lambda2 among accepted positive scores (0: flag everything)
     grid_size: int | None  # "ltt": lambda2 grid is linspace(0, 1, grid_size + 1)
     n: int
     n_accepted: int  # val_calib images the rule accepts (confidence >= lambda1)
-    n_fit: int  # val_calib images lambda2 was fitted on: strictly past lambda1
-    n_tied_at_lambda1: int  # val_calib images exactly at lambda1: accepted, left out of the fit
+    n_fit: int | None = None  # val_calib images lambda2 was fitted on: strictly past lambda1
+    n_tied_at_lambda1: int | None = None  # val_calib images exactly at lambda1: accepted, left out of the fit
     n_pos_accepted: int  # roadwork images among the n_fit (the n+ of CRC / LTT)
     calib_fnr_accepted: float | None  # the guaranteed quantity, measured on the n_pos_accepted
     calib_summary: dict[str, float | int | None]  # achieved figures on val_calib (all images)

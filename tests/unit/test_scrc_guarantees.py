@@ -278,3 +278,21 @@ def test_json_states_the_guarantee_precisely():
         fit_scrc_policy(p, conf, labels, alpha=1.5)
     with pytest.raises(ValueError, match="mode"):
         fit_scrc_policy(p, conf, labels, mode="split")
+
+
+def test_a_policy_written_before_the_strict_fit_still_loads_and_decides_the_same():
+    """Bundles released before lambda2 was fitted strictly past lambda1 have no conditioning fields."""
+    import json
+
+    from roadwork_core.calibration.policy import policy_from_json, policy_to_json
+
+    rng = np.random.default_rng(3)
+    p, conf, labels = draw(rng, 200)
+    new = fit_scrc_policy(p, conf, labels, alpha=0.1)
+    old_json = json.loads(policy_to_json(new))
+    for key in ("conditioning", "n_fit", "n_tied_at_lambda1"):
+        del old_json[key]
+    old = policy_from_json(json.dumps(old_json))
+    assert (old.conditioning, old.n_fit, old.n_tied_at_lambda1) == (None, None, None)
+    features = {"max_prob": conf}
+    assert (old.decide(p, features) == new.decide(p, features)).all()
