@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from roadwork_core.metrics.plots import _new_figure, _png
 
@@ -70,6 +71,7 @@ def training_curves(history: Sequence[Mapping], best_epoch: int | None = None) -
     ax_sel.set_ylim(min(0.0, float(frame.get("select_mcc", pd.Series([0.0])).min())), 1.0)
     for ax in (ax_loss, ax_sel):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if best_epoch is not None:
             ax.axvline(best_epoch, ls="--", color="grey", label=f"selected epoch {best_epoch}")
     ax_sel.legend(fontsize=8)
