@@ -98,7 +98,7 @@ class _StepWatcher:
             if not passed:
                 self.say(f"[demo]   {msg[:400]}")
         elif event is None and step and _PROGRESS.match(msg):
-            self.last_word[step] = msg
+            self.last_word[step] = msg.split(":")[0]  # "epoch 3/12", "ExPLoRA step 7/12"
             self.say(f"[demo]   {step}: {msg}")
 
     def tick(self) -> None:

@@ -66,7 +66,7 @@ def test_heartbeat_names_the_running_step_and_its_last_progress():
     watcher.started["a"] -= 75
     watcher.tick()
     last = out.getvalue().splitlines()[-1]
-    assert last.startswith("[demo]   still running: a 1:15 (last: epoch 1/2:"), last
+    assert last == "[demo]   still running: a 1:15 (last: epoch 1/2)", last
 
 
 def test_progress_figures_are_rounded(monkeypatch):
