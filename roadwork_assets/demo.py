@@ -47,7 +47,7 @@ _DAGSTER_LINE = re.compile(
     r"(?:(?P<step>[a-z_][\w.\[\]]*) - )?(?:(?P<event>[A-Z][A-Z_]+) - )?(?P<msg>.*)$"
 )
 # roadwork's own progress messages (assets' context.log.info) shown on the terminal
-_PROGRESS = re.compile(r"^(epoch \d+/\d+|ExPLoRA step \d+/\d+|waiting for)")
+_PROGRESS = re.compile(r"^(epoch \d+/\d+|batch \d+/\d+|ExPLoRA step \d+/\d+|waiting for)")
 _ERROR_TEXT = re.compile(r"^[\w.]*(Error|Exception|Failure|Violation)\b.*: ")
 _CHECK_PASSED = re.compile(r"^Asset check '[^']*' on '[^']*' passed\b")
 HEARTBEAT_S = 15.0
@@ -98,8 +98,11 @@ class _StepWatcher:
             if not passed:
                 self.say(f"[demo]   {msg[:400]}")
         elif event is None and step and _PROGRESS.match(msg):
-            self.last_word[step] = msg.split(":")[0]  # "epoch 3/12", "ExPLoRA step 7/12"
-            self.say(f"[demo]   {step}: {msg}")
+            self.last_word[step] = msg.split(":")[0].split(",")[
+                0
+            ]  # "epoch 3/12", "batch 20/38 of epoch 4/12"
+            if not msg.startswith("batch "):  # batch lines only feed the heartbeat: one line per epoch
+                self.say(f"[demo]   {step}: {msg}")
 
     def tick(self) -> None:
         now = time.perf_counter()
@@ -150,18 +153,23 @@ def materialize(version: str, config: Path, log_path: Path) -> None:
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
-        while True:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    watcher.tick()
+                    continue
+                if line is None:
+                    break
+                log.write(line)
+                log.flush()
+                watcher.feed(line)
                 watcher.tick()
-                continue
-            if line is None:
-                break
-            log.write(line)
-            log.flush()
-            watcher.feed(line)
-            watcher.tick()
+        except KeyboardInterrupt:
+            proc.terminate()  # Dagster marks the run canceled/failed on its way out
+            proc.wait(timeout=60)
+            raise SystemExit(f"[demo] interrupted; Dagster's log so far: {log_path}") from None
         returncode = proc.wait()
     checks = watcher.checks
     print(f"[demo] asset checks: {checks['passed']} passed, {checks['failed']} failed")

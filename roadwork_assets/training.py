@@ -220,7 +220,7 @@ def classifier(
     from roadwork_core.models.classifier import build_classifier
     from roadwork_core.models.multiview import MultiViewConfig
     from roadwork_core.models.serialization import save_classifier
-    from roadwork_core.progress import ProgressClock, epoch_line
+    from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line
     from roadwork_core.training.supervised import TrainConfig, train_classifier
 
     gpu.setup()
@@ -265,21 +265,28 @@ def classifier(
 
     def on_epoch(row: dict) -> None:
         done[0] += 1
+        batches.epoch_done()
         clock.total = config.epochs - int(row["epoch"]) + done[0]
         context.log.info(epoch_line(row, config.epochs, clock.describe(done[0])))
         log_metrics(mlflow, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
 
-    result = train_classifier(
-        model,
-        train,
-        select,
-        train_cfg,
-        device=gpu.torch_device(),
-        precision=gpu.effective_precision(),
-        checkpoint_dir=store.checkpoint_dir("classifier", context.partition_key),
-        feature_cache_dir=store.feature_cache_dir(),
-        on_epoch=on_epoch,
-    )
+    def on_batch(batch: int, of: int) -> None:  # the demo's heartbeat shows these; one line per epoch stays
+        context.log.info(
+            f"batch {batch}/{of} of epoch {done[0] + 1}/{config.epochs}, {clock.describe(done[0] + batch / of)}"
+        )
+
+    with BatchProgress(model, math.ceil(len(train) / config.batch_size), on_batch) as batches:
+        result = train_classifier(
+            model,
+            train,
+            select,
+            train_cfg,
+            device=gpu.torch_device(),
+            precision=gpu.effective_precision(),
+            checkpoint_dir=store.checkpoint_dir("classifier", context.partition_key),
+            feature_cache_dir=store.feature_cache_dir(),
+            on_epoch=on_epoch,
+        )
     out = new_artifact_dir("classifier")
     save_classifier(
         out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history}

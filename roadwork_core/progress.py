@@ -24,12 +24,12 @@ class ProgressClock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def remaining(self, done: int) -> float | None:
+    def remaining(self, done: float) -> float | None:
         if done <= 0:
             return None
         return self.elapsed() / done * max(0, self.total - done)
 
-    def describe(self, done: int) -> str:
+    def describe(self, done: float) -> str:
         """'elapsed 0:42, remaining ~2:06' (remaining unknown until one unit is done)."""
         left = self.remaining(done)
         tail = f", remaining ~{fmt_duration(left)}" if left is not None else ""
@@ -48,3 +48,33 @@ def epoch_line(row: dict, total_epochs: int, progress: str = "") -> str:
     if progress:
         parts.append(progress)
     return f"epoch {int(row['epoch'])}/{total_epochs}: " + ", ".join(parts)
+
+
+class BatchProgress:
+    """Counts a model's training-mode forward passes (one per training batch) through a forward hook
+    and calls `emit(batch, batches_per_epoch)` at most every `every_s` seconds: progress inside a
+    long epoch without touching the training loop. Evaluation passes (eval mode) are not counted.
+    Use as a context manager; call `epoch_done()` at the end of each epoch."""
+
+    def __init__(self, model, batches_per_epoch: int, emit, every_s: float = 10.0) -> None:
+        self.batches_per_epoch, self.emit, self.every_s = batches_per_epoch, emit, every_s
+        self.batch, self.last = 0, time.perf_counter()
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if not module.training:
+            return
+        self.batch += 1
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.emit(self.batch, self.batches_per_epoch)
+
+    def epoch_done(self) -> None:
+        self.batch, self.last = 0, time.perf_counter()
+
+    def __enter__(self) -> BatchProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 
 from roadwork_assets import demo
-from roadwork_core.progress import ProgressClock, epoch_line, fmt_duration
+from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line, fmt_duration
 
 # Recorded from `dagster asset materialize` 1.13.27 (a two-asset graph with a passing and a failing
 # check and a step that raises), abridged: the shapes of the lines the demo must read.
@@ -17,6 +17,7 @@ STREAM = f"""\
 2026-12-01 10:38:00 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8470 - a - STEP_START - Started execution of step "a".
 2026-12-01 10:38:00 +0000 - dagster - INFO - __ASSET_JOB - {RUN} - a - epoch 1/2: train loss 0.500, elapsed 0:01, remaining ~0:01
 2026-12-01 10:38:00 +0000 - dagster - INFO - __ASSET_JOB - {RUN} - a - some other info line
+2026-12-01 10:38:00 +0000 - dagster - INFO - __ASSET_JOB - {RUN} - a - batch 3/8 of epoch 2/2, elapsed 0:01, remaining ~0:01
 2026-12-01 10:38:01 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - a - Writing file at: /tmp/home/storage/a using PickledObjectFilesystemIOManager...
 2026-12-01 10:38:01 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8470 - a - STEP_SUCCESS - Finished execution of step "a" in 676ms.
 2026-12-01 10:38:28 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8763 - a_check_a - STEP_START - Started execution of step "a_check_a".
@@ -58,7 +59,7 @@ def test_watcher_keeps_stage_progress_failed_checks_and_errors():
 def test_heartbeat_names_the_running_step_and_its_last_progress():
     out = io.StringIO()
     watcher = demo._StepWatcher(out=out)
-    for line in STREAM.splitlines(keepends=True)[:4]:  # step a started, one epoch line
+    for line in STREAM.splitlines(keepends=True)[:6]:  # step a started, an epoch line, a batch line
         watcher.feed(line)
     watcher.tick()  # just printed: quiet
     assert "still running" not in out.getvalue()
@@ -66,7 +67,7 @@ def test_heartbeat_names_the_running_step_and_its_last_progress():
     watcher.started["a"] -= 75
     watcher.tick()
     last = out.getvalue().splitlines()[-1]
-    assert last == "[demo]   still running: a 1:15 (last: epoch 1/2)", last
+    assert last == "[demo]   still running: a 1:15 (last: batch 3/8 of epoch 2/2)", last
 
 
 def test_progress_figures_are_rounded(monkeypatch):
@@ -87,3 +88,38 @@ def test_progress_figures_are_rounded(monkeypatch):
     monkeypatch.setattr("roadwork_core.progress.time.perf_counter", lambda: 30.0)
     assert clock.describe(0) == "elapsed 0:30"
     assert clock.describe(3) == "elapsed 0:30, remaining ~1:10"
+
+
+def test_batch_progress_counts_training_forwards_only():
+    import torch
+
+    model = torch.nn.Linear(3, 1)
+    seen: list[tuple[int, int]] = []
+    with BatchProgress(model, batches_per_epoch=4, emit=lambda b, n: seen.append((b, n)), every_s=0.0) as bp:
+        model.train()
+        for _ in range(3):
+            model(torch.zeros(2, 3))
+        model.eval()
+        model(torch.zeros(2, 3))  # an evaluation pass: not a training batch
+        bp.epoch_done()
+        model.train()
+        model(torch.zeros(2, 3))
+    model(torch.zeros(2, 3))  # after the context: the hook is gone
+    assert seen == [(1, 4), (2, 4), (3, 4), (1, 4)]
+
+
+def test_batch_progress_sees_every_batch_of_the_real_training_loop(tmp_path):
+    """One training-mode forward of the classifier per batch in `train_classifier` (full mode): the
+    hook's batch numbers are the loop's own, and val_select evaluation adds none."""
+    from roadwork_core.training.supervised import train_classifier
+    from tests.unit.test_training import _cfg, _images, _model
+
+    train, select = _images(tmp_path / "train", 6, seed=0), _images(tmp_path / "select", 4, seed=1)
+    model = _model()
+    seen: list[int] = []
+    with BatchProgress(model, 2, emit=lambda b, n: seen.append(b), every_s=0.0) as bp:
+        train_classifier(
+            model, train, select, _cfg(mode="full", epochs=1, augment_max_level=0),
+            checkpoint_dir=tmp_path / "ckpt", on_epoch=lambda row: (seen.append(-row["epoch"]), bp.epoch_done()),
+        )  # fmt: skip
+    assert seen == [1, 2, -1], seen  # 6 images / batch 4 = 2 batches
