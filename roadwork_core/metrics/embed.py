@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from PIL import Image
 
@@ -49,12 +51,11 @@ def markdown_images(figures: Iterable[tuple[str, bytes]], **kw) -> str:
     return "\n\n".join(parts) if parts else "_(no plots)_"
 
 
-def folder_figures(folder, first: Iterable[str] = ()) -> list[tuple[str, bytes]]:
+def folder_figures(folder: str | os.PathLike, first: Iterable[str] = ()) -> list[tuple[str, bytes]]:
     """(title, png) for every `*.png` under `folder`: the file names in `first` (in that order), then
     the rest by path. Titles are the file stems with underscores as spaces."""
-    from pathlib import Path
-
     root = Path(folder)
     found = {p.relative_to(root).as_posix(): p for p in root.rglob("*.png") if p.is_file()}
-    names = [n for n in first if n in found] + sorted(n for n in found if n not in set(first))
+    first = [n for n in dict.fromkeys(first) if n in found]
+    names = first + sorted(set(found) - set(first))
     return [(found[n].stem.replace("_", " "), found[n].read_bytes()) for n in names]
