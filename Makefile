@@ -16,7 +16,7 @@ DEMO_VERSION ?= v0001
 DEMO_N ?= 2000
 PYTEST_ARGS ?=
 
-.PHONY: venv lock check-env demo test ui lint bench clean-state
+.PHONY: venv lock check-env demo test ui lint bench clean-state browser screenshots
 
 # Install exactly the lock (every transitive dependency pinned), then the project itself without
 # resolving anything (--no-deps, and no isolated build env that would fetch the newest setuptools).
@@ -55,6 +55,17 @@ home: $(DAGSTER_HOME)/dagster.yaml
 
 demo: $(STAMP) home
 	$(PY) -m roadwork_assets.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+
+# The browser test (tests/e2e/test_browser.py) drives Debian's Chromium through Playwright.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then echo "chromium: $(CHROMIUM)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
+
+# Re-take the README's two UI screenshots (docs/ui_*.png) with the browser test's helper.
+screenshots: check-env browser
+	ROADWORK_SCREENSHOT_DIR=$(CURDIR)/docs $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_browser.py
 
 test: check-env
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

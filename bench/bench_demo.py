@@ -83,8 +83,8 @@ def run_demo(n: int, root: Path) -> dict:
     steps = {}
     for pattern, key in [
         (r"wrote \d+ synthetic scenes .* in ([\d.]+)s", "synthetic_drop_seconds"),
-        (r"graph materialized in ([\d.]+)s", "graph_materialize_seconds"),
-        (r"\[demo\] done in ([\d.]+)s", "demo_script_seconds"),
+        (r"graph materialized in [\d:]+ \(([\d.]+)s\)", "graph_materialize_seconds"),
+        (r"\[demo\] done in [\d:]+ \(([\d.]+)s\)", "demo_script_seconds"),
     ]:
         m = re.search(pattern, text)
         if m:
@@ -95,9 +95,15 @@ def run_demo(n: int, root: Path) -> dict:
         "peak_single_process_rss_mib": round(peak["max_single_rss"] / 2**20, 1),
         "peak_single_process": peak["max_single_cmd"],
         "steps": steps,
-        "dagster_step_durations": dagster_step_durations(text),
+        "dagster_step_durations": dagster_step_durations(_dagster_log(text)),
         "log": str(log_path),
     }
+
+
+def _dagster_log(demo_output: str) -> str:
+    """Dagster's event stream: the demo writes it to the log file it names (older demos printed it)."""
+    m = re.search(r"Dagster's event log \(DEBUG\): (\S+)", demo_output)
+    return Path(m.group(1)).read_text(errors="replace") if m and Path(m.group(1)).is_file() else demo_output
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,8 @@ def splits(
     store: ArtifactStore,
 ) -> dg.Output:
     from roadwork_core.data.splits import QUARANTINE_COLUMNS, SplitConfig, assign_splits
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import split_composition
 
     prev_version, previous = load_previous_version(context.instance, context.asset_key, context.partition_key)
     _require_earlier_splits(context, prev_version)
@@ -117,6 +119,9 @@ def splits(
             "previous_version": prev_version or "(none)",
             "counts": md_table(counts.reset_index()),
             "num_groups": int(table["group_id"].nunique()),
+            "composition": dg.MetadataValue.md(
+                markdown_images([("split composition", split_composition(table))])
+            ),
             "dagster/row_count": len(table),
         },
     )

@@ -7,8 +7,11 @@ the embedded instance -> a summary -> a `roadwork predict` call from a fresh pro
 import argparse
 import json
 import os
+import queue
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import dagster as dg
 
 from roadwork_assets._util import latest_materialization_metadata
 from roadwork_assets.partitions import dataset_version
+from roadwork_core.progress import fmt_duration
 
 
 def _bin(name: str) -> str:
@@ -37,7 +41,83 @@ def ensure_drop(inbox: Path, version: str, n: int, seed: int, n_unlabelled: int)
     return drop
 
 
-def materialize(version: str, config: Path) -> None:
+# A line of Dagster's console log: "<date> <time> <tz> - dagster - LEVEL - job - run_id - [pid - ][step - ][EVENT - ]message"
+_DAGSTER_LINE = re.compile(
+    r"^\S+ \S+ \S+ - dagster - (?P<level>[A-Z]+) - \S+ - [0-9a-f-]{36} - (?:\d+ - )?"
+    r"(?:(?P<step>[a-z_][\w.\[\]]*) - )?(?:(?P<event>[A-Z][A-Z_]+) - )?(?P<msg>.*)$"
+)
+# roadwork's own progress messages (assets' context.log.info) shown on the terminal
+_PROGRESS = re.compile(r"^(epoch \d+/\d+|batch \d+/\d+|ExPLoRA step \d+/\d+|waiting for)")
+_ERROR_TEXT = re.compile(r"^[\w.]*(Error|Exception|Failure|Violation)\b.*: ")
+_CHECK_PASSED = re.compile(r"^Asset check '[^']*' on '[^']*' passed\b")
+HEARTBEAT_S = 15.0
+
+
+class _StepWatcher:
+    """Turns Dagster's event stream into a few terminal lines: one when a step starts and ends,
+    the assets' progress lines, a line for each failed check, and a heartbeat every HEARTBEAT_S
+    seconds while a step runs without saying anything."""
+
+    def __init__(self, out=sys.stdout) -> None:
+        self.out = out
+        self.started: dict[str, float] = {}
+        self.last_word: dict[str, str] = {}
+        self.last_print = time.perf_counter()
+        self.checks = {"passed": 0, "failed": 0}
+        self.failures: list[str] = []  # error lines of failed steps
+        self.failing = False  # the previous event was a STEP_FAILURE: its error text follows
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+        self.last_print = time.perf_counter()
+
+    def feed(self, line: str) -> None:
+        m = _DAGSTER_LINE.match(line.rstrip("\n"))
+        if not m:  # a continuation line (traceback, error text) of the previous event
+            text = line.strip()
+            if self.failing and _ERROR_TEXT.match(text) and not text.startswith("dagster._core.errors."):
+                self.failures.append(text)
+                self.say(f"[demo]   {text[:400]}")
+            return
+        self.failing = False
+        step, event, msg = m["step"], m["event"], m["msg"]
+        is_check = bool(step) and "_check_" in step  # check steps: counted, named only when they fail
+        now = time.perf_counter()
+        if event == "STEP_START" and step and not is_check:
+            self.started[step] = now
+            self.say(f"[demo] {step}: started")
+        elif event == "STEP_SUCCESS" and step and not is_check:
+            self.say(f"[demo] {step}: done in {fmt_duration(now - self.started.pop(step, now))}")
+        elif event == "STEP_FAILURE" and step:
+            self.started.pop(step, None)
+            self.failing = True
+            self.say(f"[demo] {step}: FAILED ({msg[:300]})")
+        elif event == "ASSET_CHECK_EVALUATION":
+            passed = _CHECK_PASSED.match(msg) is not None
+            self.checks["passed" if passed else "failed"] += 1
+            if not passed:
+                self.say(f"[demo]   {msg[:400]}")
+        elif event is None and step and _PROGRESS.match(msg):
+            self.last_word[step] = msg.split(":")[0].split(",")[
+                0
+            ]  # "epoch 3/12", "batch 20/38 of epoch 4/12"
+            if not msg.startswith("batch "):  # batch lines only feed the heartbeat: one line per epoch
+                self.say(f"[demo]   {step}: {msg}")
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.started and now - self.last_print >= HEARTBEAT_S:
+            running = ", ".join(
+                f"{step} {fmt_duration(now - t0)}"
+                + (f" (last: {self.last_word[step]})" if step in self.last_word else "")
+                for step, t0 in self.started.items()
+            )
+            self.say(f"[demo]   still running: {running}")
+
+
+def materialize(version: str, config: Path, log_path: Path) -> None:
+    """`dagster asset materialize` with its whole event stream (DEBUG included) in `log_path` and a
+    readable digest of it on the terminal."""
     cmd = [
         _bin("dagster"),
         "asset",
@@ -52,16 +132,57 @@ def materialize(version: str, config: Path) -> None:
         str(config),
     ]
     print("[demo] " + " ".join(cmd))
+    print(f"[demo] Dagster's event log (DEBUG): {log_path}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    watcher = _StepWatcher()
+    lines: queue.Queue[str | None] = queue.Queue()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"[demo] dagster asset materialize failed (exit {proc.returncode}); see the log above"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
-    print(f"[demo] graph materialized in {time.perf_counter() - t0:.1f}s")
+
+        def pump() -> None:
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    watcher.tick()
+                    continue
+                if line is None:
+                    break
+                log.write(line)
+                log.flush()
+                watcher.feed(line)
+                watcher.tick()
+        except KeyboardInterrupt:
+            proc.terminate()  # Dagster marks the run canceled/failed on its way out
+            proc.wait(timeout=60)
+            raise SystemExit(f"[demo] interrupted; Dagster's log so far: {log_path}") from None
+        returncode = proc.wait()
+    checks = watcher.checks
+    print(f"[demo] asset checks: {checks['passed']} passed, {checks['failed']} failed")
+    if returncode != 0:
+        raise SystemExit(
+            f"[demo] dagster asset materialize failed (exit {returncode}); the whole log is {log_path}"
+            + "".join(f"\n  {f[:600]}" for f in watcher.failures[-5:])
+        )
+    took = time.perf_counter() - t0
+    print(f"[demo] graph materialized in {fmt_duration(took)} ({took:.1f}s)")
 
 
-def summarize(instance: dg.DagsterInstance, version: str) -> Path:
+def summarize(instance: dg.DagsterInstance, version: str, log_path: Path | None = None) -> Path:
     def meta(asset: str) -> dict:
         return latest_materialization_metadata(instance, dg.AssetKey(asset), version)
 
@@ -101,6 +222,8 @@ def summarize(instance: dg.DagsterInstance, version: str) -> Path:
         + ")"
     )
     print(f"  MLflow UI:   {mlflow_ui_command(os.environ.get('MLFLOW_TRACKING_URI'))}")
+    if log_path is not None:
+        print(f"  Dagster's full event log (DEBUG): {log_path}")
     return bundle_dir
 
 
@@ -125,7 +248,14 @@ def predict_demo(bundle_dir: Path, drop: Path, k: int = 3) -> None:
     cmd = [_bin("roadwork"), "predict", "--bundle", str(bundle_dir), *map(str, images)]
     print("\n[demo] " + " ".join(cmd))
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    print(proc.stdout.strip())
+    if proc.returncode == 0:  # JSON lines for a program; rounded for a person here
+        for line in proc.stdout.splitlines():
+            pred = json.loads(line)
+            name = Path(pred["image"]).name
+            if "error" in pred:
+                print(f"  {name}: error: {pred['error']}")
+            else:
+                print(f"  {name}: p_roadwork {pred['p_roadwork']:.3f} -> {pred['decision']}")
     if proc.returncode != 0:
         raise SystemExit(f"[demo] roadwork predict failed (exit {proc.returncode}): {proc.stderr.strip()}")
 
@@ -153,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     instance = dg.DagsterInstance.get()
     if not instance.has_dynamic_partition(dataset_version.name, args.version):
         instance.add_dynamic_partitions(dataset_version.name, [args.version])
-    materialize(args.version, Path(args.config))
-    bundle_dir = summarize(instance, args.version)
+    log_path = Path(os.environ.get("ROADWORK_STATE", "state")) / "logs" / f"demo-{args.version}.log"
+    materialize(args.version, Path(args.config), log_path)
+    bundle_dir = summarize(instance, args.version, log_path)
     predict_demo(bundle_dir, drop)
     if args.ablation:
         from roadwork_assets import ablation
@@ -163,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             "\n[demo] python -m roadwork_assets.ablation --partition " + args.version + " -c " + args.config
         )
         ablation.main(["--partition", args.version, "-c", args.config])
-    print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s")
+    took = time.perf_counter() - t0
+    print(f"\n[demo] done in {fmt_duration(took)} ({took:.1f}s)")
     return 0
 
 

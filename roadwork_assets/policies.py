@@ -75,9 +75,15 @@ class RiskTargets(dg.Config):
 
 def _summary_meta(policy, p: np.ndarray, feats: dict, labels: np.ndarray) -> dict:
     from roadwork_core.calibration.policy import summarize_decisions
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import policy_plot
 
     summary = summarize_decisions(policy.decide(p, feats), labels)
-    return {f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()}
+    plot = markdown_images([("risk-coverage on val_calib", policy_plot(policy, p, feats, labels))])
+    return {
+        **{f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()},
+        "risk_coverage": dg.MetadataValue.md(plot),
+    }
 
 
 @_policy_asset(

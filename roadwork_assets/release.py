@@ -18,6 +18,7 @@ from roadwork_assets.mlflow_tracking import (
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
+from roadwork_core.metrics.embed import folder_figures, markdown_images
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import new_artifact_dir
 
@@ -194,14 +195,13 @@ def evaluation_report(
     log_artifact_path(mlflow, str(out), "evaluation_report")
     log_artifact_path(mlflow, str(bundle), "bundle")
     model_uri = log_bundle_model(mlflow, str(bundle)) if config.register_model else None
-    plots_md = "\n\n".join(
-        f"### {name}\n![{name}](file://{out / path})" for name, path in paths.items() if path.endswith(".png")
-    )
+    # every figure the report wrote, inline (a file:// link does not load in the UI's http page)
+    plots_md = markdown_images(folder_figures(out, first=[p for p in paths.values() if p.endswith(".png")]))
     return dg.Output(
         out,
         metadata={
             "summary": dg.MetadataValue.md(report.summary_markdown()),
-            "plots": dg.MetadataValue.md(plots_md or "_(no plots)_"),
+            "plots": dg.MetadataValue.md(plots_md),
             "guarantee_check": json_meta(report.guarantee_check),
             "mlflow_model_uri": model_uri or "(not registered)",
             **{k: v for k, v in _flat_metrics(report.metrics).items() if np.isfinite(v)},

@@ -1,6 +1,8 @@
 """Training stage: explora_backbone -> classifier. Both run in the Dagster pool `gpu`."""
 
 import json
+import math
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -86,7 +88,10 @@ def explora_backbone(
 
     from roadwork_core.data.drops import list_unlabelled
     from roadwork_core.data.pool import filter_unlabelled_pool
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import ssl_loss_curve
     from roadwork_core.models.backbone import create_backbone, state_dict_sha256
+    from roadwork_core.progress import ProgressClock
     from roadwork_core.training.explora import ExploraConfig, run_explora
 
     gpu.setup()
@@ -128,15 +133,19 @@ def explora_backbone(
         seed=gpu.seed,
     )
     log_params(mlflow, {"run_config": context.run.run_config, "explora": config.model_dump()})
-    result = run_explora(
-        backbone,
-        uris,
-        cfg,
-        device=gpu.torch_device(),
-        on_step=lambda row: log_metrics(
-            mlflow, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step")
-        ),
-    )
+    clock = ProgressClock(total=config.epochs * math.ceil(len(uris) / config.batch_size))  # the loop's steps
+    last_line = [clock.start]
+
+    def on_step(row: dict) -> None:
+        log_metrics(mlflow, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step"))
+        done, now = int(row["step"]) + 1, time.perf_counter()
+        if now - last_line[0] >= 10.0 or done in (1, clock.total):  # a line at most every ~10 s
+            last_line[0] = now
+            context.log.info(
+                f"ExPLoRA step {done}/{clock.total}: DINO loss {row['loss']:.3f}, {clock.describe(done)}"
+            )
+
+    result = run_explora(backbone, uris, cfg, device=gpu.torch_device(), on_step=on_step)
     report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
     out = new_artifact_dir("explora_backbone")
     save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "backbone.safetensors"))
@@ -175,6 +184,10 @@ def explora_backbone(
             "final_ssl_loss": float(report["loss_curve"][-1]) if report.get("loss_curve") else float("nan"),
             "ssl_loss_curve": json_meta([round(float(x), 5) for x in report.get("loss_curve", [])]),
         }
+        if report.get("loss_curve"):
+            meta["ssl_loss_plot"] = dg.MetadataValue.md(
+                markdown_images([("ExPLoRA SSL loss", ssl_loss_curve(report["loss_curve"]))])
+            )
     return dg.Output(out, metadata=meta)
 
 
@@ -221,10 +234,13 @@ def classifier(
 ) -> dg.Output[Path]:
     from safetensors.torch import load_file
 
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import training_curves
     from roadwork_core.models.backbone import BackboneConfig
     from roadwork_core.models.classifier import build_classifier
     from roadwork_core.models.multiview import MultiViewConfig
     from roadwork_core.models.serialization import save_classifier
+    from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line
     from roadwork_core.training.supervised import TrainConfig, train_classifier
 
     gpu.setup()
@@ -265,23 +281,32 @@ def classifier(
         {"run_config": context.run.run_config, "classifier": config.model_dump(), "gpu": gpu.describe()},
     )
 
+    clock, done = ProgressClock(total=config.epochs), [0]  # epochs this process ran (resume: fewer)
+
     def on_epoch(row: dict) -> None:
-        context.log.info(
-            f"epoch {row.get('epoch')}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch")
-        )
+        done[0] += 1
+        batches.epoch_done()
+        clock.total = config.epochs - int(row["epoch"]) + done[0]
+        context.log.info(epoch_line(row, config.epochs, clock.describe(done[0])))
         log_metrics(mlflow, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
 
-    result = train_classifier(
-        model,
-        train,
-        select,
-        train_cfg,
-        device=gpu.torch_device(),
-        precision=gpu.effective_precision(),
-        checkpoint_dir=store.checkpoint_dir("classifier", context.partition_key),
-        feature_cache_dir=store.feature_cache_dir(),
-        on_epoch=on_epoch,
-    )
+    def on_batch(batch: int, of: int) -> None:  # the demo's heartbeat shows these; one line per epoch stays
+        context.log.info(
+            f"batch {batch}/{of} of epoch {done[0] + 1}/{config.epochs}, {clock.describe(done[0] + batch / of)}"
+        )
+
+    with BatchProgress(model, math.ceil(len(train) / config.batch_size), on_batch) as batches:
+        result = train_classifier(
+            model,
+            train,
+            select,
+            train_cfg,
+            device=gpu.torch_device(),
+            precision=gpu.effective_precision(),
+            checkpoint_dir=store.checkpoint_dir("classifier", context.partition_key),
+            feature_cache_dir=store.feature_cache_dir(),
+            on_epoch=on_epoch,
+        )
     out = new_artifact_dir("classifier")
     save_classifier(
         out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history}
@@ -297,6 +322,11 @@ def classifier(
         "total_params": int(result.total_params),
         "epoch_seconds": json_meta([round(float(t), 3) for t in times]),
         "history": json_meta(result.history),
+        "training_curves": dg.MetadataValue.md(
+            markdown_images([("training curves", training_curves(result.history, result.best_epoch))])
+        )
+        if result.history
+        else dg.MetadataValue.md("_(no epochs run)_"),
         **reader_metadata(reader),
     }
     if config.mode == "head" and len(times) > 1:

@@ -1,0 +1,233 @@
+"""Way in #1, looked at: the Dagster UI in a real browser (Debian's Chromium, driven headless by
+Playwright). A run launched from the UI's launchpad materializes the tiny graph into a temporary
+instance; then every plot in the assets' metadata must load as an image (naturalWidth > 0) and the
+blocking split checks must show on the Checks tab. Screenshots land in the test's temporary folder
+(and, with ROADWORK_SCREENSHOT_DIR set, the two README ones there: `make screenshots`)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from tests.e2e.conftest import (
+    DEFAULT_COORDINATOR_YAML,
+    REPO,
+    dagster_bin,
+    free_port,
+    stop_process,
+    tiny_run_config,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("ROADWORK_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+LOCATION = "__repository__@roadwork_assets.definitions"
+# asset -> the markdown metadata entry holding its plot(s), and how many images it must show at least
+PLOTS = {
+    "splits": ("composition", 1),
+    "explora_backbone": ("ssl_loss_plot", 1),
+    "classifier": ("training_curves", 1),
+    "threshold_policy": ("risk_coverage", 1),
+    "gate_policy": ("risk_coverage", 1),
+    "scrc_policy": ("risk_coverage", 1),
+    "evaluation_report": ("plots", None),  # every PNG the report wrote (reliability, risk-coverage, ...)
+}
+FLOAT_METADATA = {
+    "classifier": ("best_select_mcc",),
+    "calibrator": ("ece_before", "ece_after"),
+    "bundle": ("calib_coverage", "calib_fnr"),
+    "evaluation_report": ("mcc_value", "ece_value", "coverage_value", "fnr_value"),
+}
+SPLIT_CHECKS = (
+    "check_no_shared_images",
+    "check_no_near_duplicates_across_splits",
+    "check_label_balance",
+    "check_min_per_class",
+    "check_sticky_splits",
+)
+README_SHOTS = {"asset_graph": "ui_asset_graph.png", "evaluation_report": "ui_evaluation_report.png"}
+
+
+def save_screenshot(page, folder: Path, name: str, **kw) -> Path:
+    """A PNG screenshot under `folder`; README ones are also written, palette-compressed, to
+    $ROADWORK_SCREENSHOT_DIR (each must stay under 300 KB)."""
+    from PIL import Image
+
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), **kw)
+    docs = os.environ.get("ROADWORK_SCREENSHOT_DIR")
+    if docs and name in README_SHOTS:
+        with Image.open(path) as img:
+            buf = io.BytesIO()
+            img.convert("RGB").quantize(colors=128).save(buf, format="PNG", optimize=True)
+        assert len(buf.getvalue()) < 300_000, f"{name}: {len(buf.getvalue())} bytes, over 300 KB"
+        Path(docs, README_SHOTS[name]).write_bytes(buf.getvalue())
+    return path
+
+
+def _skip_community_dialog(page) -> None:
+    """The UI's first-visit 'Join the Dagster community' dialog covers the page (it opens at some
+    point after load); Playwright clicks its Skip button whenever it blocks an action."""
+    page.add_locator_handler(page.get_by_role("button", name="Skip", exact=True), lambda skip: skip.click())
+
+
+def _images_in(locator) -> list[dict]:
+    return locator.evaluate_all(
+        "els => els.flatMap(e => Array.from(e.querySelectorAll('img')))"
+        ".map(i => ({alt: i.alt, complete: i.complete, width: i.naturalWidth, src: (i.getAttribute('src') || '').slice(0, 30)}))"
+    )
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium) or set ROADWORK_CHROMIUM"
+        )
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),  # a new, empty profile
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1600, "height": 1000},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def _launchpad_url(base: str, run_config: dict, partition: str) -> str:
+    """The launchpad's setup route: it opens a new launchpad session holding this config and tags."""
+    query = urllib.parse.urlencode(
+        {"config": yaml.safe_dump(run_config, sort_keys=False),
+         "tags[0][key]": "dagster/partition", "tags[0][value]": partition}
+    )  # fmt: skip
+    return f"{base}/locations/{LOCATION}/jobs/retrain_job/playground/setup?{query}"
+
+
+def test_ui_launchpad_run_plots_and_checks(e2e_home, tiny_drop_source, browser):
+    shots = e2e_home["tmp"] / "screenshots"
+    shots.mkdir()
+    (e2e_home["home"] / "dagster.yaml").write_text(DEFAULT_COORDINATOR_YAML)  # no daemon: launch at once
+    shutil.copytree(tiny_drop_source, e2e_home["inbox"] / "v0001")
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions("dataset_version", ["v0001"])
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = e2e_home["tmp"] / "webserver.log"
+    server = subprocess.Popen(
+        [dagster_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-m", "roadwork_assets.definitions"],
+        cwd=REPO, env=os.environ.copy(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    page = browser.new_page()
+    _skip_community_dialog(page)
+    try:
+        wait_for(lambda: _up(base) or server.poll() is not None, 120, f"{base}/server_info")
+        assert server.poll() is None, f"dagster-webserver exited:\n{log.read_text()[-3000:]}"
+
+        # 1. launch the tiny graph from the launchpad (config and partition tag filled in), watch it succeed
+        page.goto(_launchpad_url(base, tiny_run_config(), "v0001"))
+        launch = page.get_by_role("button", name=re.compile("Launch run", re.I))
+        launch.wait_for(timeout=60_000)
+        save_screenshot(page, shots, "launchpad")
+        launch.click()
+        page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=60_000)
+        run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+        status = wait_for(
+            lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r.status,
+            420,
+            f"run {run_id} to finish",
+        )
+        save_screenshot(page, shots, "run", full_page=True)
+        assert status == dg.DagsterRunStatus.SUCCESS, f"UI-launched run {run_id} ended {status}"
+        assert instance.get_run_by_id(run_id).tags.get("dagster/partition") == "v0001"
+
+        # numbers the asset's Plots tab draws across materializations are float metadata
+        for asset, keys in FLOAT_METADATA.items():
+            records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
+            meta = records[0].asset_materialization.metadata
+            for key in keys:
+                assert isinstance(meta.get(key), dg.FloatMetadataValue), f"{asset}.{key}: {meta.get(key)!r}"
+
+        # 2. every plot in the metadata loads as an image
+        for asset, (entry, at_least) in PLOTS.items():
+            page.goto(f"{base}/assets/{asset}?view=events&partition=v0001")
+            page.get_by_text("[Show Markdown]").first.wait_for(timeout=60_000)
+            row = page.locator("tr", has=page.get_by_text(entry, exact=True)).filter(
+                has_text="[Show Markdown]"
+            )
+            row.first.get_by_text("[Show Markdown]").click()
+            dialog = page.get_by_role("dialog")
+            dialog.locator("img").first.wait_for(timeout=30_000)
+            page.wait_for_function(
+                "() => Array.from(document.querySelectorAll('[role=dialog] img')).every(i => i.complete)",
+                timeout=30_000,
+            )
+            images = _images_in(dialog)
+            if at_least is None:  # as many images as the report folder holds PNG files, at least 2
+                folder = Path(_metadata(instance, asset)["path"])
+                at_least = max(2, len(list(folder.rglob("*.png"))))
+            save_screenshot(page, shots, asset)
+            assert len(images) >= at_least, f"{asset}.{entry}: {len(images)} images, want >= {at_least}"
+            broken = [i for i in images if not i["width"]]
+            assert not broken, f"{asset}.{entry}: images that did not load: {broken}"
+            page.keyboard.press("Escape")
+
+        # 3. the blocking split checks on the Checks tab: each one's detail says blocking and passed
+        for name in SPLIT_CHECKS:
+            page.goto(f"{base}/assets/splits?view=checks&checkDetail={name}")
+            page.get_by_text("This is a blocking asset check.").wait_for(timeout=60_000)
+            page.get_by_text("Passed", exact=True).first.wait_for(timeout=30_000)
+            assert page.get_by_text("Checks (5)").count(), f"{name}: the Checks tab does not list 5 checks"
+            if name == SPLIT_CHECKS[0]:
+                save_screenshot(page, shots, "splits_checks")
+
+        # 4. the asset graph: everything upstream of the report
+        page.goto(f"{base}/assets/evaluation_report?view=lineage&lineageScope=upstream&lineageDepth=12")
+        page.get_by_text("image_manifest", exact=True).first.wait_for(timeout=60_000)
+        page.wait_for_timeout(2000)  # the graph animates into its layout
+        save_screenshot(page, shots, "asset_graph")
+    finally:
+        page.close()
+        stop_process(server, log)
+
+
+def _up(base: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base}/server_info", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _metadata(instance: dg.DagsterInstance, asset: str) -> dict:
+    from roadwork_assets._util import latest_materialization_metadata
+
+    return latest_materialization_metadata(instance, dg.AssetKey(asset), "v0001")

@@ -1,0 +1,125 @@
+"""`make demo`'s terminal: Dagster's event stream reduced to stage lines, progress lines, failed checks
+and the error of a failed step; rounded per-epoch lines with elapsed / remaining time."""
+
+from __future__ import annotations
+
+import io
+
+from roadwork_assets import demo
+from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line, fmt_duration
+
+# Recorded from `dagster asset materialize` 1.13.27 (a two-asset graph with a passing and a failing
+# check and a step that raises), abridged: the shapes of the lines the demo must read.
+RUN = "60299a11-9cbd-4719-8cf8-fd3e4a40b7d3"
+STREAM = f"""\
+2026-12-01 10:37:49 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 6920 - RUN_START - Started execution of run for "__ASSET_JOB".
+2026-12-01 10:38:00 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8470 - LOGS_CAPTURED - Capturing logs for process (pid: 8470).
+2026-12-01 10:38:00 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8470 - a - STEP_START - Started execution of step "a".
+2026-12-01 10:38:00 +0000 - dagster - INFO - __ASSET_JOB - {RUN} - a - epoch 1/2: train loss 0.500, elapsed 0:01, remaining ~0:01
+2026-12-01 10:38:00 +0000 - dagster - INFO - __ASSET_JOB - {RUN} - a - some other info line
+2026-12-01 10:38:00 +0000 - dagster - INFO - __ASSET_JOB - {RUN} - a - batch 3/8 of epoch 2/2, elapsed 0:01, remaining ~0:01
+2026-12-01 10:38:01 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - a - Writing file at: /tmp/home/storage/a using PickledObjectFilesystemIOManager...
+2026-12-01 10:38:01 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8470 - a - STEP_SUCCESS - Finished execution of step "a" in 676ms.
+2026-12-01 10:38:28 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8763 - a_check_a - STEP_START - Started execution of step "a_check_a".
+2026-12-01 10:38:29 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8763 - a_check_a - ASSET_CHECK_EVALUATION - Asset check 'check_a' on 'a' passed. Description: 'all 160 image_ids are unique'
+2026-12-01 10:38:29 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8763 - a_check_a - STEP_SUCCESS - Finished execution of step "a_check_a" in 991ms.
+2026-12-01 10:38:30 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8764 - a_check_b - ASSET_CHECK_EVALUATION - Asset check 'check_b' on 'a' did not pass. Description: 'b is wrong'
+2026-12-01 10:38:44 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 10562 - b - STEP_START - Started execution of step "b".
+2026-12-01 10:38:45 +0000 - dagster - ERROR - __ASSET_JOB - {RUN} - 10562 - b - STEP_FAILURE - Execution of step "b" failed.
+
+dagster._core.errors.DagsterExecutionStepExecutionError: Error occurred while executing op "b"::
+
+ValueError: boom: bad thing
+
+Stack Trace:
+  File "/work/defs2.py", line 14, in b
+2026-12-01 10:38:49 +0000 - dagster - ERROR - __ASSET_JOB - {RUN} - 6920 - RUN_FAILURE - Execution of run for "__ASSET_JOB" failed. Steps failed: ['b'].
+"""
+
+
+def test_watcher_keeps_stage_progress_failed_checks_and_errors():
+    out = io.StringIO()
+    watcher = demo._StepWatcher(out=out)
+    for line in STREAM.splitlines(keepends=True):
+        watcher.feed(line)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "[demo] a: started",
+        "[demo]   a: epoch 1/2: train loss 0.500, elapsed 0:01, remaining ~0:01",
+        "[demo] a: done in 0:00",
+        "[demo]   Asset check 'check_b' on 'a' did not pass. Description: 'b is wrong'",
+        "[demo] b: started",
+        '[demo] b: FAILED (Execution of step "b" failed.)',
+        "[demo]   ValueError: boom: bad thing",
+    ]
+    assert watcher.checks == {"passed": 1, "failed": 1}
+    assert watcher.failures == ["ValueError: boom: bad thing"]
+
+
+def test_heartbeat_names_the_running_step_and_its_last_progress():
+    out = io.StringIO()
+    watcher = demo._StepWatcher(out=out)
+    for line in STREAM.splitlines(keepends=True)[:6]:  # step a started, an epoch line, a batch line
+        watcher.feed(line)
+    watcher.tick()  # just printed: quiet
+    assert "still running" not in out.getvalue()
+    watcher.last_print -= demo.HEARTBEAT_S
+    watcher.started["a"] -= 75
+    watcher.tick()
+    last = out.getvalue().splitlines()[-1]
+    assert last == "[demo]   still running: a 1:15 (last: batch 3/8 of epoch 2/2)", last
+
+
+def test_progress_figures_are_rounded(monkeypatch):
+    assert [fmt_duration(s) for s in (0.4, 12.3, 754, 3725)] == ["0:00", "0:12", "12:34", "1:02:05"]
+    row = {
+        "epoch": 3,
+        "train_loss": 0.6824864085409199,
+        "select_mcc": 0.30123,
+        "select_acc": 0.655,
+        "seconds": 14.21,
+    }
+    line = epoch_line(row, 12, "elapsed 0:42, remaining ~2:06")
+    assert line == (
+        "epoch 3/12: train loss 0.682, val_select MCC 0.301 (acc 0.655), 14.2 s/epoch, "
+        "elapsed 0:42, remaining ~2:06"
+    )
+    clock = ProgressClock(total=10, start=0.0)
+    monkeypatch.setattr("roadwork_core.progress.time.perf_counter", lambda: 30.0)
+    assert clock.describe(0) == "elapsed 0:30"
+    assert clock.describe(3) == "elapsed 0:30, remaining ~1:10"
+
+
+def test_batch_progress_counts_training_forwards_only():
+    import torch
+
+    model = torch.nn.Linear(3, 1)
+    seen: list[tuple[int, int]] = []
+    with BatchProgress(model, batches_per_epoch=4, emit=lambda b, n: seen.append((b, n)), every_s=0.0) as bp:
+        model.train()
+        for _ in range(3):
+            model(torch.zeros(2, 3))
+        model.eval()
+        model(torch.zeros(2, 3))  # an evaluation pass: not a training batch
+        bp.epoch_done()
+        model.train()
+        model(torch.zeros(2, 3))
+    model(torch.zeros(2, 3))  # after the context: the hook is gone
+    assert seen == [(1, 4), (2, 4), (3, 4), (1, 4)]
+
+
+def test_batch_progress_sees_every_batch_of_the_real_training_loop(tmp_path):
+    """One training-mode forward of the classifier per batch in `train_classifier` (full mode): the
+    hook's batch numbers are the loop's own, and val_select evaluation adds none."""
+    from roadwork_core.training.supervised import train_classifier
+    from tests.unit.test_training import _cfg, _images, _model
+
+    train, select = _images(tmp_path / "train", 6, seed=0), _images(tmp_path / "select", 4, seed=1)
+    model = _model()
+    seen: list[int] = []
+    with BatchProgress(model, 2, emit=lambda b, n: seen.append(b), every_s=0.0) as bp:
+        train_classifier(
+            model, train, select, _cfg(mode="full", epochs=1, augment_max_level=0),
+            checkpoint_dir=tmp_path / "ckpt", on_epoch=lambda row: (seen.append(-row["epoch"]), bp.epoch_done()),
+        )  # fmt: skip
+    assert seen == [1, 2, -1], seen  # 6 images / batch 4 = 2 batches
