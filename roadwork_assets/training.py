@@ -76,6 +76,7 @@ def explora_backbone(
     config: ExploraSettings,
     gpu: GPUResource,
     dataset: DatasetSource,
+    store: ArtifactStore,
     splits: pd.DataFrame,
 ) -> dg.Output[Path]:
     from safetensors.torch import save_file
@@ -120,6 +121,7 @@ def explora_backbone(
         on_step=lambda row: log_metrics(
             mlflow, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step")
         ),
+        checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
     )
     report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
     out = new_artifact_dir("explora_backbone")
@@ -152,6 +154,10 @@ def explora_backbone(
             "trainable_pct": float(report["trainable_pct"]),
             "blocks_unfrozen": json_meta(report.get("blocks_unfrozen")),
             "lora_rank": int(report.get("rank", config.lora_rank)),
+            "epochs": int(report["epochs"]),
+            "resumed_from_epoch": -1
+            if report["resumed_from_epoch"] is None
+            else int(report["resumed_from_epoch"]),
             "final_ssl_loss": float(report["loss_curve"][-1]) if report.get("loss_curve") else float("nan"),
             "ssl_loss_curve": json_meta([round(float(x), 5) for x in report.get("loss_curve", [])]),
         }
