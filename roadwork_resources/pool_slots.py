@@ -59,7 +59,7 @@ def _run_pids(instance: dg.DagsterInstance, run_id: str) -> dict[int, float]:
     pids: dict[int, float] = {}
     for entry in instance.all_logs(run_id, of_type=_PID_EVENTS):
         data = entry.dagster_event.event_specific_data if entry.dagster_event else None
-        pid = getattr(data, "metadata", {}).get("pid") if data is not None else None
+        pid = (getattr(data, "metadata", None) or {}).get("pid")
         if pid is not None and str(pid.value).isdigit():
             pids.setdefault(int(pid.value), entry.timestamp)
     return pids
@@ -137,10 +137,10 @@ def free_slots_of_dead_runs(
             free_run(instance, holder.run_id, reason)
             freed.append(holder)
             if log:
-                log(
-                    f"freed the slots in pool {pools} held by run {holder.run_id} ({holder.detail}); "
-                    "a training step resumes from its last checkpoint"
+                resume = (
+                    "; its training steps resume from their last checkpoint" if holder.state == "dead" else ""
                 )
+                log(f"freed the slots in pool {pools} held by run {holder.run_id} ({holder.detail}){resume}")
         elif holder.state == "unknown" and log:
             log(
                 f"run {holder.run_id} holds slots in pool {pools} ({holder.detail}); its processes cannot be "
