@@ -1,6 +1,6 @@
-"""Automation: the retrain job, the new-drop sensor, the weekly schedule, the drift sensor and the
-MLflow run closer. Sensors and the schedule are off by default; turn them on in the UI
-(Automation tab) or with `dagster sensor start new_drop_sensor`."""
+"""Automation: the retrain job, the new-drop sensor, the weekly schedule, the drift sensor, the
+MLflow run closer and the dead-run slot reaper. The new-drop and drift sensors and the schedule are
+off by default; turn them on in the UI (Automation tab) or with `dagster sensor start new_drop_sensor`."""
 
 import hashlib
 import json
@@ -197,3 +197,22 @@ def mlflow_failed_run_closer(context: dg.RunFailureSensorContext) -> None:
     for run in runs:
         if run.info.status != "FAILED":
             client.set_terminated(run.info.run_id, status="FAILED")
+
+
+@dg.sensor(
+    minimum_interval_seconds=20,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Frees pool slots (pool gpu) held by runs whose process was killed (SIGKILL, OOM, reboot): marks "
+    "such a run FAILED and frees its slots, so the next training step runs and resumes from the checkpoint.",
+)
+def dead_run_slot_reaper(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    from roadwork_resources.pool_slots import free_slots_of_dead_runs
+
+    lines: list[str] = []
+    freed = free_slots_of_dead_runs(context.instance, "sensor dead_run_slot_reaper", log=lines.append)
+    for line in lines:  # runs of other hosts only in the tick's text: they may well be alive
+        if line.startswith("freed "):
+            context.log.warning(line)
+    if not lines:
+        return dg.SkipReason("no pool slot is held by a dead run")
+    return dg.SkipReason(f"freed the slots of {len(freed)} run(s): " + " | ".join(lines))

@@ -12,6 +12,7 @@ import dagster as dg
 
 from roadwork_assets.automation import (
     DriftSettings,
+    dead_run_slot_reaper,
     drift_sensor,
     mlflow_failed_run_closer,
     new_drop_sensor,
@@ -89,7 +90,7 @@ defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=ASSET_CHECKS,
     jobs=[retrain_job],
-    sensors=[new_drop_sensor, drift_sensor, mlflow_failed_run_closer],
+    sensors=[new_drop_sensor, drift_sensor, mlflow_failed_run_closer, dead_run_slot_reaper],
     schedules=[weekly_retrain],
     resources=build_resources(),
     executor=dg.in_process_executor,

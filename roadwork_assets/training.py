@@ -145,7 +145,14 @@ def explora_backbone(
                 f"ExPLoRA step {done}/{clock.total}: DINO loss {row['loss']:.3f}, {clock.describe(done)}"
             )
 
-    result = run_explora(backbone, uris, cfg, device=gpu.torch_device(), on_step=on_step)
+    result = run_explora(
+        backbone,
+        uris,
+        cfg,
+        device=gpu.torch_device(),
+        on_step=on_step,
+        checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
+    )
     report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
     out = new_artifact_dir("explora_backbone")
     save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "backbone.safetensors"))
@@ -181,6 +188,10 @@ def explora_backbone(
             "trainable_pct": float(report["trainable_pct"]),
             "blocks_unfrozen": json_meta(report.get("blocks_unfrozen")),
             "lora_rank": int(report.get("rank", config.lora_rank)),
+            "epochs": int(report["epochs"]),
+            "resumed_from_epoch": -1
+            if report["resumed_from_epoch"] is None
+            else int(report["resumed_from_epoch"]),
             "final_ssl_loss": float(report["loss_curve"][-1]) if report.get("loss_curve") else float("nan"),
             "ssl_loss_curve": json_meta([round(float(x), 5) for x in report.get("loss_curve", [])]),
         }

@@ -16,7 +16,10 @@ class GPUResource(dg.ConfigurableResource):
     """Compute settings handed to every training and inference asset.
 
     Assets that train (explora_backbone, classifier) also run in the Dagster pool `gpu`, so a
-    queued run coordinator with a pool limit serializes them across runs.
+    queued run coordinator with a pool limit serializes them across runs. When a run starts this
+    resource (before its first step claims a slot) it tags the run with its host and frees the pool
+    slots of runs whose processes are gone (`roadwork_resources.pool_slots`): a killed run never
+    blocks the pool for the next one, with or without the daemon.
     """
 
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(
@@ -30,6 +33,18 @@ class GPUResource(dg.ConfigurableResource):
     threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default")
     seed: int = Field(0, description="seed for python, numpy and torch")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms and cudnn flags")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        from roadwork_resources.pool_slots import HOST_TAG, free_slots_of_dead_runs, this_host
+
+        instance, run = context.instance, context.dagster_run
+        if instance is None or run is None:
+            return  # built outside a run (direct invocation, tests)
+        if run.tags.get(HOST_TAG) != this_host():
+            instance.add_run_tags(run.run_id, {HOST_TAG: this_host()})
+        free_slots_of_dead_runs(
+            instance, f"run {run.run_id} at start", log=context.log.warning, exclude_run_id=run.run_id
+        )
 
     def torch_device(self):
         import torch

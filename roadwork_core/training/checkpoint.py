@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from roadwork_core.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "Checkpoint",
+    "epoch_seed",
     "load_best",
     "load_checkpoint",
     "optimizer_state_from_tensors",
@@ -32,6 +34,11 @@ __all__ = [
 ]
 
 LAST, BEST, STATE = "last.safetensors", "best.safetensors", "state.json"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The RNG seed of one epoch: a resumed run replays exactly the shuffles / augmentations it missed."""
+    return int(hashlib.sha256(f"{seed}:{epoch}".encode()).hexdigest()[:8], 16)
 
 
 @dataclass

@@ -11,15 +11,24 @@ The result is a merged, plain timm state dict with the input backbone's exact ke
 
 Of DINOv2's objective only the DINO image-level (CLS) loss with EMA centering is implemented: the iBOT
 masked-patch loss, the KoLeo regularizer and Sinkhorn-Knopp centering are not.
+
+With a ``checkpoint_dir`` every finished epoch is checkpointed (student and teacher trainable
+tensors, DINO center, AdamW state; ``roadwork_core.training.checkpoint``) and a killed run resumes
+from the last finished epoch. Every epoch reseeds its shuffle and augmentation streams
+(``epoch_seed``), so a resumed run replays exactly the epochs it missed.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,9 +38,13 @@ from timm.layers import DropPath
 from torch import nn
 from torchvision.transforms import v2
 
+from roadwork_core.models.backbone import state_dict_sha256
 from roadwork_core.models.dino_head import DINOHead
 from roadwork_core.models.explora import ExploraConfig, ExploraPlan, merge_explora, setup_explora
+from roadwork_core.training.checkpoint import epoch_seed, load_checkpoint, save_checkpoint
 from roadwork_core.training.dino_loss import DINOLoss
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DinoStudent",
@@ -240,30 +253,29 @@ def _default_load_image(uri: str) -> Image.Image:
     return load_image(uri)
 
 
-def _batches(
+def _epoch_batches(
     uris: list[str],
     batch_size: int,
     generator: torch.Generator,
     load_image: Callable[[str], Image.Image],
     augment: MultiCropAugmentation,
 ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Endless shuffled batches: (global crops [(B, 3, G, G)] * 2, local crops [(B, 3, L, L)] * N)."""
-    while True:
-        order = torch.randperm(len(uris), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            views = []
-            for idx in order[start : start + batch_size]:
-                try:
-                    image = load_image(uris[idx]).convert("RGB")
-                except Exception as exc:
-                    raise ValueError(
-                        f"ExPLoRA could not read image {uris[idx]!r} (position {idx}): {exc}. "
-                        "Fix the file or drop it from the manifest."
-                    ) from exc
-                views.append(augment(image))
-            globals_ = [torch.stack([v[0][k] for v in views]) for k in range(2)]
-            locals_ = [torch.stack([v[1][k] for v in views]) for k in range(augment.n_local)]
-            yield globals_, locals_
+    """One shuffled pass: (global crops [(B, 3, G, G)] * 2, local crops [(B, 3, L, L)] * N) per batch."""
+    order = torch.randperm(len(uris), generator=generator).tolist()
+    for start in range(0, len(order), batch_size):
+        views = []
+        for idx in order[start : start + batch_size]:
+            try:
+                image = load_image(uris[idx]).convert("RGB")
+            except Exception as exc:
+                raise ValueError(
+                    f"ExPLoRA could not read image {uris[idx]!r} (position {idx}): {exc}. "
+                    "Fix the file or drop it from the manifest."
+                ) from exc
+            views.append(augment(image))
+        globals_ = [torch.stack([v[0][k] for v in views]) for k in range(2)]
+        locals_ = [torch.stack([v[1][k] for v in views]) for k in range(augment.n_local)]
+        yield globals_, locals_
 
 
 def _param_groups(module: nn.Module) -> list[dict]:
@@ -295,6 +307,61 @@ def _disabled_result(backbone: nn.Module) -> ExploraResult:
     return ExploraResult(state_dict=state, report=report)
 
 
+def _fingerprint(cfg: ExploraConfig, uris: list[str], backbone: nn.Module, steps: int) -> str:
+    """What makes two runs the same run; a checkpoint with another fingerprint is not resumed."""
+    payload = {"config": cfg.to_dict(), "uris": uris, "steps": steps, "initial": state_dict_sha256(backbone)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _trainable(module: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(module.named_parameters())
+    return {n: params[n] for n in names}
+
+
+def _save_epoch(
+    ckpt_dir: Path, student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
+    optimizer: torch.optim.Optimizer, names: list[str], state: dict,
+) -> None:  # fmt: skip
+    """Checkpoint a finished epoch: only what training changes (trainable tensors, center, AdamW)."""
+    save_checkpoint(
+        ckpt_dir,
+        model_state={**_trainable(student, names), "dino_loss.center": dino_loss.center},
+        ema_state=_trainable(teacher, names),  # the teacher is the student's EMA
+        optimizer_state=optimizer.state_dict(),
+        state=state,
+    )
+
+
+@torch.no_grad()
+def _resume(
+    ckpt_dir: Path, fingerprint: str, student: nn.Module, teacher: nn.Module, dino_loss: DINOLoss,
+    optimizer: torch.optim.Optimizer, names: list[str],
+) -> dict | None:  # fmt: skip
+    """Load the last finished epoch of the same run into the modules; its state, or None (fresh start)."""
+    ckpt = load_checkpoint(ckpt_dir)
+    if ckpt is None:
+        return None
+    if ckpt.state.get("fingerprint") != fingerprint or ckpt.ema_state is None:
+        log.warning(
+            "%s holds a checkpoint of a different run (fingerprint differs); starting fresh", ckpt_dir
+        )
+        return None
+    dino_loss.center.copy_(ckpt.model_state.pop("dino_loss.center"))
+    for module, tensors in ((student, ckpt.model_state), (teacher, ckpt.ema_state)):
+        params = _trainable(module, names)
+        if set(tensors) != set(params):
+            raise ValueError(
+                f"checkpoint {ckpt_dir} does not hold this run's trainable tensors; delete {ckpt_dir} "
+                "to start ExPLoRA from scratch"
+            )
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    state = {k: v for k, v in ckpt.state.items() if k not in ("optimizer", "has_ema")}
+    log.info("resuming ExPLoRA from %s at finished epoch %d", ckpt_dir, state["epoch"])
+    return state
+
+
 def run_explora(
     backbone: nn.Module,
     image_uris: list[str],
@@ -303,12 +370,15 @@ def run_explora(
     device: str | torch.device = "cpu",
     load_image: Callable[[str], Image.Image] | None = None,
     on_step: Callable[[dict], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> ExploraResult:
     """Continue DINO self-distillation on ``image_uris`` with the ExPLoRA plan; return merged weights.
 
     ``backbone`` is not modified (a copy is trained). ``on_step`` receives
     ``{"step", "loss", "lr", "weight_decay", "teacher_momentum", "teacher_temp", "last_layer_frozen"}``
     after every iteration.
+    With ``checkpoint_dir``, every finished epoch is checkpointed there and a run with the same
+    config, images and initial weights resumes from it (``report["resumed_from_epoch"]``).
     """
     if not cfg.enabled:
         return _disabled_result(backbone)
@@ -344,53 +414,76 @@ def run_explora(
         )  # fmt: skip
         steps_per_epoch = math.ceil(len(image_uris) / cfg.batch_size)
         steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        epochs = math.ceil(steps / steps_per_epoch)
         schedules = build_schedules(cfg, steps)
         freeze_last_layer_steps = math.ceil(cfg.freeze_last_layer_frac * steps)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        batches = _batches(image_uris, cfg.batch_size, generator, load_image or _default_load_image, augment)
+        load = load_image or _default_load_image
 
-        loss_curve: list[float] = []
-        for step in range(steps):
-            # schedule
-            for group in optimizer.param_groups:
-                group["lr"] = float(schedules.lr[step])
-                if group["decay"]:
-                    group["weight_decay"] = float(schedules.weight_decay[step])
-            teacher_temp = float(schedules.teacher_temp[step])
-            globals_, locals_ = next(batches)
-            globals_ = [x.to(device, non_blocking=True) for x in globals_]
-            locals_ = [x.to(device, non_blocking=True) for x in locals_]
+        # resume: the last finished epoch of the same run
+        names = [n for n, p in student.named_parameters() if p.requires_grad]
+        state = {"fingerprint": _fingerprint(cfg, image_uris, backbone, steps), "epoch": 0, "loss_curve": []}
+        resumed = None
+        if checkpoint_dir is not None:
+            checkpoint_dir = Path(checkpoint_dir)
+            resumed = _resume(
+                checkpoint_dir, state["fingerprint"], student, teacher, dino_loss, optimizer, names
+            )
+            state = resumed or state
+        resumed_from = None if resumed is None else int(state["epoch"])
+        loss_curve: list[float] = state["loss_curve"]
 
-            # forward / backward: teacher sees global crops only, student sees all of them
-            with torch.no_grad():
-                teacher_logits = teacher(globals_)  # (2, B, K)
-            student_logits = student(globals_ + locals_)  # (2 + N, B, K)
-            loss = dino_loss(student_logits, teacher_logits, teacher_temp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"ExPLoRA loss is {loss.item()} at step {step}; lower ExploraConfig.lr (now {cfg.lr})."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if step < freeze_last_layer_steps:
-                head.cancel_last_layer_grads()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.clip_grad)
+        for epoch in range(state["epoch"] + 1, epochs + 1):
+            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # augmentation stream of this epoch
+            generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))  # shuffle
+            first = (epoch - 1) * steps_per_epoch
+            batches = _epoch_batches(image_uris, cfg.batch_size, generator, load, augment)
+            for step, (globals_, locals_) in zip(range(first, min(first + steps_per_epoch, steps)), batches):
+                # schedule
+                for group in optimizer.param_groups:
+                    group["lr"] = float(schedules.lr[step])
+                    if group["decay"]:
+                        group["weight_decay"] = float(schedules.weight_decay[step])
+                teacher_temp = float(schedules.teacher_temp[step])
+                globals_ = [x.to(device, non_blocking=True) for x in globals_]
+                locals_ = [x.to(device, non_blocking=True) for x in locals_]
 
-            # step: student by AdamW, teacher by EMA only
-            optimizer.step()
-            momentum = float(schedules.teacher_momentum[step])
-            ema_update_(teacher, student, momentum)
+                # forward / backward: teacher sees global crops only, student sees all of them
+                with torch.no_grad():
+                    teacher_logits = teacher(globals_)  # (2, B, K)
+                student_logits = student(globals_ + locals_)  # (2 + N, B, K)
+                loss = dino_loss(student_logits, teacher_logits, teacher_temp)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"ExPLoRA loss is {loss.item()} at step {step}; lower ExploraConfig.lr (now {cfg.lr})."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if step < freeze_last_layer_steps:
+                    head.cancel_last_layer_grads()
+                if cfg.clip_grad:
+                    nn.utils.clip_grad_norm_(
+                        [p for p in student.parameters() if p.requires_grad], cfg.clip_grad
+                    )
 
-            # log (loss.item() is a device sync point, once per step)
-            loss_curve.append(float(loss.item()))
-            if on_step is not None:
-                on_step(
-                    {"step": step, "loss": loss_curve[-1], "lr": float(schedules.lr[step]),
-                     "weight_decay": float(schedules.weight_decay[step]),
-                     "teacher_momentum": momentum, "teacher_temp": teacher_temp,
-                     "last_layer_frozen": step < freeze_last_layer_steps}
-                )  # fmt: skip
+                # step: student by AdamW, teacher by EMA only
+                optimizer.step()
+                momentum = float(schedules.teacher_momentum[step])
+                ema_update_(teacher, student, momentum)
+
+                # log (loss.item() is a device sync point, once per step)
+                loss_curve.append(float(loss.item()))
+                if on_step is not None:
+                    on_step(
+                        {"step": step, "loss": loss_curve[-1], "lr": float(schedules.lr[step]),
+                         "weight_decay": float(schedules.weight_decay[step]),
+                         "teacher_momentum": momentum, "teacher_temp": teacher_temp,
+                         "last_layer_frozen": step < freeze_last_layer_steps}
+                    )  # fmt: skip
+
+            # checkpoint (atomic; the state JSON rides inside last.safetensors)
+            state["epoch"] = epoch
+            if checkpoint_dir is not None:
+                _save_epoch(checkpoint_dir, student, teacher, dino_loss, optimizer, names, state)
 
         exported = teacher if cfg.export_weights == "teacher" else student
         merged = {k: v.cpu() for k, v in merge_explora(exported.backbone).items()}
@@ -407,6 +500,8 @@ def run_explora(
         **plan.summary(),
         "images_used": len(image_uris),
         "steps": steps,
+        "epochs": epochs,
+        "resumed_from_epoch": resumed_from,
         "seconds": time.perf_counter() - t0,
         "global_crop_size": global_size,
         "local_crop_size": local_size,

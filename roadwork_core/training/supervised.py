@@ -41,7 +41,13 @@ from roadwork_core.data.loading import CanvasDataset
 from roadwork_core.models.adapters import apply_adapters, merge_adapters
 from roadwork_core.models.backbone import state_dict_sha256
 from roadwork_core.models.classifier import RoadworkClassifier
-from roadwork_core.training.checkpoint import load_best, load_checkpoint, save_best, save_checkpoint
+from roadwork_core.training.checkpoint import (
+    epoch_seed,
+    load_best,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from roadwork_core.training.feature_cache import FeatureCache
 
 __all__ = ["MODES", "PRECISIONS", "TrainConfig", "TrainResult", "lr_schedule", "train_classifier"]
@@ -104,10 +110,6 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
             progress = (step - warmup) / max(1, total - warmup)
             lrs.append(cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
     return lrs
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(hashlib.sha256(f"{seed}:{epoch}".encode()).hexdigest()[:8], 16)
 
 
 def _check_inputs(
@@ -215,7 +217,7 @@ def _loader(data: _Data, cfg: TrainConfig, epoch: int, train: bool) -> DataLoade
         dataset = data.train_set if train else data.select_set
     if not train:
         return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-    generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+    generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
     if cfg.balanced_sampling:
         labels = data.train_labels.long()
         class_weight = 1.0 / torch.bincount(labels, minlength=2).clamp(min=1).double()
@@ -345,7 +347,7 @@ def train_classifier(
             if state["stopped_early"]:
                 break
             t0, counter.count = time.perf_counter(), 0
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout / augmentation stream of this epoch
+            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout / augmentation stream of this epoch
             if head_mode and data.train_feats is None:  # first epoch of this process: fill / read cache
                 cache = FeatureCache(feature_cache_dir or checkpoint_dir / "feature_cache")
                 data.train_feats = cache.get_or_compute(

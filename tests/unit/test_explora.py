@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -386,3 +387,35 @@ def test_default_loader_reads_jpegs(tmp_path: Path) -> None:
     uris = _write_jpegs(tmp_path, 2)
     result = run_explora(tiny_vit(depth=2, dynamic_img_size=True), uris, _tiny_cfg(max_steps=1, batch_size=2))
     assert result.report["images_used"] == 2 and np.isfinite(result.report["loss_curve"][0])
+
+
+def test_killed_run_resumes_from_last_epoch_and_ends_identical(tmp_path: Path) -> None:
+    """A run that dies in epoch 3 resumes from epoch 2's checkpoint and ends bit-identical to a run
+    that was never interrupted (same loss curve, same merged weights)."""
+    uris = _write_jpegs(tmp_path, 8)
+    cfg = _tiny_cfg(epochs=3, batch_size=4, lr=1e-3)
+    torch.manual_seed(0)
+    backbone = tiny_vit(depth=2, dynamic_img_size=True)
+    whole = run_explora(backbone, uris, cfg, load_image=_open, checkpoint_dir=tmp_path / "whole")
+    assert whole.report["resumed_from_epoch"] is None and whole.report["epochs"] == 3
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_in_epoch_3(row: dict) -> None:
+        if row["step"] == 4:  # 2 steps per epoch: the first step of epoch 3
+            raise Crash
+
+    ckpt = tmp_path / "killed"
+    with pytest.raises(Crash):
+        run_explora(backbone, uris, cfg, load_image=_open, on_step=crash_in_epoch_3, checkpoint_dir=ckpt)
+    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 2, "epoch 2 was not checkpointed"
+    resumed = run_explora(backbone, uris, cfg, load_image=_open, checkpoint_dir=ckpt)
+    assert resumed.report["resumed_from_epoch"] == 2
+    assert resumed.report["loss_curve"] == whole.report["loss_curve"], "resume did not replay epoch 3"
+    for key, value in whole.state_dict.items():
+        assert torch.equal(value, resumed.state_dict[key]), f"resumed weights differ at {key}"
+
+    other = run_explora(backbone, uris, _tiny_cfg(epochs=3, batch_size=4, lr=2e-3), load_image=_open,
+                        checkpoint_dir=ckpt)  # fmt: skip
+    assert other.report["resumed_from_epoch"] is None, "a checkpoint of another config was resumed"
