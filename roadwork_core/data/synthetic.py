@@ -586,6 +586,17 @@ def draw_scene(
 # Demo drop
 
 
+MASK_COLUMNS = ("mask_x", "mask_y")  # the validator's "mask centre" of the roadwork object, in pixels
+
+
+def mask_point_columns(cues: list[CueBox]) -> dict[str, str]:
+    """labels.csv cells for the centre of the largest cue box ("" for both when there is none)."""
+    if not cues:
+        return dict.fromkeys(MASK_COLUMNS, "")
+    x0, y0, x1, y1 = max(cues, key=lambda c: (c.box[2] - c.box[0]) * (c.box[3] - c.box[1])).box
+    return {"mask_x": str((x0 + x1) // 2), "mask_y": str((y0 + y1) // 2)}
+
+
 def _image_rng(seed: int, version: str, stream: str, index: int) -> np.random.Generator:
     # The version is hashed in, so two drops made with the same seed hold different images.
     tag = int.from_bytes(hashlib.sha256(f"{version}/{stream}".encode()).digest()[:8], "little")
@@ -617,7 +628,8 @@ def make_demo_drop(
 ) -> Path:
     """Write a labels.csv drop of `n` synthetic scenes to `out/version/` and return that folder.
 
-    Layout: `images/<index>.jpg`, `labels.csv` (file, label, time_of_day, weather, scene), optional
+    Layout: `images/<index>.jpg`, `labels.csv` (file, label, time_of_day, weather, scene, mask_x,
+    mask_y: the centre of the largest cue box of a positive, blank for a negative), optional
     `unlabelled/<index>.jpg`, and `_READY` last. The drop is built under a temporary name and renamed
     into place, so a crash never leaves a half-written drop under the final name.
     """
@@ -637,7 +649,7 @@ def make_demo_drop(
             scene = draw_scene(rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate))
             name = f"images/{i:06d}.jpg"
             writes.append(writer.submit(_write_file, tmp / name, _jpeg_bytes(scene.image, rng)))
-            rows.append({"file": name, "label": scene.label, **scene.metadata})
+            rows.append({"file": name, "label": scene.label, **scene.metadata, **mask_point_columns(scene.cues)})
         if n_unlabelled:
             (tmp / "unlabelled").mkdir()
             for i in range(n_unlabelled):
@@ -648,7 +660,7 @@ def make_demo_drop(
                 )
         for done in writes:
             done.result()  # re-raises a failed write (disk full, permissions) before _READY exists
-        table = pd.DataFrame(rows, columns=["file", "label", "time_of_day", "weather", "scene"])
+        table = pd.DataFrame(rows, columns=["file", "label", "time_of_day", "weather", "scene", *MASK_COLUMNS])
         atomic_write_text(tmp / "labels.csv", table.to_csv(index=False))
         atomic_write_text(tmp / "_READY", f"{version}\n")
     return drop

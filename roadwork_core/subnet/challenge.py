@@ -269,7 +269,58 @@ def sample(
     return apply_level(image, level, rng, mask_point, flips=flips), level
 
 
+class ChallengeAugmentation:
+    """Training augmentation = the validator's challenge: a level uniform in 0..max_level, then `apply_level`.
+
+    Called as `aug(img, mask_point=None)`; returns the 224x224 image a miner would decode. The random
+    draws come from torch's generator (one draw seeds a numpy generator), so the training loop's
+    per-epoch / per-worker torch seeding reproduces them. A plain class: DataLoader workers pickle it.
+    """
+
+    def __init__(self, max_level: int = 3, *, flips: bool = False) -> None:
+        _check_level(max_level)
+        self.max_level = int(max_level)
+        self.flips = flips
+
+    def __call__(self, img: PIL.Image.Image, mask_point: MaskPoint | None = None) -> PIL.Image.Image:
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        level = int(rng.integers(0, self.max_level + 1))
+        return apply_level(img, level, rng, mask_point, flips=self.flips)
+
+    def __repr__(self) -> str:
+        return f"ChallengeAugmentation(max_level={self.max_level}, flips={self.flips})"
+
+
+MASK_COLUMNS = ("mask_x", "mask_y")
+
+
+def mask_points(rows) -> list[MaskPoint | None] | None:
+    """Per row of a manifest-like table, the object's mask point from `mask_x` / `mask_y` (None where blank).
+
+    Returns None when the table has no such columns. A non-numeric cell raises, naming the row.
+    """
+    if not all(c in rows.columns for c in MASK_COLUMNS):
+        return None
+    out: list[MaskPoint | None] = []
+    for k, (x, y) in enumerate(zip(rows["mask_x"].tolist(), rows["mask_y"].tolist(), strict=True)):
+        blank = [v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "" for v in (x, y)]
+        if all(blank):
+            out.append(None)
+            continue
+        try:
+            out.append((float(x), float(y)))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"row {k} ({rows['uri'].iloc[k] if 'uri' in rows.columns else 'no uri'}): mask_x={x!r}, "
+                f"mask_y={y!r} is not a pixel point; give both as numbers or leave both blank"
+            ) from None
+    return out
+
+
 __all__ = [
+    "MASK_COLUMNS",
+    "ChallengeAugmentation",
+    "mask_points",
     "DISTORTION_PARAMS",
     "LEVEL_DISTORTIONS",
     "LEVEL_PROBS",

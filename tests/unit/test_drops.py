@@ -75,7 +75,9 @@ def test_labels_csv_drop(demo_drop: Path) -> None:
     assert detect_format(demo_drop) == "labels_csv"
     listing = read_drop(demo_drop)
     cands = listing.candidates
-    assert list(cands.columns) == ["uri", "file", "label_raw", "source", "time_of_day", "weather", "scene"]
+    assert list(cands.columns) == [
+        "uri", "file", "label_raw", "source", "time_of_day", "weather", "scene", "mask_x", "mask_y"
+    ]  # fmt: skip
     assert len(cands) == 48 and listing.rejects == []
     assert (cands["source"] == "v0001").all()
     assert all(Path(u).is_absolute() and Path(u).is_file() for u in cands["uri"])
