@@ -175,7 +175,9 @@ def test_bad_labels_csv_raises_naming_file_and_fix(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("file,label\na.jpg,1\nb.jpg,0,extra,fields\n")
     with pytest.raises(ValueError, match=r"labels\.csv is not a readable CSV"):
         read_drop(tmp_path)
-    with pytest.raises(ValueError, match="unknown drop format 'coco'"):
+    with pytest.raises(ValueError, match="unknown drop format 'voc'"):
+        read_drop(tmp_path, fmt="voc")
+    with pytest.raises(ValueError, match="no COCO json with images found"):
         read_drop(tmp_path, fmt="coco")
 
 
