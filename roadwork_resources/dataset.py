@@ -23,7 +23,8 @@ class DatasetSource(dg.ConfigurableResource):
     positive_class: str = Field("roadwork", description="ImageFolder / class-name label for label 1")
     negative_class: str = Field("no_roadwork", description="ImageFolder / class-name label for label 0")
     box_classes: list[str] = Field(
-        [], description="YOLO / COCO: class names (or ids) whose boxes make an image roadwork; empty = any box"
+        [],
+        description="YOLO / COCO: class names (or ids) whose boxes make an image roadwork; empty = any box",
     )
 
     @property

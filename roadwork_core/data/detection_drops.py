@@ -34,7 +34,9 @@ class _BadLine(ValueError):
 def _label_row(uri: str, rel: str, boxes: list[tuple[str, str | None, Box]], box_classes) -> dict:
     """(class id, class name, box) list -> a candidate row with label_raw and the mask point."""
     wanted = set(box_classes or [])
-    hits = [b for cid, name, b in boxes if not wanted or cid in wanted or (name is not None and name in wanted)]
+    hits = [
+        b for cid, name, b in boxes if not wanted or cid in wanted or (name is not None and name in wanted)
+    ]
     row = {"uri": uri, "file": rel, "label_raw": "1" if hits else "0", "mask_x": "", "mask_y": ""}
     if hits:
         x0, y0, x1, y1 = max(hits, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
@@ -183,10 +185,14 @@ def read_coco(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
         images: dict = {}
         for img in doc["images"]:
             if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-                rejects.append(Reject(f"{json_rel}#image", "bad_label", f"image entry {img!r} lacks id / file_name"))
+                rejects.append(
+                    Reject(f"{json_rel}#image", "bad_label", f"image entry {img!r} lacks id / file_name")
+                )
                 continue
             if img["id"] in images:
-                raise ValueError(f"{path}: image id {img['id']!r} appears twice; COCO image ids must be unique")
+                raise ValueError(
+                    f"{path}: image id {img['id']!r} appears twice; COCO image ids must be unique"
+                )
             images[img["id"]] = img
         boxes: dict = {k: [] for k in images}
         bad: dict = {}

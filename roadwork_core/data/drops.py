@@ -134,7 +134,9 @@ def read_drop(
         reader = detection_drops.read_yolo if fmt == "yolo" else detection_drops.read_coco
         rows, rejects = reader(drop_dir, box_classes)
         if fmt == "coco" and not rows and not rejects:
-            raise ValueError(f"{drop_dir}: no COCO json with images found (looked at *.json and annotations/*.json)")
+            raise ValueError(
+                f"{drop_dir}: no COCO json with images found (looked at *.json and annotations/*.json)"
+            )
         return DropListing(candidates=_frame(rows, drop_dir.name), rejects=rejects)
     if fmt not in readers:
         raise ValueError(f"unknown drop format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")

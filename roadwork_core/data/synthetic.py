@@ -17,8 +17,8 @@ rest of the scene, so a positive's cue is never fully hidden behind a car (that 
 from __future__ import annotations
 
 import hashlib
-import json
 import io
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -650,7 +650,9 @@ def make_demo_drop(
             scene = draw_scene(rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate))
             name = f"images/{i:06d}.jpg"
             writes.append(writer.submit(_write_file, tmp / name, _jpeg_bytes(scene.image, rng)))
-            rows.append({"file": name, "label": scene.label, **scene.metadata, **mask_point_columns(scene.cues)})
+            rows.append(
+                {"file": name, "label": scene.label, **scene.metadata, **mask_point_columns(scene.cues)}
+            )
         if n_unlabelled:
             (tmp / "unlabelled").mkdir()
             for i in range(n_unlabelled):
@@ -661,7 +663,9 @@ def make_demo_drop(
                 )
         for done in writes:
             done.result()  # re-raises a failed write (disk full, permissions) before _READY exists
-        table = pd.DataFrame(rows, columns=["file", "label", "time_of_day", "weather", "scene", *MASK_COLUMNS])
+        table = pd.DataFrame(
+            rows, columns=["file", "label", "time_of_day", "weather", "scene", *MASK_COLUMNS]
+        )
         atomic_write_text(tmp / "labels.csv", table.to_csv(index=False))
         atomic_write_text(tmp / "_READY", f"{version}\n")
     return drop
