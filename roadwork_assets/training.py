@@ -170,9 +170,7 @@ class ClassifierSettings(dg.Config):
     ema_decay: float | None = 0.999
     patience: int = 3
     balanced_sampling: bool = False
-    augment: str = Field(
-        "validator", description="validator (the subnet's challenge replica) | distortions | none"
-    )
+    augment: str = Field("validator", description="validator (the subnet's challenge replica) | none")
     augment_max_level: int = 3
     lora_r: int = 8
     lora_alpha: int = 16

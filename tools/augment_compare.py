@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/augment_compare"))
     args = ap.parse_args()
 
+    from sklearn.metrics import roc_auc_score
+
     from roadwork_core.data.images import load_image
     from roadwork_core.data.loading import pil_to_canvas
     from roadwork_core.data.synthetic import make_demo_drop
@@ -102,6 +104,7 @@ def main() -> None:
         stream = next(r for r in section["stream"] if r["answer"] == "model")
         record = {
             "arm": arm,
+            "test_auroc_mix": round(float(roc_auc_score(table["label"], table["p_raw"])), 4),
             "augment_max_level": level,
             "best_epoch": result.best_epoch,
             "best_select_mcc": result.best_select_mcc,
@@ -118,14 +121,15 @@ def main() -> None:
         results.append(record)
 
     print(
-        "\n| arm | max level | val_select MCC | test MCC L0 / L1 / L2 / L3 / mix | reward proxy (mix) | stream reward [CI] |"
+        "\n| arm | max level | val_select MCC | test MCC L0 / L1 / L2 / L3 / mix | AUROC (mix) "
+        "| reward proxy (mix) | stream reward [CI] |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         m = r["test_mcc_by_level"]
         print(
             f"| {r['arm']} | {r['augment_max_level']} | {r['best_select_mcc']:.3f} | "
-            f"{m['0']:.3f} / {m['1']:.3f} / {m['2']:.3f} / {m['3']:.3f} / {m['mix']:.3f} | "
+            f"{m['0']:.3f} / {m['1']:.3f} / {m['2']:.3f} / {m['3']:.3f} / {m['mix']:.3f} | {r['test_auroc_mix']:.3f} | "
             f"{r['test_reward_proxy_mix']:.3f} | {r['stream_expected_reward']:.3f} {r['stream_ci']} |"
         )
 

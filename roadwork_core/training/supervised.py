@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 
-from roadwork_core.data.distortions import training_augmentation
 from roadwork_core.data.loading import CanvasDataset
 from roadwork_core.models.adapters import apply_adapters, merge_adapters
 from roadwork_core.models.backbone import state_dict_sha256
@@ -69,9 +68,7 @@ class TrainConfig:
     ema_decay: float | None = 0.999  # timm ModelEmaV3 (with warmup); None = off. EMA weights are selected
     patience: int = 3  # early stopping on val_select MCC
     balanced_sampling: bool = False  # WeightedRandomSampler by class
-    augment: str = (
-        "validator"  # "validator" (the subnet's challenge replica) | "distortions" | "none"; not in head mode
-    )
+    augment: str = "validator"  # the subnet's challenge replica | "none"; not in head mode
     augment_max_level: int = 3  # training levels drawn uniformly in 0..augment_max_level
     lora_r: int = 8
     lora_alpha: int = 16
@@ -110,15 +107,15 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
     return lrs
 
 
-AUGMENTATIONS = ("validator", "distortions", "none")
+# The older validator-style family (roadwork_core/data/distortions.py) was measured against the replica
+# and did not help (tools/augment_compare.py; README "The network's validator"), so it is not offered.
+AUGMENTATIONS = ("validator", "none")
 
 
 def _train_augmentation(cfg: TrainConfig, train_rows: pd.DataFrame):
     """(transform, mask points) for the training images; see TrainConfig.augment."""
     if cfg.augment == "none" or cfg.augment_max_level == 0:
         return None, None
-    if cfg.augment == "distortions":
-        return training_augmentation(cfg.augment_max_level), None
     return ChallengeAugmentation(cfg.augment_max_level), mask_points(train_rows)
 
 
