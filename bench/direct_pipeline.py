@@ -120,7 +120,15 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
         "label_smoothing",
         "ema_decay",
     )
-    tkeys += ("patience", "balanced_sampling", "augment_max_level", "lora_r", "lora_alpha", "num_workers")
+    tkeys += (
+        "patience",
+        "balanced_sampling",
+        "augment",
+        "augment_max_level",
+        "lora_r",
+        "lora_alpha",
+        "num_workers",
+    )
     train_cfg = TrainConfig(**{k: cc[k] for k in tkeys}, seed=gpu["seed"])
     result = train_classifier(
         model,

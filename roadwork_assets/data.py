@@ -37,6 +37,7 @@ def image_manifest(
         drops,
         fmt=dataset.format,
         class_names=dataset.class_names,
+        box_classes=dataset.box_classes or None,
         min_size=config.min_size,
         max_reject_fraction=config.max_reject_fraction,
     )

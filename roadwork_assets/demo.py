@@ -215,6 +215,14 @@ def summarize(instance: dg.DagsterInstance, version: str, log_path: Path | None 
     print((report_dir / "summary.md").read_text())
     guarantee = report.get("guarantee_check", {})
     print(f"guarantee check on val_test: {guarantee.get('message')}")
+    stream = (report.get("subnet") or {}).get("stream") or []
+    if stream:  # the headline of the subnet section printed above
+        print(
+            "subnet (validator replica), expected reward per query: "
+            + ", ".join(
+                f"{r['answer']} {r['expected_reward']:.3f} [{r['low']:.3f}, {r['high']:.3f}]" for r in stream
+            )
+        )
     print("\nLook at it:")
     print(
         "  Dagster UI:  make ui   (then http://127.0.0.1:3000, asset evaluation_report, partition "

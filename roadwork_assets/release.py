@@ -155,6 +155,10 @@ class ReportConfig(dg.Config):
     seed: int = 0
     robustness_levels: list[int] = Field([0, 1, 2, 3], description="validator distortion levels to evaluate")
     robustness_max_images: int | None = Field(None, description="cap on test images re-predicted per level")
+    subnet: bool = Field(
+        True, description="score val_test through the validator replica (levels 0-3, reward)"
+    )
+    subnet_max_images: int | None = Field(None, description="cap on test images in the subnet section")
 
 
 @dg.asset(
@@ -174,6 +178,7 @@ def evaluation_report(
     bundle: Path,
 ) -> dg.Output[Path]:
     from roadwork_core.metrics.evaluate import evaluate_bundle_on_test
+    from roadwork_core.metrics.subnet_eval import subnet_metrics
 
     gpu.setup()
     reader = SplitReader("evaluation_report", splits)
@@ -187,11 +192,14 @@ def evaluation_report(
         out,
         levels=config.robustness_levels,
         max_images=config.robustness_max_images,
+        subnet=config.subnet,
+        subnet_max_images=config.subnet_max_images,
         n_bootstrap=config.n_bootstrap,
         seed=config.seed,
         device=gpu.torch_device(),
     )
     log_metrics(mlflow, {f"test_{k}": v for k, v in _flat_metrics(report.metrics).items()})
+    log_metrics(mlflow, {f"test_{k}": v for k, v in subnet_metrics(report.subnet).items() if np.isfinite(v)})
     log_artifact_path(mlflow, str(out), "evaluation_report")
     log_artifact_path(mlflow, str(bundle), "bundle")
     model_uri = log_bundle_model(mlflow, str(bundle)) if config.register_model else None
@@ -205,6 +213,11 @@ def evaluation_report(
             "guarantee_check": json_meta(report.guarantee_check),
             "mlflow_model_uri": model_uri or "(not registered)",
             **{k: v for k, v in _flat_metrics(report.metrics).items() if np.isfinite(v)},
+            **{
+                k: v
+                for k, v in subnet_metrics(report.subnet).items()
+                if "stream_expected" in k and np.isfinite(v)
+            },
             **reader_metadata(reader),
         },
     )

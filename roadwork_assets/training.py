@@ -214,6 +214,7 @@ class ClassifierSettings(dg.Config):
     ema_decay: float | None = 0.999
     patience: int = 3
     balanced_sampling: bool = False
+    augment: str = Field("validator", description="validator (the subnet's challenge replica) | none")
     augment_max_level: int = 3
     lora_r: int = 8
     lora_alpha: int = 16
@@ -281,6 +282,7 @@ def classifier(
         ema_decay=config.ema_decay,
         patience=config.patience,
         balanced_sampling=config.balanced_sampling,
+        augment=config.augment,
         augment_max_level=config.augment_max_level,
         lora_r=config.lora_r,
         lora_alpha=config.lora_alpha,

@@ -16,11 +16,16 @@ class DatasetSource(dg.ConfigurableResource):
     """
 
     inbox: str = Field(description="folder holding one sub-folder per data drop")
-    format: Literal["auto", "labels_csv", "imagefolder", "hf_parquet"] = Field(
-        "auto", description="drop format; auto detects labels.csv, ImageFolder or Hugging Face parquet"
+    format: Literal["auto", "labels_csv", "imagefolder", "hf_parquet", "yolo", "coco"] = Field(
+        "auto",
+        description="drop format; auto detects labels.csv, ImageFolder, Hugging Face parquet, YOLO or COCO",
     )
     positive_class: str = Field("roadwork", description="ImageFolder / class-name label for label 1")
     negative_class: str = Field("no_roadwork", description="ImageFolder / class-name label for label 0")
+    box_classes: list[str] = Field(
+        [],
+        description="YOLO / COCO: class names (or ids) whose boxes make an image roadwork; empty = any box",
+    )
 
     @property
     def inbox_path(self) -> Path:

@@ -1,12 +1,22 @@
 """Data drops: folders of labelled images under an inbox, one per dataset version.
 
-A drop is complete when it holds `_READY`. Three layouts are read (auto-detected, or forced):
+A drop is complete when it holds `_READY`. Five layouts are read (auto-detected, or forced):
 
 - `labels_csv`: `labels.csv` with columns `file,label,<metadata...>`; `file` relative to the drop.
 - `imagefolder`: class subfolders, by default `roadwork/` (label 1) and `no_roadwork/` (label 0).
 - `hf_parquet`: Hugging Face parquet shards (`*.parquet`, e.g. under `data/`) with an `image` column
   of `{bytes, path}` structs, a `label` column (int or class name); every other column is metadata,
   nested structs flattened with dots (`scene_level_tags.weather`).
+- `yolo`: detection labels, `images/**` with `labels/**/<stem>.txt` beside them (the same path with
+  `images` -> `labels`), lines `class cx cy w h` (normalized; YOLO polygons `class x1 y1 x2 y2 ...`
+  too), class names from an optional `classes.txt` or `data.yaml` (`names:`).
+- `coco`: detection labels, one or more COCO json files (`*.json` at the top or under
+  `annotations/`) with `images`, `annotations` and `categories`; `file_name` relative to the drop
+  or to `images/`.
+  A detection image is roadwork (1) when it holds at least one box of `box_classes` (default: any
+  box); an empty or missing YOLO label file, or a COCO image without annotations, is no_roadwork (0).
+  The centre of its largest such box becomes `mask_x`, `mask_y` (pixels), the validator's mask point.
+  A malformed label line or annotation rejects its image (`bad_label`, naming the file and line).
 
 Readers only list candidates; decoding and label checks happen in the manifest. Paths that escape
 the drop root and symlinks that resolve outside it are rejected here and never read.
@@ -25,7 +35,7 @@ import pyarrow.parquet as pq
 
 from roadwork_core.data.images import ROW_SEP
 
-FORMATS = ("labels_csv", "imagefolder", "hf_parquet")
+FORMATS = ("labels_csv", "imagefolder", "hf_parquet", "yolo", "coco")
 DEFAULT_CLASS_NAMES: dict[str, int] = {"roadwork": 1, "no_roadwork": 0}
 READY = "_READY"
 UNLABELLED = "unlabelled"
@@ -85,14 +95,28 @@ def detect_format(drop_dir: Path, class_names: dict[str, int] | None = None) -> 
         return "imagefolder"
     if _parquet_files(drop_dir):
         return "hf_parquet"
+    if (drop_dir / "images").is_dir() and (drop_dir / "labels").is_dir():
+        return "yolo"
+    if _coco_files(drop_dir):
+        return "coco"
     raise ValueError(
         f"cannot tell the format of drop {drop_dir}: expected labels.csv, class folders "
-        f"{sorted(names)}, or *.parquet files; add one of them or set the format explicitly ({', '.join(FORMATS)})"
+        f"{sorted(names)}, *.parquet files, YOLO images/ + labels/ folders, or a COCO json with images "
+        f"and annotations; add one of them or set the format explicitly ({', '.join(FORMATS)})"
     )
 
 
-def read_drop(drop_dir: Path, fmt: str = "auto", class_names: dict[str, int] | None = None) -> DropListing:
-    """List the candidate images of one drop; see the module docstring for the formats."""
+def read_drop(
+    drop_dir: Path,
+    fmt: str = "auto",
+    class_names: dict[str, int] | None = None,
+    box_classes: list[str] | None = None,
+) -> DropListing:
+    """List the candidate images of one drop; see the module docstring for the formats.
+
+    `box_classes` (detection formats only): class names (or ids) whose boxes make an image roadwork;
+    None or empty = any box.
+    """
     drop_dir = Path(drop_dir)
     if not drop_dir.is_dir():
         raise FileNotFoundError(f"drop folder {drop_dir} does not exist")
@@ -104,6 +128,16 @@ def read_drop(drop_dir: Path, fmt: str = "auto", class_names: dict[str, int] | N
         "imagefolder": _read_imagefolder,
         "hf_parquet": _read_hf_parquet,
     }
+    if fmt in ("yolo", "coco"):
+        from roadwork_core.data import detection_drops
+
+        reader = detection_drops.read_yolo if fmt == "yolo" else detection_drops.read_coco
+        rows, rejects = reader(drop_dir, box_classes)
+        if fmt == "coco" and not rows and not rejects:
+            raise ValueError(
+                f"{drop_dir}: no COCO json with images found (looked at *.json and annotations/*.json)"
+            )
+        return DropListing(candidates=_frame(rows, drop_dir.name), rejects=rejects)
     if fmt not in readers:
         raise ValueError(f"unknown drop format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")
     rows, rejects = readers[fmt](drop_dir, names)
@@ -315,3 +349,15 @@ def _walk_files(folder: Path) -> list[Path]:
 
 def _parquet_files(drop_dir: Path) -> list[Path]:
     return [p for p in _walk_files(drop_dir) if p.suffix == ".parquet"]
+
+
+def _coco_files(drop_dir: Path) -> list[Path]:
+    """COCO annotation files: every `annotations/*.json`, and top-level `*.json` files that mention
+    `"images"` in their first MiB (so a stray metadata json at the top is not taken for one)."""
+    out = [p for p in sorted((drop_dir / "annotations").glob("*.json")) if p.is_file()]
+    for path in sorted(drop_dir.glob("*.json")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                if b'"images"' in f.read(1 << 20):
+                    out.append(path)
+    return out

@@ -37,7 +37,8 @@ class CanvasDataset(Dataset):
         uris: list[str],
         labels: list[int] | None,
         canvas_size: int,
-        transform: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+        transform: Callable[..., PIL.Image.Image] | None = None,
+        mask_points: list[tuple[float, float] | None] | None = None,
     ) -> None:
         if labels is not None and len(labels) != len(uris):
             raise ValueError(
@@ -47,6 +48,10 @@ class CanvasDataset(Dataset):
         self.labels = None if labels is None else [float(label) for label in labels]
         self.canvas_size = canvas_size
         self.transform = transform
+        # with mask points the transform is called as transform(img, mask_point=...) (ChallengeAugmentation)
+        self.mask_points = mask_points
+        if mask_points is not None and len(mask_points) != len(uris):
+            raise ValueError(f"CanvasDataset: {len(uris)} uris but {len(mask_points)} mask points")
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -57,7 +62,9 @@ class CanvasDataset(Dataset):
         uri = self.uris[index]
         try:
             img = load_image(uri)
-            if self.transform is not None:
+            if self.transform is not None and self.mask_points is not None:
+                img = self.transform(img, mask_point=self.mask_points[index])
+            elif self.transform is not None:
                 img = self.transform(img)
             canvas = pil_to_canvas(img, self.canvas_size)
         except Exception as e:

@@ -90,6 +90,7 @@ def build_manifest(
     *,
     fmt: str = "auto",
     class_names: dict[str, int] | None = None,
+    box_classes: list[str] | None = None,
     min_size: int = 32,
     max_reject_fraction: float = 0.05,
     workers: int | None = None,
@@ -101,7 +102,7 @@ def build_manifest(
     names = class_names or DEFAULT_CLASS_NAMES
     frames, rejects = [], []
     for drop in drop_dirs:
-        listing = read_drop(Path(drop), fmt=fmt, class_names=names)
+        listing = read_drop(Path(drop), fmt=fmt, class_names=names, box_classes=box_classes)
         frames.append(listing.candidates)
         rejects += [
             {"file": r.file, "source": Path(drop).name, "reason": r.reason, "detail": r.detail}

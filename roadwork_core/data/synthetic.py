@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -586,6 +587,17 @@ def draw_scene(
 # Demo drop
 
 
+MASK_COLUMNS = ("mask_x", "mask_y")  # the validator's "mask centre" of the roadwork object, in pixels
+
+
+def mask_point_columns(cues: list[CueBox]) -> dict[str, str]:
+    """labels.csv cells for the centre of the largest cue box ("" for both when there is none)."""
+    if not cues:
+        return dict.fromkeys(MASK_COLUMNS, "")
+    x0, y0, x1, y1 = max(cues, key=lambda c: (c.box[2] - c.box[0]) * (c.box[3] - c.box[1])).box
+    return {"mask_x": str((x0 + x1) // 2), "mask_y": str((y0 + y1) // 2)}
+
+
 def _image_rng(seed: int, version: str, stream: str, index: int) -> np.random.Generator:
     # The version is hashed in, so two drops made with the same seed hold different images.
     tag = int.from_bytes(hashlib.sha256(f"{version}/{stream}".encode()).digest()[:8], "little")
@@ -617,7 +629,8 @@ def make_demo_drop(
 ) -> Path:
     """Write a labels.csv drop of `n` synthetic scenes to `out/version/` and return that folder.
 
-    Layout: `images/<index>.jpg`, `labels.csv` (file, label, time_of_day, weather, scene), optional
+    Layout: `images/<index>.jpg`, `labels.csv` (file, label, time_of_day, weather, scene, mask_x,
+    mask_y: the centre of the largest cue box of a positive, blank for a negative), optional
     `unlabelled/<index>.jpg`, and `_READY` last. The drop is built under a temporary name and renamed
     into place, so a crash never leaves a half-written drop under the final name.
     """
@@ -637,7 +650,9 @@ def make_demo_drop(
             scene = draw_scene(rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate))
             name = f"images/{i:06d}.jpg"
             writes.append(writer.submit(_write_file, tmp / name, _jpeg_bytes(scene.image, rng)))
-            rows.append({"file": name, "label": scene.label, **scene.metadata})
+            rows.append(
+                {"file": name, "label": scene.label, **scene.metadata, **mask_point_columns(scene.cues)}
+            )
         if n_unlabelled:
             (tmp / "unlabelled").mkdir()
             for i in range(n_unlabelled):
@@ -648,7 +663,69 @@ def make_demo_drop(
                 )
         for done in writes:
             done.result()  # re-raises a failed write (disk full, permissions) before _READY exists
-        table = pd.DataFrame(rows, columns=["file", "label", "time_of_day", "weather", "scene"])
+        table = pd.DataFrame(
+            rows, columns=["file", "label", "time_of_day", "weather", "scene", *MASK_COLUMNS]
+        )
         atomic_write_text(tmp / "labels.csv", table.to_csv(index=False))
+        atomic_write_text(tmp / "_READY", f"{version}\n")
+    return drop
+
+
+DETECTION_FORMATS = ("yolo", "coco")
+
+
+def make_detection_drop(
+    out: Path,
+    version: str,
+    n: int = 200,
+    seed: int = 0,
+    fmt: str = "yolo",
+    positive_rate: float = 0.5,
+    *,
+    hard_negative_rate: float = 0.3,
+) -> Path:
+    """Write a drop of `n` synthetic scenes with detection labels (the cue boxes) to `out/version/`.
+
+    `yolo`: `images/<index>.jpg`, `labels/<index>.txt` (`class cx cy w h`, normalized; a negative's
+    file is empty) and `classes.txt` (CUE_KINDS). `coco`: `images/<index>.jpg` and
+    `annotations/instances.json` (`bbox` = [x, y, w, h] in pixels, categories = CUE_KINDS, ids from 1).
+    `_READY` last; built under a temporary name like `make_demo_drop`.
+    """
+    if fmt not in DETECTION_FORMATS:
+        raise ValueError(f"fmt={fmt!r} is not a detection format; use one of {', '.join(DETECTION_FORMATS)}")
+    if n < 1:
+        raise ValueError(f"n={n}: a drop needs at least one image")
+    drop = Path(out) / version
+    images, annotations = [], []
+    with atomic_dir(drop) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / ("labels" if fmt == "yolo" else "annotations")).mkdir()
+        for i in range(n):
+            rng = _image_rng(seed, version, "detection", i)  # both formats: the same scenes
+            positive = bool(rng.random() < positive_rate)
+            scene = draw_scene(rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate))
+            w, h = scene.image.size
+            _write_file(tmp / f"images/{i:06d}.jpg", _jpeg_bytes(scene.image, rng))
+            if fmt == "yolo":
+                lines = [
+                    f"{CUE_KINDS.index(c.kind)} {(c.box[0] + c.box[2]) / 2 / w:.6f} {(c.box[1] + c.box[3]) / 2 / h:.6f} "
+                    f"{(c.box[2] - c.box[0]) / w:.6f} {(c.box[3] - c.box[1]) / h:.6f}"
+                    for c in scene.cues
+                ]
+                atomic_write_text(tmp / f"labels/{i:06d}.txt", "".join(line + "\n" for line in lines))
+            else:
+                images.append({"id": i + 1, "file_name": f"images/{i:06d}.jpg", "width": w, "height": h})
+                for c in scene.cues:
+                    x0, y0, x1, y1 = c.box
+                    annotations.append(
+                        {"id": len(annotations) + 1, "image_id": i + 1, "category_id": CUE_KINDS.index(c.kind) + 1,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+                    )  # fmt: skip
+        if fmt == "yolo":
+            atomic_write_text(tmp / "classes.txt", "".join(k + "\n" for k in CUE_KINDS))
+        else:
+            categories = [{"id": k + 1, "name": name} for k, name in enumerate(CUE_KINDS)]
+            doc = {"images": images, "annotations": annotations, "categories": categories}
+            atomic_write_text(tmp / "annotations/instances.json", json.dumps(doc))
         atomic_write_text(tmp / "_READY", f"{version}\n")
     return drop

@@ -1,7 +1,8 @@
 """Evaluate a released bundle on val_test: clean predictions, robustness levels, report files.
 
 The clean test figures reuse the test predictions (logits) through the bundle's calibrator and
-policy; robustness re-predicts distorted test images through `Bundle.predict`, the serving path.
+policy; robustness re-predicts distorted test images through `Bundle.predict`, the serving path, and
+the subnet section re-predicts them through the validator replica (`roadwork_core.metrics.subnet_eval`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from roadwork_core.metrics.report import (
     distorted_predictions,
     write_report,
 )
+from roadwork_core.metrics.subnet_eval import replica_predictions, subnet_section
 
 METADATA_EXCLUDE = {"image_id", "uri", "file", "label", "phash", "width", "height", "split", "group_id"}
+METADATA_EXCLUDE |= {"mask_x", "mask_y"}  # the object's mask point (a coordinate, not a slice)
 
 
 @contextlib.contextmanager
@@ -70,6 +73,8 @@ def evaluate_bundle_on_test(
     *,
     levels: Sequence[int] = (0, 1, 2, 3),
     max_images: int | None = None,
+    subnet: bool = True,
+    subnet_max_images: int | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
     device="cpu",
@@ -116,6 +121,8 @@ def evaluate_bundle_on_test(
             images, subset["label"].astype(int).tolist(), predict_fn, distort_fn, levels=levels, seed=seed
         )
 
+    subnet_table = _subnet_table(bundle, test_rows, subnet_max_images, seed) if subnet else None
+
     report = build_evaluation_report(
         table,
         policy_guarantee=policy_guarantee(bundle.policy),
@@ -124,8 +131,33 @@ def evaluate_bundle_on_test(
         seed=seed,
         slice_columns=meta_cols or None,
     )
+    if subnet_table is not None:
+        report.subnet = subnet_section(subnet_table, n_bootstrap=min(n_bootstrap, 200), seed=seed)
     report.config["bundle_manifest"] = json.loads((Path(bundle_dir) / "manifest.json").read_text()).get(
         "dataset_version"
     )
     paths = write_report(report, out_dir)
     return report, {name: str(Path(path).relative_to(out_dir)) for name, path in paths.items()}
+
+
+def _subnet_table(bundle, test_rows: pd.DataFrame, max_images: int | None, seed: int) -> pd.DataFrame:
+    """val_test images through the validator replica at every level, predicted by the bundle."""
+    from roadwork_core.data.images import load_image
+
+    def predict_fn(imgs: list) -> pd.DataFrame:
+        rows = []
+        for pr in bundle.predict(imgs):
+            row = {"p_roadwork": pr.p_roadwork, "p_raw": pr.p_raw}
+            if getattr(pr, "answer", None) is not None:  # the bundle's subnet answer, where it has one
+                row["answer"] = pr.answer
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    subset = test_rows.sort_values("image_id")
+    if max_images:
+        subset = subset.head(max_images)
+    images = [load_image(u) for u in subset["uri"]]
+    # the challenge transforms are small per-image tensor ops: 1 torch thread, as for the distortions
+    return replica_predictions(
+        images, subset["label"].astype(int).tolist(), predict_fn, seed=seed, transform_threads=1
+    )

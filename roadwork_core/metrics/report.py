@@ -29,7 +29,7 @@ from scipy.stats import beta
 
 from roadwork_core.contracts.labels import hard_label
 from roadwork_core.io import atomic_write_bytes, atomic_write_text
-from roadwork_core.metrics import plots
+from roadwork_core.metrics import plots, subnet_eval
 from roadwork_core.metrics.bootstrap import bootstrap_ci
 from roadwork_core.metrics.classification import classification_metrics
 from roadwork_core.metrics.selective import (
@@ -75,6 +75,7 @@ class EvaluationReport:
     guarantee_check: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    subnet: dict[str, Any] = field(default_factory=dict)  # roadwork_core.metrics.subnet_eval.subnet_section
 
     def to_json(self) -> str:
         """Everything but the PNG bytes (listed by name; `read_report` loads them); NaN -> null."""
@@ -88,6 +89,7 @@ class EvaluationReport:
             "slices": self.slices.to_dict(orient="records"),
             "robustness": self.robustness.to_dict(orient="records"),
             "plots": sorted(self.plots),
+            "subnet": self.subnet,
         }
         return json.dumps(_jsonable(doc), indent=1, allow_nan=False)
 
@@ -108,6 +110,7 @@ class EvaluationReport:
             guarantee_check=doc["guarantee_check"],
             notes=list(doc.get("notes", [])),
             config=dict(doc.get("config", {})),
+            subnet=dict(doc.get("subnet") or {}),
         )
 
     def summary_markdown(self) -> str:
@@ -144,7 +147,7 @@ class EvaluationReport:
                 f"({_fmt(worst['accuracy'])}, n={int(worst['n'])}).",
             ]
         lines += [f"- {note}" for note in self.notes]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + subnet_eval.summary_markdown(self.subnet)
 
 
 def _fmt(x: Any) -> str:

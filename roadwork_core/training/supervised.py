@@ -36,11 +36,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 
-from roadwork_core.data.distortions import training_augmentation
 from roadwork_core.data.loading import CanvasDataset
 from roadwork_core.models.adapters import apply_adapters, merge_adapters
 from roadwork_core.models.backbone import state_dict_sha256
 from roadwork_core.models.classifier import RoadworkClassifier
+from roadwork_core.subnet.challenge import ChallengeAugmentation, mask_points
 from roadwork_core.training.checkpoint import (
     epoch_seed,
     load_best,
@@ -74,7 +74,8 @@ class TrainConfig:
     ema_decay: float | None = 0.999  # timm ModelEmaV3 (with warmup); None = off. EMA weights are selected
     patience: int = 3  # early stopping on val_select MCC
     balanced_sampling: bool = False  # WeightedRandomSampler by class
-    augment_max_level: int = 3  # validator distortions on training images (not in head mode)
+    augment: str = "validator"  # the subnet's challenge replica | "none"; not in head mode
+    augment_max_level: int = 3  # training levels drawn uniformly in 0..augment_max_level
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -112,6 +113,18 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
     return lrs
 
 
+# The older validator-style family (roadwork_core/data/distortions.py) was measured against the replica
+# and did not help (tools/augment_compare.py; README "The network's validator"), so it is not offered.
+AUGMENTATIONS = ("validator", "none")
+
+
+def _train_augmentation(cfg: TrainConfig, train_rows: pd.DataFrame):
+    """(transform, mask points) for the training images; see TrainConfig.augment."""
+    if cfg.augment == "none" or cfg.augment_max_level == 0:
+        return None, None
+    return ChallengeAugmentation(cfg.augment_max_level), mask_points(train_rows)
+
+
 def _check_inputs(
     cfg: TrainConfig, precision: str, device: torch.device, frames: dict[str, pd.DataFrame]
 ) -> None:
@@ -123,6 +136,12 @@ def _check_inputs(
         raise ValueError(
             f"precision='fp16-mixed' needs a CUDA device (got {device}); use 'bf16-mixed' or 'fp32'"
         )
+    if cfg.augment not in AUGMENTATIONS:
+        raise ValueError(
+            f"TrainConfig.augment={cfg.augment!r} is not valid; use one of {', '.join(AUGMENTATIONS)}"
+        )
+    if not 0 <= cfg.augment_max_level <= 3:
+        raise ValueError(f"TrainConfig.augment_max_level={cfg.augment_max_level} is not valid; use 0..3")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1:
         raise ValueError(f"epochs, batch_size and patience must be >= 1; got {cfg}")
     for name, rows in frames.items():
@@ -303,9 +322,9 @@ def train_classifier(
     train_labels = torch.tensor(train_rows["label"].astype(float).to_numpy(), dtype=torch.float32)
     data = _Data(head_mode=head_mode, train_labels=train_labels)
     if not head_mode:
-        aug = training_augmentation(cfg.augment_max_level) if cfg.augment_max_level > 0 else None
+        aug, points = _train_augmentation(cfg, train_rows)
         uris, labels = train_rows["uri"].tolist(), train_rows["label"].astype(int).tolist()
-        data.train_set = CanvasDataset(uris, labels, model.canvas_size, aug)
+        data.train_set = CanvasDataset(uris, labels, model.canvas_size, aug, mask_points=points)
         data.select_set = CanvasDataset(
             select_rows["uri"].tolist(), select_rows["label"].astype(int).tolist(), model.canvas_size, None
         )

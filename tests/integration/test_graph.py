@@ -102,6 +102,13 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     assert "augrc" in report["metrics"] and (report_dir / "reliability.png").is_file()
     assert report["config"]["bootstrap_unit"] == "group_id", "CIs must resample near-duplicate groups"
     assert "strictly past" in report["guarantee_check"]["policy_guarantee"]["conditioning"]
+    # the subnet section: val_test through the validator replica, three answers, per level and the mix
+    subnet = report["subnet"]
+    cells = {(r["answer"], r["level"]) for r in subnet["per_level"]}
+    assert cells == {(a, lv) for a in ("model", "always_0.5", "argmax") for lv in ("0", "1", "2", "3", "mix")}
+    assert {r["answer"] for r in subnet["stream"]} == {"model", "always_0.5", "argmax"}
+    assert all(0 <= r["low"] <= r["high"] <= 1 for r in subnet["stream"]), subnet["stream"]
+    assert "Subnet: val_test through the validator replica" in (report_dir / "summary.md").read_text()
 
     # one MLflow run for the Dagster run, FINISHED, with params, per-epoch metrics and the evaluation
     mlflow.set_tracking_uri(rw_home["mlflow_uri"])
@@ -120,6 +127,7 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(history)
     assert any(k.startswith("test_") for k in run.data.metrics)
+    assert "test_subnet_model_stream_expected_reward" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bundle", "evaluation_report"} <= artifacts, artifacts
 

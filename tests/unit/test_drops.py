@@ -75,7 +75,9 @@ def test_labels_csv_drop(demo_drop: Path) -> None:
     assert detect_format(demo_drop) == "labels_csv"
     listing = read_drop(demo_drop)
     cands = listing.candidates
-    assert list(cands.columns) == ["uri", "file", "label_raw", "source", "time_of_day", "weather", "scene"]
+    assert list(cands.columns) == [
+        "uri", "file", "label_raw", "source", "time_of_day", "weather", "scene", "mask_x", "mask_y"
+    ]  # fmt: skip
     assert len(cands) == 48 and listing.rejects == []
     assert (cands["source"] == "v0001").all()
     assert all(Path(u).is_absolute() and Path(u).is_file() for u in cands["uri"])
@@ -173,7 +175,9 @@ def test_bad_labels_csv_raises_naming_file_and_fix(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("file,label\na.jpg,1\nb.jpg,0,extra,fields\n")
     with pytest.raises(ValueError, match=r"labels\.csv is not a readable CSV"):
         read_drop(tmp_path)
-    with pytest.raises(ValueError, match="unknown drop format 'coco'"):
+    with pytest.raises(ValueError, match="unknown drop format 'voc'"):
+        read_drop(tmp_path, fmt="voc")
+    with pytest.raises(ValueError, match="no COCO json with images found"):
         read_drop(tmp_path, fmt="coco")
 
 

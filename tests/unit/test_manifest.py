@@ -125,7 +125,15 @@ def test_union_of_drops_with_cross_drop_duplicates(demo_inbox: Path, tmp_path: P
     result = build_manifest([first, second])
     m = result.manifest
     assert len(m) == 48 + 1, "the copy in the newer drop collapses onto the original"
-    assert list(m.columns) == [*MANIFEST_COLUMNS, "time_of_day", "weather", "scene", "camera"]
+    assert list(m.columns) == [
+        *MANIFEST_COLUMNS,
+        "time_of_day",
+        "weather",
+        "scene",
+        "mask_x",
+        "mask_y",
+        "camera",
+    ]
     assert (m.loc[m["source"] == "v0001", "camera"] == "").all(), "missing metadata is an empty string"
     assert m.loc[m["file"] == "images/new.jpg", "time_of_day"].item() == ""
     dup = result.duplicates.iloc[0]

@@ -41,8 +41,15 @@ def test_drop_layout_labels_and_ready_marker(tmp_path: Path) -> None:
     drop = make_demo_drop(tmp_path, "2026-01-01", n=40, seed=0, positive_rate=0.5, n_unlabelled=3)
     assert drop == tmp_path / "2026-01-01"
     assert (drop / "_READY").is_file(), "a finished drop must carry _READY"
-    labels = pd.read_csv(drop / "labels.csv", dtype=str)
-    assert list(labels.columns) == ["file", "label", "time_of_day", "weather", "scene"]
+    labels = pd.read_csv(drop / "labels.csv", dtype=str, keep_default_na=False)
+    assert list(labels.columns) == ["file", "label", "time_of_day", "weather", "scene", "mask_x", "mask_y"]
+    # the mask point: inside the image for every positive, blank for every negative
+    for rec in labels.to_dict("records"):
+        if rec["label"] == "0":
+            assert rec["mask_x"] == rec["mask_y"] == "", rec
+        else:
+            w, h = Image.open(drop / rec["file"]).size
+            assert 0 <= int(rec["mask_x"]) < w and 0 <= int(rec["mask_y"]) < h, rec
     assert len(labels) == 40
     assert all((drop / f).is_file() for f in labels["file"]), "every labels.csv row must point at a file"
     assert set(labels["label"]) == {"0", "1"}, "a 40-image drop at rate 0.5 must hold both classes"

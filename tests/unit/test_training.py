@@ -205,3 +205,36 @@ def test_lr_schedule_warmup_then_cosine_and_input_errors(rows, tmp_path: Path) -
         train_classifier(_model(), train, select, _cfg(), precision="fp16-mixed", checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="label"):
         train_classifier(_model(), train.drop(columns="label"), select, _cfg(), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="augment='distortions'.*validator, none"):
+        train_classifier(_model(), train, select, _cfg(augment="distortions"), checkpoint_dir=tmp_path)
+
+
+def test_validator_augmentation_feeds_the_replica_with_mask_points(rows) -> None:
+    from roadwork_core.data.loading import CanvasDataset
+    from roadwork_core.subnet.challenge import ChallengeAugmentation
+    from roadwork_core.training.supervised import _train_augmentation
+
+    train, _ = rows
+    train = train.assign(
+        mask_x=["20" if y else "" for y in train["label"]],
+        mask_y=["" if not y else "12" for y in train["label"]],
+    )
+    aug, points = _train_augmentation(_cfg(mode="full", augment="validator"), train)
+    assert isinstance(aug, ChallengeAugmentation) and aug.max_level == 2
+    assert points == [(20.0, 12.0) if y else None for y in train["label"]]
+    assert _train_augmentation(_cfg(augment="none"), train) == (None, None)
+    with pytest.raises(ValueError, match="row 0 .*mask_x='x'"):
+        _train_augmentation(_cfg(augment="validator"), train.assign(mask_x="x"))
+
+    seen: list = []
+
+    def spy(img, mask_point=None):  # the real replica, recording what the dataset hands it
+        seen.append(mask_point)
+        return aug(img, mask_point=mask_point)
+
+    data = CanvasDataset(train["uri"].tolist(), train["label"].tolist(), 64, spy, mask_points=points)
+    torch.manual_seed(0)
+    a = data[1][0]
+    torch.manual_seed(0)
+    assert torch.equal(a, data[1][0]), "the same torch seed must replay the same challenge"
+    assert seen == [points[1], points[1]] and a.shape == (3, 64, 64)

@@ -1,0 +1,225 @@
+"""Drop readers for detection labels: YOLO folders and COCO json (see `roadwork_core.data.drops`).
+
+Public roadwork / traffic-cone sets mostly ship boxes, not image labels. An image is roadwork when
+it holds at least one box of the configured classes (default: any box); no box (an empty or missing
+YOLO label file, a COCO image without annotations) is no_roadwork. The centre of the largest such
+box is kept as `mask_x`, `mask_y` (pixels): the object point the validator keeps inside its crop.
+
+Each malformed label line or annotation rejects its image with reason `bad_label` and a detail that
+names the label file, the line (or annotation id) and what is wrong; nothing is silently dropped.
+Format facts: YOLO txt lines `class cx cy w h`, coordinates normalized to [0, 1] (Ultralytics docs,
+"Object detection datasets"); polygons `class x1 y1 x2 y2 ...` (segmentation). COCO: `images`
+(`id`, `file_name`, `width`, `height`), `annotations` (`image_id`, `category_id`, `bbox` =
+[x, y, width, height] in pixels), `categories` (`id`, `name`) (cocodataset.org, "Data format").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from roadwork_core.data.drops import Reject, _coco_files, _safe_path, _walk_files
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels (or normalized for YOLO)
+
+
+class _BadLine(ValueError):
+    pass
+
+
+def _label_row(uri: str, rel: str, boxes: list[tuple[str, str | None, Box]], box_classes) -> dict:
+    """(class id, class name, box) list -> a candidate row with label_raw and the mask point."""
+    wanted = set(box_classes or [])
+    hits = [
+        b for cid, name, b in boxes if not wanted or cid in wanted or (name is not None and name in wanted)
+    ]
+    row = {"uri": uri, "file": rel, "label_raw": "1" if hits else "0", "mask_x": "", "mask_y": ""}
+    if hits:
+        x0, y0, x1, y1 = max(hits, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+        row["mask_x"], row["mask_y"] = str(round((x0 + x1) / 2)), str(round((y0 + y1) / 2))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# YOLO
+
+
+def yolo_class_names(drop_dir: Path) -> list[str] | None:
+    """Class names by id from `data.yaml` (`names:` list or {id: name}) or `classes.txt`; None if neither."""
+    data_yaml = drop_dir / "data.yaml"
+    if data_yaml.is_file():
+        try:
+            doc = yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{data_yaml} is not readable YAML ({exc}); fix it or remove it") from exc
+        names = doc.get("names") if isinstance(doc, dict) else None
+        if isinstance(names, list):
+            return [str(n) for n in names]
+        if isinstance(names, dict) and all(isinstance(k, int) for k in names):
+            return [str(names.get(i, i)) for i in range(max(names) + 1)] if names else []
+        raise ValueError(
+            f"{data_yaml}: `names` must be a list of class names or a mapping id -> name (got {names!r})"
+        )
+    classes_txt = drop_dir / "classes.txt"
+    if classes_txt.is_file():
+        lines = classes_txt.read_text(encoding="utf-8").splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        return [line.strip() for line in lines]
+    return None
+
+
+def _parse_yolo_line(line: str, names: list[str] | None) -> tuple[str, Box]:
+    tokens = line.split()
+    if len(tokens) < 5:
+        raise _BadLine(f"expected `class cx cy w h` (5 fields), got {len(tokens)}")
+    cls = tokens[0]
+    if not cls.isdigit():
+        raise _BadLine(f"class id {cls!r} is not a non-negative integer")
+    if names is not None and int(cls) >= len(names):
+        raise _BadLine(f"class id {cls} is not in the {len(names)} class names (ids 0..{len(names) - 1})")
+    try:
+        values = [float(t) for t in tokens[1:]]
+    except ValueError:
+        raise _BadLine("coordinates must be numbers") from None
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
+        raise _BadLine("coordinates must be normalized to [0, 1]")
+    if len(values) == 4:
+        cx, cy, w, h = values
+        if w <= 0 or h <= 0:
+            raise _BadLine("box width and height must be > 0")
+        return cls, (max(0.0, cx - w / 2), max(0.0, cy - h / 2), min(1.0, cx + w / 2), min(1.0, cy + h / 2))
+    if len(values) % 2 or len(values) < 6:
+        raise _BadLine(f"a polygon needs an even number (>= 6) of coordinates, got {len(values)}")
+    xs, ys = values[0::2], values[1::2]
+    return cls, (min(xs), min(ys), max(xs), max(ys))
+
+
+def read_yolo(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict], list[Reject]]:
+    drop_dir = Path(drop_dir)
+    names = yolo_class_names(drop_dir)
+    root = drop_dir.resolve()
+    rows, rejects = [], []
+    for path in _walk_files(drop_dir / "images"):
+        rel = path.relative_to(drop_dir).as_posix()
+        target, reject = _safe_path(drop_dir, root, rel)
+        if reject is not None:
+            rejects.append(reject)
+            continue
+        label_rel = Path("labels", *Path(rel).parts[1:]).with_suffix(".txt").as_posix()
+        label_path, reject = _safe_path(drop_dir, root, label_rel)
+        if reject is not None:
+            rejects.append(Reject(rel, "bad_label", f"{label_rel}: {reject.detail}"))
+            continue
+        boxes, bad = [], None
+        if label_path.is_file():
+            try:
+                text = label_path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                rejects.append(Reject(rel, "bad_label", f"{label_rel} is not UTF-8 text ({exc})"))
+                continue
+            for n, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    cls, box = _parse_yolo_line(line, names)
+                except _BadLine as exc:
+                    bad = f"{label_rel} line {n}: {line.strip()!r}: {exc}; fix or delete the line"
+                    break
+                boxes.append((cls, names[int(cls)] if names else None, box))
+        if bad is not None:
+            rejects.append(Reject(rel, "bad_label", bad))
+            continue
+        if boxes:  # normalized -> pixels for the mask point (header only; a bad image is rejected later)
+            try:
+                with Image.open(target) as img:
+                    w, h = img.size
+            except (OSError, ValueError, SyntaxError):
+                w = h = 0
+            boxes = [(c, nm, (b[0] * w, b[1] * h, b[2] * w, b[3] * h)) for c, nm, b in boxes]
+        rows.append(_label_row(str(target), rel, boxes, box_classes))
+    return rows, rejects
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO
+
+
+def _coco_bbox(ann: dict, size: tuple[float, float] | None) -> Box:
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+        raise _BadLine(f"bbox {bbox!r} is not [x, y, width, height] numbers")
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0 or x < 0 or y < 0:
+        raise _BadLine(f"bbox {bbox!r} needs x, y >= 0 and width, height > 0")
+    if size is not None and (x + w > size[0] + 1 or y + h > size[1] + 1):
+        raise _BadLine(f"bbox {bbox!r} reaches outside the {size[0]:g}x{size[1]:g} image")
+    return x, y, x + w, y + h
+
+
+def _load_coco(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}); fix or remove it from the drop") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise ValueError(f"{path}: a COCO file needs an `images` list (and `annotations`, `categories`)")
+    for key in ("annotations", "categories"):
+        if not isinstance(doc.get(key, []), list):
+            raise ValueError(f"{path}: `{key}` must be a list")
+    return doc
+
+
+def read_coco(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict], list[Reject]]:
+    drop_dir = Path(drop_dir)
+    root = drop_dir.resolve()
+    rows, rejects = [], []
+    for path in _coco_files(drop_dir):
+        json_rel = path.relative_to(drop_dir).as_posix()
+        doc = _load_coco(path)
+        categories = {c.get("id"): str(c.get("name", c.get("id"))) for c in doc.get("categories", [])}
+        images: dict = {}
+        for img in doc["images"]:
+            if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+                rejects.append(
+                    Reject(f"{json_rel}#image", "bad_label", f"image entry {img!r} lacks id / file_name")
+                )
+                continue
+            if img["id"] in images:
+                raise ValueError(
+                    f"{path}: image id {img['id']!r} appears twice; COCO image ids must be unique"
+                )
+            images[img["id"]] = img
+        boxes: dict = {k: [] for k in images}
+        bad: dict = {}
+        for ann in doc.get("annotations", []):
+            image_id = ann.get("image_id") if isinstance(ann, dict) else None
+            where = f"{json_rel} annotation {ann.get('id') if isinstance(ann, dict) else ann!r}"
+            if image_id not in images:
+                rejects.append(Reject(f"{json_rel}#annotation", "bad_label", f"{where}: image_id {image_id!r} is not in images"))  # fmt: skip
+                continue
+            img = images[image_id]
+            try:
+                cat = ann.get("category_id")
+                if cat not in categories:
+                    raise _BadLine(f"category_id {cat!r} is not in categories {sorted(categories, key=str)}")
+                size = (img["width"], img["height"]) if isinstance(img.get("width"), int | float) and isinstance(img.get("height"), int | float) else None  # fmt: skip
+                boxes[image_id].append((str(cat), categories[cat], _coco_bbox(ann, size)))
+            except _BadLine as exc:
+                bad.setdefault(image_id, f"{where}: {exc}; fix or delete the annotation")
+        for image_id, img in images.items():
+            rel = img["file_name"].replace("\\", "/")
+            if not (drop_dir / rel).exists() and (drop_dir / "images" / rel).exists():
+                rel = f"images/{rel}"
+            target, reject = _safe_path(drop_dir, root, rel)
+            if reject is not None:
+                rejects.append(reject)
+            elif image_id in bad:
+                rejects.append(Reject(rel, "bad_label", bad[image_id]))
+            else:
+                rows.append(_label_row(str(target), rel, boxes[image_id], box_classes))
+    return rows, rejects
