@@ -56,6 +56,12 @@ RULES = [
         "covered",
         "tests/reliability/test_bad_input.py::test_predict_stdin_bad_base64_and_non_image",
     ),
+    Rule(
+        r"^\.venv/bin/python -m roadwork_resources\.pool_slots --free",
+        "covered",
+        "tests/e2e/test_killed_run.py::test_a_run_of_another_host_is_not_guessed_dead_and_is_freed_by_hand",
+    ),
+    Rule(r"^\.venv/bin/python -m roadwork_resources\.pool_slots$", "run"),
     Rule(r"^\.venv/bin/mlflow ui\b", "not_here", "a server until stopped"),
     Rule(
         r"mlflow models serve\b",
