@@ -16,7 +16,7 @@ DEMO_VERSION ?= v0001
 DEMO_N ?= 2000
 PYTEST_ARGS ?=
 
-.PHONY: venv lock check-env demo test ui lint bench clean-state
+.PHONY: venv lock check-env postgres-deps demo test ui lint bench clean-state
 
 # Install exactly the lock (every transitive dependency pinned), then the project itself without
 # resolving anything (--no-deps, and no isolated build env that would fetch the newest setuptools).
@@ -55,6 +55,17 @@ home: $(DAGSTER_HOME)/dagster.yaml
 
 demo: $(STAMP) home
 	$(PY) -m roadwork_assets.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+
+# PostgreSQL server binaries for the Postgres instance tests (tests/integration/test_postgres_instance.py
+# starts its own server from them). Debian/Ubuntu package `postgresql`; a no-op where they are present.
+postgres-deps:
+	@if $(PYTHON) tools/pg_local.py bindir >/dev/null 2>&1; then \
+	  echo "PostgreSQL server binaries: $$($(PYTHON) tools/pg_local.py bindir)"; \
+	else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends postgresql \
+	  && $(PYTHON) tools/pg_local.py bindir; \
+	fi
 
 test: check-env
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
