@@ -53,6 +53,9 @@ def train_data_parallel(
     command = torchrun_command(gpu, job_dir)
     world = gpu.nproc_per_node * gpu.nnodes
     context.log.info(f"data-parallel training on {world} processes: {' '.join(command)}")
+    if gpu.nnodes > 1:  # the other nodes are started by the cluster (e.g. an indexed Job), not by this step
+        others = " ".join(command).replace("--node-rank=0", "--node-rank=<1..N-1>")
+        context.log.info(f"start nodes 1..{gpu.nnodes - 1} with: {others} (the job directory must be shared)")
     try:
         invocation = dg.PipesSubprocessClient().run(context=context, command=command)
     except Exception as exc:  # torchrun's non-zero exit (DagsterPipesExecutionError, not exported) or a

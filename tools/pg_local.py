@@ -136,14 +136,14 @@ def start(data_dir: Path, port: int | None = None, user: str = "roadwork", db: s
         log,
     )
     server = PgServer(data_dir=data_dir, host="127.0.0.1", port=port, user=user, db=db)
-    if fresh:
-        import psycopg2
-
-        conn = psycopg2.connect(host=server.host, port=port, user=user, dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {db}")
-        conn.close()
+    if fresh:  # a client connection over TCP (trust auth): needs no server-user switch
+        created = subprocess.run(
+            [str(bins / "createdb"), "-h", server.host, "-p", str(port), "-U", user, db],
+            capture_output=True,
+            text=True,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"createdb {db} failed (rc {created.returncode}): {created.stderr[-2000:]}")
     return server
 
 
