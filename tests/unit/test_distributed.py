@@ -18,7 +18,7 @@ from roadwork_core.models.classifier import build_classifier
 from roadwork_core.models.multiview import MultiViewConfig
 from roadwork_core.training.checkpoint import load_checkpoint
 from roadwork_core.training.ddp_jobs import read_result, write_classifier_job
-from roadwork_core.training.distributed import RankBatchSampler, shard_bounds
+from roadwork_core.training.distributed import RankBatchSampler, World, shard_bounds
 from roadwork_core.training.feature_cache import FeatureCache
 from roadwork_core.training.supervised import TrainConfig, train_classifier
 from roadwork_resources.gpu import GPUResource
@@ -61,11 +61,13 @@ def test_rank_batches_cover_each_draw_once_with_weights_that_restore_the_global_
     assert sorted(i for b, s in zip(batches, per_rank) for k, x in enumerate(b) for i in x[: s.real_counts[k]]) == sorted(single)  # fmt: skip
 
 
-def test_shard_bounds_partition_without_overlap():
+def test_shard_bounds_and_evaluation_shards_partition_without_overlap():
     for n in range(0, 12):
         for world in (1, 2, 3, 5):
             parts = [range(*shard_bounds(n, r, world)) for r in range(world)]
             assert [i for p in parts for i in p] == list(range(n)), (n, world, parts)
+            scored = sorted(i for r in range(world) for i in World(r, world).eval_indices(n))
+            assert scored == list(range(n)), f"evaluation of {n} images on {world} ranks scored {scored}"
 
 
 @pytest.fixture(scope="module")
