@@ -16,7 +16,7 @@ DEMO_VERSION ?= v0001
 DEMO_N ?= 2000
 PYTEST_ARGS ?=
 
-.PHONY: venv lock check-env demo test ui lint bench clean-state browser screenshots
+.PHONY: venv lock check-env postgres-deps demo test ui lint bench clean-state browser screenshots
 
 # Install exactly the lock (every transitive dependency pinned), then the project itself without
 # resolving anything (--no-deps, and no isolated build env that would fetch the newest setuptools).
@@ -66,6 +66,16 @@ browser:
 # Re-take the README's two UI screenshots (docs/ui_*.png) with the browser test's helper.
 screenshots: check-env browser
 	ROADWORK_SCREENSHOT_DIR=$(CURDIR)/docs $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_browser.py
+# PostgreSQL server binaries for the Postgres instance tests (tests/integration/test_postgres_instance.py
+# starts its own server from them). Debian/Ubuntu package `postgresql`; a no-op where they are present.
+postgres-deps:
+	@if $(PYTHON) tools/pg_local.py bindir >/dev/null 2>&1; then \
+	  echo "PostgreSQL server binaries: $$($(PYTHON) tools/pg_local.py bindir)"; \
+	else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends postgresql \
+	  && $(PYTHON) tools/pg_local.py bindir; \
+	fi
 
 test: check-env
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

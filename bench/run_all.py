@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "scaling": ("bench.bench_scaling", "scaling"),
     "orchestration": ("bench.bench_orchestration", "orchestration"),
     "demo": ("bench.bench_demo", "demo"),
+    "ddp": ("bench.bench_ddp", "ddp"),
 }
 
 
@@ -125,6 +126,19 @@ def table_rows() -> list[list[str]]:
                     _machine(r),
                 ]
             )
+    r = read_result("ddp")
+    if r:
+        rows.append(
+            [
+                "7. data-parallel training",
+                f"{r['mode']}-mode epoch, 1 vs {r['nproc']} processes (torchrun + DDP, "
+                f"{r['device']}); {r['preset']}, {r['n_train']} train images",
+                f"{r['median_ratio_1_over_n']:.2f}x (n={r['repeats']})",
+                "none expected on 2 CPU cores; ~N x on N GPUs",
+                "n/a",
+                _machine(r, r["device"]),
+            ]
+        )
     return rows
 
 

@@ -145,14 +145,17 @@ def explora_backbone(
                 f"ExPLoRA step {done}/{clock.total}: DINO loss {row['loss']:.3f}, {clock.describe(done)}"
             )
 
-    result = run_explora(
-        backbone,
-        uris,
-        cfg,
-        device=gpu.torch_device(),
-        on_step=on_step,
-        checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
-    )
+    if gpu.data_parallel and config.enabled:  # torchrun + DDP through Pipes; rank 0 writes the weights
+        result = _explora_data_parallel(context, gpu, backbone, backbone_cfg, uris, cfg, on_step)
+    else:
+        result = run_explora(
+            backbone,
+            uris,
+            cfg,
+            device=gpu.torch_device(),
+            on_step=on_step,
+            checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
+        )
     report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
     out = new_artifact_dir("explora_backbone")
     save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "backbone.safetensors"))
@@ -308,22 +311,22 @@ def classifier(
             f"batch {batch}/{of} of epoch {done[0] + 1}/{config.epochs}, {clock.describe(done[0] + batch / of)}"
         )
 
-    with BatchProgress(model, math.ceil(len(train) / config.batch_size), on_batch) as batches:
-        result = train_classifier(
-            model,
-            train,
-            select,
-            train_cfg,
-            device=gpu.torch_device(),
-            precision=gpu.effective_precision(),
-            checkpoint_dir=store.checkpoint_dir("classifier", context.partition_key),
-            feature_cache_dir=store.feature_cache_dir(),
-            on_epoch=on_epoch,
-        )
     out = new_artifact_dir("classifier")
-    save_classifier(
-        out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history}
-    )
+    places = {
+        "precision": gpu.effective_precision(),
+        "checkpoint_dir": store.checkpoint_dir("classifier", context.partition_key),
+        "feature_cache_dir": store.feature_cache_dir(),
+    }
+    if gpu.data_parallel:  # torchrun + DDP through Pipes; rank 0 writes checkpoints and `out`
+        result = _classifier_data_parallel(context, gpu, model, train, select, train_cfg, places, out, mlflow)
+    else:
+        with BatchProgress(model, math.ceil(len(train) / config.batch_size), on_batch) as batches:
+            result = train_classifier(
+                model, train, select, train_cfg, device=gpu.torch_device(), on_epoch=on_epoch, **places
+            )
+        save_classifier(
+            out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history}
+        )
     times = [h.get("seconds", float("nan")) for h in result.history]
     meta = {
         "mode": config.mode,
@@ -346,3 +349,49 @@ def classifier(
         later = sorted(times[1:])[len(times[1:]) // 2]
         meta["cache_speedup_first_vs_later_epochs"] = float(times[0] / max(later, 1e-9))
     return dg.Output(out, metadata=meta)
+
+
+# ---------------------------------------------------------------- data-parallel launches (gpu.nproc_per_node > 1)
+
+
+def _explora_data_parallel(context, gpu: GPUResource, backbone, backbone_cfg, uris, cfg, on_step):
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from roadwork_assets._torchrun import train_data_parallel
+    from roadwork_core.training.ddp_jobs import write_explora_job
+    from roadwork_core.training.explora import ExploraResult
+
+    with tempfile.TemporaryDirectory(prefix="roadwork-ddp-explora-") as tmp:
+        job = write_explora_job(Path(tmp), backbone, backbone_cfg.__dict__, uris, cfg)
+        report = train_data_parallel(context, gpu, job, on_record=on_step)
+        return ExploraResult(state_dict=load_file(str(job / "backbone.safetensors")), report=report)
+
+
+def _classifier_data_parallel(
+    context, gpu: GPUResource, model, train, select, train_cfg, places, out, mlflow
+):
+    import tempfile
+
+    from roadwork_assets._torchrun import train_data_parallel
+    from roadwork_core.training.ddp_jobs import write_classifier_job
+    from roadwork_core.training.supervised import TrainResult
+
+    def on_record(row: dict) -> None:  # rank 0 already logged the epoch into the event log
+        log_metrics(mlflow, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
+
+    with tempfile.TemporaryDirectory(prefix="roadwork-ddp-classifier-") as tmp:
+        job = write_classifier_job(Path(tmp), model, train, select, train_cfg, out_dir=out, **places)
+        summary = train_data_parallel(
+            context, gpu, job, on_record=on_record, checkpoint_dir=places["checkpoint_dir"]
+        )
+    fields = (
+        "best_epoch",
+        "best_select_mcc",
+        "history",
+        "resumed_from_epoch",
+        "trainable_params",
+        "total_params",
+    )
+    return TrainResult(state_dict={}, **{k: summary[k] for k in fields})

@@ -33,6 +33,17 @@ class GPUResource(dg.ConfigurableResource):
     threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default")
     seed: int = Field(0, description="seed for python, numpy and torch")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms and cudnn flags")
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="training processes on this machine (one per GPU). 1: train in the asset's process; "
+        ">1: explora_backbone and classifier train data-parallel (DDP) under torchrun, launched through Pipes",
+    )
+    nnodes: int = Field(1, ge=1, description="machines in a data-parallel job; the launching one is node 0")
+    master_addr: str = Field(
+        "127.0.0.1", description="multi-node: address of node 0 that the other nodes' torchrun reach"
+    )
+    master_port: int = Field(29500, description="multi-node: rendezvous port on node 0")
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         from roadwork_resources.pool_slots import HOST_TAG, free_slots_of_dead_runs, this_host
@@ -99,6 +110,24 @@ class GPUResource(dg.ConfigurableResource):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+    @property
+    def data_parallel(self) -> bool:
+        """More than one training process asked for: the training assets launch torchrun."""
+        return self.nproc_per_node * self.nnodes > 1
+
+    def torchrun_args(self) -> list[str]:
+        """torchrun's process and rendezvous options: standalone on one node (a free local port),
+        static rendezvous at master_addr:master_port as node 0 of `nnodes` otherwise."""
+        if self.nnodes == 1:
+            return ["--standalone", f"--nproc-per-node={self.nproc_per_node}"]
+        return [
+            f"--nnodes={self.nnodes}",
+            "--node-rank=0",
+            f"--nproc-per-node={self.nproc_per_node}",
+            f"--master-addr={self.master_addr}",
+            f"--master-port={self.master_port}",
+        ]
+
     def maybe_compile(self, module):
         if not self.compile:
             return module
@@ -115,4 +144,6 @@ class GPUResource(dg.ConfigurableResource):
             "threads": self.threads,
             "seed": self.seed,
             "deterministic": self.deterministic,
+            "nproc_per_node": self.nproc_per_node,
+            "nnodes": self.nnodes,
         }

@@ -9,6 +9,7 @@ temperature; the student uses ``student_temp``. Every student crop is matched to
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,9 +32,11 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
-        batch_center = teacher_logits.reshape(-1, teacher_logits.shape[-1]).mean(
-            dim=0, keepdim=True
-        )  # (1, K)
+        flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])  # (n_global * B, K)
+        total = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])  # (K + 1,)
+        if dist.is_available() and dist.is_initialized():  # data-parallel: the global batch's center
+            dist.all_reduce(total)
+        batch_center = (total[:-1] / total[-1]).unsqueeze(0)  # (1, K)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
     def forward(

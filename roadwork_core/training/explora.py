@@ -43,6 +43,7 @@ from roadwork_core.models.dino_head import DINOHead
 from roadwork_core.models.explora import ExploraConfig, ExploraPlan, merge_explora, setup_explora
 from roadwork_core.training.checkpoint import epoch_seed, load_checkpoint, save_checkpoint
 from roadwork_core.training.dino_loss import DINOLoss
+from roadwork_core.training.distributed import World, shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -259,12 +260,17 @@ def _epoch_batches(
     generator: torch.Generator,
     load_image: Callable[[str], Image.Image],
     augment: MultiCropAugmentation,
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """One shuffled pass: (global crops [(B, 3, G, G)] * 2, local crops [(B, 3, L, L)] * N) per batch."""
+    world: World = World(),
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor], float]]:
+    """One shuffled pass: (global crops [(B, 3, G, G)] * 2, local crops [(B, 3, L, L)] * N, loss weight)
+    per batch. Distributed: this rank's contiguous part of each global batch (training/distributed.py)."""
     order = torch.randperm(len(uris), generator=generator).tolist()
     for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        lo, hi = shard_bounds(len(batch), world.rank, world.world_size)
+        weight = (hi - lo) * world.world_size / len(batch)
         views = []
-        for idx in order[start : start + batch_size]:
+        for idx in batch[lo:hi] or batch[:1]:  # empty part of a short batch: one image, weight 0
             try:
                 image = load_image(uris[idx]).convert("RGB")
             except Exception as exc:
@@ -275,7 +281,7 @@ def _epoch_batches(
             views.append(augment(image))
         globals_ = [torch.stack([v[0][k] for v in views]) for k in range(2)]
         locals_ = [torch.stack([v[1][k] for v in views]) for k in range(augment.n_local)]
-        yield globals_, locals_
+        yield globals_, locals_, weight
 
 
 def _param_groups(module: nn.Module) -> list[dict]:
@@ -385,6 +391,7 @@ def run_explora(
     if not image_uris:
         raise ValueError("run_explora got no images: pass the train split (+ unlabelled pool) URIs.")
     input_keys = list(backbone.state_dict().keys())
+    world = World.from_env()  # torchrun: data-parallel over the global batch
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -402,6 +409,7 @@ def run_explora(
         )
         student = DinoStudent(student_backbone, head).to(device).train()
         teacher = make_teacher(student)
+        student_step = world.wrap(student, torch.device(device))  # DDP when distributed
         dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
         optimizer = torch.optim.AdamW(_param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -436,8 +444,10 @@ def run_explora(
             torch.manual_seed(epoch_seed(cfg.seed, epoch))  # augmentation stream of this epoch
             generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))  # shuffle
             first = (epoch - 1) * steps_per_epoch
-            batches = _epoch_batches(image_uris, cfg.batch_size, generator, load, augment)
-            for step, (globals_, locals_) in zip(range(first, min(first + steps_per_epoch, steps)), batches):
+            batches = _epoch_batches(image_uris, cfg.batch_size, generator, load, augment, world)
+            for step, (globals_, locals_, weight) in zip(
+                range(first, min(first + steps_per_epoch, steps)), batches
+            ):
                 # schedule
                 for group in optimizer.param_groups:
                     group["lr"] = float(schedules.lr[step])
@@ -450,14 +460,14 @@ def run_explora(
                 # forward / backward: teacher sees global crops only, student sees all of them
                 with torch.no_grad():
                     teacher_logits = teacher(globals_)  # (2, B, K)
-                student_logits = student(globals_ + locals_)  # (2 + N, B, K)
+                student_logits = student_step(globals_ + locals_)  # (2 + N, B, K)
                 loss = dino_loss(student_logits, teacher_logits, teacher_temp)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"ExPLoRA loss is {loss.item()} at step {step}; lower ExploraConfig.lr (now {cfg.lr})."
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight if world.distributed else loss).backward()
                 if step < freeze_last_layer_steps:
                     head.cancel_last_layer_grads()
                 if cfg.clip_grad:
@@ -471,7 +481,10 @@ def run_explora(
                 ema_update_(teacher, student, momentum)
 
                 # log (loss.item() is a device sync point, once per step)
-                loss_curve.append(float(loss.item()))
+                if world.distributed:  # the global batch's mean loss
+                    loss_curve.append(world.sum(float(loss.item()) * weight)[0] / world.world_size)
+                else:
+                    loss_curve.append(float(loss.item()))
                 if on_step is not None:
                     on_step(
                         {"step": step, "loss": loss_curve[-1], "lr": float(schedules.lr[step]),
@@ -480,9 +493,9 @@ def run_explora(
                          "last_layer_frozen": step < freeze_last_layer_steps}
                     )  # fmt: skip
 
-            # checkpoint (atomic; the state JSON rides inside last.safetensors)
+            # checkpoint (atomic; the state JSON rides inside last.safetensors); rank 0 writes
             state["epoch"] = epoch
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and world.rank == 0:
                 _save_epoch(checkpoint_dir, student, teacher, dino_loss, optimizer, names, state)
 
         exported = teacher if cfg.export_weights == "teacher" else student

@@ -48,6 +48,7 @@ from roadwork_core.training.checkpoint import (
     save_best,
     save_checkpoint,
 )
+from roadwork_core.training.distributed import RankBatchSampler, World
 from roadwork_core.training.feature_cache import FeatureCache
 
 __all__ = ["MODES", "PRECISIONS", "TrainConfig", "TrainResult", "lr_schedule", "train_classifier"]
@@ -226,7 +227,7 @@ class _Data:
     select_labels: Tensor | None = None  # (M,)
 
 
-def _loader(data: _Data, cfg: TrainConfig, epoch: int, train: bool) -> DataLoader:
+def _loader(data: _Data, cfg: TrainConfig, epoch: int, train: bool, world: World = World()) -> DataLoader:
     if data.head_mode:
         feats, labels = (
             (data.train_feats, data.train_labels) if train else (data.select_feats, data.select_labels)
@@ -235,6 +236,8 @@ def _loader(data: _Data, cfg: TrainConfig, epoch: int, train: bool) -> DataLoade
     else:
         dataset = data.train_set if train else data.select_set
     if not train:
+        if world.distributed:  # each rank scores its stride of the split; _evaluate gathers
+            dataset = torch.utils.data.Subset(dataset, world.eval_indices(len(dataset)))
         return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
     if cfg.balanced_sampling:
@@ -245,6 +248,9 @@ def _loader(data: _Data, cfg: TrainConfig, epoch: int, train: bool) -> DataLoade
         )
     else:
         sampler = RandomSampler(dataset, generator=generator)
+    if world.distributed:  # this rank's part of every global batch the same sampler draws
+        batches = RankBatchSampler(sampler, cfg.batch_size, world.rank, world.world_size)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=generator)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -260,18 +266,37 @@ def _forward(model: RoadworkClassifier, x: Tensor, head_mode: bool) -> dict[str,
 
 @torch.no_grad()
 def _evaluate(
-    model: RoadworkClassifier, data: _Data, cfg: TrainConfig, device: torch.device, dtype
+    model: RoadworkClassifier,
+    data: _Data,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype,
+    world: World = World(),
 ) -> tuple[float, float]:
     """val_select MCC and accuracy at threshold 0.5 of the aggregated probability."""
     model.eval()
-    mcc, acc = BinaryMatthewsCorrCoef(), BinaryAccuracy()
-    for x, label, _ in _loader(data, cfg, 0, train=False):
+    probs, labels = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
+    for x, label, _ in _loader(data, cfg, 0, train=False, world=world):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            prob = _forward(model, x.to(device), data.head_mode)["prob"].float().cpu()  # (B,)
-        mcc.update(prob, label.long())
-        acc.update(prob, label.long())
+            probs.append(_forward(model, x.to(device), data.head_mode)["prob"].float().cpu())  # (B,)
+        labels.append(label.long())
+    prob, label = world.gather_cat(torch.cat(probs)), world.gather_cat(torch.cat(labels))  # whole split
+    mcc, acc = BinaryMatthewsCorrCoef(), BinaryAccuracy()
+    mcc.update(prob, label)
+    acc.update(prob, label)
     value = float(mcc.compute())
     return (-1.0 if math.isnan(value) else value), float(acc.compute())  # NaN would never be "best"
+
+
+class _Step(nn.Module):
+    """The training forward as one module, so that DDP can wrap it (head mode: features -> head)."""
+
+    def __init__(self, model: RoadworkClassifier, head_mode: bool) -> None:
+        super().__init__()
+        self.model, self.head_mode = model, head_mode
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return _forward(self.model, x, self.head_mode)
 
 
 def _set_train_mode(model: RoadworkClassifier, head_mode: bool) -> None:
@@ -300,8 +325,10 @@ def train_classifier(
     Resumes from `checkpoint_dir` when it holds a checkpoint of the same run (fingerprint of config,
     image ids, labels and initial weights). On return `model` holds the best weights with adapters
     merged, i.e. exactly `TrainResult.state_dict`. Raises FloatingPointError on a NaN / inf loss.
+    Under torchrun (an initialized process group) it trains data-parallel: see training/distributed.py.
     """
     device = torch.device(device)
+    world = World.from_env()
     checkpoint_dir = Path(checkpoint_dir)
     _check_inputs(cfg, precision, device, {"train_rows": train_rows, "select_rows": select_rows})
     dtype = PRECISIONS[precision]
@@ -313,6 +340,7 @@ def train_classifier(
     target = _prepare(model, cfg)
     model.to(device)
     counter = _ForwardCounter(model.backbone)
+    step_fn = world.wrap(_Step(model, head_mode), device)  # DDP when distributed
     optimizer = torch.optim.AdamW(param_groups_weight_decay(target, cfg.weight_decay), lr=cfg.lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
@@ -369,6 +397,16 @@ def train_classifier(
             torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout / augmentation stream of this epoch
             if head_mode and data.train_feats is None:  # first epoch of this process: fill / read cache
                 cache = FeatureCache(feature_cache_dir or checkpoint_dir / "feature_cache")
+                if world.distributed:  # each rank fills its stride of the cache; then all read it whole
+                    for rows in (train_rows, select_rows):
+                        cache.get_or_compute(
+                            model,
+                            rows.iloc[world.rank :: world.world_size],
+                            device,
+                            cfg.batch_size,
+                            precision=precision,
+                        )
+                    world.barrier()
                 data.train_feats = cache.get_or_compute(
                     model, train_rows, device, cfg.batch_size, precision=precision
                 )
@@ -382,14 +420,17 @@ def train_classifier(
             # train one epoch
             _set_train_mode(model, head_mode)
             loss_sum, n_seen, lr = 0.0, 0, cfg.lr
-            for i, (x, label, index) in enumerate(_loader(data, cfg, epoch, train=True)):
+            loader = _loader(data, cfg, epoch, train=True, world=world)
+            weights = getattr(loader.batch_sampler, "loss_weights", None)  # distributed: this rank's share
+            counts = getattr(loader.batch_sampler, "real_counts", None)
+            for i, (x, label, index) in enumerate(loader):
                 step = (epoch - 1) * steps_per_epoch + i
                 lr = schedule[step]
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 x, label = x.to(device), label.to(device).float()
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    out = _forward(model, x, head_mode)
+                    out = step_fn(x)
                 loss = _smoothed_bce(out["logit"], label, cfg.label_smoothing)
                 if not torch.isfinite(loss):  # CPU-GPU sync point, once per step: cheap next to the forward
                     ids = train_rows["image_id"].iloc[index.tolist()].tolist()
@@ -400,7 +441,7 @@ def train_classifier(
                         f"check this batch's images for corrupt pixels: image_ids {ids[:8]}"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss if weights is None else loss * weights[i]).backward()
                 if cfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -408,15 +449,18 @@ def train_classifier(
                 scaler.update()
                 if ema is not None:
                     ema.update(target, step=step + 1)
-                loss_sum += float(loss.detach()) * len(label)
-                n_seen += len(label)
+                n_real = len(label) if counts is None else counts[i]
+                loss_sum += float(loss.detach()) * n_real
+                n_seen += n_real
+            loss_sum, n_seen = world.sum(loss_sum, n_seen)
 
             # select on val_select with the EMA weights
             with _ema_weights(target, ema):
-                mcc, acc = _evaluate(model, data, cfg, device, dtype)
+                mcc, acc = _evaluate(model, data, cfg, device, dtype, world)
                 if mcc > state["best_select_mcc"]:
                     state["best_epoch"], state["best_select_mcc"] = epoch, mcc
-                    save_best(checkpoint_dir, target.state_dict(), epoch)
+                    if world.is_main:  # rank 0 alone writes files
+                        save_best(checkpoint_dir, target.state_dict(), epoch)
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / max(1, n_seen),
@@ -430,14 +474,16 @@ def train_classifier(
             state["epoch"] = epoch
             state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
 
-            # checkpoint (atomic; the state JSON rides inside last.safetensors)
-            save_checkpoint(
-                checkpoint_dir,
-                model_state=target.state_dict(),
-                ema_state=None if ema is None else ema.module.state_dict(),
-                optimizer_state=optimizer.state_dict(),
-                state={**state, "scaler": scaler.state_dict()},
-            )
+            # checkpoint (atomic; the state JSON rides inside last.safetensors); rank 0 alone writes
+            if world.is_main:
+                save_checkpoint(
+                    checkpoint_dir,
+                    model_state=target.state_dict(),
+                    ema_state=None if ema is None else ema.module.state_dict(),
+                    optimizer_state=optimizer.state_dict(),
+                    state={**state, "scaler": scaler.state_dict()},
+                )
+            world.barrier()  # best / last are on disk before any rank reads them
             if on_epoch is not None:
                 on_epoch(record)
     finally:

@@ -1,0 +1,172 @@
+"""Data-parallel training from the assets: explora_backbone and classifier with gpu.nproc_per_node=2
+launch torchrun (2 gloo processes) through Dagster Pipes; logs and per-epoch metrics come back, the
+split contract audit sees exactly the splits read, and a killed rank fails the step with a clear
+error after which the next run resumes from rank 0's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import pytest
+
+from roadwork_assets.definitions import build_resources
+from roadwork_assets.partitions import dataset_version
+from tests.integration.conftest import REPO, materialize, tiny_run_config
+from tests.reliability.conftest import python_child, wait_for
+
+pytestmark = pytest.mark.slow
+
+TRAINING = ["image_manifest", "splits", "explora_backbone", "classifier"]
+
+
+def _config(assets: list[str] = TRAINING, **classifier) -> dict:
+    config = tiny_run_config()
+    config["resources"]["gpu"]["config"]["nproc_per_node"] = 2
+    config["ops"]["classifier"]["config"].update(classifier)
+    config["ops"] = {k: v for k, v in config["ops"].items() if k in assets}  # only the selected assets
+    return config
+
+
+@pytest.fixture(scope="module")
+def ddp_home(tmp_path_factory, tiny_inbox) -> dict:
+    root = tmp_path_factory.mktemp("ddp_assets")
+    home, state = root / "dagster_home", root / "state"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(home))
+    instance.add_dynamic_partitions(dataset_version.name, ["v0001"])
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    resources = build_resources(state=state, inbox=tiny_inbox, mlflow_uri=uri)
+    return {"home": home, "state": state, "inbox": tiny_inbox, "instance": instance, "resources": resources, "uri": uri}  # fmt: skip
+
+
+def _meta(instance: dg.DagsterInstance, asset: str) -> dict:
+    from roadwork_assets._util import latest_materialization_metadata
+
+    return latest_materialization_metadata(instance, dg.AssetKey(asset), "v0001")
+
+
+def test_training_assets_run_data_parallel_through_pipes(ddp_home) -> None:
+    instance = ddp_home["instance"]
+    result = materialize(
+        TRAINING, instance=instance, partition="v0001", resources=ddp_home["resources"], run_config=_config()
+    )
+    assert result.success, "the training assets failed with nproc_per_node=2"
+
+    checks = {
+        (e.asset_check_evaluation_data.asset_check_key.name, e.asset_check_evaluation_data.asset_check_key.asset_key.to_user_string()): e.asset_check_evaluation_data.passed
+        for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }  # fmt: skip
+    for asset in ("explora_backbone", "classifier"):
+        assert checks.get(("check_split_contract", asset)) is True, (
+            f"split contract audit of {asset}: {checks}"
+        )
+    assert _meta(instance, "classifier")["splits_read"] == ["train", "val_select"]
+    assert _meta(instance, "explora_backbone")["splits_read"] == ["train"]
+
+    # rank 0's Pipes log lines landed in the step's event log while it ran
+    messages = [e.user_message for e in instance.all_logs(result.run_id) if e.step_key == "classifier"]
+    assert any("data-parallel training: 2 processes" in m for m in messages), messages[-20:]
+    epochs = [m for m in messages if m.startswith("epoch ")]
+    assert len(epochs) == _meta(instance, "classifier")["epochs_run"], epochs
+
+    # per-epoch metrics came back through Pipes custom messages into MLflow
+    client = mlflow.MlflowClient(tracking_uri=ddp_home["uri"])
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("roadwork").experiment_id],
+        filter_string=f"tags.dagster_run_id = '{result.run_id}'",
+    )
+    history = client.get_metric_history(run.info.run_id, "select_mcc")
+    assert [m.step for m in history] == list(range(1, len(epochs) + 1)), history
+    assert client.get_metric_history(run.info.run_id, "explora_loss"), "ExPLoRA's steps were not logged"
+
+    classifier_dir = Path(_meta(instance, "classifier")["path"]) / "dir"
+    config = json.loads((classifier_dir / "config.json").read_text())
+    assert config["extra"]["history"], "the classifier written by rank 0 lacks its history"
+
+
+_MATERIALIZE_CLASSIFIER = """
+import json, sys
+import dagster as dg
+from roadwork_assets.definitions import build_resources
+from tests.integration.conftest import materialize
+
+state, inbox, uri, config = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+result = materialize(["classifier"], instance=dg.DagsterInstance.get(), partition="v0001",
+                     resources=build_resources(state=state, inbox=inbox, mlflow_uri=uri), run_config=config)
+failure = [e.event_specific_data.error.to_string() for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+print("RESULT " + json.dumps({"success": result.success, "run_id": result.run_id, "failure": failure}))
+"""
+
+
+def _descendant_worker(local_rank: int) -> int | None:
+    """Pid of the torchrun worker of `local_rank` started (indirectly) by this test process."""
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"roadwork_assets.torchrun_worker" not in (proc / "cmdline").read_bytes():
+                continue
+            if f"LOCAL_RANK={local_rank}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            pid = int(proc.name)
+            while pid > 1:  # walk up the parents: only a worker of ours
+                status = Path(f"/proc/{pid}/status").read_text()
+                pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+                if pid == me:
+                    return int(proc.name)
+        except (OSError, StopIteration, ValueError):
+            continue
+    return None
+
+
+def _run_child(ddp_home: dict, config: dict):
+    env = {"DAGSTER_HOME": str(ddp_home["home"]), "HF_HUB_OFFLINE": "1"}
+    args = (str(ddp_home["state"]), str(ddp_home["inbox"]), ddp_home["uri"], json.dumps(config))
+    return python_child(_MATERIALIZE_CLASSIFIER, *args, env=env)
+
+
+def _result(child) -> dict:
+    out, err = child.communicate(timeout=600)
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"the materialize child crashed (rc {child.returncode}):\n{err[-4000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def test_killed_rank_fails_the_step_clearly_and_the_next_run_resumes(ddp_home) -> None:
+    # upstream assets come from the first test; a longer run so that a rank dies mid-training
+    config = _config(["classifier"], epochs=12, patience=100)
+    state_json = ddp_home["state"] / "checkpoints" / "classifier" / "v0001" / "state.json"
+    started = time.time()
+    child = _run_child(ddp_home, config)
+
+    def first_epoch_done() -> bool:
+        if not state_json.is_file() or state_json.stat().st_mtime < started:
+            return False
+        return json.loads(state_json.read_text()).get("epoch", 0) >= 1
+
+    wait_for(first_epoch_done, child, 400, "rank 0's checkpoint of epoch 1")
+    victim = _descendant_worker(local_rank=1)
+    assert victim is not None, "no torchrun worker of rank 1 found among this test's processes"
+    os.kill(victim, signal.SIGKILL)
+    failed = _result(child)
+    assert not failed["success"], "the run succeeded although a rank was killed"
+    message = "\n".join(failed["failure"])
+    assert "data-parallel training (2 processes under torchrun) failed" in message, message[-3000:]
+    assert "rerunning the step resumes from it" in message, message[-3000:]
+    killed_at = json.loads(state_json.read_text())["epoch"]
+    assert 1 <= killed_at < 12, f"the kill landed after training had finished (epoch {killed_at})"
+
+    resumed = _result(_run_child(ddp_home, config))
+    assert resumed["success"], f"the rerun failed: {resumed['failure']}"
+    meta = _meta(ddp_home["instance"], "classifier")
+    assert meta["resumed_from_epoch"] == killed_at, f"resumed from {meta['resumed_from_epoch']}, checkpoint said {killed_at}"  # fmt: skip
+    assert meta["epochs_run"] == 12, meta["epochs_run"]
