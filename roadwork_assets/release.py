@@ -49,6 +49,7 @@ def bundle(
 ) -> dg.Output[Path]:
     from roadwork_core.bundle.export import export_bundle
     from roadwork_core.calibration.policy import summarize_decisions
+    from roadwork_core.subnet.answer import fit_answer_rule
 
     policies = {"softmax": threshold_policy, "gate": gate_policy, "scrc": scrc_policy}
     if config.release_policy not in policies:
@@ -59,6 +60,7 @@ def bundle(
     p = calibrator.transform(calib["logit"].to_numpy(float))
     feats = {k: calib[k].to_numpy(float) for k in UNCERTAINTY_FEATURES}
     summary = summarize_decisions(policy.decide(p, feats), calib["label"].to_numpy(int))
+    answer_rule = fit_answer_rule(p, calib["label"].to_numpy(int), source="val_calib")
     # lineage: the sha256 the IO manager recorded for each upstream artifact of this partition
     upstream = {
         key: latest_materialization_metadata(context.instance, dg.AssetKey(key), context.partition_key).get(
@@ -81,6 +83,7 @@ def bundle(
         dataset_version=context.partition_key,
         upstream_versions={"dataset_version": context.partition_key, "artifact_sha256": upstream},
         metrics_summary={f"calib_{k}": v for k, v in summary.items()},
+        answer_rule=answer_rule,
     )
     log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
     return dg.Output(
@@ -88,6 +91,9 @@ def bundle(
         metadata={
             "release_policy": config.release_policy,
             "guarantee": str(getattr(policy, "guarantee", "")),
+            "answer_threshold": answer_rule.threshold,
+            "answer_expected_reward": answer_rule.expected_reward,
+            "answer_expected_reward_at_0.5": answer_rule.expected_reward_at_half,
             **{f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()},
             **reader_metadata(reader),
         },
