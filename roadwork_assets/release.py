@@ -1,5 +1,6 @@
 """Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -47,6 +48,7 @@ def bundle(
     scrc_policy,
     calib_predictions: pd.DataFrame,
 ) -> dg.Output[Path]:
+    from roadwork_core.bundle.bundle import MANIFEST_FILE
     from roadwork_core.bundle.export import export_bundle
     from roadwork_core.calibration.policy import summarize_decisions
     from roadwork_core.subnet.answer import fit_answer_rule
@@ -86,10 +88,17 @@ def bundle(
         answer_rule=answer_rule,
     )
     log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
+    # what `roadwork serve --latest` and new_drop_sensor read (roadwork_assets.released)
+    bundle_id = json.loads((out / MANIFEST_FILE).read_text())["content_sha256"]
+    source = latest_materialization_metadata(
+        context.instance, dg.AssetKey("image_manifest"), context.partition_key
+    ).get("source_fingerprint")
     return dg.Output(
         out,
         metadata={
             "release_policy": config.release_policy,
+            "bundle_id": bundle_id,
+            "source_fingerprint": source or "",
             "guarantee": str(getattr(policy, "guarantee", "")),
             "answer_threshold": answer_rule.threshold,
             "answer_expected_reward": answer_rule.expected_reward,
@@ -108,8 +117,6 @@ def _bundle_check(description: str, **kw):
 
 @_bundle_check("the bundle carries exactly one policy and its checksums verify")
 def check_bundle_one_policy(bundle: Path) -> dg.AssetCheckResult:
-    import json
-
     policies = sorted(p.name for p in bundle.glob("*policy*.json"))
     manifest = json.loads((bundle / "manifest.json").read_text())
     ok = len(policies) == 1
@@ -234,8 +241,6 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
     description="the realized test FNR is within the policy's guarantee plus its statistical tolerance",
 )
 def check_test_fnr_within_guarantee(evaluation_report: Path) -> dg.AssetCheckResult:
-    import json
-
     report = json.loads((evaluation_report / "report.json").read_text())
     gc = report.get("guarantee_check") or {}
     return dg.AssetCheckResult(
