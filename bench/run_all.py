@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "scaling": ("bench.bench_scaling", "scaling"),
     "orchestration": ("bench.bench_orchestration", "orchestration"),
     "demo": ("bench.bench_demo", "demo"),
+    "serve": ("bench.bench_serve", "serve"),
 }
 
 
@@ -122,6 +123,22 @@ def table_rows() -> list[list[str]]:
                     f"n^{r[kind]['exponent']:.2f} (n={r['repeats']})",
                     "~n^1 (linear)",
                     _yes(r[kind]["exponent"] <= 1.15),
+                    _machine(r),
+                ]
+            )
+    r = read_result("serve")
+    if r:
+        cold = r["cold_start_seconds"]
+        for run in r["runs"]:
+            rows.append(
+                [
+                    f"7. serving, {run['clients']} client(s)",
+                    f"{run['server']}: p50 / p99 per request and throughput, {r['preset']} random init, 10 views, "
+                    f"one 224 px base64 JPEG per request, loopback; cold start {cold.get(run['server'], 0):.1f} s",
+                    f"p50 {run['p50_seconds']:.2f} s, p99 {run['p99_seconds']:.2f} s, {run['throughput_rps']:.2f} req/s "
+                    f"(n={run['requests']})",
+                    "p99 <= 9 s (validator)",
+                    _yes(run["p99_seconds"] <= r["validator_timeout_seconds"]),
                     _machine(r),
                 ]
             )

@@ -9,21 +9,28 @@ partition already has one built from the same files (`released_bundle`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 
-from roadwork_assets.release import check_bundle_one_policy, check_bundle_reproduces_predictions
-
 BUNDLE_KEY = dg.AssetKey("bundle")
-# every blocking check on `bundle`: a bundle is released once all of them passed in its run
-BLOCKING_CHECKS: frozenset[str] = frozenset(
-    spec.name
-    for checks in (check_bundle_one_policy, check_bundle_reproduces_predictions)
-    for spec in checks.check_specs
-    if spec.blocking
-)
+
+
+@functools.cache
+def blocking_checks() -> frozenset[str]:
+    """Every blocking check on `bundle` (release, split contract): a bundle is released once all passed."""
+    from roadwork_assets.definitions import (
+        ASSET_CHECKS,
+    )  # here: definitions imports the sensors that use this
+
+    return frozenset(
+        spec.name
+        for checks in ASSET_CHECKS
+        for spec in checks.check_specs
+        if spec.asset_key == BUNDLE_KEY and spec.blocking
+    )
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,8 @@ def _as_released(instance: dg.DagsterInstance, record) -> ReleasedBundle | None:
     if not record.run_id or not meta.get("path") or not meta.get("bundle_id"):
         return None  # runless, or written before releases recorded their identity
     passed = _passed_checks(instance, record.run_id, record.partition_key)
-    if not BLOCKING_CHECKS <= passed.keys() or not all(passed[name] for name in BLOCKING_CHECKS):
+    required = blocking_checks()
+    if not required <= passed.keys() or not all(passed[name] for name in required):
         return None
     return ReleasedBundle(
         partition=record.partition_key,

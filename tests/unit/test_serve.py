@@ -191,3 +191,19 @@ def test_watcher_offers_each_new_candidate_once(bundles, tmp_path) -> None:
         raise OSError("instance unreadable")
 
     assert ReleaseWatcher(slot, broken, 3600).poll_once() is None and slot.swaps == 1
+
+
+def test_serving_a_bundle_does_not_import_dagster(bundles) -> None:
+    import subprocess
+
+    code = (
+        "import sys; from roadwork_core.serving.app import create_app; "
+        "from roadwork_core.serving.slot import BundleSlot, Candidate, load_verified; "
+        f"app = create_app(BundleSlot(load_verified(Candidate(path={str(bundles['v0001'])!r})))); "
+        "from roadwork_core.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'roadwork_assets')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip() == "[]", f"the serving path imported {done.stdout.strip()}"
