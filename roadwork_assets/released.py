@@ -72,31 +72,46 @@ def _as_released(instance: dg.DagsterInstance, record) -> ReleasedBundle | None:
     )
 
 
-def released_bundle(
+def released_bundles(
     instance: dg.DagsterInstance, partition: str | None = None, scan: int = 50
-) -> ReleasedBundle | None:
-    """The newest released bundle (of `partition`, or of any), looking back over `scan` materializations."""
+) -> list[ReleasedBundle]:
+    """Released bundles (of `partition`, or of any), newest first, among the last `scan` materializations."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=BUNDLE_KEY, asset_partitions=[partition] if partition else None),
         limit=scan,
     ).records  # newest first
-    for record in records:
-        released = _as_released(instance, record)
-        if released is not None:
-            return released
-    return None
+    return [released for record in records if (released := _as_released(instance, record)) is not None]
 
 
-def latest_release_candidate():
-    """The newest release as a serving Candidate (roadwork_core.serving), or None; for `serve --latest`."""
+def released_bundle(instance: dg.DagsterInstance, partition: str | None = None) -> ReleasedBundle | None:
+    """The newest released bundle (of `partition`, or of any)."""
+    found = released_bundles(instance, partition)
+    return found[0] if found else None
+
+
+def _candidate(released: ReleasedBundle):
     from roadwork_core.serving.slot import Candidate
 
-    with dg.DagsterInstance.get() as instance:
-        released = released_bundle(instance)
-    if released is None:
-        return None
     return Candidate(
         path=released.path,
         expected_id=released.bundle_id,
         release=f"bundle {released.partition}, run {released.run_id[:8]}",
     )
+
+
+def latest_release_candidate():
+    """The newest release as a serving Candidate (roadwork_core.serving), or None; `serve --latest` polls it."""
+    with dg.DagsterInstance.get() as instance:
+        released = released_bundle(instance)
+    return _candidate(released) if released else None
+
+
+def release_candidates() -> list:
+    """Every release still worth trying, newest first (one per bundle directory: the artifact store keeps
+    the latest materialization of a partition, so an older release of the same partition is gone)."""
+    with dg.DagsterInstance.get() as instance:
+        found = released_bundles(instance)
+    newest_per_path: dict[Path, ReleasedBundle] = {}
+    for released in found:
+        newest_per_path.setdefault(released.path, released)
+    return [_candidate(r) for r in newest_per_path.values()]

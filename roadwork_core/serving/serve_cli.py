@@ -52,11 +52,16 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     source = None
     if args.latest:
-        from roadwork_assets.released import latest_release_candidate  # reads the Dagster instance
+        # reads the Dagster instance (here and in the watcher thread; never in the request path)
+        from roadwork_assets.released import latest_release_candidate, release_candidates
 
         source = latest_release_candidate
-        first = source()
-        if first is None:
+        try:
+            candidates = release_candidates()
+        except Exception as err:  # DAGSTER_HOME unset or missing, storage unreadable: say which and stop
+            print(f"roadwork serve: cannot read the Dagster instance (DAGSTER_HOME): {err}", file=sys.stderr)
+            return EXIT_NO_BUNDLE
+        if not candidates:
             print(
                 "roadwork serve: no released bundle in this Dagster instance yet (DAGSTER_HOME); materialize "
                 "the graph first (make demo), or serve a directory with --bundle",
@@ -64,11 +69,19 @@ def run_serve(args: argparse.Namespace) -> int:
             )
             return EXIT_NO_BUNDLE
     else:
-        first = Candidate(path=args.bundle, release=f"--bundle {args.bundle}")
-    try:
-        served = load_verified(first, args.device)
-    except SwapRefused as err:
-        print(f"roadwork serve: cannot serve {first.path}: {err}", file=sys.stderr)
+        candidates = [Candidate(path=args.bundle, release=f"--bundle {args.bundle}")]
+    served, refused = None, []
+    for candidate in candidates:  # newest first; an older release serves when a newer one no longer verifies
+        try:
+            served = load_verified(candidate, args.device)
+            break
+        except SwapRefused as err:
+            refused.append(str(err))
+            print(f"roadwork serve: refused {candidate.release or candidate.path}: {err}", file=sys.stderr)
+    if served is None:
+        print(
+            f"roadwork serve: nothing to serve; every candidate was refused ({len(refused)})", file=sys.stderr
+        )
         return EXIT_NO_BUNDLE
     slot = BundleSlot(served, device=args.device)
     if source is not None:

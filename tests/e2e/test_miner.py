@@ -219,10 +219,11 @@ def test_daemon_skips_a_released_drop_and_queues_retrains_one_at_a_time(released
     try:
         [state] = [s for s in instance.all_instigator_state() if s.name == "new_drop_sensor"]
 
-        def ticks():
-            return instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=5)
+        def finished_ticks():
+            ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=5)
+            return [t for t in ticks if t.status.value != "STARTED"]  # newest first
 
-        first = wait_for(ticks, 120, "the daemon's first new_drop_sensor tick")[-1]  # newest first
+        first = wait_for(finished_ticks, 180, "the daemon's first finished new_drop_sensor tick")[-1]
         assert first.status.value == "SKIPPED", (first.status, first.error, log.read_text()[-3000:])
         assert "v0001" in first.skip_reason and "released bundle" in first.skip_reason, first.skip_reason
         assert _sensor_runs(instance) == [], "a drop with a released bundle from the same files was retrained"
