@@ -74,15 +74,17 @@ class Server:
     def start(self, image_b64: str, timeout: float) -> float:
         """Spawn; seconds until the first request is answered (cold start)."""
         t0 = time.perf_counter()
+        self.log = Path(tempfile.mkstemp(prefix="roadwork-bench-serve-", suffix=".log")[1])
         self.proc = subprocess.Popen(
-            self.cmd, cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self.cmd, cwd=REPO, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         with httpx.Client(timeout=60) as client:
             while time.perf_counter() - t0 < timeout:
                 if self.proc.poll() is not None:
                     raise RuntimeError(
-                        f"{self.name} exited with {self.proc.returncode}: {' '.join(self.cmd)}"
+                        f"{self.name} exited with {self.proc.returncode}: {' '.join(self.cmd)}\n"
+                        f"{self.log.read_text(errors='replace')[-3000:]}"
                     )
                 try:
                     self.ask(client, image_b64)
@@ -180,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=240.0)
     args = parser.parse_args(argv)
     facts = machine_facts()
+    # `mlflow models serve` runs `uvicorn` from PATH: the environment's bin must be on it (an activated venv)
+    bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env.pop("OMP_NUM_THREADS", None)  # servers use every core, as a miner would
     images = [_validator_jpeg_b64(seed) for seed in range(8)]
     with tempfile.TemporaryDirectory(prefix="roadwork-bench-serve-") as tmp:

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
@@ -44,16 +44,16 @@ class ServedBundle:
     bundle: Bundle
     candidate: Candidate
     loaded_at: float
-    # one forward at a time per bundle: concurrent CPU forwards only oversubscribe the cores
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def bundle_id(self) -> str:
         return self.bundle.manifest.content_sha256
 
     def predict(self, image: bytes) -> Prediction:
-        with self._lock:
-            [pred] = self.bundle.predict([image], batch_size=1)
+        # Concurrent requests run their forwards concurrently (inference mode, no shared state). A lock
+        # serializing them was measured worse: Python's lock is not FIFO, so under 4 clients a request
+        # could wait 49 s behind later ones (bench/bench_serve.py, first run).
+        [pred] = self.bundle.predict([image], batch_size=1)
         return pred
 
     def info(self) -> dict:

@@ -10,7 +10,6 @@ import json
 import shutil
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -145,31 +144,33 @@ def test_tampered_or_misidentified_bundle_is_refused_and_the_old_keeps_serving(b
         load_verified(Candidate(path=tmp_path / "tampered"))
 
 
-def _a_thread_is_in(function: str, filename: str) -> bool:
-    for frame in sys._current_frames().values():
-        while frame is not None:
-            if frame.f_code.co_name == function and frame.f_code.co_filename.endswith(filename):
-                return True
-            frame = frame.f_back
-    return False
-
-
 def test_in_flight_request_finishes_on_the_old_bundle_then_the_new_one_serves(bundles) -> None:
+    from roadwork_core.serving.slot import ServedBundle
+
     client, slot = _client(bundles["v0001"])
     old = slot.current
-    old._lock.acquire()  # park the next request inside the old bundle's forward
-    results: dict = {}
-    request = threading.Thread(
-        target=lambda: results.update(r=client.post("/predict", json={"image": _jpeg_b64(5)})), daemon=True
-    )
-    request.start()
-    deadline = time.monotonic() + 60
-    while not _a_thread_is_in("predict", "slot.py"):  # the request holds `old` and waits for its forward
-        assert time.monotonic() < deadline and request.is_alive(), "the request never reached the bundle"
-        time.sleep(0.05)
+    entered, release = threading.Event(), threading.Event()
+
+    def park(frame, event, arg):  # threads started from here on: hold the first forward until released
+        if event == "call" and frame.f_code is ServedBundle.predict.__code__ and not entered.is_set():
+            entered.set()
+            release.wait(60)
+        return None
+
+    threading.settrace(park)
+    try:
+        results: dict = {}
+        request = threading.Thread(
+            target=lambda: results.update(r=client.post("/predict", json={"image": _jpeg_b64(5)})),
+            daemon=True,
+        )
+        request.start()
+        assert entered.wait(60), "the request never reached the bundle"
+    finally:
+        threading.settrace(None)
     assert slot.offer(Candidate(path=bundles["v0002"], release="v0002")), slot.refusals
     assert slot.current is not old and slot.swaps == 1
-    old._lock.release()
+    release.set()
     request.join(timeout=60)
     assert results["r"].status_code == 200 and results["r"].json()["bundle_id"] == old.bundle_id, (
         "a request that started on the old bundle must finish on it"
