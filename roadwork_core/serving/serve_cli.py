@@ -49,7 +49,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from roadwork_core.serving.slot import BundleSlot, Candidate, SwapRefused, load_verified
     from roadwork_core.serving.watch import ReleaseWatcher
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("roadwork.serve").setLevel(logging.INFO)  # swaps and refusals; not the storage's chatter
     source = None
     if args.latest:
         # reads the Dagster instance (here and in the watcher thread; never in the request path)
