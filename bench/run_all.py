@@ -129,12 +129,14 @@ def table_rows() -> list[list[str]]:
     r = read_result("serve")
     if r:
         cold = r["cold_start_seconds"]
+        load = (r["machine"].get("load_average_1m_5m_15m") or [None])[0]
+        busy = f"; load average {load:.1f} at the start (shared machine)" if load is not None else ""
         for run in r["runs"]:
             rows.append(
                 [
                     f"7. serving, {run['clients']} client(s)",
                     f"{run['server']}: p50 / p99 per request and throughput, {r['preset']} random init, 10 views, "
-                    f"one 224 px base64 JPEG per request, loopback; cold start {cold.get(run['server'], 0):.1f} s",
+                    f"one 224 px base64 JPEG per request, loopback; cold start {cold.get(run['server'], 0):.1f} s{busy}",
                     f"p50 {run['p50_seconds']:.2f} s, p99 {run['p99_seconds']:.2f} s, {run['throughput_rps']:.2f} req/s "
                     f"(n={run['requests']})",
                     "p99 <= 9 s (validator)",
