@@ -50,7 +50,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from roadwork_core.serving.watch import ReleaseWatcher
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("roadwork.serve").setLevel(logging.INFO)  # swaps and refusals; not the storage's chatter
+    # swaps and refusals at INFO; not the storage's per-poll chatter
+    logging.getLogger("roadwork.serve").setLevel(logging.INFO)
     source = None
     if args.latest:
         # reads the Dagster instance (here and in the watcher thread; never in the request path)
