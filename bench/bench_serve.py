@@ -100,6 +100,8 @@ class Server:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
+        if getattr(self, "log", None):
+            self.log.unlink(missing_ok=True)  # kept only while it may explain a failed start
 
 
 def load(server: Server, images: list[str], clients: int, requests: int, max_seconds: float) -> dict:
