@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "orchestration": ("bench.bench_orchestration", "orchestration"),
     "demo": ("bench.bench_demo", "demo"),
     "ddp": ("bench.bench_ddp", "ddp"),
+    "serve": ("bench.bench_serve", "serve"),
 }
 
 
@@ -139,6 +140,24 @@ def table_rows() -> list[list[str]]:
                 _machine(r, r["device"]),
             ]
         )
+    r = read_result("serve")
+    if r:
+        cold = r["cold_start_seconds"]
+        load = (r["machine"].get("load_average_1m_5m_15m") or [None])[0]
+        busy = f"; load average {load:.1f} at the start (shared machine)" if load is not None else ""
+        for run in r["runs"]:
+            rows.append(
+                [
+                    f"7. serving, {run['clients']} client(s)",
+                    f"{run['server']}: p50 / p99 per request and throughput, {r['preset']} random init, 10 views, "
+                    f"one 224 px base64 JPEG per request, loopback; cold start {cold.get(run['server'], 0):.1f} s{busy}",
+                    f"p50 {run['p50_seconds']:.2f} s, p99 {run['p99_seconds']:.2f} s, {run['throughput_rps']:.2f} req/s "
+                    f"(n={run['requests']})",
+                    "p99 <= 9 s (validator)",
+                    _yes(run["p99_seconds"] <= r["validator_timeout_seconds"]),
+                    _machine(r),
+                ]
+            )
     return rows
 
 

@@ -16,14 +16,29 @@ from roadwork_assets.partitions import dataset_version
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.paths import state_root
 
+# Every retrain run carries this tag; dagster.yaml's `concurrency.runs.tag_concurrency_limits` lets one
+# such run out of the queue at a time (by default), so a burst of drops does not thrash a small machine.
+RETRAIN_QUEUE_TAG = {"roadwork/queue": "retrain"}
+
 retrain_job = dg.define_asset_job(
     "retrain_job",
     selection=dg.AssetSelection.all(),
     partitions_def=dataset_version,
+    tags=RETRAIN_QUEUE_TAG,
     description="Every asset of one dataset version, from image_manifest to evaluation_report. Each tracked "
     "asset carries the MLflow step hooks (roadwork_assets.mlflow_tracking), so the MLflow run ends FINISHED "
-    "or FAILED with the Dagster run.",
+    "or FAILED with the Dagster run. Runs queue one at a time (tag roadwork/queue=retrain, dagster.yaml).",
 )
+
+
+class RetrainSettings(dg.ConfigurableResource):
+    """What new_drop_sensor does with a drop whose partition already has a released bundle."""
+
+    force_retrain: bool = Field(
+        False,
+        description="retrain every new drop, even one whose partition already has a released bundle built from "
+        "the same files (the environment variable ROADWORK_FORCE_RETRAIN=1 sets it)",
+    )
 
 
 def automation_run_config() -> dict:
@@ -39,35 +54,65 @@ def automation_run_config() -> dict:
     return config
 
 
+def _already_released(instance: dg.DagsterInstance, dataset: DatasetSource, versions: list[str]) -> list[str]:
+    """The versions whose partition has a released bundle built from exactly the files there now."""
+    from roadwork_assets.released import released_bundle
+    from roadwork_core.data.fingerprint import version_fingerprint
+
+    existing = set(instance.get_dynamic_partitions(dataset_version.name))
+    done = []
+    for version in versions:
+        released = released_bundle(instance, partition=version) if version in existing else None
+        if released and released.source_fingerprint == version_fingerprint(
+            dataset.drops_for_version(version)
+        ):
+            done.append(version)
+    return done
+
+
 @dg.sensor(
     job=retrain_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="A new complete drop (<inbox>/<version>/_READY) adds a dataset_version partition and a retrain run.",
+    description="A new complete drop (<inbox>/<version>/_READY) adds a dataset_version partition and a retrain "
+    "run, unless that partition already has a released bundle built from the same files.",
 )
 def new_drop_sensor(
-    context: dg.SensorEvaluationContext, dataset: DatasetSource
+    context: dg.SensorEvaluationContext, dataset: DatasetSource, retrain: RetrainSettings
 ) -> dg.SensorResult | dg.SkipReason:
     seen = set(json.loads(context.cursor)) if context.cursor else set()
     ready = dataset.ready_drops()
     new = [v for v in ready if v not in seen]
     if not new:
         return dg.SkipReason(f"no new complete drop in {dataset.inbox} ({len(ready)} seen)")
+    released = [] if retrain.force_retrain else _already_released(context.instance, dataset, new)
+    cursor = json.dumps(sorted(seen | set(new)))
+    skipped = (
+        f"drop(s) {', '.join(released)} already have a released bundle built from the same files; not retrained "
+        "(ROADWORK_FORCE_RETRAIN=1 or the `retrain` resource's force_retrain retrains them)"
+        if released
+        else ""
+    )
+    to_train = [v for v in new if v not in released]
+    if not to_train:
+        context.update_cursor(cursor)
+        return dg.SkipReason(skipped)
+    if skipped:
+        context.log.info(skipped)
     existing = set(context.instance.get_dynamic_partitions(dataset_version.name))
-    to_add = [v for v in new if v not in existing]
+    to_add = [v for v in to_train if v not in existing]
     run_config = automation_run_config()
+    tags = {
+        "roadwork/trigger": "new_drop",
+        **({"roadwork/force_retrain": "true"} if retrain.force_retrain else {}),
+    }
     return dg.SensorResult(
         run_requests=[
-            dg.RunRequest(
-                partition_key=v,
-                run_key=f"drop-{v}",
-                run_config=run_config,
-                tags={"roadwork/trigger": "new_drop"},
-            )
-            for v in new
+            dg.RunRequest(partition_key=v, run_key=f"drop-{v}", run_config=run_config, tags=tags)
+            for v in to_train
         ],
         dynamic_partitions_requests=[dataset_version.build_add_request(to_add)] if to_add else [],
-        cursor=json.dumps(sorted(seen | set(new))),
+        cursor=cursor,
     )
 
 

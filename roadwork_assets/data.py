@@ -30,9 +30,11 @@ class ManifestConfig(dg.Config):
 def image_manifest(
     context: dg.AssetExecutionContext, config: ManifestConfig, dataset: DatasetSource, store: ArtifactStore
 ) -> dg.Output:
+    from roadwork_core.data.fingerprint import version_fingerprint
     from roadwork_core.data.manifest import build_manifest
 
     drops = dataset.drops_for_version(context.partition_key)
+    fingerprint = version_fingerprint(drops)  # before reading: a file changed meanwhile changes the next one
     result = build_manifest(
         drops,
         fmt=dataset.format,
@@ -51,6 +53,7 @@ def image_manifest(
         manifest,
         metadata={
             "drops": [p.name for p in drops],
+            "source_fingerprint": fingerprint,
             "num_images": len(manifest),
             "num_positive": int(manifest["label"].sum()) if len(manifest) else 0,
             "num_rejected": len(rejects),

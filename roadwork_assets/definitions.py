@@ -12,6 +12,7 @@ import dagster as dg
 
 from roadwork_assets.automation import (
     DriftSettings,
+    RetrainSettings,
     dead_run_slot_reaper,
     drift_sensor,
     mlflow_failed_run_closer,
@@ -83,6 +84,9 @@ def build_resources(
         "split_settings": SplitSettings(),
         "mlflow": mlflow_resource(mlflow_uri),
         "drift": DriftSettings(monitor_dir=os.environ.get("ROADWORK_MONITOR_DIR", str(state / "monitor"))),
+        "retrain": RetrainSettings(
+            force_retrain=os.environ.get("ROADWORK_FORCE_RETRAIN", "") in ("1", "true")
+        ),
     }
 
 

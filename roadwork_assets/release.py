@@ -1,5 +1,6 @@
 """Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -48,8 +49,10 @@ def bundle(
     scrc_policy,
     calib_predictions: pd.DataFrame,
 ) -> dg.Output[Path]:
+    from roadwork_core.bundle.bundle import MANIFEST_FILE
     from roadwork_core.bundle.export import export_bundle
     from roadwork_core.calibration.policy import summarize_decisions
+    from roadwork_core.subnet.answer import fit_answer_rule
 
     policies = {"softmax": threshold_policy, "gate": gate_policy, "scrc": scrc_policy}
     if config.release_policy not in policies:
@@ -60,6 +63,7 @@ def bundle(
     p = calibrator.transform(calib["logit"].to_numpy(float))
     feats = {k: calib[k].to_numpy(float) for k in UNCERTAINTY_FEATURES}
     summary = summarize_decisions(policy.decide(p, feats), calib["label"].to_numpy(int))
+    answer_rule = fit_answer_rule(p, calib["label"].to_numpy(int), source="val_calib")
     # lineage: the sha256 the IO manager recorded for each upstream artifact of this partition
     upstream = {
         key: latest_materialization_metadata(context.instance, dg.AssetKey(key), context.partition_key).get(
@@ -82,13 +86,24 @@ def bundle(
         dataset_version=context.partition_key,
         upstream_versions={"dataset_version": context.partition_key, "artifact_sha256": upstream},
         metrics_summary={f"calib_{k}": v for k, v in summary.items()},
+        answer_rule=answer_rule,
     )
     log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
+    # what `roadwork serve --latest` and new_drop_sensor read (roadwork_assets.released)
+    bundle_id = json.loads((out / MANIFEST_FILE).read_text())["content_sha256"]
+    source = latest_materialization_metadata(
+        context.instance, dg.AssetKey("image_manifest"), context.partition_key
+    ).get("source_fingerprint")
     return dg.Output(
         out,
         metadata={
             "release_policy": config.release_policy,
+            "bundle_id": bundle_id,
+            "source_fingerprint": source or "",
             "guarantee": str(getattr(policy, "guarantee", "")),
+            "answer_threshold": answer_rule.threshold,
+            "answer_expected_reward": answer_rule.expected_reward,
+            "answer_expected_reward_at_0.5": answer_rule.expected_reward_at_half,
             **{f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()},
             **reader_metadata(reader),
         },
@@ -103,8 +118,6 @@ def _bundle_check(description: str, **kw):
 
 @_bundle_check("the bundle carries exactly one policy and its checksums verify")
 def check_bundle_one_policy(bundle: Path) -> dg.AssetCheckResult:
-    import json
-
     policies = sorted(p.name for p in bundle.glob("*policy*.json"))
     manifest = json.loads((bundle / "manifest.json").read_text())
     ok = len(policies) == 1
@@ -241,8 +254,6 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
     description="the realized test FNR is within the policy's guarantee plus its statistical tolerance",
 )
 def check_test_fnr_within_guarantee(evaluation_report: Path) -> dg.AssetCheckResult:
-    import json
-
     report = json.loads((evaluation_report / "report.json").read_text())
     gc = report.get("guarantee_check") or {}
     return dg.AssetCheckResult(

@@ -1,8 +1,9 @@
-"""`roadwork` console script: make-demo-data, predict.
+"""`roadwork` console script: make-demo-data, predict, serve.
 
 The Dagster side (the demo run, the ablation) lives in roadwork_assets and is run with
 `python -m roadwork_assets.demo` / `python -m roadwork_assets.ablation`; this module stays free of
-dagster so that serving (`roadwork predict`) imports only the PyTorch core.
+dagster so that serving (`roadwork predict`, `roadwork serve --bundle`) imports only the PyTorch core;
+`roadwork serve --latest` alone reads the Dagster instance, in roadwork_assets.released.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_predict_arguments(predict)
     predict.set_defaults(func=run_predict)
+
+    from roadwork_core.serving.serve_cli import add_serve_arguments, run_serve
+
+    serve = sub.add_parser(
+        "serve",
+        help="a warm miner on 127.0.0.1: POST /predict {image: base64 JPEG} -> answer; --latest follows releases",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
     return parser
 
 

@@ -5,12 +5,15 @@ A bundle is a directory:
     config.json         the classifier directory config (roadwork_core.models.serialization) + preprocessing
     calibrator.json     the probability calibration map (roadwork_core.calibration.calibrators.Calibrator)
     policy.json         exactly ONE decision policy (softmax | gate | scrc)
+    answer.json         the subnet answer's threshold (roadwork_core.subnet.answer; schema 2 on)
     manifest.json       schema version, lineage, code version, metrics summary, sha256 + size of every file
 
 `Bundle.load` checks, before anything is deserialised into a model: the manifest parses, its schema
 version is one this roadwork reads, its own content digest matches, every listed file exists with
 the recorded size and sha256 (read once; the verified bytes are the ones parsed), no file is
-present that the manifest does not list, and the policy file holds exactly one policy.
+present that the manifest does not list, and the policy file holds exactly one policy. A schema-1
+bundle (written before answer.json existed) still loads; its answer uses the threshold 0.5 and says so
+in `Bundle.answer_rule.source`.
 
 The manifest's `content_sha256` makes accidental or naive edits to the manifest detectable; it is
 not a signature (anyone who can write the directory can recompute it).
@@ -43,6 +46,7 @@ from roadwork_core.models.serialization import (
     load_weights,
     rebuild_classifier,
 )
+from roadwork_core.subnet.answer import ANSWER_FILE, AnswerRule, default_answer_rule
 
 __all__ = [
     "BUNDLE_FILES",
@@ -54,10 +58,11 @@ __all__ = [
     "FileEntry",
     "ImageInput",
     "Prediction",
+    "bundle_files",
     "manifest_digest",
 ]
 
-BUNDLE_SCHEMA_VERSION = 1
+BUNDLE_SCHEMA_VERSION = 2  # 2: answer.json (the subnet answer's threshold) joined the bundle
 MANIFEST_FILE = "manifest.json"
 CALIBRATOR_FILE = "calibrator.json"
 POLICY_FILE = "policy.json"
@@ -67,7 +72,16 @@ BUNDLE_FILES: tuple[str, ...] = (
     CLASSIFIER_CONFIG_FILE,
     CALIBRATOR_FILE,
     POLICY_FILE,
+    ANSWER_FILE,
 )
+# What a schema-1 bundle holds (no answer.json); still loaded, with the default answer threshold 0.5.
+_SCHEMA_1_FILES: tuple[str, ...] = tuple(f for f in BUNDLE_FILES if f != ANSWER_FILE)
+
+
+def bundle_files(schema_version: int) -> tuple[str, ...]:
+    """The files (besides the manifest) a bundle of `schema_version` holds."""
+    return _SCHEMA_1_FILES if schema_version == 1 else BUNDLE_FILES
+
 
 ImageInput = PIL.Image.Image | bytes | str | os.PathLike
 
@@ -110,7 +124,8 @@ def manifest_digest(doc: Mapping[str, Any]) -> str:
 @dataclass(frozen=True)
 class Prediction:
     p_roadwork: float  # calibrated P(roadwork)
-    decision: str  # "roadwork" | "no_roadwork" | "defer"
+    decision: str  # "roadwork" | "no_roadwork" | "defer": the Stage-1 policy's decision
+    answer: float  # the subnet answer in [0, 1]: np.round(answer) is the reward-optimal commitment
     logit: float  # aggregated, uncalibrated
     p_raw: float  # sigmoid(logit), uncalibrated
     features: dict[str, float] = field(default_factory=dict)  # UNCERTAINTY_FEATURES
@@ -119,6 +134,7 @@ class Prediction:
         return {
             "p_roadwork": self.p_roadwork,
             "decision": self.decision,
+            "answer": self.answer,
             "logit": self.logit,
             "p_raw": self.p_raw,
             **self.features,
@@ -178,21 +194,23 @@ def _read_manifest(path: Path) -> BundleManifest:
 
 def _verified_files(path: Path, manifest: BundleManifest) -> dict[str, bytes]:
     """{file name: bytes} of every listed file, each checked against its size and sha256."""
+    expected = bundle_files(manifest.schema_version)
     listed = set(manifest.files)
-    if listed != set(BUNDLE_FILES):
+    if listed != set(expected):
         raise BundleIntegrityError(
-            f"{path / MANIFEST_FILE} lists files {sorted(listed)}; a bundle holds exactly {sorted(BUNDLE_FILES)} "
-            "(one model, one config, one calibrator, exactly one policy). Re-export it."
+            f"{path / MANIFEST_FILE} lists files {sorted(listed)}; a schema-{manifest.schema_version} bundle "
+            f"holds exactly {sorted(expected)} (one model, one config, one calibrator, exactly one policy"
+            f"{', the answer threshold' if ANSWER_FILE in expected else ''}). Re-export it."
         )
     present = {p.name for p in path.iterdir()}
     unlisted = sorted(present - listed - {MANIFEST_FILE})
     if unlisted:
         raise BundleIntegrityError(
             f"{path} holds file(s) not listed in its manifest: {unlisted}. A bundle may contain only "
-            f"{sorted(BUNDLE_FILES)} and {MANIFEST_FILE}; remove them or re-export the bundle."
+            f"{sorted(expected)} and {MANIFEST_FILE}; remove them or re-export the bundle."
         )
     contents: dict[str, bytes] = {}
-    for name in BUNDLE_FILES:
+    for name in expected:
         entry = manifest.files[name]
         file_path = path / name
         if not file_path.is_file():
@@ -245,6 +263,18 @@ def _load_calibrator(data: bytes, file_path: Path) -> Any:
         return Calibrator.model_validate_json(data)
     except ValidationError as err:
         raise BundleError(f"{file_path} is not a valid calibrator: {err}") from err
+
+
+def _load_answer_rule(contents: dict[str, bytes], path: Path, schema_version: int) -> AnswerRule:
+    if ANSWER_FILE not in contents:
+        return default_answer_rule(
+            f"bundle schema {schema_version} has no {ANSWER_FILE} (exported before the subnet answer existed); "
+            "re-export it to get the threshold chosen on val_calib"
+        )
+    try:
+        return AnswerRule.model_validate_json(contents[ANSWER_FILE])
+    except ValidationError as err:
+        raise BundleError(f"{path / ANSWER_FILE} is not a valid answer rule: {err}") from err
 
 
 def _load_model(
@@ -326,6 +356,7 @@ class Bundle:
     model: RoadworkClassifier
     calibrator: Any  # roadwork_core.calibration.calibrators.Calibrator
     policy: Any  # a roadwork_core.calibration policy (exactly one)
+    answer_rule: AnswerRule  # the subnet answer's threshold on p_roadwork
     manifest: BundleManifest
     config: dict[str, Any]
     device: torch.device
@@ -339,6 +370,7 @@ class Bundle:
         contents = _verified_files(path, manifest)
         policy = _load_policy(contents[POLICY_FILE], path / POLICY_FILE, manifest.policy)
         calibrator = _load_calibrator(contents[CALIBRATOR_FILE], path / CALIBRATOR_FILE)
+        answer_rule = _load_answer_rule(contents, path, manifest.schema_version)
         dev = _resolve_device(device)
         model, config = _load_model(
             contents[CLASSIFIER_WEIGHTS_FILE], contents[CLASSIFIER_CONFIG_FILE], path, dev
@@ -348,6 +380,7 @@ class Bundle:
             model=model,
             calibrator=calibrator,
             policy=policy,
+            answer_rule=answer_rule,
             manifest=manifest,
             config=config,
             device=dev,
@@ -361,7 +394,7 @@ class Bundle:
     def predict_canvas(self, canvas: torch.Tensor) -> dict[str, np.ndarray]:
         """canvas (B, 3, C, C), uint8 or float in [0, 1] -> columns of arrays, one row per image.
 
-        Keys: logit, p_raw, p_roadwork, decision, view_probs (B, V), and UNCERTAINTY_FEATURES. One
+        Keys: logit, p_raw, p_roadwork, decision, answer, view_probs (B, V), and UNCERTAINTY_FEATURES. One
         model forward for the whole batch; calibration and policy run vectorised on the results.
         """
         C = self.canvas_size
@@ -386,6 +419,7 @@ class Bundle:
             "p_raw": 1.0 / (1.0 + np.exp(-logit)),
             "p_roadwork": p_roadwork,
             "decision": decision,
+            "answer": self.answer_rule.answer(p_roadwork),
             "view_probs": view_probs.double().cpu().numpy(),
             **features,
         }
@@ -432,6 +466,7 @@ class Bundle:
                 Prediction(
                     p_roadwork=float(cols["p_roadwork"][r]),
                     decision=str(cols["decision"][r]),
+                    answer=float(cols["answer"][r]),
                     logit=float(cols["logit"][r]),
                     p_raw=float(cols["p_raw"][r]),
                     features={k: float(cols[k][r]) for k in UNCERTAINTY_FEATURES},

@@ -38,6 +38,7 @@ from roadwork_core.models.serialization import (
     load_classifier,
     read_classifier_config,
 )
+from roadwork_core.subnet.answer import ANSWER_FILE, AnswerRule, default_answer_rule
 
 __all__ = ["current_code_version", "export_bundle"]
 
@@ -151,16 +152,22 @@ def export_bundle(
     upstream_versions: dict,
     metrics_summary: dict,
     code_version: dict | str | None = None,
+    answer_rule: AnswerRule | None = None,
 ) -> Path:
     """Write the bundle directory `out_dir` (replaced atomically) and return its path.
 
     `classifier_dir` is a directory written by `save_classifier`; `calibrator` a Calibrator; `policy`
     exactly one policy. `code_version` defaults to `current_code_version()` (roadwork version + git commit);
-    a string is recorded as the git commit.
+    a string is recorded as the git commit. `answer_rule` is the subnet answer's threshold, chosen on
+    val_calib by `roadwork_core.subnet.answer.fit_answer_rule`; without it the bundle answers with the
+    threshold 0.5 and its answer.json says so.
     """
     out_dir, classifier_dir = Path(out_dir), Path(classifier_dir)
     policy_json, policy_name = _single_policy_json(policy)
     calibrator_json = _serialize_model(calibrator, "calibrator")
+    if answer_rule is None:
+        answer_rule = default_answer_rule("export_bundle was given no answer_rule (none chosen on val_calib)")
+    answer_json = _serialize_model(answer_rule, "answer_rule")
     config_json = _bundle_config(classifier_dir)
     if code_version is None:
         code = current_code_version()
@@ -180,6 +187,7 @@ def export_bundle(
         atomic_write_text(tmp / CLASSIFIER_CONFIG_FILE, config_json)
         atomic_write_text(tmp / CALIBRATOR_FILE, calibrator_json)
         atomic_write_text(tmp / POLICY_FILE, policy_json)
+        atomic_write_text(tmp / ANSWER_FILE, answer_json)
         files = {
             name: FileEntry(sha256=sha256_file(tmp / name), size=(tmp / name).stat().st_size).model_dump()
             for name in BUNDLE_FILES

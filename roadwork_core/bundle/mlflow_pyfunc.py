@@ -3,8 +3,8 @@
 MLflow loads this file, which registers `RoadworkBundleModel` with `mlflow.models.set_model`; the
 bundle directory travels as the artifact `bundle` and is verified by `Bundle.load` (checksums,
 schema) when the model loads. Input: a DataFrame with a column `image_b64` (base64 JPEG/PNG, the
-way the network's synapse carries images) or `path`. Output: one row per image with p_roadwork,
-decision and logit.
+way the network's synapse carries images) or `path`. Output: one row per image with answer (the
+float a miner sends the validator), p_roadwork, decision and logit.
 
     mlflow models serve -m models:/roadwork/latest --env-manager local --host 127.0.0.1 --port 5001
 """
@@ -36,6 +36,7 @@ class RoadworkBundleModel(mlflow.pyfunc.PythonModel):
         preds = self.bundle.predict(images)
         return pd.DataFrame(
             {
+                "answer": [p.answer for p in preds],
                 "p_roadwork": [p.p_roadwork for p in preds],
                 "decision": [p.decision for p in preds],
                 "logit": [p.logit for p in preds],

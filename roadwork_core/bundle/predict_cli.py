@@ -3,9 +3,13 @@
 With image arguments each is a file path (or `<parquet>#row=<n>`) and is named by its argument.
 Without, stdin carries one base64-encoded JPEG per line (the way the network's synapse carries
 images), named `stdin:<n>` (n counts from 0, blank lines skipped). A line per image:
-    {"image": name, "p_roadwork": ..., "decision": ..., "logit": ..., "p_raw": ..., <features>}
+    {"image": name, "p_roadwork": ..., "decision": ..., "answer": ..., "logit": ..., "p_raw": ..., <features>}
 or, for an image that cannot be read or decoded, {"image": name, "error": "..."}; the others are
 still predicted and the exit code is 1 at the end. A bundle that fails its checks exits with 2.
+
+With `--answer` each line is just the subnet answer, the float a miner puts in the synapse's
+`prediction` (roadwork_core.subnet.answer); an image that cannot be decoded prints `nan` there (so
+line n stays image n) and its reason on stderr, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ def _line(name: str, result: object) -> str:
     return json.dumps({"image": name, **result.to_dict()})
 
 
+def _answer_line(name: str, result: object) -> str:
+    if isinstance(result, Exception):
+        print(f"roadwork predict: {name}: {result or type(result).__name__}", file=sys.stderr)
+        return "nan"
+    return repr(float(result.answer))
+
+
 def predict_command(
     bundle_dir: str,
     images: list[str],
@@ -54,8 +65,11 @@ def predict_command(
     batch_size: int = 16,
     device: str = "cpu",
     bundle: Bundle | None = None,
+    answer_only: bool = False,
 ) -> Iterator[str]:
-    """JSON lines, one per image, in input order (see the module doc). `bundle` skips re-loading."""
+    """One line per image, in input order: JSON, or the bare answer with `answer_only` (module doc).
+
+    `bundle` skips re-loading."""
     bundle = bundle if bundle is not None else Bundle.load(bundle_dir, device=device)
     items: Iterable[tuple[str, ImageInput | Exception]]
     if images:
@@ -64,8 +78,9 @@ def predict_command(
         items = _stdin_items(stdin)
     else:
         raise ValueError("roadwork predict: give image paths, or base64 JPEG lines on stdin")
+    render = _answer_line if answer_only else _line
     for name, result in bundle.iter_predict(items, batch_size=batch_size):
-        yield _line(name, result)
+        yield render(name, result)
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -75,6 +90,11 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per model forward (default 16)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
+    parser.add_argument(
+        "--answer",
+        action="store_true",
+        help="print only the subnet answer per image (one float a line: what a miner sends the validator)",
+    )
     return parser
 
 
@@ -86,12 +106,21 @@ def run_predict(args: argparse.Namespace, stdout: TextIO | None = None, stdin: T
     except (BundleError, OSError) as err:
         print(f"roadwork predict: cannot use bundle {args.bundle}: {err}", file=sys.stderr)
         return EXIT_BAD_BUNDLE
+    answer_only = bool(getattr(args, "answer", False))
+    if answer_only and not bundle.answer_rule.n:
+        print(f"roadwork predict: note: {bundle.answer_rule.source}", file=sys.stderr)
     source = None if args.images else (stdin if stdin is not None else sys.stdin)
     code, n_lines = EXIT_OK, 0
     for line in predict_command(
-        args.bundle, list(args.images), source, batch_size=args.batch_size, bundle=bundle
+        args.bundle,
+        list(args.images),
+        source,
+        batch_size=args.batch_size,
+        bundle=bundle,
+        answer_only=answer_only,
     ):
-        if '"error"' in line and "error" in json.loads(line):
+        failed = line == "nan" if answer_only else ('"error"' in line and "error" in json.loads(line))
+        if failed:
             code = EXIT_BAD_IMAGE
         print(line, file=out, flush=True)
         n_lines += 1

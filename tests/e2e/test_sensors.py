@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from roadwork_assets.automation import DriftSettings, drift_sensor, new_drop_sensor
+from roadwork_assets.automation import DriftSettings, RetrainSettings, drift_sensor, new_drop_sensor
 from roadwork_core.data.synthetic import make_demo_drop
 from roadwork_core.metrics.drift import psi
 from roadwork_resources.dataset import DatasetSource
@@ -35,7 +35,9 @@ def _drop(inbox: Path, version: str, ready: bool = True) -> None:
 
 def _tick(instance, inbox: Path, cursor: str | None):
     context = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"dataset": DatasetSource(inbox=str(inbox))}
+        instance=instance,
+        cursor=cursor,
+        resources={"dataset": DatasetSource(inbox=str(inbox)), "retrain": RetrainSettings()},
     )
     return new_drop_sensor(context)
 

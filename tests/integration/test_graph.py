@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import roadwork_core
+from roadwork_assets._util import latest_materialization_metadata
 from roadwork_assets.definitions import build_resources
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.bundle.bundle import Bundle
@@ -85,6 +86,12 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     uri = result.output_for_node("splits")["uri"].iloc[0]
     pred = bundle.predict([uri])[0]
     assert 0.0 <= pred.p_roadwork <= 1.0 and pred.decision in {"roadwork", "no_roadwork", "defer"}
+    # the subnet answer: its threshold was chosen on val_calib by the bundle asset and recorded
+    assert bundle.answer_rule.source.startswith("val_calib") and bundle.answer_rule.n > 0, bundle.answer_rule
+    assert (pred.answer > 0.5) == (pred.p_roadwork >= bundle.answer_rule.threshold) and pred.answer != 0.5
+    bundle_meta = latest_materialization_metadata(instance, dg.AssetKey("bundle"), "v0001")
+    assert bundle_meta["answer_threshold"] == bundle.answer_rule.threshold
+    assert bundle_meta["bundle_id"] == manifest["content_sha256"] and bundle_meta["source_fingerprint"]
 
     # head mode: later epochs ran no backbone forward and are much faster (cache)
     clf = (
@@ -136,6 +143,7 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     served = model.predict(pd.DataFrame({"image_b64": [base64.b64encode(Path(uri).read_bytes()).decode()]}))
     assert served["decision"].iloc[0] == pred.decision
     assert abs(served["p_roadwork"].iloc[0] - pred.p_roadwork) < 1e-6
+    assert abs(served["answer"].iloc[0] - pred.answer) < 1e-6, "the pyfunc must return the subnet answer"
 
 
 def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, rw_home):

@@ -1,0 +1,117 @@
+"""The released bundle: the `bundle` asset's latest materialization whose blocking checks passed.
+
+Read from the Dagster instance's event log (the source of truth), never by scanning the artifact
+folder for the newest directory. A materialization counts as released when every blocking check of
+`bundle` evaluated in the same run, for the same partition, passed. `roadwork serve --latest` follows it
+(`latest_release_candidate`, polled in a background thread) and `new_drop_sensor` asks whether a
+partition already has one built from the same files (`released_bundle`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+BUNDLE_KEY = dg.AssetKey("bundle")
+
+
+@functools.cache
+def blocking_checks() -> frozenset[str]:
+    """Every blocking check on `bundle` (release, split contract): a bundle is released once all passed."""
+    from roadwork_assets.definitions import (
+        ASSET_CHECKS,
+    )  # here: definitions imports the sensors that use this
+
+    return frozenset(
+        spec.name
+        for checks in ASSET_CHECKS
+        for spec in checks.check_specs
+        if spec.asset_key == BUNDLE_KEY and spec.blocking
+    )
+
+
+@dataclass(frozen=True)
+class ReleasedBundle:
+    partition: str
+    path: Path  # the bundle directory inside the artifact store
+    bundle_id: str  # the manifest content_sha256 recorded at release
+    source_fingerprint: str  # the image_manifest's drop fingerprint it was built from ("" if unknown)
+    run_id: str
+    storage_id: int
+
+
+def _passed_checks(instance: dg.DagsterInstance, run_id: str, partition: str | None) -> dict[str, bool]:
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+    results: dict[str, bool] = {}
+    for record in records:
+        evaluation = record.event_log_entry.dagster_event.event_specific_data
+        if evaluation.asset_key == BUNDLE_KEY and evaluation.partition in (None, partition):
+            results[evaluation.check_name] = results.get(evaluation.check_name, True) and evaluation.passed
+    return results
+
+
+def _as_released(instance: dg.DagsterInstance, record) -> ReleasedBundle | None:
+    mat = record.asset_materialization
+    meta = {k: v.value for k, v in (mat.metadata or {}).items()} if mat else {}
+    if not record.run_id or not meta.get("path") or not meta.get("bundle_id"):
+        return None  # runless, or written before releases recorded their identity
+    passed = _passed_checks(instance, record.run_id, record.partition_key)
+    required = blocking_checks()
+    if not required <= passed.keys() or not all(passed[name] for name in required):
+        return None
+    return ReleasedBundle(
+        partition=record.partition_key,
+        path=Path(meta["path"]) / "dir",  # the artifact IO manager's directory kind
+        bundle_id=str(meta["bundle_id"]),
+        source_fingerprint=str(meta.get("source_fingerprint") or ""),
+        run_id=record.run_id,
+        storage_id=record.storage_id,
+    )
+
+
+def released_bundles(
+    instance: dg.DagsterInstance, partition: str | None = None, scan: int = 50
+) -> list[ReleasedBundle]:
+    """Released bundles (of `partition`, or of any), newest first, among the last `scan` materializations."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=BUNDLE_KEY, asset_partitions=[partition] if partition else None),
+        limit=scan,
+    ).records  # newest first
+    return [released for record in records if (released := _as_released(instance, record)) is not None]
+
+
+def released_bundle(instance: dg.DagsterInstance, partition: str | None = None) -> ReleasedBundle | None:
+    """The newest released bundle (of `partition`, or of any)."""
+    found = released_bundles(instance, partition)
+    return found[0] if found else None
+
+
+def _candidate(released: ReleasedBundle):
+    from roadwork_core.serving.slot import Candidate
+
+    return Candidate(
+        path=released.path,
+        expected_id=released.bundle_id,
+        release=f"bundle {released.partition}, run {released.run_id[:8]}",
+    )
+
+
+def latest_release_candidate():
+    """The newest release as a serving Candidate (roadwork_core.serving), or None; `serve --latest` polls it."""
+    with dg.DagsterInstance.get() as instance:
+        released = released_bundle(instance)
+    return _candidate(released) if released else None
+
+
+def release_candidates() -> list:
+    """Every release still worth trying, newest first (one per bundle directory: the artifact store keeps
+    the latest materialization of a partition, so an older release of the same partition is gone)."""
+    with dg.DagsterInstance.get() as instance:
+        found = released_bundles(instance)
+    newest_per_path: dict[Path, ReleasedBundle] = {}
+    for released in found:
+        newest_per_path.setdefault(released.path, released)
+    return [_candidate(r) for r in newest_per_path.values()]

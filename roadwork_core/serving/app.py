@@ -1,0 +1,85 @@
+"""The HTTP face of a miner: `POST /predict` and `GET /healthz` (FastAPI on uvicorn).
+
+`POST /predict` takes `{"image": "<base64 JPEG>"}`, the field the network's synapse carries, and
+returns `{"answer", "p_roadwork", "decision", "bundle_id"}`; `answer` is the float to put in the
+synapse's `prediction`. Bad input gets a 4xx with the reason, never a 500: a body that is not JSON or
+has no string `image` (400), not base64 (400), too large (413), not a decodable image (422).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from roadwork_core.data.images import ImageRejected
+from roadwork_core.serving import DEFAULT_MAX_IMAGE_BYTES
+from roadwork_core.serving.slot import BundleSlot
+
+__all__ = ["create_app"]
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+async def _read_capped(request: Request, cap: int) -> bytes | None:
+    """The body, or None as soon as it passes `cap` bytes (never buffers more than cap + one chunk)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(slot: BundleSlot, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> FastAPI:
+    app = FastAPI(title="roadwork miner", docs_url=None, redoc_url=None, openapi_url=None)
+    body_cap = 4 * (max_image_bytes + 2) // 3 + 4096  # base64 of the largest image, plus the JSON around it
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return slot.health()
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        body = await _read_capped(request, body_cap)
+        if body is None:
+            return _error(413, f"request too large: the image may be at most {max_image_bytes} bytes")
+        try:
+            doc = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, 'body is not JSON; send {"image": "<base64 JPEG>"}')
+        if not isinstance(doc, dict) or not isinstance(doc.get("image"), str) or not doc["image"]:
+            return _error(
+                400, 'body must be a JSON object with a non-empty string field "image" (base64 JPEG)'
+            )
+        try:
+            raw = base64.b64decode(doc["image"], validate=True)
+        except (binascii.Error, ValueError) as err:
+            return _error(400, f"image is not valid base64 ({err})")
+        if len(raw) > max_image_bytes:
+            return _error(413, f"image is {len(raw)} bytes; the limit is {max_image_bytes}")
+        served = slot.current  # this request finishes on this bundle even if a swap happens meanwhile
+        try:
+            pred = await run_in_threadpool(served.predict, raw)
+        except ImageRejected as err:
+            return _error(422, f"not a usable image: {err.reason} ({err.detail})")
+        return JSONResponse(
+            {
+                "answer": pred.answer,
+                "p_roadwork": pred.p_roadwork,
+                "decision": pred.decision,
+                "bundle_id": served.bundle_id,
+            }
+        )
+
+    return app

@@ -1,0 +1,210 @@
+"""`roadwork serve` in process: /predict and /healthz on the real FastAPI app, bad input -> 4xx with the
+reason, and the slot's hot swap (verify beside, switch atomically, in-flight requests finish on the old
+bundle, a tampered bundle is refused while the old keeps serving)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from roadwork_core.bundle import Bundle
+from roadwork_core.serving.app import create_app
+from roadwork_core.serving.slot import BundleSlot, Candidate, SwapRefused, load_verified
+from roadwork_core.serving.watch import ReleaseWatcher
+
+
+def _export(root: Path, version: str) -> Path:
+    from roadwork_core.bundle import export_bundle
+    from roadwork_core.calibration import fit_calibrator, fit_threshold_policy
+    from roadwork_core.models.backbone import BackboneConfig
+    from roadwork_core.models.classifier import build_classifier
+    from roadwork_core.models.serialization import save_classifier
+
+    torch.manual_seed(0)
+    save_classifier(root / "classifier", build_classifier(BackboneConfig(name="vit_test_tiny")).eval())
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, 200)
+    labels = (rng.uniform(size=200) < 1 / (1 + np.exp(-logits))).astype(int)
+    calibrator, _ = fit_calibrator(logits, labels, methods=("temperature",))
+    policy = fit_threshold_policy(1 / (1 + np.exp(-logits)), labels, target_fnr=0.1)
+    return export_bundle(
+        root / f"bundle-{version}", classifier_dir=root / "classifier", calibrator=calibrator, policy=policy,
+        dataset_version=version, upstream_versions={}, metrics_summary={},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    return {v: _export(root, v) for v in ("v0001", "v0002")}
+
+
+def _jpeg_b64(seed: int = 0, size: int = 224) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buf, format="JPEG")  # PIL's default quality, as the validator sends
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _client(path: Path, **kw) -> tuple[TestClient, BundleSlot]:
+    slot = BundleSlot(load_verified(Candidate(path=path)))
+    return TestClient(create_app(slot, **kw)), slot
+
+
+def test_predict_returns_answer_probability_and_decision(bundles) -> None:
+    client, slot = _client(bundles["v0001"])
+    image = _jpeg_b64(1)
+    response = client.post("/predict", json={"image": image})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    [direct] = Bundle.load(bundles["v0001"]).predict([base64.b64decode(image)])
+    assert body["answer"] == pytest.approx(direct.answer) and body["p_roadwork"] == pytest.approx(
+        direct.p_roadwork
+    )
+    assert body["decision"] == direct.decision and 0.0 <= body["answer"] <= 1.0 and body["answer"] != 0.5
+    health = client.get("/healthz").json()
+    assert health["bundle_id"] == body["bundle_id"] == slot.current.bundle_id
+    assert health["dataset_version"] == "v0001" and health["swaps"] == 0, health
+
+
+def _truncated_jpeg() -> str:
+    raw = base64.b64decode(_jpeg_b64(2))
+    return base64.b64encode(raw[: len(raw) // 2]).decode()
+
+
+def _huge_png() -> str:
+    buf = io.BytesIO()
+    PIL.Image.new("L", (9000, 9000)).save(buf, format="PNG")  # tiny file, 81 Mpixel: a decompression bomb
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        (b"not json", 400, "not JSON"),
+        (json.dumps([1, 2]).encode(), 400, '"image"'),
+        (json.dumps({"images": "x"}).encode(), 400, '"image"'),
+        (json.dumps({"image": 12}).encode(), 400, '"image"'),
+        (json.dumps({"image": "@@@ not base64 @@@"}).encode(), 400, "base64"),
+        (json.dumps({"image": base64.b64encode(b"hello, not an image").decode()}).encode(), 422, "unreadable"),
+        (None, 422, "truncated"),  # filled in below
+        (None, 422, "too_large"),
+        (json.dumps({"image": base64.b64encode(b"\xff" * 300_000).decode()}).encode(), 413, "too large"),
+        (json.dumps({"image": "A" * 2_000_000}).encode(), 413, "too large"),
+    ],
+    ids=["not-json", "not-object", "no-image-field", "image-not-string", "not-base64", "not-an-image",
+         "truncated-jpeg", "decompression-bomb", "image-over-cap", "body-over-cap"],
+)  # fmt: skip
+def test_bad_input_gets_4xx_with_the_reason(bundles, body, status, reason, request) -> None:
+    case = request.node.callspec.id
+    if case == "truncated-jpeg":
+        body = json.dumps({"image": _truncated_jpeg()}).encode()
+    elif case == "decompression-bomb":
+        body = json.dumps({"image": _huge_png()}).encode()
+    client, _ = _client(bundles["v0001"], max_image_bytes=200_000)
+    response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, f"{case}: {response.status_code} {response.text}"
+    assert reason in response.json()["error"], f"{case}: {response.json()}"
+    assert client.post("/predict", json={"image": _jpeg_b64(3)}).status_code == 200, (
+        "server broken after bad input"
+    )
+
+
+def _tampered(path: Path, tmp_path: Path) -> Path:
+    bad = Path(shutil.copytree(path, tmp_path / "tampered"))
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    return bad
+
+
+def test_tampered_or_misidentified_bundle_is_refused_and_the_old_keeps_serving(bundles, tmp_path) -> None:
+    client, slot = _client(bundles["v0001"])
+    before = slot.current.bundle_id
+    assert not slot.offer(Candidate(path=_tampered(bundles["v0002"], tmp_path)))
+    assert "model.safetensors was modified" in slot.refusals[-1]["reason"], slot.refusals
+    assert not slot.offer(Candidate(path=bundles["v0002"], expected_id="0" * 64, release="test release"))
+    assert "not the released" in slot.refusals[-1]["reason"], slot.refusals
+    assert slot.current.bundle_id == before and slot.swaps == 0
+    assert client.post("/predict", json={"image": _jpeg_b64(4)}).json()["bundle_id"] == before
+    health = client.get("/healthz").json()
+    assert len(health["refusals"]) == 2 and health["bundle_id"] == before, health
+    with pytest.raises(SwapRefused, match="model.safetensors"):
+        load_verified(Candidate(path=tmp_path / "tampered"))
+
+
+def test_in_flight_request_finishes_on_the_old_bundle_then_the_new_one_serves(bundles) -> None:
+    from roadwork_core.serving.slot import ServedBundle
+
+    client, slot = _client(bundles["v0001"])
+    old = slot.current
+    entered, release = threading.Event(), threading.Event()
+
+    def park(frame, event, arg):  # threads started from here on: hold the first forward until released
+        if event == "call" and frame.f_code is ServedBundle.predict.__code__ and not entered.is_set():
+            entered.set()
+            release.wait(60)
+        return None
+
+    threading.settrace(park)
+    try:
+        results: dict = {}
+        request = threading.Thread(
+            target=lambda: results.update(r=client.post("/predict", json={"image": _jpeg_b64(5)})),
+            daemon=True,
+        )
+        request.start()
+        assert entered.wait(60), "the request never reached the bundle"
+    finally:
+        threading.settrace(None)
+    assert slot.offer(Candidate(path=bundles["v0002"], release="v0002")), slot.refusals
+    assert slot.current is not old and slot.swaps == 1
+    release.set()
+    request.join(timeout=60)
+    assert results["r"].status_code == 200 and results["r"].json()["bundle_id"] == old.bundle_id, (
+        "a request that started on the old bundle must finish on it"
+    )
+    assert client.post("/predict", json={"image": _jpeg_b64(6)}).json()["bundle_id"] == slot.current.bundle_id
+    assert client.get("/healthz").json()["dataset_version"] == "v0002"
+
+
+def test_watcher_offers_each_new_candidate_once(bundles, tmp_path) -> None:
+    _, slot = _client(bundles["v0001"])
+    offered = [Candidate(path=_tampered(bundles["v0002"], tmp_path), release="tampered")]
+    watcher = ReleaseWatcher(slot, lambda: offered[-1], interval=3600)
+    assert watcher.poll_once() is False and watcher.poll_once() is None, "a refused release is not retried"
+    offered.append(Candidate(path=bundles["v0002"], release="good"))
+    assert watcher.poll_once() is True and slot.current.bundle.manifest.dataset_version == "v0002"
+    assert watcher.poll_once() is None and slot.swaps == 1
+
+    def broken():
+        raise OSError("instance unreadable")
+
+    assert ReleaseWatcher(slot, broken, 3600).poll_once() is None and slot.swaps == 1
+
+
+def test_serving_a_bundle_does_not_import_dagster(bundles) -> None:
+    import subprocess
+
+    code = (
+        "import sys; from roadwork_core.serving.app import create_app; "
+        "from roadwork_core.serving.slot import BundleSlot, Candidate, load_verified; "
+        f"app = create_app(BundleSlot(load_verified(Candidate(path={str(bundles['v0001'])!r})))); "
+        "from roadwork_core.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'roadwork_assets')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip() == "[]", f"the serving path imported {done.stdout.strip()}"
