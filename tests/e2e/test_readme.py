@@ -44,7 +44,6 @@ RULES = [
         "covered",
         "tests/e2e/test_cli_materialize.py::test_cli_materializes_the_whole_graph",
     ),
-    Rule(r"^\.venv/bin/dagster asset materialize ", "run"),
     Rule(
         r"^\.venv/bin/python -m roadwork_assets\.ablation\b",
         "covered",
@@ -62,6 +61,43 @@ RULES = [
         "tests/e2e/test_killed_run.py::test_a_run_of_another_host_is_not_guessed_dead_and_is_freed_by_hand",
     ),
     Rule(r"^\.venv/bin/python -m roadwork_resources\.pool_slots$", "run"),
+    Rule(
+        r"roadwork predict --answer",
+        "covered",
+        "tests/unit/test_answer.py::test_roadwork_predict_answer_from_a_fresh_process",
+    ),
+    Rule(
+        r"roadwork serve --latest",
+        "covered",
+        "tests/e2e/test_miner.py::test_serve_latest_hot_swaps_a_new_release_with_zero_failed_requests",
+    ),
+    Rule(
+        r"roadwork serve --bundle",
+        "covered",
+        "tests/unit/test_serve.py::test_predict_returns_answer_probability_and_decision",
+    ),
+    Rule(
+        r"^curl -s 127\.0\.0\.1:8091/(healthz|predict)",
+        "covered",
+        "tests/e2e/test_miner.py::test_serve_latest_hot_swaps_a_new_release_with_zero_failed_requests",
+    ),
+    Rule(r"^make postgres-deps\b", "covered", ".ci/run (installs the PostgreSQL server before `make test`)"),
+    # The Postgres walk-through (start a throw-away server, point DAGSTER_HOME at deploy/'s instance file,
+    # materialize, stop) is what the Postgres test fixture does with the same tools/pg_local.py and file.
+    Rule(
+        r"^python3 tools/pg_local\.py (start|stop)\b|^eval \"\$\(cat pg\.env\)\"$|"
+        r"^export DAGSTER_HOME=\$PWD/state/dagster_home_pg$|^mkdir -p \$DAGSTER_HOME && cp deploy/dagster-postgres\.yaml|"
+        r"^\.venv/bin/dagster instance info",
+        "covered",
+        "tests/integration/test_postgres_instance.py::test_postgres_instance_sensor_launches_two_concurrent_partitions_and_pool_holds",
+    ),
+    Rule(
+        r"-c configs/data_parallel\.yaml",
+        "covered",
+        "tests/integration/test_distributed_assets.py::test_training_assets_run_data_parallel_through_pipes",
+    ),
+    Rule(r"^\.venv/bin/dagster instance concurrency set gpu \d+$", "run"),
+    Rule(r"^\.venv/bin/dagster asset materialize ", "run"),
     Rule(r"^\.venv/bin/mlflow ui\b", "not_here", "a server until stopped"),
     Rule(
         r"mlflow models serve\b",
