@@ -75,15 +75,14 @@ def tiny_drop_source(tmp_path_factory) -> Path:
     return make_demo_drop(tmp_path_factory.mktemp("drops"), "v0001", n=120, seed=7, n_unlabelled=8)
 
 
-@pytest.fixture
-def e2e_home(tmp_path, monkeypatch) -> Iterator[dict]:
-    """Fresh DAGSTER_HOME (the repo's dagster.yaml), ROADWORK_STATE, ROADWORK_INBOX and MLflow store,
-    set in this process's environment so that subprocesses started with os.environ inherit them."""
-    home, state, inbox = tmp_path / "dagster_home", tmp_path / "state", tmp_path / "inbox"
+def e2e_environment(root: Path) -> dict[str, str]:
+    """Create `root`/dagster_home (the repo's dagster.yaml), state and inbox; return the environment
+    (DAGSTER_HOME, ROADWORK_STATE, ROADWORK_INBOX, MLflow store, offline, one thread) that points there."""
+    home, state, inbox = root / "dagster_home", root / "state", root / "inbox"
     for folder in (home, state, inbox):
         folder.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    env = {
+    return {
         "DAGSTER_HOME": str(home),
         "ROADWORK_STATE": str(state),
         "ROADWORK_INBOX": str(inbox),
@@ -92,10 +91,21 @@ def e2e_home(tmp_path, monkeypatch) -> Iterator[dict]:
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    for key, value in env.items():
+
+
+# Settings of the developer's shell that would change what a test's runs do.
+UNSET_FOR_TESTS = ("ROADWORK_RUN_CONFIG", "ROADWORK_MONITOR_DIR", "ROADWORK_FORCE_RETRAIN")
+
+
+@pytest.fixture
+def e2e_home(tmp_path, monkeypatch) -> Iterator[dict]:
+    """Fresh DAGSTER_HOME (the repo's dagster.yaml), ROADWORK_STATE, ROADWORK_INBOX and MLflow store,
+    set in this process's environment so that subprocesses started with os.environ inherit them."""
+    for key, value in e2e_environment(tmp_path).items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("ROADWORK_RUN_CONFIG", raising=False)
-    monkeypatch.delenv("ROADWORK_MONITOR_DIR", raising=False)
+    for key in UNSET_FOR_TESTS:
+        monkeypatch.delenv(key, raising=False)
+    home, state, inbox = tmp_path / "dagster_home", tmp_path / "state", tmp_path / "inbox"
     yield {"home": home, "state": state, "inbox": inbox, "tmp": tmp_path}
 
 

@@ -30,7 +30,16 @@ import pytest
 from roadwork_assets.definitions import build_resources
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.released import released_bundle
-from tests.e2e.conftest import REPO, dagster_bin, free_port, stop_process, tiny_run_config, wait_for
+from tests.e2e.conftest import (
+    REPO,
+    UNSET_FOR_TESTS,
+    dagster_bin,
+    e2e_environment,
+    free_port,
+    stop_process,
+    tiny_run_config,
+    wait_for,
+)
 from tests.integration.conftest import materialize
 
 pytestmark = pytest.mark.slow
@@ -50,24 +59,12 @@ UP_TO_BUNDLE = {"explora_backbone", "classifier", "select_predictions", "calib_p
 def released(tmp_path_factory, tiny_drop_source):
     """An instance (env as tests/e2e/conftest.py's e2e_home) with v0001 materialized up to a released bundle."""
     tmp = tmp_path_factory.mktemp("miner")
-    home, state, inbox = tmp / "dagster_home", tmp / "state", tmp / "inbox"
-    for folder in (home, state, inbox):
-        folder.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    env = {
-        "DAGSTER_HOME": str(home),
-        "ROADWORK_STATE": str(state),
-        "ROADWORK_INBOX": str(inbox),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO),
-    }
+    env = {**e2e_environment(tmp), "PYTHONPATH": str(REPO)}
+    state, inbox = tmp / "state", tmp / "inbox"
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        for key in ("ROADWORK_RUN_CONFIG", "ROADWORK_MONITOR_DIR", "ROADWORK_FORCE_RETRAIN"):
+        for key in UNSET_FOR_TESTS:
             mp.delenv(key, raising=False)
         shutil.copytree(tiny_drop_source, inbox / "v0001")
         instance = dg.DagsterInstance.get()
