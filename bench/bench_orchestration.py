@@ -34,12 +34,13 @@ VERSION = "v0001"
 
 def resolve_config(config_path: Path) -> dict:
     """The run config read through the assets' own Config / resource classes: every default filled."""
-    from roadwork_assets.data import ManifestConfig, SplitSettings
+    from roadwork_assets.data import ManifestConfig
     from roadwork_assets.policies import CalibratorConfig, RiskTargets, ScrcConfig
     from roadwork_assets.predictions import PredictConfig
     from roadwork_assets.release import BundleConfig, ReportConfig
     from roadwork_assets.training import ClassifierSettings, ExploraSettings
     from roadwork_resources.gpu import GPUResource
+    from roadwork_resources.settings import SplitSettings
 
     doc = yaml.safe_load(config_path.read_text()) or {}
     ops_doc, res_doc = doc.get("ops", {}), doc.get("resources", {})

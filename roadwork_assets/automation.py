@@ -9,12 +9,12 @@ from pathlib import Path
 
 import dagster as dg
 import yaml
-from pydantic import Field
 
 from roadwork_assets._util import latest_materialization_metadata
 from roadwork_assets.partitions import dataset_version
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.paths import state_root
+from roadwork_resources.settings import DriftSettings, RetrainSettings
 
 # Every retrain run carries this tag; dagster.yaml's `concurrency.runs.tag_concurrency_limits` lets one
 # such run out of the queue at a time (by default), so a burst of drops does not thrash a small machine.
@@ -26,19 +26,9 @@ retrain_job = dg.define_asset_job(
     partitions_def=dataset_version,
     tags=RETRAIN_QUEUE_TAG,
     description="Every asset of one dataset version, from image_manifest to evaluation_report. Each tracked "
-    "asset carries the MLflow step hooks (roadwork_assets.mlflow_tracking), so the MLflow run ends FINISHED "
+    "asset carries the MLflow step hooks (roadwork_resources.mlflow_tracking), so the MLflow run ends FINISHED "
     "or FAILED with the Dagster run. Runs queue one at a time (tag roadwork/queue=retrain, dagster.yaml).",
 )
-
-
-class RetrainSettings(dg.ConfigurableResource):
-    """What new_drop_sensor does with a drop whose partition already has a released bundle."""
-
-    force_retrain: bool = Field(
-        False,
-        description="retrain every new drop, even one whose partition already has a released bundle built from "
-        "the same files (the environment variable ROADWORK_FORCE_RETRAIN=1 sets it)",
-    )
 
 
 def automation_run_config() -> dict:
@@ -135,22 +125,6 @@ def weekly_retrain(context: dg.ScheduleEvaluationContext):
         partition_key=latest,
         run_config=automation_run_config(),
         tags={"roadwork/trigger": "schedule"},
-    )
-
-
-class DriftSettings(dg.ConfigurableResource):
-    """Where monitored (incoming, unlabelled) images land, and when drift counts as significant."""
-
-    monitor_dir: str = Field(description="folder of recent production images to compare with training images")
-    # PSI over 10 quantile bins is biased upwards on small samples: with n images per side its mean
-    # under no drift is about 9 * 2 / n (0.58 at n=48, 0.34 at 64, 0.08 at 256; measured in
-    # tests/e2e/test_sensors.py), so fewer than ~128 images per side would flag drift at 0.25 by chance.
-    sample: int = Field(256, description="images per side (monitoring and training reference)")
-    alpha: float = Field(0.01, description="significance level of the MMD permutation and KS tests")
-    psi_threshold: float = Field(0.25, description="PSI above this is drift")
-    n_permutations: int = Field(500, description="permutations of the MMD test (p-value resolution 1/(n+1))")
-    min_images: int = Field(
-        128, description="skip while the monitoring folder holds fewer images (PSI is noise below ~128)"
     )
 
 

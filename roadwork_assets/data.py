@@ -7,10 +7,10 @@ from pydantic import Field
 from roadwork_assets._util import load_previous_version, md_table
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.types import ManifestTable, SplitsTable
-from roadwork_core.contracts import Split
 from roadwork_core.io import atomic_write_bytes
 from roadwork_resources.artifact_store import ArtifactStore
 from roadwork_resources.dataset import DatasetSource
+from roadwork_resources.settings import SplitSettings
 
 
 class ManifestConfig(dg.Config):
@@ -63,21 +63,6 @@ def image_manifest(
             "dagster/row_count": len(manifest),
         },
     )
-
-
-class SplitSettings(dg.ConfigurableResource):
-    """Split ratios and the split contract's thresholds, shared by the `splits` asset and its checks."""
-
-    train: float = 0.60
-    val_select: float = 0.10
-    val_calib: float = 0.15
-    val_test: float = 0.15
-    radius: int = Field(6, description="near-duplicate radius: phash Hamming distance")
-    balance_tolerance: float = Field(0.05, description="max |positive rate of a split - overall rate|")
-    min_per_class: int = Field(10, description="minimum images of each class in each split")
-
-    def ratios(self) -> dict[str, float]:
-        return {s.value: getattr(self, s.value) for s in Split}
 
 
 @dg.asset(

@@ -11,8 +11,6 @@ from pathlib import Path
 import dagster as dg
 
 from roadwork_assets.automation import (
-    DriftSettings,
-    RetrainSettings,
     dead_run_slot_reaper,
     drift_sensor,
     mlflow_failed_run_closer,
@@ -21,8 +19,7 @@ from roadwork_assets.automation import (
     weekly_retrain,
 )
 from roadwork_assets.contract_checks import CONTRACT_CHECKS
-from roadwork_assets.data import SPLIT_CHECKS, SplitSettings, image_manifest, splits
-from roadwork_assets.mlflow_tracking import mlflow_resource
+from roadwork_assets.data import SPLIT_CHECKS, image_manifest, splits
 from roadwork_assets.policies import calibrator, gate_policy, scrc_policy, threshold_policy
 from roadwork_assets.predictions import calib_predictions, select_predictions, test_predictions
 from roadwork_assets.release import (
@@ -37,7 +34,9 @@ from roadwork_resources.artifact_store import ArtifactStore
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import ArtifactIOManager
+from roadwork_resources.mlflow_tracking import mlflow_resource
 from roadwork_resources.paths import artifact_root, inbox_root, state_root
+from roadwork_resources.settings import DriftSettings, RetrainSettings, SplitSettings
 
 ASSETS = [
     image_manifest,

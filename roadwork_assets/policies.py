@@ -6,10 +6,10 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, reader_metadata
-from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
+from roadwork_resources.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics
 
 
 def _features(frame: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -6,12 +6,12 @@ import dagster as dg
 import pandas as pd
 
 from roadwork_assets._util import reader_metadata
-from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.types import PredictionsTable
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.contracts.labels import hard_label
 from roadwork_resources.gpu import GPUResource
+from roadwork_resources.mlflow_tracking import MLFLOW_HOOKS
 
 
 class PredictConfig(dg.Config):

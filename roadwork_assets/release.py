@@ -9,19 +9,19 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, latest_materialization_metadata, reader_metadata
-from roadwork_assets.mlflow_tracking import (
-    MLFLOW_HOOKS,
-    MlflowParam,
-    log_artifact_path,
-    log_bundle_model,
-    log_metrics,
-)
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
 from roadwork_core.metrics.embed import folder_figures, markdown_images
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import new_artifact_dir
+from roadwork_resources.mlflow_tracking import (
+    MLFLOW_HOOKS,
+    MlflowParam,
+    log_artifact_path,
+    log_bundle_model,
+    log_metrics,
+)
 
 POLICY_ASSETS = {"softmax": "threshold_policy", "gate": "gate_policy", "scrc": "scrc_policy"}
 

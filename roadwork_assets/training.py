@@ -10,8 +10,6 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, md_table, reader_metadata
-from roadwork_assets.data import SplitSettings
-from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics, log_params
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import SPLIT_CONTRACT, Split, SplitReader
 from roadwork_core.io import atomic_write_bytes
@@ -19,6 +17,8 @@ from roadwork_resources.artifact_store import ArtifactStore
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import new_artifact_dir
+from roadwork_resources.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics, log_params
+from roadwork_resources.settings import SplitSettings
 
 
 class BackboneSettings(dg.Config):

@@ -198,8 +198,9 @@ def _sensor_runs(instance: dg.DagsterInstance) -> list:
 
 
 def test_daemon_skips_a_released_drop_and_queues_retrains_one_at_a_time(released):
-    from roadwork_assets.automation import RetrainSettings, new_drop_sensor
+    from roadwork_assets.automation import new_drop_sensor
     from roadwork_resources.dataset import DatasetSource
+    from roadwork_resources.settings import RetrainSettings
 
     instance, inbox = released["instance"], released["inbox"]
     env = os.environ.copy()

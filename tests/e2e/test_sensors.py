@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from roadwork_assets.automation import DriftSettings, RetrainSettings, drift_sensor, new_drop_sensor
+from roadwork_assets.automation import drift_sensor, new_drop_sensor
 from roadwork_core.data.synthetic import make_demo_drop
 from roadwork_core.metrics.drift import psi
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.io_manager import write_artifact
+from roadwork_resources.settings import DriftSettings, RetrainSettings
 from tests.e2e.conftest import REPO, TINY_CONFIG, dagster_bin, mlflow_statuses, stop_process, wait_for
 from tests.unit.test_drift import build_tiny_bundle, shifted_copies, splits_for
 

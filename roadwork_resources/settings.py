@@ -1,0 +1,48 @@
+"""Settings resources: knobs that an asset, its checks or a sensor read at run time, set per
+deployment in Definitions or in run config (`resources:`)."""
+
+import dagster as dg
+from pydantic import Field
+
+from roadwork_core.contracts import Split
+
+
+class SplitSettings(dg.ConfigurableResource):
+    """Split ratios and the split contract's thresholds, shared by the `splits` asset and its checks."""
+
+    train: float = 0.60
+    val_select: float = 0.10
+    val_calib: float = 0.15
+    val_test: float = 0.15
+    radius: int = Field(6, description="near-duplicate radius: phash Hamming distance")
+    balance_tolerance: float = Field(0.05, description="max |positive rate of a split - overall rate|")
+    min_per_class: int = Field(10, description="minimum images of each class in each split")
+
+    def ratios(self) -> dict[str, float]:
+        return {s.value: getattr(self, s.value) for s in Split}
+
+
+class RetrainSettings(dg.ConfigurableResource):
+    """What new_drop_sensor does with a drop whose partition already has a released bundle."""
+
+    force_retrain: bool = Field(
+        False,
+        description="retrain every new drop, even one whose partition already has a released bundle built from "
+        "the same files (the environment variable ROADWORK_FORCE_RETRAIN=1 sets it)",
+    )
+
+
+class DriftSettings(dg.ConfigurableResource):
+    """Where monitored (incoming, unlabelled) images land, and when drift counts as significant."""
+
+    monitor_dir: str = Field(description="folder of recent production images to compare with training images")
+    # PSI over 10 quantile bins is biased upwards on small samples: with n images per side its mean
+    # under no drift is about 9 * 2 / n (0.58 at n=48, 0.34 at 64, 0.08 at 256; measured in
+    # tests/e2e/test_sensors.py), so fewer than ~128 images per side would flag drift at 0.25 by chance.
+    sample: int = Field(256, description="images per side (monitoring and training reference)")
+    alpha: float = Field(0.01, description="significance level of the MMD permutation and KS tests")
+    psi_threshold: float = Field(0.25, description="PSI above this is drift")
+    n_permutations: int = Field(500, description="permutations of the MMD test (p-value resolution 1/(n+1))")
+    min_images: int = Field(
+        128, description="skip while the monitoring folder holds fewer images (PSI is noise below ~128)"
+    )
