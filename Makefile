@@ -54,7 +54,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 home: $(DAGSTER_HOME)/dagster.yaml
 
 demo: $(STAMP) home
-	$(PY) -m roadwork_assets.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+	$(PY) -m roadwork_commands.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
 
 # The browser test (tests/e2e/test_browser.py) drives Debian's Chromium through Playwright.
 CHROMIUM ?= /usr/bin/chromium

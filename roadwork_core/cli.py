@@ -1,7 +1,7 @@
 """`roadwork` console script: make-demo-data, predict, serve.
 
 The Dagster side (the demo run, the ablation) lives in roadwork_assets and is run with
-`python -m roadwork_assets.demo` / `python -m roadwork_assets.ablation`; this module stays free of
+`python -m roadwork_commands.demo` / `python -m roadwork_commands.ablation`; this module stays free of
 dagster so that serving (`roadwork predict`, `roadwork serve --bundle`) imports only the PyTorch core;
 `roadwork serve --latest` alone reads the Dagster instance, in roadwork_assets.released.
 """

@@ -38,14 +38,14 @@ RULES = [
     Rule(r"^make venv\b", "covered", ".ci/run (a clean clone: `make test` builds .venv from the lock)"),
     Rule(r"^make check-env\b", "run"),
     Rule(r"^\.venv/bin/roadwork make-demo-data\b", "run"),
-    Rule(r"^\.venv/bin/python -m roadwork_assets\.partitions add\b", "run"),
+    Rule(r"^\.venv/bin/python -m roadwork_commands\.partitions add\b", "run"),
     Rule(
         r"^\.venv/bin/dagster asset materialize .*--select '\*'",
         "covered",
         "tests/e2e/test_cli_materialize.py::test_cli_materializes_the_whole_graph",
     ),
     Rule(
-        r"^\.venv/bin/python -m roadwork_assets\.ablation\b",
+        r"^\.venv/bin/python -m roadwork_commands\.ablation\b",
         "covered",
         "tests/integration/test_ablation.py::test_ablation_prints_both_select_mcc",
     ),

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from roadwork_assets import ablation
 from roadwork_assets.definitions import build_resources
+from roadwork_commands import ablation
 from tests.integration.conftest import TINY_CONFIG, materialize, tiny_run_config
 from tests.integration.test_graph import _instance
 

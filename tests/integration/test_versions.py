@@ -69,7 +69,7 @@ def test_failed_asset_ends_mlflow_run_failed(tiny_inbox, rw_home):
 def test_partitions_command_adds_and_lists_versions(rw_home, capsys):
     import dagster as dg
 
-    from roadwork_assets import partitions
+    from roadwork_commands import partitions
 
     assert partitions.main(["add", "v0003", "v0002"]) == 0
     assert partitions.main(["add", "v0002"]) == 0

@@ -16,7 +16,7 @@ from tests.reliability.conftest import REPO, SECRET_TOKEN
 
 torch.set_num_threads(1)
 
-PACKAGES = ("roadwork_core", "roadwork_resources", "roadwork_assets")
+PACKAGES = ("roadwork_core", "roadwork_resources", "roadwork_assets", "roadwork_commands")
 
 # ---------------------------------------------------------------------------------------------------
 # unsafe deserialization (an AST scan: comments and docstrings that mention pickle do not count)
@@ -128,7 +128,7 @@ def test_no_unsafe_deserialization() -> None:
 
 
 def test_ui_and_printed_servers_bind_localhost() -> None:
-    from roadwork_assets.demo import mlflow_ui_command
+    from roadwork_commands.demo import mlflow_ui_command
 
     makefile = (REPO / "Makefile").read_text()
     ui = re.search(r"^ui:.*\n((?:\t.*\n)+)", makefile, re.M)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from roadwork_assets import demo
+from roadwork_commands import demo
 from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line, fmt_duration
 
 # Recorded from `dagster asset materialize` 1.13.27 (a two-asset graph with a passing and a failing

@@ -1,7 +1,7 @@
 """`make demo`: a synthetic drop -> the whole graph through the real `dagster asset materialize` CLI on
 the embedded instance -> a summary -> a `roadwork predict` call from a fresh process.
 
-    python -m roadwork_assets.demo --inbox data/inbox --version v0001 --n 2000 --config configs/demo.yaml
+    python -m roadwork_commands.demo --inbox data/inbox --version v0001 --n 2000 --config configs/demo.yaml
 """
 
 import argparse
@@ -296,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     bundle_dir = summarize(instance, args.version, log_path)
     predict_demo(bundle_dir, drop)
     if args.ablation:
-        from roadwork_assets import ablation
+        from roadwork_commands import ablation
 
         print(
-            "\n[demo] python -m roadwork_assets.ablation --partition " + args.version + " -c " + args.config
+            "\n[demo] python -m roadwork_commands.ablation --partition " + args.version + " -c " + args.config
         )
         ablation.main(["--partition", args.version, "-c", args.config])
     took = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """ExPLoRA ablation on the same splits: a `head` probe on the base backbone against one on the
 ExPLoRA backbone, both trained on train and scored on val_select (MCC).
 
-    python -m roadwork_assets.ablation --partition v0001 -c configs/demo.yaml
+    python -m roadwork_commands.ablation --partition v0001 -c configs/demo.yaml
 
 It reads the `splits` and `explora_backbone` artifacts of the partition from the instance (run the
 graph, or at least those two assets, first) and rebuilds the base backbone exactly as the asset did

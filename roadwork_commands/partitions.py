@@ -1,0 +1,30 @@
+"""`python -m roadwork_commands.partitions add v0002 [v0003 ...]` registers `dataset_version`
+partitions by hand (the new-drop sensor does it on its own); `list` prints them."""
+
+import argparse
+import sys
+
+import dagster as dg
+
+from roadwork_assets.partitions import dataset_version
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("action", choices=["add", "list"])
+    parser.add_argument("versions", nargs="*")
+    args = parser.parse_args(argv)
+    instance = dg.DagsterInstance.get()
+    if args.action == "add":
+        if not args.versions:
+            parser.error("add needs at least one version name")
+        new = [v for v in args.versions if not instance.has_dynamic_partition(dataset_version.name, v)]
+        instance.add_dynamic_partitions(dataset_version.name, new)
+        print(f"added {new or 'nothing (all present)'}")
+    for version in sorted(instance.get_dynamic_partitions(dataset_version.name)):
+        print(version)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
