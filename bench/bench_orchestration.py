@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start_dagster = startup("import roadwork_assets.definitions, dagster._cli")
         start_direct = startup(
-            "import bench.direct_pipeline as d, roadwork_core.training.supervised, roadwork_core.metrics.evaluate, roadwork_core.training.explora"
+            "import bench.direct_pipeline as d, roadwork_core.training.supervised, roadwork_core.workflows.evaluate, roadwork_core.training.explora"
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -46,7 +46,6 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     from roadwork_core.data.drops import list_unlabelled
     from roadwork_core.data.manifest import build_manifest
     from roadwork_core.data.splits import SplitConfig, assign_splits
-    from roadwork_core.metrics.evaluate import evaluate_bundle_on_test
     from roadwork_core.models.backbone import BackboneConfig, create_backbone
     from roadwork_core.models.classifier import build_classifier
     from roadwork_core.models.multiview import MultiViewConfig
@@ -54,6 +53,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     from roadwork_core.models.serialization import load_classifier, save_classifier
     from roadwork_core.training.explora import ExploraConfig, run_explora
     from roadwork_core.training.supervised import TrainConfig, train_classifier
+    from roadwork_core.workflows.evaluate import evaluate_bundle_on_test
 
     ops, res = resolved["ops"], resolved["resources"]
     gpu = res["gpu"]

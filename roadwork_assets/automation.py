@@ -145,7 +145,7 @@ def _monitor_files(folder: Path) -> list[Path]:
     "prediction scores (PSI, KS); requests a retrain of the latest version with the figures as run tags.",
 )
 def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> dg.RunRequest | dg.SkipReason:
-    from roadwork_core.metrics.drift_check import compare_with_training
+    from roadwork_core.workflows.drift_check import compare_with_training
     from roadwork_resources.io_manager import read_artifact
 
     files = _monitor_files(Path(drift.monitor_dir))

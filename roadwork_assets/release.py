@@ -190,8 +190,8 @@ def evaluation_report(
     test_predictions: pd.DataFrame,
     bundle: Path,
 ) -> dg.Output[Path]:
-    from roadwork_core.metrics.evaluate import evaluate_bundle_on_test
     from roadwork_core.metrics.subnet_eval import subnet_metrics
+    from roadwork_core.workflows.evaluate import evaluate_bundle_on_test
 
     gpu.setup()
     reader = SplitReader("evaluation_report", splits)

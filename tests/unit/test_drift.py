@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from roadwork_core.metrics.drift import drift_report, mmd_permutation_test, psi
-from roadwork_core.metrics.drift_check import compare_with_training, sample_rows
+from roadwork_core.workflows.drift_check import compare_with_training, sample_rows
 
 # ---------------------------------------------------------------------------------------------------
 # A tiny bundle (random-init vit_test_tiny) and image folders; shared with the e2e sensor tests.
