@@ -49,8 +49,8 @@ def bundle(
     scrc_policy,
     calib_predictions: pd.DataFrame,
 ) -> dg.Output[Path]:
-    from roadwork_core.bundle.bundle import MANIFEST_FILE
     from roadwork_core.bundle.export import export_bundle
+    from roadwork_core.bundle.schema import MANIFEST_FILE
     from roadwork_core.calibration.policy import summarize_decisions
     from roadwork_core.subnet.answer import fit_answer_rule
 

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from roadwork_core import __version__
-from roadwork_core.bundle.bundle import (
+from roadwork_core.bundle.schema import (
     BUNDLE_FILES,
     BUNDLE_SCHEMA_VERSION,
     CALIBRATOR_FILE,

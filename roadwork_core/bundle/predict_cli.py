@@ -22,7 +22,9 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TextIO
 
-from roadwork_core.bundle.bundle import Bundle, BundleError, ImageInput
+from roadwork_core.bundle.bundle import Bundle
+from roadwork_core.bundle.decode import ImageInput
+from roadwork_core.bundle.schema import BundleError
 
 __all__ = ["add_predict_arguments", "predict_command", "run_predict"]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import PIL.Image
 
-from roadwork_core.bundle.bundle import Bundle, BundleError, Prediction
+from roadwork_core.bundle.bundle import Bundle, Prediction
+from roadwork_core.bundle.schema import BundleError
 
 __all__ = ["BundleSlot", "Candidate", "ServedBundle", "SwapRefused"]
 

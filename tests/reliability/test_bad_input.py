@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from roadwork_core.bundle.bundle import Bundle, BundleError, manifest_digest
+from roadwork_core.bundle.bundle import Bundle
 from roadwork_core.bundle.predict_cli import add_predict_arguments, run_predict
+from roadwork_core.bundle.schema import BundleError, manifest_digest
 from roadwork_core.data.drops import drops_up_to
 from roadwork_core.data.manifest import TooManyRejects, build_manifest
 

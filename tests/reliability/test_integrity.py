@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from roadwork_core.bundle.bundle import Bundle, BundleError, BundleIntegrityError, manifest_digest
+from roadwork_core.bundle.bundle import Bundle
+from roadwork_core.bundle.schema import BundleError, BundleIntegrityError, manifest_digest
 
 torch.set_num_threads(1)
 

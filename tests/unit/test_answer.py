@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from roadwork_core.bundle import Bundle
-from roadwork_core.bundle.bundle import MANIFEST_FILE, manifest_digest
+from roadwork_core.bundle.schema import MANIFEST_FILE, manifest_digest
 from roadwork_core.subnet.answer import (
     ANSWER_FILE,
     AnswerRule,

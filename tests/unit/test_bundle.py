@@ -22,8 +22,8 @@ from roadwork_core.bundle import (
     BundleIntegrityError,
     export_bundle,
 )
-from roadwork_core.bundle.bundle import manifest_digest
 from roadwork_core.bundle.predict_cli import add_predict_arguments, predict_command, run_predict
+from roadwork_core.bundle.schema import manifest_digest
 from roadwork_core.calibration import fit_calibrator, fit_gate_policy, fit_threshold_policy
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
 from roadwork_core.data.images import decode_image
