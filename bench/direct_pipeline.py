@@ -40,6 +40,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     from roadwork_core.bundle.export import export_bundle
     from roadwork_core.calibration.calibrators import fit_calibrator
     from roadwork_core.calibration.gate import fit_gate_policy
+    from roadwork_core.calibration.policy import policy_name
     from roadwork_core.calibration.scrc import fit_scrc_policy
     from roadwork_core.calibration.threshold import fit_threshold_policy
     from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
@@ -170,7 +171,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     p_select = calibrator.transform(select["logit"].to_numpy(float))
     tp = ops["threshold_policy"]
     policies = {
-        "softmax": fit_threshold_policy(
+        "threshold": fit_threshold_policy(
             p_calib, labels, target_fnr=tp["target_fnr"], target_fpr=tp["target_fpr"]
         )
     }
@@ -187,7 +188,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     )  # fmt: skip
     lap("policies")
 
-    policy = policies[ops["bundle"]["release_policy"]]
+    policy = policies[policy_name(ops["bundle"]["release_policy"])]
     bundle_dir = export_bundle(
         out / "bundle",
         classifier_dir=out / "classifier",

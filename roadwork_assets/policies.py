@@ -87,7 +87,7 @@ def _summary_meta(policy, p: np.ndarray, feats: dict, labels: np.ndarray) -> dic
 
 
 @_policy_asset(
-    description='Policy "softmax": two empirical thresholds on the calibrated probability (no guarantee).'
+    description='Policy "threshold": two empirical thresholds on the calibrated probability (no guarantee).'
 )
 def threshold_policy(
     context: dg.AssetExecutionContext,

@@ -23,11 +23,14 @@ from roadwork_resources.mlflow_tracking import (
     log_metrics,
 )
 
-POLICY_ASSETS = {"softmax": "threshold_policy", "gate": "gate_policy", "scrc": "scrc_policy"}
+POLICY_ASSETS = {"threshold": "threshold_policy", "gate": "gate_policy", "scrc": "scrc_policy"}
 
 
 class BundleConfig(dg.Config):
-    release_policy: str = Field("scrc", description="the one policy shipped: softmax | gate | scrc")
+    release_policy: str = Field(
+        "scrc",
+        description="the one policy shipped: threshold | gate | scrc (softmax: the old name of threshold)",
+    )
 
 
 @dg.asset(
@@ -51,13 +54,14 @@ def bundle(
 ) -> dg.Output[Path]:
     from roadwork_core.bundle.export import export_bundle
     from roadwork_core.bundle.schema import MANIFEST_FILE
-    from roadwork_core.calibration.policy import summarize_decisions
+    from roadwork_core.calibration.policy import policy_name, summarize_decisions
     from roadwork_core.subnet.answer import fit_answer_rule
 
-    policies = {"softmax": threshold_policy, "gate": gate_policy, "scrc": scrc_policy}
-    if config.release_policy not in policies:
+    policies = {"threshold": threshold_policy, "gate": gate_policy, "scrc": scrc_policy}
+    release_policy = policy_name(config.release_policy)  # a config written with an old name still runs
+    if release_policy not in policies:
         raise ValueError(f"bundle.release_policy={config.release_policy!r}; choose one of {sorted(policies)}")
-    policy = policies[config.release_policy]
+    policy = policies[release_policy]
     reader = SplitReader("bundle", splits)
     calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
     p = calibrator.transform(calib["logit"].to_numpy(float))
@@ -75,7 +79,7 @@ def bundle(
             "explora_backbone",
             "classifier",
             "calibrator",
-            POLICY_ASSETS[config.release_policy],
+            POLICY_ASSETS[release_policy],
         )
     }
     out = export_bundle(

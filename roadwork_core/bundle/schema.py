@@ -19,8 +19,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
+from roadwork_core.calibration.policy import policy_name
 from roadwork_core.models.serialization import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE
 from roadwork_core.subnet.answer import ANSWER_FILE
 
@@ -71,6 +72,13 @@ class BundleManifest(BaseModel):
     policy: str  # the `policy` field of policy.json
     files: dict[str, FileEntry]
     content_sha256: str  # manifest_digest of every other field
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _current_policy_name(cls, value: Any) -> Any:
+        # a bundle exported under an old policy name ("softmax") loads as the policy it was renamed to;
+        # content_sha256 covers the manifest as written, so this does not touch verification
+        return policy_name(value)
 
 
 def manifest_digest(doc: Mapping[str, Any]) -> str:

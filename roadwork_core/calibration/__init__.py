@@ -1,4 +1,4 @@
-"""Probability calibration and the three decision policies (softmax threshold, gate, SCRC)."""
+"""Probability calibration and the three decision policies (threshold, gate, SCRC)."""
 
 from roadwork_core.calibration.calibrators import (
     CALIBRATION_METHODS,

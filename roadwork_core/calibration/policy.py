@@ -16,10 +16,10 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 POLICY_SCHEMA_VERSION = 1
 
@@ -46,6 +46,11 @@ class BasePolicy(BaseModel, ABC):
     policy: str
     guarantee: str
 
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _current_name(cls, value: Any) -> Any:
+        return policy_name(value)  # a policy.json written under an old name (OLD_POLICY_NAMES) still reads
+
     @abstractmethod
     def decide(self, p: np.ndarray, features: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """(N,) calibrated probabilities (+ (N,) feature columns) -> (N,) decision strings."""
@@ -53,6 +58,15 @@ class BasePolicy(BaseModel, ABC):
 
 _POLICIES: dict[str, type[BasePolicy]] = {}
 P = TypeVar("P", bound=type[BasePolicy])
+
+# Policy names that earlier roadwork wrote (policy.json, the bundle manifest, run config's
+# `release_policy`); still read, as the policy they were renamed to.
+OLD_POLICY_NAMES: dict[str, str] = {"softmax": "threshold"}
+
+
+def policy_name(name: Any) -> Any:
+    """The current name of policy `name` (`softmax` -> `threshold`); anything else unchanged."""
+    return OLD_POLICY_NAMES.get(name, name) if isinstance(name, str) else name
 
 
 def register_policy(cls: P) -> P:
@@ -88,7 +102,7 @@ def policy_from_json(text: str | bytes) -> BasePolicy:
         raise ValueError(
             f"policy JSON must be an object with a 'policy' field, one of {valid}; got {str(raw)[:80]!r}"
         )
-    cls = _POLICIES.get(raw["policy"])
+    cls = _POLICIES.get(policy_name(raw["policy"]))
     if cls is None:
         raise ValueError(f"unknown policy {raw['policy']!r} in policy JSON; valid policies are {valid}")
     try:

@@ -1,4 +1,4 @@
-"""Policy "softmax": two thresholds on the calibrated probability, swept on val_calib.
+"""Policy "threshold" (called "softmax" before; that name still reads): two thresholds on the calibrated probability, swept on val_calib.
 
 p >= t_pos -> roadwork; p < t_neg -> no_roadwork; otherwise defer (t_neg <= t_pos). The FNR depends
 only on t_neg and the FPR only on t_pos, and for t_neg <= t_pos coverage is #(p < t_neg) + #(p >= t_pos),
@@ -28,7 +28,7 @@ from roadwork_core.calibration.policy import (
 
 @register_policy
 class ThresholdPolicy(BasePolicy):
-    policy: Literal["softmax"] = "softmax"
+    policy: Literal["threshold"] = "threshold"
     guarantee: str = "none (empirical on val_calib)"
     t_neg: float = Field(ge=0.0, le=NEVER)  # p < t_neg -> no_roadwork
     t_pos: float = Field(ge=0.0, le=NEVER)  # p >= t_pos -> roadwork

@@ -6,7 +6,7 @@ no_roadwork. Every place that turns a probability into the classifier's label (a
 error rate and AUGRC's "correct", view disagreement, the gate policy's label) calls `hard_label`, so a
 tie (a histogram calibrator outputs exactly 0.5 for a whole bin) means the same everywhere.
 
-Fitted decision thresholds (SCRC's lambda2, the softmax policy's t_pos / t_neg) are not hard labels:
+Fitted decision thresholds (SCRC's lambda2, the threshold policy's t_pos / t_neg) are not hard labels:
 they keep `p >= threshold` because their fit counts a score equal to the threshold that way.
 """
 

@@ -104,23 +104,23 @@ def _confidence_rule(policy, p: np.ndarray, features: Mapping[str, np.ndarray]):
         confidence = -policy.failure_score(p, features)
         thresholds = {"gate": policy.gate_threshold, "p": policy.decision_threshold}
         return confidence, policy.decision_threshold, thresholds, "gate, confidence 1 - failure score", None
-    if kind == "softmax":
+    if kind == "threshold":
         confidence = np.maximum(p - policy.t_pos, policy.t_neg - p)  # >= 0 exactly outside the defer band
         thresholds = {"t_neg": policy.t_neg, "t_pos": policy.t_pos}
         return (
             confidence,
             policy.t_pos,
             thresholds,
-            "softmax, confidence = distance from the defer band",
+            "threshold, confidence = distance from the defer band",
             None,
         )
-    raise ValueError(f"policy_curve: unknown policy {kind!r}; expected softmax, gate or scrc")
+    raise ValueError(f"policy_curve: unknown policy {kind!r}; expected threshold, gate or scrc")
 
 
 def policy_curve(
     policy, p: np.ndarray, features: Mapping[str, np.ndarray], labels: np.ndarray
 ) -> PolicyCurve:
-    """The risk-coverage curve of a fitted policy (softmax, gate or scrc) on its calibration images."""
+    """The risk-coverage curve of a fitted policy (threshold, gate or scrc) on its calibration images."""
     p = np.asarray(p, dtype=np.float64)
     y = np.asarray(labels, dtype=int)
     confidence, roadwork_threshold, thresholds, title, alpha = _confidence_rule(policy, p, features)

@@ -55,7 +55,7 @@ def sigkill(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """An exported bundle (random-init vit_test_tiny, temperature calibrator, softmax threshold policy)
+    """An exported bundle (random-init vit_test_tiny, temperature calibrator, threshold policy)
     plus two good JPEGs. Returns {bundle_dir, images, policy, root}."""
     import PIL.Image
 

@@ -69,7 +69,7 @@ def test_policy_of_another_kind_is_refused_even_with_a_recomputed_digest(
     """The manifest's `policy` field must name the policy actually shipped."""
     bundle_dir = _copy(tiny_bundle, tmp_path)
     policy = json.loads((bundle_dir / "policy.json").read_text())
-    policy["policy"] = "scrc" if policy.get("policy") != "scrc" else "softmax"
+    policy["policy"] = "scrc" if policy.get("policy") != "scrc" else "threshold"
     _swap_file(bundle_dir, "policy.json", json.dumps(policy).encode(), recompute_digest=True)
     with pytest.raises(BundleError, match="policy.json"):
         Bundle.load(bundle_dir)

@@ -175,6 +175,45 @@ def test_predict_reproduces_model_calibrator_policy(parts: dict) -> None:
         assert all(p.decision in ("roadwork", "no_roadwork", "defer") for p in preds)
 
 
+def _as_old_softmax_bundle(src: Path, dest: Path) -> Path:
+    """A copy of `src` as roadwork wrote it before the threshold policy was renamed: policy.json and the
+    manifest say "softmax", the manifest's file hash and content digest match those bytes."""
+    import hashlib
+
+    dest = Path(shutil.copytree(src, dest))
+    policy_doc = json.loads((dest / "policy.json").read_text())
+    assert policy_doc["policy"] == "threshold"
+    data = json.dumps({**policy_doc, "policy": "softmax"}, indent=2).encode()
+    (dest / "policy.json").write_bytes(data)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["policy"] = "softmax"
+    manifest["files"]["policy.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest["content_sha256"] = manifest_digest(manifest)
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
+def test_bundle_written_with_the_old_softmax_policy_name_loads_and_predicts_the_same(
+    parts: dict, tmp_path: Path
+) -> None:
+    p_calib = parts["calibrator"].transform(np.random.default_rng(1).normal(0, 3, 400))
+    labels = (np.random.default_rng(2).uniform(size=400) < p_calib).astype(int)
+    policy = fit_threshold_policy(p_calib, labels, target_fnr=0.1, target_fpr=0.2)
+    assert policy.policy == "threshold" and policy.t_neg < policy.t_pos  # a defer band: three decisions
+    new_dir = export_bundle(
+        tmp_path / "new", classifier_dir=parts["classifier_dir"], calibrator=parts["calibrator"], policy=policy,
+        dataset_version="v0001", upstream_versions={}, metrics_summary={}, code_version=None,
+    )  # fmt: skip
+    old_dir = _as_old_softmax_bundle(new_dir, tmp_path / "old")
+    assert json.loads((old_dir / "policy.json").read_text())["policy"] == "softmax"
+
+    new, old = Bundle.load(new_dir), Bundle.load(old_dir)
+    assert old.manifest.policy == old.policy.policy == "threshold"
+    assert old.policy == new.policy
+    images = parts["paths"] * 4
+    assert [p.to_dict() for p in old.predict(images)] == [p.to_dict() for p in new.predict(images)]
+
+
 def test_max_logit_difference_against_recorded_logits(parts: dict) -> None:
     bundle = Bundle.load(parts["bundle_dir"])
     uris = [str(p) for p in parts["paths"]]

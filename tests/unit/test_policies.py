@@ -1,4 +1,4 @@
-"""The softmax-threshold and gate policies, decision summaries, and JSON dispatch of every policy."""
+"""The threshold and gate policies, decision summaries, and JSON dispatch of every policy."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_summary_counts_deferred_positives_as_not_false_negatives():
 
 
 # -------------------------------------------------------------------------------------------------
-# policy "softmax"
+# policy "threshold"
 
 
 def test_threshold_policy_meets_targets_and_maximizes_coverage_against_brute_force():
@@ -182,7 +182,7 @@ def all_policies(gate_data):
 def test_every_policy_round_trips_with_identical_decisions(all_policies, gate_data):
     _, (cp, cf, _) = gate_data
     test_p, test_f, _ = make_predictions(400, seed=12)
-    assert set(registered_policies()) == {"softmax", "gate", "scrc"}, registered_policies()
+    assert set(registered_policies()) == {"threshold", "gate", "scrc"}, registered_policies()
     for policy in all_policies:
         text = policy_to_json(policy)
         again = policy_from_json(text)

@@ -66,10 +66,10 @@ def test_folder_figures_lists_every_png_listed_ones_first(tmp_path):
     assert all(png.startswith(b"\x89PNG") for _, png in figures)
 
 
-@pytest.mark.parametrize("kind", ["softmax", "gate", "scrc"])
+@pytest.mark.parametrize("kind", ["threshold", "gate", "scrc"])
 def test_policy_curve_passes_through_the_chosen_operating_point(kind):
     p, feats, labels = make_predictions(600, seed=3)
-    if kind == "softmax":
+    if kind == "threshold":
         policy = fit_threshold_policy(p, labels, target_fnr=0.05)
     elif kind == "gate":
         sp, sf, sl = make_predictions(400, seed=4)
