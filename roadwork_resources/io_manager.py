@@ -1,6 +1,6 @@
 """Artifact IO manager: typed, atomic, checksummed storage per asset and partition.
 
-Layout: `<root>/<asset key path>/<partition>/` holding the artifact files and `_artifact.json`
+Layout: `<root>/<asset key path>/<partition>/` holding the artifact files and the record `_artifact.json`
 (kind, class, sha256 and size of every file). A partition directory is built under a temporary name
 and renamed into place, so a reader sees the previous complete artifact or the new one, never a mix.
 
@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from roadwork_core.io import atomic_dir, sha256_file
 
-MANIFEST = "_artifact.json"
+RECORD_FILE = "_artifact.json"
 _ALLOWED_CLASS_PREFIX = "roadwork_core."
 
 
@@ -73,7 +73,7 @@ def _write_error(dest: Path, exc: Exception) -> OSError:
 
 
 def write_artifact(dest: Path, obj: Any) -> dict:
-    """Write `obj` as a typed artifact directory at `dest` atomically; return its manifest."""
+    """Write `obj` as a typed artifact directory at `dest` atomically; return its record."""
     from safetensors import SafetensorError
 
     dest = Path(dest)
@@ -123,9 +123,9 @@ def _write_artifact(dest: Path, obj: Any) -> dict:
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = f.relative_to(tmp).as_posix()
             files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-        manifest = {"kind": kind, "class": cls, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+        record = {"kind": kind, "class": cls, "files": files}
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
+    return record
 
 
 def _load_class(name: str) -> type[BaseModel]:
@@ -142,17 +142,17 @@ def _load_class(name: str) -> type[BaseModel]:
 
 def read_artifact(src: Path) -> Any:
     """Load the artifact directory written by `write_artifact`."""
-    mpath = src / MANIFEST
-    if not mpath.is_file():
+    record_path = src / RECORD_FILE
+    if not record_path.is_file():
         raise FileNotFoundError(
-            f"no artifact at {src} (missing {MANIFEST}); materialize the upstream asset for this partition first"
+            f"no artifact at {src} (missing {RECORD_FILE}); materialize the upstream asset for this partition first"
         )
-    manifest = json.loads(mpath.read_text())
-    kind = manifest["kind"]
+    record = json.loads(record_path.read_text())
+    kind = record["kind"]
     if kind == "dataframe":
         return pd.read_parquet(src / "data.parquet")
     if kind == "pydantic":
-        return _load_class(manifest["class"]).model_validate_json((src / "artifact.json").read_text())
+        return _load_class(record["class"]).model_validate_json((src / "artifact.json").read_text())
     if kind == "tensors":
         from safetensors.torch import load_file
 
@@ -161,7 +161,7 @@ def read_artifact(src: Path) -> Any:
         return src / "dir"
     if kind == "json":
         return json.loads((src / "value.json").read_text())
-    raise ArtifactTypeError(f"unknown artifact kind {kind!r} in {mpath}")
+    raise ArtifactTypeError(f"unknown artifact kind {kind!r} in {record_path}")
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
@@ -177,18 +177,14 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             return
         partition = context.asset_partition_key if context.has_asset_partitions else None
         dest = self._path(context.asset_key, partition)
-        manifest = write_artifact(dest, obj)
-        digest = (
-            manifest["files"][next(iter(manifest["files"]))]["sha256"]
-            if len(manifest["files"]) == 1
-            else None
-        )
+        record = write_artifact(dest, obj)
+        digest = record["files"][next(iter(record["files"]))]["sha256"] if len(record["files"]) == 1 else None
         context.add_output_metadata(
             {
                 "path": dg.MetadataValue.path(str(dest)),
-                "artifact_kind": manifest["kind"],
-                "bytes": sum(f["bytes"] for f in manifest["files"].values()),
-                "sha256": digest or _combined_digest(manifest),
+                "artifact_kind": record["kind"],
+                "bytes": sum(f["bytes"] for f in record["files"].values()),
+                "sha256": digest or _combined_digest(record),
             }
         )
 
@@ -197,10 +193,10 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         return read_artifact(self._path(context.asset_key, partition))
 
 
-def _combined_digest(manifest: dict) -> str:
+def _combined_digest(record: dict) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name, meta in sorted(manifest["files"].items()):
+    for name, meta in sorted(record["files"].items()):
         h.update(f"{name}:{meta['sha256']}\n".encode())
     return h.hexdigest()

@@ -11,7 +11,7 @@ import torch
 from roadwork_core.calibration.calibrators import Calibrator
 from roadwork_core.io import atomic_dir, atomic_write_bytes, sha256_file
 from roadwork_resources.io_manager import (
-    MANIFEST,
+    RECORD_FILE,
     ArtifactTypeError,
     new_artifact_dir,
     read_artifact,
@@ -21,8 +21,8 @@ from roadwork_resources.io_manager import (
 
 def test_dataframe_round_trip_keeps_list_columns(tmp_path):
     df = pd.DataFrame({"image_id": ["a", "b"], "view_probs": [[0.1, 0.2], [0.3, 0.4]], "label": [0, 1]})
-    manifest = write_artifact(tmp_path / "t", df)
-    assert manifest["kind"] == "dataframe"
+    record = write_artifact(tmp_path / "t", df)
+    assert record["kind"] == "dataframe"
     back = read_artifact(tmp_path / "t")
     assert back["image_id"].tolist() == ["a", "b"]
     assert [list(v) for v in back["view_probs"]] == [[0.1, 0.2], [0.3, 0.4]]
@@ -30,10 +30,10 @@ def test_dataframe_round_trip_keeps_list_columns(tmp_path):
 
 def test_pydantic_round_trip_and_checksums(tmp_path):
     cal = Calibrator(method="temperature", params={"temperature": 2.0})
-    manifest = write_artifact(tmp_path / "c", cal)
+    record = write_artifact(tmp_path / "c", cal)
     back = read_artifact(tmp_path / "c")
     assert isinstance(back, Calibrator) and back == cal
-    for name, meta in manifest["files"].items():
+    for name, meta in record["files"].items():
         assert sha256_file(tmp_path / "c" / name) == meta["sha256"], f"{name} checksum not recorded"
 
 
@@ -69,9 +69,9 @@ def test_refuses_to_pickle_arbitrary_objects(tmp_path):
 
 def test_refuses_to_load_classes_outside_roadwork(tmp_path):
     write_artifact(tmp_path / "c", Calibrator(method="temperature", params={"temperature": 1.5}))
-    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
-    manifest["class"] = "os.system"
-    (tmp_path / "c" / MANIFEST).write_text(json.dumps(manifest))
+    record = json.loads((tmp_path / "c" / RECORD_FILE).read_text())
+    record["class"] = "os.system"
+    (tmp_path / "c" / RECORD_FILE).write_text(json.dumps(record))
     with pytest.raises(ArtifactTypeError, match="only roadwork_core"):
         read_artifact(tmp_path / "c")
 
