@@ -34,7 +34,7 @@ VERSION = "v0001"
 
 def resolve_config(config_path: Path) -> dict:
     """The run config read through the assets' own Config / resource classes: every default filled."""
-    from roadwork_assets.data import ManifestConfig
+    from roadwork_assets.data import ImageTableConfig
     from roadwork_assets.policies import CalibratorConfig, RiskTargets, ScrcConfig
     from roadwork_assets.predictions import PredictConfig
     from roadwork_assets.release import BundleConfig, ReportConfig
@@ -45,7 +45,7 @@ def resolve_config(config_path: Path) -> dict:
     doc = yaml.safe_load(config_path.read_text()) or {}
     ops_doc, res_doc = doc.get("ops", {}), doc.get("resources", {})
     classes = {
-        "image_manifest": ManifestConfig,
+        "image_table": ImageTableConfig,
         "explora_backbone": ExploraSettings,
         "classifier": ClassifierSettings,
         "select_predictions": PredictConfig,

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="roadwork-bench-scaling-") as tmp:
         root = Path(tmp)
         # Enough images that the largest training size fits in the train split (60%).
-        manifest, splits = synthetic_rows(root / "inbox", int(max(sizes) / 0.55) + 8)
+        images, splits = synthetic_rows(root / "inbox", int(max(sizes) / 0.55) + 8)
         rows = splits.sort_values("image_id").reset_index(drop=True)
         train_all = rows[rows["split"] == "train"].reset_index(drop=True)
         select = rows[rows["split"] == "val_select"].reset_index(drop=True).head(32)

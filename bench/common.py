@@ -158,19 +158,19 @@ def set_threads(n: int | None = None) -> int:
 
 
 def synthetic_rows(root: Path, n: int, version: str = "v0001", seed: int = 0, n_unlabelled: int = 0):
-    """A synthetic labels.csv drop of `n` scenes under `root` -> (manifest, splits) DataFrames.
+    """A synthetic labels.csv drop of `n` scenes under `root` -> (image table, splits) DataFrames.
 
-    Same path as the `image_manifest` and `splits` assets (build_manifest, assign_splits).
+    Same path as the `image_table` and `splits` assets (build_image_table, assign_splits).
     """
-    from roadwork_core.data.manifest import build_manifest
+    from roadwork_core.data.image_table import build_image_table
     from roadwork_core.data.splits import SplitConfig, assign_splits
     from roadwork_core.data.synthetic import make_demo_drop
 
     drop = Path(root) / version
     if not (drop / "_READY").exists():
         make_demo_drop(Path(root), version, n=n, seed=seed, n_unlabelled=n_unlabelled)
-    manifest = build_manifest([drop]).manifest
-    return manifest, assign_splits(manifest, SplitConfig())
+    images = build_image_table([drop]).images
+    return images, assign_splits(images, SplitConfig())
 
 
 def dagster_step_durations(log_text: str) -> dict[str, str]:

@@ -3,7 +3,7 @@ bench_orchestration compares `dagster asset materialize` against.
 
 It mirrors the assets in roadwork_assets/*.py call for call with the resolved config values that
 bench_orchestration writes (`--resolved`, the same YAML read through the assets' own Config
-classes): build_manifest -> assign_splits -> run_explora -> train_classifier -> predict_frame x3 ->
+classes): build_image_table -> assign_splits -> run_explora -> train_classifier -> predict_frame x3 ->
 fit_calibrator -> threshold / gate / SCRC policies -> export_bundle -> evaluate_bundle_on_test.
 Not mirrored: asset checks, MLflow logging, the IO manager's sha256 records (that is the overhead
 being measured).
@@ -45,7 +45,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     from roadwork_core.calibration.threshold import fit_threshold_policy
     from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
     from roadwork_core.data.drops import list_unlabelled
-    from roadwork_core.data.manifest import build_manifest
+    from roadwork_core.data.image_table import build_image_table
     from roadwork_core.data.splits import SplitConfig, assign_splits
     from roadwork_core.models.backbone import BackboneConfig, create_backbone
     from roadwork_core.models.classifier import build_classifier
@@ -69,14 +69,14 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
         t = now
 
     drops = [inbox / version]
-    mc = ops["image_manifest"]
-    manifest = build_manifest(
+    mc = ops["image_table"]
+    images = build_image_table(
         drops, min_size=mc["min_size"], max_reject_fraction=mc["max_reject_fraction"]
-    ).manifest
-    lap("image_manifest")
+    ).images
+    lap("image_table")
     ss = res["split_settings"]
     ratios = {k: ss[k] for k in ("train", "val_select", "val_calib", "val_test")}
-    splits = assign_splits(manifest, SplitConfig(ratios=ratios, radius=ss["radius"]))
+    splits = assign_splits(images, SplitConfig(ratios=ratios, radius=ss["radius"]))
     by = {s: splits[splits["split"] == s].reset_index(drop=True) for s in ratios}
     lap("splits")
 

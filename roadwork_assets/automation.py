@@ -25,7 +25,7 @@ retrain_job = dg.define_asset_job(
     selection=dg.AssetSelection.all(),
     partitions_def=dataset_version,
     tags=RETRAIN_QUEUE_TAG,
-    description="Every asset of one dataset version, from image_manifest to evaluation_report. Each tracked "
+    description="Every asset of one dataset version, from image_table to evaluation_report. Each tracked "
     "asset carries the MLflow step hooks (roadwork_resources.mlflow_tracking), so the MLflow run ends FINISHED "
     "or FAILED with the Dagster run. Runs queue one at a time (tag roadwork/queue=retrain, dagster.yaml).",
 )

@@ -1,4 +1,4 @@
-"""Data stage: image_manifest -> splits, with the split contracts as blocking checks."""
+"""Data stage: image_table -> splits, with the split contracts as blocking checks."""
 
 import dagster as dg
 import pandas as pd
@@ -6,14 +6,14 @@ from pydantic import Field
 
 from roadwork_assets._util import load_previous_version, md_table
 from roadwork_assets.partitions import dataset_version
-from roadwork_assets.types import ManifestTable, SplitsTable
+from roadwork_assets.types import ImageTable, SplitsTable
 from roadwork_core.io import atomic_write_bytes
 from roadwork_resources.artifact_store import ArtifactStore
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.settings import SplitSettings
 
 
-class ManifestConfig(dg.Config):
+class ImageTableConfig(dg.Config):
     min_size: int = Field(32, description="images smaller than this on either side are rejected")
     max_reject_fraction: float = Field(
         0.05, description="fail the run when more candidates than this are rejected"
@@ -24,18 +24,18 @@ class ManifestConfig(dg.Config):
     partitions_def=dataset_version,
     group_name="data",
     kinds={"pandas", "parquet"},
-    dagster_type=ManifestTable,
+    dagster_type=ImageTable,
     description="One row per accepted image of every drop up to this version; rejects listed with reasons.",
 )
-def image_manifest(
-    context: dg.AssetExecutionContext, config: ManifestConfig, dataset: DatasetSource, store: ArtifactStore
+def image_table(
+    context: dg.AssetExecutionContext, config: ImageTableConfig, dataset: DatasetSource, store: ArtifactStore
 ) -> dg.Output:
     from roadwork_core.data.fingerprint import version_fingerprint
-    from roadwork_core.data.manifest import build_manifest
+    from roadwork_core.data.image_table import build_image_table
 
     drops = dataset.drops_for_version(context.partition_key)
     fingerprint = version_fingerprint(drops)  # before reading: a file changed meanwhile changes the next one
-    result = build_manifest(
+    result = build_image_table(
         drops,
         fmt=dataset.format,
         class_names=dataset.class_names,
@@ -43,24 +43,24 @@ def image_manifest(
         min_size=config.min_size,
         max_reject_fraction=config.max_reject_fraction,
     )
-    manifest, rejects = result.manifest, result.rejects
-    side = store.side_dir("image_manifest", context.partition_key)
+    images, rejects = result.images, result.rejects
+    side = store.side_dir("image_table", context.partition_key)
     atomic_write_bytes(side / "rejects.parquet", rejects.to_parquet(index=False))
     atomic_write_bytes(side / "duplicates.parquet", result.duplicates.to_parquet(index=False))
     if len(rejects):
         context.log.warning(f"{len(rejects)} files rejected; see {side / 'rejects.parquet'}")
     return dg.Output(
-        manifest,
+        images,
         metadata={
             "drops": [p.name for p in drops],
             "source_fingerprint": fingerprint,
-            "num_images": len(manifest),
-            "num_positive": int(manifest["label"].sum()) if len(manifest) else 0,
+            "num_images": len(images),
+            "num_positive": int(images["label"].sum()) if len(images) else 0,
             "num_rejected": len(rejects),
             "rejects": md_table(rejects),
             "rejects_path": dg.MetadataValue.path(str(side / "rejects.parquet")),
             "num_exact_duplicates": len(result.duplicates),
-            "dagster/row_count": len(manifest),
+            "dagster/row_count": len(images),
         },
     )
 
@@ -76,7 +76,7 @@ def image_manifest(
 def splits(
     context: dg.AssetExecutionContext,
     split_settings: SplitSettings,
-    image_manifest: pd.DataFrame,
+    image_table: pd.DataFrame,
     store: ArtifactStore,
 ) -> dg.Output:
     from roadwork_core.data.splits import QUARANTINE_COLUMNS, SplitConfig, assign_splits
@@ -86,7 +86,7 @@ def splits(
     prev_version, previous = load_previous_version(context.instance, context.asset_key, context.partition_key)
     _require_earlier_splits(context, prev_version)
     table = assign_splits(
-        image_manifest,
+        image_table,
         SplitConfig(ratios=split_settings.ratios(), radius=split_settings.radius),
         previous=previous,
     )

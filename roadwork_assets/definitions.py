@@ -19,7 +19,7 @@ from roadwork_assets.automation import (
     weekly_retrain,
 )
 from roadwork_assets.contract_checks import CONTRACT_CHECKS
-from roadwork_assets.data import SPLIT_CHECKS, image_manifest, splits
+from roadwork_assets.data import SPLIT_CHECKS, image_table, splits
 from roadwork_assets.policies import calibrator, gate_policy, scrc_policy, threshold_policy
 from roadwork_assets.predictions import calib_predictions, select_predictions, test_predictions
 from roadwork_assets.release import (
@@ -39,7 +39,7 @@ from roadwork_resources.paths import artifact_root, inbox_root, state_root
 from roadwork_resources.settings import DriftSettings, RetrainSettings, SplitSettings
 
 ASSETS = [
-    image_manifest,
+    image_table,
     splits,
     explora_backbone,
     classifier,

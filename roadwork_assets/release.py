@@ -74,7 +74,7 @@ def bundle(
             "sha256"
         )
         for key in (
-            "image_manifest",
+            "image_table",
             "splits",
             "explora_backbone",
             "classifier",
@@ -96,12 +96,12 @@ def bundle(
     # what `roadwork serve --latest` and new_drop_sensor read (roadwork_assets.released)
     bundle_id = json.loads((out / MANIFEST_FILE).read_text())["content_sha256"]
     source = latest_materialization_metadata(
-        context.instance, dg.AssetKey("image_manifest"), context.partition_key
+        context.instance, dg.AssetKey("image_table"), context.partition_key
     ).get("source_fingerprint")
     return dg.Output(
         out,
         metadata={
-            "release_policy": config.release_policy,
+            "release_policy": release_policy,
             "bundle_id": bundle_id,
             "source_fingerprint": source or "",
             "guarantee": str(getattr(policy, "guarantee", "")),

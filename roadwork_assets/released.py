@@ -38,7 +38,7 @@ class ReleasedBundle:
     partition: str
     path: Path  # the bundle directory inside the artifact store
     bundle_id: str  # the manifest content_sha256 recorded at release
-    source_fingerprint: str  # the image_manifest's drop fingerprint it was built from ("" if unknown)
+    source_fingerprint: str  # the image_table's drop fingerprint it was built from ("" if unknown)
     run_id: str
     storage_id: int
 

@@ -35,7 +35,7 @@ def _table_type(
     return dg.DagsterType(name=name, type_check_fn=check, description=description, typing_type=pd.DataFrame)
 
 
-def _manifest_problem(df: pd.DataFrame) -> str | None:
+def _image_table_problem(df: pd.DataFrame) -> str | None:
     if df["image_id"].duplicated().any():
         return f"{int(df['image_id'].duplicated().sum())} duplicate image_id rows"
     bad = df.loc[~df["label"].isin([0, 1]), "file"].head(5).tolist()
@@ -53,11 +53,11 @@ def _predictions_problem(df: pd.DataFrame) -> str | None:
     return f"p_raw outside [0, 1] for images {outside}" if outside else None
 
 
-ManifestTable = _table_type(
-    "ManifestTable",
+ImageTable = _table_type(
+    "ImageTable",
     ["image_id", "uri", "file", "label", "phash", "width", "height", "source"],
     "One row per accepted image: sha256 image_id, uri, 0/1 label, perceptual hash, size, source drop, metadata.",
-    _manifest_problem,
+    _image_table_problem,
 )
 SplitsTable = _table_type(
     "SplitsTable",

@@ -186,8 +186,8 @@ def summarize(instance: dg.DagsterInstance, version: str, log_path: Path | None 
     def meta(asset: str) -> dict:
         return latest_materialization_metadata(instance, dg.AssetKey(asset), version)
 
-    manifest, clf, bundle_meta, report_meta = (
-        meta("image_manifest"),
+    images, clf, bundle_meta, report_meta = (
+        meta("image_table"),
         meta("classifier"),
         meta("bundle"),
         meta("evaluation_report"),
@@ -197,7 +197,7 @@ def summarize(instance: dg.DagsterInstance, version: str, log_path: Path | None 
     report = json.loads((report_dir / "report.json").read_text())
     print("\n==== roadwork demo summary ====")
     print(
-        f"dataset version {version}: {manifest.get('num_images')} images accepted, {manifest.get('num_rejected')} rejected"
+        f"dataset version {version}: {images.get('num_images')} images accepted, {images.get('num_rejected')} rejected"
     )
     speedup = clf.get("cache_speedup_first_vs_later_epochs")
     print(

@@ -112,7 +112,7 @@ class SplitReader:
     """Hands an asset the rows of the splits it may read, and remembers what it read.
 
     `table` is the splits table (one row per image, with at least `image_id` and `split`), usually
-    joined with the image manifest so that rows carry `uri`, `label` and metadata.
+    joined with the image table so that rows carry `uri`, `label` and metadata.
     """
 
     def __init__(self, asset: str, table: pd.DataFrame):

@@ -18,7 +18,7 @@ A drop is complete when it holds `_READY`. Five layouts are read (auto-detected,
   The centre of its largest such box becomes `mask_x`, `mask_y` (pixels), the validator's mask point.
   A malformed label line or annotation rejects its image (`bad_label`, naming the file and line).
 
-Readers only list candidates; decoding and label checks happen in the manifest. Paths that escape
+Readers only list candidates; decoding and label checks happen in the image table. Paths that escape
 the drop root and symlinks that resolve outside it are rejected here and never read.
 """
 

@@ -1,4 +1,4 @@
-"""The image manifest: every accepted, unique image of a dataset version, with rejects and duplicates.
+"""The image table: every accepted, unique image of a dataset version, with rejects and duplicates.
 
 Each candidate from the drop readers is read, hashed (sha256 of the file bytes = `image_id`), fully
 decoded (EXIF transpose, RGB), size-checked and perceptually hashed. Exact duplicates are collapsed
@@ -22,7 +22,7 @@ import pandas as pd
 from roadwork_core.data.drops import BASE_COLUMNS, DEFAULT_CLASS_NAMES, read_drop
 from roadwork_core.data.images import ImageRejected, decode_image, read_uri_bytes
 
-MANIFEST_COLUMNS = ["image_id", "uri", "file", "label", "phash", "width", "height", "source"]
+IMAGE_TABLE_COLUMNS = ["image_id", "uri", "file", "label", "phash", "width", "height", "source"]
 REJECT_COLUMNS = ["file", "source", "reason", "detail"]
 DUPLICATE_COLUMNS = ["image_id", "kept_file", "kept_source", "dropped_file", "dropped_source", "conflict"]
 
@@ -32,8 +32,8 @@ class TooManyRejects(ValueError):
 
 
 @dataclass
-class ManifestResult:
-    manifest: pd.DataFrame  # MANIFEST_COLUMNS + metadata columns (str), sorted by image_id
+class ImageTableResult:
+    images: pd.DataFrame  # IMAGE_TABLE_COLUMNS + metadata columns (str), sorted by image_id
     rejects: pd.DataFrame  # REJECT_COLUMNS
     duplicates: pd.DataFrame  # DUPLICATE_COLUMNS
     n_candidates: int  # rows listed by the readers, accepted or not
@@ -85,7 +85,7 @@ def _inspect(uri: str, file: str, min_size: int) -> tuple[dict | None, tuple[str
     return facts, None
 
 
-def build_manifest(
+def build_image_table(
     drop_dirs: list[Path],
     *,
     fmt: str = "auto",
@@ -94,7 +94,7 @@ def build_manifest(
     min_size: int = 32,
     max_reject_fraction: float = 0.05,
     workers: int | None = None,
-) -> ManifestResult:
+) -> ImageTableResult:
     """Union of the drops (oldest first), validated and de-duplicated; see the module docstring.
 
     Raises `TooManyRejects` when rejects / candidates > `max_reject_fraction`.
@@ -139,19 +139,19 @@ def build_manifest(
     )
     good = pd.concat([cands.loc[keep].reset_index(drop=True), facts_frame], axis=1)
 
-    manifest, duplicates, conflict_rejects = _collapse_duplicates(good)
+    images, duplicates, conflict_rejects = _collapse_duplicates(good)
     rejects += conflict_rejects
-    manifest["label"] = manifest["label"].astype(int)
-    manifest[["width", "height"]] = manifest[["width", "height"]].astype(int)
-    manifest = (
-        manifest[MANIFEST_COLUMNS + meta_cols].sort_values("image_id", kind="stable").reset_index(drop=True)
+    images["label"] = images["label"].astype(int)
+    images[["width", "height"]] = images[["width", "height"]].astype(int)
+    images = (
+        images[IMAGE_TABLE_COLUMNS + meta_cols].sort_values("image_id", kind="stable").reset_index(drop=True)
     )
     reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
 
     fraction = len(reject_frame) / n_candidates
     if fraction > max_reject_fraction:
         raise TooManyRejects(_too_many_message(reject_frame, n_candidates, fraction, max_reject_fraction))
-    return ManifestResult(manifest, reject_frame, duplicates, n_candidates)
+    return ImageTableResult(images, reject_frame, duplicates, n_candidates)
 
 
 def _collapse_duplicates(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -177,8 +177,8 @@ def _collapse_duplicates(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
                     "dropped_source": row["source"],
                     "conflict": bool(conflict),
                 })  # fmt: skip
-    manifest = good.drop(index=drop_index).reset_index(drop=True)
-    return manifest, pd.DataFrame(dup_rows, columns=DUPLICATE_COLUMNS), rejects
+    images = good.drop(index=drop_index).reset_index(drop=True)
+    return images, pd.DataFrame(dup_rows, columns=DUPLICATE_COLUMNS), rejects
 
 
 def _too_many_message(rejects: pd.DataFrame, n: int, fraction: float, limit: float) -> str:

@@ -69,7 +69,7 @@ class CanvasDataset(Dataset):
             canvas = pil_to_canvas(img, self.canvas_size)
         except Exception as e:
             e.add_note(
-                f"CanvasDataset item {index}: uri {uri!r} (fix or remove this image from the manifest)"
+                f"CanvasDataset item {index}: uri {uri!r} (fix or remove this image from the image table)"
             )
             raise
         label = math.nan if self.labels is None else self.labels[index]

@@ -30,13 +30,13 @@ def phash_to_uint64(phashes: Sequence[str]) -> np.ndarray:
         if not isinstance(h, str) or len(h) != HEX_CHARS:
             raise ValueError(
                 f"phash at row {row} is {h!r}; expected a {HEX_CHARS}-character hex string "
-                f"(str(imagehash.phash(image)) with the default hash_size=8); recompute the manifest's phash"
+                f"(str(imagehash.phash(image)) with the default hash_size=8); recompute the image table's phash"
             )
         try:
             values.append(int(h, 16))
         except ValueError as exc:
             raise ValueError(
-                f"phash at row {row} is {h!r}, which is not hexadecimal; recompute the manifest's phash"
+                f"phash at row {row} is {h!r}, which is not hexadecimal; recompute the image table's phash"
             ) from exc
     return np.array(values, dtype=np.uint64)
 

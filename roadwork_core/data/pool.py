@@ -2,7 +2,7 @@
 
 The pool (each drop's `unlabelled/` folder) never passes through `splits`, so nothing else stops a
 near-copy of a val_select / val_calib / val_test image from entering self-supervised training. Each
-pool image is hashed the way the manifest hashes (`imagehash.phash` of the decoded image) and dropped
+pool image is hashed the way the image table hashes (`imagehash.phash` of the decoded image) and dropped
 when it lies within `radius` bits of any image of those splits; unreadable pool images are dropped
 too. Every drop is listed with the evaluation image it copies.
 """

@@ -77,7 +77,7 @@ def check_no_shared_images(splits: pd.DataFrame) -> CheckOutcome:
     more = f"\n  … and {n_dup_ids - len(listed)} more" if n_dup_ids > len(listed) else ""
     message = (
         f"{n_dup_ids} image_ids appear on more than one row ({cross} of them in two or more splits): the same "
-        f"bytes under different names. Remove the copies from the drop (or dedupe the manifest by image_id) "
+        f"bytes under different names. Remove the copies from the drop (or dedupe the image table by image_id) "
         f"and rebuild the splits:\n" + "\n".join(lines) + more
     )
     meta = {
@@ -217,7 +217,7 @@ def check_sticky(splits: pd.DataFrame, previous: pd.DataFrame | None) -> CheckOu
     if len(moved) == 0:
         msg = f"all {len(joined)} images from the previous partition kept their split"
         if n_dropped:
-            msg += f" ({n_dropped} previous images are no longer in the manifest)"
+            msg += f" ({n_dropped} previous images are no longer in the image table)"
         return CheckOutcome(True, msg, meta)
     listed = [
         {
@@ -232,7 +232,7 @@ def check_sticky(splits: pd.DataFrame, previous: pd.DataFrame | None) -> CheckOu
     more = f"\n  … and {len(moved) - len(listed)} more" if len(moved) > len(listed) else ""
     message = (
         f"{len(moved)} images changed split since the previous partition, which leaks evaluation images "
-        f"into training (or back). Rebuild with assign_splits(manifest, cfg, previous=<previous splits>):\n"
+        f"into training (or back). Rebuild with assign_splits(images, cfg, previous=<previous splits>):\n"
         + "\n".join(lines)
         + more
     )

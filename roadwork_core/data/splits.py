@@ -88,22 +88,22 @@ def content_key(salt: str, group_id: str) -> str:
     return hashlib.sha256(f"{salt}\x00{group_id}".encode()).hexdigest()
 
 
-def _validate_manifest(manifest: pd.DataFrame) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
+def _validate_image_table(images: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in images.columns]
     if missing:
         raise ValueError(
-            f"manifest is missing columns {missing}; assign_splits needs {list(REQUIRED_COLUMNS)} "
-            f"(columns present: {list(manifest.columns)})"
+            f"image table is missing columns {missing}; assign_splits needs {list(REQUIRED_COLUMNS)} "
+            f"(columns present: {list(images.columns)})"
         )
-    clash = [c for c in ("split", "group_id") if c in manifest.columns]
+    clash = [c for c in ("split", "group_id") if c in images.columns]
     if clash:
-        raise ValueError(f"manifest already has columns {clash}; pass the image manifest, not a splits table")
-    bad_label = ~manifest["label"].isin([0, 1])
+        raise ValueError(f"image table already has columns {clash}; pass the image table, not a splits table")
+    bad_label = ~images["label"].isin([0, 1])
     if bad_label.any():
         row = int(np.flatnonzero(bad_label.to_numpy())[0])
         raise ValueError(
-            f"manifest row {row} (image_id {manifest['image_id'].iloc[row]}) has label "
-            f"{manifest['label'].iloc[row]!r}; labels must be 0 (no roadwork) or 1 (roadwork)"
+            f"image table row {row} (image_id {images['image_id'].iloc[row]}) has label "
+            f"{images['label'].iloc[row]!r}; labels must be 0 (no roadwork) or 1 (roadwork)"
         )
 
 
@@ -203,12 +203,12 @@ def _groups_and_quarantine(df: pd.DataFrame, radius: int) -> tuple[pd.DataFrame,
 
 
 def assign_splits(
-    manifest: pd.DataFrame, cfg: SplitConfig | None = None, previous: pd.DataFrame | None = None
+    images: pd.DataFrame, cfg: SplitConfig | None = None, previous: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Assign every manifest row a split.
+    """Assign every image table row a split.
 
     Returns a DataFrame with columns `image_id, split, group_id, label` followed by every other
-    manifest column, one row per manifest row except quarantined ones, sorted by image_id.
+    image table column, one row per image table row except quarantined ones, sorted by image_id.
     `df.attrs["quarantined"]` lists the new images left out because they bridge near-duplicates in
     different splits (QUARANTINE_COLUMNS); `df.attrs["sticky_conflicts"]` lists groups whose
     previous images still sit in more than one split without a new image between them (each keeps
@@ -216,11 +216,11 @@ def assign_splits(
     """
     cfg = cfg or SplitConfig()
     ratios = validate_ratios(cfg.ratios)
-    _validate_manifest(manifest)
+    _validate_image_table(images)
     prev_split = _previous_splits(previous)
 
-    sort_cols = ["image_id"] + [c for c in ("uri", "file") if c in manifest.columns]
-    df = manifest.sort_values(sort_cols, kind="mergesort").reset_index(drop=True).copy()
+    sort_cols = ["image_id"] + [c for c in ("uri", "file") if c in images.columns]
+    df = images.sort_values(sort_cols, kind="mergesort").reset_index(drop=True).copy()
     df["label"] = df["label"].astype(np.int64)
     df["_prev"] = df["image_id"].map(prev_split)  # NaN for images new in this version
     df, quarantined, _ = _groups_and_quarantine(df, cfg.radius)

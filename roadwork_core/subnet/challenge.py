@@ -295,7 +295,7 @@ MASK_COLUMNS = ("mask_x", "mask_y")
 
 
 def mask_points(rows) -> list[MaskPoint | None] | None:
-    """Per row of a manifest-like table, the object's mask point from `mask_x` / `mask_y` (None where blank).
+    """Per row of an image-table-like table, the object's mask point from `mask_x` / `mask_y` (None where blank).
 
     Returns None when the table has no such columns. A non-numeric cell raises, naming the row.
     """

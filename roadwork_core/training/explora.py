@@ -276,7 +276,7 @@ def _epoch_batches(
             except Exception as exc:
                 raise ValueError(
                     f"ExPLoRA could not read image {uris[idx]!r} (position {idx}): {exc}. "
-                    "Fix the file or drop it from the manifest."
+                    "Fix the file or drop it from the drop (the image table lists what the drop holds)."
                 ) from exc
             views.append(augment(image))
         globals_ = [torch.stack([v[0][k] for v in views]) for k in range(2)]

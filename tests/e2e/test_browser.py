@@ -209,7 +209,7 @@ def test_ui_launchpad_run_plots_and_checks(e2e_home, tiny_drop_source, browser):
 
         # 4. the asset graph: everything upstream of the report
         page.goto(f"{base}/assets/evaluation_report?view=lineage&lineageScope=upstream&lineageDepth=12")
-        page.get_by_text("image_manifest", exact=True).first.wait_for(timeout=60_000)
+        page.get_by_text("image_table", exact=True).first.wait_for(timeout=60_000)
         page.wait_for_timeout(2000)  # the graph animates into its layout
         save_screenshot(page, shots, "asset_graph")
     finally:

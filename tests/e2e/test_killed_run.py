@@ -25,7 +25,7 @@ from tests.e2e.conftest import REPO, dagster_bin, stop_process, tiny_run_config,
 pytestmark = pytest.mark.slow
 
 EXPLORA_EPOCHS, CLASSIFIER_EPOCHS = 3, 4  # each epoch outlasts the 20 ms poll that kills after the first
-UPSTREAM = "image_manifest,splits,explora_backbone"
+UPSTREAM = "image_table,splits,explora_backbone"
 
 
 def _start(select: str, config: Path, log: Path) -> subprocess.Popen:

@@ -183,7 +183,7 @@ def test_serve_latest_hot_swaps_a_new_release_with_zero_failed_requests(released
 
 
 def _broken_drop(inbox: Path, version: str) -> None:
-    """A drop whose labels.csv lists images that are not there: its retrain run fails fast in image_manifest."""
+    """A drop whose labels.csv lists images that are not there: its retrain run fails fast in image_table."""
     folder = inbox / version
     (folder / "images").mkdir(parents=True)
     rows = "".join(f"images/missing_{i}.jpg,{i % 2}\n" for i in range(40))

@@ -197,7 +197,7 @@ def test_readme_selections_are_valid_dagster_selections() -> None:
         keys = dg.AssetSelection.from_coercible(selection.split(",")).resolve(graph)
         assert keys, f"README selection {selection!r} selects no asset"
     with pytest.raises(Exception, match="Invalid selection string"):  # the README's old, broken form
-        dg.AssetSelection.from_coercible(["image_manifest splits"]).resolve(graph)
+        dg.AssetSelection.from_coercible(["image_table splits"]).resolve(graph)
 
 
 def test_readme_runnable_commands_run_as_written(e2e_home: dict) -> None:

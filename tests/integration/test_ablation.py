@@ -18,7 +18,7 @@ def test_ablation_prints_both_select_mcc(tiny_inbox, rw_home, capsys):
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
     result = materialize(
-        ["image_manifest", "splits", "explora_backbone"],
+        ["image_table", "splits", "explora_backbone"],
         instance=instance,
         partition="v0001",
         resources=resources,

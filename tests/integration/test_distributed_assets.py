@@ -23,7 +23,7 @@ from tests.reliability.conftest import python_child, wait_for
 
 pytestmark = pytest.mark.slow
 
-TRAINING = ["image_manifest", "splits", "explora_backbone", "classifier"]
+TRAINING = ["image_table", "splits", "explora_backbone", "classifier"]
 
 
 def _config(assets: list[str] = TRAINING, **classifier) -> dict:

@@ -161,7 +161,7 @@ def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, 
     checks = _checks(result)
     assert checks["check_min_per_class@splits"] is False
     materialized = {ev.asset_key.to_user_string() for ev in result.get_asset_materialization_events()}
-    assert materialized == {"image_manifest", "splits"}, f"downstream assets ran: {materialized}"
+    assert materialized == {"image_table", "splits"}, f"downstream assets ran: {materialized}"
     message = next(
         ev.asset_check_evaluation_data.description
         for ev in result.all_events

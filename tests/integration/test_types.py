@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from roadwork_assets.types import ManifestTable, PredictionsTable, SplitsTable
+from roadwork_assets.types import ImageTable, PredictionsTable, SplitsTable
 
 
 def test_splits_type_rejects_unknown_split_and_missing_columns():
@@ -18,7 +18,7 @@ def test_splits_type_rejects_unknown_split_and_missing_columns():
     assert not result.success and "group_id" in result.description
 
 
-def test_manifest_type_rejects_duplicate_ids_and_bad_labels():
+def test_image_table_type_rejects_duplicate_ids_and_bad_labels():
     row = {
         "image_id": "a",
         "uri": "/a.jpg",
@@ -29,11 +29,10 @@ def test_manifest_type_rejects_duplicate_ids_and_bad_labels():
         "height": 48,
         "source": "v1",
     }
-    assert dg.check_dagster_type(ManifestTable, pd.DataFrame([row])).success
-    assert "duplicate" in dg.check_dagster_type(ManifestTable, pd.DataFrame([row, row])).description
+    assert dg.check_dagster_type(ImageTable, pd.DataFrame([row])).success
+    assert "duplicate" in dg.check_dagster_type(ImageTable, pd.DataFrame([row, row])).description
     assert (
-        "images/a.jpg"
-        in dg.check_dagster_type(ManifestTable, pd.DataFrame([{**row, "label": 2}])).description
+        "images/a.jpg" in dg.check_dagster_type(ImageTable, pd.DataFrame([{**row, "label": 2}])).description
     )
 
 

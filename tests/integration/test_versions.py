@@ -24,7 +24,7 @@ def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_h
     # 80 + 60 images: sticky assignment of small versions cannot hold balance to the default 0.05
     config["resources"]["split_settings"]["config"]["balance_tolerance"] = 0.2
     first = materialize(
-        ["image_manifest", "splits"],
+        ["image_table", "splits"],
         instance=instance,
         partition="v0001",
         resources=resources,
@@ -36,7 +36,7 @@ def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_h
     make_demo_drop(inbox, "v0002", n=60, seed=12)  # version v0002 = drops v0001 + v0002
     instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
     second = materialize(
-        ["image_manifest", "splits"],
+        ["image_table", "splits"],
         instance=instance,
         partition="v0002",
         resources=resources,
@@ -90,7 +90,7 @@ def test_splits_refuse_to_skip_an_unmaterialized_earlier_version(tmp_path, rw_ho
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
     config = {"resources": tiny_run_config()["resources"]}
     result = materialize(
-        ["image_manifest", "splits"],
+        ["image_table", "splits"],
         instance=instance,
         partition="v0002",
         resources=resources,

@@ -80,7 +80,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
         calibrator=calibrator,
         policy=policy,
         dataset_version="v0001",
-        upstream_versions={"image_manifest": "abc", "splits": "def"},
+        upstream_versions={"image_table": "abc", "splits": "def"},
         metrics_summary={"val_calib": {"coverage": 0.9}},
         code_version=None,
     )

@@ -21,7 +21,7 @@ from roadwork_core.bundle.bundle import Bundle
 from roadwork_core.bundle.predict_cli import add_predict_arguments, run_predict
 from roadwork_core.bundle.schema import BundleError, manifest_digest
 from roadwork_core.data.drops import drops_up_to
-from roadwork_core.data.manifest import TooManyRejects, build_manifest
+from roadwork_core.data.image_table import TooManyRejects, build_image_table
 
 torch.set_num_threads(1)
 
@@ -61,7 +61,7 @@ def _drop(root: Path, files: dict[str, bytes], csv: str | None, ready: bool = Tr
 def test_labels_csv_structure_errors_name_the_csv(tmp_path: Path, csv: str, match: str) -> None:
     drop = _drop(tmp_path / "v0001", {"a.jpg": _jpeg()}, csv)
     with pytest.raises(ValueError, match=match) as info:
-        build_manifest([drop])
+        build_image_table([drop])
     assert str(drop) in str(info.value), f"the error must name the drop or its csv: {info.value}"
 
 
@@ -106,7 +106,7 @@ def test_bad_rows_are_rejected_each_naming_file_and_reason(tmp_path: Path) -> No
     rows += ["missing.jpg,1"]
     (drop / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
 
-    result = build_manifest([drop], max_reject_fraction=1.0)
+    result = build_image_table([drop], max_reject_fraction=1.0)
     got = {(r.file, r.reason) for r in result.rejects.itertuples()}
     expected = {
         ("page.jpg", "unreadable"), ("notes.jpg", "unreadable"), ("empty.jpg", "unreadable"),
@@ -117,10 +117,10 @@ def test_bad_rows_are_rejected_each_naming_file_and_reason(tmp_path: Path) -> No
     }  # fmt: skip
     assert expected <= got, f"missing rejects: {expected - got}"
     assert all(r.detail for r in result.rejects.itertuples()), "every reject must say why"
-    assert set(result.manifest["file"]) == set(good), "only the good images are accepted"
+    assert set(result.images["file"]) == set(good), "only the good images are accepted"
 
     with pytest.raises(TooManyRejects, match=r"(?s)rejected .*By reason:.*Fix or remove") as info:
-        build_manifest([drop], max_reject_fraction=0.05)
+        build_image_table([drop], max_reject_fraction=0.05)
     assert "v0001/../outside.jpg: path_escape" in str(info.value), (
         f"the run error must name the first bad files: {info.value}"
     )
@@ -170,7 +170,7 @@ def test_parquet_structure_errors_name_the_shard(tmp_path: Path, table, match: s
     else:
         path = _shard(drop, table)
     with pytest.raises(ValueError, match=match) as info:
-        build_manifest([drop], fmt="hf_parquet")
+        build_image_table([drop], fmt="hf_parquet")
     assert str(path) in str(info.value), f"the error must name the shard: {info.value}"
 
 
@@ -189,11 +189,11 @@ def test_parquet_bad_rows_are_rejected_by_row(tmp_path: Path) -> None:
     )
     drop = tmp_path / "v0001"
     _shard(drop, table)
-    result = build_manifest([drop], fmt="hf_parquet", max_reject_fraction=1.0)
+    result = build_image_table([drop], fmt="hf_parquet", max_reject_fraction=1.0)
     got = {(r.file, r.reason) for r in result.rejects.itertuples()}
     shard = "data/train-00000-of-00001.parquet#row="
     assert {(shard + "4", "unreadable"), (shard + "5", "unreadable"), (shard + "6", "bad_label")} <= got, got
-    assert len(result.manifest) == 4
+    assert len(result.images) == 4
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_two_partitions_at_once_keep_their_own_artifacts_and_mlflow_runs(two_par
 
     splits = {}
     for version in VERSIONS:
-        for asset in ("image_manifest", "splits", "classifier", "calibrator", "bundle", "evaluation_report"):
+        for asset in ("image_table", "splits", "classifier", "calibrator", "bundle", "evaluation_report"):
             assert (state / "artifacts" / asset / version / "_artifact.json").is_file(), (
                 f"{asset}/{version} missing"
             )

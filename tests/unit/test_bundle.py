@@ -69,7 +69,7 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict:
         calibrator=calibrator,
         policy=policy,
         dataset_version="v0001",
-        upstream_versions={"image_manifest": "abc123", "splits": "def456"},
+        upstream_versions={"image_table": "abc123", "splits": "def456"},
         metrics_summary={"val_calib": {"coverage": 0.9, "fnr": 0.02, "ece": float("nan")}},
         code_version=None,
     )
@@ -144,7 +144,7 @@ def test_bundle_layout_and_manifest(parts: dict) -> None:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert manifest["schema_version"] == BUNDLE_SCHEMA_VERSION
     assert manifest["dataset_version"] == "v0001"
-    assert manifest["upstream_versions"] == {"image_manifest": "abc123", "splits": "def456"}
+    assert manifest["upstream_versions"] == {"image_table": "abc123", "splits": "def456"}
     assert manifest["policy"] == "gate"
     assert manifest["code_version"]["roadwork"], "code version must name the roadwork version"
     assert manifest["metrics_summary"]["val_calib"]["ece"] is None, "NaN metrics must be written as null"

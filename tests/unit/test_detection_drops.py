@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from roadwork_core.data.drops import detect_format, read_drop
-from roadwork_core.data.manifest import build_manifest
+from roadwork_core.data.image_table import build_image_table
 from roadwork_core.data.synthetic import CUE_KINDS, _image_rng, draw_scene, make_detection_drop
 
 N = 10
@@ -142,9 +142,9 @@ def test_coco_bad_annotations_reject_their_image(drops, tmp_path: Path) -> None:
     assert len(listing.candidates) == N - 3
 
 
-def test_manifest_on_a_yolo_drop_keeps_labels_and_mask_points(drops) -> None:
-    result = build_manifest([drops["yolo"]])
-    m = result.manifest
+def test_image_table_on_a_yolo_drop_keeps_labels_and_mask_points(drops) -> None:
+    result = build_image_table([drops["yolo"]])
+    m = result.images
     assert len(m) == N and {"mask_x", "mask_y"} <= set(m.columns)
     truth = _truth("v0001")
     by_file = dict(zip(m["file"], m["label"], strict=True))

@@ -1,4 +1,4 @@
-"""Image manifest: every reject reason on a planted bad file, duplicates, columns, TooManyRejects."""
+"""Image table: every reject reason on a planted bad file, duplicates, columns, TooManyRejects."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from roadwork_core.data.manifest import MANIFEST_COLUMNS, TooManyRejects, build_manifest
+from roadwork_core.data.image_table import IMAGE_TABLE_COLUMNS, TooManyRejects, build_image_table
 
 
 def _jpeg(colour: tuple[int, int, int], size=(64, 48)) -> bytes:
@@ -57,7 +57,7 @@ def planted_drop(tmp_path: Path, image_bytes: Callable[..., bytes]) -> Path:
 
 
 def test_every_reject_reason_on_planted_files(planted_drop: Path) -> None:
-    result = build_manifest([planted_drop], max_reject_fraction=1.0)
+    result = build_image_table([planted_drop], max_reject_fraction=1.0)
     reasons = dict(zip(result.rejects["file"], result.rejects["reason"], strict=True))
     assert reasons == {
         "images/truncated.jpg": "truncated",
@@ -73,16 +73,16 @@ def test_every_reject_reason_on_planted_files(planted_drop: Path) -> None:
     assert list(result.rejects.columns) == ["file", "source", "reason", "detail"]
     assert (result.rejects["source"] == "v0001").all()
     assert result.rejects["detail"].str.len().gt(0).all(), "every reject says why in words"
-    accepted = set(result.manifest["file"])
+    accepted = set(result.images["file"])
     assert {"images/alpha.png", "images/gray.png", "images/cmyk.jpg"} <= accepted, "odd modes are converted"
     assert "images/same_a.jpg" in accepted and "images/same_b.jpg" not in accepted, "duplicates collapse"
-    assert len(result.manifest) == 6 + 3 + 1
+    assert len(result.images) == 6 + 3 + 1
     assert result.n_candidates == 20
 
 
-def test_manifest_columns_ids_and_order(planted_drop: Path) -> None:
-    m = build_manifest([planted_drop], max_reject_fraction=1.0).manifest
-    assert list(m.columns) == [*MANIFEST_COLUMNS, "weather"]
+def test_image_table_columns_ids_and_order(planted_drop: Path) -> None:
+    m = build_image_table([planted_drop], max_reject_fraction=1.0).images
+    assert list(m.columns) == [*IMAGE_TABLE_COLUMNS, "weather"]
     assert m["image_id"].is_monotonic_increasing and m["image_id"].is_unique
     for row in m.itertuples():
         assert row.image_id == hashlib.sha256(Path(row.uri).read_bytes()).hexdigest(), row.file
@@ -93,7 +93,7 @@ def test_manifest_columns_ids_and_order(planted_drop: Path) -> None:
 
 
 def test_duplicates_table(planted_drop: Path) -> None:
-    dups = build_manifest([planted_drop], max_reject_fraction=1.0).duplicates
+    dups = build_image_table([planted_drop], max_reject_fraction=1.0).duplicates
     agree = dups[~dups["conflict"]]
     assert list(zip(agree["kept_file"], agree["dropped_file"], strict=True)) == [
         ("images/same_a.jpg", "images/same_b.jpg")
@@ -105,7 +105,7 @@ def test_duplicates_table(planted_drop: Path) -> None:
 
 def test_too_many_rejects_message(planted_drop: Path) -> None:
     with pytest.raises(TooManyRejects) as info:
-        build_manifest([planted_drop], max_reject_fraction=0.05)
+        build_image_table([planted_drop], max_reject_fraction=0.05)
     msg = str(info.value)
     assert isinstance(info.value, ValueError)
     for part in ("9 of 20", "45.0%", "5.0%", "images/truncated.jpg", "max_reject_fraction"):
@@ -122,11 +122,11 @@ def test_union_of_drops_with_cross_drop_duplicates(demo_inbox: Path, tmp_path: P
     (second / "labels.csv").write_text(
         f"file,label,camera\nimages/again.jpg,{label0},x\nimages/new.jpg,0,y\n"
     )
-    result = build_manifest([first, second])
-    m = result.manifest
+    result = build_image_table([first, second])
+    m = result.images
     assert len(m) == 48 + 1, "the copy in the newer drop collapses onto the original"
     assert list(m.columns) == [
-        *MANIFEST_COLUMNS,
+        *IMAGE_TABLE_COLUMNS,
         "time_of_day",
         "weather",
         "scene",
@@ -151,8 +151,8 @@ def test_hf_parquet_manifest(tmp_path: Path) -> None:
     )
     (tmp_path / "hf" / "data").mkdir(parents=True)
     pq.write_table(table, tmp_path / "hf" / "data" / "train.parquet")
-    result = build_manifest([tmp_path / "hf"], max_reject_fraction=0.5)
+    result = build_image_table([tmp_path / "hf"], max_reject_fraction=0.5)
     assert list(result.rejects["reason"]) == ["bad_label"], "label 7 is neither 0/1 nor a class name"
-    assert list(result.manifest.columns) == [*MANIFEST_COLUMNS, "scene_level_tags.weather"]
-    assert sorted(result.manifest["scene_level_tags.weather"]) == ["clear", "fog", "rain", "rain"]
-    assert result.manifest["file"].str.startswith("data/train.parquet#row=").all()
+    assert list(result.images.columns) == [*IMAGE_TABLE_COLUMNS, "scene_level_tags.weather"]
+    assert sorted(result.images["scene_level_tags.weather"]) == ["clear", "fog", "rain", "rain"]
+    assert result.images["file"].str.startswith("data/train.parquet#row=").all()

@@ -21,7 +21,7 @@ from roadwork_core.data.split_checks import (
 from roadwork_core.data.splits import SplitConfig, assign_splits
 
 
-def manifest(seed: int, n: int, pos_rate: float = 0.5) -> pd.DataFrame:
+def images(seed: int, n: int, pos_rate: float = 0.5) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     ids = [rng.bytes(32).hex() for _ in range(n)]
     return pd.DataFrame(
@@ -37,7 +37,7 @@ def manifest(seed: int, n: int, pos_rate: float = 0.5) -> pd.DataFrame:
 
 
 def clean_splits(n: int = 400, seed: int = 0) -> pd.DataFrame:
-    return assign_splits(manifest(seed, n), SplitConfig())
+    return assign_splits(images(seed, n), SplitConfig())
 
 
 def assert_json_small(outcome: CheckOutcome) -> None:
@@ -150,7 +150,7 @@ def test_moved_image_is_caught_by_sticky() -> None:
 def test_sticky_ignores_dropped_and_new_images() -> None:
     previous = clean_splits(300)
     current = assign_splits(
-        pd.concat([manifest(0, 300).iloc[10:], manifest(9, 50)], ignore_index=True), previous=previous
+        pd.concat([images(0, 300).iloc[10:], images(9, 50)], ignore_index=True), previous=previous
     )
     outcome = check_sticky(current, previous)
     assert outcome.passed, outcome.message
@@ -159,7 +159,7 @@ def test_sticky_ignores_dropped_and_new_images() -> None:
 
 def test_class_too_small_for_minimum() -> None:
     # 300 images, only 20 roadwork: val_select gets ~2 of them
-    m = manifest(4, 300, pos_rate=0.0)
+    m = images(4, 300, pos_rate=0.0)
     m.loc[:19, "label"] = 1
     splits = assign_splits(m)
     outcome = check_min_per_class(splits, min_count=10)

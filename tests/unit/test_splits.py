@@ -37,7 +37,7 @@ def flip_bits(h: str, bits: list[int]) -> str:
     return f"{value:016x}"
 
 
-def synthetic_manifest(seed: int, n: int, pos_rate: float = 0.4) -> pd.DataFrame:
+def synthetic_image_table(seed: int, n: int, pos_rate: float = 0.4) -> pd.DataFrame:
     """n images with random sha256-like ids and random (far apart) phashes."""
     rng = np.random.default_rng(seed)
     ids = [rng.bytes(32).hex() for _ in range(n)]
@@ -156,8 +156,8 @@ def test_ratios_validated() -> None:
         validate_ratios({"train": 0.6, "valid": 0.4})
 
 
-def test_manifest_errors_are_actionable() -> None:
-    m = synthetic_manifest(0, 5)
+def test_image_table_errors_are_actionable() -> None:
+    m = synthetic_image_table(0, 5)
     with pytest.raises(ValueError, match="missing columns \\['phash'\\]"):
         assign_splits(m.drop(columns="phash"))
     m.loc[2, "label"] = 3
@@ -169,7 +169,7 @@ def test_manifest_errors_are_actionable() -> None:
 
 
 def test_output_columns_and_groups_assigned_as_one_unit() -> None:
-    m = synthetic_manifest(1, 300)
+    m = synthetic_image_table(1, 300)
     # plant near-duplicate chains of 3 under different names
     extra = []
     for k in range(20):
@@ -183,7 +183,7 @@ def test_output_columns_and_groups_assigned_as_one_unit() -> None:
     m = pd.concat([m, pd.DataFrame(extra)], ignore_index=True)
     out = assign_splits(m, SplitConfig())
     assert list(out.columns[:4]) == ["image_id", "split", "group_id", "label"]
-    assert set(m.columns) <= set(out.columns), "every manifest column is kept"
+    assert set(m.columns) <= set(out.columns), "every image table column is kept"
     assert len(out) == len(m)
     assert set(out["split"]) == set(SPLITS)
     per_group = out.groupby("group_id")["split"].nunique()
@@ -193,7 +193,7 @@ def test_output_columns_and_groups_assigned_as_one_unit() -> None:
 
 
 def test_mixed_label_group_follows_majority() -> None:
-    m = synthetic_manifest(2, 3)
+    m = synthetic_image_table(2, 3)
     m["phash"] = ["0000000000000000", "0000000000000001", "0000000000000003"]
     m["label"] = [1, 0, 1]
     out = assign_splits(m)
@@ -203,12 +203,12 @@ def test_mixed_label_group_follows_majority() -> None:
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1000, 1400), pos=st.floats(0.2, 0.8))
 def test_deterministic_order_independent_and_stratified(seed: int, n: int, pos: float) -> None:
-    m = synthetic_manifest(seed, n, pos)
+    m = synthetic_image_table(seed, n, pos)
     cfg = SplitConfig()
     out = assign_splits(m, cfg)
     shuffled = m.sample(frac=1.0, random_state=seed % 1000).reset_index(drop=True)
     again = assign_splits(shuffled, cfg)
-    pd.testing.assert_frame_equal(out, again, obj="splits from shuffled manifest")
+    pd.testing.assert_frame_equal(out, again, obj="splits from a shuffled image table")
     assert out["image_id"].is_unique
     overall = out["label"].mean()
     for name in SPLITS:
@@ -220,7 +220,7 @@ def test_deterministic_order_independent_and_stratified(seed: int, n: int, pos: 
 
 
 def test_salt_changes_assignment() -> None:
-    m = synthetic_manifest(3, 500)
+    m = synthetic_image_table(3, 500)
     a = assign_splits(m, SplitConfig(salt="a"))
     b = assign_splits(m, SplitConfig(salt="b"))
     assert (a["split"] != b["split"]).mean() > 0.2, "a different salt should reshuffle free groups"
@@ -229,9 +229,9 @@ def test_salt_changes_assignment() -> None:
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n_new=st.integers(1, 800))
 def test_sticky_across_versions(seed: int, n_new: int) -> None:
-    v1 = synthetic_manifest(seed, 1000)
+    v1 = synthetic_image_table(seed, 1000)
     s1 = assign_splits(v1)
-    new = synthetic_manifest(seed + 1, n_new)
+    new = synthetic_image_table(seed + 1, n_new)
     # some new images are near-duplicates of old ones: they must follow their group's old split
     joiners = new.head(min(10, n_new)).copy()
     joiners["phash"] = [flip_bits(h, [5, 9]) for h in v1["phash"].head(len(joiners))]
@@ -254,7 +254,7 @@ def test_sticky_across_versions(seed: int, n_new: int) -> None:
 
 
 def test_sticky_conflict_is_reported_and_kept() -> None:
-    m = synthetic_manifest(4, 2)
+    m = synthetic_image_table(4, 2)
     m["phash"] = ["0000000000000000", "ffffffffffffffff"]
     previous = pd.DataFrame({"image_id": m["image_id"], "split": ["train", "val_test"]})
     m2 = m.copy()
@@ -265,7 +265,7 @@ def test_sticky_conflict_is_reported_and_kept() -> None:
 
 
 def test_previous_table_validated() -> None:
-    m = synthetic_manifest(5, 3)
+    m = synthetic_image_table(5, 3)
     with pytest.raises(ValueError, match="unknown split 'holdout'"):
         assign_splits(m, previous=pd.DataFrame({"image_id": m["image_id"], "split": "holdout"}))
 
@@ -273,14 +273,14 @@ def test_previous_table_validated() -> None:
 def test_a_new_image_bridging_two_splits_is_quarantined_not_deadlocked() -> None:
     from roadwork_core.data.split_checks import check_no_near_duplicates_across_splits, check_sticky
 
-    v1 = synthetic_manifest(6, 40)
+    v1 = synthetic_image_table(6, 40)
     a_hash = v1.loc[0, "phash"]
     v1.loc[1, "phash"] = flip_bits(a_hash, list(range(12)))  # b: 12 bits from a, its own group
     s1 = assign_splits(v1)
     s1.loc[s1["image_id"] == v1.loc[0, "image_id"], "split"] = "train"
     s1.loc[s1["image_id"] == v1.loc[1, "image_id"], "split"] = "val_select"
     assert check_no_near_duplicates_across_splits(s1).passed, "a and b are 12 bits apart: no leak yet"
-    x = synthetic_manifest(7, 1)
+    x = synthetic_image_table(7, 1)
     x["phash"] = flip_bits(a_hash, list(range(6)))  # 6 bits from a and 6 from b: joins both
     v2 = pd.concat([v1, x], ignore_index=True)
     s2 = assign_splits(v2, previous=s1)
