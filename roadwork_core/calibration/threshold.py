@@ -1,4 +1,5 @@
-"""Policy "threshold" (called "softmax" before; that name still reads): two thresholds on the calibrated probability, swept on val_calib.
+"""Policy "threshold": two thresholds on the calibrated probability, swept on val_calib. Called "softmax"
+before; policy.json files with that name still read (roadwork_core.calibration.policy.OLD_POLICY_NAMES).
 
 p >= t_pos -> roadwork; p < t_neg -> no_roadwork; otherwise defer (t_neg <= t_pos). The FNR depends
 only on t_neg and the FPR only on t_pos, and for t_neg <= t_pos coverage is #(p < t_neg) + #(p >= t_pos),

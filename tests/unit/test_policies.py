@@ -192,6 +192,26 @@ def test_every_policy_round_trips_with_identical_decisions(all_policies, gate_da
             np.testing.assert_array_equal(again.decide(p, f), policy.decide(p, f), err_msg=policy.policy)
 
 
+def test_policy_json_written_as_softmax_reads_as_the_threshold_policy():
+    """ "softmax" is the threshold policy's old name: its policy.json still loads, as "threshold"."""
+    import json
+
+    from roadwork_core.calibration.policy import policy_name
+    from roadwork_core.calibration.threshold import ThresholdPolicy
+
+    p, _, labels = make_predictions(400, seed=14)
+    policy = fit_threshold_policy(p, labels, target_fnr=0.1, target_fpr=0.2)
+    old = json.dumps({**json.loads(policy_to_json(policy)), "policy": "softmax"})
+    again = policy_from_json(old)
+    assert type(again) is ThresholdPolicy and again == policy and again.policy == "threshold"
+    assert [policy_name(n) for n in ("softmax", "threshold", "gate", "scrc")] == [
+        "threshold",
+        "threshold",
+        "gate",
+        "scrc",
+    ]
+
+
 def test_decide_outputs_only_the_three_decisions(all_policies):
     p, f, _ = make_predictions(500, seed=13)
     p = np.concatenate([p, [0.0, 1.0, 0.5]])
