@@ -34,18 +34,19 @@ def probe(backbone_state: dict, backbone_cfg, train, select, clf_cfg: dict, seed
     """Train a head probe (frozen backbone, cached features); returns the TrainResult."""
     import torch
 
+    from roadwork_core.config import HeadConfig, MultiViewConfig, TrainConfig, from_mapping
     from roadwork_core.models.classifier import build_classifier
-    from roadwork_core.models.multiview import MultiViewConfig
-    from roadwork_core.training.supervised import TrainConfig, train_classifier
+    from roadwork_core.training.supervised import train_classifier
+
+    def picked(*keys: str) -> dict:  # the classifier's tiling and aggregation; the rest stays at the defaults
+        return {k: clf_cfg[k] for k in keys if k in clf_cfg}
 
     torch.manual_seed(seed)
-    mv = MultiViewConfig(grid=clf_cfg.get("grid", 3), overlap=clf_cfg.get("overlap", 0.15))
-    model = build_classifier(
-        backbone_cfg, mv, aggregator=clf_cfg.get("aggregator", "topk_mean"), topk=clf_cfg.get("topk", 3)
-    )
+    mv = from_mapping(MultiViewConfig, picked("grid", "overlap"))
+    head = from_mapping(HeadConfig, picked("aggregator", "topk"))
+    model = build_classifier(backbone_cfg, mv, aggregator=head.aggregator, topk=head.topk)
     model.backbone.load_state_dict(backbone_state)
-    keys = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{**{k: v for k, v in clf_cfg.items() if k in keys}, "mode": "head", "seed": seed})
+    cfg = from_mapping(TrainConfig, clf_cfg, mode="head", seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         result = train_classifier(
             model,

@@ -1,5 +1,6 @@
 """Training stage: explora_backbone -> classifier. Both run in the Dagster pool `gpu`."""
 
+import dataclasses
 import json
 import math
 import time
@@ -9,10 +10,19 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from roadwork_assets._config import config_from
 from roadwork_assets._util import json_meta, md_table, reader_metadata
 from roadwork_assets.data import SplitSettings
 from roadwork_assets.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics, log_params
 from roadwork_assets.partitions import dataset_version
+from roadwork_core.config import (
+    BackboneConfig,
+    ExploraConfig,
+    HeadConfig,
+    MultiViewConfig,
+    TrainConfig,
+    from_mapping,
+)
 from roadwork_core.contracts import SPLIT_CONTRACT, Split, SplitReader
 from roadwork_core.io import atomic_write_bytes
 from roadwork_resources.artifact_store import ArtifactStore
@@ -20,49 +30,29 @@ from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import new_artifact_dir
 
+BackboneSettings = config_from("BackboneSettings", BackboneConfig, exclude=("attn_backend", "model_kwargs"))
 
-class BackboneSettings(dg.Config):
-    name: str = Field(
-        "vit_test_tiny", description="preset (dinov2_small, dinov3_base, vit_test_tiny, ...) or timm ViT name"
-    )
-    pretrained: bool = Field(False, description="load timm's pretrained weights from the hub (needs access)")
-    weights_file: str | None = Field(
-        None, description="local weight file (safetensors / .pth); overrides the hub"
-    )
-    pooling: str | None = Field(None, description="token (CLS) | avg | max; default per preset")
-    img_size: int | None = Field(None, description="backbone input size; default per preset")
-    grad_checkpointing: bool = False
-
-
-class ExploraSettings(dg.Config):
-    enabled: bool = Field(True, description="false: pass the base weights through unchanged")
-    backbone: BackboneSettings = BackboneSettings()
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-4
-    unfrozen_blocks: int = Field(1, description="last N blocks fully trainable")
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    n_local_crops: int = 4
-    out_dim: int = Field(4096, description="DINO prototypes K")
-    max_images: int | None = Field(
-        None, description="cap on images per epoch (train split + unlabelled pool)"
-    )
-    use_unlabelled: bool = Field(True, description="add the drops' unlabelled/ folders to the train split")
+ExploraSettings = config_from(
+    "ExploraSettings",
+    ExploraConfig,
+    exclude=("seed",),  # GPUResource.seed
+    extra={
+        "backbone": (BackboneSettings, Field(BackboneSettings(), description="the backbone to adapt")),
+        "max_images": (
+            int | None,
+            Field(None, description="cap on images per epoch (train split + unlabelled pool)"),
+        ),
+        "use_unlabelled": (
+            bool,
+            Field(True, description="add the drops' unlabelled/ folders to the train split"),
+        ),
+    },
+    doc="explora_backbone: ExploraConfig's knobs plus the backbone and the image pool.",
+)
 
 
-def _backbone_config(settings: BackboneSettings, attn_backend: str):
-    from roadwork_core.models.backbone import BackboneConfig
-
-    return BackboneConfig(
-        name=settings.name,
-        pretrained=settings.pretrained,
-        weights_file=settings.weights_file,
-        pooling=settings.pooling,
-        img_size=settings.img_size,
-        grad_checkpointing=settings.grad_checkpointing,
-        attn_backend=attn_backend,
-    )
+def _backbone_config(settings, attn_backend: str) -> BackboneConfig:
+    return from_mapping(BackboneConfig, settings.model_dump(), attn_backend=attn_backend)
 
 
 @dg.asset(
@@ -92,7 +82,7 @@ def explora_backbone(
     from roadwork_core.metrics.stage_plots import ssl_loss_curve
     from roadwork_core.models.backbone import create_backbone, state_dict_sha256
     from roadwork_core.progress import ProgressClock
-    from roadwork_core.training.explora import ExploraConfig, run_explora
+    from roadwork_core.training.explora import run_explora
 
     gpu.setup()
     reader = SplitReader("explora_backbone", splits)
@@ -120,18 +110,7 @@ def explora_backbone(
     backbone_cfg = _backbone_config(config.backbone, gpu.attn_backend)
     backbone = create_backbone(backbone_cfg)  # random init is seeded by gpu.setup(): reproducible
     base_sha256 = state_dict_sha256(backbone)
-    cfg = ExploraConfig(
-        enabled=config.enabled,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        unfrozen_blocks=config.unfrozen_blocks,
-        lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        n_local_crops=config.n_local_crops,
-        out_dim=config.out_dim,
-        seed=gpu.seed,
-    )
+    cfg = from_mapping(ExploraConfig, config.model_dump(), seed=gpu.seed)
     log_params(mlflow, {"run_config": context.run.run_config, "explora": config.model_dump()})
     clock = ProgressClock(total=config.epochs * math.ceil(len(uris) / config.batch_size))  # the loop's steps
     last_line = [clock.start]
@@ -205,29 +184,14 @@ def explora_backbone(
     return dg.Output(out, metadata=meta)
 
 
-class ClassifierSettings(dg.Config):
-    mode: str = Field("head", description="head (frozen backbone, cached features) | lora | dora | full")
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    dropout: float = 0.3
-    ema_decay: float | None = 0.999
-    patience: int = 3
-    balanced_sampling: bool = False
-    augment: str = Field("validator", description="validator (the subnet's challenge replica) | none")
-    augment_max_level: int = 3
-    lora_r: int = 8
-    lora_alpha: int = 16
-    aggregator: str = Field("topk_mean", description="topk_mean | mean | attention")
-    topk: int = 3
-    grid: int = 3
-    overlap: float = 0.15
-    include_global: bool = True
-    hflip_tta: bool = False
-    num_workers: int = 0
+ClassifierSettings = config_from(
+    "ClassifierSettings",
+    TrainConfig,
+    MultiViewConfig,
+    HeadConfig,
+    exclude=("seed",),  # GPUResource.seed
+    doc="classifier: TrainConfig's, MultiViewConfig's and HeadConfig's knobs.",
+)
 
 
 @dg.asset(
@@ -251,47 +215,22 @@ def classifier(
 
     from roadwork_core.metrics.embed import markdown_images
     from roadwork_core.metrics.stage_plots import training_curves
-    from roadwork_core.models.backbone import BackboneConfig
     from roadwork_core.models.classifier import build_classifier
-    from roadwork_core.models.multiview import MultiViewConfig
     from roadwork_core.models.serialization import save_classifier
     from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line
-    from roadwork_core.training.supervised import TrainConfig, train_classifier
+    from roadwork_core.training.supervised import train_classifier
 
     gpu.setup()
     reader = SplitReader("classifier", splits)
     train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
 
     backbone_cfg = BackboneConfig(**json.loads((explora_backbone / "config.json").read_text())["backbone"])
-    mv = MultiViewConfig(
-        grid=config.grid,
-        overlap=config.overlap,
-        include_global=config.include_global,
-        hflip_tta=config.hflip_tta,
-    )
-    model = build_classifier(
-        backbone_cfg, mv, aggregator=config.aggregator, topk=config.topk, dropout=config.dropout
-    )
+    values = config.model_dump()
+    head = from_mapping(HeadConfig, values)
+    model = build_classifier(backbone_cfg, from_mapping(MultiViewConfig, values), **dataclasses.asdict(head))
     model.backbone.load_state_dict(load_file(str(explora_backbone / "backbone.safetensors")))
 
-    train_cfg = TrainConfig(
-        mode=config.mode,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        label_smoothing=config.label_smoothing,
-        ema_decay=config.ema_decay,
-        patience=config.patience,
-        balanced_sampling=config.balanced_sampling,
-        augment=config.augment,
-        augment_max_level=config.augment_max_level,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        seed=gpu.seed,
-        num_workers=config.num_workers,
-    )
+    train_cfg = from_mapping(TrainConfig, values, seed=gpu.seed)
     log_params(
         mlflow,
         {"run_config": context.run.run_config, "classifier": config.model_dump(), "gpu": gpu.describe()},

@@ -470,9 +470,9 @@ def run_explora(
                 (loss * weight if world.distributed else loss).backward()
                 if step < freeze_last_layer_steps:
                     head.cancel_last_layer_grads()
-                if cfg.clip_grad:
+                if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(
-                        [p for p in student.parameters() if p.requires_grad], cfg.clip_grad
+                        [p for p in student.parameters() if p.requires_grad], cfg.grad_clip
                     )
 
                 # step: student by AdamW, teacher by EMA only

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 
+from roadwork_core.config import PRECISIONS, TrainConfig, precision_dtype
 from roadwork_core.data.loading import CanvasDataset
 from roadwork_core.models.adapters import apply_adapters, merge_adapters
 from roadwork_core.models.backbone import state_dict_sha256
@@ -51,39 +52,11 @@ from roadwork_core.training.checkpoint import (
 from roadwork_core.training.distributed import RankBatchSampler, World
 from roadwork_core.training.feature_cache import FeatureCache
 
-__all__ = ["MODES", "PRECISIONS", "TrainConfig", "TrainResult", "lr_schedule", "train_classifier"]
+__all__ = ["MODES", "TrainConfig", "TrainResult", "lr_schedule", "train_classifier"]
 
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("head", "lora", "dora", "full")
-PRECISIONS: dict[str, torch.dtype | None] = {
-    "fp32": None,
-    "bf16-mixed": torch.bfloat16,
-    "fp16-mixed": torch.float16,
-}
-
-
-@dataclass
-class TrainConfig:
-    mode: str = "head"  # "head" (frozen backbone, cached features) | "lora" | "dora" | "full"
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0  # linear warmup then cosine (per step)
-    label_smoothing: float = 0.1
-    ema_decay: float | None = 0.999  # timm ModelEmaV3 (with warmup); None = off. EMA weights are selected
-    patience: int = 3  # early stopping on val_select MCC
-    balanced_sampling: bool = False  # WeightedRandomSampler by class
-    augment: str = "validator"  # the subnet's challenge replica | "none"; not in head mode
-    augment_max_level: int = 3  # training levels drawn uniformly in 0..augment_max_level
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_regex: str | None = None
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    num_workers: int = 0
 
 
 @dataclass
@@ -175,7 +148,7 @@ def _prepare(model: RoadworkClassifier, cfg: TrainConfig) -> nn.Module:
     """Set what trains for `cfg.mode`; returns the module whose parameters / EMA / checkpoint we keep."""
     if cfg.mode in ("lora", "dora"):
         model.backbone = apply_adapters(
-            model.backbone, cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_regex
+            model.backbone, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_regex
         )  # base weights frozen by peft; adapters trainable
         return model
     model.backbone.requires_grad_(cfg.mode == "full")
@@ -331,7 +304,7 @@ def train_classifier(
     world = World.from_env()
     checkpoint_dir = Path(checkpoint_dir)
     _check_inputs(cfg, precision, device, {"train_rows": train_rows, "select_rows": select_rows})
-    dtype = PRECISIONS[precision]
+    dtype = precision_dtype(precision)
     head_mode = cfg.mode == "head"
     fingerprint = _fingerprint(cfg, precision, train_rows, select_rows, state_dict_sha256(model))
 
