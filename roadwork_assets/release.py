@@ -1,6 +1,5 @@
 """Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
@@ -49,7 +48,7 @@ def bundle(
     scrc_policy,
     calib_predictions: pd.DataFrame,
 ) -> dg.Output[Path]:
-    from roadwork_core.bundle.bundle import MANIFEST_FILE
+    from roadwork_core.bundle.bundle import verify_bundle
     from roadwork_core.bundle.export import export_bundle
     from roadwork_core.calibration.policy import summarize_decisions
     from roadwork_core.subnet.answer import fit_answer_rule
@@ -90,7 +89,7 @@ def bundle(
     )
     log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
     # what `roadwork serve --latest` and new_drop_sensor read (roadwork_assets.released)
-    bundle_id = json.loads((out / MANIFEST_FILE).read_text())["content_sha256"]
+    bundle_id = verify_bundle(out).content_sha256
     source = latest_materialization_metadata(
         context.instance, dg.AssetKey("image_manifest"), context.partition_key
     ).get("source_fingerprint")
@@ -118,15 +117,16 @@ def _bundle_check(description: str, **kw):
 
 @_bundle_check("the bundle carries exactly one policy and its checksums verify")
 def check_bundle_one_policy(bundle: Path) -> dg.AssetCheckResult:
-    policies = sorted(p.name for p in bundle.glob("*policy*.json"))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    ok = len(policies) == 1
+    from roadwork_core.bundle.bundle import POLICY_FILE, BundleError, verify_bundle
+
+    try:  # the manifest lists exactly one policy file and nothing unlisted may be present
+        manifest = verify_bundle(bundle)
+    except BundleError as err:
+        return dg.AssetCheckResult(passed=False, description=str(err))
     return dg.AssetCheckResult(
-        passed=ok,
-        description="one policy"
-        if ok
-        else f"bundle holds {len(policies)} policy files {policies}; it must hold one",
-        metadata={"policy_files": json_meta(policies), "policy": str(manifest.get("policy", ""))},
+        passed=True,
+        description="one policy",
+        metadata={"policy_files": json_meta([POLICY_FILE]), "policy": manifest.policy},
     )
 
 
@@ -254,8 +254,9 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
     description="the realized test FNR is within the policy's guarantee plus its statistical tolerance",
 )
 def check_test_fnr_within_guarantee(evaluation_report: Path) -> dg.AssetCheckResult:
-    report = json.loads((evaluation_report / "report.json").read_text())
-    gc = report.get("guarantee_check") or {}
+    from roadwork_core.metrics.report import read_report
+
+    gc = read_report(evaluation_report).guarantee_check or {}
     return dg.AssetCheckResult(
         passed=bool(gc.get("passed", True)),
         severity=dg.AssetCheckSeverity.WARN,

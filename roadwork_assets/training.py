@@ -1,7 +1,6 @@
 """Training stage: explora_backbone -> classifier. Both run in the Dagster pool `gpu`."""
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -74,13 +73,12 @@ def explora_backbone(
     store: ArtifactStore,
     splits: pd.DataFrame,
 ) -> dg.Output[Path]:
-    from safetensors.torch import save_file
-
     from roadwork_core.data.drops import list_unlabelled
     from roadwork_core.data.pool import filter_unlabelled_pool
     from roadwork_core.metrics.embed import markdown_images
     from roadwork_core.metrics.stage_plots import ssl_loss_curve
     from roadwork_core.models.backbone import create_backbone, state_dict_sha256
+    from roadwork_core.models.serialization import save_backbone
     from roadwork_core.progress import ProgressClock
     from roadwork_core.training.explora import run_explora
 
@@ -137,20 +135,7 @@ def explora_backbone(
         )
     report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
     out = new_artifact_dir("explora_backbone")
-    save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "backbone.safetensors"))
-    backbone_json = {**backbone_cfg.__dict__, "pretrained": False, "weights_file": None}
-    (out / "config.json").write_text(
-        json.dumps(
-            {
-                "backbone": backbone_json,
-                "source": backbone_cfg.__dict__,
-                "seed": gpu.seed,
-                "base_sha256": base_sha256,
-            },
-            indent=2,
-        )
-    )
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    save_backbone(out, result.state_dict, backbone_cfg, seed=gpu.seed, base_sha256=base_sha256, report=report)
     meta = {
         "enabled": config.enabled,
         "note": "ExPLoRA ran"
@@ -211,12 +196,10 @@ def classifier(
     splits: pd.DataFrame,
     explora_backbone: Path,
 ) -> dg.Output[Path]:
-    from safetensors.torch import load_file
-
     from roadwork_core.metrics.embed import markdown_images
     from roadwork_core.metrics.stage_plots import training_curves
     from roadwork_core.models.classifier import build_classifier
-    from roadwork_core.models.serialization import save_classifier
+    from roadwork_core.models.serialization import load_backbone, save_classifier
     from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line
     from roadwork_core.training.supervised import train_classifier
 
@@ -224,11 +207,13 @@ def classifier(
     reader = SplitReader("classifier", splits)
     train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
 
-    backbone_cfg = BackboneConfig(**json.loads((explora_backbone / "config.json").read_text())["backbone"])
+    saved = load_backbone(explora_backbone)
     values = config.model_dump()
     head = from_mapping(HeadConfig, values)
-    model = build_classifier(backbone_cfg, from_mapping(MultiViewConfig, values), **dataclasses.asdict(head))
-    model.backbone.load_state_dict(load_file(str(explora_backbone / "backbone.safetensors")))
+    model = build_classifier(
+        saved.backbone_cfg, from_mapping(MultiViewConfig, values), **dataclasses.asdict(head)
+    )
+    model.backbone.load_state_dict(saved.state_dict)
 
     train_cfg = from_mapping(TrainConfig, values, seed=gpu.seed)
     log_params(
@@ -296,16 +281,14 @@ def classifier(
 def _explora_data_parallel(context, gpu: GPUResource, backbone, backbone_cfg, uris, cfg, on_step):
     import tempfile
 
-    from safetensors.torch import load_file
-
     from roadwork_assets._torchrun import train_data_parallel
-    from roadwork_core.training.ddp_jobs import write_explora_job
+    from roadwork_core.training.ddp_jobs import read_explora_weights, write_explora_job
     from roadwork_core.training.explora import ExploraResult
 
     with tempfile.TemporaryDirectory(prefix="roadwork-ddp-explora-") as tmp:
         job = write_explora_job(Path(tmp), backbone, backbone_cfg.__dict__, uris, cfg)
         report = train_data_parallel(context, gpu, job, on_record=on_step)
-        return ExploraResult(state_dict=load_file(str(job / "backbone.safetensors")), report=report)
+        return ExploraResult(state_dict=read_explora_weights(job), report=report)
 
 
 def _classifier_data_parallel(

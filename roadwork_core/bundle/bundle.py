@@ -60,6 +60,7 @@ __all__ = [
     "Prediction",
     "bundle_files",
     "manifest_digest",
+    "verify_bundle",
 ]
 
 BUNDLE_SCHEMA_VERSION = 2  # 2: answer.json (the subnet answer's threshold) joined the bundle
@@ -105,7 +106,9 @@ class BundleManifest(BaseModel):
 
     schema_version: int
     dataset_version: str
-    upstream_versions: dict[str, str]
+    # {"dataset_version": "v1", "artifact_sha256": {"splits": "<sha256>", ...}}; bundles exported before
+    # lineage was a mapping hold every value as a string (e.g. str(dict)) and still load
+    upstream_versions: dict[str, str | dict[str, str | None]]
     code_version: dict[str, str | None]  # {"roadwork": "0.1.0", "git_commit": "<sha>" | None}
     created_at: str  # ISO 8601, UTC
     metrics_summary: dict[str, Any]
@@ -189,6 +192,15 @@ def _read_manifest(path: Path) -> BundleManifest:
             f"{manifest_path} was modified after export: content_sha256 expected {manifest.content_sha256}, "
             f"actual {actual}. Do not edit a bundle; re-export it."
         )
+    return manifest
+
+
+def verify_bundle(path: str | os.PathLike) -> BundleManifest:
+    """Check a bundle directory as `Bundle.load` does before building anything (schema, manifest digest,
+    every file's size and sha256, no unlisted file, hence exactly one policy); its manifest, or BundleError."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    _verified_files(path, manifest)
     return manifest
 
 
