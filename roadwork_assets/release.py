@@ -16,8 +16,8 @@ from roadwork_assets.mlflow_tracking import (
     log_metrics,
 )
 from roadwork_assets.partitions import dataset_version
+from roadwork_assets.policies import calib_set
 from roadwork_core.contracts import Split, SplitReader
-from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
 from roadwork_core.metrics.embed import folder_figures, markdown_images
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import new_artifact_dir
@@ -50,19 +50,15 @@ def bundle(
 ) -> dg.Output[Path]:
     from roadwork_core.bundle.bundle import verify_bundle
     from roadwork_core.bundle.export import export_bundle
-    from roadwork_core.calibration.policy import summarize_decisions
     from roadwork_core.subnet.answer import fit_answer_rule
 
     policies = {"softmax": threshold_policy, "gate": gate_policy, "scrc": scrc_policy}
     if config.release_policy not in policies:
         raise ValueError(f"bundle.release_policy={config.release_policy!r}; choose one of {sorted(policies)}")
     policy = policies[config.release_policy]
-    reader = SplitReader("bundle", splits)
-    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
-    p = calibrator.transform(calib["logit"].to_numpy(float))
-    feats = {k: calib[k].to_numpy(float) for k in UNCERTAINTY_FEATURES}
-    summary = summarize_decisions(policy.decide(p, feats), calib["label"].to_numpy(int))
-    answer_rule = fit_answer_rule(p, calib["label"].to_numpy(int), source="val_calib")
+    calib = calib_set(SplitReader("bundle", splits), calib_predictions, calibrator)
+    summary = calib.summary(policy)
+    answer_rule = fit_answer_rule(calib.p, calib.labels, source="val_calib")
     # lineage: the sha256 the IO manager recorded for each upstream artifact of this partition
     upstream = {
         key: latest_materialization_metadata(context.instance, dg.AssetKey(key), context.partition_key).get(
@@ -104,7 +100,7 @@ def bundle(
             "answer_expected_reward": answer_rule.expected_reward,
             "answer_expected_reward_at_0.5": answer_rule.expected_reward_at_half,
             **{f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()},
-            **reader_metadata(reader),
+            **reader_metadata(calib.reader),
         },
     )
 

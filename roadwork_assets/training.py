@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -73,54 +74,19 @@ def explora_backbone(
     store: ArtifactStore,
     splits: pd.DataFrame,
 ) -> dg.Output[Path]:
-    from roadwork_core.data.drops import list_unlabelled
-    from roadwork_core.data.pool import filter_unlabelled_pool
-    from roadwork_core.metrics.embed import markdown_images
-    from roadwork_core.metrics.stage_plots import ssl_loss_curve
     from roadwork_core.models.backbone import create_backbone, state_dict_sha256
     from roadwork_core.models.serialization import save_backbone
-    from roadwork_core.progress import ProgressClock
     from roadwork_core.training.explora import run_explora
 
     gpu.setup()
     reader = SplitReader("explora_backbone", splits)
-    train = reader.read(Split.TRAIN)
-    uris = list(train["uri"])
-    unlabelled: list[str] = []
-    if config.use_unlabelled:
-        for drop in dataset.drops_for_version(context.partition_key):
-            unlabelled += list_unlabelled(drop)
-    # near-copies of evaluation images must not enter self-supervised training
-    others = sorted(SPLIT_CONTRACT["explora_backbone"].hashes_of)
-    reference = pd.concat([reader.read_phashes(s) for s in others], ignore_index=True)
-    pool = filter_unlabelled_pool(unlabelled, reference, radius=split_settings.radius)
-    side = store.side_dir("explora_backbone", context.partition_key)
-    atomic_write_bytes(side / "pool_rejects.parquet", pool.dropped.to_parquet(index=False))
-    if len(pool.dropped):
-        context.log.warning(
-            f"{len(pool.dropped)} unlabelled images dropped; see {side / 'pool_rejects.parquet'}"
-        )
-    unlabelled = pool.kept
-    uris += unlabelled
-    if config.max_images:
-        uris = uris[: config.max_images]
-
+    uris, pool, rejects_path = _explora_images(context, config, dataset, split_settings, store, reader)
     backbone_cfg = _backbone_config(config.backbone, gpu.attn_backend)
     backbone = create_backbone(backbone_cfg)  # random init is seeded by gpu.setup(): reproducible
     base_sha256 = state_dict_sha256(backbone)
     cfg = from_mapping(ExploraConfig, config.model_dump(), seed=gpu.seed)
     log_params(mlflow, {"run_config": context.run.run_config, "explora": config.model_dump()})
-    clock = ProgressClock(total=config.epochs * math.ceil(len(uris) / config.batch_size))  # the loop's steps
-    last_line = [clock.start]
-
-    def on_step(row: dict) -> None:
-        log_metrics(mlflow, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step"))
-        done, now = int(row["step"]) + 1, time.perf_counter()
-        if now - last_line[0] >= 10.0 or done in (1, clock.total):  # a line at most every ~10 s
-            last_line[0] = now
-            context.log.info(
-                f"ExPLoRA step {done}/{clock.total}: DINO loss {row['loss']:.3f}, {clock.describe(done)}"
-            )
+    on_step = _explora_step_logger(context, mlflow, config.epochs * math.ceil(len(uris) / config.batch_size))
 
     if gpu.data_parallel and config.enabled:  # torchrun + DDP through Pipes; rank 0 writes the weights
         result = _explora_data_parallel(context, gpu, backbone, backbone_cfg, uris, cfg, on_step)
@@ -133,9 +99,61 @@ def explora_backbone(
             on_step=on_step,
             checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
         )
-    report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
+    report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(pool.kept)}
     out = new_artifact_dir("explora_backbone")
     save_backbone(out, result.state_dict, backbone_cfg, seed=gpu.seed, base_sha256=base_sha256, report=report)
+    return dg.Output(out, metadata=_explora_metadata(config, report, pool, rejects_path, reader))
+
+
+def _explora_images(context, config, dataset: DatasetSource, split_settings, store: ArtifactStore, reader):
+    """The train split's images + the drops' unlabelled pool (near-copies of evaluation images removed,
+    listed in the side file pool_rejects.parquet), capped at max_images. (uris, pool, rejects path)."""
+    from roadwork_core.data.drops import list_unlabelled
+    from roadwork_core.data.pool import filter_unlabelled_pool
+
+    train = reader.read(Split.TRAIN)
+    uris = list(train["uri"])
+    unlabelled: list[str] = []
+    if config.use_unlabelled:
+        for drop in dataset.drops_for_version(context.partition_key):
+            unlabelled += list_unlabelled(drop)
+    # near-copies of evaluation images must not enter self-supervised training
+    others = sorted(SPLIT_CONTRACT["explora_backbone"].hashes_of)
+    reference = pd.concat([reader.read_phashes(s) for s in others], ignore_index=True)
+    pool = filter_unlabelled_pool(unlabelled, reference, radius=split_settings.radius)
+    rejects_path = store.side_dir("explora_backbone", context.partition_key) / "pool_rejects.parquet"
+    atomic_write_bytes(rejects_path, pool.dropped.to_parquet(index=False))
+    if len(pool.dropped):
+        context.log.warning(f"{len(pool.dropped)} unlabelled images dropped; see {rejects_path}")
+    uris += pool.kept
+    if config.max_images:
+        uris = uris[: config.max_images]
+    return uris, pool, rejects_path
+
+
+def _explora_step_logger(context, mlflow: MlflowParam, total_steps: int) -> Callable[[dict], None]:
+    """on_step for run_explora: every step to MLflow, a progress line at most every ~10 s to the run log."""
+    from roadwork_core.progress import ProgressClock
+
+    clock = ProgressClock(total=total_steps)  # the loop's steps
+    last_line = [clock.start]
+
+    def on_step(row: dict) -> None:
+        log_metrics(mlflow, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step"))
+        done, now = int(row["step"]) + 1, time.perf_counter()
+        if now - last_line[0] >= 10.0 or done in (1, clock.total):  # a line at most every ~10 s
+            last_line[0] = now
+            context.log.info(
+                f"ExPLoRA step {done}/{clock.total}: DINO loss {row['loss']:.3f}, {clock.describe(done)}"
+            )
+
+    return on_step
+
+
+def _explora_metadata(config, report: dict, pool, rejects_path: Path, reader: SplitReader) -> dict:
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import ssl_loss_curve
+
     meta = {
         "enabled": config.enabled,
         "note": "ExPLoRA ran"
@@ -143,10 +161,10 @@ def explora_backbone(
         else "ExPLoRA disabled: base weights passed through unchanged",
         "backbone": config.backbone.name,
         "images_used": report.get("images_used", 0),
-        "unlabelled_kept": len(unlabelled),
+        "unlabelled_kept": len(pool.kept),
         "unlabelled_dropped": len(pool.dropped),
         "unlabelled_dropped_list": md_table(pool.dropped),
-        "pool_rejects_path": dg.MetadataValue.path(str(side / "pool_rejects.parquet")),
+        "pool_rejects_path": dg.MetadataValue.path(str(rejects_path)),
         **reader_metadata(reader),
     }
     if config.enabled:
@@ -166,7 +184,7 @@ def explora_backbone(
             meta["ssl_loss_plot"] = dg.MetadataValue.md(
                 markdown_images([("ExPLoRA SSL loss", ssl_loss_curve(report["loss_curve"]))])
             )
-    return dg.Output(out, metadata=meta)
+    return meta
 
 
 ClassifierSettings = config_from(
@@ -196,44 +214,24 @@ def classifier(
     splits: pd.DataFrame,
     explora_backbone: Path,
 ) -> dg.Output[Path]:
-    from roadwork_core.metrics.embed import markdown_images
-    from roadwork_core.metrics.stage_plots import training_curves
     from roadwork_core.models.classifier import build_classifier
     from roadwork_core.models.serialization import load_backbone, save_classifier
-    from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line
+    from roadwork_core.progress import BatchProgress
     from roadwork_core.training.supervised import train_classifier
 
     gpu.setup()
     reader = SplitReader("classifier", splits)
     train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
-
     saved = load_backbone(explora_backbone)
     values = config.model_dump()
-    head = from_mapping(HeadConfig, values)
-    model = build_classifier(
-        saved.backbone_cfg, from_mapping(MultiViewConfig, values), **dataclasses.asdict(head)
-    )
+    mv, head = from_mapping(MultiViewConfig, values), from_mapping(HeadConfig, values)
+    model = build_classifier(saved.backbone_cfg, mv, **dataclasses.asdict(head))
     model.backbone.load_state_dict(saved.state_dict)
-
     train_cfg = from_mapping(TrainConfig, values, seed=gpu.seed)
     log_params(
         mlflow,
         {"run_config": context.run.run_config, "classifier": config.model_dump(), "gpu": gpu.describe()},
     )
-
-    clock, done = ProgressClock(total=config.epochs), [0]  # epochs this process ran (resume: fewer)
-
-    def on_epoch(row: dict) -> None:
-        done[0] += 1
-        batches.epoch_done()
-        clock.total = config.epochs - int(row["epoch"]) + done[0]
-        context.log.info(epoch_line(row, config.epochs, clock.describe(done[0])))
-        log_metrics(mlflow, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
-
-    def on_batch(batch: int, of: int) -> None:  # the demo's heartbeat shows these; one line per epoch stays
-        context.log.info(
-            f"batch {batch}/{of} of epoch {done[0] + 1}/{config.epochs}, {clock.describe(done[0] + batch / of)}"
-        )
 
     out = new_artifact_dir("classifier")
     places = {
@@ -244,13 +242,56 @@ def classifier(
     if gpu.data_parallel:  # torchrun + DDP through Pipes; rank 0 writes checkpoints and `out`
         result = _classifier_data_parallel(context, gpu, model, train, select, train_cfg, places, out, mlflow)
     else:
-        with BatchProgress(model, math.ceil(len(train) / config.batch_size), on_batch) as batches:
+        progress = _EpochProgress(context, mlflow, config.epochs)
+        with BatchProgress(model, math.ceil(len(train) / config.batch_size), progress.on_batch) as batches:
+            progress.batches = batches
             result = train_classifier(
-                model, train, select, train_cfg, device=gpu.torch_device(), on_epoch=on_epoch, **places
+                model,
+                train,
+                select,
+                train_cfg,
+                device=gpu.torch_device(),
+                on_epoch=progress.on_epoch,
+                **places,
             )
         save_classifier(
             out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history}
         )
+    return dg.Output(out, metadata=_classifier_metadata(config, result, reader))
+
+
+class _EpochProgress:
+    """train_classifier's callbacks: a run-log line and MLflow metrics per epoch, a line per batch."""
+
+    def __init__(self, context, mlflow: MlflowParam, epochs: int) -> None:
+        from roadwork_core.progress import ProgressClock
+
+        self.context, self.mlflow, self.epochs = context, mlflow, epochs
+        self.clock, self.done = ProgressClock(total=epochs), 0  # epochs this process ran (resume: fewer)
+        self.batches = None  # the BatchProgress while training runs
+
+    def on_epoch(self, row: dict) -> None:
+        from roadwork_core.progress import epoch_line
+
+        self.done += 1
+        self.batches.epoch_done()
+        self.clock.total = self.epochs - int(row["epoch"]) + self.done
+        self.context.log.info(epoch_line(row, self.epochs, self.clock.describe(self.done)))
+        log_metrics(self.mlflow, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
+
+    def on_batch(
+        self, batch: int, of: int
+    ) -> None:  # the demo's heartbeat shows these; one line per epoch stays
+        self.context.log.info(
+            f"batch {batch}/{of} of epoch {self.done + 1}/{self.epochs}, "
+            f"{self.clock.describe(self.done + batch / of)}"
+        )
+
+
+def _classifier_metadata(config, result, reader: SplitReader) -> dict:
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import training_curves
+
     times = [h.get("seconds", float("nan")) for h in result.history]
     meta = {
         "mode": config.mode,
@@ -272,7 +313,7 @@ def classifier(
     if config.mode == "head" and len(times) > 1:
         later = sorted(times[1:])[len(times[1:]) // 2]
         meta["cache_speedup_first_vs_later_epochs"] = float(times[0] / max(later, 1e-9))
-    return dg.Output(out, metadata=meta)
+    return meta
 
 
 # ---------------------------------------------------------------- data-parallel launches (gpu.nproc_per_node > 1)
