@@ -404,6 +404,27 @@ def _build(backbone: nn.Module, cfg: ExploraConfig, device, world: World) -> _Se
     return _Setup(plan, head, student, teacher, student_step, dino_loss, optimizer, drop_path_rates, names)
 
 
+@dataclass
+class _StepPlan:
+    steps_per_epoch: int
+    steps: int  # max_steps, or epochs * steps_per_epoch
+    epochs: int
+    schedules: ExploraSchedules  # per step
+    freeze_last_layer_steps: int
+
+
+def _plan_steps(cfg: ExploraConfig, n_images: int) -> _StepPlan:
+    steps_per_epoch = math.ceil(n_images / cfg.batch_size)
+    steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    return _StepPlan(
+        steps_per_epoch=steps_per_epoch,
+        steps=steps,
+        epochs=math.ceil(steps / steps_per_epoch),
+        schedules=build_schedules(cfg, steps),
+        freeze_last_layer_steps=math.ceil(cfg.freeze_last_layer_frac * steps),
+    )
+
+
 def _explora_epoch(
     epoch: int,
     s: _Setup,
@@ -475,6 +496,31 @@ def _merged_weights(exported: DinoStudent, input_keys: list[str]) -> dict[str, t
     return {k: merged[k] for k in input_keys}
 
 
+def _report(
+    cfg: ExploraConfig, s: _Setup, plan: _StepPlan, loss_curve: list[float], n_images: int,
+    resumed_from: int | None, seconds: float, crop_sizes: tuple[int, int],
+) -> dict:  # fmt: skip
+    """What run_explora reports (ExploraResult.report)."""
+    return {
+        "enabled": True,
+        "loss_curve": loss_curve,
+        **s.plan.summary(),
+        "images_used": n_images,
+        "steps": plan.steps,
+        "epochs": plan.epochs,
+        "resumed_from_epoch": resumed_from,
+        "seconds": seconds,
+        "global_crop_size": crop_sizes[0],
+        "local_crop_size": crop_sizes[1],
+        "n_local_crops": cfg.n_local_crops,
+        "drop_path_rates": s.drop_path_rates,
+        "freeze_last_layer_steps": plan.freeze_last_layer_steps,
+        "objective": "DINO CLS loss with EMA centering; iBOT, KoLeo and Sinkhorn-Knopp not implemented",
+        "exported": cfg.export_weights,
+        "config": cfg.to_dict(),
+    }
+
+
 def run_explora(
     backbone: nn.Module,
     image_uris: list[str],
@@ -511,11 +557,8 @@ def run_explora(
             global_size, local_size, cfg.n_local_crops, data_cfg["mean"], data_cfg["std"],
             cfg.global_crop_scale, cfg.local_crop_scale,
         )  # fmt: skip
-        steps_per_epoch = math.ceil(len(image_uris) / cfg.batch_size)
-        steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        epochs = math.ceil(steps / steps_per_epoch)
-        schedules = build_schedules(cfg, steps)
-        freeze_last_layer_steps = math.ceil(cfg.freeze_last_layer_frac * steps)
+        plan = _plan_steps(cfg, len(image_uris))
+        steps_per_epoch, steps = plan.steps_per_epoch, plan.steps
         load = load_image or _default_load_image
 
         # resume: the last finished epoch of the same run
@@ -530,14 +573,14 @@ def run_explora(
         resumed_from = None if resumed is None else int(state["epoch"])
         loss_curve: list[float] = state["loss_curve"]
 
-        for epoch in range(state["epoch"] + 1, epochs + 1):
+        for epoch in range(state["epoch"] + 1, plan.epochs + 1):
             torch.manual_seed(epoch_seed(cfg.seed, epoch))  # augmentation stream of this epoch
             generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))  # shuffle
             first = (epoch - 1) * steps_per_epoch
             batches = _epoch_batches(image_uris, cfg.batch_size, generator, load, augment, world)
             epoch_steps = range(first, min(first + steps_per_epoch, steps))
             _explora_epoch(
-                epoch, s, batches, epoch_steps, schedules, freeze_last_layer_steps, cfg, device, world,
+                epoch, s, batches, epoch_steps, plan.schedules, plan.freeze_last_layer_steps, cfg, device, world,
                 loss_curve, on_step,
             )  # fmt: skip
 
@@ -547,22 +590,8 @@ def run_explora(
                 _save_epoch(checkpoint_dir, s.student, s.teacher, s.dino_loss, s.optimizer, s.names, state)
 
         merged = _merged_weights(s.teacher if cfg.export_weights == "teacher" else s.student, input_keys)
-    report = {
-        "enabled": True,
-        "loss_curve": loss_curve,
-        **s.plan.summary(),
-        "images_used": len(image_uris),
-        "steps": steps,
-        "epochs": epochs,
-        "resumed_from_epoch": resumed_from,
-        "seconds": time.perf_counter() - t0,
-        "global_crop_size": global_size,
-        "local_crop_size": local_size,
-        "n_local_crops": cfg.n_local_crops,
-        "drop_path_rates": s.drop_path_rates,
-        "freeze_last_layer_steps": freeze_last_layer_steps,
-        "objective": "DINO CLS loss with EMA centering; iBOT, KoLeo and Sinkhorn-Knopp not implemented",
-        "exported": cfg.export_weights,
-        "config": cfg.to_dict(),
-    }
+    seconds = time.perf_counter() - t0
+    report = _report(
+        cfg, s, plan, loss_curve, len(image_uris), resumed_from, seconds, (global_size, local_size)
+    )
     return ExploraResult(state_dict=merged, report=report)

@@ -319,6 +319,21 @@ def _build_data(
     return data
 
 
+def _fresh_state(cfg: TrainConfig, precision: str, fingerprint: str) -> dict[str, Any]:
+    """The run state before its first epoch (it rides in every checkpoint)."""
+    return {
+        "fingerprint": fingerprint,
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_select_mcc": -math.inf,
+        "stopped_early": False,
+        "history": [],
+        "config": dataclasses.asdict(cfg),
+        "precision": precision,
+        "rng": {"seed": cfg.seed, "epoch_seed": "int(sha256(f'{seed}:{epoch}')[:8], 16)"},
+    }
+
+
 def _resume(
     checkpoint_dir: Path, state: dict[str, Any], target: nn.Module, opt: _Optim
 ) -> tuple[dict[str, Any], int | None]:
@@ -508,18 +523,7 @@ def train_classifier(
     schedule = lr_schedule(cfg, steps_per_epoch)
 
     # resume: the last finished epoch of the same run, else a fresh state
-    fresh = {
-        "fingerprint": fingerprint,
-        "epoch": 0,
-        "best_epoch": 0,
-        "best_select_mcc": -math.inf,
-        "stopped_early": False,
-        "history": [],
-        "config": dataclasses.asdict(cfg),
-        "precision": precision,
-        "rng": {"seed": cfg.seed, "epoch_seed": "int(sha256(f'{seed}:{epoch}')[:8], 16)"},
-    }
-    state, resumed_from = _resume(checkpoint_dir, fresh, target, opt)
+    state, resumed_from = _resume(checkpoint_dir, _fresh_state(cfg, precision, fingerprint), target, opt)
 
     trainable = sum(p.numel() for p in opt.params)
     total = sum(p.numel() for p in model.parameters())
