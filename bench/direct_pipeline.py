@@ -14,6 +14,7 @@ being measured).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -43,17 +44,24 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     from roadwork_core.calibration.policy import policy_name
     from roadwork_core.calibration.scrc import fit_scrc_policy
     from roadwork_core.calibration.threshold import fit_threshold_policy
+    from roadwork_core.config import (
+        BackboneConfig,
+        ExploraConfig,
+        HeadConfig,
+        MultiViewConfig,
+        TrainConfig,
+        from_mapping,
+    )
     from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
     from roadwork_core.data.drops import list_unlabelled
     from roadwork_core.data.image_table import build_image_table
     from roadwork_core.data.splits import SplitConfig, assign_splits
-    from roadwork_core.models.backbone import BackboneConfig, create_backbone
+    from roadwork_core.models.backbone import create_backbone
     from roadwork_core.models.classifier import build_classifier
-    from roadwork_core.models.multiview import MultiViewConfig
     from roadwork_core.models.predict import predict_frame
     from roadwork_core.models.serialization import load_classifier, save_classifier
-    from roadwork_core.training.explora import ExploraConfig, run_explora
-    from roadwork_core.training.supervised import TrainConfig, train_classifier
+    from roadwork_core.training.explora import run_explora
+    from roadwork_core.training.supervised import train_classifier
     from roadwork_core.workflows.evaluate import evaluate_bundle_on_test
 
     ops, res = resolved["ops"], resolved["resources"]
@@ -88,12 +96,9 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
             uris += list_unlabelled(drop)
     if ec["max_images"]:
         uris = uris[: ec["max_images"]]
-    backbone_cfg = BackboneConfig(**ec["backbone"], attn_backend=gpu["attn_backend"])
+    backbone_cfg = from_mapping(BackboneConfig, ec["backbone"], attn_backend=gpu["attn_backend"])
     backbone = create_backbone(backbone_cfg)
-    keys = ("enabled", "epochs", "batch_size", "lr", "unfrozen_blocks", "lora_rank", "lora_alpha")
-    xcfg = ExploraConfig(
-        **{k: ec[k] for k in keys}, n_local_crops=ec["n_local_crops"], out_dim=ec["out_dim"], seed=gpu["seed"]
-    )
+    xcfg = from_mapping(ExploraConfig, ec, seed=gpu["seed"])
     explora = run_explora(backbone, uris, xcfg, device=device)
     (out / "explora").mkdir(parents=True)
     save_file(
@@ -104,33 +109,10 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
 
     cc = ops["classifier"]
     _setup(gpu)
-    mv = MultiViewConfig(
-        grid=cc["grid"], overlap=cc["overlap"], include_global=cc["include_global"], hflip_tta=cc["hflip_tta"]
-    )
-    model = build_classifier(
-        backbone_cfg, mv, aggregator=cc["aggregator"], topk=cc["topk"], dropout=cc["dropout"]
-    )
+    head = from_mapping(HeadConfig, cc)
+    model = build_classifier(backbone_cfg, from_mapping(MultiViewConfig, cc), **dataclasses.asdict(head))
     model.backbone.load_state_dict(load_file(str(out / "explora" / "backbone.safetensors")))
-    tkeys = (
-        "mode",
-        "epochs",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "warmup_epochs",
-        "label_smoothing",
-        "ema_decay",
-    )
-    tkeys += (
-        "patience",
-        "balanced_sampling",
-        "augment",
-        "augment_max_level",
-        "lora_r",
-        "lora_alpha",
-        "num_workers",
-    )
-    train_cfg = TrainConfig(**{k: cc[k] for k in tkeys}, seed=gpu["seed"])
+    train_cfg = from_mapping(TrainConfig, cc, seed=gpu["seed"])
     result = train_classifier(
         model,
         by["train"],

@@ -1,5 +1,7 @@
 """Policies stage: calibrator and the three decision policies, each fitted on the splits its contract allows."""
 
+from dataclasses import dataclass
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -14,6 +16,45 @@ from roadwork_resources.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_me
 
 def _features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     return {name: frame[name].to_numpy(dtype=float) for name in UNCERTAINTY_FEATURES}
+
+
+@dataclass
+class CalibSet:
+    """val_calib as the policy and bundle assets use it: calibrated probabilities, labels, features."""
+
+    reader: SplitReader
+    p: np.ndarray  # calibrated P(roadwork)
+    labels: np.ndarray
+    feats: dict[str, np.ndarray]  # UNCERTAINTY_FEATURES
+
+    def summary(self, policy) -> dict:
+        """Coverage / FNR / FPR ... of `policy`'s decisions on val_calib."""
+        from roadwork_core.calibration.policy import summarize_decisions
+
+        return summarize_decisions(policy.decide(self.p, self.feats), self.labels)
+
+
+def calib_set(reader: SplitReader, calib_predictions: pd.DataFrame, calibrator) -> CalibSet:
+    """The preamble of threshold_policy, gate_policy, scrc_policy and bundle, written once."""
+    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
+    p = calibrator.transform(calib["logit"].to_numpy(float))
+    return CalibSet(reader, p, calib["label"].to_numpy(int), _features(calib))
+
+
+def _policy_output(policy, calib: CalibSet, **extra) -> dg.Output:
+    """The policy with its val_calib summary, risk-coverage plot and the splits it read as metadata."""
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import policy_plot
+
+    summary = calib.summary(policy)
+    plot = policy_plot(policy, calib.p, calib.feats, calib.labels)
+    meta = {
+        **extra,
+        **{f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()},
+        "risk_coverage": dg.MetadataValue.md(markdown_images([("risk-coverage on val_calib", plot)])),
+        **reader_metadata(calib.reader),
+    }
+    return dg.Output(policy, metadata=meta)
 
 
 def _policy_asset(**kw):
@@ -73,19 +114,6 @@ class RiskTargets(dg.Config):
     target_fpr: float | None = Field(None, description="optional false-positive rate target")
 
 
-def _summary_meta(policy, p: np.ndarray, feats: dict, labels: np.ndarray) -> dict:
-    from roadwork_core.calibration.policy import summarize_decisions
-    from roadwork_core.metrics.embed import markdown_images
-    from roadwork_core.metrics.stage_plots import policy_plot
-
-    summary = summarize_decisions(policy.decide(p, feats), labels)
-    plot = markdown_images([("risk-coverage on val_calib", policy_plot(policy, p, feats, labels))])
-    return {
-        **{f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()},
-        "risk_coverage": dg.MetadataValue.md(plot),
-    }
-
-
 @_policy_asset(
     description='Policy "threshold": two empirical thresholds on the calibrated probability (no guarantee).'
 )
@@ -98,14 +126,11 @@ def threshold_policy(
 ):
     from roadwork_core.calibration.threshold import fit_threshold_policy
 
-    reader = SplitReader("threshold_policy", splits)
-    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
-    p = calibrator.transform(calib["logit"].to_numpy(float))
-    labels = calib["label"].to_numpy(int)
-    policy = fit_threshold_policy(p, labels, target_fnr=config.target_fnr, target_fpr=config.target_fpr)
-    return dg.Output(
-        policy, metadata={**_summary_meta(policy, p, _features(calib), labels), **reader_metadata(reader)}
+    calib = calib_set(SplitReader("threshold_policy", splits), calib_predictions, calibrator)
+    policy = fit_threshold_policy(
+        calib.p, calib.labels, target_fnr=config.target_fnr, target_fpr=config.target_fpr
     )
+    return _policy_output(policy, calib)
 
 
 @_policy_asset(description='Policy "gate": failure predictor fitted on val_select, thresholded on val_calib.')
@@ -120,25 +145,19 @@ def gate_policy(
     from roadwork_core.calibration.gate import fit_gate_policy
 
     reader = SplitReader("gate_policy", splits)
-    select = reader.restrict(Split.VAL_SELECT, select_predictions)
-    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
-    p_select = calibrator.transform(select["logit"].to_numpy(float))
-    p_calib = calibrator.transform(calib["logit"].to_numpy(float))
-    labels = calib["label"].to_numpy(int)
+    select = reader.restrict(Split.VAL_SELECT, select_predictions)  # fits the failure predictor
+    calib = calib_set(reader, calib_predictions, calibrator)  # sets its threshold
     policy = fit_gate_policy(
-        p_select,
+        calibrator.transform(select["logit"].to_numpy(float)),
         _features(select),
         select["label"].to_numpy(int),
-        p_calib,
-        _features(calib),
-        labels,
+        calib.p,
+        calib.feats,
+        calib.labels,
         target_fnr=config.target_fnr,
         target_fpr=config.target_fpr,
     )
-    return dg.Output(
-        policy,
-        metadata={**_summary_meta(policy, p_calib, _features(calib), labels), **reader_metadata(reader)},
-    )
+    return _policy_output(policy, calib)
 
 
 class ScrcConfig(dg.Config):
@@ -164,20 +183,16 @@ def scrc_policy(
 ):
     from roadwork_core.calibration.scrc import fit_scrc_policy
 
-    reader = SplitReader("scrc_policy", splits)
-    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
-    p = calibrator.transform(calib["logit"].to_numpy(float))
-    labels = calib["label"].to_numpy(int)
-    feats = _features(calib)
-    if config.confidence_feature not in feats:
+    calib = calib_set(SplitReader("scrc_policy", splits), calib_predictions, calibrator)
+    if config.confidence_feature not in calib.feats:
         raise ValueError(
             f"scrc_policy.confidence_feature={config.confidence_feature!r} is not an uncertainty feature; "
             f"use one of {list(UNCERTAINTY_FEATURES)}"
         )
     policy = fit_scrc_policy(
-        p,
-        feats[config.confidence_feature],
-        labels,
+        calib.p,
+        calib.feats[config.confidence_feature],
+        calib.labels,
         alpha=config.alpha,
         delta=config.delta,
         mode=config.mode,
@@ -185,11 +200,4 @@ def scrc_policy(
         bound=config.bound,
         confidence_feature=config.confidence_feature,
     )
-    return dg.Output(
-        policy,
-        metadata={
-            "guarantee": policy.guarantee,
-            **_summary_meta(policy, p, feats, labels),
-            **reader_metadata(reader),
-        },
-    )
+    return _policy_output(policy, calib, guarantee=policy.guarantee)

@@ -1,6 +1,5 @@
 """Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
@@ -10,8 +9,8 @@ from pydantic import Field
 
 from roadwork_assets._util import json_meta, latest_materialization_metadata, reader_metadata
 from roadwork_assets.partitions import dataset_version
+from roadwork_assets.policies import calib_set
 from roadwork_core.contracts import Split, SplitReader
-from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
 from roadwork_core.metrics.embed import folder_figures, markdown_images
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import new_artifact_dir
@@ -53,8 +52,8 @@ def bundle(
     calib_predictions: pd.DataFrame,
 ) -> dg.Output[Path]:
     from roadwork_core.bundle.export import export_bundle
-    from roadwork_core.bundle.schema import MANIFEST_FILE
-    from roadwork_core.calibration.policy import policy_name, summarize_decisions
+    from roadwork_core.bundle.verify import verify_bundle
+    from roadwork_core.calibration.policy import policy_name
     from roadwork_core.subnet.answer import fit_answer_rule
 
     policies = {"threshold": threshold_policy, "gate": gate_policy, "scrc": scrc_policy}
@@ -62,12 +61,9 @@ def bundle(
     if release_policy not in policies:
         raise ValueError(f"bundle.release_policy={config.release_policy!r}; choose one of {sorted(policies)}")
     policy = policies[release_policy]
-    reader = SplitReader("bundle", splits)
-    calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
-    p = calibrator.transform(calib["logit"].to_numpy(float))
-    feats = {k: calib[k].to_numpy(float) for k in UNCERTAINTY_FEATURES}
-    summary = summarize_decisions(policy.decide(p, feats), calib["label"].to_numpy(int))
-    answer_rule = fit_answer_rule(p, calib["label"].to_numpy(int), source="val_calib")
+    calib = calib_set(SplitReader("bundle", splits), calib_predictions, calibrator)
+    summary = calib.summary(policy)
+    answer_rule = fit_answer_rule(calib.p, calib.labels, source="val_calib")
     # lineage: the sha256 the IO manager recorded for each upstream artifact of this partition
     upstream = {
         key: latest_materialization_metadata(context.instance, dg.AssetKey(key), context.partition_key).get(
@@ -94,7 +90,7 @@ def bundle(
     )
     log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
     # what `roadwork serve --latest` and new_drop_sensor read (roadwork_assets.released)
-    bundle_id = json.loads((out / MANIFEST_FILE).read_text())["content_sha256"]
+    bundle_id = verify_bundle(out).content_sha256
     source = latest_materialization_metadata(
         context.instance, dg.AssetKey("image_table"), context.partition_key
     ).get("source_fingerprint")
@@ -109,7 +105,7 @@ def bundle(
             "answer_expected_reward": answer_rule.expected_reward,
             "answer_expected_reward_at_0.5": answer_rule.expected_reward_at_half,
             **{f"calib_{k}": float("nan") if v is None else float(v) for k, v in summary.items()},
-            **reader_metadata(reader),
+            **reader_metadata(calib.reader),
         },
     )
 
@@ -122,15 +118,17 @@ def _bundle_check(description: str, **kw):
 
 @_bundle_check("the bundle carries exactly one policy and its checksums verify")
 def check_bundle_one_policy(bundle: Path) -> dg.AssetCheckResult:
-    policies = sorted(p.name for p in bundle.glob("*policy*.json"))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    ok = len(policies) == 1
+    from roadwork_core.bundle.schema import POLICY_FILE, BundleError
+    from roadwork_core.bundle.verify import verify_bundle
+
+    try:  # the manifest lists exactly one policy file and nothing unlisted may be present
+        manifest = verify_bundle(bundle)
+    except BundleError as err:
+        return dg.AssetCheckResult(passed=False, description=str(err))
     return dg.AssetCheckResult(
-        passed=ok,
-        description="one policy"
-        if ok
-        else f"bundle holds {len(policies)} policy files {policies}; it must hold one",
-        metadata={"policy_files": json_meta(policies), "policy": str(manifest.get("policy", ""))},
+        passed=True,
+        description="one policy",
+        metadata={"policy_files": json_meta([POLICY_FILE]), "policy": manifest.policy},
     )
 
 
@@ -258,8 +256,9 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
     description="the realized test FNR is within the policy's guarantee plus its statistical tolerance",
 )
 def check_test_fnr_within_guarantee(evaluation_report: Path) -> dg.AssetCheckResult:
-    report = json.loads((evaluation_report / "report.json").read_text())
-    gc = report.get("guarantee_check") or {}
+    from roadwork_core.metrics.report import read_report
+
+    gc = read_report(evaluation_report).guarantee_check or {}
     return dg.AssetCheckResult(
         passed=bool(gc.get("passed", True)),
         severity=dg.AssetCheckSeverity.WARN,

@@ -1,16 +1,26 @@
 """Training stage: explora_backbone -> classifier. Both run in the Dagster pool `gpu`."""
 
-import json
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from roadwork_assets._config import config_from
 from roadwork_assets._util import json_meta, md_table, reader_metadata
 from roadwork_assets.partitions import dataset_version
+from roadwork_core.config import (
+    BackboneConfig,
+    ExploraConfig,
+    HeadConfig,
+    MultiViewConfig,
+    TrainConfig,
+    from_mapping,
+)
 from roadwork_core.contracts import SPLIT_CONTRACT, Split, SplitReader
 from roadwork_core.io import atomic_write_bytes
 from roadwork_resources.artifact_store import ArtifactStore
@@ -20,49 +30,29 @@ from roadwork_resources.io_manager import new_artifact_dir
 from roadwork_resources.mlflow_tracking import MLFLOW_HOOKS, MlflowParam, log_metrics, log_params
 from roadwork_resources.settings import SplitSettings
 
+BackboneSettings = config_from("BackboneSettings", BackboneConfig, exclude=("attn_backend", "model_kwargs"))
 
-class BackboneSettings(dg.Config):
-    name: str = Field(
-        "vit_test_tiny", description="preset (dinov2_small, dinov3_base, vit_test_tiny, ...) or timm ViT name"
-    )
-    pretrained: bool = Field(False, description="load timm's pretrained weights from the hub (needs access)")
-    weights_file: str | None = Field(
-        None, description="local weight file (safetensors / .pth); overrides the hub"
-    )
-    pooling: str | None = Field(None, description="token (CLS) | avg | max; default per preset")
-    img_size: int | None = Field(None, description="backbone input size; default per preset")
-    grad_checkpointing: bool = False
-
-
-class ExploraSettings(dg.Config):
-    enabled: bool = Field(True, description="false: pass the base weights through unchanged")
-    backbone: BackboneSettings = BackboneSettings()
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-4
-    unfrozen_blocks: int = Field(1, description="last N blocks fully trainable")
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    n_local_crops: int = 4
-    out_dim: int = Field(4096, description="DINO prototypes K")
-    max_images: int | None = Field(
-        None, description="cap on images per epoch (train split + unlabelled pool)"
-    )
-    use_unlabelled: bool = Field(True, description="add the drops' unlabelled/ folders to the train split")
+ExploraSettings = config_from(
+    "ExploraSettings",
+    ExploraConfig,
+    exclude=("seed",),  # GPUResource.seed
+    extra={
+        "backbone": (BackboneSettings, Field(BackboneSettings(), description="the backbone to adapt")),
+        "max_images": (
+            int | None,
+            Field(None, description="cap on images per epoch (train split + unlabelled pool)"),
+        ),
+        "use_unlabelled": (
+            bool,
+            Field(True, description="add the drops' unlabelled/ folders to the train split"),
+        ),
+    },
+    doc="explora_backbone: ExploraConfig's knobs plus the backbone and the image pool.",
+)
 
 
-def _backbone_config(settings: BackboneSettings, attn_backend: str):
-    from roadwork_core.models.backbone import BackboneConfig
-
-    return BackboneConfig(
-        name=settings.name,
-        pretrained=settings.pretrained,
-        weights_file=settings.weights_file,
-        pooling=settings.pooling,
-        img_size=settings.img_size,
-        grad_checkpointing=settings.grad_checkpointing,
-        attn_backend=attn_backend,
-    )
+def _backbone_config(settings, attn_backend: str) -> BackboneConfig:
+    return from_mapping(BackboneConfig, settings.model_dump(), attn_backend=attn_backend)
 
 
 @dg.asset(
@@ -84,66 +74,19 @@ def explora_backbone(
     store: ArtifactStore,
     splits: pd.DataFrame,
 ) -> dg.Output[Path]:
-    from safetensors.torch import save_file
-
-    from roadwork_core.data.drops import list_unlabelled
-    from roadwork_core.data.pool import filter_unlabelled_pool
-    from roadwork_core.metrics.embed import markdown_images
-    from roadwork_core.metrics.stage_plots import ssl_loss_curve
     from roadwork_core.models.backbone import create_backbone, state_dict_sha256
-    from roadwork_core.progress import ProgressClock
-    from roadwork_core.training.explora import ExploraConfig, run_explora
+    from roadwork_core.models.serialization import save_backbone
+    from roadwork_core.training.explora import run_explora
 
     gpu.setup()
     reader = SplitReader("explora_backbone", splits)
-    train = reader.read(Split.TRAIN)
-    uris = list(train["uri"])
-    unlabelled: list[str] = []
-    if config.use_unlabelled:
-        for drop in dataset.drops_for_version(context.partition_key):
-            unlabelled += list_unlabelled(drop)
-    # near-copies of evaluation images must not enter self-supervised training
-    others = sorted(SPLIT_CONTRACT["explora_backbone"].hashes_of)
-    reference = pd.concat([reader.read_phashes(s) for s in others], ignore_index=True)
-    pool = filter_unlabelled_pool(unlabelled, reference, radius=split_settings.radius)
-    side = store.side_dir("explora_backbone", context.partition_key)
-    atomic_write_bytes(side / "pool_rejects.parquet", pool.dropped.to_parquet(index=False))
-    if len(pool.dropped):
-        context.log.warning(
-            f"{len(pool.dropped)} unlabelled images dropped; see {side / 'pool_rejects.parquet'}"
-        )
-    unlabelled = pool.kept
-    uris += unlabelled
-    if config.max_images:
-        uris = uris[: config.max_images]
-
+    uris, pool, rejects_path = _explora_images(context, config, dataset, split_settings, store, reader)
     backbone_cfg = _backbone_config(config.backbone, gpu.attn_backend)
     backbone = create_backbone(backbone_cfg)  # random init is seeded by gpu.setup(): reproducible
     base_sha256 = state_dict_sha256(backbone)
-    cfg = ExploraConfig(
-        enabled=config.enabled,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        unfrozen_blocks=config.unfrozen_blocks,
-        lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        n_local_crops=config.n_local_crops,
-        out_dim=config.out_dim,
-        seed=gpu.seed,
-    )
+    cfg = from_mapping(ExploraConfig, config.model_dump(), seed=gpu.seed)
     log_params(mlflow, {"run_config": context.run.run_config, "explora": config.model_dump()})
-    clock = ProgressClock(total=config.epochs * math.ceil(len(uris) / config.batch_size))  # the loop's steps
-    last_line = [clock.start]
-
-    def on_step(row: dict) -> None:
-        log_metrics(mlflow, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step"))
-        done, now = int(row["step"]) + 1, time.perf_counter()
-        if now - last_line[0] >= 10.0 or done in (1, clock.total):  # a line at most every ~10 s
-            last_line[0] = now
-            context.log.info(
-                f"ExPLoRA step {done}/{clock.total}: DINO loss {row['loss']:.3f}, {clock.describe(done)}"
-            )
+    on_step = _explora_step_logger(context, mlflow, config.epochs * math.ceil(len(uris) / config.batch_size))
 
     if gpu.data_parallel and config.enabled:  # torchrun + DDP through Pipes; rank 0 writes the weights
         result = _explora_data_parallel(context, gpu, backbone, backbone_cfg, uris, cfg, on_step)
@@ -156,22 +99,61 @@ def explora_backbone(
             on_step=on_step,
             checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
         )
-    report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(unlabelled)}
+    report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(pool.kept)}
     out = new_artifact_dir("explora_backbone")
-    save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "backbone.safetensors"))
-    backbone_json = {**backbone_cfg.__dict__, "pretrained": False, "weights_file": None}
-    (out / "config.json").write_text(
-        json.dumps(
-            {
-                "backbone": backbone_json,
-                "source": backbone_cfg.__dict__,
-                "seed": gpu.seed,
-                "base_sha256": base_sha256,
-            },
-            indent=2,
-        )
-    )
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    save_backbone(out, result.state_dict, backbone_cfg, seed=gpu.seed, base_sha256=base_sha256, report=report)
+    return dg.Output(out, metadata=_explora_metadata(config, report, pool, rejects_path, reader))
+
+
+def _explora_images(context, config, dataset: DatasetSource, split_settings, store: ArtifactStore, reader):
+    """The train split's images + the drops' unlabelled pool (near-copies of evaluation images removed,
+    listed in the side file pool_rejects.parquet), capped at max_images. (uris, pool, rejects path)."""
+    from roadwork_core.data.drops import list_unlabelled
+    from roadwork_core.data.pool import filter_unlabelled_pool
+
+    train = reader.read(Split.TRAIN)
+    uris = list(train["uri"])
+    unlabelled: list[str] = []
+    if config.use_unlabelled:
+        for drop in dataset.drops_for_version(context.partition_key):
+            unlabelled += list_unlabelled(drop)
+    # near-copies of evaluation images must not enter self-supervised training
+    others = sorted(SPLIT_CONTRACT["explora_backbone"].hashes_of)
+    reference = pd.concat([reader.read_phashes(s) for s in others], ignore_index=True)
+    pool = filter_unlabelled_pool(unlabelled, reference, radius=split_settings.radius)
+    rejects_path = store.side_dir("explora_backbone", context.partition_key) / "pool_rejects.parquet"
+    atomic_write_bytes(rejects_path, pool.dropped.to_parquet(index=False))
+    if len(pool.dropped):
+        context.log.warning(f"{len(pool.dropped)} unlabelled images dropped; see {rejects_path}")
+    uris += pool.kept
+    if config.max_images:
+        uris = uris[: config.max_images]
+    return uris, pool, rejects_path
+
+
+def _explora_step_logger(context, mlflow: MlflowParam, total_steps: int) -> Callable[[dict], None]:
+    """on_step for run_explora: every step to MLflow, a progress line at most every ~10 s to the run log."""
+    from roadwork_core.progress import ProgressClock
+
+    clock = ProgressClock(total=total_steps)  # the loop's steps
+    last_line = [clock.start]
+
+    def on_step(row: dict) -> None:
+        log_metrics(mlflow, {f"explora_{k}": v for k, v in row.items() if k != "step"}, row.get("step"))
+        done, now = int(row["step"]) + 1, time.perf_counter()
+        if now - last_line[0] >= 10.0 or done in (1, clock.total):  # a line at most every ~10 s
+            last_line[0] = now
+            context.log.info(
+                f"ExPLoRA step {done}/{clock.total}: DINO loss {row['loss']:.3f}, {clock.describe(done)}"
+            )
+
+    return on_step
+
+
+def _explora_metadata(config, report: dict, pool, rejects_path: Path, reader: SplitReader) -> dict:
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import ssl_loss_curve
+
     meta = {
         "enabled": config.enabled,
         "note": "ExPLoRA ran"
@@ -179,10 +161,10 @@ def explora_backbone(
         else "ExPLoRA disabled: base weights passed through unchanged",
         "backbone": config.backbone.name,
         "images_used": report.get("images_used", 0),
-        "unlabelled_kept": len(unlabelled),
+        "unlabelled_kept": len(pool.kept),
         "unlabelled_dropped": len(pool.dropped),
         "unlabelled_dropped_list": md_table(pool.dropped),
-        "pool_rejects_path": dg.MetadataValue.path(str(side / "pool_rejects.parquet")),
+        "pool_rejects_path": dg.MetadataValue.path(str(rejects_path)),
         **reader_metadata(reader),
     }
     if config.enabled:
@@ -202,32 +184,17 @@ def explora_backbone(
             meta["ssl_loss_plot"] = dg.MetadataValue.md(
                 markdown_images([("ExPLoRA SSL loss", ssl_loss_curve(report["loss_curve"]))])
             )
-    return dg.Output(out, metadata=meta)
+    return meta
 
 
-class ClassifierSettings(dg.Config):
-    mode: str = Field("head", description="head (frozen backbone, cached features) | lora | dora | full")
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    dropout: float = 0.3
-    ema_decay: float | None = 0.999
-    patience: int = 3
-    balanced_sampling: bool = False
-    augment: str = Field("validator", description="validator (the subnet's challenge replica) | none")
-    augment_max_level: int = 3
-    lora_r: int = 8
-    lora_alpha: int = 16
-    aggregator: str = Field("topk_mean", description="topk_mean | mean | attention")
-    topk: int = 3
-    grid: int = 3
-    overlap: float = 0.15
-    include_global: bool = True
-    hflip_tta: bool = False
-    num_workers: int = 0
+ClassifierSettings = config_from(
+    "ClassifierSettings",
+    TrainConfig,
+    MultiViewConfig,
+    HeadConfig,
+    exclude=("seed",),  # GPUResource.seed
+    doc="classifier: TrainConfig's, MultiViewConfig's and HeadConfig's knobs.",
+)
 
 
 @dg.asset(
@@ -247,69 +214,24 @@ def classifier(
     splits: pd.DataFrame,
     explora_backbone: Path,
 ) -> dg.Output[Path]:
-    from safetensors.torch import load_file
-
-    from roadwork_core.metrics.embed import markdown_images
-    from roadwork_core.metrics.stage_plots import training_curves
-    from roadwork_core.models.backbone import BackboneConfig
     from roadwork_core.models.classifier import build_classifier
-    from roadwork_core.models.multiview import MultiViewConfig
-    from roadwork_core.models.serialization import save_classifier
-    from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line
-    from roadwork_core.training.supervised import TrainConfig, train_classifier
+    from roadwork_core.models.serialization import load_backbone, save_classifier
+    from roadwork_core.progress import BatchProgress
+    from roadwork_core.training.supervised import train_classifier
 
     gpu.setup()
     reader = SplitReader("classifier", splits)
     train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
-
-    backbone_cfg = BackboneConfig(**json.loads((explora_backbone / "config.json").read_text())["backbone"])
-    mv = MultiViewConfig(
-        grid=config.grid,
-        overlap=config.overlap,
-        include_global=config.include_global,
-        hflip_tta=config.hflip_tta,
-    )
-    model = build_classifier(
-        backbone_cfg, mv, aggregator=config.aggregator, topk=config.topk, dropout=config.dropout
-    )
-    model.backbone.load_state_dict(load_file(str(explora_backbone / "backbone.safetensors")))
-
-    train_cfg = TrainConfig(
-        mode=config.mode,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        label_smoothing=config.label_smoothing,
-        ema_decay=config.ema_decay,
-        patience=config.patience,
-        balanced_sampling=config.balanced_sampling,
-        augment=config.augment,
-        augment_max_level=config.augment_max_level,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        seed=gpu.seed,
-        num_workers=config.num_workers,
-    )
+    saved = load_backbone(explora_backbone)
+    values = config.model_dump()
+    mv, head = from_mapping(MultiViewConfig, values), from_mapping(HeadConfig, values)
+    model = build_classifier(saved.backbone_cfg, mv, **dataclasses.asdict(head))
+    model.backbone.load_state_dict(saved.state_dict)
+    train_cfg = from_mapping(TrainConfig, values, seed=gpu.seed)
     log_params(
         mlflow,
         {"run_config": context.run.run_config, "classifier": config.model_dump(), "gpu": gpu.describe()},
     )
-
-    clock, done = ProgressClock(total=config.epochs), [0]  # epochs this process ran (resume: fewer)
-
-    def on_epoch(row: dict) -> None:
-        done[0] += 1
-        batches.epoch_done()
-        clock.total = config.epochs - int(row["epoch"]) + done[0]
-        context.log.info(epoch_line(row, config.epochs, clock.describe(done[0])))
-        log_metrics(mlflow, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
-
-    def on_batch(batch: int, of: int) -> None:  # the demo's heartbeat shows these; one line per epoch stays
-        context.log.info(
-            f"batch {batch}/{of} of epoch {done[0] + 1}/{config.epochs}, {clock.describe(done[0] + batch / of)}"
-        )
 
     out = new_artifact_dir("classifier")
     places = {
@@ -320,13 +242,56 @@ def classifier(
     if gpu.data_parallel:  # torchrun + DDP through Pipes; rank 0 writes checkpoints and `out`
         result = _classifier_data_parallel(context, gpu, model, train, select, train_cfg, places, out, mlflow)
     else:
-        with BatchProgress(model, math.ceil(len(train) / config.batch_size), on_batch) as batches:
+        progress = _EpochProgress(context, mlflow, config.epochs)
+        with BatchProgress(model, math.ceil(len(train) / config.batch_size), progress.on_batch) as batches:
+            progress.batches = batches
             result = train_classifier(
-                model, train, select, train_cfg, device=gpu.torch_device(), on_epoch=on_epoch, **places
+                model,
+                train,
+                select,
+                train_cfg,
+                device=gpu.torch_device(),
+                on_epoch=progress.on_epoch,
+                **places,
             )
         save_classifier(
             out, model, result.state_dict, extra={"train": train_cfg.__dict__, "history": result.history}
         )
+    return dg.Output(out, metadata=_classifier_metadata(config, result, reader))
+
+
+class _EpochProgress:
+    """train_classifier's callbacks: a run-log line and MLflow metrics per epoch, a line per batch."""
+
+    def __init__(self, context, mlflow: MlflowParam, epochs: int) -> None:
+        from roadwork_core.progress import ProgressClock
+
+        self.context, self.mlflow, self.epochs = context, mlflow, epochs
+        self.clock, self.done = ProgressClock(total=epochs), 0  # epochs this process ran (resume: fewer)
+        self.batches = None  # the BatchProgress while training runs
+
+    def on_epoch(self, row: dict) -> None:
+        from roadwork_core.progress import epoch_line
+
+        self.done += 1
+        self.batches.epoch_done()
+        self.clock.total = self.epochs - int(row["epoch"]) + self.done
+        self.context.log.info(epoch_line(row, self.epochs, self.clock.describe(self.done)))
+        log_metrics(self.mlflow, {k: v for k, v in row.items() if k != "epoch"}, row.get("epoch"))
+
+    def on_batch(
+        self, batch: int, of: int
+    ) -> None:  # the demo's heartbeat shows these; one line per epoch stays
+        self.context.log.info(
+            f"batch {batch}/{of} of epoch {self.done + 1}/{self.epochs}, "
+            f"{self.clock.describe(self.done + batch / of)}"
+        )
+
+
+def _classifier_metadata(config, result, reader: SplitReader) -> dict:
+    from roadwork_core.metrics.embed import markdown_images
+    from roadwork_core.metrics.stage_plots import training_curves
+
     times = [h.get("seconds", float("nan")) for h in result.history]
     meta = {
         "mode": config.mode,
@@ -348,7 +313,7 @@ def classifier(
     if config.mode == "head" and len(times) > 1:
         later = sorted(times[1:])[len(times[1:]) // 2]
         meta["cache_speedup_first_vs_later_epochs"] = float(times[0] / max(later, 1e-9))
-    return dg.Output(out, metadata=meta)
+    return meta
 
 
 # ---------------------------------------------------------------- data-parallel launches (gpu.nproc_per_node > 1)
@@ -357,16 +322,14 @@ def classifier(
 def _explora_data_parallel(context, gpu: GPUResource, backbone, backbone_cfg, uris, cfg, on_step):
     import tempfile
 
-    from safetensors.torch import load_file
-
     from roadwork_assets._torchrun import train_data_parallel
-    from roadwork_core.training.ddp_jobs import write_explora_job
+    from roadwork_core.training.ddp_jobs import read_explora_weights, write_explora_job
     from roadwork_core.training.explora import ExploraResult
 
     with tempfile.TemporaryDirectory(prefix="roadwork-ddp-explora-") as tmp:
         job = write_explora_job(Path(tmp), backbone, backbone_cfg.__dict__, uris, cfg)
         report = train_data_parallel(context, gpu, job, on_record=on_step)
-        return ExploraResult(state_dict=load_file(str(job / "backbone.safetensors")), report=report)
+        return ExploraResult(state_dict=read_explora_weights(job), report=report)
 
 
 def _classifier_data_parallel(

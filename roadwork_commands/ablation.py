@@ -9,7 +9,6 @@ graph, or at least those two assets, first) and rebuilds the base backbone exact
 """
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,18 +33,19 @@ def probe(backbone_state: dict, backbone_cfg, train, select, clf_cfg: dict, seed
     """Train a head probe (frozen backbone, cached features); returns the TrainResult."""
     import torch
 
+    from roadwork_core.config import HeadConfig, MultiViewConfig, TrainConfig, from_mapping
     from roadwork_core.models.classifier import build_classifier
-    from roadwork_core.models.multiview import MultiViewConfig
-    from roadwork_core.training.supervised import TrainConfig, train_classifier
+    from roadwork_core.training.supervised import train_classifier
+
+    def picked(*keys: str) -> dict:  # the classifier's tiling and aggregation; the rest stays at the defaults
+        return {k: clf_cfg[k] for k in keys if k in clf_cfg}
 
     torch.manual_seed(seed)
-    mv = MultiViewConfig(grid=clf_cfg.get("grid", 3), overlap=clf_cfg.get("overlap", 0.15))
-    model = build_classifier(
-        backbone_cfg, mv, aggregator=clf_cfg.get("aggregator", "topk_mean"), topk=clf_cfg.get("topk", 3)
-    )
+    mv = from_mapping(MultiViewConfig, picked("grid", "overlap"))
+    head = from_mapping(HeadConfig, picked("aggregator", "topk"))
+    model = build_classifier(backbone_cfg, mv, aggregator=head.aggregator, topk=head.topk)
     model.backbone.load_state_dict(backbone_state)
-    keys = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{**{k: v for k, v in clf_cfg.items() if k in keys}, "mode": "head", "seed": seed})
+    cfg = from_mapping(TrainConfig, clf_cfg, mode="head", seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         result = train_classifier(
             model,
@@ -67,9 +67,8 @@ def cache_speedup(result) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safetensors.torch import load_file
-
-    from roadwork_core.models.backbone import BackboneConfig, create_backbone, state_dict_sha256
+    from roadwork_core.models.backbone import create_backbone, state_dict_sha256
+    from roadwork_core.models.serialization import load_backbone
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     instance = dg.DagsterInstance.get()
     splits = _artifact(instance, "splits", args.partition)
-    explora_dir = _artifact(instance, "explora_backbone", args.partition)
-    meta = json.loads((explora_dir / "config.json").read_text())
+    saved = load_backbone(_artifact(instance, "explora_backbone", args.partition))
     clf_cfg = {}
     if args.config:
         clf_cfg = (
@@ -98,20 +96,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    torch.manual_seed(meta.get("seed", 0))
-    base = create_backbone(BackboneConfig(**meta["source"]))
-    if meta.get("base_sha256") and state_dict_sha256(base) != meta["base_sha256"]:
+    torch.manual_seed(saved.seed)
+    base = create_backbone(saved.source_cfg)
+    if saved.base_sha256 and state_dict_sha256(base) != saved.base_sha256:
         raise SystemExit(
             "the rebuilt base backbone does not match the one explora_backbone started from "
             "(different weights file or timm version); rerun explora_backbone"
         )
     reader = SplitReader("classifier", splits)  # the probe is a classifier: train + val_select only
     train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
-    backbone_cfg = BackboneConfig(**meta["backbone"])
-    seed = int(meta.get("seed", 0))
-    base_run = probe(base.state_dict(), backbone_cfg, train, select, clf_cfg, seed)
-    explora_state = load_file(str(explora_dir / "backbone.safetensors"))
-    explora_run = probe(explora_state, backbone_cfg, train, select, clf_cfg, seed)
+    base_run = probe(base.state_dict(), saved.backbone_cfg, train, select, clf_cfg, saved.seed)
+    explora_state = saved.state_dict
+    explora_run = probe(explora_state, saved.backbone_cfg, train, select, clf_cfg, saved.seed)
     mcc_base, mcc_explora = float(base_run.best_select_mcc), float(explora_run.best_select_mcc)
     print(
         f"ExPLoRA ablation on {args.partition} ({len(train)} train, {len(select)} val_select images; head probe)"

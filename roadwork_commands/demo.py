@@ -183,6 +183,8 @@ def materialize(version: str, config: Path, log_path: Path) -> None:
 
 
 def summarize(instance: dg.DagsterInstance, version: str, log_path: Path | None = None) -> Path:
+    from roadwork_core.metrics.report import read_report
+
     def meta(asset: str) -> dict:
         return latest_materialization_metadata(instance, dg.AssetKey(asset), version)
 
@@ -194,7 +196,7 @@ def summarize(instance: dg.DagsterInstance, version: str, log_path: Path | None 
     )
     bundle_dir = Path(bundle_meta["path"]) / "dir"
     report_dir = Path(report_meta["path"]) / "dir"
-    report = json.loads((report_dir / "report.json").read_text())
+    report = read_report(report_dir)
     print("\n==== roadwork demo summary ====")
     print(
         f"dataset version {version}: {images.get('num_images')} images accepted, {images.get('num_rejected')} rejected"
@@ -213,9 +215,9 @@ def summarize(instance: dg.DagsterInstance, version: str, log_path: Path | None 
     )
     print(f"evaluation on val_test ({report_dir}):")
     print((report_dir / "summary.md").read_text())
-    guarantee = report.get("guarantee_check", {})
+    guarantee = report.guarantee_check or {}
     print(f"guarantee check on val_test: {guarantee.get('message')}")
-    stream = (report.get("subnet") or {}).get("stream") or []
+    stream = (report.subnet or {}).get("stream") or []
     if stream:  # the headline of the subnet section printed above
         print(
             "subnet (validator replica), expected reward per query: "

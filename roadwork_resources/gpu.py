@@ -9,7 +9,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+from roadwork_core.config import Precision, precision_dtype
 
 
 class GPUResource(dg.ConfigurableResource):
@@ -25,9 +25,7 @@ class GPUResource(dg.ConfigurableResource):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(
         "auto", description="auto picks cuda, then mps, then cpu"
     )
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
-        "fp32", description="fp16-mixed uses a gradient scaler and needs CUDA"
-    )
+    precision: Precision = Field("fp32", description="fp16-mixed uses a gradient scaler and needs CUDA")
     compile: bool = Field(False, description="wrap models in torch.compile")
     attn_backend: Literal["sdpa", "flash_attn", "eager"] = Field("sdpa", description="attention kernel")
     threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default")
@@ -84,11 +82,7 @@ class GPUResource(dg.ConfigurableResource):
         return self.precision
 
     def autocast_dtype(self):
-        import torch
-
-        return {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}[
-            self.effective_precision()
-        ]
+        return precision_dtype(self.effective_precision())
 
     def setup(self, seed_offset: int = 0) -> None:
         """Apply threads, seeds and determinism flags to this process; call at the start of an asset."""

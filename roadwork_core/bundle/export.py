@@ -142,6 +142,17 @@ def _bundle_config(classifier_dir: Path) -> str:
     return json.dumps(doc, indent=2, sort_keys=True, allow_nan=False)
 
 
+def _lineage(upstream_versions: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's lineage: string values, or one level of mapping (asset -> sha256 or None)."""
+    out: dict[str, Any] = {}
+    for key, value in upstream_versions.items():
+        if isinstance(value, Mapping):
+            out[str(key)] = {str(k): None if v is None else str(v) for k, v in value.items()}
+        else:
+            out[str(key)] = str(value)
+    return out
+
+
 def export_bundle(
     out_dir: Path,
     *,
@@ -175,7 +186,7 @@ def export_bundle(
         code = {"roadwork": __version__, "git_commit": code_version}
     else:
         code = {str(k): (None if v is None else str(v)) for k, v in code_version.items()}
-    lineage = _json_safe({str(k): str(v) for k, v in upstream_versions.items()}, "upstream_versions")
+    lineage = _json_safe(_lineage(upstream_versions), "upstream_versions")
     metrics = _json_safe(metrics_summary, "metrics_summary")
     _json_safe(dataset_version, "dataset_version")
     _json_safe(code, "code_version")

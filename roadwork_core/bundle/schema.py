@@ -65,7 +65,9 @@ class BundleManifest(BaseModel):
 
     schema_version: int
     dataset_version: str
-    upstream_versions: dict[str, str]
+    # {"dataset_version": "v1", "artifact_sha256": {"splits": "<sha256>", ...}}; bundles exported before
+    # lineage was a mapping hold every value as a string (e.g. str(dict)) and still load
+    upstream_versions: dict[str, str | dict[str, str | None]]
     code_version: dict[str, str | None]  # {"roadwork": "0.1.0", "git_commit": "<sha>" | None}
     created_at: str  # ISO 8601, UTC
     metrics_summary: dict[str, Any]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -107,3 +108,12 @@ def verified_files(path: Path, manifest: BundleManifest) -> dict[str, bytes]:
             )
         contents[name] = data
     return contents
+
+
+def verify_bundle(path: str | os.PathLike) -> BundleManifest:
+    """Check a bundle directory as `Bundle.load` does before building anything (schema, manifest digest,
+    every file's size and sha256, no unlisted file, hence exactly one policy); its manifest, or BundleError."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    verified_files(path, manifest)
+    return manifest

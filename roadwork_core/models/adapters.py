@@ -84,7 +84,7 @@ def apply_adapters(
     backbone: nn.Module,
     kind: str = "lora",
     r: int = 8,
-    alpha: int = 16,
+    alpha: float = 16.0,
     dropout: float = 0.0,
     target_regex: str | None = None,
 ) -> nn.Module:

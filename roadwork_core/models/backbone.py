@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -24,6 +23,8 @@ from timm.layers import Attention
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from roadwork_core.config import BackboneConfig
 
 __all__ = [
     "ATTN_BACKENDS",
@@ -68,18 +69,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 ATTN_BACKENDS: tuple[str, ...] = ("sdpa", "flash_attn", "eager")
-
-
-@dataclass
-class BackboneConfig:
-    name: str = "vit_test_tiny"  # a preset name (PRESETS) or any timm ViT name (VisionTransformer / Eva)
-    pretrained: bool = False  # timm pretrained=True (hub access needed)
-    weights_file: str | None = None  # local weights: timm pretrained_cfg_overlay=dict(file=...)
-    pooling: str | None = None  # "token" (CLS) | "avg"; None -> preset default
-    img_size: int | None = None  # None -> preset default
-    grad_checkpointing: bool = False
-    attn_backend: str = "sdpa"  # "sdpa" (timm fused attention) | "flash_attn" | "eager"
-    model_kwargs: dict = field(default_factory=dict)
 
 
 class FlashAttnAttention(Attention):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from roadwork_core.config import HeadConfig
 from roadwork_core.models.aggregators import create_aggregator
 from roadwork_core.models.backbone import BackboneConfig, backbone_data_config, create_backbone
 from roadwork_core.models.multiview import (
@@ -26,7 +27,7 @@ from roadwork_core.models.multiview import (
     resolve_canvas_size,
 )
 
-__all__ = ["RoadworkClassifier", "build_classifier", "classifier_config_dict"]
+__all__ = ["HeadConfig", "RoadworkClassifier", "build_classifier", "classifier_config_dict"]
 
 
 class RoadworkClassifier(nn.Module):
@@ -35,9 +36,9 @@ class RoadworkClassifier(nn.Module):
         backbone: nn.Module,
         mv: MultiViewConfig,
         *,
-        aggregator: str = "topk_mean",
-        topk: int = 3,
-        dropout: float = 0.3,
+        aggregator: str = HeadConfig.aggregator,
+        topk: int = HeadConfig.topk,
+        dropout: float = HeadConfig.dropout,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         backbone_cfg: BackboneConfig | None = None,

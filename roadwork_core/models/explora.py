@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from roadwork_core.config import ExploraConfig
+
 __all__ = [
     "NORM_LAYERS",
     "ExploraConfig",
@@ -53,82 +55,6 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
     timm.layers.RmsNorm,
     timm.layers.SimpleNorm,
 )
-
-
-@dataclass
-class ExploraConfig:
-    """Everything ExPLoRA needs: parameter plan, SSL loop, DINO head and schedules.
-
-    Crop sizes ``None`` are derived from the backbone's input size (multiples of its patch size).
-    ``max_steps`` (when set) overrides ``epochs``.
-    """
-
-    enabled: bool = True
-    # parameter plan
-    unfrozen_blocks: int = 1  # the last N blocks are fully trainable
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_every_other: bool = False  # False (the paper): LoRA on every frozen block; True: every other one
-    train_norms: bool = True
-    train_cls_token: bool = True
-    train_reg_tokens: bool = True
-    # loop
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-4  # peak AdamW lr, cosine decay to min_lr
-    min_lr: float = 1e-6
-    lr_warmup_frac: float = 0.1
-    weight_decay: float = 0.04  # cosine schedule from here to weight_decay_end (DINO: 0.04 -> 0.4)
-    weight_decay_end: float = 0.4
-    drop_path_rate: float = 0.1  # stochastic depth on the student, rising linearly to this at the last block
-    clip_grad: float | None = 3.0
-    # multi-crop
-    n_global_crops: int = 2
-    n_local_crops: int = 4
-    global_crop_size: int | None = None
-    local_crop_size: int | None = None
-    global_crop_scale: tuple[float, float] = (0.32, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.32)
-    # DINO head and loss
-    out_dim: int = 4096  # K prototypes
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    teacher_momentum: float = 0.996  # cosine schedule to 1.0
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup_frac: float = 0.3
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    freeze_last_layer_frac: float = 0.1  # DINO head's last layer gets no update for this share of steps
-    export_weights: str = "teacher"  # "teacher" (as DINO / DINOv2 evaluate) or "student"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n_global_crops != 2:
-            raise ValueError(
-                f"ExploraConfig.n_global_crops={self.n_global_crops}: DINO uses exactly 2; set 2."
-            )
-        if self.unfrozen_blocks < 0 or self.lora_rank < 0 or self.n_local_crops < 0:
-            raise ValueError(
-                "ExploraConfig: unfrozen_blocks, lora_rank and n_local_crops must be >= 0, got "
-                f"{self.unfrozen_blocks}, {self.lora_rank}, {self.n_local_crops}."
-            )
-        if self.export_weights not in ("teacher", "student"):
-            raise ValueError(
-                f"ExploraConfig.export_weights={self.export_weights!r}: use 'teacher' or 'student'."
-            )
-        if self.batch_size < 1:
-            raise ValueError(f"ExploraConfig.batch_size={self.batch_size}: must be >= 1.")
-        if not 0.0 <= self.drop_path_rate < 1.0 or not 0.0 <= self.freeze_last_layer_frac <= 1.0:
-            raise ValueError(
-                f"ExploraConfig: need 0 <= drop_path_rate < 1 and 0 <= freeze_last_layer_frac <= 1, got "
-                f"{self.drop_path_rate} and {self.freeze_last_layer_frac}."
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

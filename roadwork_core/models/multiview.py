@@ -11,10 +11,10 @@ of every view in the same order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from roadwork_core.config import MultiViewConfig
 
 __all__ = [
     "MultiViewConfig",
@@ -24,26 +24,6 @@ __all__ = [
     "resolve_canvas_size",
     "tile_boxes",
 ]
-
-
-@dataclass
-class MultiViewConfig:
-    view_size: int | None = (
-        None  # side of each square view; None -> the backbone's input size (build_classifier)
-    )
-    grid: int = 3  # grid x grid tiles
-    overlap: float = 0.15  # fraction of a tile shared with its neighbour
-    include_global: bool = True  # prepend the whole image resized to view_size
-    hflip_tta: bool = False  # append the horizontally flipped copy of every view
-    canvas_size: int | None = None  # square canvas side before tiling; None -> resolve_canvas_size
-
-    def __post_init__(self) -> None:
-        if self.grid < 1:
-            raise ValueError(f"MultiViewConfig.grid must be >= 1, got {self.grid}")
-        if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"MultiViewConfig.overlap must be in [0, 1), got {self.overlap}")
-        if self.view_size is not None and self.view_size < 1:
-            raise ValueError(f"MultiViewConfig.view_size must be >= 1, got {self.view_size}")
 
 
 def _view_size(cfg: MultiViewConfig) -> int:

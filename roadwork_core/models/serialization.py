@@ -6,6 +6,11 @@
      "weights": {"file": "model.safetensors", "sha256": <sha256 of the file>, "num_tensors": n},
      "extra": {...}}                                 # caller's metadata (training config, metrics, ...)
 
+The explora_backbone directory format (`save_backbone` / `load_backbone`): `backbone.safetensors`
+(plain timm keys), `config.json` ({"backbone": the BackboneConfig that rebuilds it (no hub, no file),
+"source": the BackboneConfig the base weights came from, "seed", "base_sha256"}) and `report.json`
+(what the ExPLoRA run reports).
+
 The classifier asset writes this format and the release bundle embeds it (a bundle directory is a
 superset: same two files plus calibrator, policy and manifest). Rebuilding never downloads: the
 backbone is rebuilt with `pretrained=False, weights_file=None` and every weight comes from the
@@ -14,6 +19,7 @@ safetensors file, loaded strictly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,14 +36,20 @@ from roadwork_core.models.classifier import RoadworkClassifier, build_classifier
 from roadwork_core.models.multiview import MultiViewConfig
 
 __all__ = [
+    "BACKBONE_CONFIG_FILE",
+    "BACKBONE_REPORT_FILE",
+    "BACKBONE_WEIGHTS_FILE",
     "CLASSIFIER_CONFIG_FILE",
     "CLASSIFIER_FORMAT",
     "CLASSIFIER_FORMAT_VERSION",
     "CLASSIFIER_WEIGHTS_FILE",
+    "SavedBackbone",
+    "load_backbone",
     "load_classifier",
     "load_weights",
     "read_classifier_config",
     "rebuild_classifier",
+    "save_backbone",
     "save_classifier",
 ]
 
@@ -45,6 +57,9 @@ CLASSIFIER_FORMAT = "roadwork.classifier"
 CLASSIFIER_FORMAT_VERSION = 1
 CLASSIFIER_WEIGHTS_FILE = "model.safetensors"
 CLASSIFIER_CONFIG_FILE = "config.json"
+BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
+BACKBONE_CONFIG_FILE = "config.json"
+BACKBONE_REPORT_FILE = "report.json"
 
 
 def _state_to_save(model: RoadworkClassifier, state_dict: Mapping[str, torch.Tensor] | None) -> dict:
@@ -182,3 +197,78 @@ def load_classifier(directory: Path, device: str | torch.device = "cpu") -> Road
     model = rebuild_classifier(doc["classifier"])
     load_weights(model, weights, source=str(weights_path))
     return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- the explora_backbone directory
+
+
+@dataclasses.dataclass
+class SavedBackbone:
+    """An explora_backbone directory read back by `load_backbone`."""
+
+    state_dict: dict[str, torch.Tensor]  # plain timm keys
+    backbone_cfg: BackboneConfig  # rebuilds the architecture: pretrained=False, weights_file=None
+    source_cfg: BackboneConfig  # how the base weights were built (hub / local file), before ExPLoRA
+    seed: int  # the seed the base backbone was built with (random init is reproducible)
+    base_sha256: str | None  # state_dict_sha256 of the base weights
+    report: dict[str, Any]
+
+
+def save_backbone(
+    directory: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    source_cfg: BackboneConfig,
+    *,
+    seed: int,
+    base_sha256: str | None,
+    report: Mapping[str, Any],
+) -> None:
+    """Write `directory` (replaced atomically as a whole): backbone.safetensors, config.json, report.json."""
+    weights = safetensors_save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
+    source = dataclasses.asdict(source_cfg)
+    config = {
+        "backbone": {**source, "pretrained": False, "weights_file": None},  # every weight is in the file
+        "source": source,
+        "seed": seed,
+        "base_sha256": base_sha256,
+    }
+    with atomic_dir(directory) as tmp:
+        atomic_write_bytes(tmp / BACKBONE_WEIGHTS_FILE, weights)
+        atomic_write_text(tmp / BACKBONE_CONFIG_FILE, json.dumps(config, indent=2))
+        atomic_write_text(tmp / BACKBONE_REPORT_FILE, json.dumps(dict(report), indent=2, default=str))
+
+
+def load_backbone(directory: Path) -> SavedBackbone:
+    """Read a directory written by `save_backbone`; errors name the file and the fix."""
+    directory = Path(directory)
+    docs = {}
+    for name in (BACKBONE_CONFIG_FILE, BACKBONE_REPORT_FILE):
+        path = directory / name
+        try:
+            docs[name] = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{path} does not exist; an explora_backbone directory holds {BACKBONE_WEIGHTS_FILE}, "
+                f"{BACKBONE_CONFIG_FILE} and {BACKBONE_REPORT_FILE}: rematerialize explora_backbone"
+            ) from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); rematerialize explora_backbone") from err
+    config = docs[BACKBONE_CONFIG_FILE]
+    weights_path = directory / BACKBONE_WEIGHTS_FILE
+    try:
+        state = safetensors_load(weights_path.read_bytes())
+        backbone_cfg, source_cfg = BackboneConfig(**config["backbone"]), BackboneConfig(**config["source"])
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{weights_path} does not exist; rematerialize explora_backbone") from err
+    except (SafetensorError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{directory} is not a readable explora_backbone directory ({err!r}); rematerialize explora_backbone"
+        ) from err
+    return SavedBackbone(
+        state_dict=state,
+        backbone_cfg=backbone_cfg,
+        source_cfg=source_cfg,
+        seed=int(config.get("seed", 0)),
+        base_sha256=config.get("base_sha256"),
+        report=docs[BACKBONE_REPORT_FILE],
+    )

@@ -29,6 +29,7 @@ __all__ = ["JOB_FILE", "read_result", "run_job", "write_classifier_job", "write_
 
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
+EXPLORA_WEIGHTS_FILE = "backbone.safetensors"  # the explora job's merged weights, written by rank 0
 
 
 def write_classifier_job(
@@ -88,6 +89,11 @@ def read_result(job_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def read_explora_weights(job_dir: Path) -> dict[str, torch.Tensor]:
+    """The merged weights an explora job's rank 0 wrote (read after `read_result` succeeded)."""
+    return load_file(str(Path(job_dir) / EXPLORA_WEIGHTS_FILE))
+
+
 def _run_classifier(job: dict, job_dir: Path, world: World, device: torch.device, on_record) -> dict:
     from roadwork_core.models.serialization import load_classifier, save_classifier
     from roadwork_core.training.supervised import TrainConfig, train_classifier
@@ -135,7 +141,7 @@ def _run_explora(job: dict, job_dir: Path, world: World, device: torch.device, o
     report = {**result.report, "world_size": world.world_size}
     if world.is_main:
         weights = {k: v.contiguous() for k, v in result.state_dict.items()}
-        save_file(weights, str(job_dir / "backbone.safetensors"))  # job_dir is the launcher's scratch
+        save_file(weights, str(job_dir / EXPLORA_WEIGHTS_FILE))  # job_dir is the launcher's scratch
         atomic_write_text(job_dir / RESULT_FILE, json.dumps(report, default=str))
     return report
 

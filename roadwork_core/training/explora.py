@@ -368,6 +368,159 @@ def _resume(
     return state
 
 
+@dataclass
+class _Setup:
+    """The student (backbone copy + LoRA plan + DINO head), its EMA teacher, the loss and AdamW."""
+
+    plan: ExploraPlan
+    head: DINOHead
+    student: DinoStudent
+    teacher: nn.Module
+    student_step: nn.Module  # the student, DDP-wrapped when distributed
+    dino_loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    drop_path_rates: list[float]
+    names: list[str]  # the trainable parameters (what a checkpoint holds)
+
+
+def _build(backbone: nn.Module, cfg: ExploraConfig, device, world: World) -> _Setup:
+    """Student = wrapped copy + head; teacher = EMA copy (call under the run's seed)."""
+    student_backbone = copy.deepcopy(backbone)
+    plan: ExploraPlan = setup_explora(student_backbone, cfg)
+    drop_path_rates = set_drop_path(student_backbone, cfg.drop_path_rate) if cfg.drop_path_rate else []
+    head = DINOHead(
+        student_backbone.num_features,
+        cfg.out_dim,
+        cfg.head_hidden_dim,
+        cfg.head_bottleneck_dim,
+        cfg.head_nlayers,
+    )
+    student = DinoStudent(student_backbone, head).to(device).train()
+    teacher = make_teacher(student)
+    student_step = world.wrap(student, torch.device(device))  # DDP when distributed
+    dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    return _Setup(plan, head, student, teacher, student_step, dino_loss, optimizer, drop_path_rates, names)
+
+
+@dataclass
+class _StepPlan:
+    steps_per_epoch: int
+    steps: int  # max_steps, or epochs * steps_per_epoch
+    epochs: int
+    schedules: ExploraSchedules  # per step
+    freeze_last_layer_steps: int
+
+
+def _plan_steps(cfg: ExploraConfig, n_images: int) -> _StepPlan:
+    steps_per_epoch = math.ceil(n_images / cfg.batch_size)
+    steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    return _StepPlan(
+        steps_per_epoch=steps_per_epoch,
+        steps=steps,
+        epochs=math.ceil(steps / steps_per_epoch),
+        schedules=build_schedules(cfg, steps),
+        freeze_last_layer_steps=math.ceil(cfg.freeze_last_layer_frac * steps),
+    )
+
+
+def _explora_epoch(
+    epoch: int,
+    s: _Setup,
+    batches: Iterator[tuple[list[torch.Tensor], list[torch.Tensor], float]],
+    steps: range,
+    schedules: ExploraSchedules,
+    freeze_last_layer_steps: int,
+    cfg: ExploraConfig,
+    device,
+    world: World,
+    loss_curve: list[float],
+    on_step: Callable[[dict], None] | None,
+) -> None:
+    """The steps of one epoch: schedule -> forward/loss -> backward/clip -> student step, teacher EMA -> log."""
+    for step, (globals_, locals_, weight) in zip(steps, batches):
+        # schedule
+        for group in s.optimizer.param_groups:
+            group["lr"] = float(schedules.lr[step])
+            if group["decay"]:
+                group["weight_decay"] = float(schedules.weight_decay[step])
+        teacher_temp = float(schedules.teacher_temp[step])
+        globals_ = [x.to(device, non_blocking=True) for x in globals_]
+        locals_ = [x.to(device, non_blocking=True) for x in locals_]
+
+        # forward / backward: teacher sees global crops only, student sees all of them
+        with torch.no_grad():
+            teacher_logits = s.teacher(globals_)  # (2, B, K)
+        student_logits = s.student_step(globals_ + locals_)  # (2 + N, B, K)
+        loss = s.dino_loss(student_logits, teacher_logits, teacher_temp)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"ExPLoRA loss is {loss.item()} at step {step}; lower ExploraConfig.lr (now {cfg.lr})."
+            )
+        s.optimizer.zero_grad(set_to_none=True)
+        (loss * weight if world.distributed else loss).backward()
+        if step < freeze_last_layer_steps:
+            s.head.cancel_last_layer_grads()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_([p for p in s.student.parameters() if p.requires_grad], cfg.grad_clip)
+
+        # step: student by AdamW, teacher by EMA only
+        s.optimizer.step()
+        momentum = float(schedules.teacher_momentum[step])
+        ema_update_(s.teacher, s.student, momentum)
+
+        # log (loss.item() is a device sync point, once per step)
+        if world.distributed:  # the global batch's mean loss
+            loss_curve.append(world.sum(float(loss.item()) * weight)[0] / world.world_size)
+        else:
+            loss_curve.append(float(loss.item()))
+        if on_step is not None:
+            on_step(
+                {"step": step, "loss": loss_curve[-1], "lr": float(schedules.lr[step]),
+                 "weight_decay": float(schedules.weight_decay[step]),
+                 "teacher_momentum": momentum, "teacher_temp": teacher_temp,
+                 "last_layer_frozen": step < freeze_last_layer_steps}
+            )  # fmt: skip
+
+
+def _merged_weights(exported: DinoStudent, input_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The exported backbone with LoRA merged: a plain state dict with exactly the input backbone's keys."""
+    merged = {k: v.cpu() for k, v in merge_explora(exported.backbone).items()}
+    if set(merged) != set(input_keys):
+        missing = sorted(set(input_keys) - set(merged))
+        extra = sorted(set(merged) - set(input_keys))
+        raise RuntimeError(
+            f"merged ExPLoRA state dict keys differ from the backbone's: missing {missing}, extra {extra}"
+        )
+    return {k: merged[k] for k in input_keys}
+
+
+def _report(
+    cfg: ExploraConfig, s: _Setup, plan: _StepPlan, loss_curve: list[float], n_images: int,
+    resumed_from: int | None, seconds: float, crop_sizes: tuple[int, int],
+) -> dict:  # fmt: skip
+    """What run_explora reports (ExploraResult.report)."""
+    return {
+        "enabled": True,
+        "loss_curve": loss_curve,
+        **s.plan.summary(),
+        "images_used": n_images,
+        "steps": plan.steps,
+        "epochs": plan.epochs,
+        "resumed_from_epoch": resumed_from,
+        "seconds": seconds,
+        "global_crop_size": crop_sizes[0],
+        "local_crop_size": crop_sizes[1],
+        "n_local_crops": cfg.n_local_crops,
+        "drop_path_rates": s.drop_path_rates,
+        "freeze_last_layer_steps": plan.freeze_last_layer_steps,
+        "objective": "DINO CLS loss with EMA centering; iBOT, KoLeo and Sinkhorn-Knopp not implemented",
+        "exported": cfg.export_weights,
+        "config": cfg.to_dict(),
+    }
+
+
 def run_explora(
     backbone: nn.Module,
     image_uris: list[str],
@@ -395,23 +548,7 @@ def run_explora(
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-
-        # setup: student = wrapped copy + head; teacher = EMA copy
-        student_backbone = copy.deepcopy(backbone)
-        plan: ExploraPlan = setup_explora(student_backbone, cfg)
-        drop_path_rates = set_drop_path(student_backbone, cfg.drop_path_rate) if cfg.drop_path_rate else []
-        head = DINOHead(
-            student_backbone.num_features,
-            cfg.out_dim,
-            cfg.head_hidden_dim,
-            cfg.head_bottleneck_dim,
-            cfg.head_nlayers,
-        )
-        student = DinoStudent(student_backbone, head).to(device).train()
-        teacher = make_teacher(student)
-        student_step = world.wrap(student, torch.device(device))  # DDP when distributed
-        dino_loss = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
-        optimizer = torch.optim.AdamW(_param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        s = _build(backbone, cfg, device, world)
 
         # data and schedules
         global_size, local_size, _ = resolve_crop_sizes(backbone, cfg)
@@ -420,109 +557,41 @@ def run_explora(
             global_size, local_size, cfg.n_local_crops, data_cfg["mean"], data_cfg["std"],
             cfg.global_crop_scale, cfg.local_crop_scale,
         )  # fmt: skip
-        steps_per_epoch = math.ceil(len(image_uris) / cfg.batch_size)
-        steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        epochs = math.ceil(steps / steps_per_epoch)
-        schedules = build_schedules(cfg, steps)
-        freeze_last_layer_steps = math.ceil(cfg.freeze_last_layer_frac * steps)
+        plan = _plan_steps(cfg, len(image_uris))
+        steps_per_epoch, steps = plan.steps_per_epoch, plan.steps
         load = load_image or _default_load_image
 
         # resume: the last finished epoch of the same run
-        names = [n for n, p in student.named_parameters() if p.requires_grad]
         state = {"fingerprint": _fingerprint(cfg, image_uris, backbone, steps), "epoch": 0, "loss_curve": []}
         resumed = None
         if checkpoint_dir is not None:
             checkpoint_dir = Path(checkpoint_dir)
             resumed = _resume(
-                checkpoint_dir, state["fingerprint"], student, teacher, dino_loss, optimizer, names
+                checkpoint_dir, state["fingerprint"], s.student, s.teacher, s.dino_loss, s.optimizer, s.names
             )
             state = resumed or state
         resumed_from = None if resumed is None else int(state["epoch"])
         loss_curve: list[float] = state["loss_curve"]
 
-        for epoch in range(state["epoch"] + 1, epochs + 1):
+        for epoch in range(state["epoch"] + 1, plan.epochs + 1):
             torch.manual_seed(epoch_seed(cfg.seed, epoch))  # augmentation stream of this epoch
             generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))  # shuffle
             first = (epoch - 1) * steps_per_epoch
             batches = _epoch_batches(image_uris, cfg.batch_size, generator, load, augment, world)
-            for step, (globals_, locals_, weight) in zip(
-                range(first, min(first + steps_per_epoch, steps)), batches
-            ):
-                # schedule
-                for group in optimizer.param_groups:
-                    group["lr"] = float(schedules.lr[step])
-                    if group["decay"]:
-                        group["weight_decay"] = float(schedules.weight_decay[step])
-                teacher_temp = float(schedules.teacher_temp[step])
-                globals_ = [x.to(device, non_blocking=True) for x in globals_]
-                locals_ = [x.to(device, non_blocking=True) for x in locals_]
-
-                # forward / backward: teacher sees global crops only, student sees all of them
-                with torch.no_grad():
-                    teacher_logits = teacher(globals_)  # (2, B, K)
-                student_logits = student_step(globals_ + locals_)  # (2 + N, B, K)
-                loss = dino_loss(student_logits, teacher_logits, teacher_temp)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"ExPLoRA loss is {loss.item()} at step {step}; lower ExploraConfig.lr (now {cfg.lr})."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                (loss * weight if world.distributed else loss).backward()
-                if step < freeze_last_layer_steps:
-                    head.cancel_last_layer_grads()
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(
-                        [p for p in student.parameters() if p.requires_grad], cfg.clip_grad
-                    )
-
-                # step: student by AdamW, teacher by EMA only
-                optimizer.step()
-                momentum = float(schedules.teacher_momentum[step])
-                ema_update_(teacher, student, momentum)
-
-                # log (loss.item() is a device sync point, once per step)
-                if world.distributed:  # the global batch's mean loss
-                    loss_curve.append(world.sum(float(loss.item()) * weight)[0] / world.world_size)
-                else:
-                    loss_curve.append(float(loss.item()))
-                if on_step is not None:
-                    on_step(
-                        {"step": step, "loss": loss_curve[-1], "lr": float(schedules.lr[step]),
-                         "weight_decay": float(schedules.weight_decay[step]),
-                         "teacher_momentum": momentum, "teacher_temp": teacher_temp,
-                         "last_layer_frozen": step < freeze_last_layer_steps}
-                    )  # fmt: skip
+            epoch_steps = range(first, min(first + steps_per_epoch, steps))
+            _explora_epoch(
+                epoch, s, batches, epoch_steps, plan.schedules, plan.freeze_last_layer_steps, cfg, device, world,
+                loss_curve, on_step,
+            )  # fmt: skip
 
             # checkpoint (atomic; the state JSON rides inside last.safetensors); rank 0 writes
             state["epoch"] = epoch
             if checkpoint_dir is not None and world.rank == 0:
-                _save_epoch(checkpoint_dir, student, teacher, dino_loss, optimizer, names, state)
+                _save_epoch(checkpoint_dir, s.student, s.teacher, s.dino_loss, s.optimizer, s.names, state)
 
-        exported = teacher if cfg.export_weights == "teacher" else student
-        merged = {k: v.cpu() for k, v in merge_explora(exported.backbone).items()}
-    if set(merged) != set(input_keys):
-        missing = sorted(set(input_keys) - set(merged))
-        extra = sorted(set(merged) - set(input_keys))
-        raise RuntimeError(
-            f"merged ExPLoRA state dict keys differ from the backbone's: missing {missing}, extra {extra}"
-        )
-    merged = {k: merged[k] for k in input_keys}
-    report = {
-        "enabled": True,
-        "loss_curve": loss_curve,
-        **plan.summary(),
-        "images_used": len(image_uris),
-        "steps": steps,
-        "epochs": epochs,
-        "resumed_from_epoch": resumed_from,
-        "seconds": time.perf_counter() - t0,
-        "global_crop_size": global_size,
-        "local_crop_size": local_size,
-        "n_local_crops": cfg.n_local_crops,
-        "drop_path_rates": drop_path_rates,
-        "freeze_last_layer_steps": freeze_last_layer_steps,
-        "objective": "DINO CLS loss with EMA centering; iBOT, KoLeo and Sinkhorn-Knopp not implemented",
-        "exported": cfg.export_weights,
-        "config": cfg.to_dict(),
-    }
+        merged = _merged_weights(s.teacher if cfg.export_weights == "teacher" else s.student, input_keys)
+    seconds = time.perf_counter() - t0
+    report = _report(
+        cfg, s, plan, loss_curve, len(image_uris), resumed_from, seconds, (global_size, local_size)
+    )
     return ExploraResult(state_dict=merged, report=report)

@@ -21,11 +21,10 @@ import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from roadwork_core.config import precision_dtype
 from roadwork_core.io import atomic_write_bytes
 
 __all__ = ["FeatureCache", "feature_cache_key", "view_config_json"]
-
-_PRECISION_DTYPES = {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
 def view_config_json(model: torch.nn.Module, precision: str = "fp32") -> str:
@@ -98,8 +97,7 @@ class FeatureCache:
         """
         from roadwork_core.data.loading import CanvasDataset
 
-        if precision not in _PRECISION_DTYPES:
-            raise ValueError(f"precision {precision!r} is not one of {sorted(_PRECISION_DTYPES)}")
+        precision_dtype(precision)  # raises on an unknown name
         for col in ("image_id", "uri"):
             if col not in rows.columns:
                 raise ValueError(
@@ -117,7 +115,7 @@ class FeatureCache:
             )
             was_training = model.training
             model.eval()
-            dtype = _PRECISION_DTYPES[precision]
+            dtype = precision_dtype(precision)
             device = torch.device(device)
             try:
                 for canvas, _, index in loader:

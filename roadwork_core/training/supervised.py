@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 
+from roadwork_core.config import PRECISIONS, TrainConfig, precision_dtype
 from roadwork_core.data.loading import CanvasDataset
 from roadwork_core.models.adapters import apply_adapters, merge_adapters
 from roadwork_core.models.backbone import state_dict_sha256
@@ -51,39 +52,11 @@ from roadwork_core.training.checkpoint import (
 from roadwork_core.training.distributed import RankBatchSampler, World
 from roadwork_core.training.feature_cache import FeatureCache
 
-__all__ = ["MODES", "PRECISIONS", "TrainConfig", "TrainResult", "lr_schedule", "train_classifier"]
+__all__ = ["MODES", "TrainConfig", "TrainResult", "lr_schedule", "train_classifier"]
 
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("head", "lora", "dora", "full")
-PRECISIONS: dict[str, torch.dtype | None] = {
-    "fp32": None,
-    "bf16-mixed": torch.bfloat16,
-    "fp16-mixed": torch.float16,
-}
-
-
-@dataclass
-class TrainConfig:
-    mode: str = "head"  # "head" (frozen backbone, cached features) | "lora" | "dora" | "full"
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0  # linear warmup then cosine (per step)
-    label_smoothing: float = 0.1
-    ema_decay: float | None = 0.999  # timm ModelEmaV3 (with warmup); None = off. EMA weights are selected
-    patience: int = 3  # early stopping on val_select MCC
-    balanced_sampling: bool = False  # WeightedRandomSampler by class
-    augment: str = "validator"  # the subnet's challenge replica | "none"; not in head mode
-    augment_max_level: int = 3  # training levels drawn uniformly in 0..augment_max_level
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_regex: str | None = None
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    num_workers: int = 0
 
 
 @dataclass
@@ -175,7 +148,7 @@ def _prepare(model: RoadworkClassifier, cfg: TrainConfig) -> nn.Module:
     """Set what trains for `cfg.mode`; returns the module whose parameters / EMA / checkpoint we keep."""
     if cfg.mode in ("lora", "dora"):
         model.backbone = apply_adapters(
-            model.backbone, cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_regex
+            model.backbone, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_regex
         )  # base weights frozen by peft; adapters trainable
         return model
     model.backbone.requires_grad_(cfg.mode == "full")
@@ -305,6 +278,212 @@ def _set_train_mode(model: RoadworkClassifier, head_mode: bool) -> None:
         model.backbone.eval()  # frozen: features are fixed; target (head + aggregator) trains
 
 
+# ---------------------------------------------------------------- the phases of the loop
+
+
+@dataclass
+class _Optim:
+    """What one optimizer step needs: the (DDP-wrapped) forward, AdamW, its parameters, scaler, EMA."""
+
+    step_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[Tensor]
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+
+
+def _build_optim(
+    model: RoadworkClassifier, target: nn.Module, cfg: TrainConfig, precision: str, device, world: World
+) -> _Optim:
+    step_fn = world.wrap(_Step(model, cfg.mode == "head"), device)  # DDP when distributed
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(target, cfg.weight_decay), lr=cfg.lr)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
+    ema = ModelEmaV3(target, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
+    return _Optim(step_fn, optimizer, params, scaler, ema)
+
+
+def _build_data(
+    model: RoadworkClassifier, cfg: TrainConfig, train_rows: pd.DataFrame, select_rows: pd.DataFrame
+) -> _Data:
+    """Image datasets (lora / dora / full); head mode fills its features in the first epoch (_fill_features)."""
+    train_labels = torch.tensor(train_rows["label"].astype(float).to_numpy(), dtype=torch.float32)
+    data = _Data(head_mode=cfg.mode == "head", train_labels=train_labels)
+    if not data.head_mode:
+        aug, points = _train_augmentation(cfg, train_rows)
+        uris, labels = train_rows["uri"].tolist(), train_rows["label"].astype(int).tolist()
+        data.train_set = CanvasDataset(uris, labels, model.canvas_size, aug, mask_points=points)
+        data.select_set = CanvasDataset(
+            select_rows["uri"].tolist(), select_rows["label"].astype(int).tolist(), model.canvas_size, None
+        )
+    return data
+
+
+def _fresh_state(cfg: TrainConfig, precision: str, fingerprint: str) -> dict[str, Any]:
+    """The run state before its first epoch (it rides in every checkpoint)."""
+    return {
+        "fingerprint": fingerprint,
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_select_mcc": -math.inf,
+        "stopped_early": False,
+        "history": [],
+        "config": dataclasses.asdict(cfg),
+        "precision": precision,
+        "rng": {"seed": cfg.seed, "epoch_seed": "int(sha256(f'{seed}:{epoch}')[:8], 16)"},
+    }
+
+
+def _resume(
+    checkpoint_dir: Path, state: dict[str, Any], target: nn.Module, opt: _Optim
+) -> tuple[dict[str, Any], int | None]:
+    """Load the last finished epoch of the same run (same fingerprint) into target / optimizer / EMA /
+    scaler; returns (state, the epoch resumed from) or (the fresh `state`, None)."""
+    ckpt = load_checkpoint(checkpoint_dir)
+    if ckpt is not None and ckpt.state.get("fingerprint") == state["fingerprint"]:
+        target.load_state_dict(ckpt.model_state)
+        opt.optimizer.load_state_dict(ckpt.optimizer_state)
+        if opt.ema is not None and ckpt.ema_state is not None:
+            opt.ema.module.load_state_dict(ckpt.ema_state)
+        opt.scaler.load_state_dict(ckpt.state.get("scaler", {}))
+        state = {k: v for k, v in ckpt.state.items() if k not in ("optimizer", "has_ema", "scaler")}
+        log.info("resuming %s from finished epoch %d", checkpoint_dir, state["epoch"])
+        return state, state["epoch"]
+    if ckpt is not None:
+        log.warning(
+            "%s holds a checkpoint of a different run (fingerprint differs); starting fresh", checkpoint_dir
+        )
+    return state, None
+
+
+def _fill_features(
+    data: _Data,
+    model: RoadworkClassifier,
+    train_rows: pd.DataFrame,
+    select_rows: pd.DataFrame,
+    cache: FeatureCache,
+    cfg: TrainConfig,
+    device: torch.device,
+    precision: str,
+    world: World,
+) -> None:
+    """Head mode, first epoch of this process: per-view features from the cache (computed when missing)."""
+    if world.distributed:  # each rank fills its stride of the cache; then all read it whole
+        for rows in (train_rows, select_rows):
+            cache.get_or_compute(
+                model, rows.iloc[world.rank :: world.world_size], device, cfg.batch_size, precision=precision
+            )
+        world.barrier()
+    data.train_feats = cache.get_or_compute(model, train_rows, device, cfg.batch_size, precision=precision)
+    data.select_feats = cache.get_or_compute(model, select_rows, device, cfg.batch_size, precision=precision)
+    data.select_labels = torch.tensor(select_rows["label"].astype(float).to_numpy(), dtype=torch.float32)
+
+
+def _train_epoch(
+    epoch: int,
+    model: RoadworkClassifier,
+    target: nn.Module,
+    data: _Data,
+    opt: _Optim,
+    cfg: TrainConfig,
+    schedule: list[float],
+    steps_per_epoch: int,
+    device: torch.device,
+    precision: str,
+    world: World,
+    train_rows: pd.DataFrame,
+) -> tuple[float, float]:
+    """One pass over train: schedule -> forward/loss -> NaN guard -> backward/clip/step -> EMA.
+    Returns (mean training loss over the global batch, last lr)."""
+    dtype = precision_dtype(precision)
+    _set_train_mode(model, data.head_mode)
+    loss_sum, n_seen, lr = 0.0, 0, cfg.lr
+    loader = _loader(data, cfg, epoch, train=True, world=world)
+    weights = getattr(loader.batch_sampler, "loss_weights", None)  # distributed: this rank's share
+    counts = getattr(loader.batch_sampler, "real_counts", None)
+    for i, (x, label, index) in enumerate(loader):
+        step = (epoch - 1) * steps_per_epoch + i
+        lr = schedule[step]
+        for group in opt.optimizer.param_groups:
+            group["lr"] = lr
+        x, label = x.to(device), label.to(device).float()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = opt.step_fn(x)
+        loss = _smoothed_bce(out["logit"], label, cfg.label_smoothing)
+        if not torch.isfinite(loss):  # CPU-GPU sync point, once per step: cheap next to the forward
+            ids = train_rows["image_id"].iloc[index.tolist()].tolist()
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {epoch}, step {i + 1}/{steps_per_epoch} (lr {lr:.3g}, "
+                f"precision {precision}); no optimizer step was taken. Likely fixes: lower TrainConfig.lr, "
+                f"keep grad_clip on, use precision 'bf16-mixed' or 'fp32' instead of 'fp16-mixed', and "
+                f"check this batch's images for corrupt pixels: image_ids {ids[:8]}"
+            )
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss if weights is None else loss * weights[i]).backward()
+        if cfg.grad_clip is not None:
+            opt.scaler.unscale_(opt.optimizer)
+            torch.nn.utils.clip_grad_norm_(opt.params, cfg.grad_clip)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        if opt.ema is not None:
+            opt.ema.update(target, step=step + 1)
+        n_real = len(label) if counts is None else counts[i]
+        loss_sum += float(loss.detach()) * n_real
+        n_seen += n_real
+    loss_sum, n_seen = world.sum(loss_sum, n_seen)
+    return loss_sum / max(1, n_seen), lr
+
+
+def _select(
+    epoch: int,
+    model: RoadworkClassifier,
+    target: nn.Module,
+    data: _Data,
+    opt: _Optim,
+    cfg: TrainConfig,
+    device: torch.device,
+    precision: str,
+    world: World,
+    state: dict[str, Any],
+    checkpoint_dir: Path,
+) -> tuple[float, float]:
+    """Score val_select with the EMA weights; a better MCC becomes the best checkpoint. (MCC, accuracy)."""
+    with _ema_weights(target, opt.ema):
+        mcc, acc = _evaluate(model, data, cfg, device, precision_dtype(precision), world)
+        if mcc > state["best_select_mcc"]:
+            state["best_epoch"], state["best_select_mcc"] = epoch, mcc
+            if world.is_main:  # rank 0 alone writes files
+                save_best(checkpoint_dir, target.state_dict(), epoch)
+    return mcc, acc
+
+
+def _save_last(
+    checkpoint_dir: Path, target: nn.Module, opt: _Optim, state: dict[str, Any], world: World
+) -> None:
+    """Checkpoint the finished epoch (atomic; the state JSON rides inside last.safetensors); rank 0 writes."""
+    if world.is_main:
+        save_checkpoint(
+            checkpoint_dir,
+            model_state=target.state_dict(),
+            ema_state=None if opt.ema is None else opt.ema.module.state_dict(),
+            optimizer_state=opt.optimizer.state_dict(),
+            state={**state, "scaler": opt.scaler.state_dict()},
+        )
+    world.barrier()  # best / last are on disk before any rank reads them
+
+
+def _best_weights(
+    model: RoadworkClassifier, target: nn.Module, cfg: TrainConfig, checkpoint_dir: Path, best_epoch: int
+) -> dict[str, Tensor]:
+    """Load the best checkpoint into `model`, adapters merged into the backbone; its state dict (CPU)."""
+    target.load_state_dict(load_best(checkpoint_dir, best_epoch))
+    if cfg.mode in ("lora", "dora"):
+        model.backbone = merge_adapters(model.backbone)
+    model.requires_grad_(True)
+    model.eval()
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -331,63 +510,22 @@ def train_classifier(
     world = World.from_env()
     checkpoint_dir = Path(checkpoint_dir)
     _check_inputs(cfg, precision, device, {"train_rows": train_rows, "select_rows": select_rows})
-    dtype = PRECISIONS[precision]
-    head_mode = cfg.mode == "head"
     fingerprint = _fingerprint(cfg, precision, train_rows, select_rows, state_dict_sha256(model))
 
-    # model, optimizer, EMA
+    # model, optimizer, EMA, data
     torch.manual_seed(cfg.seed)  # adapter init is random: same seed, same adapters
     target = _prepare(model, cfg)
     model.to(device)
     counter = _ForwardCounter(model.backbone)
-    step_fn = world.wrap(_Step(model, head_mode), device)  # DDP when distributed
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(target, cfg.weight_decay), lr=cfg.lr)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
-    ema = ModelEmaV3(target, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
-
-    # data
-    train_labels = torch.tensor(train_rows["label"].astype(float).to_numpy(), dtype=torch.float32)
-    data = _Data(head_mode=head_mode, train_labels=train_labels)
-    if not head_mode:
-        aug, points = _train_augmentation(cfg, train_rows)
-        uris, labels = train_rows["uri"].tolist(), train_rows["label"].astype(int).tolist()
-        data.train_set = CanvasDataset(uris, labels, model.canvas_size, aug, mask_points=points)
-        data.select_set = CanvasDataset(
-            select_rows["uri"].tolist(), select_rows["label"].astype(int).tolist(), model.canvas_size, None
-        )
+    opt = _build_optim(model, target, cfg, precision, device, world)
+    data = _build_data(model, cfg, train_rows, select_rows)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     schedule = lr_schedule(cfg, steps_per_epoch)
 
-    # resume
-    state: dict[str, Any] = {
-        "fingerprint": fingerprint,
-        "epoch": 0,
-        "best_epoch": 0,
-        "best_select_mcc": -math.inf,
-        "stopped_early": False,
-        "history": [],
-        "config": dataclasses.asdict(cfg),
-        "precision": precision,
-        "rng": {"seed": cfg.seed, "epoch_seed": "int(sha256(f'{seed}:{epoch}')[:8], 16)"},
-    }
-    resumed_from = None
-    ckpt = load_checkpoint(checkpoint_dir)
-    if ckpt is not None and ckpt.state.get("fingerprint") == fingerprint:
-        target.load_state_dict(ckpt.model_state)
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        if ema is not None and ckpt.ema_state is not None:
-            ema.module.load_state_dict(ckpt.ema_state)
-        scaler.load_state_dict(ckpt.state.get("scaler", {}))
-        state = {k: v for k, v in ckpt.state.items() if k not in ("optimizer", "has_ema", "scaler")}
-        resumed_from = state["epoch"]
-        log.info("resuming %s from finished epoch %d", checkpoint_dir, resumed_from)
-    elif ckpt is not None:
-        log.warning(
-            "%s holds a checkpoint of a different run (fingerprint differs); starting fresh", checkpoint_dir
-        )
+    # resume: the last finished epoch of the same run, else a fresh state
+    state, resumed_from = _resume(checkpoint_dir, _fresh_state(cfg, precision, fingerprint), target, opt)
 
-    trainable = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in opt.params)
     total = sum(p.numel() for p in model.parameters())
     try:
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -395,75 +533,17 @@ def train_classifier(
                 break
             t0, counter.count = time.perf_counter(), 0
             torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout / augmentation stream of this epoch
-            if head_mode and data.train_feats is None:  # first epoch of this process: fill / read cache
+            if data.head_mode and data.train_feats is None:  # first epoch of this process: fill / read cache
                 cache = FeatureCache(feature_cache_dir or checkpoint_dir / "feature_cache")
-                if world.distributed:  # each rank fills its stride of the cache; then all read it whole
-                    for rows in (train_rows, select_rows):
-                        cache.get_or_compute(
-                            model,
-                            rows.iloc[world.rank :: world.world_size],
-                            device,
-                            cfg.batch_size,
-                            precision=precision,
-                        )
-                    world.barrier()
-                data.train_feats = cache.get_or_compute(
-                    model, train_rows, device, cfg.batch_size, precision=precision
-                )
-                data.select_feats = cache.get_or_compute(
-                    model, select_rows, device, cfg.batch_size, precision=precision
-                )
-                data.select_labels = torch.tensor(
-                    select_rows["label"].astype(float).to_numpy(), dtype=torch.float32
-                )
-
-            # train one epoch
-            _set_train_mode(model, head_mode)
-            loss_sum, n_seen, lr = 0.0, 0, cfg.lr
-            loader = _loader(data, cfg, epoch, train=True, world=world)
-            weights = getattr(loader.batch_sampler, "loss_weights", None)  # distributed: this rank's share
-            counts = getattr(loader.batch_sampler, "real_counts", None)
-            for i, (x, label, index) in enumerate(loader):
-                step = (epoch - 1) * steps_per_epoch + i
-                lr = schedule[step]
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x, label = x.to(device), label.to(device).float()
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    out = step_fn(x)
-                loss = _smoothed_bce(out["logit"], label, cfg.label_smoothing)
-                if not torch.isfinite(loss):  # CPU-GPU sync point, once per step: cheap next to the forward
-                    ids = train_rows["image_id"].iloc[index.tolist()].tolist()
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at epoch {epoch}, step {i + 1}/{steps_per_epoch} (lr {lr:.3g}, "
-                        f"precision {precision}); no optimizer step was taken. Likely fixes: lower TrainConfig.lr, "
-                        f"keep grad_clip on, use precision 'bf16-mixed' or 'fp32' instead of 'fp16-mixed', and "
-                        f"check this batch's images for corrupt pixels: image_ids {ids[:8]}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss if weights is None else loss * weights[i]).backward()
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(target, step=step + 1)
-                n_real = len(label) if counts is None else counts[i]
-                loss_sum += float(loss.detach()) * n_real
-                n_seen += n_real
-            loss_sum, n_seen = world.sum(loss_sum, n_seen)
-
-            # select on val_select with the EMA weights
-            with _ema_weights(target, ema):
-                mcc, acc = _evaluate(model, data, cfg, device, dtype, world)
-                if mcc > state["best_select_mcc"]:
-                    state["best_epoch"], state["best_select_mcc"] = epoch, mcc
-                    if world.is_main:  # rank 0 alone writes files
-                        save_best(checkpoint_dir, target.state_dict(), epoch)
+                _fill_features(data, model, train_rows, select_rows, cache, cfg, device, precision, world)
+            run = (model, target, data, opt, cfg)
+            train_loss, lr = _train_epoch(
+                epoch, *run, schedule, steps_per_epoch, device, precision, world, train_rows
+            )
+            mcc, acc = _select(epoch, *run, device, precision, world, state, checkpoint_dir)
             record = {
                 "epoch": epoch,
-                "train_loss": loss_sum / max(1, n_seen),
+                "train_loss": train_loss,
                 "select_mcc": mcc,
                 "select_acc": acc,
                 "lr": lr,
@@ -473,30 +553,14 @@ def train_classifier(
             state["history"].append(record)
             state["epoch"] = epoch
             state["stopped_early"] = epoch - state["best_epoch"] >= cfg.patience
-
-            # checkpoint (atomic; the state JSON rides inside last.safetensors); rank 0 alone writes
-            if world.is_main:
-                save_checkpoint(
-                    checkpoint_dir,
-                    model_state=target.state_dict(),
-                    ema_state=None if ema is None else ema.module.state_dict(),
-                    optimizer_state=optimizer.state_dict(),
-                    state={**state, "scaler": scaler.state_dict()},
-                )
-            world.barrier()  # best / last are on disk before any rank reads them
+            _save_last(checkpoint_dir, target, opt, state, world)
             if on_epoch is not None:
                 on_epoch(record)
     finally:
         counter.handle.remove()
 
-    # best weights, adapters merged into the backbone
-    target.load_state_dict(load_best(checkpoint_dir, state["best_epoch"]))
-    if cfg.mode in ("lora", "dora"):
-        model.backbone = merge_adapters(model.backbone)
-    model.requires_grad_(True)
-    model.eval()
     return TrainResult(
-        state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        state_dict=_best_weights(model, target, cfg, checkpoint_dir, state["best_epoch"]),
         best_epoch=state["best_epoch"],
         best_select_mcc=float(state["best_select_mcc"]),
         history=list(state["history"]),

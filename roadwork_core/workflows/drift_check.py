@@ -63,9 +63,11 @@ def embed_images(bundle: Bundle, uris: Sequence[str], batch_size: int = 16) -> t
                 ) from err
         canvas = torch.stack(canvases)  # (B, 3, C, C) uint8
         x = canvas.to(bundle.device).float().div_(255.0)
-        feats = model.forward_features(x)  # (B, V, D)
-        embeddings.append(feats.float().mean(dim=1).cpu().numpy())  # (B, D)
-        scores.append(bundle.predict_canvas(canvas)["p_roadwork"])  # (B,)
+        with torch.no_grad():
+            out = model(x)  # ONE backbone forward gives both the features and the logit
+        embeddings.append(out["feats"].float().mean(dim=1).cpu().numpy())  # (B, V, D) -> (B, D)
+        logit = out["logit"].double().cpu().numpy()  # (B,); calibrated exactly as Bundle.predict_canvas does
+        scores.append(np.clip(np.asarray(bundle.calibrator.transform(logit), dtype=np.float64), 0.0, 1.0))
     if not embeddings:
         raise ValueError("drift check: no images to embed")
     return np.concatenate(embeddings).astype(np.float32), np.concatenate(scores).astype(np.float64)

@@ -403,3 +403,49 @@ def test_run_predict_refused_bundle_exit_code(parts: dict, tmp_path: Path) -> No
     )
     out = io.StringIO()
     assert run_predict(args, stdout=out) == 2 and out.getvalue() == "", "a refused bundle predicts nothing"
+
+
+def test_lineage_is_a_json_mapping_and_old_string_lineage_still_loads(parts: dict, tmp_path: Path) -> None:
+    from roadwork_core.bundle.verify import verify_bundle
+
+    upstream = {"dataset_version": "v0001", "artifact_sha256": {"splits": "abc", "classifier": None}}
+    bundle_dir = export_bundle(
+        tmp_path / "mapped", classifier_dir=parts["classifier_dir"], calibrator=parts["calibrator"],
+        policy=parts["policy"], dataset_version="v0001", upstream_versions=upstream, metrics_summary={},
+        code_version="x",
+    )  # fmt: skip
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["upstream_versions"] == upstream, "lineage must be stored as a mapping, not str(dict)"
+    assert verify_bundle(bundle_dir).upstream_versions["artifact_sha256"]["splits"] == "abc"
+    # a bundle exported before: every lineage value a string (the mapping as its Python repr)
+    manifest["upstream_versions"]["artifact_sha256"] = str(upstream["artifact_sha256"])
+    manifest["content_sha256"] = manifest_digest(manifest)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert isinstance(Bundle.load(bundle_dir).manifest.upstream_versions["artifact_sha256"], str)
+
+
+def test_verify_bundle_refuses_a_second_policy_file(parts: dict, tmp_path: Path) -> None:
+    from roadwork_core.bundle.verify import verify_bundle
+
+    bundle_dir = _copy(parts, tmp_path)
+    assert verify_bundle(bundle_dir).policy == "gate"
+    (bundle_dir / "policy_scrc.json").write_text(parts["policy"].model_dump_json())
+    with pytest.raises(BundleIntegrityError, match="policy_scrc.json"):
+        verify_bundle(bundle_dir)
+
+
+def test_backbone_directory_round_trip_and_errors(tmp_path: Path) -> None:
+    from roadwork_core.models.serialization import load_backbone, save_backbone
+
+    cfg = BackboneConfig(name="vit_test_tiny", weights_file="/somewhere/base.safetensors")
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(3)}
+    save_backbone(tmp_path / "bb", state, cfg, seed=7, base_sha256="feed", report={"loss_curve": [1.0]})
+    saved = load_backbone(tmp_path / "bb")
+    assert set(saved.state_dict) == {"w", "b"} and torch.equal(saved.state_dict["w"], state["w"])
+    assert saved.source_cfg == cfg and saved.seed == 7 and saved.base_sha256 == "feed"
+    assert saved.backbone_cfg.weights_file is None and not saved.backbone_cfg.pretrained
+    assert saved.report == {"loss_curve": [1.0]}
+    assert not [p for p in (tmp_path).iterdir() if p.name.startswith(".tmp-")], "no temporary left behind"
+    (tmp_path / "bb" / "report.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"report\.json.*rematerialize explora_backbone"):
+        load_backbone(tmp_path / "bb")

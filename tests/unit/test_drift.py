@@ -215,3 +215,20 @@ def test_splits_without_train_rows_is_an_error(drift_world, tmp_path):
             w["bundle"], splits, w["same"], sample=8, alpha=0.01, psi_threshold=1.0,
             n_permutations=20, cache_dir=tmp_path,
         )  # fmt: skip
+
+
+def test_embed_images_runs_the_backbone_once_per_batch(drift_world):
+    from roadwork_core.bundle import Bundle
+    from roadwork_core.workflows.drift_check import embed_images
+
+    bundle = Bundle.load(drift_world["bundle"])
+    calls: list[int] = []
+    handle = bundle.model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        emb, scores = embed_images(bundle, drift_world["same"][:6], batch_size=4)  # batches of 4 and 2
+    finally:
+        handle.remove()
+    assert len(calls) == 2, f"expected one backbone forward per batch (2), got {len(calls)}"
+    assert emb.shape[0] == 6 and emb.dtype == np.float32
+    want = np.array([p.p_roadwork for p in bundle.predict(drift_world["same"][:6], batch_size=4)])
+    np.testing.assert_allclose(scores, want, rtol=0, atol=1e-12)  # the bundle's calibrated P(roadwork)

@@ -157,7 +157,7 @@ def test_lora_trains_and_returns_merged_plain_timm_weights(rows, tmp_path: Path)
         model,
         train,
         select,
-        _cfg(mode="lora", epochs=2, lora_r=4, ema_decay=None),
+        _cfg(mode="lora", epochs=2, lora_rank=4, ema_decay=None),
         checkpoint_dir=tmp_path / "c",
     )
     assert not [k for k in result.state_dict if "lora" in k or "base_model" in k], "adapters not merged"
