@@ -13,6 +13,13 @@ from PIL import Image
 from roadwork_core.data.synthetic import make_demo_drop
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `slow` (servers, daemons, whole-graph runs: tens of seconds each) run first. Under
+    pytest-xdist (`make test` runs `-n auto --dist worksteal`) the long ones then start at once on every
+    worker and the many short ones fill the gaps, instead of one long test finishing the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models on a 2-core box: intra-op threads only add contention (about 10x slower under load).

@@ -137,6 +137,10 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     assert "test_subnet_model_stream_expected_reward" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bundle", "evaluation_report"} <= artifacts, artifacts
+    # artifacts live in the state folder beside the store, not in ./mlruns of the current directory
+    assert run.info.artifact_uri.startswith((rw_home["state"] / "mlartifacts").resolve().as_uri()), (
+        run.info.artifact_uri
+    )
 
     # the bundle registered as MLflow model 'roadwork' loads through mlflow.pyfunc and predicts the same
     model = mlflow.pyfunc.load_model("models:/roadwork/latest")
