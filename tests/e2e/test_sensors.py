@@ -230,7 +230,9 @@ def test_daemon_turns_a_new_drop_into_a_partition_and_a_successful_run(
         # the acceptance: copy a complete drop in, do nothing else
         shutil.copytree(tiny_drop_source, e2e_home["inbox"] / "v0001")
         run = wait_for(
-            lambda: _run_for(instance, "v0001"), 90, "the sensor to launch a run for v0001 (interval 5 s in tests)"
+            lambda: _run_for(instance, "v0001"),
+            90,
+            "the sensor to launch a run for v0001 (interval 5 s in tests)",
         )
         assert instance.get_dynamic_partitions("dataset_version") == ["v0001"], "partition not added"
         assert run.tags.get("roadwork/trigger") == "new_drop", run.tags
