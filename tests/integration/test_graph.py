@@ -48,9 +48,9 @@ def _checks(result) -> dict[str, bool]:
 def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw_home):
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
-    result = materialize(
-        "*", instance=instance, partition="v0001", resources=resources, run_config=tiny_run_config()
-    )
+    config = tiny_run_config()
+    config["ops"]["evaluation_report"]["config"]["register_model"] = True  # the default; tiny.yaml skips it
+    result = materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
     assert result.success, "the full graph failed on the tiny drop"
 
     checks = _checks(result)
