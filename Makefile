@@ -15,6 +15,8 @@ export TOKENIZERS_PARALLELISM := false
 DEMO_VERSION ?= v0001
 DEMO_N ?= 2000
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (auto: one per core); the slow tests are scheduled first.
+PYTEST_WORKERS ?= auto
 
 .PHONY: venv lock check-env postgres-deps demo test ui lint bench clean-state browser screenshots
 
@@ -78,7 +80,7 @@ postgres-deps:
 	fi
 
 test: check-env
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 ui: $(STAMP) home
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -31,6 +31,21 @@ retrain_job = dg.define_asset_job(
 )
 
 
+def drop_sensor_interval_seconds() -> int:
+    """How often new_drop_sensor looks at the inbox: ROADWORK_DROP_SENSOR_INTERVAL seconds (default 30).
+    Read when the code location loads, so set it where `dagster dev` / `dagster-daemon` start."""
+    raw = os.environ.get("ROADWORK_DROP_SENSOR_INTERVAL", "30")
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise ValueError(
+            f"ROADWORK_DROP_SENSOR_INTERVAL={raw!r} must be a whole number of seconds >= 1 (default 30)"
+        )
+    return seconds
+
+
 def automation_run_config() -> dict:
     """Run config for runs that sensors and the schedule launch: the YAML at ROADWORK_RUN_CONFIG
     (for example configs/demo.yaml), or the assets' defaults."""
@@ -62,7 +77,7 @@ def _already_released(instance: dg.DagsterInstance, dataset: DatasetSource, vers
 
 @dg.sensor(
     job=retrain_job,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=drop_sensor_interval_seconds(),
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="A new complete drop (<inbox>/<version>/_READY) adds a dataset_version partition and a retrain "
     "run, unless that partition already has a released bundle built from the same files.",

@@ -33,7 +33,7 @@ def _sqlite_init_lock(tracking_uri: str | None) -> Iterator[None]:
     if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0] + ".init-lock")
+    lock_path = _sqlite_db_path(tracking_uri).with_name(_sqlite_db_path(tracking_uri).name + ".init-lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -41,6 +41,26 @@ def _sqlite_init_lock(tracking_uri: str | None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_db_path(tracking_uri: str) -> Path:
+    return Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _ensure_experiment(tracking_uri: str | None, name: str) -> None:
+    """For a `sqlite:///` store, create the experiment with its artifacts beside the database
+    (`<store folder>/mlartifacts`, i.e. state/mlartifacts). MLflow's default for such a store is
+    `./mlruns` of the current directory: artifacts and registered models would land in whatever folder
+    the process ran in (the repository, for `make demo`), outside the state that `make clean-state`
+    removes. An existing experiment keeps its location; server stores choose their own."""
+    import mlflow
+
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if client.get_experiment_by_name(name) is None:
+        location = (_sqlite_db_path(tracking_uri).parent / "mlartifacts").resolve()
+        client.create_experiment(name, artifact_location=location.as_uri())
 
 
 @dg.resource(config_schema=mlflow_tracking.config_schema, description=mlflow_tracking.description)
@@ -53,7 +73,9 @@ def _mlflow_tracking(context: dg.InitResourceContext):
     # notebook, `dg.materialize` twice) may live in another store; dagster-mlflow would adopt it.
     while mlflow.active_run() is not None:
         mlflow.end_run()
-    with _sqlite_init_lock(context.resource_config.get("mlflow_tracking_uri")):
+    uri = context.resource_config.get("mlflow_tracking_uri")
+    with _sqlite_init_lock(uri):
+        _ensure_experiment(uri, context.resource_config["experiment_name"])
         mlf = MlFlow(context)
     yield mlf
     mlf.cleanup_on_error()

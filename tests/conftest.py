@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import pytest
 from PIL import Image
 
 from roadwork_core.data.synthetic import make_demo_drop
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `slow` (servers, daemons, whole-graph runs: tens of seconds each) run first. Under
+    pytest-xdist (`make test` runs `-n auto --dist worksteal`) the long ones then start at once on every
+    worker and the many short ones fill the gaps, instead of one long test finishing the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -22,6 +30,30 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store whose schema MLflow has already migrated. Creating a store runs
+    MLflow's ~50 alembic migrations (seconds); the graph tests copy this file to their state folder
+    instead (`seed_mlflow_store`). A store created on first use is still what test_cli_materialize and
+    the README test run."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
+    client.search_experiments()  # creates the store: tables, migrations, default experiment
+    assert path.stat().st_size > 0, f"MLflow did not create {path}"
+    return path
+
+
+def seed_mlflow_store(template: Path, state: Path) -> Path:
+    """Copy the migrated empty store to `state`/mlflow.db, where build_resources and the e2e
+    environment point MLflow."""
+    state.mkdir(parents=True, exist_ok=True)
+    target = state / "mlflow.db"
+    shutil.copyfile(template, target)
+    return target
 
 
 @pytest.fixture(scope="session")

@@ -12,18 +12,24 @@ they keep `p >= threshold` because their fit counts a score equal to the thresho
 
 from __future__ import annotations
 
-from typing import TypeVar
+import sys
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 HARD_LABEL_THRESHOLD = 0.5
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 
 def hard_label(p: ArrayT, threshold: float = HARD_LABEL_THRESHOLD) -> ArrayT:
-    """Boolean roadwork label of probabilities `p` (numpy array or torch tensor): p > threshold."""
-    if isinstance(p, torch.Tensor):
+    """Boolean roadwork label of probabilities `p` (numpy array or torch tensor): p > threshold.
+    (torch is not imported here: the Dagster definitions import this module, and code servers,
+    sensors and the CLI should not pay for torch. A tensor can only exist once torch is imported.)"""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(p, torch.Tensor):
         return p > threshold
     return np.asarray(p) > threshold

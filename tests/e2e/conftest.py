@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import seed_mlflow_store
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 
@@ -75,13 +77,16 @@ def tiny_drop_source(tmp_path_factory) -> Path:
     return make_demo_drop(tmp_path_factory.mktemp("drops"), "v0001", n=120, seed=7, n_unlabelled=8)
 
 
-def e2e_environment(root: Path) -> dict[str, str]:
+def e2e_environment(root: Path, mlflow_template: Path | None = None) -> dict[str, str]:
     """Create `root`/dagster_home (the repo's dagster.yaml), state and inbox; return the environment
-    (DAGSTER_HOME, ROADWORK_STATE, ROADWORK_INBOX, MLflow store, offline, one thread) that points there."""
+    (DAGSTER_HOME, ROADWORK_STATE, ROADWORK_INBOX, MLflow store, offline, one thread, new_drop_sensor
+    every 5 s) that points there. With `mlflow_template`, the MLflow store starts as a copy of it."""
     home, state, inbox = root / "dagster_home", root / "state", root / "inbox"
     for folder in (home, state, inbox):
         folder.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    if mlflow_template is not None:
+        seed_mlflow_store(mlflow_template, state)
     return {
         "DAGSTER_HOME": str(home),
         "ROADWORK_STATE": str(state),
@@ -90,6 +95,7 @@ def e2e_environment(root: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "ROADWORK_DROP_SENSOR_INTERVAL": "5",
     }
 
 
@@ -98,10 +104,10 @@ UNSET_FOR_TESTS = ("ROADWORK_RUN_CONFIG", "ROADWORK_MONITOR_DIR", "ROADWORK_FORC
 
 
 @pytest.fixture
-def e2e_home(tmp_path, monkeypatch) -> Iterator[dict]:
-    """Fresh DAGSTER_HOME (the repo's dagster.yaml), ROADWORK_STATE, ROADWORK_INBOX and MLflow store,
-    set in this process's environment so that subprocesses started with os.environ inherit them."""
-    for key, value in e2e_environment(tmp_path).items():
+def e2e_home(tmp_path, monkeypatch, mlflow_store_template) -> Iterator[dict]:
+    """Fresh DAGSTER_HOME (the repo's dagster.yaml), ROADWORK_STATE, ROADWORK_INBOX and an empty MLflow
+    store, set in this process's environment so that subprocesses started with os.environ inherit them."""
+    for key, value in e2e_environment(tmp_path, mlflow_store_template).items():
         monkeypatch.setenv(key, value)
     for key in UNSET_FOR_TESTS:
         monkeypatch.delenv(key, raising=False)

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_cli_materializes_the_whole_graph(e2e_home, tiny_drop_source):
+    # The first-use path: the run itself creates (and migrates) the MLflow store, as in a new checkout.
+    (e2e_home["state"] / "mlflow.db").unlink()
     shutil.copytree(tiny_drop_source, e2e_home["inbox"] / "v0001")
     instance = dg.DagsterInstance.get()  # DAGSTER_HOME is the temporary home
     instance.add_dynamic_partitions("dataset_version", ["v0001"])

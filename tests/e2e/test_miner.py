@@ -56,10 +56,10 @@ UP_TO_BUNDLE = {"explora_backbone", "classifier", "select_predictions", "calib_p
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory, tiny_drop_source):
+def released(tmp_path_factory, tiny_drop_source, mlflow_store_template):
     """An instance (env as tests/e2e/conftest.py's e2e_home) with v0001 materialized up to a released bundle."""
     tmp = tmp_path_factory.mktemp("miner")
-    env = {**e2e_environment(tmp), "PYTHONPATH": str(REPO)}
+    env = {**e2e_environment(tmp, mlflow_store_template), "PYTHONPATH": str(REPO)}
     state, inbox = tmp / "state", tmp / "inbox"
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

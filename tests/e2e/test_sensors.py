@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from roadwork_assets.automation import drift_sensor, new_drop_sensor
+from roadwork_assets.automation import drift_sensor, drop_sensor_interval_seconds, new_drop_sensor
 from roadwork_core.data.synthetic import make_demo_drop
 from roadwork_core.metrics.drift import psi
 from roadwork_resources.dataset import DatasetSource
@@ -85,6 +85,17 @@ def test_new_drop_sensor_passes_the_automation_run_config(tmp_path, monkeypatch)
     result = _tick(dg.DagsterInstance.ephemeral(), tmp_path, None)
     config = result.run_requests[0].run_config
     assert config["ops"]["classifier"]["config"]["mode"] == "head", "ROADWORK_RUN_CONFIG was not applied"
+
+
+def test_drop_sensor_interval_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("ROADWORK_DROP_SENSOR_INTERVAL", raising=False)
+    assert drop_sensor_interval_seconds() == 30
+    monkeypatch.setenv("ROADWORK_DROP_SENSOR_INTERVAL", "7")
+    assert drop_sensor_interval_seconds() == 7
+    for bad in ("0", "-5", "2.5", "soon"):
+        monkeypatch.setenv("ROADWORK_DROP_SENSOR_INTERVAL", bad)
+        with pytest.raises(ValueError, match=r"ROADWORK_DROP_SENSOR_INTERVAL=.*whole number of seconds"):
+            drop_sensor_interval_seconds()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,7 +225,9 @@ def test_daemon_turns_a_new_drop_into_a_partition_and_a_successful_run(
         # the acceptance: copy a complete drop in, do nothing else
         shutil.copytree(tiny_drop_source, e2e_home["inbox"] / "v0001")
         run = wait_for(
-            lambda: _run_for(instance, "v0001"), 90, "the sensor to launch a run for v0001 (interval 30 s)"
+            lambda: _run_for(instance, "v0001"),
+            90,
+            "the sensor to launch a run for v0001 (interval 5 s in tests)",
         )
         assert instance.get_dynamic_partitions("dataset_version") == ["v0001"], "partition not added"
         assert run.tags.get("roadwork/trigger") == "new_drop", run.tags

@@ -9,6 +9,8 @@ import dagster as dg
 import pytest
 import yaml
 
+from tests.conftest import seed_mlflow_store
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 
@@ -28,9 +30,10 @@ def tiny_inbox(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def rw_home(tmp_path, monkeypatch) -> dict:
-    """A fresh state folder, DAGSTER_HOME (with the repo's dagster.yaml) and MLflow store."""
+def rw_home(tmp_path, monkeypatch, mlflow_store_template) -> dict:
+    """A fresh state folder, DAGSTER_HOME (with the repo's dagster.yaml) and an empty MLflow store."""
     state = tmp_path / "state"
+    seed_mlflow_store(mlflow_store_template, state)
     home = tmp_path / "dagster_home"
     home.mkdir(parents=True)
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")

@@ -18,6 +18,7 @@ import pytest
 
 from roadwork_assets.definitions import build_resources
 from roadwork_assets.partitions import dataset_version
+from tests.conftest import seed_mlflow_store
 from tests.integration.conftest import REPO, materialize, tiny_run_config
 from tests.reliability.conftest import python_child, wait_for
 
@@ -35,8 +36,9 @@ def _config(assets: list[str] = TRAINING, **classifier) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp_home(tmp_path_factory, tiny_inbox) -> dict:
+def ddp_home(tmp_path_factory, tiny_inbox, mlflow_store_template) -> dict:
     root = tmp_path_factory.mktemp("ddp_assets")
+    seed_mlflow_store(mlflow_store_template, root)
     home, state = root / "dagster_home", root / "state"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")

@@ -48,9 +48,9 @@ def _checks(result) -> dict[str, bool]:
 def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw_home):
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
-    result = materialize(
-        "*", instance=instance, partition="v0001", resources=resources, run_config=tiny_run_config()
-    )
+    config = tiny_run_config()
+    config["ops"]["evaluation_report"]["config"]["register_model"] = True  # the default; tiny.yaml skips it
+    result = materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
     assert result.success, "the full graph failed on the tiny drop"
 
     checks = _checks(result)
@@ -137,6 +137,10 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     assert "test_subnet_model_stream_expected_reward" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"bundle", "evaluation_report"} <= artifacts, artifacts
+    # artifacts live in the state folder beside the store, not in ./mlruns of the current directory
+    assert run.info.artifact_uri.startswith((rw_home["state"] / "mlartifacts").resolve().as_uri()), (
+        run.info.artifact_uri
+    )
 
     # the bundle registered as MLflow model 'roadwork' loads through mlflow.pyfunc and predicts the same
     model = mlflow.pyfunc.load_model("models:/roadwork/latest")

@@ -20,6 +20,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from tests.conftest import seed_mlflow_store
 from tests.e2e.conftest import REPO, TINY_CONFIG, dagster_bin, stop_process, wait_for
 from tests.reliability.test_concurrency import _step_windows
 from tools import pg_local
@@ -117,7 +118,7 @@ def test_instance_files_hold_no_credentials():
 
 
 def test_postgres_instance_sensor_launches_two_concurrent_partitions_and_pool_holds(
-    pg_server, tmp_path, monkeypatch
+    pg_server, tmp_path, monkeypatch, mlflow_store_template
 ):
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
@@ -126,6 +127,7 @@ def test_postgres_instance_sensor_launches_two_concurrent_partitions_and_pool_ho
     home, state, inbox = tmp_path / "dagster_home", tmp_path / "state", tmp_path / "inbox"
     home.mkdir()
     shutil.copy(DEPLOY / "dagster-postgres.yaml", home / "dagster.yaml")
+    seed_mlflow_store(mlflow_store_template, tmp_path)
     env = {
         **_database(pg_server, "roadwork_graph"),
         "DAGSTER_HOME": str(home),
@@ -135,6 +137,7 @@ def test_postgres_instance_sensor_launches_two_concurrent_partitions_and_pool_ho
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
+        "ROADWORK_DROP_SENSOR_INTERVAL": "5",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
