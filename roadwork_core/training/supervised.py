@@ -536,11 +536,13 @@ def train_classifier(
             if data.head_mode and data.train_feats is None:  # first epoch of this process: fill / read cache
                 cache = FeatureCache(feature_cache_dir or checkpoint_dir / "feature_cache")
                 _fill_features(data, model, train_rows, select_rows, cache, cfg, device, precision, world)
-            run = (model, target, data, opt, cfg)
             train_loss, lr = _train_epoch(
-                epoch, *run, schedule, steps_per_epoch, device, precision, world, train_rows
-            )
-            mcc, acc = _select(epoch, *run, device, precision, world, state, checkpoint_dir)
+                epoch, model, target, data, opt, cfg, schedule, steps_per_epoch, device, precision, world,
+                train_rows,
+            )  # fmt: skip
+            mcc, acc = _select(
+                epoch, model, target, data, opt, cfg, device, precision, world, state, checkpoint_dir
+            )  # evaluates with the EMA weights; a better MCC is saved as the best checkpoint
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
