@@ -4,7 +4,7 @@ Each benchmark is a separate interpreter so that one's threads, caches and alloc
 leak into the next. The end-to-end `make demo` run takes the longest (about 10 minutes with the
 default 2000 images on 2 cores); `--skip-demo` keeps its previous result, `--demo-n` shrinks it.
 
-    python -m bench.run_all [--only multiview bundle ...] [--skip-demo] [--demo-n 2000]
+    python -m bench.run_all [--only multiview bundle ...] [--skip-demo] [--skip-tests] [--demo-n 2000]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "demo": ("bench.bench_demo", "demo"),
     "ddp": ("bench.bench_ddp", "ddp"),
     "serve": ("bench.bench_serve", "serve"),
+    "tests": ("bench.bench_tests", "tests"),
 }
 
 
@@ -158,6 +159,35 @@ def table_rows() -> list[list[str]]:
                     _machine(r),
                 ]
             )
+    r = read_result("tests")
+    if r:
+        load = r["definitions_load"]
+        rows.append(
+            [
+                "8. loading the Dagster definitions",
+                "fresh `import roadwork_assets.definitions` (code server, CLI, sensor, run worker) vs the same plus "
+                "torch + torchmetrics, which it imported before they moved into the asset bodies",
+                f"{load['median_ratio_a_over_b']:.2f}x faster: {load['median_b_seconds']:.1f} s vs "
+                f"{load['median_a_seconds']:.1f} s (n={load['repeats']})",
+                "no training stack imported (tests/unit/test_import_cost.py)",
+                _yes(load["median_ratio_a_over_b"] > 1.0),
+                _machine(r),
+            ]
+        )
+        suite = r.get("suite")
+        if suite:
+            serial = r.get("suite_serial")
+            versus = f"; one process: {serial['seconds'] / 60:.1f} min" if serial else ""
+            rows.append(
+                [
+                    "9. the test suite",
+                    f"`make test`'s pytest (xdist `-n auto`, slow tests first), nothing skipped{versus}",
+                    f"{suite['median_seconds'] / 60:.1f} min (n={len(suite['runs'])}; {suite['runs'][-1]['summary']})",
+                    "<= 6 min",
+                    _yes(suite["all_green"] and suite["median_seconds"] <= 360),
+                    _machine(r),
+                ]
+            )
     return rows
 
 
@@ -182,15 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
     parser.add_argument("--skip-demo", action="store_true", help="keep the previous make-demo result")
+    parser.add_argument("--skip-tests", action="store_true", help="keep the previous test-suite timing")
     parser.add_argument("--demo-n", type=int, default=2000)
     parser.add_argument("--table-only", action="store_true", help="rewrite README_TABLE.md from the JSON")
     args = parser.parse_args(argv)
     failed = []
     if not args.table_only:
-        names = args.only or [n for n in BENCHMARKS if not (args.skip_demo and n == "demo")]
+        skipped = {"demo"} if args.skip_demo else set()
+        names = args.only or [n for n in BENCHMARKS if n not in skipped]
         for name in names:
             module, _ = BENCHMARKS[name]
             cmd = [sys.executable, "-m", module] + (["--n", str(args.demo_n)] if name == "demo" else [])
+            if name == "tests" and args.skip_tests:
+                cmd.append("--skip-suite")
             print(f"[bench] {' '.join(cmd)}", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, check=False)

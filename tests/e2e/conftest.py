@@ -31,6 +31,13 @@ telemetry:
 """
 
 
+# Upper bounds (seconds) for the slow things the e2e tests wait on: a failure bound for a hang, not a
+# speed target. `make test` runs two pytest workers on two cores, so a tiny whole-graph run can share
+# the CPU with another test's run; these hold under that load with a wide margin.
+RUN_TIMEOUT = 480  # one tiny whole-graph run, from launch to finished
+SERVER_TIMEOUT = 240  # dagster-webserver / roadwork serve answering, a daemon's first tick
+
+
 def dagster_bin(name: str) -> str:
     """A console script of the running interpreter's environment (dagster, dagster-webserver, ...)."""
     return str(Path(sys.executable).with_name(name))

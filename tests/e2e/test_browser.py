@@ -21,6 +21,7 @@ import yaml
 from tests.e2e.conftest import (
     DEFAULT_COORDINATOR_YAML,
     REPO,
+    SERVER_TIMEOUT,
     dagster_bin,
     free_port,
     stop_process,
@@ -147,7 +148,7 @@ def test_ui_launchpad_run_plots_and_checks(e2e_home, tiny_drop_source, browser):
     page = browser.new_page()
     _skip_community_dialog(page)
     try:
-        wait_for(lambda: _up(base) or server.poll() is not None, 120, f"{base}/server_info")
+        wait_for(lambda: _up(base) or server.poll() is not None, SERVER_TIMEOUT, f"{base}/server_info")
         assert server.poll() is None, f"dagster-webserver exited:\n{log.read_text()[-3000:]}"
 
         # 1. launch the tiny graph from the launchpad (config and partition tag filled in), watch it succeed

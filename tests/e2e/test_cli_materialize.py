@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.e2e.conftest import REPO, TINY_CONFIG, dagster_bin
+from tests.e2e.conftest import REPO, RUN_TIMEOUT, TINY_CONFIG, dagster_bin
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,9 @@ def test_cli_materializes_the_whole_graph(e2e_home, tiny_drop_source):
         dagster_bin("dagster"), "asset", "materialize", "-m", "roadwork_assets.definitions",
         "--select", "*", "--partition", "v0001", "-c", str(TINY_CONFIG),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
     assert proc.returncode == 0, (
         f"dagster asset materialize failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     )

@@ -20,7 +20,16 @@ from roadwork_core.metrics.drift import psi
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.io_manager import write_artifact
 from roadwork_resources.settings import DriftSettings, RetrainSettings
-from tests.e2e.conftest import REPO, TINY_CONFIG, dagster_bin, mlflow_statuses, stop_process, wait_for
+from tests.e2e.conftest import (
+    REPO,
+    RUN_TIMEOUT,
+    SERVER_TIMEOUT,
+    TINY_CONFIG,
+    dagster_bin,
+    mlflow_statuses,
+    stop_process,
+    wait_for,
+)
 from tests.unit.test_drift import build_tiny_bundle, shifted_copies, splits_for
 
 torch.set_num_threads(1)
@@ -219,20 +228,22 @@ def test_daemon_turns_a_new_drop_into_a_partition_and_a_successful_run(
                 return instance.get_ticks(states[0].instigator_origin_id, states[0].selector_id, limit=1)
             return None
 
-        wait_for(first_tick, 90, "the daemon's first new_drop_sensor tick on an empty inbox")
+        wait_for(first_tick, SERVER_TIMEOUT, "the daemon's first new_drop_sensor tick on an empty inbox")
         assert not instance.get_dynamic_partitions("dataset_version"), "empty inbox added a partition"
 
         # the acceptance: copy a complete drop in, do nothing else
         shutil.copytree(tiny_drop_source, e2e_home["inbox"] / "v0001")
         run = wait_for(
             lambda: _run_for(instance, "v0001"),
-            90,
+            SERVER_TIMEOUT,
             "the sensor to launch a run for v0001 (interval 5 s in tests)",
         )
         assert instance.get_dynamic_partitions("dataset_version") == ["v0001"], "partition not added"
         assert run.tags.get("roadwork/trigger") == "new_drop", run.tags
         done = wait_for(
-            lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r, 150, f"run {run.run_id}"
+            lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r,
+            RUN_TIMEOUT,
+            f"run {run.run_id}",
         )
         assert done.status == dg.DagsterRunStatus.SUCCESS, (
             f"run {run.run_id} ended {done.status}; daemon log:\n{log.read_text()[-3000:]}"

@@ -17,6 +17,8 @@ from dagster_graphql import DagsterGraphQLClient
 from tests.e2e.conftest import (
     DEFAULT_COORDINATOR_YAML,
     REPO,
+    RUN_TIMEOUT,
+    SERVER_TIMEOUT,
     dagster_bin,
     free_port,
     mlflow_statuses,
@@ -80,7 +82,11 @@ def test_webserver_launches_a_materialization_and_reports_checks(e2e_home, tiny_
         cwd=REPO, env=os.environ.copy(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        wait_for(lambda: _server_up(port) or server.poll() is not None, 120, f"/server_info on port {port}")
+        wait_for(
+            lambda: _server_up(port) or server.poll() is not None,
+            SERVER_TIMEOUT,
+            f"/server_info on port {port}",
+        )
         assert server.poll() is None, f"dagster-webserver exited:\n{log.read_text()[-3000:]}"
 
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
@@ -92,7 +98,7 @@ def test_webserver_launches_a_materialization_and_reports_checks(e2e_home, tiny_
         status = wait_for(
             lambda: (s := client.get_run_status(run_id)) in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE,
                                                             dg.DagsterRunStatus.CANCELED) and s,
-            150, f"run {run_id} to finish",
+            RUN_TIMEOUT, f"run {run_id} to finish",
         )  # fmt: skip
         assert status == dg.DagsterRunStatus.SUCCESS, (
             f"run {run_id} ended {status}:\n{log.read_text()[-3000:]}"
@@ -128,7 +134,7 @@ def test_webserver_launches_a_materialization_and_reports_checks(e2e_home, tiny_
         status = wait_for(
             lambda: (s := client.get_run_status(failing)) in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE,
                                                              dg.DagsterRunStatus.CANCELED) and s,
-            150, f"run {failing} to finish",
+            RUN_TIMEOUT, f"run {failing} to finish",
         )  # fmt: skip
         assert status == dg.DagsterRunStatus.FAILURE, f"the invalid run ended {status}"
         assert mlflow_statuses(e2e_home["state"], failing) == ["FAILED"], (
