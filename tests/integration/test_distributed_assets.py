@@ -143,8 +143,22 @@ def _result(child) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def _upstream_of_classifier(ddp_home: dict) -> None:
+    """The classifier's inputs in this module's instance: materialized by the first test when it ran
+    here, else now (single-process: pytest-xdist may run the two tests on different workers)."""
+    instance = ddp_home["instance"]
+    if _meta(instance, "explora_backbone"):
+        return
+    upstream = TRAINING[:-1]
+    config = tiny_run_config()
+    config["ops"] = {k: v for k, v in config["ops"].items() if k in upstream}
+    result = materialize(upstream, instance=instance, partition="v0001", resources=ddp_home["resources"], run_config=config)  # fmt: skip
+    assert result.success, "the classifier's upstream assets failed"
+
+
 def test_killed_rank_fails_the_step_clearly_and_the_next_run_resumes(ddp_home) -> None:
-    # upstream assets come from the first test; a longer run so that a rank dies mid-training
+    _upstream_of_classifier(ddp_home)
+    # a longer run so that a rank dies mid-training
     config = _config(["classifier"], epochs=12, patience=100)
     state_json = ddp_home["state"] / "checkpoints" / "classifier" / "v0001" / "state.json"
     started = time.time()
