@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from roadwork_core.contracts.predictions import PREDICTION_COLUMNS, UNCERTAINTY_FEATURES
-from roadwork_core.data.loading import CanvasDataset, load_canvas, pil_to_canvas
+from roadwork_core.data.loading import CanvasDataset, cache_canvases, load_canvas, pil_to_canvas
 from roadwork_core.models.aggregators import AGGREGATORS, create_aggregator
 from roadwork_core.models.backbone import BackboneConfig, backbone_data_config
 from roadwork_core.models.classifier import build_classifier, classifier_config_dict
@@ -152,6 +152,20 @@ def test_canvas_loading(tmp_path) -> None:
     assert math.isnan(CanvasDataset(uris, None, 40)[0][1]), "unlabelled items carry NaN labels"
     with pytest.raises(ValueError, match="3 uris but 2 labels"):
         CanvasDataset(uris, [0, 1], 40)
+
+
+def test_cached_canvases_are_the_lazy_items_and_only_for_fixed_small_splits(tmp_path) -> None:
+    uris = [_jpeg(tmp_path / f"{i}.jpg", i) for i in range(3)]
+    lazy = CanvasDataset(uris, [0, 1, 1], 40)
+    cached = cache_canvases(lazy)
+    assert cached is not lazy and len(cached) == 3
+    for i in range(3):
+        (a, la, ia), (b, lb, ib) = lazy[i], cached[i]
+        assert torch.equal(a, b) and la == lb and ia == ib == i
+    assert math.isnan(cache_canvases(CanvasDataset(uris, None, 40))[0][1])
+    assert cache_canvases(lazy, max_bytes=3 * 3 * 40 * 40 - 1) is lazy, "over the byte limit: stays lazy"
+    augmented = CanvasDataset(uris, [0, 1, 1], 40, transform=lambda img: img)
+    assert cache_canvases(augmented) is augmented, "an augmented split changes every epoch: never cached"
 
 
 def test_canvas_dataset_names_the_bad_item(tmp_path) -> None:
