@@ -76,7 +76,11 @@ def make_epoch(arm: dict[str, int], train, select, backbone: dict, clf: dict):
     def epoch() -> dict:
         torch.set_num_threads(arm.get("threads", 2))
         model = build_classifier(
-            BackboneConfig(**backbone), mv, aggregator=clf["aggregator"], topk=clf["topk"], dropout=clf["dropout"]
+            BackboneConfig(**backbone),
+            mv,
+            aggregator=clf["aggregator"],
+            topk=clf["topk"],
+            dropout=clf["dropout"],
         )
         model.load_state_dict(init)
         with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +91,9 @@ def make_epoch(arm: dict[str, int], train, select, backbone: dict, clf: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--a", default="threads=2,workers=0", help="arm A settings (the baseline)")
     parser.add_argument("--b", default="threads=1,workers=1", help="arm B settings")
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     epoch_b = make_epoch(arm_b, train, select, backbone, clf)
     timing = SideBySide()  # no warm-up round: an epoch is long, and both arms start cold alike
     for i in range(args.repeats):  # A then B on even repeats, B then A on odd ones
-        for side in ("ab" if i % 2 == 0 else "ba"):
+        for side in "ab" if i % 2 == 0 else "ba":
             t0 = time.perf_counter()
             records[side].append((epoch_a if side == "a" else epoch_b)())
             (timing.a_seconds if side == "a" else timing.b_seconds).append(time.perf_counter() - t0)
     result = {
         "benchmark": "demo_epoch",
-        "what": f"one demo classifier epoch ({len(train)} train + {len(select)} val_select images, "
-        f"{args.config.name}); A = {args.a}, B = {args.b}",
+        "what": f"one demo classifier epoch ({args.config.name}; {len(select)} val_select images, "
+        f"{len(train)} train images unless an arm caps n_train); A = {args.a}, B = {args.b}",
         **timing.as_dict(),
         "select_mcc_a": [round(r["select_mcc"], 4) for r in records["a"]],
         "select_mcc_b": [round(r["select_mcc"], 4) for r in records["b"]],

@@ -26,7 +26,11 @@ from roadwork_core.models.multiview import (
     resolve_canvas_size,
 )
 
-__all__ = ["RoadworkClassifier", "build_classifier", "classifier_config_dict"]
+__all__ = ["CPU_PIXELS_PER_CALL", "RoadworkClassifier", "build_classifier", "classifier_config_dict"]
+
+# CPU inference splits the B*V crops into backbone calls of about this many input pixels, so that a
+# call's activations stay within the CPU's caches (bench/bench_multiview.py measures the effect).
+CPU_PIXELS_PER_CALL = 4 * 224 * 224
 
 
 class RoadworkClassifier(nn.Module):
@@ -58,6 +62,7 @@ class RoadworkClassifier(nn.Module):
         self.backbone_cfg = backbone_cfg
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.views_per_call: int | None = None  # CPU inference: crops per backbone call; None = auto
 
     @property
     def num_views(self) -> int:
@@ -73,8 +78,18 @@ class RoadworkClassifier(nn.Module):
         x = (canvas - self.mean) / self.std
         views = extract_views(x, self.mv)  # (B, V, 3, S, S)
         B, V = views.shape[:2]
-        feats = self.backbone(views.flatten(0, 1))  # (B*V, D): every view of the batch in one forward
+        feats = self._backbone_views(views.flatten(0, 1))  # (B*V, D): every view of the batch
         return feats.reshape(B, V, -1)
+
+    def _backbone_views(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, D). On a GPU one call. On a CPU without autograd, calls of at most
+        `views_per_call` crops (auto: CPU_PIXELS_PER_CALL pixels, 4 crops of 224 px): a ViT-S call on 40
+        crops of 224 px holds ~60 MB per MLP activation, far past the CPU's caches, and ran 0.83x a loop
+        over the 10 views of 4 images; same features either way (each crop's forward is independent)."""
+        chunk = self.views_per_call or max(1, CPU_PIXELS_PER_CALL // (crops.shape[-1] * crops.shape[-2]))
+        if crops.device.type != "cpu" or torch.is_grad_enabled() or len(crops) <= chunk:
+            return self.backbone(crops)
+        return torch.cat([self.backbone(part) for part in crops.split(chunk)])
 
     def forward_head(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """feats (B, V, D) -> {"view_logits": (B, V), "logit": (B,), "prob": (B,)}.

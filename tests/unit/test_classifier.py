@@ -94,6 +94,23 @@ def test_one_batched_forward_equals_per_view_forwards(name: str) -> None:
     torch.testing.assert_close(out["feats"], per_view, atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_inference_splits_the_views_into_cache_sized_calls_with_the_same_features() -> None:
+    torch.manual_seed(0)
+    model = build_classifier(BackboneConfig(name="vit_test_tiny"), MultiViewConfig(view_size=32)).eval()
+    calls: list[int] = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    canvas = torch.rand(4, 3, model.canvas_size, model.canvas_size)
+    with torch.no_grad():
+        whole = model.forward_features(canvas)  # auto: 40 crops of 32 px fit in one call
+        model.views_per_call = 7
+        parts = model.forward_features(canvas)
+    assert calls == [40, 7, 7, 7, 7, 7, 5], calls
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    model.forward_features(canvas)  # autograd on (training): one call, the graph spans every view
+    assert calls == [40], calls
+
+
 def test_build_classifier_reads_view_size_and_normalization_from_backbone() -> None:
     model = build_classifier(BackboneConfig(name="vit_test_tiny_dinov3"))
     data_cfg = backbone_data_config(model.backbone)
