@@ -26,11 +26,7 @@ from roadwork_core.models.multiview import (
     resolve_canvas_size,
 )
 
-__all__ = ["CPU_PIXELS_PER_CALL", "RoadworkClassifier", "build_classifier", "classifier_config_dict"]
-
-# CPU inference splits the B*V crops into backbone calls of about this many input pixels, so that a
-# call's activations stay within the CPU's caches (bench/bench_multiview.py measures the effect).
-CPU_PIXELS_PER_CALL = 4 * 224 * 224
+__all__ = ["RoadworkClassifier", "build_classifier", "classifier_config_dict"]
 
 
 class RoadworkClassifier(nn.Module):
@@ -62,7 +58,7 @@ class RoadworkClassifier(nn.Module):
         self.backbone_cfg = backbone_cfg
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.views_per_call: int | None = None  # CPU inference: crops per backbone call; None = auto
+        self.views_per_call: int | None = None  # inference: crops per backbone call; None = all in one
 
     @property
     def num_views(self) -> int:
@@ -82,12 +78,14 @@ class RoadworkClassifier(nn.Module):
         return feats.reshape(B, V, -1)
 
     def _backbone_views(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, D). On a GPU one call. On a CPU without autograd, calls of at most
-        `views_per_call` crops (auto: CPU_PIXELS_PER_CALL pixels, 4 crops of 224 px): a ViT-S call on 40
-        crops of 224 px holds ~60 MB per MLP activation, far past the CPU's caches, and ran 0.83x a loop
-        over the 10 views of 4 images; same features either way (each crop's forward is independent)."""
-        chunk = self.views_per_call or max(1, CPU_PIXELS_PER_CALL // (crops.shape[-1] * crops.shape[-2]))
-        if crops.device.type != "cpu" or torch.is_grad_enabled() or len(crops) <= chunk:
+        """(N, 3, S, S) -> (N, D): one backbone call, or with `views_per_call` set, calls of at most that
+        many crops while autograd is off (inference). Same features either way: each crop's forward is
+        independent. On an idle 2-core CPU one ViT-S call on 40 crops of 224 px (~60 MB per MLP
+        activation, far past the caches) ran 0.83x a loop over the 10 views of 4 images; under load it
+        ran 2x faster than the loop (fewer thread barriers), so the split is a knob, measured by
+        bench/bench_multiview.py (`chunked_speedup`), not a default."""
+        chunk = self.views_per_call
+        if chunk is None or torch.is_grad_enabled() or len(crops) <= chunk:
             return self.backbone(crops)
         return torch.cat([self.backbone(part) for part in crops.split(chunk)])
 

@@ -94,14 +94,14 @@ def test_one_batched_forward_equals_per_view_forwards(name: str) -> None:
     torch.testing.assert_close(out["feats"], per_view, atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_inference_splits_the_views_into_cache_sized_calls_with_the_same_features() -> None:
+def test_views_per_call_splits_inference_into_smaller_calls_with_the_same_features() -> None:
     torch.manual_seed(0)
     model = build_classifier(BackboneConfig(name="vit_test_tiny"), MultiViewConfig(view_size=32)).eval()
     calls: list[int] = []
     model.backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     canvas = torch.rand(4, 3, model.canvas_size, model.canvas_size)
     with torch.no_grad():
-        whole = model.forward_features(canvas)  # auto: 40 crops of 32 px fit in one call
+        whole = model.forward_features(canvas)  # default: every crop in one call
         model.views_per_call = 7
         parts = model.forward_features(canvas)
     assert calls == [40, 7, 7, 7, 7, 7, 5], calls
