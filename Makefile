@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` (auto: one per core); the slow tests are scheduled first.
 PYTEST_WORKERS ?= auto
 
-.PHONY: venv lock check-env postgres-deps demo test ui lint bench clean-state browser screenshots
+.PHONY: venv lock check-env postgres-deps demo test ui lint bench clean-state browser screenshots profile-demo profile-epoch
 
 # Install exactly the lock (every transitive dependency pinned), then the project itself without
 # resolving anything (--no-deps, and no isolated build env that would fetch the newest setuptools).
@@ -57,6 +57,20 @@ home: $(DAGSTER_HOME)/dagster.yaml
 
 demo: $(STAMP) home
 	$(PY) -m roadwork_commands.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+
+# Where the demo's time goes: py-spy samples the demo and every process it starts (the dagster run, the
+# DataLoader worker) into a flame graph, $(ROADWORK_STATE)/profile/demo.svg. `profile-epoch`: one classifier
+# epoch of configs/demo.yaml (bench/bench_demo_epoch.py) the same way.
+PROFILE_DIR := $(ROADWORK_STATE)/profile
+profile-demo: $(STAMP) home
+	mkdir -p $(PROFILE_DIR)
+	$(VENV)/bin/py-spy record --subprocesses --rate 50 -o $(PROFILE_DIR)/demo.svg -- \
+	  $(PY) -m roadwork_assets.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+
+profile-epoch: $(STAMP)
+	mkdir -p $(PROFILE_DIR)
+	$(VENV)/bin/py-spy record --subprocesses --rate 50 -o $(PROFILE_DIR)/epoch.svg -- \
+	  $(PY) -m bench.bench_demo_epoch --profile threads=1,workers=1
 
 # The browser test (tests/e2e/test_browser.py) drives Debian's Chromium through Playwright.
 CHROMIUM ?= /usr/bin/chromium

@@ -25,7 +25,7 @@ import psutil
 from bench.common import dagster_step_durations, machine_facts, write_result
 
 REPO = Path(__file__).resolve().parent.parent
-TARGET_SECONDS = 600.0
+TARGET_SECONDS = 240.0  # issue 19: at most 4 minutes after set-up on an idle 2-core machine
 
 
 def _poll_tree(pid: int, stop: threading.Event, peak: dict) -> None:
@@ -85,6 +85,8 @@ def run_demo(n: int, root: Path) -> dict:
         (r"wrote \d+ synthetic scenes .* in ([\d.]+)s", "synthetic_drop_seconds"),
         (r"graph materialized in [\d:]+ \(([\d.]+)s\)", "graph_materialize_seconds"),
         (r"\[demo\] done in [\d:]+ \(([\d.]+)s\)", "demo_script_seconds"),
+        (r"\| mcc \| ([-\d.]+) \|", "val_test_mcc"),
+        (r"val_select MCC ([-\d.]+)", "val_select_mcc"),
     ]:
         m = re.search(pattern, text)
         if m:
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             "n_images": args.n,
             **measured,
             "ratio": round(measured["wall_seconds"] / TARGET_SECONDS, 4),
-            "ratio_meaning": "wall / 600 s budget",
-            "target": "wall <= 600 s",
+            "ratio_meaning": f"wall / {TARGET_SECONDS:.0f} s budget",
+            "target": f"wall <= {TARGET_SECONDS:.0f} s",
             "met": met,
             "machine": facts,
         },

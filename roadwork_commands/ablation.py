@@ -86,16 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     instance = dg.DagsterInstance.get()
     splits = _artifact(instance, "splits", args.partition)
     saved = load_backbone(_artifact(instance, "explora_backbone", args.partition))
-    clf_cfg = {}
-    if args.config:
-        clf_cfg = (
-            (yaml.safe_load(Path(args.config).read_text()) or {}).get("ops", {}).get("classifier", {}) or {}
-        ).get("config", {}) or {}
+    run_cfg = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    clf_cfg = ((run_cfg.get("ops", {}).get("classifier", {}) or {}).get("config", {})) or {}
+    # the run config's torch threads (resources.gpu.config.threads), as the assets apply them
+    threads = int(
+        ((run_cfg.get("resources", {}).get("gpu", {}) or {}).get("config", {}) or {}).get("threads", 0)
+    )
 
     clf_cfg = {**clf_cfg, "epochs": args.epochs, "lr": args.lr, "patience": args.epochs}
 
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     torch.manual_seed(saved.seed)
     base = create_backbone(saved.source_cfg)
     if saved.base_sha256 and state_dict_sha256(base) != saved.base_sha256:

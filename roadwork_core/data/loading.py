@@ -13,7 +13,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-__all__ = ["CanvasDataset", "load_canvas", "pil_to_canvas"]
+__all__ = ["CANVAS_CACHE_BYTES", "CanvasDataset", "cache_canvases", "load_canvas", "pil_to_canvas"]
 
 
 def pil_to_canvas(img: PIL.Image.Image, canvas_size: int) -> torch.Tensor:
@@ -74,3 +74,33 @@ class CanvasDataset(Dataset):
             raise
         label = math.nan if self.labels is None else self.labels[index]
         return canvas, label, index
+
+
+# A split read every epoch without augmentation (val_select) is decoded once and kept as uint8 canvases
+# when they fit in this many bytes (the demo's 200 images at 172 px: 18 MB); larger splits stay lazy.
+CANVAS_CACHE_BYTES = 512 * 2**20
+
+
+class _CachedCanvases(Dataset):
+    """The items of a transform-free CanvasDataset, decoded once: (canvas, label, index)."""
+
+    def __init__(self, canvases: torch.Tensor, labels: list[float] | None) -> None:
+        self.canvases, self.labels = canvases, labels
+
+    def __len__(self) -> int:
+        return len(self.canvases)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, float, int]:
+        label = math.nan if self.labels is None else self.labels[index]
+        return self.canvases[index], label, index
+
+
+def cache_canvases(dataset: CanvasDataset, max_bytes: int = CANVAS_CACHE_BYTES) -> Dataset:
+    """`dataset` with every canvas decoded once, when it has no transform (the same pixels every epoch)
+    and its canvases fit in `max_bytes`; otherwise `dataset` itself."""
+    if dataset.transform is not None or len(dataset) * 3 * dataset.canvas_size**2 > max_bytes:
+        return dataset
+    if len(dataset) == 0:
+        return dataset
+    canvases = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 3, C, C) uint8
+    return _CachedCanvases(canvases, dataset.labels)

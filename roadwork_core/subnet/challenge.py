@@ -35,6 +35,7 @@ reflect-101 borders like OpenCV).
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -179,17 +180,50 @@ def _crop_box(x: torch.Tensor, mask_point: MaskPoint | None) -> tuple[int, int, 
     return int(i), int(j), int(h), int(w)
 
 
+def _rotated_crop(x: torch.Tensor, angle: float, top: int, left: int, h: int, w: int) -> torch.Tensor:
+    """`F.crop(F.rotate(x / 255, angle), top, left, h, w)` computed on the crop box alone.
+
+    x: uint8 (3, H, W); returns float (3, h, w) in [0, 1]. The rotation is nearest-neighbour about the
+    image centre with zero fill, so every output pixel is one source pixel: sampling only the box's
+    pixels gives the same pixels as rotating the whole image and cropping, at a fraction of the cost
+    (the crop covers 20-100 % of the image). The grid is torchvision's tensor-rotate grid (inverse
+    rotation matrix, half-pixel centres, float32 `bmm`), restricted to the box;
+    tests/unit/test_subnet_challenge.py checks the pixels against F.rotate + F.crop. Box parts past the
+    bottom / right edge are zero, as F.crop pads them.
+    """
+    _, H, W = x.shape
+    ih, iw = min(h, H - top), min(w, W - left)  # the part of the box inside the image
+    if ih <= 0 or iw <= 0:
+        return torch.zeros(3, h, w)
+    rot = math.radians(-angle)  # torchvision's rotate inverts the angle for its affine matrix
+    theta = torch.tensor(
+        [math.cos(rot), math.sin(rot), 0.0, -math.sin(rot), math.cos(rot), 0.0], dtype=torch.float32
+    ).reshape(1, 2, 3)
+    base = torch.empty(1, ih, iw, 3)  # output pixel centres relative to the image centre, homogeneous
+    base[..., 0].copy_(torch.arange(left, left + iw, dtype=torch.float32) + (0.5 - W * 0.5))
+    base[..., 1].copy_((torch.arange(top, top + ih, dtype=torch.float32) + (0.5 - H * 0.5))[:, None])
+    base[..., 2].fill_(1.0)
+    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * W, 0.5 * H], dtype=torch.float32)
+    grid = base.view(1, ih * iw, 3).bmm(scaled).view(1, ih, iw, 2)  # normalized source coordinates
+    src = x.float().div_(255.0)[None]  # (1, 3, H, W), as F.to_tensor would give
+    out = torch.nn.functional.grid_sample(
+        src, grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
+    return torch.nn.functional.pad(out[0], [0, w - iw, 0, h - ih])  # (3, h, w)
+
+
 def _geometric(
     image: PIL.Image.Image, mask_point: MaskPoint | None, flips: bool, rng: np.random.Generator
 ) -> torch.Tensor:
     """Level 1: rotate, random square crop to 224, (flips); float (3, 224, 224)."""
-    x = F.to_tensor(image.convert("RGB"))  # (3, H, W)
+    x = F.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8; only its shape drives the draws
     with torch.random.fork_rng(devices=[]):  # torchvision's samplers draw from torch; keep ours isolated
         torch.manual_seed(int(rng.integers(2**62)))
         angle = T.RandomRotation.get_params([-ROTATION_DEG, ROTATION_DEG])
-        x = F.rotate(x, angle)  # nearest, as the validator's wrapper really calls it
         i, j, h, w = _crop_box(x, mask_point)
-        x = F.resized_crop(x, i, j, h, w, [SIZE, SIZE], antialias=True)
+        # = F.resized_crop(F.rotate(F.to_tensor(image), angle), i, j, h, w, [SIZE, SIZE], antialias=True),
+        # with the rotation (nearest, as the validator's wrapper really calls it) done on the crop only
+        x = F.resize(_rotated_crop(x, angle, i, j, h, w), [SIZE, SIZE], antialias=True)
         if flips:
             if torch.rand(1) < 0.5:
                 x = F.hflip(x)

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, WeightedRandomSampler
 from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 
 from roadwork_core.config import PRECISIONS, TrainConfig, precision_dtype
-from roadwork_core.data.loading import CanvasDataset
+from roadwork_core.data.loading import CanvasDataset, cache_canvases
 from roadwork_core.models.adapters import apply_adapters, merge_adapters
 from roadwork_core.models.backbone import state_dict_sha256
 from roadwork_core.models.classifier import RoadworkClassifier
@@ -194,7 +194,7 @@ class _Data:
     head_mode: bool
     train_labels: Tensor  # (N,) float
     train_set: CanvasDataset | None = None
-    select_set: CanvasDataset | None = None
+    select_set: Dataset | None = None
     train_feats: Tensor | None = None  # (N, V, D)
     select_feats: Tensor | None = None  # (M, V, D)
     select_labels: Tensor | None = None  # (M,)
@@ -208,10 +208,12 @@ def _loader(data: _Data, cfg: TrainConfig, epoch: int, train: bool, world: World
         dataset = TensorDataset(feats, labels, torch.arange(len(labels)))
     else:
         dataset = data.train_set if train else data.select_set
+    # workers decode and augment images; features and cached canvases are already in memory
+    workers = cfg.num_workers if isinstance(dataset, CanvasDataset) else 0
     if not train:
         if world.distributed:  # each rank scores its stride of the split; _evaluate gathers
             dataset = torch.utils.data.Subset(dataset, world.eval_indices(len(dataset)))
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers)
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
     if cfg.balanced_sampling:
         labels = data.train_labels.long()
@@ -223,12 +225,12 @@ def _loader(data: _Data, cfg: TrainConfig, epoch: int, train: bool, world: World
         sampler = RandomSampler(dataset, generator=generator)
     if world.distributed:  # this rank's part of every global batch the same sampler draws
         batches = RankBatchSampler(sampler, cfg.batch_size, world.rank, world.world_size)
-        return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=generator)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=generator)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         generator=generator,  # worker seeds derive from it: augmentations replay on resume
     )
 
@@ -313,8 +315,13 @@ def _build_data(
         aug, points = _train_augmentation(cfg, train_rows)
         uris, labels = train_rows["uri"].tolist(), train_rows["label"].astype(int).tolist()
         data.train_set = CanvasDataset(uris, labels, model.canvas_size, aug, mask_points=points)
-        data.select_set = CanvasDataset(
-            select_rows["uri"].tolist(), select_rows["label"].astype(int).tolist(), model.canvas_size, None
+        data.select_set = cache_canvases(  # read every epoch, never augmented: decoded once
+            CanvasDataset(
+                select_rows["uri"].tolist(),
+                select_rows["label"].astype(int).tolist(),
+                model.canvas_size,
+                None,
+            )
         )
     return data
 

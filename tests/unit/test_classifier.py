@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from roadwork_core.contracts.predictions import PREDICTION_COLUMNS, UNCERTAINTY_FEATURES
-from roadwork_core.data.loading import CanvasDataset, load_canvas, pil_to_canvas
+from roadwork_core.data.loading import CanvasDataset, cache_canvases, load_canvas, pil_to_canvas
 from roadwork_core.models.aggregators import AGGREGATORS, create_aggregator
 from roadwork_core.models.backbone import BackboneConfig, backbone_data_config
 from roadwork_core.models.classifier import build_classifier, classifier_config_dict
@@ -94,6 +94,23 @@ def test_one_batched_forward_equals_per_view_forwards(name: str) -> None:
     torch.testing.assert_close(out["feats"], per_view, atol=1e-4, rtol=1e-4)
 
 
+def test_views_per_call_splits_inference_into_smaller_calls_with_the_same_features() -> None:
+    torch.manual_seed(0)
+    model = build_classifier(BackboneConfig(name="vit_test_tiny"), MultiViewConfig(view_size=32)).eval()
+    calls: list[int] = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    canvas = torch.rand(4, 3, model.canvas_size, model.canvas_size)
+    with torch.no_grad():
+        whole = model.forward_features(canvas)  # default: every crop in one call
+        model.views_per_call = 7
+        parts = model.forward_features(canvas)
+    assert calls == [40, 7, 7, 7, 7, 7, 5], calls
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    model.forward_features(canvas)  # autograd on (training): one call, the graph spans every view
+    assert calls == [40], calls
+
+
 def test_build_classifier_reads_view_size_and_normalization_from_backbone() -> None:
     model = build_classifier(BackboneConfig(name="vit_test_tiny_dinov3"))
     data_cfg = backbone_data_config(model.backbone)
@@ -152,6 +169,20 @@ def test_canvas_loading(tmp_path) -> None:
     assert math.isnan(CanvasDataset(uris, None, 40)[0][1]), "unlabelled items carry NaN labels"
     with pytest.raises(ValueError, match="3 uris but 2 labels"):
         CanvasDataset(uris, [0, 1], 40)
+
+
+def test_cached_canvases_are_the_lazy_items_and_only_for_fixed_small_splits(tmp_path) -> None:
+    uris = [_jpeg(tmp_path / f"{i}.jpg", i) for i in range(3)]
+    lazy = CanvasDataset(uris, [0, 1, 1], 40)
+    cached = cache_canvases(lazy)
+    assert cached is not lazy and len(cached) == 3
+    for i in range(3):
+        (a, la, ia), (b, lb, ib) = lazy[i], cached[i]
+        assert torch.equal(a, b) and la == lb and ia == ib == i
+    assert math.isnan(cache_canvases(CanvasDataset(uris, None, 40))[0][1])
+    assert cache_canvases(lazy, max_bytes=3 * 3 * 40 * 40 - 1) is lazy, "over the byte limit: stays lazy"
+    augmented = CanvasDataset(uris, [0, 1, 1], 40, transform=lambda img: img)
+    assert cache_canvases(augmented) is augmented, "an augmented split changes every epoch: never cached"
 
 
 def test_canvas_dataset_names_the_bad_item(tmp_path) -> None:

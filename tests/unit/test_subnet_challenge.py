@@ -157,3 +157,45 @@ def test_crop_box_nudged_onto_the_point_on_square_images() -> None:
         i, j, h, w = _crop_box(x, (px, py))
         assert h == w and 0 <= j and j + w <= 500 and 0 <= i and i + h <= 500, (seed, i, j, h, w)
         assert j <= px <= j + w and i <= py <= i + h, (seed, (px, py), (i, j, h, w))
+
+
+def test_rotation_on_the_crop_box_alone_gives_the_whole_image_rotation_pixels() -> None:
+    # The level-1 geometry rotates only the crop box (the validator rotates the whole image, then crops);
+    # the pixels must be the same, also for boxes past the bottom / right edge (portrait images with a
+    # nudged crop) and for the full pipeline with the draws it makes.
+    import torch
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as F
+
+    from roadwork_core.subnet import challenge
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        H, W = (int(v) for v in rng.integers(20, 300, 2))
+        x = torch.from_numpy(rng.integers(0, 256, (3, H, W), dtype=np.uint8))
+        angle = float(rng.uniform(-20, 20))
+        h, w = int(rng.integers(1, H + 1)), int(rng.integers(1, W + 1))
+        top, left = int(rng.integers(0, H - h + 15)), int(rng.integers(0, W - w + 15))
+        whole = F.crop(F.rotate(x.float() / 255.0, angle), top, left, h, w)
+        assert torch.equal(challenge._rotated_crop(x, angle, top, left, h, w), whole), (
+            H,
+            W,
+            angle,
+            top,
+            left,
+        )
+
+    def literal(image, mask_point, seed):  # what the validator does, step by step
+        x = F.to_tensor(image.convert("RGB"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            angle = T.RandomRotation.get_params([-challenge.ROTATION_DEG, challenge.ROTATION_DEG])
+            x = F.rotate(x, angle)
+            i, j, h, w = challenge._crop_box(x, mask_point)
+            return F.resized_crop(x, i, j, h, w, [challenge.SIZE, challenge.SIZE], antialias=True)
+
+    for size, point in (((320, 240), None), ((240, 320), (200.0, 300.0)), ((100, 60), (5.0, 50.0))):
+        img = _scene(*size)
+        seed = int(np.random.default_rng(3).integers(2**62))
+        fast = challenge._geometric(img, point, False, np.random.default_rng(3))
+        assert torch.equal(fast, literal(img, point, seed)), size
