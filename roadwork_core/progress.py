@@ -73,6 +73,12 @@ class BatchProgress:
     def epoch_done(self) -> None:
         self.batch, self.last = 0, time.perf_counter()
 
+    def __deepcopy__(self, memo: dict) -> BatchProgress:
+        # A copy of the watched model (timm's ModelEmaV3 deep-copies it for the EMA weights) keeps this
+        # observer instead of copying it: `emit` may hold what cannot be copied (the Dagster step context
+        # and its locks), and the copy, kept in eval mode, never counts a batch anyway.
+        return self
+
     def __enter__(self) -> BatchProgress:
         return self
 

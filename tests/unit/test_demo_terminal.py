@@ -108,18 +108,35 @@ def test_batch_progress_counts_training_forwards_only():
     assert seen == [(1, 4), (2, 4), (3, 4), (1, 4)]
 
 
+class _Reporter:
+    """What the classifier asset passes as `emit`: a bound method of an object holding the Dagster
+    step context, which holds locks and cannot be copied."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock, self.seen = threading.Lock(), []
+
+    def on_batch(self, batch: int, of: int) -> None:
+        with self.lock:
+            self.seen.append(batch)
+
+
 def test_batch_progress_sees_every_batch_of_the_real_training_loop(tmp_path):
-    """One training-mode forward of the classifier per batch in `train_classifier` (full mode): the
-    hook's batch numbers are the loop's own, and val_select evaluation adds none."""
+    """One training-mode forward of the classifier per batch in `train_classifier` (full mode, with the
+    EMA that deep-copies the watched model): the hook's batch numbers are the loop's own, val_select
+    evaluation adds none, and an `emit` that cannot be copied does not break the EMA's copy."""
     from roadwork_core.training.supervised import train_classifier
     from tests.unit.test_training import _cfg, _images, _model
 
     train, select = _images(tmp_path / "train", 6, seed=0), _images(tmp_path / "select", 4, seed=1)
     model = _model()
-    seen: list[int] = []
-    with BatchProgress(model, 2, emit=lambda b, n: seen.append(b), every_s=0.0) as bp:
+    reporter = _Reporter()
+    cfg = _cfg(mode="full", epochs=1, augment_max_level=0)
+    assert cfg.ema_decay, "the EMA (a deep copy of the model) must be on for this test"
+    with BatchProgress(model, 2, emit=reporter.on_batch, every_s=0.0) as bp:
         train_classifier(
-            model, train, select, _cfg(mode="full", epochs=1, augment_max_level=0),
-            checkpoint_dir=tmp_path / "ckpt", on_epoch=lambda row: (seen.append(-row["epoch"]), bp.epoch_done()),
+            model, train, select, cfg,
+            checkpoint_dir=tmp_path / "ckpt", on_epoch=lambda row: (reporter.seen.append(-row["epoch"]), bp.epoch_done()),
         )  # fmt: skip
-    assert seen == [1, 2, -1], seen  # 6 images / batch 4 = 2 batches
+    assert reporter.seen == [1, 2, -1], reporter.seen  # 6 images / batch 4 = 2 batches
