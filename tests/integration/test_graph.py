@@ -173,3 +173,37 @@ def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, 
         and ev.asset_check_evaluation_data.asset_check_key.name == "check_min_per_class"
     )
     assert "more" in message, f"the failure must say how many more images are needed: {message}"
+
+
+def test_classifier_asset_with_the_demo_settings(tiny_inbox, rw_home):
+    """The classifier asset as `make demo` runs it (configs/demo.yaml: full mode, EMA, the validator
+    replica, an augmentation worker, one torch thread), for one epoch on the tiny drop. The tiny config
+    trains in head mode, so this is the graph test that walks the demo's own training path."""
+    import yaml
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
+    classifier = {**demo["ops"]["classifier"]["config"], "epochs": 1, "patience": 1}
+    assert classifier["mode"] == "full" and classifier["ema_decay"] and classifier["num_workers"] >= 1, (
+        classifier
+    )
+    config = tiny_run_config()
+    config["ops"] = {
+        "explora_backbone": {"config": {**config["ops"]["explora_backbone"]["config"], "enabled": False}},
+        "classifier": {"config": classifier},
+    }
+    config["resources"]["gpu"]["config"]["threads"] = demo["resources"]["gpu"]["config"]["threads"]
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    result = materialize(
+        ["image_table", "splits", "explora_backbone", "classifier"],
+        instance=instance,
+        partition="v0001",
+        resources=resources,
+        run_config=config,
+    )
+    failures = [
+        e.event_specific_data.error.to_string()[-2000:] for e in result.all_events if e.is_step_failure
+    ]
+    assert result.success, f"the classifier with the demo's settings failed:\n{failures}"
+    meta = latest_materialization_metadata(instance, dg.AssetKey("classifier"), "v0001")
+    assert meta["mode"] == "full" and meta["epochs_run"] == 1, meta
