@@ -172,7 +172,7 @@ def table_rows() -> list[list[str]]:
         for run in r["runs"]:
             rows.append(
                 [
-                    f"7. serving, {run['clients']} client(s)",
+                    f"8. serving, {run['clients']} client(s)",
                     f"{run['server']}: p50 / p99 per request and throughput, {r['preset']} random init, 10 views, "
                     f"one 224 px base64 JPEG per request, loopback; cold start {cold.get(run['server'], 0):.1f} s{busy}",
                     f"p50 {run['p50_seconds']:.2f} s, p99 {run['p99_seconds']:.2f} s, {run['throughput_rps']:.2f} req/s "
@@ -187,7 +187,7 @@ def table_rows() -> list[list[str]]:
         load = r["definitions_load"]
         rows.append(
             [
-                "8. loading the Dagster definitions",
+                "9. loading the Dagster definitions",
                 "fresh `import roadwork_assets.definitions` (code server, CLI, sensor, run worker) vs the same plus "
                 "torch + torchmetrics, which it imported before they moved into the asset bodies",
                 f"{load['median_ratio_a_over_b']:.2f}x faster: {load['median_b_seconds']:.1f} s vs "
@@ -203,7 +203,7 @@ def table_rows() -> list[list[str]]:
             versus = f"; one process: {serial['seconds'] / 60:.1f} min" if serial else ""
             rows.append(
                 [
-                    "9. the test suite",
+                    "10. the test suite",
                     f"`make test`'s pytest (xdist `-n auto`, slow tests first), nothing skipped{versus}",
                     f"{suite['median_seconds'] / 60:.1f} min (n={len(suite['runs'])}; {suite['runs'][-1]['summary']})",
                     "<= 6 min",
