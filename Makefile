@@ -65,7 +65,7 @@ PROFILE_DIR := $(ROADWORK_STATE)/profile
 profile-demo: $(STAMP) home
 	mkdir -p $(PROFILE_DIR)
 	$(VENV)/bin/py-spy record --subprocesses --rate 50 -o $(PROFILE_DIR)/demo.svg -- \
-	  $(PY) -m roadwork_assets.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+	  $(PY) -m roadwork_commands.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
 
 profile-epoch: $(STAMP)
 	mkdir -p $(PROFILE_DIR)

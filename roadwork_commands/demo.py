@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -34,9 +35,11 @@ def ensure_drop(inbox: Path, version: str, n: int, seed: int, n_unlabelled: int)
         print(f"[demo] drop {drop} already complete; reusing it")
         return drop
     t0 = time.perf_counter()
-    make_demo_drop(inbox, version, n=n, seed=seed, n_unlabelled=n_unlabelled)
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    make_demo_drop(inbox, version, n=n, seed=seed, n_unlabelled=n_unlabelled, workers=workers)
     print(
         f"[demo] wrote {n} synthetic scenes (+{n_unlabelled} unlabelled) to {drop} in {time.perf_counter() - t0:.1f}s"
+        f" ({workers} processes)"
     )
     return drop
 
@@ -58,8 +61,9 @@ class _StepWatcher:
     the assets' progress lines, a line for each failed check, and a heartbeat every HEARTBEAT_S
     seconds while a step runs without saying anything."""
 
-    def __init__(self, out=sys.stdout) -> None:
+    def __init__(self, out=sys.stdout, on_step_done: Callable[[str], None] | None = None) -> None:
         self.out = out
+        self.on_step_done = on_step_done  # called with the name of each asset step that succeeded
         self.started: dict[str, float] = {}
         self.last_word: dict[str, str] = {}
         self.last_print = time.perf_counter()
@@ -88,6 +92,8 @@ class _StepWatcher:
             self.say(f"[demo] {step}: started")
         elif event == "STEP_SUCCESS" and step and not is_check:
             self.say(f"[demo] {step}: done in {fmt_duration(now - self.started.pop(step, now))}")
+            if self.on_step_done is not None:
+                self.on_step_done(step)
         elif event == "STEP_FAILURE" and step:
             self.started.pop(step, None)
             self.failing = True
@@ -115,9 +121,11 @@ class _StepWatcher:
             self.say(f"[demo]   still running: {running}")
 
 
-def materialize(version: str, config: Path, log_path: Path) -> None:
+def materialize(
+    version: str, config: Path, log_path: Path, on_step_done: Callable[[str], None] | None = None
+) -> None:
     """`dagster asset materialize` with its whole event stream (DEBUG included) in `log_path` and a
-    readable digest of it on the terminal."""
+    readable digest of it on the terminal; `on_step_done(step)` runs as each asset step succeeds."""
     cmd = [
         _bin("dagster"),
         "asset",
@@ -134,7 +142,7 @@ def materialize(version: str, config: Path, log_path: Path) -> None:
     print("[demo] " + " ".join(cmd))
     print(f"[demo] Dagster's event log (DEBUG): {log_path}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    watcher = _StepWatcher()
+    watcher = _StepWatcher(on_step_done=on_step_done)
     lines: queue.Queue[str | None] = queue.Queue()
     t0 = time.perf_counter()
     with log_path.open("w") as log:
@@ -270,6 +278,56 @@ def predict_demo(bundle_dir: Path, drop: Path, k: int = 3) -> None:
         raise SystemExit(f"[demo] roadwork predict failed (exit {proc.returncode}): {proc.stderr.strip()}")
 
 
+class BackgroundAblation:
+    """The ExPLoRA ablation (`python -m roadwork_commands.ablation`) in its own process, started as soon
+    as the step named `after` succeeds, its output kept in `log_path` and printed by `finish()`.
+
+    The ablation needs only `splits` and `explora_backbone`. It starts after the classifier step, not
+    right after `explora_backbone`: the classifier keeps both cores busy (training plus its augmentation
+    worker), while the steps after it (predictions, policies, the evaluation report) run on one thread and
+    leave the second core idle, which the ablation then uses. On the demo that hides the ablation's
+    ~35 s inside the evaluation report's ~50 s."""
+
+    def __init__(self, version: str, config: str, log_path: Path, after: str = "classifier") -> None:
+        self.cmd = [sys.executable, "-m", "roadwork_commands.ablation", "--partition", version, "-c", config]
+        self.log_path, self.after = log_path, after
+        self.proc: subprocess.Popen | None = None
+        self.t0 = 0.0
+
+    def on_step_done(self, step: str) -> None:
+        if step == self.after and self.proc is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("w") as log:  # the child holds its own descriptor
+                self.proc = subprocess.Popen(
+                    self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, text=True
+                )
+            self.t0 = time.perf_counter()
+            print(f"[demo] ExPLoRA ablation started beside the graph (output: {self.log_path})", flush=True)
+
+    def finish(self) -> None:
+        """Wait for the ablation (run it here if the graph never reached `after`) and print its output."""
+        print("\n[demo] " + " ".join(["python", *self.cmd[1:]]))
+        if self.proc is None:  # e.g. a rerun where Dagster skipped nothing but the watcher saw no step
+            self.on_step_done(self.after)
+        waited = time.perf_counter()
+        returncode = self.proc.wait()
+        output = self.log_path.read_text(errors="replace")
+        print(output.rstrip("\n"))
+        print(
+            f"[demo] ablation took {fmt_duration(time.perf_counter() - self.t0)}, "
+            f"of which {fmt_duration(time.perf_counter() - waited)} after the graph"
+        )
+        if returncode != 0:
+            raise SystemExit(
+                f"[demo] the ExPLoRA ablation failed (exit {returncode}); its log: {self.log_path}"
+            )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -293,17 +351,19 @@ def main(argv: list[str] | None = None) -> int:
     instance = dg.DagsterInstance.get()
     if not instance.has_dynamic_partition(dataset_version.name, args.version):
         instance.add_dynamic_partitions(dataset_version.name, [args.version])
-    log_path = Path(os.environ.get("ROADWORK_STATE", "state")) / "logs" / f"demo-{args.version}.log"
-    materialize(args.version, Path(args.config), log_path)
-    bundle_dir = summarize(instance, args.version, log_path)
-    predict_demo(bundle_dir, drop)
-    if args.ablation:
-        from roadwork_commands import ablation
-
-        print(
-            "\n[demo] python -m roadwork_commands.ablation --partition " + args.version + " -c " + args.config
+    logs = Path(os.environ.get("ROADWORK_STATE", "state")) / "logs"
+    log_path = logs / f"demo-{args.version}.log"
+    ablation = BackgroundAblation(args.version, args.config, logs / f"ablation-{args.version}.log")
+    try:
+        materialize(
+            args.version, Path(args.config), log_path, ablation.on_step_done if args.ablation else None
         )
-        ablation.main(["--partition", args.version, "-c", args.config])
+        bundle_dir = summarize(instance, args.version, log_path)
+        predict_demo(bundle_dir, drop)
+        if args.ablation:
+            ablation.finish()
+    finally:
+        ablation.stop()  # a failed graph or Ctrl-C leaves no ablation running
     took = time.perf_counter() - t0
     print(f"\n[demo] done in {fmt_duration(took)} ({took:.1f}s)")
     return 0

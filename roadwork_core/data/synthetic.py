@@ -617,6 +617,40 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _draw_labelled(seed: int, version: str, i: int, positive_rate: float, hard_negative_rate: float):
+    """Labelled scene `i` of a drop -> (file name, JPEG bytes, labels.csv row); its own RNG stream."""
+    rng = _image_rng(seed, version, "labelled", i)
+    positive = bool(rng.random() < positive_rate)
+    scene = draw_scene(rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate))
+    name = f"images/{i:06d}.jpg"
+    row = {"file": name, "label": scene.label, **scene.metadata, **mask_point_columns(scene.cues)}
+    return name, _jpeg_bytes(scene.image, rng), row
+
+
+def _draw_unlabelled(seed: int, version: str, i: int, positive_rate: float, hard_negative_rate: float):
+    rng = _image_rng(seed, version, "unlabelled", i)
+    scene = draw_scene(rng, positive=bool(rng.random() < positive_rate), hard_negative=True)
+    return f"unlabelled/{i:06d}.jpg", _jpeg_bytes(scene.image, rng), None
+
+
+def _drawn(draw: Callable, n: int, args: tuple, workers: int):
+    """draw(*args[:2], i, *args[2:]) for i in 0..n-1, in order; in `workers` processes when > 1 (every
+    scene has its own RNG stream, so the images are the same bytes whatever the number of workers)."""
+    jobs = [(args[0], args[1], i, *args[2:]) for i in range(n)]
+    if workers <= 1 or n < 2:
+        yield from (draw(*job) for job in jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: the children inherit the loaded modules instead of importing them again (Linux)
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    )
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(draw, *zip(*jobs), chunksize=max(1, min(64, n // (4 * workers))))
+
+
 def make_demo_drop(
     out: Path,
     version: str,
@@ -626,41 +660,36 @@ def make_demo_drop(
     *,
     n_unlabelled: int = 0,
     hard_negative_rate: float = 0.3,
+    workers: int = 1,
 ) -> Path:
     """Write a labels.csv drop of `n` synthetic scenes to `out/version/` and return that folder.
 
     Layout: `images/<index>.jpg`, `labels.csv` (file, label, time_of_day, weather, scene, mask_x,
     mask_y: the centre of the largest cue box of a positive, blank for a negative), optional
     `unlabelled/<index>.jpg`, and `_READY` last. The drop is built under a temporary name and renamed
-    into place, so a crash never leaves a half-written drop under the final name.
+    into place, so a crash never leaves a half-written drop under the final name. `workers` > 1 draws
+    the scenes in that many processes; the drop is byte for byte the same.
     """
     if not 0.0 <= positive_rate <= 1.0:
         raise ValueError(f"positive_rate={positive_rate} must be within [0, 1]")
     if n < 1:
         raise ValueError(f"n={n}: a drop needs at least one image")
+    if workers < 1:
+        raise ValueError(f"workers={workers}: use 1 (this process) or more")
     drop = Path(out) / version
     rows = []
+    args = (seed, version, positive_rate, hard_negative_rate)
     # Writing (and fsyncing) happens in threads so that disk waits overlap with drawing.
     with atomic_dir(drop) as tmp, ThreadPoolExecutor(max_workers=4) as writer:
         (tmp / "images").mkdir()
-        writes = []
-        for i in range(n):
-            rng = _image_rng(seed, version, "labelled", i)
-            positive = bool(rng.random() < positive_rate)
-            scene = draw_scene(rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate))
-            name = f"images/{i:06d}.jpg"
-            writes.append(writer.submit(_write_file, tmp / name, _jpeg_bytes(scene.image, rng)))
-            rows.append(
-                {"file": name, "label": scene.label, **scene.metadata, **mask_point_columns(scene.cues)}
-            )
         if n_unlabelled:
             (tmp / "unlabelled").mkdir()
-            for i in range(n_unlabelled):
-                rng = _image_rng(seed, version, "unlabelled", i)
-                scene = draw_scene(rng, positive=bool(rng.random() < positive_rate), hard_negative=True)
-                writes.append(
-                    writer.submit(_write_file, tmp / f"unlabelled/{i:06d}.jpg", _jpeg_bytes(scene.image, rng))
-                )
+        writes = []
+        for name, data, row in _drawn(_draw_labelled, n, args, workers):
+            writes.append(writer.submit(_write_file, tmp / name, data))
+            rows.append(row)
+        for name, data, _ in _drawn(_draw_unlabelled, n_unlabelled, args, workers):
+            writes.append(writer.submit(_write_file, tmp / name, data))
         for done in writes:
             done.result()  # re-raises a failed write (disk full, permissions) before _READY exists
         table = pd.DataFrame(

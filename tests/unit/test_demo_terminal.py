@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from roadwork_commands import demo
 from roadwork_core.progress import BatchProgress, ProgressClock, epoch_line, fmt_duration
 
@@ -140,3 +142,31 @@ def test_batch_progress_sees_every_batch_of_the_real_training_loop(tmp_path):
             checkpoint_dir=tmp_path / "ckpt", on_epoch=lambda row: (reporter.seen.append(-row["epoch"]), bp.epoch_done()),
         )  # fmt: skip
     assert reporter.seen == [1, 2, -1], reporter.seen  # 6 images / batch 4 = 2 batches
+
+
+def test_watcher_reports_each_asset_step_that_succeeded():
+    done: list[str] = []
+    watcher = demo._StepWatcher(out=io.StringIO(), on_step_done=done.append)
+    for line in STREAM.splitlines(keepends=True):
+        watcher.feed(line)
+    assert done == ["a"]  # not the failed step b, not the check steps
+
+
+def test_background_ablation_starts_after_its_step_and_prints_its_output(tmp_path, capsys):
+    import sys
+
+    job = demo.BackgroundAblation("v0001", "configs/demo.yaml", tmp_path / "logs" / "ablation.log")
+    job.cmd = [sys.executable, "-c", "print('probe MCC 0.5')"]
+    job.on_step_done("explora_backbone")
+    assert job.proc is None  # waits for the classifier step: it would compete with training
+    job.on_step_done("classifier")
+    assert job.proc is not None
+    job.finish()
+    out = capsys.readouterr().out
+    assert "probe MCC 0.5" in out and "ablation took" in out
+
+    failing = demo.BackgroundAblation("v0001", "configs/demo.yaml", tmp_path / "failing.log")
+    failing.cmd = [sys.executable, "-c", "import sys; print('no splits'); sys.exit(3)"]
+    with pytest.raises(SystemExit, match="exit 3.*failing.log"):
+        failing.finish()  # never started by a step: finish() runs it
+    assert "no splits" in capsys.readouterr().out

@@ -29,6 +29,8 @@ def test_same_seed_same_bytes_and_different_seed_or_version_differs(tmp_path: Pa
     a = _drop_bytes(make_demo_drop(tmp_path / "a", "v0001", n=6, seed=3, n_unlabelled=2))
     b = _drop_bytes(make_demo_drop(tmp_path / "b", "v0001", n=6, seed=3, n_unlabelled=2))
     assert a == b, "the same (version, seed) must reproduce every file byte for byte"
+    parallel = _drop_bytes(make_demo_drop(tmp_path / "p", "v0001", n=6, seed=3, n_unlabelled=2, workers=2))
+    assert parallel == a, "drawing in worker processes must give the same drop, file for file"
     c = _drop_bytes(make_demo_drop(tmp_path / "c", "v0001", n=6, seed=4))
     d = _drop_bytes(make_demo_drop(tmp_path / "d", "v0002", n=6, seed=3))
     images = [k for k in a if k.startswith("images/")]
@@ -65,6 +67,8 @@ def test_drop_layout_labels_and_ready_marker(tmp_path: Path) -> None:
 def test_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="positive_rate"):
         make_demo_drop(tmp_path, "v1", n=2, positive_rate=1.5)
+    with pytest.raises(ValueError, match="workers=0"):
+        make_demo_drop(tmp_path, "v1", n=2, workers=0)
 
 
 @pytest.mark.parametrize("index", range(24))
