@@ -10,7 +10,9 @@ same initial weights on the same splits (fresh checkpoint folder), alternating A
     py-spy record -o /tmp/epoch.svg --subprocesses -- python -m bench.bench_demo_epoch --profile threads=1,workers=1
 
 Knobs of an arm: threads (torch intra-op threads), workers (DataLoader workers), epochs, n_train (cap on
-train images). Result: bench/results/demo_epoch.json (median ratio of epoch seconds A / B).
+train images), augment_level (the replica's highest training level; 0 = no augmentation, whose canvases
+are then decoded once), eager (1: timm's eager attention instead of SDPA).
+Result: bench/results/demo_epoch.json (median ratio of epoch seconds A / B).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ DEFAULT_DROP_ROOT = Path(tempfile.gettempdir()) / "roadwork-bench-demo-drop"
 
 
 def parse_arm(text: str) -> dict[str, int]:
-    known = {"threads", "workers", "epochs", "n_train"}
+    known = {"threads", "workers", "epochs", "n_train", "augment_level", "eager"}
     arm: dict[str, int] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
@@ -62,10 +64,14 @@ def make_epoch(arm: dict[str, int], train, select, backbone: dict, clf: dict):
         lr=clf["lr"],
         ema_decay=clf.get("ema_decay"),
         patience=clf.get("patience", 3),
-        augment=clf.get("augment", "validator"),
-        augment_max_level=clf.get("augment_max_level", 3),
+        augment=("validator" if arm["augment_level"] else "none")
+        if "augment_level" in arm
+        else clf.get("augment", "validator"),
+        augment_max_level=arm.get("augment_level", clf.get("augment_max_level", 3)),
         num_workers=arm.get("workers", 0),
     )
+    if "eager" in arm:
+        backbone = {**backbone, "attn_backend": "eager" if arm["eager"] else "sdpa"}
     torch.manual_seed(0)
     template = build_classifier(
         BackboneConfig(**backbone), mv, aggregator=clf["aggregator"], topk=clf["topk"], dropout=clf["dropout"]

@@ -193,7 +193,7 @@ class _Data:
 
     head_mode: bool
     train_labels: Tensor  # (N,) float
-    train_set: CanvasDataset | None = None
+    train_set: Dataset | None = None  # a CanvasDataset, or its decoded canvases when not augmented
     select_set: Dataset | None = None
     train_feats: Tensor | None = None  # (N, V, D)
     select_feats: Tensor | None = None  # (M, V, D)
@@ -314,7 +314,10 @@ def _build_data(
     if not data.head_mode:
         aug, points = _train_augmentation(cfg, train_rows)
         uris, labels = train_rows["uri"].tolist(), train_rows["label"].astype(int).tolist()
-        data.train_set = CanvasDataset(uris, labels, model.canvas_size, aug, mask_points=points)
+        # without augmentation every epoch reads the same pixels: decoded once (when they fit, see cache_canvases)
+        data.train_set = cache_canvases(
+            CanvasDataset(uris, labels, model.canvas_size, aug, mask_points=points)
+        )
         data.select_set = cache_canvases(  # read every epoch, never augmented: decoded once
             CanvasDataset(
                 select_rows["uri"].tolist(),

@@ -238,3 +238,32 @@ def test_validator_augmentation_feeds_the_replica_with_mask_points(rows) -> None
     torch.manual_seed(0)
     assert torch.equal(a, data[1][0]), "the same torch seed must replay the same challenge"
     assert seen == [points[1], points[1]] and a.shape == (3, 64, 64)
+
+
+def test_unaugmented_full_training_decodes_each_image_once(rows, tmp_path: Path, monkeypatch) -> None:
+    """augment='none' reads the same pixels every epoch: train and val_select are decoded once, and the
+    result equals training on lazily decoded canvases (the cache is an optimisation, not a change)."""
+    import roadwork_core.data.images as images
+    import roadwork_core.data.loading as loading
+
+    train, select = rows
+    real_load, loads = images.load_image, []
+
+    def counting_load(uri):
+        loads.append(uri)
+        return real_load(uri)
+
+    monkeypatch.setattr(images, "load_image", counting_load)
+    cfg = _cfg(mode="full", epochs=3, augment="none")
+    cached = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "cached")
+    assert sorted(loads) == sorted([*train["uri"], *select["uri"]]), "each image decoded exactly once"
+
+    monkeypatch.setattr(
+        loading.cache_canvases, "__defaults__", (0,)
+    )  # max_bytes 0: every epoch decodes again
+    loads.clear()
+    lazy = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "lazy")
+    assert len(loads) == 3 * (len(train) + len(select)), "the lazy path decodes every epoch"
+    assert [h["train_loss"] for h in lazy.history] == [h["train_loss"] for h in cached.history]
+    for key, value in cached.state_dict.items():
+        assert torch.equal(value, lazy.state_dict[key]), key
