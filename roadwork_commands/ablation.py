@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", type=int, default=20, help="head-probe epochs (cheap: features are cached)"
     )
     parser.add_argument("--lr", type=float, default=3e-3, help="head-probe learning rate")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: the run config's resources.gpu.config.threads)"
+    )
     args = parser.parse_args(argv)
 
     instance = dg.DagsterInstance.get()
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     run_cfg = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
     clf_cfg = ((run_cfg.get("ops", {}).get("classifier", {}) or {}).get("config", {})) or {}
     # the run config's torch threads (resources.gpu.config.threads), as the assets apply them
-    threads = int(
+    threads = args.threads or int(
         ((run_cfg.get("resources", {}).get("gpu", {}) or {}).get("config", {}) or {}).get("threads", 0)
     )
 

@@ -289,7 +289,9 @@ class BackgroundAblation:
     ~35 s inside the evaluation report's ~50 s."""
 
     def __init__(self, version: str, config: str, log_path: Path, after: str = "classifier") -> None:
+        # one thread: it shares the machine with the graph's remaining steps
         self.cmd = [sys.executable, "-m", "roadwork_commands.ablation", "--partition", version, "-c", config]
+        self.cmd += ["--threads", "1"]
         self.log_path, self.after = log_path, after
         self.proc: subprocess.Popen | None = None
         self.t0 = 0.0
