@@ -8,6 +8,8 @@ waits for), and without it: the start-up of each side (`python -c "import <its m
 median of 3) is subtracted. Target <= 1.15x.
 
     python -m bench.bench_orchestration [--n 240] [--repeats 3] [--config tests/configs/tiny.yaml]
+    # the demo's workload (issue 19: target <= 1.10x), its own result file:
+    python -m bench.bench_orchestration --config configs/demo.yaml --n 2000 --repeats 2 --result orchestration_demo
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=240)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--config", default=str(REPO / "tests" / "configs" / "tiny.yaml"))
+    parser.add_argument("--result", default="orchestration", help="bench/results/<name>.json")
+    parser.add_argument("--target", type=float, default=TARGET, help="ratio target (with start-up)")
     args = parser.parse_args(argv)
     py = sys.executable
     dagster_bin = str(Path(py).with_name("dagster"))
@@ -196,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio, ratio_wo = statistics.median(ratios), statistics.median(ratios_wo)
     print(
         f"[bench_orchestration] {args.n} images: dagster / direct wall = {ratio:.3f}x with start-up, "
-        f"{ratio_wo:.3f}x without (start-up {start_dagster:.1f}s vs {start_direct:.1f}s); target <= {TARGET}"
+        f"{ratio_wo:.3f}x without (start-up {start_dagster:.1f}s vs {start_direct:.1f}s); target <= {args.target}"
     )
     write_result(
-        "orchestration",
+        args.result,
         {
             "benchmark": "orchestration_overhead",
             "what": "`dagster asset materialize --select '*'` vs bench.direct_pipeline (same core calls, same config), both subprocesses",
@@ -216,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": round(ratio, 4),
             "ratio_without_startup": round(ratio_wo, 4),
             "not_in_direct": "asset checks (split checks, contract audits, bundle reproduction, guarantee check), MLflow logging + model registration, IO-manager sha256 records, run storage",
-            "target": f"<= {TARGET}",
-            "met": ratio <= TARGET,
+            "target": f"<= {args.target}",
+            "met": ratio <= args.target,
             "machine": facts,
         },
     )

@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "feature_cache": ("bench.bench_feature_cache", "feature_cache"),
     "scaling": ("bench.bench_scaling", "scaling"),
     "orchestration": ("bench.bench_orchestration", "orchestration"),
+    "orchestration_demo": ("bench.bench_orchestration", "orchestration_demo"),
     "demo": ("bench.bench_demo", "demo"),
     "demo_epoch": ("bench.bench_demo_epoch", "demo_epoch"),
     "ddp": ("bench.bench_ddp", "ddp"),
@@ -94,19 +95,20 @@ def table_rows() -> list[list[str]]:
                 _machine(r),
             ]
         )
-    r = read_result("orchestration")
-    if r:
-        rows.append(
-            [
-                "4. orchestration overhead",
-                f"`dagster asset materialize` vs the same core calls in one script; {r['n_images']} images, "
-                f"{r['config']} (without start-up: {r['ratio_without_startup']:.2f}x)",
-                f"{r['ratio']:.2f}x (n={r['repeats']})",
-                "<= 1.15x",
-                _yes(r["met"]),
-                _machine(r),
-            ]
-        )
+    for name in ("orchestration", "orchestration_demo"):
+        r = read_result(name)
+        if r:
+            rows.append(
+                [
+                    "4. orchestration overhead",
+                    f"`dagster asset materialize` vs the same core calls in one script; {r['n_images']} images, "
+                    f"{r['config']} (without start-up: {r['ratio_without_startup']:.2f}x)",
+                    f"{r['ratio']:.2f}x (n={r['repeats']})",
+                    r.get("target", "<= 1.15x"),
+                    _yes(r["met"]),
+                    _machine(r),
+                ]
+            )
     r = read_result("demo")
     if r:
         rows.append(
@@ -234,18 +236,25 @@ def write_table() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
-    parser.add_argument("--skip-demo", action="store_true", help="keep the previous make-demo result")
+    parser.add_argument(
+        "--skip-demo",
+        action="store_true",
+        help="keep the previous results of the two demo-sized runs (demo, orchestration_demo)",
+    )
     parser.add_argument("--skip-tests", action="store_true", help="keep the previous test-suite timing")
     parser.add_argument("--demo-n", type=int, default=2000)
     parser.add_argument("--table-only", action="store_true", help="rewrite README_TABLE.md from the JSON")
     args = parser.parse_args(argv)
     failed = []
     if not args.table_only:
-        skipped = {"demo"} if args.skip_demo else set()
+        skipped = {"demo", "orchestration_demo"} if args.skip_demo else set()
         names = args.only or [n for n in BENCHMARKS if n not in skipped]
         for name in names:
             module, _ = BENCHMARKS[name]
             cmd = [sys.executable, "-m", module] + (["--n", str(args.demo_n)] if name == "demo" else [])
+            if name == "orchestration_demo":  # issue 19: the demo's own workload, target <= 1.10x
+                cmd += ["--config", "configs/demo.yaml", "--n", str(args.demo_n), "--repeats", "2"]
+                cmd += ["--result", name, "--target", "1.10"]
             if name == "tests" and args.skip_tests:
                 cmd.append("--skip-suite")
             print(f"[bench] {' '.join(cmd)}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +15,33 @@ from roadwork_core.data.synthetic import make_demo_drop
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `slow` (servers, daemons, whole-graph runs: tens of seconds each) run first. Under
-    pytest-xdist (`make test` runs `-n auto --dist worksteal`) the long ones then start at once on every
-    worker and the many short ones fill the gaps, instead of one long test finishing the run alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Tests marked `slow` (servers, daemons, whole-graph runs: tens of seconds each) run first, spread
+    over the pytest-xdist workers (`make test` runs `-n auto --dist worksteal`).
+
+    worksteal hands worker k the k-th contiguous slice of this order at the start; idle workers later
+    steal the tail of the longest queue. With every slow test at the front, worker 0 got all of them and
+    ran them one after another while the others ran the quick ones (the suite's tail was that chain).
+    So the order is one block per worker, each its share of the slow modules (whole modules, balanced by
+    their number of slow tests, so module-scoped fixtures are built once) followed by quick tests up to
+    the block's even size."""
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    quick = [item for item in items if item.get_closest_marker("slow") is None]
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        items[:] = slow + quick
+        return
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in slow:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    blocks: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for tests in sorted(modules.values(), key=len, reverse=True):  # largest first, to the lightest block
+        min(blocks, key=len).extend(tests)
+    size = -(-len(items) // workers)  # the slice worksteal gives each worker
+    rest = iter(quick)
+    for block in blocks:
+        block.extend(item for _, item in zip(range(max(0, size - len(block))), rest))
+    blocks[-1].extend(rest)
+    items[:] = [item for block in blocks for item in block]
 
 
 @pytest.fixture(autouse=True, scope="session")
