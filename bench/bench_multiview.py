@@ -9,6 +9,8 @@ tell cache effects (a call on 40 ViT-S crops holds ~60 MB per MLP activation) fr
 Runs on cuda as well when it is available.
 
     python -m bench.bench_multiview [--preset dinov2_small] [--batch 4] [--repeats 5]
+    # where the time goes in each layout (torch.profiler, per operator, loop vs one call); prints a table
+    python -m bench.bench_multiview --profile [--preset dinov2_small] [--batch 4]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from bench.common import machine_facts, set_threads, side_by_side, write_result
 from roadwork_core.models.backbone import BackboneConfig
-from roadwork_core.models.classifier import build_classifier
+from roadwork_core.models.classifier import auto_views_per_call, build_classifier
 from roadwork_core.models.multiview import extract_views
 
 TARGET = 1.5
@@ -37,7 +39,10 @@ def per_view_loop(model, canvas: torch.Tensor) -> torch.Tensor:
 def measure(preset: str, batch: int, repeats: int, device: str) -> dict:
     torch.manual_seed(0)
     model = build_classifier(BackboneConfig(name=preset)).eval().to(device)
+    model.views_per_call = None  # B: one call on every crop (the default "auto" is recorded below)
     C = model.canvas_size
+    S = model.mv.view_size
+    auto = auto_views_per_call(model.backbone, torch.empty(1, 3, S, S, device=device))
     canvas = torch.rand(batch, 3, C, C, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -78,7 +83,38 @@ def measure(preset: str, batch: int, repeats: int, device: str) -> dict:
         "speedup": round(sbs.median_ratio, 4),
         "chunked": split.as_dict(),
         "chunked_speedup": round(split.median_ratio, 4),
+        "auto_views_per_call": auto,  # what RoadworkClassifier's default ("auto") uses here
     }
+
+
+def profile_layouts(preset: str, batch: int, repeats: int = 3) -> list[dict]:
+    """torch.profiler self CPU time per operator: the per-view loop against one call on B*V crops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_classifier(BackboneConfig(name=preset)).eval()
+    model.views_per_call = None  # one call on every crop
+    canvas = torch.rand(batch, 3, model.canvas_size, model.canvas_size)
+    layouts = {
+        "loop": lambda: per_view_loop(model, canvas),
+        "batched": lambda: model.forward_features(canvas),
+    }
+    per_op: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for fn in layouts.values():
+            fn()  # warm-up
+        for name, fn in layouts.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(repeats):
+                    fn()
+            for event in prof.key_averages():
+                per_op.setdefault(event.key, {})[name] = event.self_cpu_time_total / 1e3 / repeats  # ms
+    rows = [
+        {"op": op, "loop_ms": t.get("loop", 0.0), "batched_ms": t.get("batched", 0.0)}
+        for op, t in per_op.items()
+    ]
+    rows.sort(key=lambda r: -max(r["loop_ms"], r["batched_ms"]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,8 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--extra-preset", default="vit_test_tiny", help="also measure this one (the demo's)")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the per-operator profile of both layouts"
+    )
     args = parser.parse_args(argv)
     threads = set_threads()
+    if args.profile:
+        rows = profile_layouts(args.preset, args.batch)
+        print(f"{args.preset}, {args.batch} images, {threads} threads: self CPU ms per pass")
+        print(f"{'operator':44} {'loop':>9} {'one call':>9} {'one/loop':>9}")
+        for r in rows[:15]:
+            ratio = r["batched_ms"] / r["loop_ms"] if r["loop_ms"] else float("nan")
+            print(f"{r['op'][:44]:44} {r['loop_ms']:9.1f} {r['batched_ms']:9.1f} {ratio:9.2f}")
+        total = {k: sum(r[k] for r in rows) for k in ("loop_ms", "batched_ms")}
+        print(f"{'total':44} {total['loop_ms']:9.1f} {total['batched_ms']:9.1f}")
+        return 0
     facts = machine_facts()
     runs = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

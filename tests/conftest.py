@@ -23,7 +23,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ran them one after another while the others ran the quick ones (the suite's tail was that chain).
     So the order is one block per worker, each its share of the slow modules (whole modules, balanced by
     their number of slow tests, so module-scoped fixtures are built once) followed by quick tests up to
-    the block's even size."""
+    the block's even size. Slow tests of other modules that share an expensive session fixture carry
+    `pytest.mark.xdist_group(name)` and are kept with that group on one worker (a session fixture is
+    built once per worker: the two concurrent graph runs were built twice, ~150 s each)."""
     slow = [item for item in items if item.get_closest_marker("slow") is not None]
     quick = [item for item in items if item.get_closest_marker("slow") is None]
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -32,7 +34,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     modules: dict[str, list[pytest.Item]] = {}
     for item in slow:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+        group = item.get_closest_marker("xdist_group")
+        key = group.kwargs.get("name", group.args[0] if group.args else "") if group else ""
+        modules.setdefault(key or item.nodeid.split("::")[0], []).append(item)
     blocks: list[list[pytest.Item]] = [[] for _ in range(workers)]
     for tests in sorted(modules.values(), key=len, reverse=True):  # largest first, to the lightest block
         min(blocks, key=len).extend(tests)

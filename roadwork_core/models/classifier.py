@@ -59,7 +59,8 @@ class RoadworkClassifier(nn.Module):
         self.backbone_cfg = backbone_cfg
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.views_per_call: int | None = None  # inference: crops per backbone call; None = all in one
+        # inference: crops per backbone call; "auto" = auto_views_per_call (CPU), None = all in one call
+        self.views_per_call: int | str | None = "auto"
 
     @property
     def num_views(self) -> int:
@@ -79,13 +80,12 @@ class RoadworkClassifier(nn.Module):
         return feats.reshape(B, V, -1)
 
     def _backbone_views(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, D): one backbone call, or with `views_per_call` set, calls of at most that
-        many crops while autograd is off (inference). Same features either way: each crop's forward is
-        independent. On an idle 2-core CPU one ViT-S call on 40 crops of 224 px (~60 MB per MLP
-        activation, far past the caches) ran 0.83x a loop over the 10 views of 4 images; under load it
-        ran 2x faster than the loop (fewer thread barriers), so the split is a knob, measured by
-        bench/bench_multiview.py (`chunked_speedup`), not a default."""
+        """(N, 3, S, S) -> (N, D): one backbone call, or while autograd is off (inference) calls of at most
+        `views_per_call` crops ("auto": `auto_views_per_call`). Same features either way: each crop's
+        forward is independent. Training keeps one call (its graph spans every view)."""
         chunk = self.views_per_call
+        if chunk == "auto":
+            chunk = auto_views_per_call(self.backbone, crops)
         if chunk is None or torch.is_grad_enabled() or len(crops) <= chunk:
             return self.backbone(crops)
         return torch.cat([self.backbone(part) for part in crops.split(chunk)])
@@ -102,6 +102,32 @@ class RoadworkClassifier(nn.Module):
     def forward(self, canvas: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.forward_features(canvas)
         return {**self.forward_head(feats), "feats": feats}
+
+
+# The MLP activation one CPU backbone call may hold (bytes). On an idle 2-core EPYC (512 KiB L2 a core,
+# 32 MiB L3) one ViT-S/14 call on 40 crops of 224 px (~63 MB per MLP activation) ran 0.85x a loop over
+# the 10 views of 4 images: matmuls and attention cost the same, but copy_ took 3.7x, gelu 2.4x, add 1.5x
+# and layer_norm 1.3x as long (`python -m bench.bench_multiview --profile`), the elementwise work streaming
+# from memory instead of cache. Calls of 4 crops (~6 MB) ran 1.10x the loop (1.29x the one call), while
+# the tiny test ViT (~50 KB a crop) is fastest in one call (3.5x the loop). 8 MiB keeps both.
+CPU_CALL_BYTES = 8 * 2**20
+
+
+def auto_views_per_call(backbone: nn.Module, crops: torch.Tensor) -> int | None:
+    """Crops per backbone call for inference on `crops` (N, 3, S, S): on CPU as many as keep one MLP
+    activation (tokens x hidden width x element size) within CPU_CALL_BYTES; elsewhere None (one call:
+    a GPU wants the largest batch)."""
+    if crops.device.type != "cpu":
+        return None
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", (16, 16))
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
+    tokens = (crops.shape[-2] // patch[0]) * (crops.shape[-1] // patch[1]) + int(
+        getattr(backbone, "num_prefix_tokens", 1)
+    )
+    width = int(getattr(backbone, "embed_dim", getattr(backbone, "num_features", 384)))
+    fc1 = next((m for name, m in backbone.named_modules() if name.endswith("mlp.fc1")), None)
+    hidden = int(fc1.out_features) if isinstance(fc1, nn.Linear) else 4 * width
+    return max(1, CPU_CALL_BYTES // (tokens * hidden * crops.element_size()))
 
 
 def build_classifier(

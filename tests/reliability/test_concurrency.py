@@ -12,7 +12,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
-pytestmark = pytest.mark.slow
+# test_security's secrets test reads the same session fixture (two_partition_runs): one worker builds it
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("two_partition_runs")]
 
 VERSIONS = ("v0001", "v0002")
 

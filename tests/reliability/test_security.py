@@ -165,6 +165,7 @@ def _walk_text(root: Path) -> list[tuple[Path, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_partition_runs")  # on the worker that builds the fixture for test_concurrency
 def test_secrets_from_env_never_reach_metadata_manifest_logs_or_mlflow(two_partition_runs) -> None:
     """The two concurrent graph runs (conftest) got the MLflow URI and credential-looking values only
     from the environment; none of them may appear in what the runs wrote."""

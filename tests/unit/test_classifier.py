@@ -101,7 +101,7 @@ def test_views_per_call_splits_inference_into_smaller_calls_with_the_same_featur
     model.backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     canvas = torch.rand(4, 3, model.canvas_size, model.canvas_size)
     with torch.no_grad():
-        whole = model.forward_features(canvas)  # default: every crop in one call
+        whole = model.forward_features(canvas)  # default "auto": a tiny ViT's 40 crops fit one call
         model.views_per_call = 7
         parts = model.forward_features(canvas)
     assert calls == [40, 7, 7, 7, 7, 7, 5], calls
@@ -109,6 +109,30 @@ def test_views_per_call_splits_inference_into_smaller_calls_with_the_same_featur
     calls.clear()
     model.forward_features(canvas)  # autograd on (training): one call, the graph spans every view
     assert calls == [40], calls
+
+
+def test_auto_views_per_call_bounds_one_cpu_calls_mlp_activation() -> None:
+    """On CPU the default splits inference into calls whose MLP activation fits CPU_CALL_BYTES: ViT-S/14
+    at 224 px (257 tokens x 1536 x 4 bytes = 1.6 MB a crop) gets 5 crops a call, the tiny test ViT all
+    of a batch; a GPU gets one call."""
+    from roadwork_core.models.classifier import CPU_CALL_BYTES, auto_views_per_call
+
+    small = build_classifier(BackboneConfig(name="dinov2_small")).eval()
+    crops = torch.empty(40, 3, 224, 224)
+    assert auto_views_per_call(small.backbone, crops) == CPU_CALL_BYTES // (257 * 1536 * 4) == 5
+    tiny = build_classifier(BackboneConfig(name="vit_test_tiny"), MultiViewConfig(view_size=32)).eval()
+    assert auto_views_per_call(tiny.backbone, torch.empty(40, 3, 32, 32)) >= 40
+    assert auto_views_per_call(tiny.backbone, torch.empty(40, 3, 32, 32, device="meta")) is None
+
+    calls: list[int] = []
+    small.backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    canvas = torch.rand(1, 3, small.canvas_size, small.canvas_size)
+    with torch.no_grad():
+        auto = small.forward_features(canvas)  # 10 views: calls of 5
+        small.views_per_call = None
+        whole = small.forward_features(canvas)
+    assert calls == [5, 5, 10], calls
+    torch.testing.assert_close(auto, whole, atol=1e-4, rtol=1e-4)
 
 
 def test_build_classifier_reads_view_size_and_normalization_from_backbone() -> None:
