@@ -134,3 +134,80 @@ def mlflow_statuses(state: Path, dagster_run_id: str) -> list[str]:
         [experiment.experiment_id], filter_string=f"tags.dagster_run_id = '{dagster_run_id}'"
     )
     return [r.info.status for r in runs]
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory, tiny_drop_source, mlflow_store_template) -> Iterator[dict]:
+    """One `dagster-webserver` (a home of its own, the DefaultRunCoordinator: runs launch at once, no
+    daemon) and one tiny whole-graph run launched through it by GraphQL and finished SUCCESS, shared by
+    the GraphQL test (test_webserver.py) and the browser test (test_browser.py): a second server and a
+    second successful run would add about a minute of both cores and test nothing new.
+
+    Returns {port, base, instance, state, home, log, run_id, client}; tests may launch further runs."""
+    import dagster as dg
+    from dagster_graphql import DagsterGraphQLClient
+
+    root = tmp_path_factory.mktemp("ui")
+    env = {k: v for k, v in os.environ.items() if k not in UNSET_FOR_TESTS}
+    env.update(e2e_environment(root, mlflow_store_template))
+    home, state, inbox = root / "dagster_home", root / "state", root / "inbox"
+    (home / "dagster.yaml").write_text(DEFAULT_COORDINATOR_YAML)
+    shutil.copytree(tiny_drop_source, inbox / "v0001")
+    instance = dg.DagsterInstance.from_config(str(home))
+    instance.add_dynamic_partitions("dataset_version", ["v0001"])
+
+    port = free_port()
+    log = root / "webserver.log"
+    server = subprocess.Popen(
+        [dagster_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-m", "roadwork_assets.definitions"],
+        cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: server_up(port) or server.poll() is not None,
+            SERVER_TIMEOUT,
+            f"/server_info on port {port}",
+        )
+        assert server.poll() is None, f"dagster-webserver exited:\n{log.read_text()[-3000:]}"
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+        # The whole job: the client's asset_selection sends no asset-check selection, so a subset
+        # run plans the split checks but skips them (measured: status SKIPPED).
+        run_id = client.submit_job_execution(
+            "retrain_job", run_config=tiny_run_config(), tags={"dagster/partition": "v0001"}
+        )
+        status = wait_for_run(client, run_id)
+        assert status == dg.DagsterRunStatus.SUCCESS, (
+            f"run {run_id} ended {status}:\n{log.read_text()[-3000:]}"
+        )
+        yield {
+            "port": port,
+            "base": f"http://127.0.0.1:{port}",
+            "instance": instance,
+            "state": state,
+            "home": home,
+            "log": log,
+            "run_id": run_id,
+            "client": client,
+        }
+    finally:
+        stop_process(server, log)
+
+
+def server_up(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_for_run(client, run_id: str):
+    """Poll a run's status through GraphQL until it is SUCCESS, FAILURE or CANCELED; return it."""
+    import dagster as dg
+
+    done = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+    return wait_for(
+        lambda: (s := client.get_run_status(run_id)) in done and s, RUN_TIMEOUT, f"run {run_id} to finish"
+    )

@@ -1,6 +1,8 @@
 """Way in #1, looked at: the Dagster UI in a real browser (Debian's Chromium, driven headless by
-Playwright). A run launched from the UI's launchpad materializes the tiny graph into a temporary
-instance; then every plot in the assets' metadata must load as an image (naturalWidth > 0) and the
+Playwright), on the webserver of the `ui_server` fixture, whose tiny whole-graph run (launched through
+GraphQL) succeeded. A run launched from the UI's launchpad carries the launchpad's config and partition
+tag (its config rejects every image, so it fails at the first step: the successful run is the
+fixture's); then every plot in the assets' metadata must load as an image (naturalWidth > 0) and the
 blocking split checks must show on the Checks tab. Screenshots land in the test's temporary folder
 (and, with ROADWORK_SCREENSHOT_DIR set, the two README ones there: `make screenshots`)."""
 
@@ -9,8 +11,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
-import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -18,18 +18,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from tests.e2e.conftest import (
-    DEFAULT_COORDINATOR_YAML,
-    REPO,
-    SERVER_TIMEOUT,
-    dagster_bin,
-    free_port,
-    stop_process,
-    tiny_run_config,
-    wait_for,
-)
+from tests.e2e.conftest import tiny_run_config, wait_for
 
-pytestmark = pytest.mark.slow
+# the two tests share the `ui_server` fixture (one webserver, one run): kept together on one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ui_server")]
 
 CHROMIUM = os.environ.get("ROADWORK_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -130,45 +122,15 @@ def _launchpad_url(base: str, run_config: dict, partition: str) -> str:
     return f"{base}/locations/{LOCATION}/jobs/retrain_job/playground/setup?{query}"
 
 
-def test_ui_launchpad_run_plots_and_checks(e2e_home, tiny_drop_source, browser):
-    shots = e2e_home["tmp"] / "screenshots"
+def test_ui_launchpad_run_plots_and_checks(ui_server, browser, tmp_path):
+    shots = tmp_path / "screenshots"
     shots.mkdir()
-    (e2e_home["home"] / "dagster.yaml").write_text(DEFAULT_COORDINATOR_YAML)  # no daemon: launch at once
-    shutil.copytree(tiny_drop_source, e2e_home["inbox"] / "v0001")
-    instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions("dataset_version", ["v0001"])
-
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = e2e_home["tmp"] / "webserver.log"
-    server = subprocess.Popen(
-        [dagster_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-m", "roadwork_assets.definitions"],
-        cwd=REPO, env=os.environ.copy(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    base, instance = ui_server["base"], ui_server["instance"]
     page = browser.new_page()
     _skip_community_dialog(page)
     try:
-        wait_for(lambda: _up(base) or server.poll() is not None, SERVER_TIMEOUT, f"{base}/server_info")
-        assert server.poll() is None, f"dagster-webserver exited:\n{log.read_text()[-3000:]}"
-
-        # 1. launch the tiny graph from the launchpad (config and partition tag filled in), watch it succeed
-        page.goto(_launchpad_url(base, tiny_run_config(), "v0001"))
-        launch = page.get_by_role("button", name=re.compile("Launch run", re.I))
-        launch.wait_for(timeout=60_000)
-        save_screenshot(page, shots, "launchpad")
-        launch.click()
-        page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=60_000)
-        run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
-        status = wait_for(
-            lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r.status,
-            420,
-            f"run {run_id} to finish",
-        )
-        save_screenshot(page, shots, "run", full_page=True)
-        assert status == dg.DagsterRunStatus.SUCCESS, f"UI-launched run {run_id} ended {status}"
-        assert instance.get_run_by_id(run_id).tags.get("dagster/partition") == "v0001"
-
-        # numbers the asset's Plots tab draws across materializations are float metadata
+        # 1. the successful run (launched through GraphQL by the fixture): numbers the asset's Plots tab
+        # draws across materializations are float metadata
         for asset, keys in FLOAT_METADATA.items():
             records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
             meta = records[0].asset_materialization.metadata
@@ -213,19 +175,38 @@ def test_ui_launchpad_run_plots_and_checks(e2e_home, tiny_drop_source, browser):
         page.get_by_text("image_table", exact=True).first.wait_for(timeout=60_000)
         page.wait_for_timeout(2000)  # the graph animates into its layout
         save_screenshot(page, shots, "asset_graph")
+        # 5. a run launched from the launchpad (config and partition tag filled in) carries both: this
+        # one's image_table config rejects every image, so it fails at once with the reject report (last:
+        # its skipped split checks become the latest executions)
+        bad = tiny_run_config()
+        bad["ops"]["image_table"] = {"config": {"min_size": 100_000}}
+        page.goto(_launchpad_url(base, bad, "v0001"))
+        launch = page.get_by_role("button", name=re.compile("Launch run", re.I))
+        launch.wait_for(timeout=60_000)
+        save_screenshot(page, shots, "launchpad")
+        launch.click()
+        page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=60_000)
+        run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+        status = wait_for(
+            lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r.status,
+            420,
+            f"run {run_id} to finish",
+        )
+        assert status == dg.DagsterRunStatus.FAILURE, f"UI-launched run {run_id} ended {status}"
+        run = instance.get_run_by_id(run_id)
+        assert run.tags.get("dagster/partition") == "v0001"
+        assert run.run_config["ops"]["image_table"]["config"]["min_size"] == 100_000
+        failures = [
+            e.dagster_event.step_failure_data.error.to_string()  # the wrapper and its cause
+            for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        ]
+        assert len(failures) == 1 and "TooManyRejects" in failures[0], failures
+        assert "images rejected" in failures[0] and "max_reject_fraction" in failures[0], failures[0]
+        page.get_by_text("image_table", exact=True).first.wait_for(timeout=60_000)
+        save_screenshot(page, shots, "run", full_page=True)
+
     finally:
         page.close()
-        stop_process(server, log)
-
-
-def _up(base: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{base}/server_info", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _metadata(instance: dg.DagsterInstance, asset: str) -> dict:
