@@ -8,19 +8,21 @@ graph, or at least those two assets, first) and rebuilds the base backbone exact
 (same config and seed; the weights hash is checked).
 """
 
+from __future__ import annotations
+
 import argparse
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
-import dagster as dg
-import yaml
-
-from roadwork_assets._util import latest_materialization_metadata
-from roadwork_core.contracts import Split, SplitReader
+# Dagster, yaml and the roadwork packages are imported in main(), after the SIGUSR1 handler is set.
 
 
-def _artifact(instance: dg.DagsterInstance, asset: str, partition: str):
+def _artifact(instance, asset: str, partition: str):
+    import dagster as dg
+
+    from roadwork_assets._util import latest_materialization_metadata
     from roadwork_resources.io_manager import read_artifact
 
     path = latest_materialization_metadata(instance, dg.AssetKey(asset), partition).get("path")
@@ -66,10 +68,20 @@ def cache_speedup(result) -> float:
     return times[0] / max(statistics.median(times[1:]), 1e-9) if len(times) > 1 else float("nan")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from roadwork_core.models.backbone import create_backbone, state_dict_sha256
-    from roadwork_core.models.serialization import load_backbone
+def raise_threads_on_signal(threads: int, signum: int = signal.SIGUSR1) -> None:
+    """On `signum`, set torch's intra-op threads to `threads`: the demo starts the ablation on one
+    thread beside the graph's last steps and sends SIGUSR1 once the graph ends and both cores are free.
+    (Python runs the handler in the main thread between bytecodes, never inside a torch kernel.)"""
 
+    def handler(_signum, _frame) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    signal.signal(signum, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -84,7 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: the run config's resources.gpu.config.threads)"
     )
+    parser.add_argument(
+        "--threads-on-signal",
+        type=int,
+        help="on SIGUSR1, switch to this many torch threads (the demo sends it when its graph ends)",
+    )
     args = parser.parse_args(argv)
+    if args.threads_on_signal:
+        raise_threads_on_signal(args.threads_on_signal)  # first: a signal before this would kill us
+
+    import dagster as dg
+    import yaml
+
+    from roadwork_core.contracts import Split, SplitReader
+    from roadwork_core.models.backbone import create_backbone, state_dict_sha256
+    from roadwork_core.models.serialization import load_backbone
 
     instance = dg.DagsterInstance.get()
     splits = _artifact(instance, "splits", args.partition)

@@ -29,9 +29,8 @@ from scipy.stats import beta
 
 from roadwork_core.contracts.labels import hard_label
 from roadwork_core.io import atomic_write_bytes, atomic_write_text
-from roadwork_core.metrics import plots, subnet_eval
+from roadwork_core.metrics import subnet_eval
 from roadwork_core.metrics.bootstrap import bootstrap_ci
-from roadwork_core.metrics.classification import classification_metrics
 from roadwork_core.metrics.selective import (
     augrc,
     augrc_optimal,
@@ -39,7 +38,6 @@ from roadwork_core.metrics.selective import (
     risk_coverage_table,
     selective_summary,
 )
-from roadwork_core.metrics.slices import slice_metrics
 
 LABEL_COL = "label"
 GUARANTEE_CONFIDENCE = 0.95
@@ -176,6 +174,8 @@ def point_metrics(
     p: np.ndarray, labels: np.ndarray, decisions: np.ndarray, confidence: np.ndarray
 ) -> dict[str, float]:
     """Classification metrics + AUGRC (and its optimum / excess) + the policy's decision summary."""
+    from roadwork_core.metrics.classification import classification_metrics  # torchmetrics: on use
+
     out: dict[str, float] = dict(classification_metrics(p, labels))
     correct = hard_label(p) == (np.asarray(labels) == 1)
     error_rate = 1.0 - float(correct.mean()) if correct.size else math.nan
@@ -303,6 +303,9 @@ def build_evaluation_report(
     level: float = 0.95,
 ) -> EvaluationReport:
     """Evaluate the released policy on the val_test predictions table (see module docstring)."""
+    from roadwork_core.metrics import plots  # matplotlib, torchmetrics: imported on use, not by readers
+    from roadwork_core.metrics.slices import slice_metrics
+
     p, labels, decisions, confidence, conf_source = _columns(
         test, p_col, decision_col, confidence_col, "test"
     )
@@ -410,6 +413,8 @@ def _table_bytes(df: pd.DataFrame, fmt: str) -> bytes:
 
 def write_report(report: EvaluationReport, out_dir: Path) -> dict[str, str]:
     """Write report.json, summary.md, tables (parquet + csv) and PNGs atomically; return name -> path."""
+    from roadwork_core.metrics import plots
+
     out_dir = Path(out_dir)
     paths: dict[str, str] = {}
     paths["report.json"] = str(atomic_write_text(out_dir / "report.json", report.to_json()))

@@ -38,7 +38,6 @@ from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 
 from roadwork_core.config import PRECISIONS, TrainConfig, precision_dtype
 from roadwork_core.data.loading import CanvasDataset, cache_canvases
-from roadwork_core.models.adapters import apply_adapters, merge_adapters
 from roadwork_core.models.backbone import state_dict_sha256
 from roadwork_core.models.classifier import RoadworkClassifier
 from roadwork_core.subnet.challenge import ChallengeAugmentation, mask_points
@@ -147,6 +146,8 @@ def _fingerprint(
 def _prepare(model: RoadworkClassifier, cfg: TrainConfig) -> nn.Module:
     """Set what trains for `cfg.mode`; returns the module whose parameters / EMA / checkpoint we keep."""
     if cfg.mode in ("lora", "dora"):
+        from roadwork_core.models.adapters import apply_adapters  # peft (+ transformers): only for adapters
+
         model.backbone = apply_adapters(
             model.backbone, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_regex
         )  # base weights frozen by peft; adapters trainable
@@ -488,6 +489,8 @@ def _best_weights(
     """Load the best checkpoint into `model`, adapters merged into the backbone; its state dict (CPU)."""
     target.load_state_dict(load_best(checkpoint_dir, best_epoch))
     if cfg.mode in ("lora", "dora"):
+        from roadwork_core.models.adapters import merge_adapters
+
         model.backbone = merge_adapters(model.backbone)
     model.requires_grad_(True)
     model.eval()

@@ -4,6 +4,7 @@ and the error of a failed step; rounded per-epoch lines with elapsed / remaining
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 
@@ -170,3 +171,32 @@ def test_background_ablation_starts_after_its_step_and_prints_its_output(tmp_pat
     with pytest.raises(SystemExit, match="exit 3.*failing.log"):
         failing.finish()  # never started by a step: finish() runs it
     assert "no splits" in capsys.readouterr().out
+
+
+def test_ablation_moves_to_more_threads_when_the_graph_is_done(tmp_path):
+    """graph_done() signals the running ablation, whose handler (the real one) raises torch's threads."""
+    import sys
+
+    job = demo.BackgroundAblation("v0001", "configs/demo.yaml", tmp_path / "ablation.log")
+    assert job.cmd[-4:] == ["--threads", "1", "--threads-on-signal", "2"]
+    job.cmd = [
+        sys.executable,
+        "-c",
+        "import time, torch\n"
+        "from roadwork_commands.ablation import raise_threads_on_signal\n"
+        "torch.set_num_threads(1)\n"
+        "raise_threads_on_signal(2)\n"
+        "print('armed', flush=True)\n"
+        "deadline = time.time() + 120\n"
+        "while torch.get_num_threads() == 1 and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "print('threads', torch.get_num_threads())",
+    ]
+    job.on_step_done("classifier")
+    deadline = time.monotonic() + 120
+    while "armed" not in job.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.graph_done()
+    assert job.proc.wait(timeout=120) == 0
+    assert "threads 2" in job.log_path.read_text()
+    job.graph_done()  # an ablation that has ended is left alone

@@ -12,7 +12,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "torchmetrics", "torchvision", "timm", "peft", "matplotlib", "netcal", "sklearn")
+HEAVY = (
+    "torch",
+    "torchmetrics",
+    "torchvision",
+    "timm",
+    "peft",
+    "transformers",
+    "matplotlib",
+    "netcal",
+    "sklearn",
+)
 
 
 def _imported_after(statement: str) -> list[str]:
@@ -41,3 +51,24 @@ def test_metrics_names_still_resolve_on_first_use() -> None:
         "assert 'torchmetrics' not in sys.modules\nassert m.METRIC_NAMES and callable(m.classification_metrics)"
     )
     assert "torchmetrics" in heavy, "classification_metrics should have imported its torchmetrics"
+
+
+def test_supervised_training_imports_peft_only_for_adapters() -> None:
+    """peft is a heavy import (its tuner registry, on top of transformers, which torchmetrics imports
+    anyway when installed): head / full training, the ablation's probes and the data-parallel ranks do
+    without it; lora / dora import it on use."""
+    heavy = _imported_after("import roadwork_core.training.supervised")
+    assert "torch" in heavy and "timm" in heavy, heavy
+    assert "peft" not in heavy, heavy
+    heavy = _imported_after(
+        "import torch\n"
+        "from roadwork_core.models.backbone import BackboneConfig\n"
+        "from roadwork_core.models.classifier import build_classifier\n"
+        "from roadwork_core.config import TrainConfig\n"
+        "from roadwork_core.training.supervised import _prepare\n"
+        "model = build_classifier(BackboneConfig(name='vit_test_tiny'))\n"
+        "_prepare(model, TrainConfig(mode='full'))\n"
+        "assert 'peft' not in sys.modules\n"
+        "_prepare(model, TrainConfig(mode='lora'))"
+    )
+    assert "peft" in heavy, "lora training should have imported peft"
