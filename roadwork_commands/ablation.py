@@ -11,6 +11,7 @@ graph, or at least those two assets, first) and rebuilds the base backbone exact
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -101,7 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="on SIGUSR1, switch to this many torch threads (the demo sends it when its graph ends)",
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="lower this process's CPU priority by this much (os.nice): the demo runs it beside training",
+    )
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     if args.threads_on_signal:
         raise_threads_on_signal(args.threads_on_signal)  # first: a signal before this would kill us
 
@@ -155,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{cache_speedup(explora_run):.0f}x (ExPLoRA); later epochs ran "
         f"{sum(h['backbone_forwards'] for h in explora_run.history[1:])} backbone forwards"
     )
+    if args.threads_on_signal:
+        # done: a late signal is ignored. Python resets its own handlers to the default action (which
+        # kills) while it shuts down, but leaves an ignored signal ignored.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     return 0
 
 

@@ -158,9 +158,9 @@ def test_background_ablation_starts_after_its_step_and_prints_its_output(tmp_pat
 
     job = demo.BackgroundAblation("v0001", "configs/demo.yaml", tmp_path / "logs" / "ablation.log")
     job.cmd = [sys.executable, "-c", "print('probe MCC 0.5')"]
+    job.on_step_done("splits")
+    assert job.proc is None  # waits for the backbone it probes
     job.on_step_done("explora_backbone")
-    assert job.proc is None  # waits for the classifier step: it would compete with training
-    job.on_step_done("classifier")
     assert job.proc is not None
     job.finish()
     out = capsys.readouterr().out
@@ -178,7 +178,7 @@ def test_ablation_moves_to_more_threads_when_the_graph_is_done(tmp_path):
     import sys
 
     job = demo.BackgroundAblation("v0001", "configs/demo.yaml", tmp_path / "ablation.log")
-    assert job.cmd[-4:] == ["--threads", "1", "--threads-on-signal", "2"]
+    assert job.cmd[-6:] == ["--threads", "1", "--threads-on-signal", "2", "--nice", "19"]
     job.cmd = [
         sys.executable,
         "-c",
@@ -192,7 +192,7 @@ def test_ablation_moves_to_more_threads_when_the_graph_is_done(tmp_path):
         "    time.sleep(0.05)\n"
         "print('threads', torch.get_num_threads())",
     ]
-    job.on_step_done("classifier")
+    job.on_step_done("explora_backbone")
     deadline = time.monotonic() + 120
     while "armed" not in job.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
