@@ -86,7 +86,7 @@ def run_demo(n: int, root: Path) -> dict:
         (r"graph materialized in [\d:]+ \(([\d.]+)s\)", "graph_materialize_seconds"),
         (r"\[demo\] done in [\d:]+ \(([\d.]+)s\)", "demo_script_seconds"),
         (r"\| mcc \| ([-\d.]+) \|", "val_test_mcc"),
-        (r"val_select MCC ([-\d.]+)", "val_select_mcc"),
+        (r"best epoch \d+ of \d+, val_select MCC ([-\d.]+)", "val_select_mcc"),  # the summary line
     ]:
         m = re.search(pattern, text)
         if m:
