@@ -5,8 +5,9 @@ last node, which is unreliable for asset jobs (asset checks, subset selections, 
 `dagster asset materialize` and of the UI). Instead every tracked asset carries `end_mlflow_step`:
 after a successful step the MLflow run is ended FINISHED, and the next tracked step of the same
 Dagster run reopens it (dagster-mlflow finds it by the `dagster_run_id` tag). After a failed step it
-is ended FAILED, and Dagster skips the steps downstream, so it stays FAILED. The MLflow run therefore
-ends FINISHED exactly when every tracked step succeeded, whichever way the run was launched.
+is ended FAILED, and Dagster skips the steps downstream, so it stays FAILED. A failure in an untracked
+step (image_table, a split check) is caught when the resource is torn down at the end of the run. The
+MLflow run therefore ends FINISHED exactly when every step succeeded, whichever way the run was launched.
 """
 
 import contextlib
@@ -77,8 +78,35 @@ def _mlflow_tracking(context: dg.InitResourceContext):
     with _sqlite_init_lock(uri):
         _ensure_experiment(uri, context.resource_config["experiment_name"])
         mlf = MlFlow(context)
-    yield mlf
-    mlf.cleanup_on_error()
+    try:
+        yield mlf
+    finally:
+        mlf.cleanup_on_error()
+        _fail_if_a_step_failed(context, mlf)
+
+
+def _fail_if_a_step_failed(context: dg.InitResourceContext, mlf) -> None:
+    """At the end of the Dagster run: if any of its steps failed, its MLflow run ends FAILED.
+
+    The failure hooks cover the tracked assets only; a run that fails in an untracked step (a drop
+    whose images are all rejected fails `image_table`, its first) would otherwise leave the MLflow run
+    that the resource started as FINISHED (MLflow ends a still-active run FINISHED at exit)."""
+    import mlflow
+
+    instance, run_id = context.instance, context.run_id
+    if instance is None or run_id is None:
+        return
+    failed = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1).records
+    if not failed:
+        return
+    mlflow_run_id = _run_id(mlf)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == mlflow_run_id:
+        mlflow.end_run(status="FAILED")
+    elif mlflow_run_id is not None:
+        client = mlflow.MlflowClient()
+        if client.get_run(mlflow_run_id).info.status != "FAILED":
+            client.set_terminated(mlflow_run_id, status="FAILED")
 
 
 def mlflow_resource(tracking_uri: str | None, experiment: str = EXPERIMENT) -> dg.ResourceDefinition:

@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from tests.e2e.conftest import tiny_run_config, wait_for
+from tests.e2e.conftest import mlflow_statuses, tiny_run_config, wait_for
 
 # the two tests share the `ui_server` fixture (one webserver, one run): kept together on one worker
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ui_server")]
@@ -202,6 +202,10 @@ def test_ui_launchpad_run_plots_and_checks(ui_server, browser, tmp_path):
         ]
         assert len(failures) == 1 and "TooManyRejects" in failures[0], failures
         assert "images rejected" in failures[0] and "max_reject_fraction" in failures[0], failures[0]
+        # image_table carries no MLflow hook: the resource's teardown ends the MLflow run FAILED
+        assert mlflow_statuses(ui_server["state"], run_id) == ["FAILED"], (
+            "MLflow run of a run failing in image_table"
+        )
         page.get_by_text("image_table", exact=True).first.wait_for(timeout=60_000)
         save_screenshot(page, shots, "run", full_page=True)
 

@@ -50,13 +50,25 @@ def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_h
     assert moved == 0, f"{moved} images changed split between versions"
 
 
-def test_failed_asset_ends_mlflow_run_failed(tiny_inbox, rw_home):
+@pytest.mark.parametrize(
+    "failing",
+    [
+        "classifier",  # a tracked asset: its failure hook ends the MLflow run
+        "image_table",  # the first step, untracked: the resource's teardown ends it
+    ],
+)
+def test_failed_asset_ends_mlflow_run_failed(tiny_inbox, rw_home, failing):
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
     config = tiny_run_config()
-    config["ops"]["classifier"]["config"]["mode"] = "not_a_mode"
+    if failing == "classifier":
+        config["ops"]["classifier"]["config"]["mode"] = "not_a_mode"
+    else:
+        config["ops"]["image_table"] = {"config": {"min_size": 100_000}}  # rejects every image
     result = materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
     assert not result.success
+    failed_steps = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failed_steps == [failing], failed_steps
     mlflow.set_tracking_uri(rw_home["mlflow_uri"])
     runs = mlflow.search_runs(
         experiment_names=["roadwork"],
