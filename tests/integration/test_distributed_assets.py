@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from roadwork_assets.definitions import build_resources
 from roadwork_assets.partitions import dataset_version
 from tests.conftest import seed_mlflow_store
 from tests.integration.conftest import REPO, materialize, tiny_run_config
-from tests.reliability.conftest import python_child, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -94,20 +94,6 @@ def test_training_assets_run_data_parallel_through_pipes(ddp_home) -> None:
     assert config["extra"]["history"], "the classifier written by rank 0 lacks its history"
 
 
-_MATERIALIZE_CLASSIFIER = """
-import json, sys
-import dagster as dg
-from roadwork_assets.definitions import build_resources
-from tests.integration.conftest import materialize
-
-state, inbox, uri, config = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-result = materialize(["classifier"], instance=dg.DagsterInstance.get(), partition="v0001",
-                     resources=build_resources(state=state, inbox=inbox, mlflow_uri=uri), run_config=config)
-failure = [e.event_specific_data.error.to_string() for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-print("RESULT " + json.dumps({"success": result.success, "run_id": result.run_id, "failure": failure}))
-"""
-
-
 def _descendant_worker(local_rank: int) -> int | None:
     """Pid of the torchrun worker of `local_rank` started (indirectly) by this test process."""
     me = os.getpid()
@@ -130,17 +116,8 @@ def _descendant_worker(local_rank: int) -> int | None:
     return None
 
 
-def _run_child(ddp_home: dict, config: dict):
-    env = {"DAGSTER_HOME": str(ddp_home["home"]), "HF_HUB_OFFLINE": "1"}
-    args = (str(ddp_home["state"]), str(ddp_home["inbox"]), ddp_home["uri"], json.dumps(config))
-    return python_child(_MATERIALIZE_CLASSIFIER, *args, env=env)
-
-
-def _result(child) -> dict:
-    out, err = child.communicate(timeout=600)
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"the materialize child crashed (rc {child.returncode}):\n{err[-4000:]}"
-    return json.loads(lines[-1].removeprefix("RESULT "))
+def _failures(result) -> list[str]:
+    return [e.event_specific_data.error.to_string() for e in result.all_events if e.event_type_value == "STEP_FAILURE"]  # fmt: skip
 
 
 def _upstream_of_classifier(ddp_home: dict) -> None:
@@ -157,32 +134,48 @@ def _upstream_of_classifier(ddp_home: dict) -> None:
 
 
 def test_killed_rank_fails_the_step_clearly_and_the_next_run_resumes(ddp_home) -> None:
+    """Both runs materialize in this process (the one launching torchrun, as a run worker would); a
+    thread SIGKILLs rank 1 once rank 0 has checkpointed epoch 1."""
     _upstream_of_classifier(ddp_home)
-    # a longer run so that a rank dies mid-training
     config = _config(["classifier"], epochs=12, patience=100)
     state_json = ddp_home["state"] / "checkpoints" / "classifier" / "v0001" / "state.json"
     started = time.time()
-    child = _run_child(ddp_home, config)
 
     def first_epoch_done() -> bool:
         if not state_json.is_file() or state_json.stat().st_mtime < started:
             return False
         return json.loads(state_json.read_text()).get("epoch", 0) >= 1
 
-    wait_for(first_epoch_done, child, 400, "rank 0's checkpoint of epoch 1")
-    victim = _descendant_worker(local_rank=1)
-    assert victim is not None, "no torchrun worker of rank 1 found among this test's processes"
-    os.kill(victim, signal.SIGKILL)
-    failed = _result(child)
-    assert not failed["success"], "the run succeeded although a rank was killed"
-    message = "\n".join(failed["failure"])
+    killed: dict[str, int] = {}
+    done = threading.Event()
+
+    def kill_rank_1() -> None:
+        deadline = time.monotonic() + 400
+        while not done.is_set() and time.monotonic() < deadline:
+            victim = _descendant_worker(local_rank=1) if first_epoch_done() else None
+            if victim is not None:
+                os.kill(victim, signal.SIGKILL)
+                killed["pid"] = victim
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    try:
+        failed = materialize(["classifier"], instance=ddp_home["instance"], partition="v0001", resources=ddp_home["resources"], run_config=config)  # fmt: skip
+    finally:
+        done.set()
+        killer.join(timeout=30)
+    assert killed, "rank 1 was not killed: no checkpoint of epoch 1, or no torchrun worker of rank 1 found"
+    assert not failed.success, "the run succeeded although a rank was killed"
+    message = "\n".join(_failures(failed))
     assert "data-parallel training (2 processes under torchrun) failed" in message, message[-3000:]
     assert "rerunning the step resumes from it" in message, message[-3000:]
     killed_at = json.loads(state_json.read_text())["epoch"]
     assert 1 <= killed_at < 12, f"the kill landed after training had finished (epoch {killed_at})"
 
-    resumed = _result(_run_child(ddp_home, config))
-    assert resumed["success"], f"the rerun failed: {resumed['failure']}"
+    resumed = materialize(["classifier"], instance=ddp_home["instance"], partition="v0001", resources=ddp_home["resources"], run_config=config)  # fmt: skip
+    assert resumed.success, f"the rerun failed: {_failures(resumed)}"
     meta = _meta(ddp_home["instance"], "classifier")
     assert meta["resumed_from_epoch"] == killed_at, f"resumed from {meta['resumed_from_epoch']}, checkpoint said {killed_at}"  # fmt: skip
     assert meta["epochs_run"] == 12, meta["epochs_run"]

@@ -1,7 +1,12 @@
 """Loading the Dagster definitions must not import the training stack. Every code server the webserver
 and the daemon start, every `dagster sensor start` / `dagster asset list` and every sensor tick loads
 them; torch + torchmetrics (+ torchvision, matplotlib) cost seconds of each such load. Assets import
-what they run inside their bodies."""
+what they run inside their bodies.
+
+One fresh interpreter walks the stages in order and records which heavy packages each stage left in
+`sys.modules`: every stage only adds imports, so a stage's set is measured exactly as in a fresh
+process started for it (the first stage is one), and the suite pays one interpreter's imports (about
+15 CPU-seconds on the 2-core CI machine) instead of four."""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = (
@@ -24,51 +32,70 @@ HEAVY = (
     "sklearn",
 )
 
-
-def _imported_after(statement: str) -> list[str]:
-    code = (
-        f"import sys, json\n{statement}\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_loading_the_definitions_imports_no_training_stack() -> None:
-    heavy = _imported_after("import roadwork_assets.definitions")
-    assert heavy == [], (
-        f"importing roadwork_assets.definitions imported {heavy}: import them inside the asset"
-    )
-
-
-def test_metrics_names_still_resolve_on_first_use() -> None:
-    """roadwork_core.metrics re-exports lazily: the names work, and only the submodule used is imported."""
-    heavy = _imported_after(
-        "import roadwork_core.metrics as m\nassert callable(m.bootstrap_ci) and 'bootstrap_ci' in dir(m)\n"
-        "assert 'torchmetrics' not in sys.modules\nassert m.METRIC_NAMES and callable(m.classification_metrics)"
-    )
-    assert "torchmetrics" in heavy, "classification_metrics should have imported its torchmetrics"
-
-
-def test_supervised_training_imports_peft_only_for_adapters() -> None:
-    """peft is a heavy import (its tuner registry, on top of transformers, which torchmetrics imports
-    anyway when installed): head / full training, the ablation's probes and the data-parallel ranks do
-    without it; lora / dora import it on use."""
-    heavy = _imported_after("import roadwork_core.training.supervised")
-    assert "torch" in heavy and "timm" in heavy, heavy
-    assert "peft" not in heavy, heavy
-    heavy = _imported_after(
+# (stage name, statements); the child prints the heavy modules present after each stage.
+STAGES = (
+    ("definitions", "import roadwork_assets.definitions"),
+    (
+        "metrics_names",
+        "import roadwork_core.metrics as m\nassert callable(m.bootstrap_ci) and 'bootstrap_ci' in dir(m)",
+    ),
+    ("metrics_first_use", "assert m.METRIC_NAMES and callable(m.classification_metrics)"),
+    ("supervised", "import roadwork_core.training.supervised"),
+    (
+        "prepare_full",
         "import torch\n"
         "from roadwork_core.models.backbone import BackboneConfig\n"
         "from roadwork_core.models.classifier import build_classifier\n"
         "from roadwork_core.config import TrainConfig\n"
         "from roadwork_core.training.supervised import _prepare\n"
         "model = build_classifier(BackboneConfig(name='vit_test_tiny'))\n"
-        "_prepare(model, TrainConfig(mode='full'))\n"
-        "assert 'peft' not in sys.modules\n"
-        "_prepare(model, TrainConfig(mode='lora'))"
+        "_prepare(model, TrainConfig(mode='full'))",
+    ),
+    ("prepare_lora", "_prepare(model, TrainConfig(mode='lora'))"),
+)
+
+
+@pytest.fixture(scope="module")
+def imported() -> dict[str, list[str]]:
+    """stage -> sorted heavy packages in sys.modules after it, from one fresh interpreter."""
+    report = f"print('STAGE', json.dumps([name, sorted(m for m in {HEAVY!r} if m in sys.modules)]))"
+    code = "import sys, json\n" + "\n".join(
+        f"{statements}\nname = {name!r}\n{report}" for name, statements in STAGES
     )
-    assert "peft" in heavy, "lora training should have imported peft"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = dict(
+        json.loads(line[len("STAGE ") :]) for line in proc.stdout.splitlines() if line.startswith("STAGE ")
+    )
+    assert list(stages) == [name for name, _ in STAGES], f"the child stopped early: {proc.stdout[-2000:]}"
+    return stages
+
+
+def test_loading_the_definitions_imports_no_training_stack(imported) -> None:
+    heavy = imported["definitions"]
+    assert heavy == [], (
+        f"importing roadwork_assets.definitions imported {heavy}: import them inside the asset"
+    )
+
+
+def test_metrics_names_still_resolve_on_first_use(imported) -> None:
+    """roadwork_core.metrics re-exports lazily: the names work, and only the submodule used is imported."""
+    assert "torchmetrics" not in imported["metrics_names"], imported["metrics_names"]
+    assert "torchmetrics" in imported["metrics_first_use"], (
+        "classification_metrics should have imported its torchmetrics"
+    )
+
+
+def test_supervised_training_imports_peft_only_for_adapters(imported) -> None:
+    """peft is a heavy import (its tuner registry, on top of transformers, which torchmetrics imports
+    anyway when installed): head / full training, the ablation's probes and the data-parallel ranks do
+    without it; lora / dora import it on use."""
+    heavy = imported["supervised"]
+    assert "torch" in heavy and "timm" in heavy, heavy
+    assert "peft" not in heavy, heavy
+    assert "peft" not in imported["prepare_full"], imported["prepare_full"]
+    assert "peft" in imported["prepare_lora"], "lora training should have imported peft"
