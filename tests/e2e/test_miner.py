@@ -5,9 +5,12 @@ graph materialized up to `bundle` once for the module):
   released bundle while a client sends requests without pause. A new release (the `bundle` asset
   materialized again, blocking checks green) is swapped in with zero failed requests; a bundle whose
   blocking check fails is never served and the released one keeps serving.
-- new_drop_sensor under the real dagster-daemon: a drop whose partition already has a released bundle
-  built from the same files is skipped (the tick's reason names it); new drops are retrained, and their
-  runs leave the queue one at a time (dagster.yaml's tag concurrency limit on roadwork/queue=retrain).
+- new_drop_sensor under the real dagster-daemon (the suite's one daemon session with sensor-launched
+  graph runs): a drop whose partition already has a released bundle built from the same files is
+  skipped (the tick's reason names it); new drops copied into the inbox get their partitions and
+  retrain runs, which leave the queue one at a time (dagster.yaml's tag concurrency limit on
+  roadwork/queue=retrain); a complete drop's run materializes the whole graph and ends its MLflow run
+  FINISHED, a broken drop's fails in image_table and ends it FAILED.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from roadwork_assets.partitions import dataset_version
 from roadwork_assets.released import released_bundle
 from tests.e2e.conftest import (
     REPO,
+    RUN_TIMEOUT,
+    TINY_CONFIG,
     UNSET_FOR_TESTS,
     dagster_bin,
     e2e_environment,
     free_port,
+    mlflow_statuses,
     stop_process,
     tiny_run_config,
     wait_for,
@@ -198,12 +204,18 @@ def _sensor_runs(instance: dg.DagsterInstance) -> list:
 
 
 def test_daemon_skips_a_released_drop_and_queues_retrains_one_at_a_time(released):
+    """One daemon session (the only one of the suite that launches whole-graph runs from a sensor tick):
+    the released v0001 is skipped; then, with nothing else done, a complete drop v0002 and a broken
+    drop v0003 land in the inbox. The sensor adds both partitions and launches two retrain runs, which
+    leave the queue one at a time: v0002's materializes the whole graph (tests/configs/tiny.yaml through
+    ROADWORK_RUN_CONFIG) and ends its MLflow run FINISHED; v0003's fails fast in image_table."""
     from roadwork_assets.automation import new_drop_sensor
+    from roadwork_core.data.synthetic import make_demo_drop
     from roadwork_resources.dataset import DatasetSource
     from roadwork_resources.settings import RetrainSettings
 
     instance, inbox = released["instance"], released["inbox"]
-    env = os.environ.copy()
+    env = {**os.environ, "ROADWORK_RUN_CONFIG": str(TINY_CONFIG)}
     start = subprocess.run(
         [dagster_bin("dagster"), "sensor", "start", "new_drop_sensor", "-m", "roadwork_assets.definitions"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
@@ -226,20 +238,41 @@ def test_daemon_skips_a_released_drop_and_queues_retrains_one_at_a_time(released
         assert "v0001" in first.skip_reason and "released bundle" in first.skip_reason, first.skip_reason
         assert _sensor_runs(instance) == [], "a drop with a released bundle from the same files was retrained"
 
-        # a burst of two new drops: two retrain runs, which must not run at the same time
-        _broken_drop(inbox, "v0002")
+        # a burst of two new drops (the acceptance: copy them in, do nothing else): two retrain runs,
+        # which must not run at the same time
+        make_demo_drop(inbox, "v0002", n=48, seed=21)  # writes _READY last
         _broken_drop(inbox, "v0003")
         runs = wait_for(lambda: len(r := _sensor_runs(instance)) == 2 and r, 120, "two retrain runs")
         assert {r.tags["dagster/partition"] for r in runs} == {"v0002", "v0003"}
         assert all(r.tags.get("roadwork/queue") == "retrain" for r in runs), [r.tags for r in runs]
+        assert sorted(instance.get_dynamic_partitions("dataset_version")) == ["v0001", "v0002", "v0003"]
 
         def all_finished():
             now = [instance.get_run_by_id(r.run_id) for r in runs]
             return now if all(r.is_finished for r in now) else None
 
-        finished = wait_for(all_finished, 400, "both retrain runs to finish", interval=2.0)
+        finished = wait_for(all_finished, RUN_TIMEOUT, "both retrain runs to finish", interval=2.0)
     finally:
         stop_process(daemon, log)
+    by_partition = {r.tags["dagster/partition"]: r for r in finished}
+    good, broken = by_partition["v0002"], by_partition["v0003"]
+    assert good.status == dg.DagsterRunStatus.SUCCESS, (
+        f"the v0002 retrain ended {good.status}; daemon log:\n{log.read_text()[-3000:]}"
+    )
+    report = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation_report"), asset_partitions=["v0002"]), limit=1
+    ).records
+    assert report and report[0].run_id == good.run_id, (
+        "the sensor-launched run did not materialize the report"
+    )
+    assert mlflow_statuses(released["state"], good.run_id) == ["FINISHED"], "MLflow run of the v0002 retrain"
+    assert broken.status == dg.DagsterRunStatus.FAILURE, broken.status
+    failed_steps = [
+        e.step_key for e in instance.all_logs(broken.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    ]
+    assert failed_steps == ["image_table"], failed_steps
+    assert mlflow_statuses(released["state"], broken.run_id) == ["FAILED"], "MLflow run of the v0003 retrain"
+
     records = {
         r.dagster_run.run_id: r
         for r in instance.get_run_records(dg.RunsFilter(run_ids=[r.run_id for r in finished]))

@@ -1,12 +1,11 @@
-"""Way in #3: sensors. Direct evaluations with build_sensor_context (new drops, drift), and the real
-tick path: dagster-daemon evaluates new_drop_sensor, which adds the partition and launches a run."""
+"""Way in #3: sensors. Direct evaluations with build_sensor_context (new drops, drift). The real tick
+path (dagster-daemon evaluates new_drop_sensor, which adds the partitions and launches runs that
+materialize the whole graph) runs in tests/e2e/test_miner.py, on one daemon session shared with the
+released-drop and run-queue checks; tests/integration/test_postgres_instance.py runs it on Postgres."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import dagster as dg
@@ -21,14 +20,7 @@ from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.io_manager import write_artifact
 from roadwork_resources.settings import DriftSettings, RetrainSettings
 from tests.e2e.conftest import (
-    REPO,
-    RUN_TIMEOUT,
-    SERVER_TIMEOUT,
     TINY_CONFIG,
-    dagster_bin,
-    mlflow_statuses,
-    stop_process,
-    wait_for,
 )
 from tests.unit.test_drift import build_tiny_bundle, shifted_copies, splits_for
 
@@ -189,72 +181,3 @@ def test_default_drift_settings_keep_psi_false_alarms_rare():
     )
     rate = float((values > defaults.psi_threshold).mean())
     assert rate <= 0.10, f"PSI > {defaults.psi_threshold} by chance in {rate:.0%} of no-drift checks"
-
-
-# ---------------------------------------------------------------------------------------------------
-# The real tick path: dagster-daemon + `dagster sensor start`
-
-
-def _run_for(instance: dg.DagsterInstance, partition: str):
-    records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": partition}))
-    return records[0].dagster_run if records else None
-
-
-@pytest.mark.slow
-def test_daemon_turns_a_new_drop_into_a_partition_and_a_successful_run(
-    e2e_home, tiny_drop_source, monkeypatch
-):
-    monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(TINY_CONFIG))
-    env = os.environ.copy()
-    # Create the SQLite storage and turn the sensor on before the daemon starts: two processes
-    # migrating a fresh SQLite store at once fail in alembic (seen when they raced).
-    instance = dg.DagsterInstance.get()
-    assert not instance.get_dynamic_partitions("dataset_version")
-    start = subprocess.run(
-        [dagster_bin("dagster"), "sensor", "start", "new_drop_sensor", "-m", "roadwork_assets.definitions"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert start.returncode == 0, f"dagster sensor start failed:\n{start.stderr[-3000:]}"
-    log = e2e_home["tmp"] / "daemon.log"
-    daemon = subprocess.Popen(
-        [dagster_bin("dagster-daemon"), "run", "-m", "roadwork_assets.definitions"],
-        cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-
-        def first_tick():
-            states = [s for s in instance.all_instigator_state() if s.name == "new_drop_sensor"]
-            if states:
-                return instance.get_ticks(states[0].instigator_origin_id, states[0].selector_id, limit=1)
-            return None
-
-        wait_for(first_tick, SERVER_TIMEOUT, "the daemon's first new_drop_sensor tick on an empty inbox")
-        assert not instance.get_dynamic_partitions("dataset_version"), "empty inbox added a partition"
-
-        # the acceptance: copy a complete drop in, do nothing else
-        shutil.copytree(tiny_drop_source, e2e_home["inbox"] / "v0001")
-        run = wait_for(
-            lambda: _run_for(instance, "v0001"),
-            SERVER_TIMEOUT,
-            "the sensor to launch a run for v0001 (interval 5 s in tests)",
-        )
-        assert instance.get_dynamic_partitions("dataset_version") == ["v0001"], "partition not added"
-        assert run.tags.get("roadwork/trigger") == "new_drop", run.tags
-        done = wait_for(
-            lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r,
-            RUN_TIMEOUT,
-            f"run {run.run_id}",
-        )
-        assert done.status == dg.DagsterRunStatus.SUCCESS, (
-            f"run {run.run_id} ended {done.status}; daemon log:\n{log.read_text()[-3000:]}"
-        )
-        report = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation_report"), asset_partitions=["v0001"]),
-            limit=1,
-        ).records
-        assert report, "the sensor-launched run did not materialize evaluation_report"
-        assert mlflow_statuses(e2e_home["state"], run.run_id) == ["FINISHED"], (
-            "MLflow run of a sensor-launched run"
-        )
-    finally:
-        stop_process(daemon, log)
