@@ -51,6 +51,10 @@ def _tick(instance, inbox: Path, cursor: str | None):
 def test_new_drop_sensor_adds_partition_and_one_run_per_drop(tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    empty = _tick(instance, inbox, None)
+    assert isinstance(empty, dg.SkipReason), f"an empty inbox must not trigger, got {empty}"
+    assert not instance.get_dynamic_partitions("dataset_version"), "an empty inbox added a partition"
     _drop(inbox, "v0001", ready=False)
     first = _tick(instance, inbox, None)
     assert isinstance(first, dg.SkipReason), f"a drop without _READY must be ignored, got {first}"
