@@ -6,6 +6,13 @@ ExPLoRA backbone, both trained on train and scored on val_select (MCC).
 It reads the `splits` and `explora_backbone` artifacts of the partition from the instance (run the
 graph, or at least those two assets, first) and rebuilds the base backbone exactly as the asset did
 (same config and seed; the weights hash is checked).
+
+With `--stage-on-stdin` (how `make demo` runs it beside the graph) it starts before those assets exist:
+it imports what it needs, then waits for a line `splits` on standard input before reading the splits,
+runs the base probe (the base backbone rebuilt from the run config's `explora_backbone` settings and
+`gpu` seed), then waits for a line `explora_backbone` before the ExPLoRA probe. The base weights' hash is
+checked against the one `explora_backbone` recorded; on a mismatch the base probe is run again from the
+recorded config. End of input before a line it waits for stops it with an error.
 """
 
 from __future__ import annotations
@@ -82,6 +89,30 @@ def raise_threads_on_signal(threads: int, signum: int = signal.SIGUSR1) -> None:
     signal.signal(signum, handler)
 
 
+def wait_for_line(expected: str) -> None:
+    """Block until standard input carries the line `expected` (other lines are skipped)."""
+    for line in sys.stdin:
+        if line.strip() == expected:
+            return
+    raise SystemExit(f"standard input ended before the line {expected!r}: the graph did not get that far")
+
+
+def base_from_run_config(run_cfg: dict):
+    """(seed, source config, architecture config) of the base backbone `explora_backbone` starts from,
+    as the asset builds it from the same run config (its `backbone` settings, the gpu resource's seed
+    and attention kernel)."""
+    import dataclasses
+
+    from roadwork_assets.training import ExploraSettings, _backbone_config
+    from roadwork_resources.gpu import GPUResource
+
+    ops = run_cfg.get("ops", {}) or {}
+    explora = ExploraSettings(**((ops.get("explora_backbone", {}) or {}).get("config", {}) or {}))
+    gpu = GPUResource(**((run_cfg.get("resources", {}).get("gpu", {}) or {}).get("config", {}) or {}))
+    source = _backbone_config(explora.backbone, gpu.attn_backend)
+    return gpu.seed, source, dataclasses.replace(source, pretrained=False, weights_file=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="lower this process's CPU priority by this much (os.nice): the demo runs it beside training",
     )
+    parser.add_argument(
+        "--stage-on-stdin",
+        action="store_true",
+        help="start before the graph has these assets: wait for the lines 'splits' and then "
+        "'explora_backbone' on standard input before reading each (the demo writes them as the steps end)",
+    )
     args = parser.parse_args(argv)
     if args.nice:
         os.nice(args.nice)
@@ -115,38 +152,58 @@ def main(argv: list[str] | None = None) -> int:
         raise_threads_on_signal(args.threads_on_signal)  # first: a signal before this would kill us
 
     import dagster as dg
+    import torch
     import yaml
 
     from roadwork_core.contracts import Split, SplitReader
     from roadwork_core.models.backbone import create_backbone, state_dict_sha256
     from roadwork_core.models.serialization import load_backbone
 
-    instance = dg.DagsterInstance.get()
-    splits = _artifact(instance, "splits", args.partition)
-    saved = load_backbone(_artifact(instance, "explora_backbone", args.partition))
+    if args.stage_on_stdin:  # everything the probes import, now, while the graph's first steps run
+        import roadwork_core.training.supervised  # noqa: F401
+
     run_cfg = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
     clf_cfg = ((run_cfg.get("ops", {}).get("classifier", {}) or {}).get("config", {})) or {}
+    gpu_cfg = (run_cfg.get("resources", {}).get("gpu", {}) or {}).get("config", {}) or {}
     # the run config's torch threads (resources.gpu.config.threads), as the assets apply them
-    threads = args.threads or int(
-        ((run_cfg.get("resources", {}).get("gpu", {}) or {}).get("config", {}) or {}).get("threads", 0)
-    )
-
+    threads = args.threads or int(gpu_cfg.get("threads", 0))
     clf_cfg = {**clf_cfg, "epochs": args.epochs, "lr": args.lr, "patience": args.epochs}
-
-    import torch
-
     if threads > 0:
         torch.set_num_threads(threads)
-    torch.manual_seed(saved.seed)
-    base = create_backbone(saved.source_cfg)
-    if saved.base_sha256 and state_dict_sha256(base) != saved.base_sha256:
-        raise SystemExit(
-            "the rebuilt base backbone does not match the one explora_backbone started from "
-            "(different weights file or timm version); rerun explora_backbone"
-        )
+
+    instance = dg.DagsterInstance.get()
+    if args.stage_on_stdin:
+        wait_for_line("splits")
+    splits = _artifact(instance, "splits", args.partition)
     reader = SplitReader("classifier", splits)  # the probe is a classifier: train + val_select only
     train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
-    base_run = probe(base.state_dict(), saved.backbone_cfg, train, select, clf_cfg, saved.seed)
+
+    if args.stage_on_stdin:  # the base probe before explora_backbone exists, from the run config
+        seed, source_cfg, backbone_cfg = base_from_run_config(run_cfg)
+        torch.manual_seed(seed)
+        base = create_backbone(source_cfg)
+        base_run = probe(base.state_dict(), backbone_cfg, train, select, clf_cfg, seed)
+        wait_for_line("explora_backbone")
+        saved = load_backbone(_artifact(instance, "explora_backbone", args.partition))
+        stale = (saved.seed, saved.source_cfg) != (seed, source_cfg) or bool(
+            saved.base_sha256 and state_dict_sha256(base) != saved.base_sha256
+        )
+        if stale:
+            print(
+                "  (the run config's base backbone is not the one explora_backbone started from: base probe rerun)"
+            )
+    else:
+        saved = load_backbone(_artifact(instance, "explora_backbone", args.partition))
+        stale = True
+    if stale:
+        torch.manual_seed(saved.seed)
+        base = create_backbone(saved.source_cfg)
+        if saved.base_sha256 and state_dict_sha256(base) != saved.base_sha256:
+            raise SystemExit(
+                "the rebuilt base backbone does not match the one explora_backbone started from "
+                "(different weights file or timm version); rerun explora_backbone"
+            )
+        base_run = probe(base.state_dict(), saved.backbone_cfg, train, select, clf_cfg, saved.seed)
     explora_state = saved.state_dict
     explora_run = probe(explora_state, saved.backbone_cfg, train, select, clf_cfg, saved.seed)
     mcc_base, mcc_explora = float(base_run.best_select_mcc), float(explora_run.best_select_mcc)

@@ -263,51 +263,100 @@ def mlflow_ui_command(tracking_uri: str | None) -> str:
     return f".venv/bin/mlflow ui --backend-store-uri {store} --host 127.0.0.1"
 
 
-def predict_demo(bundle_dir: Path, drop: Path, k: int = 3) -> None:
-    images = sorted((drop / "images").glob("*.jpg"))[:k]
-    cmd = [_bin("roadwork"), "predict", "--bundle", str(bundle_dir), *map(str, images)]
-    print("\n[demo] " + " ".join(cmd))
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    if proc.returncode == 0:  # JSON lines for a program; rounded for a person here
-        for line in proc.stdout.splitlines():
+class BackgroundPredict:
+    """`roadwork predict --bundle <bundle> <k images>` from a fresh process, started as soon as the
+    `bundle` step succeeds (it runs beside `evaluation_report`), its output printed by `show()`."""
+
+    def __init__(self, instance: dg.DagsterInstance, version: str, drop: Path, k: int = 3) -> None:
+        self.instance, self.version, self.drop, self.k = instance, version, drop, k
+        self.cmd: list[str] = []
+        self.proc: subprocess.Popen | None = None
+
+    def on_step_done(self, step: str) -> None:
+        if step == "bundle" and self.proc is None:
+            self.start()
+
+    def start(self) -> None:
+        meta = latest_materialization_metadata(self.instance, dg.AssetKey("bundle"), self.version)
+        images = sorted((self.drop / "images").glob("*.jpg"))[: self.k]
+        self.cmd = [
+            _bin("roadwork"),
+            "predict",
+            "--bundle",
+            str(Path(meta["path"]) / "dir"),
+            *map(str, images),
+        ]
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def show(self) -> None:
+        if self.proc is None:  # the watcher saw no bundle step (e.g. it was not re-run)
+            self.start()
+        stdout, stderr = self.proc.communicate()
+        print("\n[demo] " + " ".join(self.cmd))
+        if self.proc.returncode != 0:
+            raise SystemExit(
+                f"[demo] roadwork predict failed (exit {self.proc.returncode}): {stderr.strip()}"
+            )
+        for line in stdout.splitlines():  # JSON lines for a program; rounded for a person here
             pred = json.loads(line)
             name = Path(pred["image"]).name
             if "error" in pred:
                 print(f"  {name}: error: {pred['error']}")
             else:
                 print(f"  {name}: p_roadwork {pred['p_roadwork']:.3f} -> {pred['decision']}")
-    if proc.returncode != 0:
-        raise SystemExit(f"[demo] roadwork predict failed (exit {proc.returncode}): {proc.stderr.strip()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
 
 class BackgroundAblation:
-    """The ExPLoRA ablation (`python -m roadwork_commands.ablation`) in its own process, started as soon
-    as the step named `after` succeeds, its output kept in `log_path` and printed by `finish()`.
+    """The ExPLoRA ablation (`python -m roadwork_commands.ablation --stage-on-stdin`) in its own process
+    beside the graph, its output kept in `log_path` and printed by `finish()`.
 
-    The ablation needs only `splits` and `explora_backbone`, so it starts right after the latter, on one
-    thread at the lowest CPU priority (nice 19): the classifier's two training threads leave part of the
-    two cores idle (two threads train only ~1.5x faster than one), which the ablation takes without
-    holding training back much, then it runs beside the steps after the classifier. `graph_done()` moves
-    it to two threads once the graph has ended. Measured on the demo (idle 2 cores): the graph 215 ->
-    210 s (classifier +7 s, the prediction steps and the report -14 s), nothing left to wait for after it."""
+    It starts with the graph, at the lowest CPU priority (nice 19) and on one thread, and imports what
+    it needs while the graph's first steps leave a core idle. `on_step_done` writes `splits` to its
+    standard input when that step ends (it then runs the base probe beside `explora_backbone`) and
+    `explora_backbone` when that one ends (the ExPLoRA probe, beside the classifier and the steps after
+    it). `graph_done()` moves it to two threads once the graph has ended."""
 
-    def __init__(self, version: str, config: str, log_path: Path, after: str = "explora_backbone") -> None:
+    STAGES = ("splits", "explora_backbone")
+
+    def __init__(self, version: str, config: str, log_path: Path) -> None:
         # one thread while it shares the machine with the graph's remaining steps, two once the graph ends
         self.cmd = [sys.executable, "-m", "roadwork_commands.ablation", "--partition", version, "-c", config]
         self.cmd += ["--threads", "1", "--threads-on-signal", "2", "--nice", "19"]
-        self.log_path, self.after = log_path, after
+        self.log_path = log_path
         self.proc: subprocess.Popen | None = None
+        self.staged: list[str] = []
         self.t0 = 0.0
 
+    def start(self, staged: bool = True) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [*self.cmd, "--stage-on-stdin"] if staged else self.cmd
+        with self.log_path.open("w") as log:  # the child holds its own descriptor
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE if staged else subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        self.t0 = time.perf_counter()
+        print(f"[demo] ExPLoRA ablation started beside the graph (output: {self.log_path})", flush=True)
+
     def on_step_done(self, step: str) -> None:
-        if step == self.after and self.proc is None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("w") as log:  # the child holds its own descriptor
-                self.proc = subprocess.Popen(
-                    self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, text=True
-                )
-            self.t0 = time.perf_counter()
-            print(f"[demo] ExPLoRA ablation started beside the graph (output: {self.log_path})", flush=True)
+        if self.proc is None or self.proc.stdin is None or step not in self.STAGES or step in self.staged:
+            return
+        self.staged.append(step)
+        with contextlib.suppress(BrokenPipeError):  # it failed already: finish() reports its log
+            self.proc.stdin.write(step + "\n")
+            self.proc.stdin.flush()
+            if len(self.staged) == len(self.STAGES):
+                self.proc.stdin.close()
 
     def graph_done(self) -> None:
         """The graph has ended and both cores are free: SIGUSR1 tells the ablation to use two threads."""
@@ -318,10 +367,13 @@ class BackgroundAblation:
             self.proc.send_signal(signal.SIGUSR1)
 
     def finish(self) -> None:
-        """Wait for the ablation (run it here if the graph never reached `after`) and print its output."""
+        """Wait for the ablation and print its output (the graph has ended: both assets exist)."""
         print("\n[demo] " + " ".join(["python", *self.cmd[1:]]))
-        if self.proc is None:  # e.g. a rerun where Dagster skipped nothing but the watcher saw no step
-            self.on_step_done(self.after)
+        if self.proc is None:
+            self.start(staged=False)
+        elif self.proc.stdin is not None and not self.proc.stdin.closed:  # the watcher missed a step
+            for step in self.STAGES:
+                self.on_step_done(step)
         waited = time.perf_counter()
         returncode = self.proc.wait()
         output = self.log_path.read_text(errors="replace")
@@ -339,6 +391,9 @@ class BackgroundAblation:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+        if self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,17 +422,25 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(os.environ.get("ROADWORK_STATE", "state")) / "logs"
     log_path = logs / f"demo-{args.version}.log"
     ablation = BackgroundAblation(args.version, args.config, logs / f"ablation-{args.version}.log")
+    predict = BackgroundPredict(instance, args.version, drop)
+
+    def on_step_done(step: str) -> None:
+        predict.on_step_done(step)
+        if args.ablation:
+            ablation.on_step_done(step)
+
     try:
-        materialize(
-            args.version, Path(args.config), log_path, ablation.on_step_done if args.ablation else None
-        )
+        if args.ablation:
+            ablation.start()
+        materialize(args.version, Path(args.config), log_path, on_step_done)
         ablation.graph_done()
-        bundle_dir = summarize(instance, args.version, log_path)
-        predict_demo(bundle_dir, drop)
+        summarize(instance, args.version, log_path)
+        predict.show()
         if args.ablation:
             ablation.finish()
     finally:
-        ablation.stop()  # a failed graph or Ctrl-C leaves no ablation running
+        predict.stop()
+        ablation.stop()  # a failed graph or Ctrl-C leaves no ablation or predict process running
     took = time.perf_counter() - t0
     print(f"\n[demo] done in {fmt_duration(took)} ({took:.1f}s)")
     return 0

@@ -110,9 +110,9 @@ def evaluate_bundle_on_test(
                 ]
             )
 
-        # The distortions are many small tensor ops per image: at 1 torch thread they run 3-6x faster
-        # than at 2 on a 2-core box (profiled); a thread pool adds nothing (GIL) and would break the
-        # per-image seeding, which goes through torch's global RNG. The model forward keeps its threads.
+        # The distortions' tensor steps (noise, blur) are small ops: at 1 torch thread they ran 3-6x faster
+        # than at 2 on a 2-core box (profiled). A thread pool would break the per-image seeding, which
+        # goes through torch's global RNG. The model forward keeps its threads.
         def distort_fn(img, level: int, image_seed: int):
             with _torch_threads(1):
                 return distort(img, level, image_seed)

@@ -204,6 +204,13 @@ def test_cached_canvases_are_the_lazy_items_and_only_for_fixed_small_splits(tmp_
         (a, la, ia), (b, lb, ib) = lazy[i], cached[i]
         assert torch.equal(a, b) and la == lb and ia == ib == i
     assert math.isnan(cache_canvases(CanvasDataset(uris, None, 40))[0][1])
+    threaded, single = cache_canvases(lazy, workers=3), cache_canvases(lazy, workers=1)
+    assert torch.equal(threaded.canvases, single.canvases), "the decode threads keep the dataset's order"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(Exception) as err:
+        cache_canvases(CanvasDataset([*uris, str(broken)], None, 40), workers=2)
+    assert "broken.jpg" in "\n".join([str(err.value), *getattr(err.value, "__notes__", [])])
     assert cache_canvases(lazy, max_bytes=3 * 3 * 40 * 40 - 1) is lazy, "over the byte limit: stays lazy"
     augmented = CanvasDataset(uris, [0, 1, 1], 40, transform=lambda img: img)
     assert cache_canvases(augmented) is augmented, "an augmented split changes every epoch: never cached"

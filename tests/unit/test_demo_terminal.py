@@ -153,24 +153,38 @@ def test_watcher_reports_each_asset_step_that_succeeded():
     assert done == ["a"]  # not the failed step b, not the check steps
 
 
-def test_background_ablation_starts_after_its_step_and_prints_its_output(tmp_path, capsys):
+def test_background_ablation_is_fed_its_steps_and_prints_its_output(tmp_path, capsys):
     import sys
 
     job = demo.BackgroundAblation("v0001", "configs/demo.yaml", tmp_path / "logs" / "ablation.log")
-    job.cmd = [sys.executable, "-c", "print('probe MCC 0.5')"]
+    job.cmd = [
+        sys.executable,
+        "-c",
+        "import sys; print('argv', sys.argv[1:]); print('stages', [l.strip() for l in sys.stdin])",
+    ]
     job.on_step_done("splits")
-    assert job.proc is None  # waits for the backbone it probes
-    job.on_step_done("explora_backbone")
-    assert job.proc is not None
+    assert job.proc is None  # not started: nothing to feed
+    job.start()
+    for step in ("image_table", "splits", "splits", "explora_backbone", "classifier"):
+        job.on_step_done(step)
+    assert job.proc.stdin.closed, "both stages written: its input ends"
     job.finish()
     out = capsys.readouterr().out
-    assert "probe MCC 0.5" in out and "ablation took" in out
+    assert "argv ['--stage-on-stdin']" in out and "stages ['splits', 'explora_backbone']" in out, out
+    assert "ablation took" in out
+
+    missed = demo.BackgroundAblation("v0001", "configs/demo.yaml", tmp_path / "missed.log")
+    missed.cmd = list(job.cmd)
+    missed.start()
+    missed.on_step_done("splits")
+    missed.finish()  # the graph has ended: finish() writes the stage the watcher did not see
+    assert "stages ['splits', 'explora_backbone']" in capsys.readouterr().out
 
     failing = demo.BackgroundAblation("v0001", "configs/demo.yaml", tmp_path / "failing.log")
-    failing.cmd = [sys.executable, "-c", "import sys; print('no splits'); sys.exit(3)"]
+    failing.cmd = [sys.executable, "-c", "import sys; print('no splits', sys.argv[1:]); sys.exit(3)"]
     with pytest.raises(SystemExit, match="exit 3.*failing.log"):
-        failing.finish()  # never started by a step: finish() runs it
-    assert "no splits" in capsys.readouterr().out
+        failing.finish()  # never started: finish() runs it on the finished graph, not staged
+    assert "no splits []" in capsys.readouterr().out
 
 
 def test_ablation_moves_to_more_threads_when_the_graph_is_done(tmp_path):
@@ -192,7 +206,7 @@ def test_ablation_moves_to_more_threads_when_the_graph_is_done(tmp_path):
         "    time.sleep(0.05)\n"
         "print('threads', torch.get_num_threads())",
     ]
-    job.on_step_done("explora_backbone")
+    job.start()
     deadline = time.monotonic() + 120
     while "armed" not in job.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)

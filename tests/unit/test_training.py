@@ -259,7 +259,7 @@ def test_unaugmented_full_training_decodes_each_image_once(rows, tmp_path: Path,
     assert sorted(loads) == sorted([*train["uri"], *select["uri"]]), "each image decoded exactly once"
 
     monkeypatch.setattr(
-        loading.cache_canvases, "__defaults__", (0,)
+        loading.cache_canvases, "__defaults__", (0, None)
     )  # max_bytes 0: every epoch decodes again
     loads.clear()
     lazy = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "lazy")
