@@ -15,6 +15,7 @@ Anything else is refused: nothing is ever pickled.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import importlib
 import json
@@ -39,13 +40,28 @@ class ArtifactTypeError(TypeError):
 
 
 _SCRATCH_PREFIX = "roadwork-artifact-"
+# scratch directories handed out and not yet moved into the store: a step that fails after
+# new_artifact_dir() never returns its directory, so the process removes what is left when it exits
+_SCRATCH_OPEN: set[Path] = set()
+
+
+def _remove_open_scratch() -> None:
+    for path in list(_SCRATCH_OPEN):
+        shutil.rmtree(path, ignore_errors=True)
+    _SCRATCH_OPEN.clear()
+
+
+atexit.register(_remove_open_scratch)
 
 
 def new_artifact_dir(name: str) -> Path:
-    """A scratch directory for an asset to fill and return; the IO manager moves it into the store."""
+    """A scratch directory for an asset to fill and return; the IO manager moves it into the store.
+    Left over (the step failed before returning it), it is removed when the process exits."""
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{name}-"))
+    path = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{name}-"))
+    _SCRATCH_OPEN.add(path)
+    return path
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -104,6 +120,7 @@ def _write_artifact(dest: Path, obj: Any) -> dict:
             kind, cls = "directory", None
             if obj.name.startswith(_SCRATCH_PREFIX):
                 shutil.move(str(obj), tmp / "dir")  # scratch from new_artifact_dir: move, don't copy
+                _SCRATCH_OPEN.discard(obj)
             else:
                 shutil.copytree(obj, tmp / "dir", symlinks=False)
         elif isinstance(obj, dict | list):

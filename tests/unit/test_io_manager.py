@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -56,6 +57,28 @@ def test_directory_artifact_is_moved_when_scratch_and_copied_otherwise(tmp_path)
     (keep / "f.txt").write_text("x")
     write_artifact(tmp_path / "k", keep)
     assert keep.exists() and (read_artifact(tmp_path / "k") / "f.txt").read_text() == "x"
+
+
+def test_scratch_a_failed_step_never_returned_is_removed_when_the_process_exits(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "from roadwork_resources.io_manager import new_artifact_dir, write_artifact\n"
+        "import pathlib, sys\n"
+        "stored = new_artifact_dir('bundle'); (stored / 'f').write_text('x')\n"
+        "write_artifact(pathlib.Path(sys.argv[1]) / 'stored', stored)\n"
+        "failed = new_artifact_dir('classifier'); (failed / 'half.bin').write_bytes(b'0')\n"
+        "print(failed, flush=True)\n"
+        "raise RuntimeError('the step failed before returning its directory')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 1 and "the step failed" in proc.stderr, proc.stderr
+    failed = Path(proc.stdout.strip())
+    assert failed.name.startswith("roadwork-artifact-classifier-") and not failed.exists()
+    assert (read_artifact(tmp_path / "stored") / "f").read_text() == "x", "a stored artifact is untouched"
 
 
 def test_refuses_to_pickle_arbitrary_objects(tmp_path):
