@@ -40,7 +40,10 @@ ExploraSettings = config_from(
         "backbone": (BackboneSettings, Field(BackboneSettings(), description="the backbone to adapt")),
         "max_images": (
             int | None,
-            Field(None, description="cap on images per epoch (train split + unlabelled pool)"),
+            Field(
+                None,
+                description="cap on images per epoch: the train split first, then the unlabelled pool",
+            ),
         ),
         "use_unlabelled": (
             bool,
@@ -80,7 +83,9 @@ def explora_backbone(
 
     gpu.setup()
     reader = SplitReader("explora_backbone", splits)
-    uris, pool, rejects_path = _explora_images(context, config, dataset, split_settings, store, reader)
+    uris, pool, rejects_path, pool_used = _explora_images(
+        context, config, dataset, split_settings, store, reader
+    )
     backbone_cfg = _backbone_config(config.backbone, gpu.attn_backend)
     backbone = create_backbone(backbone_cfg)  # random init is seeded by gpu.setup(): reproducible
     base_sha256 = state_dict_sha256(backbone)
@@ -99,17 +104,18 @@ def explora_backbone(
             on_step=on_step,
             checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
         )
-    report = {**result.report, "enabled": config.enabled, "unlabelled_images": len(pool.kept)}
+    report = {**result.report, "enabled": config.enabled, "unlabelled_images": pool_used}
     out = new_artifact_dir("explora_backbone")
     save_backbone(out, result.state_dict, backbone_cfg, seed=gpu.seed, base_sha256=base_sha256, report=report)
-    return dg.Output(out, metadata=_explora_metadata(config, report, pool, rejects_path, reader))
+    return dg.Output(out, metadata=_explora_metadata(config, report, pool, rejects_path, reader, pool_used))
 
 
 def _explora_images(context, config, dataset: DatasetSource, split_settings, store: ArtifactStore, reader):
     """The train split's images + the drops' unlabelled pool (near-copies of evaluation images removed,
-    listed in the side file pool_rejects.parquet), capped at max_images. (uris, pool, rejects path)."""
+    listed in the side file pool_rejects.parquet), cut to max_images, train first (`cap_explora_images`).
+    (uris, pool, rejects path, pool images among the uris)."""
     from roadwork_core.data.drops import list_unlabelled
-    from roadwork_core.data.pool import filter_unlabelled_pool
+    from roadwork_core.data.pool import cap_explora_images, filter_unlabelled_pool
 
     train = reader.read(Split.TRAIN)
     uris = list(train["uri"])
@@ -125,10 +131,14 @@ def _explora_images(context, config, dataset: DatasetSource, split_settings, sto
     atomic_write_bytes(rejects_path, pool.dropped.to_parquet(index=False))
     if len(pool.dropped):
         context.log.warning(f"{len(pool.dropped)} unlabelled images dropped; see {rejects_path}")
-    uris += pool.kept
-    if config.max_images:
-        uris = uris[: config.max_images]
-    return uris, pool, rejects_path
+    uris, pool_used = cap_explora_images(uris, pool.kept, config.max_images)
+    if pool_used < len(pool.kept):
+        context.log.warning(
+            f"max_images = {config.max_images} keeps {pool_used} of the {len(pool.kept)} unlabelled pool "
+            f"images (the train split's {len(train)} come first); raise explora_backbone.max_images or set "
+            "it to null to adapt on the whole pool"
+        )
+    return uris, pool, rejects_path, pool_used
 
 
 def _explora_step_logger(context, mlflow: MlflowParam, total_steps: int) -> Callable[[dict], None]:
@@ -150,7 +160,9 @@ def _explora_step_logger(context, mlflow: MlflowParam, total_steps: int) -> Call
     return on_step
 
 
-def _explora_metadata(config, report: dict, pool, rejects_path: Path, reader: SplitReader) -> dict:
+def _explora_metadata(
+    config, report: dict, pool, rejects_path: Path, reader: SplitReader, pool_used: int
+) -> dict:
     from roadwork_core.metrics.embed import markdown_images
     from roadwork_core.metrics.stage_plots import ssl_loss_curve
 
@@ -162,6 +174,7 @@ def _explora_metadata(config, report: dict, pool, rejects_path: Path, reader: Sp
         "backbone": config.backbone.name,
         "images_used": report.get("images_used", 0),
         "unlabelled_kept": len(pool.kept),
+        "unlabelled_used": pool_used,  # of the kept ones, in the (max_images-capped) epoch
         "unlabelled_dropped": len(pool.dropped),
         "unlabelled_dropped_list": md_table(pool.dropped),
         "pool_rejects_path": dg.MetadataValue.path(str(rejects_path)),

@@ -91,6 +91,13 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     assert (pred.answer > 0.5) == (pred.p_roadwork >= bundle.answer_rule.threshold) and pred.answer != 0.5
     bundle_meta = latest_materialization_metadata(instance, dg.AssetKey("bundle"), "v0001")
     assert bundle_meta["answer_threshold"] == bundle.answer_rule.threshold
+    # ExPLoRA's capped epoch (tiny.yaml: 32 of ~72 train + 8 pool images) is train images only, and
+    # the metadata says so (it used to report the pool as used); the run log carries the warning
+    explora_meta = latest_materialization_metadata(instance, dg.AssetKey("explora_backbone"), "v0001")
+    assert explora_meta["images_used"] == 32 and explora_meta["unlabelled_kept"] > 0, explora_meta
+    assert explora_meta["unlabelled_used"] == 0, explora_meta
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("raise explora_backbone.max_images" in m for m in messages if m), "no cap warning logged"
     assert bundle_meta["bundle_id"] == manifest["content_sha256"] and bundle_meta["source_fingerprint"]
 
     # head mode: later epochs ran no backbone forward and are much faster (cache)

@@ -9,7 +9,7 @@ import pytest
 
 from roadwork_core.contracts import SplitContractViolation, SplitReader
 from roadwork_core.contracts.splits import audit_hashes_read
-from roadwork_core.data.pool import filter_unlabelled_pool
+from roadwork_core.data.pool import cap_explora_images, filter_unlabelled_pool
 from tests.unit.test_splits import phash_of, resized_reencoded, textured_jpeg
 
 
@@ -69,3 +69,14 @@ def test_explora_reads_only_hashes_of_the_other_splits_and_the_audit_checks_it()
     assert audit_hashes_read("classifier", ["val_test"]) == [
         "read the hashes of val_test, which its contract does not grant"
     ]
+
+
+def test_explora_cap_keeps_train_first_and_counts_the_pool_images_it_keeps() -> None:
+    train = [f"train/{i}.jpg" for i in range(100)]
+    pool = [f"unlabelled/{i}.jpg" for i in range(20)]
+    assert cap_explora_images(train, pool, 110) == ([*train, *pool[:10]], 10)
+    assert cap_explora_images(train, pool, 64) == (train[:64], 0), "a cap below train leaves the pool out"
+    assert cap_explora_images(train, pool, None) == ([*train, *pool], 20), "no cap: everything"
+    assert cap_explora_images(train, pool, 500) == ([*train, *pool], 20)
+    with pytest.raises(ValueError, match="max_images = 0"):
+        cap_explora_images(train, pool, 0)
