@@ -274,10 +274,17 @@ class BackgroundPredict:
 
     def on_step_done(self, step: str) -> None:
         if step == "bundle" and self.proc is None:
-            self.start()
+            try:
+                self.start()
+            except (Exception, SystemExit) as exc:  # never stop watching the graph for this; show() retries
+                print(f"[demo] roadwork predict not started yet ({type(exc).__name__}: {exc})", flush=True)
 
     def start(self) -> None:
         meta = latest_materialization_metadata(self.instance, dg.AssetKey("bundle"), self.version)
+        if not meta.get("path"):
+            raise SystemExit(
+                f"[demo] no materialization of bundle for partition {self.version} to predict with"
+            )
         images = sorted((self.drop / "images").glob("*.jpg"))[: self.k]
         self.cmd = [
             _bin("roadwork"),

@@ -214,3 +214,54 @@ def test_ablation_moves_to_more_threads_when_the_graph_is_done(tmp_path):
     assert job.proc.wait(timeout=120) == 0
     assert "threads 2" in job.log_path.read_text()
     job.graph_done()  # an ablation that has ended is left alone
+
+
+def test_background_predict_starts_when_the_bundle_step_ends_and_prints_rounded_lines(
+    tmp_path, capsys, monkeypatch
+):
+    import json
+    import sys
+
+    import dagster as dg
+
+    instance = dg.DagsterInstance.ephemeral()
+    drop = tmp_path / "v0001"
+    (drop / "images").mkdir(parents=True)
+    for name in ("b.jpg", "a.jpg", "c.jpg", "d.jpg"):
+        (drop / "images" / name).write_bytes(b"")
+    job = demo.BackgroundPredict(instance, "v0001", drop)
+    job.on_step_done("bundle")  # no bundle materialized yet: says so and keeps going
+    assert job.proc is None and "not started yet" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no materialization of bundle for partition v0001"):
+        job.show()
+
+    bundle = tmp_path / "artifacts" / "bundle" / "v0001"
+    (bundle / "dir").mkdir(parents=True)
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("bundle", partition="v0001", metadata={"path": str(bundle)})
+    )
+    # stands in for the roadwork console script (the real one: tests/unit/test_answer.py)
+    fake = tmp_path / "bin" / "roadwork"
+    fake.parent.mkdir()
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\nargs = sys.argv[1:]\n"
+        "print(json.dumps({'argv': args[:2]}), file=sys.stderr)\n"
+        "for i, img in enumerate(args[3:]):\n"
+        "    print(json.dumps({'image': img, 'p_roadwork': 0.25 * i + 0.1234, 'decision': 'defer'}))\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(demo, "_bin", lambda name: str(fake.parent / name))
+    job.on_step_done("classifier")
+    assert job.proc is None, "only the bundle step starts it"
+    job.on_step_done("bundle")
+    assert job.proc is not None and job.cmd[1:3] == ["predict", "--bundle"]
+    assert job.cmd[3] == str(bundle / "dir") and [p.rsplit("/", 1)[1] for p in job.cmd[4:]] == [
+        "a.jpg",
+        "b.jpg",
+        "c.jpg",
+    ]
+    job.show()
+    out = capsys.readouterr().out
+    assert "a.jpg: p_roadwork 0.123 -> defer" in out and "c.jpg: p_roadwork 0.623 -> defer" in out, out
+    assert json.dumps({"image": str(drop / "images" / "a.jpg")})[:10] not in out, "rounded, not raw JSON"
+    job.stop()
