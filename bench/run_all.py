@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "orchestration_demo": ("bench.bench_orchestration", "orchestration_demo"),
     "demo": ("bench.bench_demo", "demo"),
     "demo_epoch": ("bench.bench_demo_epoch", "demo_epoch"),
+    "distortions": ("bench.bench_distortions", "distortions"),
     "ddp": ("bench.bench_ddp", "ddp"),
     "serve": ("bench.bench_serve", "serve"),
     "tests": ("bench.bench_tests", "tests"),
@@ -181,6 +182,21 @@ def table_rows() -> list[list[str]]:
                     f"(n={run['requests']})",
                     "p99 <= 9 s (validator)",
                     _yes(run["p99_seconds"] <= r["validator_timeout_seconds"]),
+                    _machine(r),
+                ]
+            )
+    r = read_result("distortions")
+    if r:
+        for key, row in r["rows"].items():
+            w, h = row["image_size"]
+            rows.append(
+                [
+                    "5. robustness distortions",
+                    f"`distort` level {key[-1]} on PIL kernels vs the whole level on a uint8 tensor, {w}x{h}, "
+                    f"1 thread: {row['tensor_ms_per_image']} vs {row['pil_ms_per_image']} ms an image",
+                    f"{row['median_ratio_a_over_b']:.2f}x (n={row['repeats']})",
+                    "B faster (> 1x)",
+                    _yes(row["median_ratio_a_over_b"] > 1.0),
                     _machine(r),
                 ]
             )
