@@ -55,6 +55,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
     from roadwork_core.data.drops import list_unlabelled
     from roadwork_core.data.image_table import build_image_table
+    from roadwork_core.data.pool import cap_explora_images
     from roadwork_core.data.splits import SplitConfig, assign_splits
     from roadwork_core.models.backbone import create_backbone
     from roadwork_core.models.classifier import build_classifier
@@ -90,12 +91,8 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
 
     ec = ops["explora_backbone"]
     _setup(gpu)
-    uris = list(by["train"]["uri"])
-    if ec["use_unlabelled"]:
-        for drop in drops:
-            uris += list_unlabelled(drop)
-    if ec["max_images"]:
-        uris = uris[: ec["max_images"]]
+    pool = [u for drop in drops for u in list_unlabelled(drop)] if ec["use_unlabelled"] else []
+    uris, _ = cap_explora_images(list(by["train"]["uri"]), pool, ec["max_images"])
     backbone_cfg = from_mapping(BackboneConfig, ec["backbone"], attn_backend=gpu["attn_backend"])
     backbone = create_backbone(backbone_cfg)
     xcfg = from_mapping(ExploraConfig, ec, seed=gpu["seed"])
