@@ -6,7 +6,6 @@ The canvas is the whole image resized (antialiased) to C x C; the multi-view ste
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 
@@ -103,15 +102,16 @@ def cache_canvases(
     """`dataset` with every canvas decoded once, when it has no transform (the same pixels every epoch)
     and its canvases fit in `max_bytes`; otherwise `dataset` itself.
 
-    The decode runs on `workers` threads (default: the usable cores): Pillow's JPEG decode and torch's
-    resize release the GIL: the demo's first 1,400 images as 172 px canvases took 3.9-4.4 s on 2 threads
-    against 5.8-7.2 s on one (idle 2-core machine, 2 torch threads). The order is the dataset's."""
+    The decode runs on `workers` threads (default: torch's intra-op thread count). Pillow's JPEG decode
+    and torch's resize release the GIL: the demo's first 1,400 images as 172 px canvases took 3.9-4.4 s
+    on 2 threads against 5.8-7.2 s on one (idle 2-core machine, 2 torch threads). The order is the
+    dataset's."""
     if dataset.transform is not None or len(dataset) * 3 * dataset.canvas_size**2 > max_bytes:
         return dataset
     if len(dataset) == 0:
         return dataset
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers is None:  # the process's CPU budget: a DDP rank on 1 thread decodes on 1, the demo on 2
+        workers = torch.get_num_threads()
     workers = max(1, min(int(workers), len(dataset)))
 
     def canvas(i: int) -> torch.Tensor:
