@@ -3,8 +3,9 @@ bench_orchestration compares `dagster asset materialize` against.
 
 It mirrors the assets in roadwork_assets/*.py call for call with the resolved config values that
 bench_orchestration writes (`--resolved`, the same YAML read through the assets' own Config
-classes): build_image_table -> assign_splits -> run_explora -> train_classifier -> predict_frame x3 ->
-fit_calibrator -> threshold / gate / SCRC policies -> export_bundle -> evaluate_bundle_on_test.
+classes): build_image_table -> assign_splits -> filter_unlabelled_pool -> run_explora ->
+train_classifier -> predict_frame x3 -> fit_calibrator -> threshold / gate / SCRC policies ->
+export_bundle -> evaluate_bundle_on_test.
 Not mirrored: asset checks, MLflow logging, the IO manager's sha256 records (that is the overhead
 being measured).
 
@@ -55,7 +56,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
     from roadwork_core.data.drops import list_unlabelled
     from roadwork_core.data.image_table import build_image_table
-    from roadwork_core.data.pool import cap_explora_images
+    from roadwork_core.data.pool import cap_explora_images, filter_unlabelled_pool
     from roadwork_core.data.splits import SplitConfig, assign_splits
     from roadwork_core.models.backbone import create_backbone
     from roadwork_core.models.classifier import build_classifier
@@ -92,7 +93,9 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     ec = ops["explora_backbone"]
     _setup(gpu)
     pool = [u for drop in drops for u in list_unlabelled(drop)] if ec["use_unlabelled"] else []
-    uris, _ = cap_explora_images(list(by["train"]["uri"]), pool, ec["max_images"])
+    evaluation = splits[splits["split"] != "train"]  # the pool must not copy an evaluation image
+    kept = filter_unlabelled_pool(pool, evaluation, radius=ss["radius"]).kept
+    uris, _ = cap_explora_images(list(by["train"]["uri"]), kept, ec["max_images"])
     backbone_cfg = from_mapping(BackboneConfig, ec["backbone"], attn_backend=gpu["attn_backend"])
     backbone = create_backbone(backbone_cfg)
     xcfg = from_mapping(ExploraConfig, ec, seed=gpu["seed"])

@@ -9,6 +9,8 @@ too. Every drop is listed with the evaluation image it copies.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import imagehash
@@ -36,18 +38,27 @@ def _pool_phash(uri: str) -> tuple[str | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def filter_unlabelled_pool(uris: list[str], reference: pd.DataFrame, radius: int = 6) -> PoolFilter:
+def filter_unlabelled_pool(
+    uris: list[str], reference: pd.DataFrame, radius: int = 6, workers: int | None = None
+) -> PoolFilter:
     """Drop pool images within `radius` (phash Hamming distance) of any `reference` row.
 
     reference: `image_id, split, phash` (+ `file`) of the splits the pool must not copy.
+    The images are decoded and hashed on `workers` threads (Pillow's decode and resize release the
+    GIL), as the image table does; the result does not depend on `workers`.
     """
     missing = [c for c in ("image_id", "split", "phash") if c not in reference.columns]
     if missing:
         raise ValueError(f"reference table misses columns {missing}; pass SplitReader.read_phashes rows")
     rows: list[dict] = []
     hashed: list[tuple[int, str]] = []  # (index into uris, phash)
-    for i, uri in enumerate(uris):
-        h, why = _pool_phash(uri)
+    workers = workers or min(8, (os.cpu_count() or 1) + 2)
+    if workers > 1 and len(uris) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as threads:
+            hashes = list(threads.map(_pool_phash, uris))
+    else:
+        hashes = [_pool_phash(uri) for uri in uris]
+    for i, (uri, (h, why)) in enumerate(zip(uris, hashes, strict=True)):
         if h is None:
             rows.append({"uri": uri, "reason": "unreadable", "detail": why})
         else:

@@ -50,6 +50,38 @@ def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_h
     assert moved == 0, f"{moved} images changed split between versions"
 
 
+def test_unopenable_mlflow_store_fails_the_first_tracked_step_and_names_the_setting(
+    tmp_path, tiny_inbox, rw_home
+):
+    """The store opens on a background thread; its error surfaces in the first step that logs, by name."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the store's folder should be")
+    instance = _instance("v0001")
+    resources = build_resources(
+        state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=f"sqlite:///{blocker / 'mlflow.db'}"
+    )
+    tiny = tiny_run_config()
+    explora = {**tiny["ops"]["explora_backbone"]["config"], "enabled": False}
+    config = {"ops": {"explora_backbone": {"config": explora}}, "resources": tiny["resources"]}
+    result = materialize(
+        ["image_table", "splits", "explora_backbone"],
+        instance=instance,
+        partition="v0001",
+        resources=resources,
+        run_config=config,
+    )
+    assert not result.success
+    outcome = {
+        e.step_key: e.event_type_value for e in result.all_events if e.is_step_success or e.is_step_failure
+    }
+    assert outcome.pop("explora_backbone") == "STEP_FAILURE", outcome
+    assert set(outcome.values()) == {"STEP_SUCCESS"} and {"image_table", "splits"} <= set(outcome), outcome
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = str(failure.step_failure_data.error)
+    assert "could not open the MLflow store" in message and "MLFLOW_TRACKING_URI" in message, message
+    assert str(blocker) in message, message
+
+
 @pytest.mark.parametrize(
     "failing",
     [

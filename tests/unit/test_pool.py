@@ -38,6 +38,11 @@ def test_pool_drops_near_copies_of_evaluation_images_and_unreadable_files(tmp_pa
     assert (copy["reason"], copy["image_id"], copy["split"]) == ("near_duplicate_of_eval", "t1", "val_test")
     assert "images/t1.jpg" in copy["detail"] and copy["distance"] <= 6, copy
     assert dropped.loc["broken.jpg", "reason"] == "unreadable"
+    one_thread = filter_unlabelled_pool(uris, reference, radius=6, workers=1)
+    assert one_thread.kept == result.kept, "the threads must not change what is kept"
+    pd.testing.assert_frame_equal(
+        one_thread.dropped.drop(columns="detail"), result.dropped.drop(columns="detail")
+    )
     with pytest.raises(ValueError, match="phash"):
         filter_unlabelled_pool(uris, reference.drop(columns="phash"))
 
