@@ -113,6 +113,23 @@ def _run(cmd: list[str], env: dict, what: str, log: Path) -> float:
     return dt
 
 
+def _dagster_epoch_seconds(work: Path) -> list[float] | None:
+    """The classifier materialization's `epoch_seconds` metadata, from that side's Dagster instance."""
+    code = (
+        "import json, dagster as dg; "
+        "r = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey('classifier')); "
+        "m = r.asset_materialization.metadata.get('epoch_seconds') if r else None; "
+        "print(json.dumps(m.value if m else None))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=_env(work), capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0:
+        print(f"[bench_orchestration] epoch seconds not read: {proc.stderr[-500:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=240)
@@ -180,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         last_dagster_steps = dagster_step_durations(
             (root / f"dagster{args.repeats - 1}" / "run.log").read_text()
         )
+        last_dagster_epochs = _dagster_epoch_seconds(root / f"dagster{args.repeats - 1}")
         last_direct = json.loads(
             (root / f"direct{args.repeats - 1}" / "run.log").read_text().strip().splitlines()[-1]
         )
@@ -217,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             "startup_seconds": {"dagster": round(start_dagster, 3), "direct": round(start_direct, 3)},
             "direct_step_seconds_last_repeat": last_direct["steps"],
             "dagster_step_durations_last_repeat": last_dagster_steps,
+            # the classifier step's epochs on each side: compute differences vs the step's own overhead
+            "classifier_epoch_seconds_last_repeat": {
+                "dagster": last_dagster_epochs,
+                "direct": last_direct.get("classifier_epoch_seconds"),
+            },
             "ratio": round(ratio, 4),
             "ratio_without_startup": round(ratio_wo, 4),
             "not_in_direct": "asset checks (split checks, contract audits, bundle reproduction, guarantee check), MLflow logging + model registration, IO-manager sha256 records, run storage",

@@ -125,6 +125,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     )
     save_classifier(out / "classifier", model, extra={"best_epoch": result.best_epoch})
     lap("classifier")
+    epoch_seconds = [round(float(h.get("seconds", float("nan"))), 3) for h in result.history]
 
     preds = {}
     for name, split in [("select", "val_select"), ("calib", "val_calib"), ("test", "val_test")]:
@@ -187,11 +188,12 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     test_rows = by["val_test"]
     evaluate_bundle_on_test(
         bundle_dir, test_rows, preds["test"], out / "report", levels=rc["robustness_levels"],
-        max_images=rc["robustness_max_images"], n_bootstrap=rc["n_bootstrap"], seed=rc["seed"], device=device,
+        max_images=rc["robustness_max_images"], subnet=rc["subnet"], subnet_max_images=rc["subnet_max_images"],
+        n_bootstrap=rc["n_bootstrap"], seed=rc["seed"], device=device,
     )  # fmt: skip
     lap("evaluation_report")
     assert np.isfinite(p_calib).all(), "calibrated probabilities must be finite"
-    return times
+    return times, epoch_seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     resolved = json.loads(Path(args.resolved).read_text())
     t_imports = time.perf_counter()
-    times = run(resolved, Path(args.inbox), args.version, Path(args.out))
-    print(json.dumps({"steps": times, "in_process_seconds": round(time.perf_counter() - t_imports, 3),
+    times, epoch_seconds = run(resolved, Path(args.inbox), args.version, Path(args.out))
+    print(json.dumps({"steps": times, "classifier_epoch_seconds": epoch_seconds, "in_process_seconds": round(time.perf_counter() - t_imports, 3),
                       "since_main_seconds": round(time.perf_counter() - t0, 3)}))  # fmt: skip
     return 0
 

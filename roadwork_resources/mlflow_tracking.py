@@ -23,9 +23,38 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_mlflow import mlflow_tracking
 
 EXPERIMENT = "roadwork"
+
+# dagster-mlflow's `mlflow_tracking` config, declared here: importing dagster_mlflow imports mlflow
+# (1.3 s), and every code server, sensor tick and `dagster sensor start` loads these definitions without
+# logging anything. tests/unit/test_import_cost.py checks that the keys match dagster-mlflow's.
+CONFIG_SCHEMA = {
+    "experiment_name": dg.Field(dg.StringSource, description="MLflow experiment name."),
+    "mlflow_tracking_uri": dg.Field(
+        dg.Noneable(dg.StringSource),
+        default_value=None,
+        is_required=False,
+        description="MLflow tracking URI.",
+    ),
+    "parent_run_id": dg.Field(
+        dg.Noneable(str),
+        default_value=None,
+        is_required=False,
+        description="Parent MLflow run (nested runs).",
+    ),
+    "mlflow_run_id": dg.Field(
+        dg.Noneable(str), default_value=None, is_required=False, description="MLflow run to log to."
+    ),
+    "env": dg.Field(dg.Permissive(), description="Environment variables set for MLflow."),
+    "env_to_tag": dg.Field(
+        dg.Noneable(list),
+        default_value=None,
+        is_required=False,
+        description="Environment variables logged as tags.",
+    ),
+    "extra_tags": dg.Field(dg.Permissive(), description="Extra tags of the MLflow run."),
+}
 
 
 @contextlib.contextmanager
@@ -134,7 +163,10 @@ def _redacted(uri: str | None) -> str:
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else uri
 
 
-@dg.resource(config_schema=mlflow_tracking.config_schema, description=mlflow_tracking.description)
+@dg.resource(
+    config_schema=CONFIG_SCHEMA,
+    description="dagster-mlflow's mlflow_tracking: one MLflow run per Dagster run, opened when a step first logs.",
+)
 def _mlflow_tracking(context: dg.InitResourceContext):
     """dagster-mlflow's `mlflow_tracking`, its store opened on a background thread (`_MlflowWhenNeeded`)."""
     import mlflow

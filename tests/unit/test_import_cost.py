@@ -1,7 +1,7 @@
 """Loading the Dagster definitions must not import the training stack. Every code server the webserver
 and the daemon start, every `dagster sensor start` / `dagster asset list` and every sensor tick loads
-them; torch + torchmetrics (+ torchvision, matplotlib) cost seconds of each such load. Assets import
-what they run inside their bodies.
+them; torch + torchmetrics (+ torchvision, matplotlib) cost seconds of each such load, and mlflow 1.3 s.
+Assets import what they run inside their bodies; the MLflow resource imports mlflow when a run starts.
 
 One fresh interpreter walks the stages in order and records which heavy packages each stage left in
 `sys.modules`: every stage only adds imports, so a stage's set is measured exactly as in a fresh
@@ -30,6 +30,7 @@ HEAVY = (
     "matplotlib",
     "netcal",
     "sklearn",
+    "mlflow",
 )
 
 # (stage name, statements); the child prints the heavy modules present after each stage.
@@ -99,3 +100,16 @@ def test_supervised_training_imports_peft_only_for_adapters(imported) -> None:
     assert "peft" not in heavy, heavy
     assert "peft" not in imported["prepare_full"], imported["prepare_full"]
     assert "peft" in imported["prepare_lora"], "lora training should have imported peft"
+
+
+def test_the_mlflow_resource_takes_the_config_of_dagster_mlflow() -> None:
+    """The resource declares dagster-mlflow's config keys itself (so loading the definitions does not
+    import mlflow); a key that dagster-mlflow adds or drops must show up here."""
+    from dagster_mlflow.resources import CONFIG_SCHEMA as upstream
+
+    from roadwork_resources.mlflow_tracking import CONFIG_SCHEMA
+
+    assert sorted(CONFIG_SCHEMA) == sorted(upstream)
+    for key, field in upstream.items():
+        assert CONFIG_SCHEMA[key].is_required == field.is_required, key
+        assert CONFIG_SCHEMA[key].default_provided == field.default_provided, key
