@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "demo": ("bench.bench_demo", "demo"),
     "demo_epoch": ("bench.bench_demo_epoch", "demo_epoch"),
     "distortions": ("bench.bench_distortions", "distortions"),
+    "exit": ("bench.bench_exit", "exit"),
     "ddp": ("bench.bench_ddp", "ddp"),
     "serve": ("bench.bench_serve", "serve"),
     "tests": ("bench.bench_tests", "tests"),
@@ -200,6 +201,20 @@ def table_rows() -> list[list[str]]:
                     _machine(r),
                 ]
             )
+    r = read_result("exit")
+    if r:
+        rows.append(
+            [
+                "4. process exit (orchestration and suite fixed cost)",
+                "a fresh interpreter with torch, torchmetrics, timm, dagster and mlflow imported, from its last "
+                f"statement to its end: without vs with roadwork_core's `gc.freeze` atexit hook: "
+                f"{r['median_a_seconds']:.2f} vs {r['median_b_seconds']:.2f} s",
+                f"{r['median_ratio_a_over_b']:.2f}x (n={r['repeats']})",
+                "B faster (> 1x)",
+                _yes(r["median_ratio_a_over_b"] > 1.0),
+                _machine(r),
+            ]
+        )
     r = read_result("tests")
     if r:
         load = r["definitions_load"]

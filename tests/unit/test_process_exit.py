@@ -1,0 +1,42 @@
+"""roadwork_core's exit hook: the heap is frozen before CPython's exit-time collections, after every
+handler registered later, and the process keeps its exit status and output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+CHILD = """
+import atexit, gc, sys
+
+def last():  # registered before roadwork_core is imported: runs after its handler (atexit is LIFO)
+    print("frozen at exit:", gc.get_freeze_count() > 0, flush=True)
+
+atexit.register(last)
+print("frozen before exit:", gc.get_freeze_count() > 0, flush=True)
+import roadwork_core
+from roadwork_core.io import atomic_write_bytes
+
+atexit.register(lambda: atomic_write_bytes(sys.argv[1] + ".atexit", b"handler ran"))
+atomic_write_bytes(sys.argv[1], b"body ran")
+sys.exit(3)
+"""
+
+
+def test_exit_freezes_the_heap_last_and_keeps_status_output_and_handlers(tmp_path: Path) -> None:
+    out = tmp_path / "out.bin"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CHILD), str(out)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["frozen before exit: False", "frozen at exit: True"], proc.stdout
+    assert out.read_bytes() == b"body ran"
+    assert Path(f"{out}.atexit").read_bytes() == b"handler ran", (
+        "an atexit handler registered later did not run"
+    )
