@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -r $(LOCK)
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	$(PY) tools/lockfile.py check $(LOCK)
+	$(PY) -m roadwork_resources.mlflow_store  # an empty migrated MLflow store, copied into fresh states
 	touch $(STAMP)
 
 # Re-sync .venv with the lock (also after a failed `make check-env`).

@@ -88,10 +88,14 @@ def _ensure_experiment(tracking_uri: str | None, name: str) -> None:
     `./mlruns` of the current directory: artifacts and registered models would land in whatever folder
     the process ran in (the repository, for `make demo`), outside the state that `make clean-state`
     removes. An existing experiment keeps its location; server stores choose their own."""
-    import mlflow
-
     if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
         return
+    from roadwork_resources.mlflow_store import seed_store
+
+    seed_store(_sqlite_db_path(tracking_uri))  # a fresh store: the migrated template `make` built
+
+    import mlflow
+
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     if client.get_experiment_by_name(name) is None:
         location = (_sqlite_db_path(tracking_uri).parent / "mlartifacts").resolve()
@@ -101,7 +105,8 @@ def _ensure_experiment(tracking_uri: str | None, name: str) -> None:
 class _MlflowWhenNeeded:
     """dagster-mlflow's `MlFlow` handle, built when a step first uses it.
 
-    Opening a fresh SQLite store runs MLflow's ~50 schema migrations (2.4-3.7 s measured here), and the
+    Opening a fresh SQLite store runs MLflow's ~50 schema migrations (2.4-3.7 s measured here; a copy of
+    the template `make` built, when there is one: `roadwork_resources.mlflow_store`), and the
     graph's first steps (image_table, splits, their checks) log nothing to MLflow. So the resource opens
     the store (under `_sqlite_init_lock`) on a background thread at run start, and the first tracked
     step waits for it and then starts or finds the MLflow run, as dagster-mlflow does at resource init.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,23 +56,21 @@ def _one_torch_thread():
 def mlflow_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow SQLite store whose schema MLflow has already migrated. Creating a store runs
     MLflow's ~50 alembic migrations (seconds); the graph tests copy this file to their state folder
-    instead (`seed_mlflow_store`). A store created on first use is still what test_cli_materialize and
-    the README test run."""
-    import mlflow
+    instead (`seed_mlflow_store`). The environment's own template (roadwork_resources.mlflow_store, built
+    by `make`) is what test_cli_materialize and the README test start from."""
+    from roadwork_resources.mlflow_store import make_template
 
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}")
-    client.search_experiments()  # creates the store: tables, migrations, default experiment
-    assert path.stat().st_size > 0, f"MLflow did not create {path}"
-    return path
+    return make_template(tmp_path_factory.mktemp("mlflow_template") / "mlflow.db")
 
 
 def seed_mlflow_store(template: Path, state: Path) -> Path:
     """Copy the migrated empty store to `state`/mlflow.db, where build_resources and the e2e
-    environment point MLflow."""
-    state.mkdir(parents=True, exist_ok=True)
+    environment point MLflow (as the resource seeds a fresh store: roadwork_resources.mlflow_store)."""
+    from roadwork_resources.mlflow_store import seed_store
+
     target = state / "mlflow.db"
-    shutil.copyfile(template, target)
+    if not seed_store(target, template):
+        raise FileExistsError(f"{target} exists already: a test state must start without an MLflow store")
     return target
 
 

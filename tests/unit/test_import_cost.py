@@ -40,6 +40,8 @@ STAGES = (
         "metrics_names",
         "import roadwork_core.metrics as m\nassert callable(m.bootstrap_ci) and 'bootstrap_ci' in dir(m)",
     ),
+    ("explora", "import roadwork_core.training.explora\nimport roadwork_core.training as t"),
+    ("training_names", "assert callable(t.train_classifier) and 'train_classifier' in dir(t)"),
     ("metrics_first_use", "assert m.METRIC_NAMES and callable(m.classification_metrics)"),
     ("supervised", "import roadwork_core.training.supervised"),
     (
@@ -89,6 +91,16 @@ def test_metrics_names_still_resolve_on_first_use(imported) -> None:
     assert "torchmetrics" in imported["metrics_first_use"], (
         "classification_metrics should have imported its torchmetrics"
     )
+
+
+def test_explora_imports_no_metrics_stack(imported) -> None:
+    """An ExPLoRA step or rank imports torch and timm, not the supervised loop's torchmetrics (with its
+    scipy, matplotlib and transformers: ~3 s a process) nor peft until it adds the adapters; the
+    training package's names still resolve, on first use."""
+    heavy = imported["explora"]
+    assert "torch" in heavy and "timm" in heavy, heavy
+    assert not {"torchmetrics", "matplotlib", "peft", "transformers"} & set(heavy), heavy
+    assert "torchmetrics" in imported["training_names"], "train_classifier should have imported the loop"
 
 
 def test_supervised_training_imports_peft_only_for_adapters(imported) -> None:
