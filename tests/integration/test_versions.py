@@ -82,6 +82,36 @@ def test_unopenable_mlflow_store_fails_the_first_tracked_step_and_names_the_sett
     assert str(blocker) in message, message
 
 
+def test_an_mlflow_run_left_active_in_the_process_is_ended_not_adopted(tmp_path, tiny_inbox, rw_home):
+    """A notebook or test that left an MLflow run active (another store) before materializing: the Dagster
+    run logs to its own MLflow run in its own store, and the leftover run is ended, not written to."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    leftover = mlflow.start_run().info.run_id
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    tiny = tiny_run_config()
+    explora = {**tiny["ops"]["explora_backbone"]["config"], "enabled": False}
+    config = {"ops": {"explora_backbone": {"config": explora}}, "resources": tiny["resources"]}
+    result = materialize(
+        ["image_table", "splits", "explora_backbone"],
+        instance=instance,
+        partition="v0001",
+        resources=resources,
+        run_config=config,
+    )
+    assert result.success
+    elsewhere = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}").get_run(leftover)
+    assert elsewhere.info.status == "FINISHED" and not elsewhere.data.params, elsewhere.info
+    mlflow.set_tracking_uri(rw_home["mlflow_uri"])
+    runs = mlflow.search_runs(
+        experiment_names=["roadwork"],
+        filter_string=f"tags.dagster_run_id = '{result.run_id}'",
+        output_format="list",
+    )
+    assert [r.info.status for r in runs] == ["FINISHED"], [r.info.status for r in runs]
+    assert runs[0].data.params, "explora_backbone logged no params to the Dagster run's MLflow run"
+
+
 @pytest.mark.parametrize(
     "failing",
     [
