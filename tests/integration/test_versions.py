@@ -85,8 +85,11 @@ def test_unopenable_mlflow_store_fails_the_first_tracked_step_and_names_the_sett
 def test_an_mlflow_run_left_active_in_the_process_is_ended_not_adopted(tmp_path, tiny_inbox, rw_home):
     """A notebook or test that left an MLflow run active (another store) before materializing: the Dagster
     run logs to its own MLflow run in its own store, and the leftover run is ended, not written to."""
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
-    leftover = mlflow.start_run().info.run_id
+    elsewhere_uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    mlflow.set_tracking_uri(elsewhere_uri)
+    # an explicit experiment: the fluent API may remember one of an earlier test's store
+    experiment_id = mlflow.MlflowClient(tracking_uri=elsewhere_uri).create_experiment("notebook")
+    leftover = mlflow.start_run(experiment_id=experiment_id).info.run_id
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
     tiny = tiny_run_config()
@@ -100,7 +103,7 @@ def test_an_mlflow_run_left_active_in_the_process_is_ended_not_adopted(tmp_path,
         run_config=config,
     )
     assert result.success
-    elsewhere = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}").get_run(leftover)
+    elsewhere = mlflow.MlflowClient(tracking_uri=elsewhere_uri).get_run(leftover)
     assert elsewhere.info.status == "FINISHED" and not elsewhere.data.params, elsewhere.info
     mlflow.set_tracking_uri(rw_home["mlflow_uri"])
     runs = mlflow.search_runs(
