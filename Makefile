@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` (auto: one per core); the slow tests are scheduled first.
 PYTEST_WORKERS ?= auto
 
-.PHONY: venv lock check-env postgres-deps demo test ui lint bench clean-state browser screenshots profile-demo profile-epoch
+.PHONY: venv lock check-env bytecode postgres-deps demo test ui lint bench clean-state browser screenshots profile-demo profile-epoch
 
 # Install exactly the lock (every transitive dependency pinned), then the project itself without
 # resolving anything (--no-deps, and no isolated build env that would fetch the newest setuptools).
@@ -56,14 +56,22 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 home: $(DAGSTER_HOME)/dagster.yaml
 
-demo: $(STAMP) home
+# Bytecode for the project's own modules. pip compiles what it installs into .venv, but not this source
+# tree (an editable install), and where PYTHONDONTWRITEBYTECODE is set (this machine's image, many
+# containers) nothing is ever cached: every process (a `dagster` call, code server, run worker, torchrun
+# rank) would compile roadwork_* again. Only changed files are recompiled; __pycache__/ is git-ignored.
+BYTECODE_DIRS := roadwork_assets roadwork_core roadwork_resources roadwork_commands bench tools tests
+bytecode: $(STAMP)
+	$(PY) -m compileall -q -j 0 $(BYTECODE_DIRS) >/dev/null
+
+demo: $(STAMP) home bytecode
 	$(PY) -m roadwork_commands.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
 
 # Where the demo's time goes: py-spy samples the demo and every process it starts (the dagster run, the
 # DataLoader worker) into a flame graph, $(ROADWORK_STATE)/profile/demo.svg. `profile-epoch`: one classifier
 # epoch of configs/demo.yaml (bench/bench_demo_epoch.py) the same way.
 PROFILE_DIR := $(ROADWORK_STATE)/profile
-profile-demo: $(STAMP) home
+profile-demo: $(STAMP) home bytecode
 	mkdir -p $(PROFILE_DIR)
 	$(VENV)/bin/py-spy record --subprocesses --rate 50 -o $(PROFILE_DIR)/demo.svg -- \
 	  $(PY) -m roadwork_commands.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
@@ -94,17 +102,17 @@ postgres-deps:
 	  && $(PYTHON) tools/pg_local.py bindir; \
 	fi
 
-test: check-env
+test: check-env bytecode
 	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
-ui: $(STAMP) home
+ui: $(STAMP) home bytecode
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(STAMP) home
+bench: $(STAMP) home bytecode
 	$(PY) -m bench.run_all
 
 clean-state:

@@ -6,9 +6,11 @@
    imported lazily, inside the asset bodies). Alternating fresh processes, median of repeats.
 2. The whole suite as `make test` runs it (pytest-xdist, `-n auto --dist worksteal`, slow tests first):
    wall seconds, pass/fail counts. `--serial` also times `-n 0` for the ratio (about 20 minutes more on
-   2 cores).
+   2 cores). `--cpu` also splits the machine's busy CPU time during the (last) suite run by process kind
+   (pytest workers, run workers, torchrun ranks, servers, ...) and by the test that started each process
+   (bench/cpu_account.py): on 2 cores the suite is CPU-bound, so CPU-seconds are what a cut must remove.
 
-    python -m bench.bench_tests [--repeats 5] [--suite-runs 1] [--serial] [--skip-suite]
+    python -m bench.bench_tests [--repeats 5] [--suite-runs 1] [--serial] [--skip-suite] [--cpu]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 from bench.common import machine_facts, read_result, side_by_side, write_result
+from bench.cpu_account import CpuSampler, format_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +46,7 @@ def definitions_load(repeats: int) -> dict:
     return {"a": heavy, "b": light, **sbs.as_dict()}
 
 
-def _suite(workers: str) -> dict:
+def _suite(workers: str, cpu: bool = False) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -57,9 +60,11 @@ def _suite(workers: str) -> dict:
         "worksteal",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    sampler = CpuSampler().start() if cpu else None
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
+    cpu_report = sampler.stop() if sampler else None
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
     return {
@@ -68,6 +73,7 @@ def _suite(workers: str) -> dict:
         "exit": proc.returncode,
         "summary": tail,
         **counts,
+        **({"cpu": cpu_report} if cpu_report else {}),
     }
 
 
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite-runs", type=int, default=1)
     parser.add_argument("--serial", action="store_true", help="also time the suite in one process (-n 0)")
     parser.add_argument("--skip-suite", action="store_true", help="keep the previous suite figures")
+    parser.add_argument("--cpu", action="store_true", help="split the last suite run's CPU time by process")
     args = parser.parse_args(argv)
 
     result = {"machine": machine_facts(), "definitions_load": definitions_load(args.repeats)}
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         result["suite"] = previous.get("suite")
         result["suite_serial"] = previous.get("suite_serial")
     else:
-        runs = [_suite("auto") for _ in range(args.suite_runs)]
+        runs = [_suite("auto", cpu=args.cpu and i == args.suite_runs - 1) for i in range(args.suite_runs)]
         result["suite"] = {
             "runs": runs,
             "median_seconds": statistics.median(r["seconds"] for r in runs),
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[bench] test suite (xdist): {[r['seconds'] for r in runs]} s; {runs[-1]['summary']}", flush=True
         )
+        if "cpu" in runs[-1]:
+            print(format_report(runs[-1]["cpu"]), flush=True)
         result["suite_serial"] = _suite("0") if args.serial else previous.get("suite_serial")
     write_result("tests", result)
     suite = result.get("suite") or {}

@@ -1,0 +1,32 @@
+"""bench/cpu_account.py, which splits the suite's CPU time by process for `bench.bench_tests --cpu`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from bench.cpu_account import CpuSampler, kind_of
+
+
+def test_a_child_started_after_start_is_counted_and_older_processes_are_not():
+    sampler = CpuSampler(interval=0.05).start()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(0.2)"
+    subprocess.run([sys.executable, "-c", burn], check=True, timeout=60)
+    report = sampler.stop()
+    child = report["by_kind"]["python -c / -m child of a test"]  # (+ another xdist worker's, if any)
+    assert child["processes"] >= 1 and child["cpu_seconds"] >= 0.5, report
+    # the pytest processes (started before the sampler) are not in the accounting
+    assert not [k for k in report["by_kind"] if k.startswith("pytest")], report
+    assert report["busy_cpu_seconds"] >= 0.5, report
+
+
+def test_process_kinds():
+    spawn = "/v/bin/python -B -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5)"
+    assert kind_of(spawn, "python").startswith("run worker")
+    assert kind_of("/v/bin/python /v/bin/dagster asset materialize -m x", "dagster").startswith("dagster CLI")
+    assert kind_of("/v/bin/python -c pass /tmp/pytest-of-root/x", "python").startswith("python -c")
+    assert kind_of("/usr/lib/chromium/chromium --type=renderer", "chromium") == "chromium"
+    assert kind_of("postgres: checkpointer", "postgres") == "postgres"
+    assert kind_of("/v/bin/python -m dagster api grpc --lazy-load-user-code", "python").startswith(
+        "code server"
+    )
