@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import dagster_step_durations, machine_facts, write_result
+from bench.common import dagster_step_durations, machine_facts, speed_reference, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 240.0  # issue 19: at most 4 minutes after set-up on an idle 2-core machine
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="roadwork-bench-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     facts = machine_facts()
+    reference_before = speed_reference()
     print(f"[bench_demo] make demo DEMO_N={args.n} in {root} (several minutes)")
     measured = run_demo(args.n, root)
     met = measured["wall_seconds"] <= TARGET_SECONDS
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             "target": f"wall <= {TARGET_SECONDS:.0f} s",
             "met": met,
             "machine": facts,
+            "speed_reference_before": reference_before,
+            "speed_reference_after": speed_reference(),
         },
     )
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import dagster_step_durations, machine_facts, write_result
+from bench.common import dagster_step_durations, machine_facts, speed_reference, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 1.15
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     dagster_bin = str(Path(py).with_name("dagster"))
     facts = machine_facts()
+    reference_before = speed_reference()
     root = Path(tempfile.mkdtemp(prefix="roadwork-bench-orch-"))
     try:
         from roadwork_core.data.synthetic import make_demo_drop
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             "target": f"<= {args.target}",
             "met": ratio <= args.target,
             "machine": facts,
+            "speed_reference_before": reference_before,
+            "speed_reference_after": speed_reference(),
         },
     )
     return 0

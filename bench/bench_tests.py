@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import machine_facts, read_result, side_by_side, write_result
+from bench.common import machine_facts, read_result, side_by_side, speed_reference, write_result
 from bench.cpu_account import CpuSampler, format_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +77,12 @@ def _suite(workers: str, cpu: bool = False) -> dict:
     }
 
 
+def _reference_line(result: dict) -> str:
+    keys = ("import_torch_timm_seconds", "forward_seconds", "python_loop_seconds")
+    before, after = result["speed_reference_before"], result["speed_reference_after"]
+    return ", ".join(f"{k.removesuffix('_seconds')} {before[k]:.2f} / {after[k]:.2f} s" for k in keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="split the last suite run's CPU time by process")
     args = parser.parse_args(argv)
 
-    result = {"machine": machine_facts(), "definitions_load": definitions_load(args.repeats)}
+    result = {"machine": machine_facts(), "speed_reference_before": speed_reference()}
+    result["definitions_load"] = definitions_load(args.repeats)
     load = result["definitions_load"]
     print(
         f"[bench] definitions load {load['median_b_seconds']:.2f} s vs {load['median_a_seconds']:.2f} s with "
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         if "cpu" in runs[-1]:
             print(format_report(runs[-1]["cpu"]), flush=True)
         result["suite_serial"] = _suite("0") if args.serial else previous.get("suite_serial")
+    result["speed_reference_after"] = speed_reference()
+    print(f"[bench] speed reference before / after: {_reference_line(result)}", flush=True)
     write_result("tests", result)
     suite = result.get("suite") or {}
     return 0 if suite.get("all_green", True) else 1

@@ -49,6 +49,59 @@ def machine_facts() -> dict:
     return facts
 
 
+# The speed reference: fixed work of the same kinds the suite and the demo do, timed in a fresh interpreter.
+# This shared 2-core machine's speed drifts by up to ~1.6x over hours (identical `make test` runs took 5m52s
+# and 9m58s on the same day), so an absolute figure (the suite, the demo) is only comparable with another
+# taken at a similar reference; ratios measured side by side need no such correction.
+_REFERENCE_CODE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch, timm
+imported = time.perf_counter() - t0
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = timm.create_model(sys.argv[1], pretrained=False).eval()
+x = torch.randn(4, 3, 224, 224)
+times = []
+with torch.inference_mode():
+    model(x)
+    for _ in range(int(sys.argv[2])):
+        t = time.perf_counter(); model(x); times.append(time.perf_counter() - t)
+t = time.perf_counter(); s = 0
+for i in range(10_000_000):
+    s += i
+loop = time.perf_counter() - t
+print(json.dumps({"import_torch_timm_seconds": imported, "forward_seconds": sorted(times)[len(times) // 2],
+                  "python_loop_seconds": loop}))
+"""
+REFERENCE_MODEL = "vit_small_patch16_224"
+
+
+def speed_reference(model: str = REFERENCE_MODEL, repeats: int = 5) -> dict:
+    """This machine's speed now, on fixed work in a fresh interpreter (random init, nothing downloaded):
+    `import torch, timm` (what every run worker, CLI call and torchrun rank pays), the median of `repeats`
+    one-thread forwards of `model` on 4 images at 224 px, and 10^7 additions in a Python loop. Seconds;
+    lower is faster. Benchmarks of absolute wall time record one before and one after their run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _REFERENCE_CODE, model, str(repeats)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"speed reference failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    values = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "model": model,
+        "repeats": repeats,
+        **{k: round(v, 4) for k, v in values.items()},
+        "when_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
 def machine_label(facts: dict, device: str = "cpu") -> str:
     if device.startswith("cuda") and facts.get("cuda_device"):
         return str(facts["cuda_device"])
