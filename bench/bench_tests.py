@@ -77,9 +77,9 @@ def _suite(workers: str, cpu: bool = False) -> dict:
     }
 
 
-def _reference_line(result: dict) -> str:
+def _reference_line(suite: dict) -> str:
     keys = ("import_torch_timm_seconds", "forward_seconds", "python_loop_seconds")
-    before, after = result["speed_reference_before"], result["speed_reference_after"]
+    before, after = suite["speed_reference_before"], suite["speed_reference_after"]
     return ", ".join(f"{k.removesuffix('_seconds')} {before[k]:.2f} / {after[k]:.2f} s" for k in keys)
 
 
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="split the last suite run's CPU time by process")
     args = parser.parse_args(argv)
 
-    result = {"machine": machine_facts(), "speed_reference_before": speed_reference()}
-    result["definitions_load"] = definitions_load(args.repeats)
+    result = {"machine": machine_facts(), "definitions_load": definitions_load(args.repeats)}
     load = result["definitions_load"]
     print(
         f"[bench] definitions load {load['median_b_seconds']:.2f} s vs {load['median_a_seconds']:.2f} s with "
@@ -105,20 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         result["suite"] = previous.get("suite")
         result["suite_serial"] = previous.get("suite_serial")
     else:
+        reference_before = speed_reference()
         runs = [_suite("auto", cpu=args.cpu and i == args.suite_runs - 1) for i in range(args.suite_runs)]
         result["suite"] = {
             "runs": runs,
             "median_seconds": statistics.median(r["seconds"] for r in runs),
             "all_green": all(r["exit"] == 0 for r in runs),
+            "speed_reference_before": reference_before,
+            "speed_reference_after": speed_reference(),
         }
         print(
             f"[bench] test suite (xdist): {[r['seconds'] for r in runs]} s; {runs[-1]['summary']}", flush=True
         )
+        print(f"[bench] speed reference before / after: {_reference_line(result['suite'])}", flush=True)
         if "cpu" in runs[-1]:
             print(format_report(runs[-1]["cpu"]), flush=True)
         result["suite_serial"] = _suite("0") if args.serial else previous.get("suite_serial")
-    result["speed_reference_after"] = speed_reference()
-    print(f"[bench] speed reference before / after: {_reference_line(result)}", flush=True)
     write_result("tests", result)
     suite = result.get("suite") or {}
     return 0 if suite.get("all_green", True) else 1
