@@ -45,6 +45,18 @@ def _machine(result: dict, device: str = "cpu") -> str:
     )
 
 
+def _speed(result: dict) -> str:
+    """The speed reference (bench.common.speed_reference) before / after a benchmark of wall time."""
+    before, after = result.get("speed_reference_before"), result.get("speed_reference_after")
+    if not (before and after):
+        return ""
+    return (
+        f"; speed reference before / after: torch+timm import {before['import_torch_timm_seconds']:.1f} / "
+        f"{after['import_torch_timm_seconds']:.1f} s, ViT-S forward {before['forward_seconds']:.2f} / "
+        f"{after['forward_seconds']:.2f} s"
+    )
+
+
 def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -108,7 +120,7 @@ def table_rows() -> list[list[str]]:
                     f"{r['ratio']:.2f}x (n={r['repeats']})",
                     r.get("target", "<= 1.15x"),
                     _yes(r["met"]),
-                    _machine(r),
+                    _machine(r) + _speed(r),
                 ]
             )
     r = read_result("demo")
@@ -126,7 +138,7 @@ def table_rows() -> list[list[str]]:
                 f"{r['wall_seconds'] / 60:.1f} min (n=1)",
                 r.get("target", "wall <= 600 s").replace("wall ", ""),
                 _yes(r["met"]),
-                _machine(r),
+                _machine(r) + _speed(r),
             ]
         )
     r = read_result("demo_epoch")
@@ -241,7 +253,7 @@ def table_rows() -> list[list[str]]:
                     f"{suite['median_seconds'] / 60:.1f} min (n={len(suite['runs'])}; {suite['runs'][-1]['summary']})",
                     "<= 6 min",
                     _yes(suite["all_green"] and suite["median_seconds"] <= 360),
-                    _machine(r),
+                    _machine(r) + _speed(suite),
                 ]
             )
     return rows
