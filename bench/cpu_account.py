@@ -62,6 +62,7 @@ def kind_of(cmdline: str, name: str) -> str:
 class _Seen:
     kind: str
     test: str
+    cmdline: str = ""
     cpu: float = 0.0
 
 
@@ -101,7 +102,8 @@ class CpuSampler:
                         test = proc.environ().get("PYTEST_CURRENT_TEST", "")
                     except (psutil.AccessDenied, psutil.ZombieProcess):
                         test = ""
-                    seen = self._seen[key] = _Seen(kind_of(cmdline, info["name"] or ""), test.split(" ")[0])
+                    kind = kind_of(cmdline, info["name"] or "")
+                    seen = self._seen[key] = _Seen(kind, test.split(" ")[0], cmdline)
                 seen.cpu = times.user + times.system
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -111,7 +113,8 @@ class CpuSampler:
             self._poll()
             self._stop.wait(self.interval)
 
-    def stop(self) -> dict:
+    def stop(self, top: int = 40) -> dict:
+        """The report; `top` names the costliest processes one by one (command line, test, CPU-s)."""
         self._stop.set()
         self._thread.join()
         self._poll()
@@ -135,6 +138,10 @@ class CpuSampler:
                 k: {"cpu_seconds": round(v, 1), "processes": n_kind[k]} for k, v in by_kind.most_common()
             },
             "subprocess_cpu_by_test_file": {k: round(v, 1) for k, v in by_file.most_common()},
+            "top_processes": [
+                {"cpu_seconds": round(s.cpu, 1), "kind": s.kind, "test": s.test, "cmdline": s.cmdline[:160]}
+                for s in sorted(self._seen.values(), key=lambda s: -s.cpu)[:top]
+            ],
         }
 
 
@@ -147,4 +154,9 @@ def format_report(report: dict) -> str:
     lines += [f"  {v['cpu_seconds']:8.1f}  x{v['processes']:<4d} {k}" for k, v in report["by_kind"].items()]
     lines.append("processes the tests started, by test file:")
     lines += [f"  {v:8.1f}  {k}" for k, v in list(report["subprocess_cpu_by_test_file"].items())[:20]]
+    lines.append("costliest processes:")
+    lines += [
+        f"  {p['cpu_seconds']:8.1f}  {p['test'] or '(no test)'}  {p['cmdline'][:110]}"
+        for p in report.get("top_processes", [])
+    ]
     return "\n".join(lines)

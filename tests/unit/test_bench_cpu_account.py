@@ -18,6 +18,11 @@ def test_a_child_started_after_start_is_counted_and_older_processes_are_not():
     # the pytest processes (started before the sampler) are not in the accounting
     assert not [k for k in report["by_kind"] if k.startswith("pytest")], report
     assert report["busy_cpu_seconds"] >= 0.5, report
+    # the child is named one by one among the costliest processes, with its command line and test
+    [mine] = [p for p in report["top_processes"] if "process_time() - t < 0.6" in p["cmdline"]]
+    assert mine["cpu_seconds"] >= 0.5 and mine["test"].startswith("tests/unit/test_bench_cpu_account.py"), (
+        mine
+    )
 
 
 def test_process_kinds():
