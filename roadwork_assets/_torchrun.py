@@ -26,8 +26,11 @@ def torchrun_command(gpu: GPUResource, job_dir: Path) -> list[str]:
         raise ValueError(
             f"data-parallel training runs on cuda (nccl) or cpu (gloo), not {device}; set gpu.device"
         )
+    # --log-dir: torchrun's per-run folders go into the job directory (removed with it), not into a
+    # torchelastic_* folder under $TMPDIR that nothing removes
     return [
         sys.executable, "-m", "torch.distributed.run", *gpu.torchrun_args(),
+        f"--log-dir={Path(job_dir) / 'torchrun_logs'}",
         "-m", "roadwork_assets.torchrun_worker", "--job", str(job_dir), "--device", device,
         "--threads", str(gpu.threads),
     ]  # fmt: skip

@@ -16,6 +16,7 @@ Anything else is refused: nothing is ever pickled.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import importlib
 import json
@@ -40,27 +41,82 @@ class ArtifactTypeError(TypeError):
 
 
 _SCRATCH_PREFIX = "roadwork-artifact-"
-# scratch directories handed out and not yet moved into the store: a step that fails after
-# new_artifact_dir() never returns its directory, so the process removes what is left when it exits
-_SCRATCH_OPEN: set[Path] = set()
+_LOCK_SUFFIX = ".owner"
+# scratch directories handed out and not yet moved into the store, each with the open file descriptor
+# of its owner lock: a step that fails after new_artifact_dir() never returns its directory, so the
+# process removes what is left when it exits. A process killed outright (SIGKILL, the OOM killer) runs
+# no exit handler; its scratch is swept by the next process that asks for one (see _sweep_dead_scratch).
+_SCRATCH_OPEN: dict[Path, int] = {}
+_SWEPT = False
+
+
+def _release(path: Path) -> None:
+    fd = _SCRATCH_OPEN.pop(path, None)
+    lock = path.with_name(path.name + _LOCK_SUFFIX)
+    with contextlib.suppress(OSError):
+        lock.unlink()
+    if fd is not None:
+        os.close(fd)
 
 
 def _remove_open_scratch() -> None:
     for path in list(_SCRATCH_OPEN):
         shutil.rmtree(path, ignore_errors=True)
-    _SCRATCH_OPEN.clear()
+        _release(path)
 
 
 atexit.register(_remove_open_scratch)
 
 
+def _sweep_dead_scratch(tmp: Path) -> list[Path]:
+    """Remove the scratch directories of processes that died without their exit handlers.
+
+    Every scratch directory `X` has a sibling `X.owner` that its process holds an exclusive `flock` on
+    for as long as it lives; the kernel drops the lock when the process dies, however it dies. A lock
+    this process can take therefore belongs to a dead owner (on this host or in another container
+    sharing the folder), and its directory is garbage. Returns the directories removed."""
+    import fcntl
+
+    removed = []
+    for lock in tmp.glob(f"{_SCRATCH_PREFIX}*{_LOCK_SUFFIX}"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held: its owner is alive
+            continue
+        try:
+            scratch = lock.with_name(lock.name[: -len(_LOCK_SUFFIX)])
+            shutil.rmtree(scratch, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed.append(scratch)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def new_artifact_dir(name: str) -> Path:
     """A scratch directory for an asset to fill and return; the IO manager moves it into the store.
-    Left over (the step failed before returning it), it is removed when the process exits."""
+    Left over (the step failed before returning it), it is removed when the process exits; left over by
+    a killed process, by the next process that asks for a scratch directory."""
+    import fcntl
     import tempfile
 
-    path = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{name}-"))
-    _SCRATCH_OPEN.add(path)
+    global _SWEPT
+    tmp = Path(tempfile.gettempdir())
+    if not _SWEPT:
+        _SWEPT = True
+        _sweep_dead_scratch(tmp)
+    path = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{name}-", dir=tmp))
+    # lock under a name the sweep does not match, then rename: no sweep can take a fresh owner's lock
+    lock = path.with_name(path.name + _LOCK_SUFFIX)
+    fd = os.open(lock.with_name(lock.name + "-new"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(lock.with_name(lock.name + "-new"), lock)
+    _SCRATCH_OPEN[path] = fd
     return path
 
 
@@ -120,7 +176,7 @@ def _write_artifact(dest: Path, obj: Any) -> dict:
             kind, cls = "directory", None
             if obj.name.startswith(_SCRATCH_PREFIX):
                 shutil.move(str(obj), tmp / "dir")  # scratch from new_artifact_dir: move, don't copy
-                _SCRATCH_OPEN.discard(obj)
+                _release(obj)
             else:
                 shutil.copytree(obj, tmp / "dir", symlinks=False)
         elif isinstance(obj, dict | list):

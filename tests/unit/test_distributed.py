@@ -86,7 +86,8 @@ def _model():
 
 def _torchrun(job: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     gpu = GPUResource(device="cpu", nproc_per_node=nproc, threads=1)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    (job / "tmp").mkdir(exist_ok=True)  # the processes' TMPDIR: whatever they leave there is visible
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(job / "tmp")}
     return subprocess.run(
         torchrun_command(gpu, job), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
@@ -121,6 +122,8 @@ def test_two_gloo_processes_train_the_weights_of_one(rows, tmp_path: Path, setti
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-4000:]}"
     two = read_result(job)
     assert two["world_size"] == 2
+    assert not list((job / "tmp").glob("torchelastic_*")), "torchrun's logs belong in the job directory"
+    assert (job / "torchrun_logs").is_dir()
 
     # The last epoch's training weights (rank 0's checkpoint): the best-epoch choice is left out, since
     # a val_select probability at 0.5 +- 1e-7 may round either way and pick another epoch.

@@ -81,6 +81,40 @@ def test_scratch_a_failed_step_never_returned_is_removed_when_the_process_exits(
     assert (read_artifact(tmp_path / "stored") / "f").read_text() == "x", "a stored artifact is untouched"
 
 
+def test_scratch_of_a_killed_process_is_swept_and_a_live_ones_is_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from roadwork_resources.io_manager import _sweep_dead_scratch
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    live = (
+        "from roadwork_resources.io_manager import new_artifact_dir\n"
+        "import sys\n"
+        "d = new_artifact_dir('bundle'); (d / 'w.bin').write_bytes(b'0' * 1000)\n"
+        "print(d, flush=True); sys.stdin.read()\n"  # alive until the test closes stdin
+    )
+    killed = live.replace("sys.stdin.read()", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", live], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        kept = Path(holder.stdout.readline().strip())
+        dead = subprocess.run(
+            [sys.executable, "-c", killed], env=env, capture_output=True, text=True, check=False
+        )
+        assert dead.returncode == -9, dead.stderr
+        left = Path(dead.stdout.strip())
+        assert (left / "w.bin").is_file(), "SIGKILL runs no exit handler: the scratch is still there"
+        assert _sweep_dead_scratch(tmp_path) == [left]
+        assert not left.exists() and not Path(f"{left}.owner").exists()
+        assert (kept / "w.bin").is_file(), "the scratch of a live process must never be swept"
+    finally:
+        holder.communicate("")
+    assert not kept.exists() and not list(tmp_path.iterdir()), "the live process cleans up at exit"
+
+
 def test_refuses_to_pickle_arbitrary_objects(tmp_path):
     class Thing:
         pass
