@@ -5,6 +5,18 @@ it holds at least one box of the configured classes (default: any box); no box (
 YOLO label file, a COCO image without annotations) is no_roadwork. The centre of the largest such
 box is kept as `mask_x`, `mask_y` (pixels): the object point the validator keeps inside its crop.
 
+The mask point is given on the image as training sees it: EXIF orientation applied
+(`roadwork_core.data.images.decode_image`). YOLO coordinates are read as Ultralytics does: normalized
+to the EXIF-oriented image (its `exif_size`; OpenCV's `imread` rotates too), so they are scaled by the
+displayed size. COCO boxes are in pixels; when an image's EXIF orientation swaps its axes (5-8) and the
+json `width`/`height` are the stored, not the displayed, size, the boxes were drawn on the stored pixel
+grid and are mapped through the same transpose (orientations 2-4 cannot be told apart from the json:
+their boxes are read as drawn on the displayed image, like every unrotated one).
+
+A `labels/**/*.txt` file that matches no image is an `orphan_label` reject naming the image path it
+would need (and a near match, e.g. `images/Train` vs `labels/train`); when label files exist but not
+one matches an image, reading the drop fails: every image would otherwise be no_roadwork.
+
 Each malformed label line or annotation rejects its image with reason `bad_label` and a detail that
 names the label file, the line (or annotation id) and what is wrong; nothing is silently dropped.
 Format facts: YOLO txt lines `class cx cy w h`, coordinates normalized to [0, 1] (Ultralytics docs,
@@ -20,7 +32,7 @@ import math
 from pathlib import Path
 
 import yaml
-from PIL import Image
+from PIL import ExifTags, Image
 
 from roadwork_core.data.drops import Reject, _coco_files, _safe_path, _walk_files
 
@@ -42,6 +54,48 @@ def _label_row(uri: str, rel: str, boxes: list[tuple[str, str | None, Box]], box
         x0, y0, x1, y1 = max(hits, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
         row["mask_x"], row["mask_y"] = str(round((x0 + x1) / 2)), str(round((y0 + y1) / 2))
     return row
+
+
+def _header(path: Path) -> tuple[int, int, int]:
+    """(stored width, stored height, EXIF orientation 1..8) from the image header; (0, 0, 1) if unreadable.
+
+    A bad image is rejected later by the image table; here it only leaves the mask point unscaled.
+    """
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            try:
+                orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+            except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+                orientation = 1
+    except (OSError, ValueError, SyntaxError):
+        return 0, 0, 1
+    return w, h, orientation if orientation in range(1, 9) else 1
+
+
+def _displayed_size(w: int, h: int, orientation: int) -> tuple[int, int]:
+    """The size `ImageOps.exif_transpose` gives an image stored as w x h: orientations 5-8 swap the axes."""
+    return (h, w) if orientation >= 5 else (w, h)
+
+
+def _to_displayed(box: Box, w: float, h: float, orientation: int) -> Box:
+    """A box on the stored w x h pixel grid -> the same box on the image as `ImageOps.exif_transpose`
+    shows it (the transposes Pillow applies per EXIF orientation: 2 flip left-right, 3 rotate 180,
+    4 flip top-bottom, 5 transpose, 6 rotate 270 (90 clockwise), 7 transverse, 8 rotate 90)."""
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return {
+            2: (w - x, y),
+            3: (w - x, h - y),
+            4: (x, h - y),
+            5: (y, x),
+            6: (h - y, x),
+            7: (h - y, w - x),
+            8: (y, w - x),
+        }.get(orientation, (x, y))
+
+    (ax, ay), (bx, by) = point(box[0], box[1]), point(box[2], box[3])
+    return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,13 +158,16 @@ def read_yolo(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
     names = yolo_class_names(drop_dir)
     root = drop_dir.resolve()
     rows, rejects = [], []
-    for path in _walk_files(drop_dir / "images"):
+    images = _walk_files(drop_dir / "images")
+    used_labels: set[str] = set()
+    for path in images:
         rel = path.relative_to(drop_dir).as_posix()
         target, reject = _safe_path(drop_dir, root, rel)
+        label_rel = _yolo_label_rel(rel)
+        used_labels.add(label_rel)
         if reject is not None:
             rejects.append(reject)
             continue
-        label_rel = Path("labels", *Path(rel).parts[1:]).with_suffix(".txt").as_posix()
         label_path, reject = _safe_path(drop_dir, root, label_rel)
         if reject is not None:
             rejects.append(Reject(rel, "bad_label", f"{label_rel}: {reject.detail}"))
@@ -134,15 +191,66 @@ def read_yolo(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
         if bad is not None:
             rejects.append(Reject(rel, "bad_label", bad))
             continue
-        if boxes:  # normalized -> pixels for the mask point (header only; a bad image is rejected later)
-            try:
-                with Image.open(target) as img:
-                    w, h = img.size
-            except (OSError, ValueError, SyntaxError):
-                w = h = 0
+        if boxes:  # normalized to the displayed (EXIF-oriented) image -> its pixels, for the mask point
+            w, h = _displayed_size(*_header(target))
             boxes = [(c, nm, (b[0] * w, b[1] * h, b[2] * w, b[3] * h)) for c, nm, b in boxes]
         rows.append(_label_row(str(target), rel, boxes, box_classes))
+    rejects += _orphan_labels(drop_dir, images, used_labels)
     return rows, rejects
+
+
+def _yolo_label_rel(image_rel: str) -> str:
+    """`images/a/b.jpg` -> `labels/a/b.txt`: the one label file YOLO pairs with an image."""
+    return Path("labels", *Path(image_rel).parts[1:]).with_suffix(".txt").as_posix()
+
+
+def _orphan_labels(drop_dir: Path, images: list[Path], used: set[str]) -> list[Reject]:
+    """An `orphan_label` reject per `labels/**/*.txt` that no image pairs with, naming the likely cause.
+
+    Raises when there are label files and not one of them pairs with an image.
+    """
+    labels = [p.relative_to(drop_dir).as_posix() for p in _walk_files(drop_dir / "labels")]
+    labels = [r for r in labels if r.endswith(".txt") and Path(r).name != "classes.txt"]
+    orphans = [r for r in labels if r not in used]
+    if not orphans:
+        return []
+    image_rels = [p.relative_to(drop_dir).as_posix() for p in images]
+    by_lower = {_yolo_label_rel(r).lower(): r for r in image_rels}
+    by_stem: dict[str, list[str]] = {}
+    for r in image_rels:
+        by_stem.setdefault(Path(r).stem, []).append(r)
+    rejects = []
+    for label in orphans:
+        wanted = Path("images", *Path(label).parts[1:]).with_suffix("").as_posix() + ".<ext>"
+        near = by_lower.get(label.lower())
+        if near is not None:
+            cause = (
+                f"the image {near} differs only in upper/lower case (its label file would be "
+                f"{_yolo_label_rel(near)}); rename the folder or file so that images/ and labels/ match exactly"
+            )
+        elif Path(label).stem in by_stem:
+            others = by_stem[Path(label).stem][:3]
+            cause = (
+                f"an image with the same name is at {', '.join(others)}, whose label file would be "
+                f"{', '.join(_yolo_label_rel(o) for o in others)}; mirror the images/ folders under labels/"
+            )
+        else:
+            cause = "no such image exists; add the image or delete the label file"
+        rejects.append(
+            Reject(
+                label,
+                "orphan_label",
+                f"label file matches no image: YOLO pairs it with {wanted}, but {cause}",
+            )
+        )
+    if len(orphans) == len(labels):
+        first = rejects[0]
+        raise ValueError(
+            f"{drop_dir}: none of the {len(labels)} label files under labels/ matches an image under images/, "
+            f"so every image would be no_roadwork. YOLO pairs images/<path>/<name>.<ext> with "
+            f"labels/<path>/<name>.txt (same folders, same case). First: {first.file}: {first.detail}"
+        )
+    return rejects
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,5 +329,20 @@ def read_coco(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
             elif image_id in bad:
                 rejects.append(Reject(rel, "bad_label", bad[image_id]))
             else:
-                rows.append(_label_row(str(target), rel, boxes[image_id], box_classes))
+                rows.append(
+                    _label_row(str(target), rel, _coco_displayed(target, img, boxes[image_id]), box_classes)
+                )
     return rows, rejects
+
+
+def _coco_displayed(target: Path, img: dict, boxes: list) -> list:
+    """Boxes drawn on the stored pixel grid of an image whose EXIF orientation swaps its axes -> the
+    displayed image. The json `width`/`height` tell which grid the annotator saw: the stored size
+    (orientation 5-8, not square) means the stored grid; otherwise the boxes are kept as they are."""
+    if not boxes:
+        return boxes
+    w, h, orientation = _header(target)
+    json_size = (img.get("width"), img.get("height"))
+    if orientation < 5 or w == h or json_size != (w, h):
+        return boxes
+    return [(c, nm, _to_displayed(b, w, h, orientation)) for c, nm, b in boxes]

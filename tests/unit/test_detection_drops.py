@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 from pathlib import Path
 
@@ -157,3 +158,134 @@ def test_image_table_on_a_yolo_drop_keeps_labels_and_mask_points(drops) -> None:
 def test_detection_drop_rejects_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a detection format"):
         make_detection_drop(tmp_path, "v1", n=1, fmt="voc")
+
+
+# ---------------------------------------------------------------------------------------------
+# EXIF-rotated photos: the mask point lands on the object in the image as training sees it
+
+_UNDO = {  # the transpose that stores a displayed image so that `ImageOps.exif_transpose` shows it again
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_90",  # orientation 6 displays with ROTATE_270
+    7: "TRANSVERSE",
+    8: "ROTATE_270",  # orientation 8 displays with ROTATE_90
+}
+_MARK = (46, 6, 58, 16)  # the object on the displayed 64 x 48 image: near its top-right corner
+
+
+def _rotated_photo(orientation: int) -> tuple[bytes, tuple[int, int, int, int]]:
+    """A JPEG that displays as 64 x 48 with a red object at _MARK, stored transposed with that EXIF
+    orientation; -> (bytes, the object's box on the stored pixel grid)."""
+    from PIL import Image
+
+    shown = Image.new("RGB", (64, 48), (0, 0, 0))
+    shown.paste((255, 0, 0), _MARK)
+    stored = shown.transpose(getattr(Image.Transpose, _UNDO[orientation]))
+    ys, xs = np.nonzero(np.asarray(stored)[..., 0] > 128)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue(), (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+
+def _on_the_object(uri: str, row: dict) -> bool:
+    from roadwork_core.data.images import load_image
+
+    r, g, _ = load_image(uri).getpixel((int(row["mask_x"]), int(row["mask_y"])))
+    return r > 150 and g < 100
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_yolo_mask_point_follows_exif_orientation(tmp_path: Path, orientation: int) -> None:
+    data, _ = _rotated_photo(orientation)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "images/phone.jpg").write_bytes(data)
+    x0, y0, x1, y1 = _MARK  # YOLO (Ultralytics) coordinates are normalized to the displayed image
+    (tmp_path / "labels/phone.txt").write_text(
+        f"0 {(x0 + x1) / 2 / 64} {(y0 + y1) / 2 / 48} {(x1 - x0) / 64} {(y1 - y0) / 48}\n"
+    )
+    row = read_drop(tmp_path).candidates.to_dict("records")[0]
+    assert (int(row["mask_x"]), int(row["mask_y"])) == (52, 11), orientation
+    assert _on_the_object(row["uri"], row)
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+@pytest.mark.parametrize("grid", ["stored", "displayed"])
+def test_coco_mask_point_follows_exif_orientation(tmp_path: Path, orientation: int, grid: str) -> None:
+    data, stored_box = _rotated_photo(orientation)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/phone.jpg").write_bytes(data)
+    if grid == "stored":  # the json names the stored size: the annotator drew on the stored pixels
+        (w, h), (x0, y0, x1, y1) = (48, 64), stored_box
+    else:  # the json names the displayed size: boxes are already on the displayed image
+        (w, h), (x0, y0, x1, y1) = (64, 48), _MARK
+    doc = {
+        "images": [{"id": 1, "file_name": "phone.jpg", "width": w, "height": h}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0]}],
+        "categories": [{"id": 1, "name": "cone"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(doc))
+    row = read_drop(tmp_path, fmt="coco").candidates.to_dict("records")[0]
+    assert abs(int(row["mask_x"]) - 52) <= 1 and abs(int(row["mask_y"]) - 11) <= 1, (orientation, row)
+    assert _on_the_object(row["uri"], row)
+
+
+# ---------------------------------------------------------------------------------------------
+# label files that match no image
+
+
+def _yolo_tree(root: Path, images: list[str], labels: dict[str, str]) -> Path:
+    from PIL import Image
+
+    for rel in images:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(root / rel, format="JPEG")
+    for rel, text in labels.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_yolo_orphan_label_files_are_reported_with_their_likely_cause(tmp_path: Path) -> None:
+    box = "0 0.5 0.5 0.2 0.2\n"
+    drop = _yolo_tree(
+        tmp_path,
+        ["images/train/a.jpg", "images/train/b.jpg", "images/train/c.jpg"],
+        {
+            "labels/train/a.txt": box,  # pairs with its image
+            "labels/Train/b.txt": box,  # case differs from images/train
+            "labels/val/c.txt": box,  # the image sits in another folder
+            "labels/train/gone.txt": box,  # no image at all
+            "labels/classes.txt": "cone\n",  # class names, not a label file
+        },
+    )
+    listing = read_drop(drop)
+    assert dict(zip(listing.candidates["file"], listing.candidates["label_raw"], strict=True)) == {
+        "images/train/a.jpg": "1",
+        "images/train/b.jpg": "0",
+        "images/train/c.jpg": "0",
+    }
+    rejects = {r.file: r for r in listing.rejects}
+    assert set(rejects) == {"labels/Train/b.txt", "labels/val/c.txt", "labels/train/gone.txt"}
+    assert {r.reason for r in rejects.values()} == {"orphan_label"}
+    assert "images/Train/b.<ext>" in rejects["labels/Train/b.txt"].detail
+    assert "images/train/b.jpg differs only in upper/lower case" in rejects["labels/Train/b.txt"].detail
+    assert "images/train/c.jpg" in rejects["labels/val/c.txt"].detail
+    assert "labels/train/c.txt" in rejects["labels/val/c.txt"].detail
+    assert "add the image or delete the label file" in rejects["labels/train/gone.txt"].detail
+
+
+def test_yolo_labels_that_match_no_image_at_all_raise(tmp_path: Path) -> None:
+    drop = _yolo_tree(
+        tmp_path,
+        ["images/Train/f0.jpg", "images/Train/f1.jpg"],
+        {"labels/train/f0.txt": "", "labels/train/f1.txt": "0 0.5 0.5 0.2 0.2\n"},
+    )
+    with pytest.raises(ValueError, match=r"none of the 2 label files under labels/ matches an image") as info:
+        read_drop(drop)
+    assert "every image would be no_roadwork" in str(info.value)
+    assert "images/Train/f0.jpg differs only in upper/lower case" in str(info.value)
