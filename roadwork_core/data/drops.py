@@ -3,7 +3,10 @@
 A drop is complete when it holds `_READY`. Five layouts are read (auto-detected, or forced):
 
 - `labels_csv`: `labels.csv` with columns `file,label,<metadata...>`; `file` relative to the drop.
-- `imagefolder`: class subfolders, by default `roadwork/` (label 1) and `no_roadwork/` (label 0).
+- `imagefolder`: class subfolders, by default `roadwork/` (label 1) and `no_roadwork/` (label 0); folder
+  names match case-insensitively with '-' or ' ' for '_' (`Roadwork/`, `No-Roadwork/`). Symlinked
+  subfolders are followed while they stay inside the drop. An image file outside every class folder
+  (top level, `unsure/`, ...) is a `no_class_folder` reject; `unlabelled/` is the unlabelled pool.
 - `hf_parquet`: Hugging Face parquet shards (`*.parquet`, e.g. under `data/`) with an `image` column
   of `{bytes, path}` structs, a `label` column (int or class name); every other column is metadata,
   nested structs flattened with dots (`scene_level_tags.weather`).
@@ -18,8 +21,14 @@ A drop is complete when it holds `_READY`. Five layouts are read (auto-detected,
   The centre of its largest such box becomes `mask_x`, `mask_y` (pixels), the validator's mask point.
   A malformed label line or annotation rejects its image (`bad_label`, naming the file and line).
 
+With `labels.csv` present it alone decides which images the drop holds, class folders or not; image
+files on disk that it does not list (outside `unlabelled/`) are counted in one `not_in_labels_csv`
+reject row (file `labels.csv`) naming the first of them, so a csv that selects a subset on purpose
+does not fail the reject limit, yet nothing is left out silently.
+
 Readers only list candidates; decoding and label checks happen in the image table. Paths that escape
-the drop root and symlinks that resolve outside it are rejected here and never read.
+the drop root and symlinks that resolve outside it are rejected here and never read. OS junk
+(dot-files, `Thumbs.db`, `desktop.ini`, `__MACOSX/`, ...) is skipped wherever folders are walked.
 """
 
 from __future__ import annotations
@@ -42,6 +51,27 @@ UNLABELLED = "unlabelled"
 # Columns the listing itself defines; a metadata column with one of these names is kept as `meta.<name>`.
 RESERVED = frozenset({"uri", "file", "label", "label_raw", "source", "image_id", "phash", "width", "height"})
 BASE_COLUMNS = ["uri", "file", "label_raw", "source"]
+# Skipped wherever a drop is walked (besides every name starting with '.': .DS_Store, ._x.jpg, .git).
+JUNK_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+JUNK_DIRS = frozenset({"__macosx", "$recycle.bin", "system volume information"})
+# What counts as an image file when looking for images a reader would leave out.
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".webp",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".heic",
+        ".heif",
+        ".avif",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +121,7 @@ def detect_format(drop_dir: Path, class_names: dict[str, int] | None = None) -> 
     if (drop_dir / "labels.csv").is_file():
         return "labels_csv"
     names = class_names or DEFAULT_CLASS_NAMES
-    if any((drop_dir / name).is_dir() for name in names):
+    if _class_folders(drop_dir, names):
         return "imagefolder"
     if _parquet_files(drop_dir):
         return "hf_parquet"
@@ -193,24 +223,117 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
         row = {"uri": str(target), "file": rel, "label_raw": rec["label"].strip()}
         row.update({c: rec[c] for c in meta_cols})
         rows.append(row)
+    unlisted = _unlisted_images(drop_dir, [Path(r["uri"]) for r in rows], [str(r) for r in table["file"]])
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        rejects.append(
+            Reject(
+                "labels.csv",
+                "not_in_labels_csv",
+                f"{len(unlisted)} image file(s) in the drop are not listed in labels.csv and were left out "
+                f"(labels.csv alone decides which images a drop holds): {shown}; add a row for each, or move "
+                f"them to {UNLABELLED}/ (unlabelled images) or out of the drop",
+            )
+        )
     return rows, rejects
+
+
+def _unlisted_images(drop_dir: Path, accepted: list[Path], entries: list[str]) -> list[str]:
+    """Image files of the drop (outside `unlabelled/`) that no csv entry names (rejected entries too)
+    and no accepted entry resolves to, relative to the drop."""
+    real = {p.resolve() for p in accepted}
+    base = drop_dir.absolute()
+    named = {os.path.normpath(base / e.replace("\\", "/")) for e in entries if e}
+    return [
+        p.relative_to(drop_dir).as_posix()
+        for p in _images_outside(drop_dir, skip_top={UNLABELLED})
+        if os.path.normpath(p.absolute()) not in named and p.resolve() not in real
+    ]
+
+
+def _class_key(name: str) -> str:
+    """Folder / class name as matched: case-insensitive, '-' and ' ' read as '_'."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _class_folders(drop_dir: Path, class_names: dict[str, int]) -> list[tuple[Path, str]]:
+    """(folder, class name) for each top-level folder of the drop whose name matches a class name."""
+    keys = {_class_key(n): n for n in class_names}
+    try:
+        entries = sorted(drop_dir.iterdir())
+    except OSError:
+        return []
+    return [
+        (p, keys[_class_key(p.name)])
+        for p in entries
+        if _class_key(p.name) in keys and not _is_junk(p.name, True) and p.is_dir()
+    ]
 
 
 def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[dict], list[Reject]]:
     rows, rejects = [], []
     root = drop_dir.resolve()
-    for name in sorted(class_names):
-        folder = drop_dir / name
-        if not folder.is_dir():
-            continue
-        for path in _walk_files(folder):
+    folders = _class_folders(drop_dir, class_names)
+    for folder, name in folders:
+        links_out: list[Path] = []
+        for path in _walk_files(folder, follow_inside=root, links_outside=links_out):
             rel = path.relative_to(drop_dir).as_posix()
             target, reject = _safe_path(drop_dir, root, rel)
             if reject is not None:
                 rejects.append(reject)
                 continue
             rows.append({"uri": str(target), "file": rel, "label_raw": name})
+        for link in links_out:
+            rejects.append(
+                Reject(
+                    link.relative_to(drop_dir).as_posix(),
+                    "symlink_outside",
+                    f"a symlinked folder points to {link.resolve()}, outside the drop folder; its files are "
+                    "not read: copy them into the drop instead",
+                )
+            )
+    claimed = {Path(r["uri"]).resolve() for r in rows}
+    accepted = ", ".join(f"{n}/" for n in sorted(class_names))
+    used = {f.name for f, _ in folders}
+    for path in _images_outside(drop_dir, skip_top=used | {UNLABELLED}):
+        if path.resolve() in claimed:  # reached through a followed symlink inside a class folder
+            continue
+        rel = path.relative_to(drop_dir)
+        where = (
+            f"in folder '{rel.parts[0]}/', which is not a class folder{_near_class(rel.parts[0], class_names)}"
+            if len(rel.parts) > 1
+            else "at the top of the drop, outside every class folder"
+        )
+        rejects.append(
+            Reject(
+                rel.as_posix(),
+                "no_class_folder",
+                f"{where}; an ImageFolder drop takes images under {accepted} (names match case-insensitively, "
+                f"'-' or ' ' for '_') and unlabelled ones under {UNLABELLED}/; move it into one of them or "
+                "delete it",
+            )
+        )
     return rows, rejects
+
+
+def _near_class(folder: str, class_names: dict[str, int]) -> str:
+    """' (rename it to no_roadwork/?)' when the folder name only lacks the separators of a class name."""
+    squash = _class_key(folder).replace("_", "")
+    near = [n for n in sorted(class_names) if _class_key(n).replace("_", "") == squash]
+    return f" (rename it to {near[0]}/?)" if near else ""
+
+
+def _images_outside(drop_dir: Path, skip_top: set[str]) -> list[Path]:
+    """Image files (by suffix) in the drop outside the top-level entries named in `skip_top`; OS junk
+    skipped, symlinked folders not followed."""
+    out = []
+    for path in _walk_files(drop_dir):
+        rel = path.relative_to(drop_dir)
+        if len(rel.parts) > 1 and rel.parts[0] in skip_top:
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            out.append(path)
+    return out
 
 
 def _read_hf_parquet(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[dict], list[Reject]]:
@@ -338,12 +461,59 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or path.is_relative_to(root)
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    """Regular files (or symlinks to them) below `folder`, hidden names skipped; symlinked dirs not followed."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+def _is_junk(name: str, is_dir: bool) -> bool:
+    """Hidden names and OS leftovers (Thumbs.db, desktop.ini, __MACOSX/, ...): never data."""
+    return name.startswith(".") or name.lower() in (JUNK_DIRS if is_dir else JUNK_FILES)
+
+
+def _walk_files(
+    folder: Path, follow_inside: Path | None = None, links_outside: list[Path] | None = None
+) -> list[Path]:
+    """Files (and symlinks to them) below `folder`, each folder's files before its subfolders', by name;
+    OS junk skipped.
+
+    Symlinked folders are not followed, unless `follow_inside` is given: then those that resolve inside
+    it are followed (each real folder once, never back into one being walked) and those that resolve
+    outside it are appended to `links_outside` instead.
+    """
+    out: list[Path] = []
+    visited: set[Path] = set()
+
+    def walk(current: Path, stack: tuple[Path, ...]) -> None:
+        try:
+            with os.scandir(current) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            return
+        subdirs = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows a symlink; a broken one is listed as a file
+            except OSError:
+                is_dir = False
+            if _is_junk(entry.name, is_dir):
+                continue
+            path = current / entry.name
+            if not is_dir:
+                out.append(path)
+            elif not entry.is_symlink():
+                subdirs.append(path)
+            elif follow_inside is not None:
+                real = path.resolve()
+                if not _inside(real, follow_inside):
+                    if links_outside is not None:
+                        links_outside.append(path)
+                elif not any(_inside(s, real) for s in stack):  # not a way back up: no loops
+                    subdirs.append(path)
+        for sub in subdirs:
+            real = sub.resolve()
+            if real not in visited:
+                visited.add(real)
+                walk(sub, (*stack, real))
+
+    start = Path(folder).resolve()
+    visited.add(start)
+    walk(Path(folder), (start,))
     return out
 
 

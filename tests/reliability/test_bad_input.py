@@ -59,7 +59,8 @@ def _drop(root: Path, files: dict[str, bytes], csv: str | None, ready: bool = Tr
     ids=["no-file-column", "no-label-column", "empty-file", "header-only"],
 )
 def test_labels_csv_structure_errors_name_the_csv(tmp_path: Path, csv: str, match: str) -> None:
-    drop = _drop(tmp_path / "v0001", {"a.jpg": _jpeg()}, csv)
+    # header-only: no image on disk either (one on disk would be a not_in_labels_csv reject instead)
+    drop = _drop(tmp_path / "v0001", {} if csv == "file,label\n" else {"a.jpg": _jpeg()}, csv)
     with pytest.raises(ValueError, match=match) as info:
         build_image_table([drop])
     assert str(drop) in str(info.value), f"the error must name the drop or its csv: {info.value}"

@@ -192,3 +192,111 @@ def test_inbox_ready_drops_and_accumulation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'v0002' is not a ready drop.*_READY"):
         drops_up_to(tmp_path, "v0002")
     assert list_ready_drops(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder: loose class folder names, images outside every class folder, symlinked folders, junk
+
+
+def _put(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_imagefolder_names_match_loosely_and_stray_images_are_rejected(
+    tmp_path: Path, image_bytes: Callable[..., bytes]
+) -> None:
+    jpg = image_bytes()
+    drop = _put(
+        tmp_path,
+        {
+            "Roadwork/r.jpg": jpg,
+            "Roadwork/site A/2024/x.JPG": jpg,
+            "No-Roadwork/n.jpg": jpg,
+            "no roadwork/m.png": jpg,
+            "unsure/u.jpg": jpg,
+            "NoRoadwork/z.jpg": jpg,
+            "top.jpg": jpg,
+            "unlabelled/p.jpg": jpg,  # the unlabelled pool, not a stray
+            "notes.txt": b"not an image",  # not an image file: not reported
+            "Roadwork/Thumbs.db": b"\xd0\xcf\x11\xe0",  # OS junk: skipped everywhere
+            "No-Roadwork/desktop.ini": b"[.ShellClassInfo]\r\n",
+            "Roadwork/__MACOSX/._r.jpg": b"\x00\x05\x16\x07",
+            "__MACOSX/Roadwork/._r.jpg": b"\x00\x05\x16\x07",
+        },
+    )
+    assert detect_format(drop) == "imagefolder"
+    listing = read_drop(drop)
+    assert dict(zip(listing.candidates["file"], listing.candidates["label_raw"], strict=True)) == {
+        "No-Roadwork/n.jpg": "no_roadwork",
+        "Roadwork/r.jpg": "roadwork",
+        "Roadwork/site A/2024/x.JPG": "roadwork",
+        "no roadwork/m.png": "no_roadwork",
+    }
+    rejects = {r.file: r for r in listing.rejects}
+    assert set(rejects) == {"unsure/u.jpg", "NoRoadwork/z.jpg", "top.jpg"}
+    assert {r.reason for r in rejects.values()} == {"no_class_folder"}
+    assert "in folder 'unsure/', which is not a class folder" in rejects["unsure/u.jpg"].detail
+    assert "no_roadwork/, roadwork/" in rejects["unsure/u.jpg"].detail
+    assert "rename it to no_roadwork/" in rejects["NoRoadwork/z.jpg"].detail
+    assert "at the top of the drop" in rejects["top.jpg"].detail
+
+
+def test_imagefolder_follows_symlinked_folders_that_stay_inside_the_drop(
+    tmp_path: Path, image_bytes: Callable[..., bytes]
+) -> None:
+    jpg = image_bytes()
+    outside = _put(tmp_path / "outside", {"secret.jpg": jpg})
+    drop = _put(
+        tmp_path / "drop",
+        {"roadwork/r.jpg": jpg, "no_roadwork/n.jpg": jpg, "incoming/batch2/z.jpg": jpg},
+    )
+    (drop / "roadwork" / "batch2").symlink_to(drop / "incoming" / "batch2")  # inside: followed
+    (drop / "roadwork" / "ext").symlink_to(outside)  # outside: reported, never read
+    (drop / "roadwork" / "up").symlink_to(drop)  # a way back up: not followed (no loop, no relabelling)
+    (drop / "roadwork" / "self").symlink_to(drop / "roadwork")
+    listing = read_drop(drop)
+    assert dict(zip(listing.candidates["file"], listing.candidates["label_raw"], strict=True)) == {
+        "no_roadwork/n.jpg": "no_roadwork",
+        "roadwork/r.jpg": "roadwork",
+        "roadwork/batch2/z.jpg": "roadwork",
+    }
+    assert [(r.file, r.reason) for r in listing.rejects] == [("roadwork/ext", "symlink_outside")]
+    assert str(outside) in listing.rejects[0].detail
+
+
+def test_os_junk_is_skipped_by_every_reader(tmp_path: Path, image_bytes: Callable[..., bytes]) -> None:
+    hf = tmp_path / "hf"
+    _write_hf_shard(hf / "data" / "train.parquet", [image_bytes()], ["roadwork"])
+    _put(hf, {"__MACOSX/data/train.parquet": b"\x00\x05\x16\x07 resource fork", "data/Thumbs.db": b"x"})
+    assert list(read_drop(hf).candidates["file"]) == ["data/train.parquet#row=0"]
+    pool = _put(tmp_path / "pool", {"unlabelled/a.jpg": image_bytes(), "unlabelled/Thumbs.db": b"x"})
+    _put(pool, {"unlabelled/DESKTOP.INI": b"x", "unlabelled/__MACOSX/._a.jpg": b"x"})
+    assert [Path(p).name for p in list_unlabelled(pool)] == ["a.jpg"]
+
+
+def test_labels_csv_counts_images_it_does_not_list(tmp_path: Path, image_bytes: Callable[..., bytes]) -> None:
+    jpg = image_bytes()
+    drop = _put(
+        tmp_path / "drop",
+        {f"roadwork/r{i}.jpg": jpg for i in range(3)}
+        | {"no_roadwork/n0.jpg": jpg, "unlabelled/p.jpg": jpg, "roadwork/Thumbs.db": b"x"},
+    )
+    (tmp_path / "secret.jpg").write_bytes(jpg)
+    (drop / "roadwork" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (drop / "labels.csv").write_text(
+        "file,label\nroadwork/r0.jpg,1\n./roadwork/r1.jpg,1\nroadwork/link.jpg,1\n"
+    )
+    listing = read_drop(drop)
+    assert list(listing.candidates["file"]) == ["roadwork/r0.jpg", "./roadwork/r1.jpg"], "labels.csv wins"
+    rejects = {r.file: r for r in listing.rejects}
+    assert rejects["roadwork/link.jpg"].reason == "symlink_outside"
+    summary = rejects["labels.csv"]
+    assert summary.reason == "not_in_labels_csv"
+    assert summary.detail.startswith("2 image file(s) in the drop are not listed in labels.csv")
+    assert "no_roadwork/n0.jpg, roadwork/r2.jpg;" in summary.detail, (
+        "listed, junk and unlabelled/ files are not"
+    )
+    assert len(listing.rejects) == 2, "one row for all unlisted images, not one each"
