@@ -55,8 +55,8 @@ def _predictions_problem(df: pd.DataFrame) -> str | None:
 
 ImageTable = _table_type(
     "ImageTable",
-    ["image_id", "uri", "file", "label", "phash", "width", "height", "source"],
-    "One row per accepted image: sha256 image_id, uri, 0/1 label, perceptual hash, size, source drop, metadata.",
+    ["image_id", "uri", "file", "label", "phash", "phash_dihedral", "width", "height", "source"],
+    "One row per accepted image: sha256 image_id, uri, 0/1 label, perceptual hashes (upright and flipped/rotated), size, source drop, metadata.",
     _image_table_problem,
 )
 SplitsTable = _table_type(

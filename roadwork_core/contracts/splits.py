@@ -151,7 +151,7 @@ class SplitReader:
         return rows[rows["image_id"].isin(ids)].reset_index(drop=True).copy()
 
     def read_phashes(self, split: Split | str) -> pd.DataFrame:
-        """`image_id, split, phash` (+ `file` if present) of `split`: no uri, no label, no image.
+        """`image_id, split, phash` (+ `phash_dihedral`, `file` if present) of `split`: no uri, no label, no image.
 
         Only for splits in the rule's `hashes_of`; recorded in `hashes_read`.
         """
@@ -160,7 +160,9 @@ class SplitReader:
             raise SplitContractViolation(self.asset, split, self.rule)
         if split.value not in self._hashes_read:
             self._hashes_read.append(split.value)
-        cols = ["image_id", "split", "phash"] + [c for c in ("file",) if c in self._table.columns]
+        cols = ["image_id", "split", "phash"] + [
+            c for c in ("phash_dihedral", "file") if c in self._table.columns
+        ]
         return self._table.loc[self._table["split"] == split.value, cols].reset_index(drop=True).copy()
 
     @property

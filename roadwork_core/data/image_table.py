@@ -1,8 +1,10 @@
 """The image table: every accepted, unique image of a dataset version, with rejects and duplicates.
 
 Each candidate from the drop readers is read, hashed (sha256 of the file bytes = `image_id`), fully
-decoded (EXIF transpose, RGB), size-checked and perceptually hashed. Exact duplicates are collapsed
-when their labels agree; when they disagree every copy is rejected as `label_conflict`.
+decoded (EXIF transpose, RGB), size-checked and perceptually hashed (`phash`, and `phash_dihedral`:
+the phashes of its flips and quarter turns, see neardup.py). Exact duplicates are collapsed
+when their labels agree; when they disagree, the copy of the oldest drop is kept if that drop agrees
+with itself and the later copies are rejected as `label_conflict`, else every copy is.
 Reject codes: unreadable, truncated, too_large, too_small, bad_label, path_escape, symlink_outside,
 label_conflict.
 """
@@ -15,14 +17,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
 import numpy as np
 import pandas as pd
 
 from roadwork_core.data.drops import BASE_COLUMNS, DEFAULT_CLASS_NAMES, read_drop
 from roadwork_core.data.images import ImageRejected, decode_image, read_uri_bytes
+from roadwork_core.data.neardup import dihedral_phashes
 
-IMAGE_TABLE_COLUMNS = ["image_id", "uri", "file", "label", "phash", "width", "height", "source"]
+IMAGE_TABLE_COLUMNS = [
+    "image_id",
+    "uri",
+    "file",
+    "label",
+    "phash",
+    "phash_dihedral",
+    "width",
+    "height",
+    "source",
+]
 REJECT_COLUMNS = ["file", "source", "reason", "detail"]
 DUPLICATE_COLUMNS = ["image_id", "kept_file", "kept_source", "dropped_file", "dropped_source", "conflict"]
 
@@ -76,9 +88,11 @@ def _inspect(uri: str, file: str, min_size: int) -> tuple[dict | None, tuple[str
     w, h = img.size
     if min(w, h) < min_size:
         return None, ("too_small", f"{w}x{h} is below the minimum side of {min_size} px (min_size)")
+    phash, phash_dihedral = dihedral_phashes(img)
     facts = {
         "image_id": hashlib.sha256(data).hexdigest(),
-        "phash": str(imagehash.phash(img)),
+        "phash": phash,
+        "phash_dihedral": phash_dihedral,
         "width": w,
         "height": h,
     }
@@ -135,7 +149,7 @@ def build_image_table(
         else:
             keep.append(i)
     facts_frame = pd.DataFrame(
-        [results[i][0] for i in keep], columns=["image_id", "phash", "width", "height"]
+        [results[i][0] for i in keep], columns=["image_id", "phash", "phash_dihedral", "width", "height"]
     )
     good = pd.concat([cands.loc[keep].reset_index(drop=True), facts_frame], axis=1)
 
@@ -154,29 +168,53 @@ def build_image_table(
     return ImageTableResult(images, reject_frame, duplicates, n_candidates)
 
 
+def _conflict_detail(row: pd.Series, group: pd.DataFrame, idx) -> str:
+    """Why `row` (a copy in a group of identical bytes whose labels disagree) is rejected."""
+    same_entry = group[(group["file"] == row["file"]) & (group["source"] == row["source"])]
+    if len(same_entry) > 1:
+        return (
+            f"{row['file']} is listed {len(same_entry)} times in {row['source']} with labels "
+            f"{sorted(set(same_entry['label'].astype(int).tolist()))}; keep one entry with the right label"
+        )
+    others = [f"{r.source}/{r.file} (label {int(r.label)})" for r in group.itertuples() if r.Index != idx]
+    return f"identical bytes with a different label at {others}; keep one copy with the right label"
+
+
 def _collapse_duplicates(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    """Keep the first copy (oldest drop, listing order) of each image_id; reject all copies on conflict."""
+    """Keep the first copy (oldest drop, listing order) of each image_id.
+
+    Copies whose labels disagree: when the oldest drop holding the image gives it one label, that copy is
+    kept (the image keeps its label and its split, version after version) and only the later copies with
+    another label are rejected as `label_conflict`; when the oldest drop itself disagrees, every copy is."""
     dup_rows, rejects, drop_index = [], [], []
     for image_id, group in good[good.duplicated("image_id", keep=False)].groupby("image_id", sort=True):
-        conflict = group["label"].nunique() > 1
         first = group.iloc[0]
+        oldest = group[group["source"] == first["source"]]
+        settled = oldest["label"].nunique() == 1  # the oldest drop agrees with itself
         for idx, row in group.iterrows():
+            if idx == group.index[0] and settled:
+                continue  # the copy that is kept
+            if settled:
+                conflict = row["label"] != first["label"]
+                detail = (
+                    f"identical bytes to {first['source']}/{first['file']}, labelled {int(first['label'])} since "
+                    f"{first['source']}; this copy says {int(row['label'])}. The earlier label is kept (the image "
+                    f"keeps its split); fix or remove this copy"
+                )
+            else:
+                conflict, detail = True, _conflict_detail(row, group, idx)
+            drop_index.append(idx)
             if conflict:
-                drop_index.append(idx)
-                others = [f"{r.source}/{r.file}" for r in group.itertuples() if r.Index != idx]
                 rejects.append({"file": row["file"], "source": row["source"], "reason": "label_conflict",
-                                "detail": f"identical bytes with a different label at {others}"})  # fmt: skip
-            elif idx != group.index[0]:
-                drop_index.append(idx)
-            if conflict or idx != group.index[0]:
-                dup_rows.append({
-                    "image_id": image_id,
-                    "kept_file": "" if conflict else first["file"],
-                    "kept_source": "" if conflict else first["source"],
-                    "dropped_file": row["file"],
-                    "dropped_source": row["source"],
-                    "conflict": bool(conflict),
-                })  # fmt: skip
+                                "detail": detail})  # fmt: skip
+            dup_rows.append({
+                "image_id": image_id,
+                "kept_file": first["file"] if settled else "",
+                "kept_source": first["source"] if settled else "",
+                "dropped_file": row["file"],
+                "dropped_source": row["source"],
+                "conflict": bool(conflict),
+            })  # fmt: skip
     images = good.drop(index=drop_index).reset_index(drop=True)
     return images, pd.DataFrame(dup_rows, columns=DUPLICATE_COLUMNS), rejects
 

@@ -4,6 +4,13 @@ Two images are near-duplicates when the Hamming distance between their 64-bit pe
 (`imagehash.phash`, stored as 16 hex characters) is at most `radius`. Groups are the connected
 components of that graph, so a chain a~b~c lands in one group even if a and c are far apart.
 
+Flips and quarter turns: a mirrored copy, or a photo whose EXIF orientation tag was changed (the
+image is decoded upright, so the tag turns into a rotation), has a phash ~32 bits from its original.
+`dihedral_phashes` also hashes the 7 other flips/rotations of an image (column `phash_dihedral`);
+given them, two images are near-duplicates when any flip/rotation of one is within `radius` of the
+other. Crops, padding, small rotations and overlays are out of a perceptual hash's reach (see README,
+"Splits and the split contract").
+
 Candidate pairs come from a multi-index (pigeonhole) search: split the 64 bits into `radius + 1`
 disjoint bands; two hashes within distance `radius` differ in at most `radius` bands, so they agree
 exactly on at least one band. Per band we sort the band values and compare each hash with its
@@ -21,6 +28,62 @@ from scipy.sparse.csgraph import connected_components
 
 HASH_BITS = 64
 HEX_CHARS = HASH_BITS // 4
+N_VARIANTS = 7  # the flips and rotations of the dihedral group other than the identity
+_PHASH_SIDE = 32  # imagehash.phash reduces the image to 32 x 32 grey (hash_size 8 x highfreq_factor 4)
+_MAX_CANDIDATES = 4_000_000  # candidate pairs compared at once by the variant search (memory bound)
+
+
+def dihedral_phashes(img) -> tuple[str, str]:
+    """(phash, phash_dihedral) of a decoded PIL image.
+
+    phash is `str(imagehash.phash(img))`. phash_dihedral holds the phashes of the image flipped left-right,
+    flipped top-bottom, rotated 90 / 180 / 270 degrees, transposed and transversed, space-separated.
+    They are taken from the 32 x 32 grey image phash itself reduces to, so the 7 extra hashes cost 7 small
+    DCTs, not 7 more resizes; flipping and resizing commute, so each matches the phash of the flipped
+    full-size image to within a bit or two.
+    """
+    import imagehash
+    from PIL import Image
+
+    small = img.convert("L").resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS)
+    phash = str(imagehash.phash(small))  # equal to imagehash.phash(img): it does the same reduction
+    ops = (
+        Image.Transpose.FLIP_LEFT_RIGHT,
+        Image.Transpose.FLIP_TOP_BOTTOM,
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_180,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.TRANSVERSE,
+    )
+    return phash, " ".join(str(imagehash.phash(small.transpose(op))) for op in ops)
+
+
+def variants_to_uint64(variants: Sequence[str | None], hashes: np.ndarray) -> np.ndarray:
+    """Parse `phash_dihedral` strings (7 space-separated hex hashes each) into a (n, 7) uint64 array.
+
+    A missing entry (None, NaN, ""; a row from a table written before the column existed) stands for
+    the upright hash `hashes[row]` 7 times: that image is compared upright only."""
+    out = np.empty((len(variants), N_VARIANTS), dtype=np.uint64)
+    for row, text in enumerate(variants):
+        if text is None or text == "" or (isinstance(text, float) and np.isnan(text)):
+            out[row] = hashes[row]
+            continue
+        parts = text.split() if isinstance(text, str) else []
+        if len(parts) != N_VARIANTS:
+            raise ValueError(
+                f"phash_dihedral at row {row} is {text!r}; expected {N_VARIANTS} space-separated "
+                f"{HEX_CHARS}-character hex hashes (dihedral_phashes); recompute the image table"
+            )
+        out[row] = phash_to_uint64(parts)
+    return out
+
+
+def table_hashes(table) -> tuple[list[str], list[str] | None]:
+    """(phash, phash_dihedral or None) columns of an image / splits table, for the functions below.
+    Tables written before phash_dihedral existed give None: those compare upright hashes only."""
+    variants = table["phash_dihedral"].tolist() if "phash_dihedral" in table.columns else None
+    return table["phash"].tolist(), variants
 
 
 def phash_to_uint64(phashes: Sequence[str]) -> np.ndarray:
@@ -87,45 +150,106 @@ def _pairs_sharing_band(hashes: np.ndarray, shift: int, mask: int, radius: int) 
     return np.sort(pairs, axis=1)
 
 
-def near_duplicate_pairs(phashes: Sequence[str], radius: int = 6) -> np.ndarray:
+def _variant_pairs(hashes: np.ndarray, variants: np.ndarray, radius: int) -> np.ndarray:
+    """Pairs (i, j), i < j, where some flip/rotation of one image is within `radius` of the other.
+
+    Queries are the (n * 7) variant hashes, the index the n upright ones; per band, a query is compared
+    with the index hashes in its bucket only (never variant with variant), in chunks of at most
+    `_MAX_CANDIDATES` comparisons."""
+    n = len(hashes)
+    queries = variants.reshape(-1)  # (7n,) row-major: query q belongs to image q // 7
+    owner = np.repeat(np.arange(n, dtype=np.int64), N_VARIANTS)
+    found: list[np.ndarray] = []
+    for shift, mask in _band_masks(radius):
+        band = (hashes >> np.uint64(shift)) & np.uint64(mask)
+        order = np.argsort(band, kind="stable")
+        band_sorted = band[order]
+        qband = (queries >> np.uint64(shift)) & np.uint64(mask)
+        left = np.searchsorted(band_sorted, qband, side="left")
+        counts = np.searchsorted(band_sorted, qband, side="right") - left  # (7n,) bucket sizes
+        ends = np.cumsum(counts)
+        start = 0
+        while start < len(queries):
+            done = ends[start - 1] if start else 0  # candidates before this chunk
+            stop = max(start + 1, int(np.searchsorted(ends, done + _MAX_CANDIDATES, side="right")))
+            sizes = counts[start:stop]
+            q = np.repeat(np.arange(start, stop), sizes)  # (C,) one row per candidate
+            first = np.cumsum(sizes) - sizes  # (stop - start,) where each query's candidates begin
+            offset = np.arange(len(q)) - np.repeat(first, sizes)  # position inside the query's bucket
+            i = order[left[q] + offset]
+            close = (hamming_distance(queries[q], hashes[i]) <= radius) & (owner[q] != i)
+            if close.any():
+                found.append(np.stack([owner[q[close]], i[close]], axis=1))
+            start = stop
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.sort(np.concatenate(found).astype(np.int64), axis=1)
+
+
+def near_duplicate_pairs(
+    phashes: Sequence[str], radius: int = 6, variants: Sequence[str] | None = None
+) -> np.ndarray:
     """Index pairs (i, j), i < j, whose phash Hamming distance is <= radius: (P, 2) int64, sorted.
 
-    Distances for the pairs: `pair_distances(phashes, pairs)`.
+    With `variants` (the `phash_dihedral` column), also the pairs where a flip or quarter turn of one
+    image is within `radius` of the other. Distances for the pairs: `pair_distances`.
     """
     _check_radius(radius)
     hashes = phash_to_uint64(phashes)
     n = len(hashes)
+    if variants is not None and len(variants) != n:
+        raise ValueError(f"variants has {len(variants)} rows but phashes has {n}; pass one per image")
     if n < 2:
         return np.empty((0, 2), dtype=np.int64)
     found = [_pairs_sharing_band(hashes, shift, mask, radius) for shift, mask in _band_masks(radius)]
+    if variants is not None:
+        found.append(_variant_pairs(hashes, variants_to_uint64(variants, hashes), radius))
     pairs = np.concatenate(found)
     # a pair may agree on several bands: keep each once, in (i, j) order
     keys = np.unique(pairs[:, 0] * n + pairs[:, 1])
     return np.stack([keys // n, keys % n], axis=1).astype(np.int64)
 
 
-def pair_distances(phashes: Sequence[str], pairs: np.ndarray) -> np.ndarray:
-    """Hamming distances (P,) for index pairs (P, 2) into `phashes`."""
+def pair_distances(
+    phashes: Sequence[str], pairs: np.ndarray, variants: Sequence[str] | None = None
+) -> np.ndarray:
+    """Hamming distances (P,) for index pairs (P, 2) into `phashes`; with `variants`, the smallest
+    distance between one image and any flip/rotation of the other (0 for an exact mirror image)."""
     hashes = phash_to_uint64(phashes)
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    return hamming_distance(hashes[pairs[:, 0]], hashes[pairs[:, 1]])
+    a, b = pairs[:, 0], pairs[:, 1]
+    dist = hamming_distance(hashes[a], hashes[b])
+    if variants is not None and len(pairs):
+        var = variants_to_uint64(variants, hashes)  # (n, 7)
+        dist = np.minimum(dist, hamming_distance(var[a], hashes[b][:, None]).min(axis=1))
+        dist = np.minimum(dist, hamming_distance(var[b], hashes[a][:, None]).min(axis=1))
+    return dist
+
+
+def pair_components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected component (n,) int of each of n items linked by index pairs (P, 2); arbitrary numbers."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n)).tocsr()
+    return connected_components(graph, directed=False)[1]
 
 
 def near_duplicate_groups(
-    phashes: Sequence[str], radius: int = 6, ids: Sequence[str] | None = None
+    phashes: Sequence[str],
+    radius: int = 6,
+    ids: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Group label per image: connected components of "phash Hamming distance <= radius".
 
     Without `ids`: int64 labels (n,), numbered 0, 1, ... in order of each group's first row.
     With `ids` (e.g. image_id): object array (n,) holding the smallest id in each image's group,
-    a label that depends only on the group's content, not on row order.
+    a label that depends only on the group's content, not on row order. `variants`: see
+    `near_duplicate_pairs`.
     """
     n = len(phashes)
     if ids is not None and len(ids) != n:
         raise ValueError(f"ids has {len(ids)} entries but phashes has {n}; pass one id per phash")
-    pairs = near_duplicate_pairs(phashes, radius)
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n)).tocsr()
-    _, labels = connected_components(graph, directed=False)  # (n,) arbitrary component numbers
+    labels = pair_components(n, near_duplicate_pairs(phashes, radius, variants))
     # renumber by first occurrence so the int labels are stable for a given row order
     _, first_row, inverse = np.unique(labels, return_index=True, return_inverse=True)
     rank = np.empty_like(first_row)

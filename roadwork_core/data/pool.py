@@ -2,9 +2,9 @@
 
 The pool (each drop's `unlabelled/` folder) never passes through `splits`, so nothing else stops a
 near-copy of a val_select / val_calib / val_test image from entering self-supervised training. Each
-pool image is hashed the way the image table hashes (`imagehash.phash` of the decoded image) and dropped
-when it lies within `radius` bits of any image of those splits; unreadable pool images are dropped
-too. Every drop is listed with the evaluation image it copies.
+pool image is hashed the way the image table hashes (`dihedral_phashes` of the decoded image) and dropped
+when it is a near-duplicate of any image of those splits (within `radius` bits, flips and quarter turns
+included, directly or through a chain of pool images); unreadable pool images are dropped too. Every drop is listed with the evaluation image it copies.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import imagehash
 import numpy as np
 import pandas as pd
 
 from roadwork_core.data.images import ImageRejected, load_image
-from roadwork_core.data.neardup import near_duplicate_pairs, pair_distances
+from roadwork_core.data.neardup import dihedral_phashes, near_duplicate_pairs, pair_components, pair_distances
 
 DROPPED_COLUMNS: list[str] = ["uri", "reason", "detail", "image_id", "split", "distance"]
 
@@ -29,9 +28,9 @@ class PoolFilter:
     dropped: pd.DataFrame  # DROPPED_COLUMNS, one row per dropped pool image
 
 
-def _pool_phash(uri: str) -> tuple[str | None, str]:
+def _pool_phash(uri: str) -> tuple[tuple[str, str] | None, str]:
     try:
-        return str(imagehash.phash(load_image(uri))), ""
+        return dihedral_phashes(load_image(uri)), ""
     except ImageRejected as exc:
         return None, f"{exc.reason}: {exc.detail}"
     except (OSError, ValueError) as exc:
@@ -41,17 +40,19 @@ def _pool_phash(uri: str) -> tuple[str | None, str]:
 def filter_unlabelled_pool(
     uris: list[str], reference: pd.DataFrame, radius: int = 6, workers: int | None = None
 ) -> PoolFilter:
-    """Drop pool images within `radius` (phash Hamming distance) of any `reference` row.
+    """Drop pool images that are near-duplicates of a `reference` row, directly or through a chain.
 
-    reference: `image_id, split, phash` (+ `file`) of the splits the pool must not copy.
-    The images are decoded and hashed on `workers` threads (Pillow's decode and resize release the
-    GIL), as the image table does; the result does not depend on `workers`.
+    reference: `image_id, split, phash` (+ `phash_dihedral`, `file`) of the splits the pool must not copy.
+    Near-duplicates are the splits' own: phash within `radius`, flips and quarter turns included, and
+    chains (a pool image within `radius` of another pool image that copies an evaluation image is dropped
+    too, as `splits` would have put the whole chain in one split). The images are decoded and hashed on
+    `workers` threads (Pillow's decode and resize release the GIL); the result does not depend on `workers`.
     """
     missing = [c for c in ("image_id", "split", "phash") if c not in reference.columns]
     if missing:
         raise ValueError(f"reference table misses columns {missing}; pass SplitReader.read_phashes rows")
     rows: list[dict] = []
-    hashed: list[tuple[int, str]] = []  # (index into uris, phash)
+    hashed: list[tuple[int, tuple[str, str]]] = []  # (index into uris, (phash, phash_dihedral))
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
     if workers > 1 and len(uris) > 1:
         with ThreadPoolExecutor(max_workers=workers) as threads:
@@ -64,28 +65,37 @@ def filter_unlabelled_pool(
         else:
             hashed.append((i, h))
     ref = reference.reset_index(drop=True)
-    phashes = [h for _, h in hashed] + ref["phash"].tolist()
-    pairs = near_duplicate_pairs(phashes, radius)  # (P, 2), i < j
     n_pool = len(hashed)
-    cross = pairs[(pairs[:, 0] < n_pool) & (pairs[:, 1] >= n_pool)] if len(pairs) else pairs
-    if len(cross):
-        dist = pair_distances(phashes, cross)
-        order = np.lexsort((cross[:, 1], dist, cross[:, 0]))  # per pool image, the nearest first
-        cross, dist = cross[order], dist[order]
-        first = np.r_[True, cross[1:, 0] != cross[:-1, 0]]
-        for (p, r), d in zip(cross[first].tolist(), dist[first].tolist()):
-            hit = ref.iloc[r - n_pool]
-            where = hit.get("file", hit["image_id"])
-            rows.append(
-                {
-                    "uri": uris[hashed[p][0]],
-                    "reason": "near_duplicate_of_eval",
-                    "detail": f"phash within {d} bits of {where} in {hit['split']}; left out of ExPLoRA",
-                    "image_id": hit["image_id"],
-                    "split": hit["split"],
-                    "distance": int(d),
-                }
-            )
+    ref_variants = ref["phash_dihedral"].tolist() if "phash_dihedral" in ref.columns else [None] * len(ref)
+    phashes = [h[0] for _, h in hashed] + ref["phash"].tolist()
+    variants = [h[1] for _, h in hashed] + ref_variants
+    pairs = near_duplicate_pairs(phashes, radius, variants)  # (P, 2), i < j
+    component = pair_components(len(phashes), pairs)  # (n_pool + R,)
+    tainted = set(component[n_pool:].tolist())  # components holding an evaluation image
+    for p in range(n_pool):
+        if component[p] not in tainted:
+            continue
+        refs = n_pool + np.flatnonzero(component[n_pool:] == component[p])  # (k,) its evaluation images
+        dist = pair_distances(phashes, np.stack([np.full(len(refs), p), refs], axis=1), variants)
+        best = int(np.lexsort((refs, dist))[0])  # the nearest, ties by row
+        r, d = int(refs[best]), int(dist[best])
+        hit = ref.iloc[r - n_pool]
+        where = hit.get("file", hit["image_id"])
+        how = (
+            f"phash within {d} bits of {where} in {hit['split']} (flips and rotations included)"
+            if d <= radius
+            else f"linked to {where} in {hit['split']} ({d} bits) by a chain of near-duplicate pool images"
+        )
+        rows.append(
+            {
+                "uri": uris[hashed[p][0]],
+                "reason": "near_duplicate_of_eval",
+                "detail": f"{how}; left out of ExPLoRA",
+                "image_id": hit["image_id"],
+                "split": hit["split"],
+                "distance": d,
+            }
+        )
     dropped = pd.DataFrame(rows, columns=DROPPED_COLUMNS)
     gone = set(dropped["uri"])
     return PoolFilter(kept=[u for u in uris if u not in gone], dropped=dropped)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from roadwork_core.data.neardup import near_duplicate_pairs, pair_distances
+from roadwork_core.data.neardup import near_duplicate_pairs, pair_distances, table_hashes
 from roadwork_core.data.splits import SPLIT_ORDER
 
 MAX_LISTED = 20  # rows listed in a message / metadata; the rest are counted
@@ -89,19 +89,47 @@ def check_no_shared_images(splits: pd.DataFrame) -> CheckOutcome:
     return CheckOutcome(False, message, meta)
 
 
-def check_no_near_duplicates_across_splits(splits: pd.DataFrame, radius: int = 6) -> CheckOutcome:
-    """No two images in different splits have phashes within `radius` (Hamming distance)."""
+def _with_vanished(splits: pd.DataFrame, previous: pd.DataFrame | None) -> tuple[pd.DataFrame, int]:
+    """The splits table plus the previous version's images that are no longer in it (marked
+    `_vanished`), so a new copy of a vanished evaluation image is still compared with it."""
+    table = splits.reset_index(drop=True).assign(_vanished=False)
+    if previous is None or len(previous) == 0 or "phash" not in previous.columns:
+        return table, 0
+    gone = previous[~previous["image_id"].isin(table["image_id"])].drop_duplicates("image_id")
+    cols = [c for c in table.columns if c in gone.columns]
+    return pd.concat([table, gone[cols].assign(_vanished=True)], ignore_index=True), len(gone)
+
+
+def check_no_near_duplicates_across_splits(
+    splits: pd.DataFrame, radius: int = 6, previous: pd.DataFrame | None = None
+) -> CheckOutcome:
+    """No two images in different splits are near-duplicates: phashes within `radius` (Hamming
+    distance), a flip or quarter turn included when the table has `phash_dihedral`. With `previous`
+    (the previous version's splits table), its images that are no longer in `splits` take part too:
+    a new image may not copy a vanished image of another split."""
     _require(splits, ["image_id", "split", "phash"], "check_no_near_duplicates_across_splits")
-    table = splits.reset_index(drop=True)
-    phashes = table["phash"].tolist()
-    pairs = near_duplicate_pairs(phashes, radius)  # (P, 2)
+    table, n_vanished = _with_vanished(splits, previous)
+    phashes, variants = table_hashes(table)
+    pairs = near_duplicate_pairs(phashes, radius, variants)  # (P, 2)
     split_arr = table["split"].astype(str).to_numpy()
-    cross = pairs[split_arr[pairs[:, 0]] != split_arr[pairs[:, 1]]] if len(pairs) else pairs
-    meta: dict[str, Any] = {"radius": radius, "n_near_duplicate_pairs": int(len(pairs))}
+    vanished = table["_vanished"].to_numpy(dtype=bool)
+    if len(pairs):
+        cross = pairs[
+            (split_arr[pairs[:, 0]] != split_arr[pairs[:, 1]])
+            & ~(vanished[pairs[:, 0]] & vanished[pairs[:, 1]])
+        ]
+    else:
+        cross = pairs
+    meta: dict[str, Any] = {
+        "radius": radius,
+        "n_near_duplicate_pairs": int(len(pairs)),
+        "flips_and_rotations": variants is not None,
+        "n_vanished_previous_compared": n_vanished,
+    }
     if len(cross) == 0:
         msg = f"no near-duplicate pair (phash distance <= {radius}) crosses splits ({len(pairs)} pairs within splits)"
         return CheckOutcome(True, msg, meta)
-    dist = pair_distances(phashes, cross)
+    dist = pair_distances(phashes, cross, variants)
     order = np.lexsort((cross[:, 1], cross[:, 0], dist))  # closest pairs first
     cross, dist = cross[order], dist[order]
     listed = []
@@ -109,9 +137,9 @@ def check_no_near_duplicates_across_splits(splits: pd.DataFrame, radius: int = 6
         a, b = table.iloc[i], table.iloc[j]
         listed.append(
             {
-                "a": _where(a),
+                "a": _where(a) + (" (previous version, no longer in the table)" if vanished[i] else ""),
                 "a_split": str(a["split"]),
-                "b": _where(b),
+                "b": _where(b) + (" (previous version, no longer in the table)" if vanished[j] else ""),
                 "b_split": str(b["split"]),
                 "distance": int(d),
             }
@@ -121,13 +149,49 @@ def check_no_near_duplicates_across_splits(splits: pd.DataFrame, radius: int = 6
     ]
     more = f"\n  … and {len(cross) - len(listed)} more" if len(cross) > len(listed) else ""
     message = (
-        f"{len(cross)} near-duplicate pairs (phash distance <= {radius}) sit in different splits. Remove one "
-        f"image of each pair from the drop, or rebuild the splits so each group is one unit "
-        f"(assign_splits does this unless a previous version already split the pair):\n"
+        f"{len(cross)} near-duplicate pairs (phash distance <= {radius}, flips and rotations included) sit in "
+        f"different splits. Remove one image of each pair from the drop, or rebuild the splits so each group is "
+        f"one unit (assign_splits does this unless a previous version already split the pair):\n"
         + "\n".join(lines)
         + more
     )
     meta.update({"n_cross_split_pairs": int(len(cross)), "examples": listed})
+    return CheckOutcome(False, message, meta)
+
+
+def check_near_duplicate_labels_agree(splits: pd.DataFrame, radius: int = 6) -> CheckOutcome:
+    """Near-duplicate pairs (the same photo resized, re-encoded, flipped, ...) carry the same label.
+
+    Identical bytes with two labels are rejected by the image table; a near-copy with the other label
+    is one of two things, a labelling mistake or a change too small for the hash to see, and a person
+    has to look. Direct pairs only (not whole chains, whose ends may differ). Meant as a warning."""
+    _require(splits, ["image_id", "label", "phash"], "check_near_duplicate_labels_agree")
+    table = splits.reset_index(drop=True)
+    phashes, variants = table_hashes(table)
+    pairs = near_duplicate_pairs(phashes, radius, variants)
+    labels = table["label"].to_numpy()
+    mixed = pairs[labels[pairs[:, 0]] != labels[pairs[:, 1]]] if len(pairs) else pairs
+    meta: dict[str, Any] = {"radius": radius, "n_near_duplicate_pairs": int(len(pairs))}
+    if len(mixed) == 0:
+        return CheckOutcome(True, f"all {len(pairs)} near-duplicate pairs agree on the label", meta)
+    dist = pair_distances(phashes, mixed, variants)
+    listed = []
+    for (i, j), d in zip(mixed[:MAX_LISTED].tolist(), dist[:MAX_LISTED].tolist()):
+        a, b = table.iloc[i], table.iloc[j]
+        listed.append(
+            {"a": _where(a), "a_label": CLASS_NAMES.get(int(a["label"]), str(a["label"])),
+             "b": _where(b), "b_label": CLASS_NAMES.get(int(b["label"]), str(b["label"])), "distance": int(d)}
+        )  # fmt: skip
+    lines = [
+        f"  {d['a']} ({d['a_label']}) ~ {d['b']} ({d['b_label']}) distance {d['distance']}" for d in listed
+    ]
+    more = f"\n  … and {len(mixed) - len(listed)} more" if len(mixed) > len(listed) else ""
+    message = (
+        f"{len(mixed)} near-duplicate pairs carry different labels: the same photo labelled both ways, or a "
+        f"change the perceptual hash cannot see. Look at each pair; fix the wrong label in its drop, or "
+        f"remove one image:\n" + "\n".join(lines) + more
+    )
+    meta.update({"n_label_conflicts": int(len(mixed)), "examples": listed})
     return CheckOutcome(False, message, meta)
 
 

@@ -16,6 +16,10 @@ Each image goes to train / val_select / val_calib / val_test as a function of co
    so every later version would fail the near-duplicate check. Such new images (every new image of
    a group whose previous images span splits) are left out of the splits table and listed in
    `df.attrs["quarantined"]` (records) with the pair they bridge; the groups are then recomputed without them.
+5. Vanished images anchor their groups: a previous image that is no longer in the image table (deleted
+   from its drop, or now rejected) still takes part in the near-duplicate groups with its previous split,
+   so a new copy of it cannot land in another split; it is not in the output.
+6. Near-duplicates include flips and quarter turns when the table has `phash_dihedral` (neardup.py).
 
 Nothing depends on the input row order or on the run; the output is sorted by image_id.
 """
@@ -30,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from roadwork_core.contracts import Split
-from roadwork_core.data.neardup import hamming_distance, near_duplicate_groups, phash_to_uint64
+from roadwork_core.data.neardup import near_duplicate_groups, pair_distances, table_hashes
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +164,14 @@ def _bridging_images(df: pd.DataFrame, conflicts: list[str]) -> pd.DataFrame:
     rows = []
     where = next((c for c in ("file", "uri") if c in df.columns), "image_id")
     for gid in conflicts:
-        members = df[df["group_id"] == gid]
-        prev = members[members["_prev"].notna()]
-        prev_hash = phash_to_uint64(prev["phash"].tolist())  # (P,)
-        for _, x in members[members["_prev"].isna()].iterrows():
-            dist = hamming_distance(phash_to_uint64([x["phash"]]).repeat(len(prev)), prev_hash)  # (P,)
+        members = df[df["group_id"] == gid].reset_index(drop=True)
+        phashes, variants = table_hashes(members)
+        prev_rows = np.flatnonzero(members["_prev"].notna().to_numpy())  # (P,)
+        prev = members.iloc[prev_rows]
+        for xi in np.flatnonzero(members["_prev"].isna().to_numpy()).tolist():
+            x = members.iloc[xi]
+            pairs = np.stack([np.full(len(prev_rows), xi), prev_rows], axis=1)  # (P, 2)
+            dist = pair_distances(phashes, pairs, variants)  # (P,) flips and rotations included
             nearest = (
                 prev.assign(_d=dist)
                 .sort_values(["_d", "image_id"], kind="mergesort")
@@ -188,12 +195,30 @@ def _bridging_images(df: pd.DataFrame, conflicts: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
 
 
+def _vanished_anchors(previous: pd.DataFrame | None, df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the previous splits table whose image is no longer in the image table (its file was
+    deleted from a drop, or it is now rejected), as anchors: they take part in the near-duplicate
+    groups, so a new copy of a vanished val_test image still follows it into val_test, and are left
+    out of the result. Empty when the previous table has no phash."""
+    if previous is None or len(previous) == 0 or "phash" not in previous.columns:
+        return pd.DataFrame(columns=df.columns)
+    gone = previous[~previous["image_id"].isin(df["image_id"])].drop_duplicates("image_id")
+    keep = [c for c in df.columns if c in gone.columns and c not in ("_prev", "_anchor", "split", "group_id")]
+    anchors = gone[keep].copy()
+    anchors["_prev"] = gone["split"].astype(str).to_numpy()
+    anchors["_anchor"] = True
+    return anchors.reindex(columns=df.columns)
+
+
 def _groups_and_quarantine(df: pd.DataFrame, radius: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(rows kept with group_id, quarantined rows, sticky conflicts left among previous images)."""
     quarantined = []
     while True:
         df = df.copy()
-        df["group_id"] = near_duplicate_groups(df["phash"].tolist(), radius, ids=df["image_id"].tolist())
+        phashes, variants = table_hashes(df)
+        df["group_id"] = near_duplicate_groups(
+            phashes, radius, ids=df["image_id"].tolist(), variants=variants
+        )
         split_of_group, conflicts = _sticky_group_splits(df)
         bridging = _bridging_images(df, conflicts)
         if bridging.empty:
@@ -223,6 +248,11 @@ def assign_splits(
     df = images.sort_values(sort_cols, kind="mergesort").reset_index(drop=True).copy()
     df["label"] = df["label"].astype(np.int64)
     df["_prev"] = df["image_id"].map(prev_split)  # NaN for images new in this version
+    df["_anchor"] = False
+    anchors = _vanished_anchors(previous, df)
+    if len(anchors):
+        df = pd.concat([df, anchors], ignore_index=True).sort_values(sort_cols, kind="mergesort")
+        df = df.reset_index(drop=True)
     df, quarantined, _ = _groups_and_quarantine(df, cfg.radius)
     if len(quarantined):
         log.warning(
@@ -231,12 +261,17 @@ def assign_splits(
             quarantined["bridges"].head(3).tolist(),
         )
 
+    # The groups' previous splits are decided with the anchors; then the anchors leave the table.
+    split_of_group, conflicts = _sticky_group_splits(df)
+    df = df[~df["_anchor"].astype(bool)].drop(columns="_anchor").reset_index(drop=True)
+    df = df.astype({c: t for c, t in images.dtypes.items() if c in df.columns and c != "label"})
+    df["label"] = df["label"].astype(np.int64)
+
     # Per group: size, majority label (ties -> 1, the class we must not miss), previous split if any.
     groups = df.groupby("group_id", sort=True).agg(size=("label", "size"), pos=("label", "sum"))
     groups["stratum"] = (2 * groups["pos"] >= groups["size"]).astype(np.int64)
     groups["key"] = [content_key(cfg.salt, g) for g in groups.index]
 
-    split_of_group, conflicts = _sticky_group_splits(df)
     if conflicts:
         log.warning(
             "%d near-duplicate groups hold previous images from different splits (e.g. %s); each keeps "

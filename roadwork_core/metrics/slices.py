@@ -25,6 +25,7 @@ NON_METADATA_COLUMNS: frozenset[str] = frozenset(
         "file",
         "filename",
         "phash",
+        "phash_dihedral",
         "sha256",
         "p_roadwork",
         "decision",

@@ -24,7 +24,18 @@ from roadwork_core.metrics.report import (
 )
 from roadwork_core.metrics.subnet_eval import replica_predictions, subnet_section
 
-METADATA_EXCLUDE = {"image_id", "uri", "file", "label", "phash", "width", "height", "split", "group_id"}
+METADATA_EXCLUDE = {
+    "image_id",
+    "uri",
+    "file",
+    "label",
+    "phash",
+    "phash_dihedral",
+    "width",
+    "height",
+    "split",
+    "group_id",
+}
 METADATA_EXCLUDE |= {"mask_x", "mask_y"}  # the object's mask point (a coordinate, not a slice)
 
 

@@ -25,6 +25,7 @@ def test_image_table_type_rejects_duplicate_ids_and_bad_labels():
         "file": "images/a.jpg",
         "label": 1,
         "phash": "0" * 16,
+        "phash_dihedral": " ".join(["0" * 16] * 7),
         "width": 64,
         "height": 48,
         "source": "v1",

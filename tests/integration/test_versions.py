@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dagster as dg
 import mlflow
 import pytest
 
@@ -45,7 +46,12 @@ def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_h
     assert second.success
     assert _checks(second)["check_sticky_splits@splits"] is True
     v2 = _artifact(instance, "splits", "v0002").set_index("image_id")["split"]
-    assert len(v2) == len(v1) + 60, "version v0002 must hold both drops"
+    # a new image that is a near-copy (flips included) of two earlier images in different splits is
+    # quarantined, listed in the asset's metadata; every other image of both drops is in the table
+    meta = instance.get_latest_materialization_event(dg.AssetKey("splits")).asset_materialization.metadata
+    quarantined = meta["num_quarantined"].value
+    assert quarantined <= 3, f"{quarantined} of 60 new images quarantined: {meta['quarantined'].value}"
+    assert len(v2) + quarantined == len(v1) + 60, "version v0002 must hold both drops"
     moved = (v2.loc[v1.index] != v1).sum()
     assert moved == 0, f"{moved} images changed split between versions"
 

@@ -1,0 +1,198 @@
+"""Planted leaks: copies of evaluation images that a perceptual hash alone misses (mirror images, EXIF
+rotations), copies of images that vanished from a later version, a relabelled copy that would evict an
+evaluation image, near-copies labelled both ways, and the ExPLoRA pool."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from roadwork_core.data.image_table import build_image_table
+from roadwork_core.data.neardup import dihedral_phashes, near_duplicate_pairs, pair_distances
+from roadwork_core.data.pool import filter_unlabelled_pool
+from roadwork_core.data.split_checks import (
+    check_near_duplicate_labels_agree,
+    check_no_near_duplicates_across_splits,
+    check_sticky,
+)
+from roadwork_core.data.splits import SplitConfig, assign_splits
+
+
+def scene(seed: int, size=(320, 240)) -> Image.Image:
+    """A photo-like image without symmetry: smooth random structure plus noise."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    arr = np.asarray(low).astype(np.int16) + rng.integers(-25, 26, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def jpeg(img: Image.Image, exif_orientation: int | None = None, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    kwargs = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    img.save(buf, "JPEG", quality=quality, **kwargs)
+    return buf.getvalue()
+
+
+def write_drop(inbox: Path, version: str, files: dict[str, tuple[bytes, int]]) -> Path:
+    drop = inbox / version
+    drop.mkdir(parents=True)
+    lines = ["file,label"]
+    for name, (data, label) in files.items():
+        (drop / name).write_bytes(data)
+        lines.append(f"{name},{label}")
+    (drop / "labels.csv").write_text("\n".join(lines) + "\n")
+    (drop / "_READY").touch()
+    return drop
+
+
+def cfg() -> SplitConfig:
+    return SplitConfig()
+
+
+def test_mirror_and_rotated_copies_are_near_duplicates_only_with_the_dihedral_hashes() -> None:
+    original = scene(0)
+    copies = {
+        "mirror": original.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "upside_down": original.transpose(Image.Transpose.ROTATE_180),
+        "quarter_turn": original.transpose(Image.Transpose.ROTATE_90),
+    }
+    hashes = [dihedral_phashes(original)] + [dihedral_phashes(c) for c in copies.values()]
+    hashes.append(dihedral_phashes(scene(1)))  # an unrelated image
+    phashes, variants = [h for h, _ in hashes], [v for _, v in hashes]
+    upright = near_duplicate_pairs(phashes, 6)
+    assert not any(0 in pair for pair in upright.tolist()), (
+        "a plain phash does not see mirrors (why this exists)"
+    )
+    pairs = near_duplicate_pairs(phashes, 6, variants)
+    assert {(0, 1), (0, 2), (0, 3)} <= set(map(tuple, pairs.tolist())), pairs.tolist()
+    assert not any(4 in pair for pair in pairs.tolist()), "an unrelated image must not pair"
+    dist = pair_distances(phashes, np.array([[0, 1], [0, 2], [0, 3]]), variants)
+    assert dist.max() <= 2, dist
+    assert dihedral_phashes(original)[0] == phashes[0]
+
+
+def test_mirrored_and_exif_rotated_copies_of_val_test_follow_it_into_val_test(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    v1 = write_drop(inbox, "v0001", {f"s{i:03d}.jpg": (jpeg(scene(i)), i % 2) for i in range(80)})
+    images1 = build_image_table([v1]).images
+    splits1 = assign_splits(images1, cfg())
+    test_rows = splits1[splits1["split"] == "val_test"].head(4)
+    by_file = {row.file: row.label for row in test_rows.itertuples()}
+    planted = {}
+    for k, (name, label) in enumerate(by_file.items()):
+        img = scene(int(name[1:4]))
+        planted[f"mirror_{k}.jpg"] = (jpeg(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)), label)
+        planted[f"exif6_{k}.jpg"] = (jpeg(img, exif_orientation=6), label)  # same pixels, new tag
+    v2 = write_drop(inbox, "v0002", planted)
+    images2 = build_image_table([v1, v2]).images
+    splits2 = assign_splits(images2, cfg(), previous=splits1)
+    where = dict(zip(splits2["file"], splits2["split"]))
+    assert {where[name] for name in planted} == {"val_test"}, {name: where[name] for name in planted}
+    assert check_no_near_duplicates_across_splits(splits2).passed
+    assert check_sticky(splits2, splits1).passed
+
+    # the check catches the same copies put elsewhere by hand
+    leaked = splits2.copy()
+    leaked.loc[leaked["file"].isin(planted), "split"] = "train"
+    outcome = check_no_near_duplicates_across_splits(leaked)
+    assert not outcome.passed and outcome.metadata["n_cross_split_pairs"] >= len(planted), outcome.message
+    assert "mirror_0.jpg" in outcome.message
+
+
+def test_a_copy_of_a_vanished_val_test_image_still_follows_it(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    v1 = write_drop(inbox, "v0001", {f"s{i:03d}.jpg": (jpeg(scene(i)), i % 2) for i in range(80)})
+    splits1 = assign_splits(build_image_table([v1]).images, cfg())
+    gone = splits1[splits1["split"] == "val_test"].iloc[0]
+    (v1 / gone["file"]).unlink()  # the original leaves the drop
+    csv = v1 / "labels.csv"
+    csv.write_text(
+        "".join(line for line in csv.read_text().splitlines(True) if not line.startswith(gone["file"]))
+    )
+    copy = jpeg(scene(int(gone["file"][1:4])).transpose(Image.Transpose.FLIP_LEFT_RIGHT), quality=70)
+    v2 = write_drop(inbox, "v0002", {"copy.jpg": (copy, int(gone["label"]))})
+    splits2 = assign_splits(build_image_table([v1, v2]).images, cfg(), previous=splits1)
+    assert gone["image_id"] not in set(splits2["image_id"]), "a vanished image is not in the output"
+    assert splits2.loc[splits2["file"] == "copy.jpg", "split"].item() == "val_test"
+    assert len(splits2) == len(splits1), "one image left, one arrived"
+    assert splits2["label"].dtype == np.int64
+
+    leaked = splits2.copy()
+    leaked.loc[leaked["file"] == "copy.jpg", "split"] = "train"
+    assert check_no_near_duplicates_across_splits(leaked).passed, "without the previous table it cannot see"
+    outcome = check_no_near_duplicates_across_splits(leaked, previous=splits1)
+    assert not outcome.passed and "no longer in the table" in outcome.message, outcome.message
+
+
+def test_a_relabelled_copy_in_a_later_drop_cannot_evict_the_earlier_image(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    v1 = write_drop(inbox, "v0001", {f"s{i:03d}.jpg": (jpeg(scene(i)), i % 2) for i in range(80)})
+    splits1 = assign_splits(build_image_table([v1]).images, cfg())
+    target = splits1[splits1["split"] == "val_test"].iloc[0]
+    data = (v1 / target["file"]).read_bytes()
+    v2 = write_drop(inbox, "v0002", {"relabelled.jpg": (data, 1 - int(target["label"]))})
+    result = build_image_table([v1, v2])
+    kept = result.images.set_index("image_id").loc[target["image_id"]]
+    assert kept["file"] == target["file"] and kept["label"] == target["label"], "the earlier copy stays"
+    reject = result.rejects.set_index("file").loc["relabelled.jpg"]
+    assert reject["reason"] == "label_conflict" and target["file"] in reject["detail"], reject["detail"]
+    splits2 = assign_splits(result.images, cfg(), previous=splits1)
+    assert check_sticky(splits2, splits1).metadata["n_dropped"] == 0
+
+    # within one drop, nobody's label is settled: every copy is rejected, naming the other
+    v3 = write_drop(inbox, "v0003", {"a.jpg": (jpeg(scene(500)), 1), "b.jpg": (jpeg(scene(500)), 0)})
+    rejects = build_image_table([v3], max_reject_fraction=1.0).rejects.set_index("file")
+    assert set(rejects.loc[["a.jpg", "b.jpg"], "reason"]) == {"label_conflict"}
+    assert "v0003/b.jpg (label 0)" in rejects.loc["a.jpg", "detail"]
+
+
+def test_near_copies_labelled_both_ways_are_reported() -> None:
+    img = scene(7)
+    small = img.resize((160, 120), Image.BILINEAR)
+    rows = []
+    for name, pic, label in [("a.jpg", img, 1), ("a_small.jpg", small, 0), ("b.jpg", scene(8), 0)]:
+        phash, variants = dihedral_phashes(pic)
+        rows.append(
+            {"image_id": name, "file": name, "label": label, "phash": phash, "phash_dihedral": variants}
+        )
+    table = pd.DataFrame(rows).assign(split="train")
+    outcome = check_near_duplicate_labels_agree(table)
+    assert not outcome.passed and outcome.metadata["n_label_conflicts"] == 1, outcome.message
+    assert "a.jpg (roadwork) ~ a_small.jpg (no_roadwork)" in outcome.message
+    table.loc[1, "label"] = 1
+    assert check_near_duplicate_labels_agree(table).passed
+
+
+def test_pool_drops_mirrored_copies_and_chains_of_evaluation_images(tmp_path: Path) -> None:
+    evaluation = scene(3)
+    phash, variants = dihedral_phashes(evaluation)
+    reference = pd.DataFrame(
+        [{"image_id": "e", "split": "val_test", "phash": phash, "phash_dihedral": variants, "file": "e.jpg"}]
+    )
+    pool = {
+        "mirror.jpg": evaluation.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "unrelated.jpg": scene(4),
+    }
+    # a chain: blends from the evaluation image towards another scene, each a few bits from the last,
+    # the far end much more than the radius from the evaluation image
+    for k, t in enumerate(np.linspace(0.05, 0.6, 12)):
+        pool[f"chain_{k:02d}.jpg"] = Image.blend(evaluation, scene(5), float(t))
+    uris = []
+    for name, img in pool.items():
+        path = tmp_path / name
+        path.write_bytes(jpeg(img))
+        uris.append(str(path))
+    out = filter_unlabelled_pool(uris, reference, radius=6, workers=1)
+    dropped = {Path(u).name: d for u, d in zip(out.dropped["uri"], out.dropped["detail"])}
+    assert "mirror.jpg" in dropped and "unrelated.jpg" not in dropped, dropped
+    far = [n for n in pool if n.startswith("chain_") and "by a chain" in dropped.get(n, "")]
+    assert far, f"no chain image beyond the radius was dropped: {dropped}"
+    assert "chain_00.jpg" in dropped and "within" in dropped["chain_00.jpg"], dropped
