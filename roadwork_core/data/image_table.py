@@ -51,8 +51,15 @@ class ImageTableResult:
     n_candidates: int  # rows listed by the readers, accepted or not
 
 
+_TEXT_LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+
+
 def parse_label(raw: object, class_names: dict[str, int]) -> int | None:
-    """0/1 (int, or a string "0"/"1"), or a known class name -> 0/1; anything else -> None."""
+    """0/1 (int, bool, 0.0/1.0, or the strings "0", "1", "0.0", "1.0", "true", "false"), or a known class
+    name (case and surrounding spaces ignored, "-" and " " read as "_") -> 0/1; anything else -> None.
+
+    The same rules for every drop format: a labels.csv cell is always a string, a parquet label may be a
+    bool, an int or a float."""
     if isinstance(raw, bool | np.bool_):
         return int(raw)
     if isinstance(raw, int | np.integer):
@@ -61,12 +68,19 @@ def parse_label(raw: object, class_names: dict[str, int]) -> int | None:
         return int(raw) if raw in (0.0, 1.0) else None
     if isinstance(raw, str):
         text = raw.strip()
-        if text in ("0", "1"):
-            return int(text)
         if text in class_names:
             value = class_names[text]
             return value if value in (0, 1) else None
+        if text.lower() in _TEXT_LABELS:
+            return _TEXT_LABELS[text.lower()]
+        folded = {_fold(name): value for name, value in class_names.items()}
+        value = folded.get(_fold(text))
+        return value if value in (0, 1) else None
     return None
+
+
+def _fold(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
 
 
 def _inspect(uri: str, file: str, min_size: int) -> tuple[dict | None, tuple[str, str] | None]:

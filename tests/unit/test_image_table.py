@@ -156,3 +156,16 @@ def test_hf_parquet_manifest(tmp_path: Path) -> None:
     assert list(result.images.columns) == [*IMAGE_TABLE_COLUMNS, "scene_level_tags.weather"]
     assert sorted(result.images["scene_level_tags.weather"]) == ["clear", "fog", "rain", "rain"]
     assert result.images["file"].str.startswith("data/train.parquet#row=").all()
+
+
+@pytest.mark.parametrize(
+    "raw, label",
+    [("1", 1), (" 0 ", 0), ("1.0", 1), ("0.0", 0), ("TRUE", 1), ("false", 0), (True, 1), (0.0, 0),
+     ("Roadwork", 1), (" no-roadwork ", 0), ("No Roadwork", 0), ("roadwork", 1),
+     ("maybe", None), ("2", None), ("0.5", None), (0.5, None), (2, None), ("", None), (None, None)],
+)  # fmt: skip
+def test_label_spellings_read_the_same_in_every_format(raw, label) -> None:
+    from roadwork_core.data.drops import DEFAULT_CLASS_NAMES
+    from roadwork_core.data.image_table import parse_label
+
+    assert parse_label(raw, DEFAULT_CLASS_NAMES) == label
