@@ -33,16 +33,25 @@ def reader_metadata(reader: SplitReader) -> dict[str, Any]:
 def load_previous_version(
     instance: dg.DagsterInstance, asset_key: dg.AssetKey, current: str
 ) -> tuple[str | None, Any]:
-    """The artifact of `asset_key` for the latest dataset version sorting before `current` that has one.
+    """The artifact of `asset_key` for the latest dataset version sorting (`version_key`) before `current`
+    that has one.
 
     Read through the materialization event's recorded path (the event log is the source of truth),
     never by scanning the disk for the newest file.
     """
     from pathlib import Path
 
+    from roadwork_core.data.drops import version_key
     from roadwork_resources.io_manager import read_artifact
 
-    versions = sorted(v for v in instance.get_dynamic_partitions(dataset_version.name) if v < current)
+    versions = sorted(
+        (
+            v
+            for v in instance.get_dynamic_partitions(dataset_version.name)
+            if version_key(v) < version_key(current)
+        ),
+        key=version_key,
+    )
     for version in reversed(versions):
         path = latest_materialization_metadata(instance, asset_key, version).get("path")
         if path:

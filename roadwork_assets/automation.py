@@ -122,8 +122,10 @@ def new_drop_sensor(
 
 
 def _latest_version(instance: dg.DagsterInstance) -> str | None:
-    versions = sorted(instance.get_dynamic_partitions(dataset_version.name))
-    return versions[-1] if versions else None
+    from roadwork_core.data.drops import version_key
+
+    versions = instance.get_dynamic_partitions(dataset_version.name)
+    return max(versions, key=version_key) if versions else None
 
 
 @dg.schedule(

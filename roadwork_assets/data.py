@@ -129,10 +129,12 @@ def _require_earlier_splits(context: dg.AssetExecutionContext, prev_version: str
     them would later be assigned without knowing this one, and an image could differ between the two.
     Wait (retry) while such a version is being materialized by another run; otherwise fail, saying what to do."""
     current = context.partition_key
+    from roadwork_core.data.drops import version_key  # natural order: v2 < v10
+
     missing = [
         v
-        for v in sorted(context.instance.get_dynamic_partitions(dataset_version.name))
-        if (prev_version or "") < v < current
+        for v in sorted(context.instance.get_dynamic_partitions(dataset_version.name), key=version_key)
+        if version_key(prev_version or "") < version_key(v) < version_key(current)
     ]
     if not missing:
         return

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +49,12 @@ FORMATS = ("labels_csv", "imagefolder", "hf_parquet", "yolo", "coco")
 DEFAULT_CLASS_NAMES: dict[str, int] = {"roadwork": 1, "no_roadwork": 0}
 READY = "_READY"
 UNLABELLED = "unlabelled"
-# Columns the listing itself defines; a metadata column with one of these names is kept as `meta.<name>`.
-RESERVED = frozenset({"uri", "file", "label", "label_raw", "source", "image_id", "phash", "width", "height"})
+# Columns the listing, the image table or the splits step define; a metadata column with one of these
+# names (an export's own `split`, `group_id`) is kept as `meta.<name>`.
+RESERVED = frozenset(
+    {"uri", "file", "label", "label_raw", "source", "image_id", "phash", "phash_dihedral", "width", "height"}
+    | {"split", "group_id"}
+)
 BASE_COLUMNS = ["uri", "file", "label_raw", "source"]
 # Skipped wherever a drop is walked (besides every name starting with '.': .DS_Store, ._x.jpg, .git).
 JUNK_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
@@ -91,25 +96,41 @@ class DropListing:
 # Inbox
 
 
+def version_key(version: str) -> tuple[tuple[str | int, ...], str]:
+    """Sort key of a dataset version name: natural order, digit runs compared as numbers.
+
+    `v2` < `v10`, `2025-1-5` < `2025-01-10`; zero-padded names (`v0001` < `v0010`) keep their plain
+    string order. Ties (`v1` vs `v01`) fall back to the string. Use it wherever versions are ordered or
+    compared: `sorted(versions, key=version_key)`, `version_key(a) < version_key(b)`.
+    """
+    parts = re.split(r"(\d+)", version)  # str, digits, str, ...: a number always meets a number
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), version
+
+
 def list_ready_drops(inbox: Path) -> list[str]:
-    """Names of the complete drops (subfolders holding `_READY`) under `inbox`, sorted."""
+    """Names of the complete drops (subfolders holding `_READY`) under `inbox`, in `version_key` order."""
     inbox = Path(inbox)
     if not inbox.is_dir():
         return []
     return sorted(
-        p.name for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / READY).is_file()
+        (
+            p.name
+            for p in inbox.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / READY).is_file()
+        ),
+        key=version_key,
     )
 
 
 def drops_up_to(inbox: Path, version: str) -> list[Path]:
-    """Every ready drop whose name sorts at or before `version` (drops accumulate), oldest first."""
+    """Every ready drop whose name sorts (`version_key`) at or before `version` (drops accumulate), oldest first."""
     ready = list_ready_drops(inbox)
     if version not in ready:
         raise ValueError(
             f"dataset version {version!r} is not a ready drop under {inbox} "
             f"(ready: {ready or 'none'}); a drop is ready once `{inbox}/{version}/{READY}` exists"
         )
-    return [Path(inbox) / name for name in ready if name <= version]
+    return [Path(inbox) / name for name in ready if version_key(name) <= version_key(version)]
 
 
 # ---------------------------------------------------------------------------------------------

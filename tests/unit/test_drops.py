@@ -19,6 +19,7 @@ from roadwork_core.data.drops import (
     list_ready_drops,
     list_unlabelled,
     read_drop,
+    version_key,
 )
 from roadwork_core.data.images import ImageRejected, decode_image, load_image, read_uri_bytes
 
@@ -300,3 +301,85 @@ def test_labels_csv_counts_images_it_does_not_list(tmp_path: Path, image_bytes: 
         "listed, junk and unlabelled/ files are not"
     )
     assert len(listing.rejects) == 2, "one row for all unlisted images, not one each"
+
+
+# ---------------------------------------------------------------------------------------------
+# version order: natural (v2 < v10) everywhere versions are ordered or compared
+
+
+def test_version_key_is_natural_and_keeps_zero_padded_order() -> None:
+    names = ["v10", "v2", "v1", "v9", "v0010", "v0002", "2025-1-5", "2024-12-01", "2025-01-10", "V3"]
+    assert sorted(names, key=version_key) == [
+        "2024-12-01", "2025-1-5", "2025-01-10", "V3", "v1", "v0002", "v2", "v9", "v0010", "v10"
+    ]  # fmt: skip
+    padded = [f"v{i:04d}" for i in (1, 2, 9, 10, 11, 100)]
+    assert sorted(padded, key=version_key) == sorted(padded), "zero-padded names keep their string order"
+    assert version_key("v1") != version_key("v01"), "distinct names never compare equal"
+
+
+def test_inbox_orders_and_accumulates_versions_naturally(tmp_path: Path) -> None:
+    for name in ("v1", "v2", "v9", "v10", "v11"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "_READY").write_text("")
+    assert list_ready_drops(tmp_path) == ["v1", "v2", "v9", "v10", "v11"]
+    assert [p.name for p in drops_up_to(tmp_path, "v2")] == ["v1", "v2"], "v10 and v11 come after v2"
+    assert [p.name for p in drops_up_to(tmp_path, "v10")] == ["v1", "v2", "v9", "v10"]
+
+
+def test_assets_order_versions_naturally(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import dagster as dg
+
+    from roadwork_assets import _util, automation, data
+    from roadwork_assets.partitions import dataset_version
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(dataset_version.name, ["v1", "v10", "v2", "v9"])
+        assert automation._latest_version(instance) == "v10", "weekly_retrain retrains the newest version"
+
+        # the previous version with an artifact: every version has one here
+        monkeypatch.setattr(_util, "latest_materialization_metadata", lambda _i, _k, v: {"path": f"/a/{v}"})
+        monkeypatch.setattr("roadwork_resources.io_manager.read_artifact", lambda path: str(path))
+        assert _util.load_previous_version(instance, dg.AssetKey("splits"), "v10") == ("v9", "/a/v9")
+        assert _util.load_previous_version(instance, dg.AssetKey("splits"), "v2") == ("v1", "/a/v1")
+
+        # splits of every version between the previous one and this one must exist first
+        context = types.SimpleNamespace(partition_key="v10", instance=instance)
+        with pytest.raises(dg.Failure, match=r"earlier dataset version\(s\) \['v1', 'v2', 'v9'\]"):
+            data._require_earlier_splits(context, None)
+        with pytest.raises(dg.Failure, match=r"earlier dataset version\(s\) \['v9'\]"):
+            data._require_earlier_splits(context, "v2")
+        data._require_earlier_splits(context, "v9")  # nothing in between
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata columns named like the columns later steps add
+
+
+def test_split_and_group_id_metadata_flow_through_as_meta_columns(
+    tmp_path: Path, image_bytes: Callable[..., bytes]
+) -> None:
+    from roadwork_core.data.image_table import build_image_table
+    from roadwork_core.data.splits import assign_splits
+
+    rows = []
+    for i in range(12):
+        (tmp_path / f"{i}.png").write_bytes(
+            image_bytes(fmt="PNG", colour=(i * 20, 255 - i * 20, (i * 57) % 256))
+        )
+        rows.append(f"{i}.png,{i % 2},{'train' if i < 9 else 'test'},g{i // 3}")
+    (tmp_path / "labels.csv").write_text("file,label,split,group_id\n" + "\n".join(rows) + "\n")
+    table = build_image_table([tmp_path], workers=1).images
+    assert {"meta.split", "meta.group_id"} <= set(table.columns)
+    assert "split" not in table.columns and "group_id" not in table.columns
+    splits = assign_splits(table)  # failed with "image table already has columns ['split']"
+    assert set(splits["split"]) <= {"train", "val_select", "val_calib", "val_test"}
+    by_file = dict(zip(splits["file"], splits["meta.split"], strict=True))
+    assert by_file["0.png"] == "train" and by_file["11.png"] == "test", "the export's own split is kept"
+    hf = tmp_path / "hf"
+    _write_hf_shard(hf / "s.parquet", [image_bytes()], ["roadwork"])
+    pq.write_table(
+        pq.read_table(hf / "s.parquet").append_column("split", pa.array(["test"])), hf / "s.parquet"
+    )
+    assert read_drop(hf).candidates["meta.split"].tolist() == ["test"]
