@@ -33,9 +33,12 @@ the drop root and symlinks that resolve outside it are rejected here and never r
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,12 +222,16 @@ def list_unlabelled(drop_dir: Path) -> list[str]:
 def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[dict], list[Reject]]:
     csv_path = drop_dir / "labels.csv"
     try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        text = csv_path.read_bytes().decode("utf-8-sig")
+        sep = _csv_separator(text)
+        _check_field_counts(csv_path, text, sep)
+        table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, index_col=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(
             f"{csv_path} is not a readable CSV ({exc}); write it as UTF-8 CSV with a header row "
             "`file,label,<metadata columns...>`"
         ) from exc
+    table = table.fillna("")  # a row with fewer fields than the header: the missing cells are empty
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in ("file", "label") if c not in table.columns]
     if missing:
@@ -235,8 +242,10 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
     meta_cols = [c for c in table.columns if c not in ("file", "label")]
     rows, rejects = [], []
     root = drop_dir.resolve()
+    entries, listings = [], {}
     for rec in table.to_dict("records"):
-        rel = rec["file"].strip()
+        rel = _csv_entry(drop_dir, rec["file"], listings)
+        entries.append(rel)
         target, reject = _safe_path(drop_dir, root, rel)
         if reject is not None:
             rejects.append(reject)
@@ -244,7 +253,7 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
         row = {"uri": str(target), "file": rel, "label_raw": rec["label"].strip()}
         row.update({c: rec[c] for c in meta_cols})
         rows.append(row)
-    unlisted = _unlisted_images(drop_dir, [Path(r["uri"]) for r in rows], [str(r) for r in table["file"]])
+    unlisted = _unlisted_images(drop_dir, [Path(r["uri"]) for r in rows], entries)
     if unlisted:
         shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
         rejects.append(
@@ -264,7 +273,7 @@ def _unlisted_images(drop_dir: Path, accepted: list[Path], entries: list[str]) -
     and no accepted entry resolves to, relative to the drop."""
     real = {p.resolve() for p in accepted}
     base = drop_dir.absolute()
-    named = {os.path.normpath(base / e.replace("\\", "/")) for e in entries if e}
+    named = {os.path.normpath(base / e) for e in entries if e}
     return [
         p.relative_to(drop_dir).as_posix()
         for p in _images_outside(drop_dir, skip_top={UNLABELLED})
@@ -289,6 +298,90 @@ def _class_folders(drop_dir: Path, class_names: dict[str, int]) -> list[tuple[Pa
         for p in entries
         if _class_key(p.name) in keys and not _is_junk(p.name, True) and p.is_dir()
     ]
+
+
+def _csv_separator(text: str) -> str:
+    """',' unless the header read with commas is one column holding ';' or a tab (European Excel, TSV)."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    fields = next(csv.reader([header]), [])
+    if len(fields) == 1:
+        for sep in (";", "\t"):
+            if sep in fields[0]:
+                return sep
+    return ","
+
+
+def _check_field_counts(csv_path: Path, text: str, sep: str) -> None:
+    """Raise on a row with more (non-empty) fields than the header, naming its line: pandas would
+    otherwise take the first column for an index and shift every row's values."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    header, bad, line = None, [], 0
+    for record in reader:
+        start, line = line + 1, reader.line_num
+        if not record:
+            continue
+        if header is None:
+            header = record
+        elif len(record) > len(header) and any(f.strip() for f in record[len(header) :]):
+            bad.append((start, record))
+    if bad:
+        shown = "; ".join(f"line {n}: {sep.join(r)!r} ({len(r)} fields)" for n, r in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        name = {",": "comma", ";": "semicolon", "\t": "tab"}[sep]
+        raise ValueError(
+            f"{csv_path} is not a readable CSV: the header has {len(header)} fields ({sep.join(header)!r}) but "
+            f'{shown}{more}. Quote a value that contains the separator ({name}), e.g. "a{sep} b", or '
+            "remove the extra fields"
+        )
+
+
+def _csv_entry(drop_dir: Path, raw: str, listings: dict[Path, dict[str, str]]) -> str:
+    """A labels.csv `file` cell -> the entry as it names a file on disk.
+
+    Surrounding spaces are stripped unless the file with them exists; backslashes (Windows) become '/'
+    unless the name with them exists; a name that differs from the one on disk only by its Unicode
+    normalization (NFC vs the NFD macOS writes) is matched to it. Only paths inside the drop are looked
+    up; anything else, or an entry still missing, is returned for `_safe_path` and the image table to
+    report as before.
+    """
+
+    def exists(rel: str) -> bool:
+        return _lexically_inside(drop_dir, rel) and os.path.lexists(drop_dir / rel)
+
+    rel = raw if raw == raw.strip() and raw else raw.strip()
+    if rel != raw and exists(raw):
+        rel = raw
+    if "\\" in rel and not exists(rel):
+        rel = rel.replace("\\", "/")
+    if rel and not exists(rel) and _lexically_inside(drop_dir, rel):
+        rel = _unicode_match(drop_dir, rel, listings) or rel
+    return rel
+
+
+def _lexically_inside(drop_dir: Path, rel: str) -> bool:
+    if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        return False
+    base = drop_dir.absolute()
+    return _inside(Path(os.path.normpath(base / rel)), base)
+
+
+def _unicode_match(drop_dir: Path, rel: str, listings: dict[Path, dict[str, str]]) -> str | None:
+    """`rel` with each component replaced by the name on disk that equals it under NFC, or None."""
+    current, parts = drop_dir, []
+    for part in Path(os.path.normpath(rel)).parts:
+        if not os.path.lexists(current / part):
+            if current not in listings:
+                try:
+                    names = os.listdir(current)
+                except OSError:
+                    return None
+                listings[current] = {unicodedata.normalize("NFC", n): n for n in names}
+            part = listings[current].get(unicodedata.normalize("NFC", part))
+            if part is None:
+                return None
+        parts.append(part)
+        current = current / part
+    return "/".join(parts)
 
 
 def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[dict], list[Reject]]:

@@ -383,3 +383,59 @@ def test_split_and_group_id_metadata_flow_through_as_meta_columns(
         pq.read_table(hf / "s.parquet").append_column("split", pa.array(["test"])), hf / "s.parquet"
     )
     assert read_drop(hf).candidates["meta.split"].tolist() == ["test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# labels.csv dialects and file entries
+
+
+def test_labels_csv_row_with_extra_fields_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text('file,label,notes\n"multi\nline.jpg",1,n\nb.jpg,0,n\nc.jpg,1,a, b\n')
+    with pytest.raises(ValueError, match="not a readable CSV") as info:
+        read_drop(tmp_path)
+    msg = str(info.value)
+    assert str(csv_path) in msg and "header has 3 fields" in msg
+    assert "line 5: 'c.jpg,1,a, b' (4 fields)" in msg, "the line of the file, after a two-line record"
+    assert 'Quote a value that contains the separator (comma), e.g. "a, b"' in msg
+    # an extra but empty field (a trailing comma) carries nothing: read, not misparsed
+    csv_path.write_text("file,label\na.jpg,1,\nb.jpg,0\n")
+    cands = read_drop(tmp_path).candidates
+    assert list(zip(cands["file"], cands["label_raw"], strict=True)) == [("a.jpg", "1"), ("b.jpg", "0")]
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_labels_csv_semicolon_or_tab_separated_is_read(tmp_path: Path, sep: str) -> None:
+    rows = [["file", "label", "camera"], ["a, b.jpg", "1", "cam 1"], ["c.jpg", "0", ""]]  # a comma in a name
+    (tmp_path / "labels.csv").write_text("".join(sep.join(r) + "\n" for r in rows))
+    cands = read_drop(tmp_path).candidates
+    assert list(cands["file"]) == ["a, b.jpg", "c.jpg"]
+    assert list(cands["label_raw"]) == ["1", "0"] and list(cands["camera"]) == ["cam 1", ""]
+
+
+def test_labels_csv_file_entries_match_the_file_on_disk(
+    tmp_path: Path, image_bytes: Callable[..., bytes]
+) -> None:
+    import unicodedata
+
+    from roadwork_core.data.image_table import build_image_table
+
+    nfc, nfd = (unicodedata.normalize(f, "café.jpg") for f in ("NFC", "NFD"))
+    names = {  # csv entry -> file on disk
+        "sub\\a.jpg": "sub/a.jpg",  # written on Windows
+        nfc: nfd,  # the csv says NFC, macOS stored NFD
+        f"sub\\{nfc}": f"sub/{nfd}",
+        " lead.jpg": " lead.jpg",  # the name really starts with a space
+        " trail.jpg ": "trail.jpg",  # padding around a name that has none
+    }
+    for i, on_disk in enumerate(names.values()):
+        (tmp_path / on_disk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / on_disk).write_bytes(image_bytes(colour=(i * 40, 10, 10)))
+    entries = [*names, "sub\\missing.jpg"]
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f'"{e}",1\n' for e in entries))
+    result = build_image_table([tmp_path], max_reject_fraction=1.0, workers=1)
+    assert sorted(result.images["file"]) == sorted(names.values())
+    assert all(Path(u).is_file() for u in result.images["uri"])
+    assert result.rejects[["file", "reason", "detail"]].values.tolist() == [
+        ["sub/missing.jpg", "unreadable", "file does not exist; fix the file entry or add the file"]
+    ]
