@@ -1,7 +1,8 @@
 """Image bytes -> validated RGB PIL image, and the URIs images are read from.
 
 A URI is either an absolute file path, or `<absolute path of a parquet file>#row=<n>` for images
-stored inside a Hugging Face parquet shard (an `image` column of `{bytes, path}` structs).
+stored inside a Hugging Face parquet shard (an `image` column of `{bytes, path}` structs). `#row=` is
+a row marker only after a `.parquet` path: `frame#row=1.jpg` is a plain file name.
 
 Decoding is strict: the whole image is decoded (`img.load()`), so a truncated file is caught here
 and not halfway through training. Nothing global in Pillow is changed (no LOAD_TRUNCATED_IMAGES,
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import threading
 import warnings
 from bisect import bisect_right
@@ -27,6 +29,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 8192 * 8192
 
 ROW_SEP = "#row="
+
+# ISO base media `ftyp` brands of HEIC/HEIF and AVIF files (phone photos); Pillow reads neither here.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class ImageRejected(ValueError):
@@ -55,9 +62,11 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageRejected("too_large", source, str(exc)) from exc
+        raise ImageRejected("too_large", source, _text(exc)) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageRejected("unreadable", source, f"not a readable image: {exc}") from exc
+        raise ImageRejected(
+            "unreadable", source, _unsupported_format(data) or f"not a readable image: {_text(exc)}"
+        ) from exc
 
     w, h = img.size
     if w * h > max_pixels:
@@ -67,12 +76,37 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
     try:
         img.load()  # force a full decode: this is where truncated / corrupt pixel data shows up
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageRejected("truncated", source, f"{img.format} {w}x{h}: {exc}") from exc
+        raise ImageRejected("truncated", source, f"{img.format} {w}x{h}: {_text(exc)}") from exc
     try:
         img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError, KeyError, TypeError) as exc:
-        raise ImageRejected("unreadable", source, f"malformed EXIF orientation: {exc}") from exc
-    return to_rgb(img)
+        raise ImageRejected("unreadable", source, f"malformed EXIF orientation: {_text(exc)}") from exc
+    try:
+        return to_rgb(img)
+    except UnusablePixels as exc:
+        raise ImageRejected("unreadable", source, f"{img.format} {w}x{h} mode {img.mode}: {exc}") from exc
+
+
+class UnusablePixels(ValueError):
+    """Pixel values with no defined brightness (NaN / infinite floats)."""
+
+
+def _text(exc: BaseException) -> str:
+    """An exception's message without object reprs (`<_io.BytesIO object at 0x7f...>` says nothing)."""
+    return _OBJECT_REPR.sub("", str(exc)).strip()
+
+
+def _unsupported_format(data: bytes) -> str | None:
+    """A reject detail for a known image format that cannot be read here, from its magic bytes."""
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        kind = "HEIC/HEIF" if brand in _HEIF_BRANDS else "AVIF" if brand in _AVIF_BRANDS else None
+        if kind is not None:
+            return (
+                f"{kind} image (ftyp brand {brand.decode('ascii')!r}): this format is not supported; convert it "
+                "to JPEG (e.g. `heif-convert in.heic out.jpg`, or set the phone camera to 'Most Compatible')"
+            )
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -81,8 +115,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)  # (H, W)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        unit = _unit_range(arr, img.mode)
+        arr8 = np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         img.mode == "P" and "transparency" in img.info
@@ -94,6 +128,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _unit_range(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Single-channel deep pixels -> [0, 1].
+
+    `I;16*`: 16-bit, 0..65535. `I` (32-bit int) and `F` (float): values within 0..1 (`F` only), 0..255
+    or 0..65535 (`I` only: 16-bit data Pillow opened as `I`) are read in that range; any other range is
+    stretched from its own minimum to maximum. Raises `UnusablePixels` for NaN or infinite floats.
+    """
+    if mode.startswith("I;16"):
+        return arr / 65535.0
+    if not np.isfinite(arr).all():
+        raise UnusablePixels(
+            "float pixels include NaN or infinite values, so their brightness is undefined; save it as an "
+            "8-bit image (JPEG or PNG)"
+        )
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 1.0 and mode == "F":
+        return arr
+    if lo >= 0 and hi <= 255.0:
+        return arr / 255.0
+    if lo >= 0 and hi <= 65535.0 and mode == "I":
+        return arr / 65535.0
+    return (arr - lo) / ((hi - lo) or 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # URIs
 
@@ -103,13 +161,13 @@ def parquet_uri(path: str | os.PathLike, row: int) -> str:
 
 
 def split_uri(uri: str) -> tuple[str, int | None]:
-    """`/a/b.parquet#row=3` -> ('/a/b.parquet', 3); a plain path -> (path, None)."""
-    if ROW_SEP in uri:
-        path, _, row = uri.rpartition(ROW_SEP)
-        if not row.isdigit():
-            raise ValueError(f"bad image uri {uri!r}: expected '<parquet path>#row=<non-negative int>'")
-        return path, int(row)
-    return uri, None
+    """`/a/b.parquet#row=3` -> ('/a/b.parquet', 3); a plain path, `#row=` in its name or not, -> (path, None)."""
+    path, sep, row = uri.rpartition(ROW_SEP)
+    if not sep or not path.endswith(".parquet"):
+        return uri, None
+    if not row.isdigit():
+        raise ValueError(f"bad image uri {uri!r}: expected '<parquet path>#row=<non-negative int>'")
+    return path, int(row)
 
 
 class _ParquetShard:

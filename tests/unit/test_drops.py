@@ -21,7 +21,7 @@ from roadwork_core.data.drops import (
     read_drop,
     version_key,
 )
-from roadwork_core.data.images import ImageRejected, decode_image, load_image, read_uri_bytes
+from roadwork_core.data.images import ImageRejected, decode_image, load_image, read_uri_bytes, split_uri
 
 # ---------------------------------------------------------------------------------------------
 # image decoding
@@ -66,6 +66,63 @@ def test_decode_rejects_broken_images(image_bytes: Callable[..., bytes]) -> None
     with pytest.raises(ImageRejected) as info:
         decode_image(jpeg, source="big.jpg", max_pixels=100)
     assert info.value.reason == "too_large" and "256x256" in info.value.detail
+
+
+def _tiff(arr: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_decode_scales_float_and_32_bit_int_images() -> None:
+    ramp = np.linspace(0.0, 1.0, 64 * 48).reshape(48, 64)
+
+    def grey(data: bytes) -> np.ndarray:
+        return np.asarray(decode_image(data, source="x.tif"))[..., 0].astype(int)
+
+    expected = np.round(ramp * 255).astype(int)
+    cases = {
+        "F in 0..1": _tiff(ramp.astype(np.float32), "F"),
+        "F in 0..255": _tiff((ramp * 255).astype(np.float32), "F"),
+        "I in 0..255": _tiff(np.round(ramp * 255).astype(np.int32), "I"),
+        "I in 0..65535 (16-bit data)": _tiff(np.round(ramp * 65535).astype(np.int32), "I"),
+        "I in 0..255000 (own range)": _tiff(np.round(ramp * 255).astype(np.int32) * 1000, "I"),
+        "F in -5..5 (own range)": _tiff((ramp * 10 - 5).astype(np.float32), "F"),
+    }
+    for name, data in cases.items():
+        assert np.abs(grey(data) - expected).max() <= 1, name
+    nan = (ramp * 0.5).astype(np.float32)
+    nan[0, 0] = np.nan
+    with pytest.raises(ImageRejected) as info:
+        decode_image(_tiff(nan, "F"), source="nan.tif")
+    assert info.value.reason == "unreadable" and "NaN or infinite" in info.value.detail
+    assert "8-bit image" in info.value.detail
+
+
+def test_unsupported_formats_and_unreadable_bytes_get_clean_details() -> None:
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 200
+    with pytest.raises(ImageRejected) as info:
+        decode_image(heic, source="IMG_0001.HEIC")
+    assert info.value.reason == "unreadable"
+    assert info.value.detail.startswith("HEIC/HEIF image (ftyp brand 'heic'): this format is not supported")
+    assert "convert it to JPEG" in info.value.detail
+    with pytest.raises(ImageRejected) as info:
+        decode_image(b"[.ShellClassInfo]\r\n", source="desktop.ini")
+    assert info.value.detail == "not a readable image: cannot identify image file", (
+        "no <_io.BytesIO object at 0x..>"
+    )
+
+
+def test_row_marker_only_after_a_parquet_path(tmp_path: Path, image_bytes: Callable[..., bytes]) -> None:
+    assert split_uri("/d/data/train.parquet#row=3") == ("/d/data/train.parquet", 3)
+    assert split_uri("/d/roadwork/frame#row=1.jpg") == ("/d/roadwork/frame#row=1.jpg", None)
+    assert split_uri("/d/roadwork/cam#row=7/3") == ("/d/roadwork/cam#row=7/3", None)
+    with pytest.raises(ValueError, match="bad image uri"):
+        split_uri("/d/train.parquet#row=x")
+    (tmp_path / "roadwork" / "cam#row=7").mkdir(parents=True)
+    (tmp_path / "roadwork" / "cam#row=7" / "3").write_bytes(image_bytes())
+    uri = read_drop(tmp_path).candidates["uri"].item()
+    assert read_uri_bytes(uri) == image_bytes() and load_image(uri).size == (64, 48)
 
 
 # ---------------------------------------------------------------------------------------------
