@@ -184,13 +184,45 @@ def check_no_shared_images(splits: pd.DataFrame) -> dg.AssetCheckResult:
     return _result(split_checks.check_no_shared_images(splits))
 
 
-@_split_check("no near-duplicate pair (phash within the radius) across splits")
+@_split_check(
+    "no near-duplicate pair (phash within the radius, flips and quarter turns included) across splits, "
+    "nor with a previous version's image that is no longer in the table"
+)
 def check_no_near_duplicates_across_splits(
+    context: dg.AssetCheckExecutionContext, split_settings: SplitSettings, splits: pd.DataFrame
+) -> dg.AssetCheckResult:
+    from roadwork_core.data import split_checks
+
+    _, previous = load_previous_version(context.instance, dg.AssetKey("splits"), context.partition_key)
+    return _result(
+        split_checks.check_no_near_duplicates_across_splits(
+            splits, radius=split_settings.radius, previous=previous
+        )
+    )
+
+
+@dg.asset_check(
+    asset=splits,
+    blocking=False,
+    partitions_def=dataset_version,
+    description=(
+        "near-identical pairs (within half the near-duplicate radius) carry the same label "
+        "(a warning: a person has to look at each pair)"
+    ),
+)
+def check_near_duplicate_labels_agree(
     split_settings: SplitSettings, splits: pd.DataFrame
 ) -> dg.AssetCheckResult:
     from roadwork_core.data import split_checks
 
-    return _result(split_checks.check_no_near_duplicates_across_splits(splits, radius=split_settings.radius))
+    outcome = split_checks.check_near_duplicate_labels_agree(splits, radius=split_settings.radius // 2)
+    result = _result(outcome)
+    return dg.AssetCheckResult(
+        passed=result.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=result.description,
+        metadata=result.metadata,
+    )
 
 
 @_split_check("each split's positive rate within the tolerance of the overall rate")
@@ -225,4 +257,5 @@ SPLIT_CHECKS = [
     check_label_balance,
     check_min_per_class,
     check_sticky_splits,
+    check_near_duplicate_labels_agree,
 ]

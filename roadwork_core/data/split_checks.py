@@ -159,12 +159,14 @@ def check_no_near_duplicates_across_splits(
     return CheckOutcome(False, message, meta)
 
 
-def check_near_duplicate_labels_agree(splits: pd.DataFrame, radius: int = 6) -> CheckOutcome:
-    """Near-duplicate pairs (the same photo resized, re-encoded, flipped, ...) carry the same label.
+def check_near_duplicate_labels_agree(splits: pd.DataFrame, radius: int = 3) -> CheckOutcome:
+    """Near-identical pairs (the same photo resized, re-encoded, flipped, ...) carry the same label.
 
     Identical bytes with two labels are rejected by the image table; a near-copy with the other label
-    is one of two things, a labelling mistake or a change too small for the hash to see, and a person
-    has to look. Direct pairs only (not whole chains, whose ends may differ). Meant as a warning."""
+    is one of two things, a labelling mistake or a change too small for the hash to see (a cone added
+    to the same street), and a person has to look. Direct pairs only (not whole chains, whose ends may
+    differ), within `radius`, by default half the grouping radius: re-encoded, resized and flipped
+    copies sit at 0-4 bits, while unrelated low-detail scenes reach 6. Meant as a warning."""
     _require(splits, ["image_id", "label", "phash"], "check_near_duplicate_labels_agree")
     table = splits.reset_index(drop=True)
     phashes, variants = table_hashes(table)
