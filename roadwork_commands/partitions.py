@@ -7,6 +7,7 @@ import sys
 import dagster as dg
 
 from roadwork_assets.partitions import dataset_version
+from roadwork_core.data.drops import version_key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         new = [v for v in args.versions if not instance.has_dynamic_partition(dataset_version.name, v)]
         instance.add_dynamic_partitions(dataset_version.name, new)
         print(f"added {new or 'nothing (all present)'}")
-    for version in sorted(instance.get_dynamic_partitions(dataset_version.name)):
+    for version in sorted(instance.get_dynamic_partitions(dataset_version.name), key=version_key):
         print(version)
     return 0
 

@@ -56,7 +56,7 @@ UNLABELLED = "unlabelled"
 # names (an export's own `split`, `group_id`) is kept as `meta.<name>`.
 RESERVED = frozenset(
     {"uri", "file", "label", "label_raw", "source", "image_id", "phash", "phash_dihedral", "width", "height"}
-    | {"split", "group_id"}
+    | {"split", "group_id", "_prev", "_anchor"}  # the last two: assign_splits' working columns
 )
 BASE_COLUMNS = ["uri", "file", "label_raw", "source"]
 # Skipped wherever a drop is walked (besides every name starting with '.': .DS_Store, ._x.jpg, .git).
@@ -233,6 +233,8 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
         ) from exc
     table = table.fillna("")  # a row with fewer fields than the header: the missing cells are empty
     table.columns = [str(c).strip() for c in table.columns]
+    # `File,Label` or `FILE,label` name the same columns; the metadata columns keep their spelling
+    table = table.rename(columns={c: c.lower() for c in table.columns if c.lower() in ("file", "label")})
     missing = [c for c in ("file", "label") if c not in table.columns]
     if missing:
         raise ValueError(
@@ -296,7 +298,7 @@ def _class_folders(drop_dir: Path, class_names: dict[str, int]) -> list[tuple[Pa
     return [
         (p, keys[_class_key(p.name)])
         for p in entries
-        if _class_key(p.name) in keys and not _is_junk(p.name, True) and p.is_dir()
+        if _class_key(p.name) in keys and not is_junk(p.name, True) and p.is_dir()
     ]
 
 
@@ -575,7 +577,7 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or path.is_relative_to(root)
 
 
-def _is_junk(name: str, is_dir: bool) -> bool:
+def is_junk(name: str, is_dir: bool) -> bool:
     """Hidden names and OS leftovers (Thumbs.db, desktop.ini, __MACOSX/, ...): never data."""
     return name.startswith(".") or name.lower() in (JUNK_DIRS if is_dir else JUNK_FILES)
 
@@ -605,7 +607,7 @@ def _walk_files(
                 is_dir = entry.is_dir()  # follows a symlink; a broken one is listed as a file
             except OSError:
                 is_dir = False
-            if _is_junk(entry.name, is_dir):
+            if is_junk(entry.name, is_dir):
                 continue
             path = current / entry.name
             if not is_dir:

@@ -1,7 +1,7 @@
 """Content fingerprints of data drops: has a dataset version's set of files changed since it was trained?
 
 A drop's fingerprint is the sha256 over its files' relative paths and content sha256, sorted (the
-`_READY` marker excluded); a version's is the sha256 over (drop name, drop fingerprint) of every drop
+`_READY` marker and the OS litter every reader skips excluded); a version's is the sha256 over (drop name, drop fingerprint) of every drop
 it contains. Renaming or copying a drop keeps its fingerprint (mtimes are not used); changing,
 adding or removing any file changes it.
 """
@@ -12,16 +12,24 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from roadwork_core.data.drops import READY
+from roadwork_core.data.drops import READY, is_junk, version_key
 from roadwork_core.io import sha256_file
 
 __all__ = ["drop_fingerprint", "version_fingerprint"]
 
 
+def _junk(path: Path, drop_dir: Path) -> bool:
+    """OS litter (Thumbs.db, __MACOSX/, dot files) that every drop reader skips: it changes no version."""
+    parts = path.relative_to(drop_dir).parts
+    return any(is_junk(name, is_dir=i < len(parts) - 1) for i, name in enumerate(parts))
+
+
 def drop_fingerprint(drop_dir: Path) -> str:
     drop_dir = Path(drop_dir)
     h = hashlib.sha256()
-    for path in sorted(p for p in drop_dir.rglob("*") if p.is_file() and p.name != READY):
+    for path in sorted(
+        p for p in drop_dir.rglob("*") if p.is_file() and p.name != READY and not _junk(p, drop_dir)
+    ):
         h.update(f"{path.relative_to(drop_dir).as_posix()}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
@@ -29,6 +37,6 @@ def drop_fingerprint(drop_dir: Path) -> str:
 def version_fingerprint(drop_dirs: Sequence[Path]) -> str:
     """The fingerprint of a dataset version made of `drop_dirs` (as `drops_up_to` lists them)."""
     h = hashlib.sha256()
-    for drop in sorted(Path(d) for d in drop_dirs):
+    for drop in sorted((Path(d) for d in drop_dirs), key=lambda d: version_key(d.name)):
         h.update(f"{drop.name}\0{drop_fingerprint(drop)}\n".encode())
     return h.hexdigest()

@@ -496,3 +496,27 @@ def test_labels_csv_file_entries_match_the_file_on_disk(
     assert result.rejects[["file", "reason", "detail"]].values.tolist() == [
         ["sub/missing.jpg", "unreadable", "file does not exist; fix the file entry or add the file"]
     ]
+
+
+def test_fingerprint_ignores_os_litter_and_sees_every_real_change(
+    tmp_path: Path, image_bytes: Callable[..., bytes]
+) -> None:
+    from roadwork_core.data.fingerprint import drop_fingerprint
+
+    drop = _put(tmp_path / "v0001", {"roadwork/a.jpg": image_bytes(), "no_roadwork/b.jpg": image_bytes()})
+    before = drop_fingerprint(drop)
+    _put(drop, {"roadwork/Thumbs.db": b"x", "__MACOSX/roadwork/._a.jpg": b"y", ".DS_Store": b"z"})
+    assert drop_fingerprint(drop) == before, "OS litter is skipped by every reader: it changes no version"
+    _put(drop, {"roadwork/c.jpg": image_bytes()})
+    assert drop_fingerprint(drop) != before
+
+
+def test_labels_csv_header_names_are_case_insensitive(
+    tmp_path: Path, image_bytes: Callable[..., bytes]
+) -> None:
+    drop = _put(tmp_path, {"a.jpg": image_bytes(), "b.jpg": image_bytes()})
+    (drop / "labels.csv").write_text("File,LABEL,Weather\na.jpg,1,rain\nb.jpg,0,sun\n")
+    listing = read_drop(drop)
+    assert listing.candidates["file"].tolist() == ["a.jpg", "b.jpg"] and not listing.rejects
+    assert listing.candidates["label_raw"].tolist() == ["1", "0"]
+    assert listing.candidates["Weather"].tolist() == ["rain", "sun"], "metadata keeps its spelling"
