@@ -18,6 +18,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from roadwork_assets import data as data_assets
 from tests.e2e.conftest import mlflow_statuses, tiny_run_config, wait_for
 
 # the two tests share the `ui_server` fixture (one webserver, one run): kept together on one worker
@@ -166,7 +167,10 @@ def test_ui_launchpad_run_plots_and_checks(ui_server, browser, tmp_path):
             page.goto(f"{base}/assets/splits?view=checks&checkDetail={name}")
             page.get_by_text("This is a blocking asset check.").wait_for(timeout=60_000)
             page.get_by_text("Passed", exact=True).first.wait_for(timeout=30_000)
-            assert page.get_by_text("Checks (5)").count(), f"{name}: the Checks tab does not list 5 checks"
+            n_checks = len(data_assets.SPLIT_CHECKS)  # the blocking ones and the label-agreement warning
+            assert page.get_by_text(f"Checks ({n_checks})").count(), (
+                f"{name}: the Checks tab does not list {n_checks}"
+            )
             if name == SPLIT_CHECKS[0]:
                 save_screenshot(page, shots, "splits_checks")
 
