@@ -5,8 +5,8 @@ decoded (EXIF transpose, RGB), size-checked and perceptually hashed (`phash`, an
 the phashes of its flips and quarter turns, see neardup.py). Exact duplicates are collapsed
 when their labels agree; when they disagree, the copy of the oldest drop is kept if that drop agrees
 with itself and the later copies are rejected as `label_conflict`, else every copy is.
-Reject codes: unreadable, truncated, too_large, too_small, bad_label, path_escape, symlink_outside,
-label_conflict.
+Reject codes: unreadable, truncated, too_large, too_small, bad_label, bad_filename (not UTF-8),
+path_escape, symlink_outside, label_conflict (and the drop readers' own: no_class_folder, orphan_label, ...).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from roadwork_core.data.drops import BASE_COLUMNS, DEFAULT_CLASS_NAMES, read_drop
-from roadwork_core.data.images import ImageRejected, decode_image, read_uri_bytes
+from roadwork_core.data.images import ImageRejected, decode_image, printable_name, read_uri_bytes, utf8_name
 from roadwork_core.data.neardup import dihedral_phashes
 
 IMAGE_TABLE_COLUMNS = [
@@ -146,7 +146,18 @@ def build_image_table(
     for col in meta_cols:  # a column missing from some drops is "" there
         cands[col] = cands[col].fillna("").astype(str)
 
-    # labels first: cheap, and a bad label is reported whether or not the image decodes
+    # names first: a path that is not UTF-8 cannot be written to any table (parquet, the event log)
+    bad_name = (
+        ~(cands["uri"].map(utf8_name) & cands["file"].map(utf8_name)) if len(cands) else cands["uri"].isna()
+    )
+    for row in cands[bad_name].itertuples(index=False):
+        rejects.append({"file": row.file, "source": row.source, "reason": "bad_filename",
+                        "detail": f"the file name '{printable_name(row.file)}' is not UTF-8 (an archive from a "
+                                  "system with another encoding?); rename it in UTF-8, e.g. `convmv -f latin1 -t "
+                                  "utf8 --notest -r <drop>`"})  # fmt: skip
+    cands = cands[~bad_name].reset_index(drop=True)
+
+    # labels next: cheap, and a bad label is reported whether or not the image decodes
     cands["label"] = [parse_label(v, names) for v in cands["label_raw"]]
     bad = cands["label"].isna()
     for row in cands[bad].itertuples(index=False):
@@ -175,6 +186,8 @@ def build_image_table(
         images[IMAGE_TABLE_COLUMNS + meta_cols].sort_values("image_id", kind="stable").reset_index(drop=True)
     )
     reject_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    for col in ("file", "detail"):  # a reader's reject may name a file whose name is not UTF-8
+        reject_frame[col] = reject_frame[col].astype(str).map(printable_name)
 
     fraction = len(reject_frame) / n_candidates
     if fraction > max_reject_fraction:

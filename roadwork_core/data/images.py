@@ -156,6 +156,21 @@ def _unit_range(arr: np.ndarray, mode: str) -> np.ndarray:
 # URIs
 
 
+def utf8_name(text: str) -> bool:
+    """False for a path holding bytes that are not UTF-8 (os.listdir hands them out as surrogate escapes,
+    e.g. a Latin-1 `café.jpg` from an old archive): no UTF-8 table or log can record such a name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(text: str) -> str:
+    """`text` with bytes that are not UTF-8 written as \\xNN escapes: `caf\\xe9.jpg`."""
+    return text if utf8_name(text) else os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def parquet_uri(path: str | os.PathLike, row: int) -> str:
     return f"{Path(path).absolute()}{ROW_SEP}{row}"
 

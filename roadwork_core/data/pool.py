@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from roadwork_core.data.images import ImageRejected, load_image
+from roadwork_core.data.images import ImageRejected, load_image, printable_name, utf8_name
 from roadwork_core.data.neardup import dihedral_phashes, near_duplicate_pairs, pair_components, pair_distances
 
 DROPPED_COLUMNS: list[str] = ["uri", "reason", "detail", "image_id", "split", "distance"]
@@ -60,7 +60,11 @@ def filter_unlabelled_pool(
     else:
         hashes = [_pool_phash(uri) for uri in uris]
     for i, (uri, (h, why)) in enumerate(zip(uris, hashes, strict=True)):
-        if h is None:
+        if not utf8_name(uri):  # usable as a path, but no table can record it
+            rows.append(
+                {"uri": uri, "reason": "bad_filename", "detail": "the file name is not UTF-8; rename it"}
+            )
+        elif h is None:
             rows.append({"uri": uri, "reason": "unreadable", "detail": why})
         else:
             hashed.append((i, h))
@@ -98,6 +102,7 @@ def filter_unlabelled_pool(
         )
     dropped = pd.DataFrame(rows, columns=DROPPED_COLUMNS)
     gone = set(dropped["uri"])
+    dropped["uri"] = dropped["uri"].astype(str).map(printable_name)
     return PoolFilter(kept=[u for u in uris if u not in gone], dropped=dropped)
 
 

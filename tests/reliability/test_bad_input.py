@@ -286,3 +286,26 @@ def test_bundle_load_bad_schema_versions(tiny_bundle: dict, tmp_path: Path) -> N
     manifest_path.write_text("[1, 2]")
     with pytest.raises(BundleError, match="must hold a JSON object"):
         Bundle.load(bundle_dir)
+
+
+def test_a_file_name_that_is_not_utf8_is_rejected_and_every_table_still_writes(tmp_path: Path) -> None:
+    import os
+
+    from roadwork_core.data.pool import filter_unlabelled_pool
+    from roadwork_resources.io_manager import write_artifact
+
+    drop = _drop(tmp_path / "v0001", {f"roadwork/r{i}.jpg": _jpeg((10 * i, 90, 20)) for i in range(20)}, None)
+    _drop(drop, {f"no_roadwork/n{i}.jpg": _jpeg((20, 10 * i, 90)) for i in range(20)}, None)
+    latin1 = os.path.join(os.fsencode(drop / "roadwork"), b"caf\xe9.jpg")  # a Latin-1 name from an old zip
+    with open(latin1, "wb") as f:
+        f.write(_jpeg((1, 2, 3)))
+    result = build_image_table([drop])
+    assert len(result.images) == 40
+    reject = result.rejects.set_index("reason").loc["bad_filename"]
+    assert reject["file"] == "roadwork/caf\\xe9.jpg" and "convmv" in reject["detail"], reject.to_dict()
+    write_artifact(tmp_path / "images", result.images)  # parquet takes only UTF-8
+    write_artifact(tmp_path / "rejects", result.rejects)
+
+    pool = filter_unlabelled_pool([os.fsdecode(latin1)], result.images.assign(split="val_test").head(1))
+    assert pool.kept == [] and pool.dropped["reason"].tolist() == ["bad_filename"]
+    write_artifact(tmp_path / "pool_rejects", pool.dropped)
