@@ -36,6 +36,9 @@ IMAGE_TABLE_COLUMNS = [
     "source",
 ]
 REJECT_COLUMNS = ["file", "source", "reason", "detail"]
+# reject rows that count no candidate (so not toward max_reject_fraction): one row per labels.csv drop
+# summing up the image files on disk that the csv does not list
+NOTICE_REASONS = frozenset({"not_in_labels_csv"})
 DUPLICATE_COLUMNS = ["image_id", "kept_file", "kept_source", "dropped_file", "dropped_source", "conflict"]
 
 
@@ -48,7 +51,7 @@ class ImageTableResult:
     images: pd.DataFrame  # IMAGE_TABLE_COLUMNS + metadata columns (str), sorted by image_id
     rejects: pd.DataFrame  # REJECT_COLUMNS
     duplicates: pd.DataFrame  # DUPLICATE_COLUMNS
-    n_candidates: int  # rows listed by the readers, accepted or not
+    n_candidates: int  # rows listed by the readers, accepted or not (notices like not_in_labels_csv excluded)
 
 
 _TEXT_LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
@@ -137,10 +140,12 @@ def build_image_table(
             for r in listing.rejects
         ]
     cands = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BASE_COLUMNS)
-    n_candidates = len(cands) + len(rejects)
+    notices = [r for r in rejects if r["reason"] in NOTICE_REASONS]
+    n_candidates = len(cands) + len(rejects) - len(notices)
     if n_candidates == 0:
         raise ValueError(
             f"no images found in drops {[str(d) for d in drop_dirs]}; check the folders and the format"
+            + "".join(f". {r['source']}/{r['file']}: {r['detail']}" for r in notices)
         )
     meta_cols = [c for c in cands.columns if c not in BASE_COLUMNS]
     for col in meta_cols:  # a column missing from some drops is "" there
@@ -189,9 +194,11 @@ def build_image_table(
     for col in ("file", "detail"):  # a reader's reject may name a file whose name is not UTF-8
         reject_frame[col] = reject_frame[col].astype(str).map(printable_name)
 
-    fraction = len(reject_frame) / n_candidates
+    # a summary row about files a labels.csv leaves out is a notice, not a rejected candidate
+    counted = reject_frame[~reject_frame["reason"].isin(NOTICE_REASONS)]
+    fraction = len(counted) / n_candidates
     if fraction > max_reject_fraction:
-        raise TooManyRejects(_too_many_message(reject_frame, n_candidates, fraction, max_reject_fraction))
+        raise TooManyRejects(_too_many_message(counted, n_candidates, fraction, max_reject_fraction))
     return ImageTableResult(images, reject_frame, duplicates, n_candidates)
 
 

@@ -59,11 +59,21 @@ def _drop(root: Path, files: dict[str, bytes], csv: str | None, ready: bool = Tr
     ids=["no-file-column", "no-label-column", "empty-file", "header-only"],
 )
 def test_labels_csv_structure_errors_name_the_csv(tmp_path: Path, csv: str, match: str) -> None:
-    # header-only: no image on disk either (one on disk would be a not_in_labels_csv reject instead)
-    drop = _drop(tmp_path / "v0001", {} if csv == "file,label\n" else {"a.jpg": _jpeg()}, csv)
+    drop = _drop(tmp_path / "v0001", {"a.jpg": _jpeg()}, csv)
     with pytest.raises(ValueError, match=match) as info:
         build_image_table([drop])
     assert str(drop) in str(info.value), f"the error must name the drop or its csv: {info.value}"
+    if csv == "file,label\n":  # and it says which image file the csv left out
+        assert "1 image file(s) in the drop are not listed in labels.csv" in str(info.value), info.value
+
+
+def test_a_labels_csv_that_lists_a_subset_is_a_notice_not_a_reject_storm(tmp_path: Path) -> None:
+    files = {f"img{i}.jpg": _jpeg((20 * i, 90, 20)) for i in range(8)}
+    drop = _drop(tmp_path / "v0001", files, "file,label\nimg0.jpg,1\nimg1.jpg,0\nimg2.jpg,1\n")
+    result = build_image_table([drop])  # 5 unlisted of 8: far above the 5 % limit were they rejects
+    assert sorted(result.images["file"]) == ["img0.jpg", "img1.jpg", "img2.jpg"]
+    notice = result.rejects.set_index("reason").loc["not_in_labels_csv"]
+    assert "5 image file(s)" in notice["detail"] and result.n_candidates == 3, notice["detail"]
 
 
 def _noisy_jpeg() -> bytes:
