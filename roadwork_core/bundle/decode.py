@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 ImageInput = PIL.Image.Image | bytes | str | os.PathLike
@@ -20,7 +21,9 @@ def to_canvas(item: ImageInput, name: str, canvas_size: int) -> torch.Tensor:
     from roadwork_core.data.loading import pil_to_canvas
 
     if isinstance(item, PIL.Image.Image):
-        img = to_rgb(item)
+        # as decode_image does for bytes and paths: a photo opened with PIL.Image.open still carries its
+        # EXIF orientation tag (a no-op copy for an image without one, or already transposed)
+        img = to_rgb(PIL.ImageOps.exif_transpose(item))
     elif isinstance(item, bytes | bytearray | memoryview):
         img = decode_image(bytes(item), source=name)
     elif isinstance(item, str | os.PathLike):

@@ -31,6 +31,11 @@ __all__ = ["add_predict_arguments", "predict_command", "run_predict"]
 EXIT_OK, EXIT_BAD_IMAGE, EXIT_BAD_BUNDLE = 0, 1, 2
 
 
+# Line widths of wrapped base64 (coreutils `base64` and MIME: 76; `openssl base64`, PEM: 64). A whole image
+# that short (48 or 57 bytes) cannot be a photograph, so such a line is a wrapped image's first part.
+WRAP_WIDTHS = (64, 76)
+
+
 def _stdin_items(stdin: TextIO) -> Iterator[tuple[str, ImageInput | Exception]]:
     """Lines of base64 -> (name, bytes), or (name, ValueError) for a line that is not base64."""
     n = 0
@@ -40,6 +45,16 @@ def _stdin_items(stdin: TextIO) -> Iterator[tuple[str, ImageInput | Exception]]:
             continue
         name = f"stdin:{n}"
         n += 1
+        if len(text) in WRAP_WIDTHS:
+            yield (
+                name,
+                ValueError(
+                    f"{name}: a line of exactly {len(text)} characters, so the base64 looks wrapped (`base64` wraps at "
+                    f"76 columns, `openssl base64` at 64) and one image spans several lines; send one image per line: "
+                    f"`base64 -w0 image.jpg`"
+                ),
+            )
+            continue
         try:
             yield name, base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as err:
@@ -54,7 +69,9 @@ def _line(name: str, result: object) -> str:
 
 def _answer_line(name: str, result: object) -> str:
     if isinstance(result, Exception):
-        print(f"roadwork predict: {name}: {result or type(result).__name__}", file=sys.stderr)
+        text = str(result) or type(result).__name__
+        prefix = "" if text.startswith(f"{name}:") else f"{name}: "  # most errors already name the image
+        print(f"roadwork predict: {prefix}{text}", file=sys.stderr)
         return "nan"
     return repr(float(result.answer))
 

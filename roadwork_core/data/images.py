@@ -63,9 +63,12 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_large", source, _text(exc)) from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  any plugin's failure on hostile bytes: UnidentifiedImageError,
+        # OSError, ValueError, SyntaxError, and TypeError / struct.error / IndexError from odd headers
         raise ImageRejected(
-            "unreadable", source, _unsupported_format(data) or f"not a readable image: {_text(exc)}"
+            "unreadable", source, _unsupported_format(data) or f"not a readable image: {_describe(exc)}"
         ) from exc
 
     w, h = img.size
@@ -73,22 +76,45 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
         raise ImageRejected(
             "too_large", source, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; resize it"
         )
-    try:
-        img.load()  # force a full decode: this is where truncated / corrupt pixel data shows up
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageRejected("truncated", source, f"{img.format} {w}x{h}: {_text(exc)}") from exc
-    try:
-        img = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError, KeyError, TypeError) as exc:
-        raise ImageRejected("unreadable", source, f"malformed EXIF orientation: {_text(exc)}") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # "Corrupt EXIF data", "Truncated File Read": decided below
+        try:
+            img.load()  # force a full decode: this is where truncated / corrupt pixel data shows up
+        except MemoryError:
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise ImageRejected("truncated", source, f"{img.format} {w}x{h}: {_text(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001  e.g. TypeError from a TIFF tag of the wrong type
+            raise ImageRejected("unreadable", source, f"{img.format} {w}x{h}: {_describe(exc)}") from exc
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as exc:  # noqa: BLE001
+            raise ImageRejected(
+                "unreadable", source, f"malformed EXIF orientation: {_describe(exc)}"
+            ) from exc
     try:
         return to_rgb(img)
     except UnusablePixels as exc:
         raise ImageRejected("unreadable", source, f"{img.format} {w}x{h} mode {img.mode}: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  a mode Pillow cannot convert
+        raise ImageRejected(
+            "unreadable", source, f"{img.format} {w}x{h} mode {img.mode}: {_describe(exc)}"
+        ) from exc
 
 
 class UnusablePixels(ValueError):
     """Pixel values with no defined brightness (NaN / infinite floats)."""
+
+
+def _describe(exc: BaseException) -> str:
+    """`_text`, prefixed with the exception's type when it is not one of the usual I/O ones."""
+    text = _text(exc)
+    usual = (OSError, ValueError, SyntaxError, EOFError)
+    return text if isinstance(exc, usual) and text else f"{type(exc).__name__}: {text}"
 
 
 def _text(exc: BaseException) -> str:

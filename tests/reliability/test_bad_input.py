@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -246,6 +247,25 @@ def test_predict_stdin_bad_base64_and_non_image(tiny_bundle: dict) -> None:
     assert "stdin:2" in lines[2]["error"] and "not a readable image" in lines[2]["error"]
 
 
+def test_predict_stdin_wrapped_base64_says_how_to_send_it(tiny_bundle: dict) -> None:
+    import textwrap
+
+    wrapped = textwrap.fill(base64.b64encode(tiny_bundle["images"][0].read_bytes()).decode(), 76)  # `base64`
+    assert len(wrapped.splitlines()) > 2
+    code, lines, _ = _predict(tiny_bundle["bundle_dir"], [], wrapped + "\n")
+    assert code == 1 and "base64 -w0" in lines[0]["error"] and "wrapped" in lines[0]["error"], lines[0]
+
+    args = add_predict_arguments(argparse.ArgumentParser()).parse_args(
+        ["--bundle", str(tiny_bundle["bundle_dir"]), "--answer"]
+    )
+    out, err = io.StringIO(), io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stderr(err):
+        run_predict(args, stdout=out, stdin=io.StringIO("%%%\n"))
+    assert err.getvalue().count("stdin:0") == 1, f"the image is named once: {err.getvalue()}"
+
+
 def test_predict_empty_stdin_says_so(tiny_bundle: dict) -> None:
     code, lines, err = _predict(tiny_bundle["bundle_dir"], [], "")
     assert lines == [], "no input, no prediction lines"
@@ -319,3 +339,44 @@ def test_a_file_name_that_is_not_utf8_is_rejected_and_every_table_still_writes(t
     pool = filter_unlabelled_pool([os.fsdecode(latin1)], result.images.assign(split="val_test").head(1))
     assert pool.kept == [] and pool.dropped["reason"].tolist() == ["bad_filename"]
     write_artifact(tmp_path / "pool_rejects", pool.dropped)
+
+
+def test_a_tiff_whose_tag_has_the_wrong_type_is_rejected_not_a_crash(tiny_bundle: dict) -> None:
+    """Bytes from a fuzzing run: Pillow's TIFF plugin raises TypeError (not OSError) while decoding them.
+    Every entry point must still turn that into a reject naming the input: never a 500 or a traceback."""
+    from fastapi.testclient import TestClient
+
+    from roadwork_core.data.images import ImageRejected, decode_image
+    from roadwork_core.serving.app import create_app
+    from roadwork_core.serving.slot import BundleSlot, Candidate, load_verified
+
+    data = (Path(__file__).resolve().parents[1] / "data" / "hostile_tiff_tag_type.tif").read_bytes()
+    with pytest.raises(ImageRejected) as info:
+        decode_image(data, source="fuzz.tif")
+    assert info.value.reason == "unreadable" and "TypeError" in info.value.detail, info.value
+
+    slot = BundleSlot(load_verified(Candidate(path=tiny_bundle["bundle_dir"])))
+    with TestClient(create_app(slot)) as client:
+        reply = client.post("/predict", json={"image": base64.b64encode(data).decode()})
+    assert reply.status_code == 422 and "unreadable" in reply.json()["error"], reply.text
+
+
+def test_a_pil_image_keeps_its_exif_orientation_like_a_path_does(tiny_bundle: dict, tmp_path: Path) -> None:
+    bundle = Bundle.load(tiny_bundle["bundle_dir"])
+    # a left-to-right gradient: turned a quarter, the canvas is a top-to-bottom one (not noise, which the
+    # tiny bundle's 86 px canvas would average to grey either way)
+    ramp = np.broadcast_to(np.linspace(0, 255, 160, dtype=np.float32)[None, :, None], (90, 160, 3))
+    upright = PIL.Image.fromarray(np.ascontiguousarray(ramp).astype(np.uint8))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored sideways: a viewer turns it 90 degrees
+    path = tmp_path / "phone.jpg"
+    upright.save(path, quality=95, exif=exif.tobytes())
+    from roadwork_core.bundle.decode import to_canvas
+
+    size = bundle.canvas_size
+    from_pil, from_path = to_canvas(PIL.Image.open(path), "pil", size), to_canvas(path, "path", size)
+    assert torch.equal(from_pil, from_path), "a PIL image and its file must give the same canvas"
+    sideways = to_canvas(PIL.Image.fromarray(np.asarray(PIL.Image.open(path))), "pixels", size)  # no EXIF
+    assert not torch.equal(sideways, from_path), "the test must see the rotation"
+    p_pil, p_path = bundle.predict([PIL.Image.open(path), path])
+    assert p_pil.p_roadwork == pytest.approx(p_path.p_roadwork, abs=1e-6)
