@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
+import threading
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -41,9 +43,29 @@ async def _read_capped(request: Request, cap: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def create_app(slot: BundleSlot, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> FastAPI:
+def default_max_concurrent() -> int:
+    """Images decoded and predicted at once: one per core (more only queue for the same cores)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def create_app(
+    slot: BundleSlot, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_concurrent: int | None = None
+) -> FastAPI:
+    """`max_concurrent` bounds the images in decode + predict at once (default: one per core). A 48 MP
+    photo costs ~0.7 GB while it is decoded and resized; without a bound, N simultaneous requests cost N
+    times that. The others wait their turn, holding only their request body."""
     app = FastAPI(title="roadwork miner", docs_url=None, redoc_url=None, openapi_url=None)
     body_cap = 4 * (max_image_bytes + 2) // 3 + 4096  # base64 of the largest image, plus the JSON around it
+    limit = max_concurrent if max_concurrent is not None else default_max_concurrent()
+    if limit < 1:
+        raise ValueError(f"max_concurrent = {limit}; allow at least 1 image at a time")
+    # a thread-level gate (not an event-loop one, so the app is not tied to the loop that first used it):
+    # a waiting request holds a threadpool thread and its request body, no decoded pixels
+    gate = threading.BoundedSemaphore(limit)
+
+    def bounded_predict(served, raw: bytes):
+        with gate:
+            return served.predict(raw)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -70,7 +92,7 @@ def create_app(slot: BundleSlot, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYT
             return _error(413, f"image is {len(raw)} bytes; the limit is {max_image_bytes}")
         served = slot.current  # this request finishes on this bundle even if a swap happens meanwhile
         try:
-            pred = await run_in_threadpool(served.predict, raw)
+            pred = await run_in_threadpool(bounded_predict, served, raw)
         except ImageRejected as err:
             return _error(422, f"not a usable image: {err.reason} ({err.detail})")
         return JSONResponse(

@@ -38,6 +38,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=DEFAULT_MAX_IMAGE_BYTES,
         help="largest accepted image (413 above)",
     )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="images decoded and predicted at once (default: one per core); more requests wait their turn",
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     return parser
 
@@ -95,6 +101,7 @@ def run_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(create_app(slot, max_image_bytes=args.max_image_bytes), host=args.host, port=args.port,
+    app = create_app(slot, max_image_bytes=args.max_image_bytes, max_concurrent=args.max_concurrent)
+    uvicorn.run(app, host=args.host, port=args.port,
                 log_level="warning", access_log=False)  # fmt: skip
     return 0

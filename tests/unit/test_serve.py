@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,35 @@ def test_in_flight_request_finishes_on_the_old_bundle_then_the_new_one_serves(bu
     )
     assert client.post("/predict", json={"image": _jpeg_b64(6)}).json()["bundle_id"] == slot.current.bundle_id
     assert client.get("/healthz").json()["dataset_version"] == "v0002"
+
+
+def test_concurrent_requests_decode_at_most_max_concurrent_images_at_once(bundles) -> None:
+    """Each large photo costs ~0.7 GB while decoded: the server bounds how many are in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, slot = _client(bundles["v0001"], max_concurrent=2)
+    served, real_predict = slot.current, slot.current.predict
+    lock, state = threading.Lock(), {"active": 0, "peak": 0}
+
+    def counted(raw):  # the real prediction, with a count of how many run at once
+        with lock:
+            state["active"] += 1
+            state["peak"] = max(state["peak"], state["active"])
+        try:
+            time.sleep(0.3)  # long enough for every request to arrive while the first ones run
+            return real_predict(raw)
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    served.predict = counted
+    # one event loop for all six requests, as under uvicorn (outside `with`, each call runs its own loop)
+    with client, ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda i: client.post("/predict", json={"image": _jpeg_b64(i)}), range(6)))
+    assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies]
+    assert state["peak"] == 2, f"{state['peak']} images in flight at once; the limit is 2"
+    with pytest.raises(ValueError, match="at least 1"):
+        create_app(slot, max_concurrent=0)
 
 
 def test_watcher_offers_each_new_candidate_once(bundles, tmp_path) -> None:
