@@ -22,6 +22,7 @@ import dagster as dg
 
 from roadwork_assets._util import latest_materialization_metadata
 from roadwork_assets.partitions import dataset_version
+from roadwork_core.data.split_checks import WARNING_CHECKS
 from roadwork_core.progress import fmt_duration
 
 
@@ -55,6 +56,7 @@ _DAGSTER_LINE = re.compile(
 _PROGRESS = re.compile(r"^(epoch \d+/\d+|batch \d+/\d+|ExPLoRA step \d+/\d+|waiting for)")
 _ERROR_TEXT = re.compile(r"^[\w.]*(Error|Exception|Failure|Violation)\b.*: ")
 _CHECK_PASSED = re.compile(r"^Asset check '[^']*' on '[^']*' passed\b")
+_CHECK_NAME = re.compile(r"^Asset check '([^']*)' on '[^']*'")
 HEARTBEAT_S = 15.0
 
 
@@ -69,7 +71,7 @@ class _StepWatcher:
         self.started: dict[str, float] = {}
         self.last_word: dict[str, str] = {}
         self.last_print = time.perf_counter()
-        self.checks = {"passed": 0, "failed": 0}
+        self.checks = {"passed": 0, "warned": 0, "failed": 0}
         self.failures: list[str] = []  # error lines of failed steps
         self.failing = False  # the previous event was a STEP_FAILURE: its error text follows
 
@@ -102,9 +104,11 @@ class _StepWatcher:
             self.say(f"[demo] {step}: FAILED ({msg[:300]})")
         elif event == "ASSET_CHECK_EVALUATION":
             passed = _CHECK_PASSED.match(msg) is not None
-            self.checks["passed" if passed else "failed"] += 1
+            name = _CHECK_NAME.match(msg)
+            warning = not passed and name is not None and name.group(1) in WARNING_CHECKS
+            self.checks["passed" if passed else "warned" if warning else "failed"] += 1
             if not passed:
-                self.say(f"[demo]   {msg[:400]}")
+                self.say(f"[demo]   {'warning (non-blocking): ' if warning else ''}{msg[:400]}")
         elif event is None and step and _PROGRESS.match(msg):
             self.last_word[step] = msg.split(":")[0].split(",")[
                 0
@@ -182,7 +186,8 @@ def materialize(
             raise SystemExit(f"[demo] interrupted; Dagster's log so far: {log_path}") from None
         returncode = proc.wait()
     checks = watcher.checks
-    print(f"[demo] asset checks: {checks['passed']} passed, {checks['failed']} failed")
+    warned = f", {checks['warned']} warned (non-blocking: see above)" if checks["warned"] else ""
+    print(f"[demo] asset checks: {checks['passed']} passed{warned}, {checks['failed']} failed")
     if returncode != 0:
         raise SystemExit(
             f"[demo] dagster asset materialize failed (exit {returncode}); the whole log is {log_path}"

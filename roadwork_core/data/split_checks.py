@@ -17,6 +17,8 @@ from roadwork_core.data.neardup import near_duplicate_pairs, pair_distances, tab
 from roadwork_core.data.splits import SPLIT_ORDER
 
 MAX_LISTED = 20  # rows listed in a message / metadata; the rest are counted
+# checks on `splits` that warn (non-blocking, severity WARN) instead of stopping the run
+WARNING_CHECKS = frozenset({"check_near_duplicate_labels_agree"})
 CLASS_NAMES = {0: "no_roadwork", 1: "roadwork"}
 
 

@@ -55,8 +55,22 @@ def test_watcher_keeps_stage_progress_failed_checks_and_errors():
         '[demo] b: FAILED (Execution of step "b" failed.)',
         "[demo]   ValueError: boom: bad thing",
     ]
-    assert watcher.checks == {"passed": 1, "failed": 1}
+    assert watcher.checks == {"passed": 1, "warned": 0, "failed": 1}
     assert watcher.failures == ["ValueError: boom: bad thing"]
+
+
+def test_a_warning_check_is_counted_and_shown_as_a_warning():
+    out = io.StringIO()
+    watcher = demo._StepWatcher(out=out)
+    watcher.feed(
+        f"2026-12-02 10:38:30 +0000 - dagster - DEBUG - __ASSET_JOB - {RUN} - 8764 - splits_check_near_duplicate_"
+        "labels_agree - ASSET_CHECK_EVALUATION - Asset check 'check_near_duplicate_labels_agree' on 'splits' did "
+        "not pass. Description: '2 near-duplicate pairs carry different labels'\n"
+    )
+    assert watcher.checks == {"passed": 0, "warned": 1, "failed": 0}
+    assert out.getvalue().startswith(
+        "[demo]   warning (non-blocking): Asset check 'check_near_duplicate_labels"
+    )
 
 
 def test_heartbeat_names_the_running_step_and_its_last_progress():
