@@ -222,7 +222,9 @@ def list_unlabelled(drop_dir: Path) -> list[str]:
 def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[dict], list[Reject]]:
     csv_path = drop_dir / "labels.csv"
     try:
-        text = csv_path.read_bytes().decode("utf-8-sig")
+        data = csv_path.read_bytes()
+        # UTF-8 (with or without a BOM), or UTF-16 with its BOM (Excel's "Unicode text" export)
+        text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else data.decode("utf-8-sig")
         sep = _csv_separator(text)
         _check_field_counts(csv_path, text, sep)
         table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, index_col=False)

@@ -520,3 +520,13 @@ def test_labels_csv_header_names_are_case_insensitive(
     assert listing.candidates["file"].tolist() == ["a.jpg", "b.jpg"] and not listing.rejects
     assert listing.candidates["label_raw"].tolist() == ["1", "0"]
     assert listing.candidates["Weather"].tolist() == ["rain", "sun"], "metadata keeps its spelling"
+
+
+def test_labels_csv_in_utf16_with_a_bom_is_read(tmp_path: Path, image_bytes: Callable[..., bytes]) -> None:
+    drop = _put(tmp_path, {"café.jpg": image_bytes(), "b.jpg": image_bytes()})
+    (drop / "labels.csv").write_bytes("file,label\ncafé.jpg,1\nb.jpg,0\n".encode("utf-16"))  # BOM first
+    listing = read_drop(drop)
+    assert listing.candidates["file"].tolist() == ["café.jpg", "b.jpg"] and not listing.rejects
+    (drop / "labels.csv").write_bytes("file,label\ncafé.jpg,1\n".encode("latin-1"))  # no BOM: ambiguous
+    with pytest.raises(ValueError, match="write it as UTF-8"):
+        read_drop(drop)
