@@ -31,19 +31,28 @@ retrain_job = dg.define_asset_job(
 )
 
 
-def drop_sensor_interval_seconds() -> int:
-    """How often new_drop_sensor looks at the inbox: ROADWORK_DROP_SENSOR_INTERVAL seconds (default 30).
-    Read when the code location loads, so set it where `dagster dev` / `dagster-daemon` start."""
-    raw = os.environ.get("ROADWORK_DROP_SENSOR_INTERVAL", "30")
+def _interval_seconds(variable: str, default: int) -> int:
+    raw = os.environ.get(variable, str(default))
     try:
         seconds = int(raw)
     except ValueError:
         seconds = 0
     if seconds < 1:
-        raise ValueError(
-            f"ROADWORK_DROP_SENSOR_INTERVAL={raw!r} must be a whole number of seconds >= 1 (default 30)"
-        )
+        raise ValueError(f"{variable}={raw!r} must be a whole number of seconds >= 1 (default {default})")
     return seconds
+
+
+def drop_sensor_interval_seconds() -> int:
+    """How often new_drop_sensor looks at the inbox: ROADWORK_DROP_SENSOR_INTERVAL seconds (default 30).
+    Read when the code location loads, so set it where `dagster dev` / `dagster-daemon` start."""
+    return _interval_seconds("ROADWORK_DROP_SENSOR_INTERVAL", 30)
+
+
+def slot_reaper_interval_seconds() -> int:
+    """How often dead_run_slot_reaper looks for pool slots held by dead runs:
+    ROADWORK_SLOT_REAPER_INTERVAL seconds (default 20), read where the code location loads. Each tick
+    reads the claimed slots and checks the holders' processes: a few milliseconds with nothing held."""
+    return _interval_seconds("ROADWORK_SLOT_REAPER_INTERVAL", 20)
 
 
 def automation_run_config() -> dict:
@@ -236,7 +245,7 @@ def mlflow_failed_run_closer(context: dg.RunFailureSensorContext) -> None:
 
 
 @dg.sensor(
-    minimum_interval_seconds=20,
+    minimum_interval_seconds=slot_reaper_interval_seconds(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Frees pool slots (pool gpu) held by runs whose process was killed (SIGKILL, OOM, reboot): marks "
     "such a run FAILED and frees its slots, so the next training step runs and resumes from the checkpoint.",

@@ -114,6 +114,14 @@ class _MlflowWhenNeeded:
     Attributes read or set on this object go to the `MlFlow` handle."""
 
     def __init__(self, context: dg.InitResourceContext):
+        # The thread imports mlflow, and with it sqlalchemy.orm, whose first modules register an
+        # inspector for every object in SQLAlchemy's global registry before sqlalchemy.orm.exc is done.
+        # Dagster's storage on this thread coerces values through that registry (an empty IN list in
+        # get_asset_records), and meeting the half-imported module failed a step with "partially
+        # initialized module 'sqlalchemy.orm.exc'" (seen once in a two-run concurrency test). Imported
+        # here, on the run's own thread, first (~0.2 s).
+        import sqlalchemy.orm  # noqa: F401
+
         object.__setattr__(self, "_context", context)
         object.__setattr__(self, "_handle", None)
         object.__setattr__(self, "_error", None)

@@ -87,7 +87,7 @@ def tiny_drop_source(tmp_path_factory) -> Path:
 def e2e_environment(root: Path, mlflow_template: Path | None = None) -> dict[str, str]:
     """Create `root`/dagster_home (the repo's dagster.yaml), state and inbox; return the environment
     (DAGSTER_HOME, ROADWORK_STATE, ROADWORK_INBOX, MLflow store, offline, one thread, new_drop_sensor
-    every 5 s) that points there. With `mlflow_template`, the MLflow store starts as a copy of it."""
+    every 5 s, dead_run_slot_reaper every 3 s) that points there. With `mlflow_template`, the MLflow store starts as a copy of it."""
     home, state, inbox = root / "dagster_home", root / "state", root / "inbox"
     for folder in (home, state, inbox):
         folder.mkdir()
@@ -103,6 +103,7 @@ def e2e_environment(root: Path, mlflow_template: Path | None = None) -> dict[str
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "ROADWORK_DROP_SENSOR_INTERVAL": "5",
+        "ROADWORK_SLOT_REAPER_INTERVAL": "3",
     }
 
 

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from roadwork_assets.automation import drift_sensor, drop_sensor_interval_seconds, new_drop_sensor
+from roadwork_assets.automation import (
+    drift_sensor,
+    drop_sensor_interval_seconds,
+    new_drop_sensor,
+    slot_reaper_interval_seconds,
+)
 from roadwork_core.data.synthetic import make_demo_drop
 from roadwork_core.metrics.drift import psi
 from roadwork_resources.dataset import DatasetSource
@@ -92,15 +97,39 @@ def test_new_drop_sensor_passes_the_automation_run_config(tmp_path, monkeypatch)
     assert config["ops"]["classifier"]["config"]["mode"] == "head", "ROADWORK_RUN_CONFIG was not applied"
 
 
-def test_drop_sensor_interval_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv("ROADWORK_DROP_SENSOR_INTERVAL", raising=False)
-    assert drop_sensor_interval_seconds() == 30
-    monkeypatch.setenv("ROADWORK_DROP_SENSOR_INTERVAL", "7")
-    assert drop_sensor_interval_seconds() == 7
+@pytest.mark.parametrize(
+    "variable, read, default",
+    [
+        ("ROADWORK_DROP_SENSOR_INTERVAL", drop_sensor_interval_seconds, 30),
+        ("ROADWORK_SLOT_REAPER_INTERVAL", slot_reaper_interval_seconds, 20),
+    ],
+)
+def test_sensor_intervals_come_from_the_environment(monkeypatch, variable, read, default):
+    monkeypatch.delenv(variable, raising=False)
+    assert read() == default
+    monkeypatch.setenv(variable, "7")
+    assert read() == 7
     for bad in ("0", "-5", "2.5", "soon"):
-        monkeypatch.setenv("ROADWORK_DROP_SENSOR_INTERVAL", bad)
-        with pytest.raises(ValueError, match=r"ROADWORK_DROP_SENSOR_INTERVAL=.*whole number of seconds"):
-            drop_sensor_interval_seconds()
+        monkeypatch.setenv(variable, bad)
+        with pytest.raises(ValueError, match=rf"{variable}=.*whole number of seconds"):
+            read()
+
+
+def test_the_sensors_use_the_intervals_read_when_the_code_location_loads(monkeypatch):
+    """The intervals are read at import, where the daemon / `dagster dev` loads the code location."""
+    import importlib
+
+    import roadwork_assets.automation as automation
+
+    monkeypatch.setenv("ROADWORK_DROP_SENSOR_INTERVAL", "11")
+    monkeypatch.setenv("ROADWORK_SLOT_REAPER_INTERVAL", "3")
+    try:
+        fresh = importlib.reload(automation)
+        assert fresh.new_drop_sensor.minimum_interval_seconds == 11
+        assert fresh.dead_run_slot_reaper.minimum_interval_seconds == 3
+    finally:
+        monkeypatch.undo()
+        importlib.reload(automation)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -79,3 +79,37 @@ def test_the_resource_seeds_a_fresh_store_from_the_template(template, tmp_path, 
         "Default": (tmp_path / "state" / "mlartifacts" / "0").resolve().as_uri(),
         "roadwork": (tmp_path / "state" / "mlartifacts").resolve().as_uri(),
     }
+
+
+_RACE_CHILD = """
+import sys
+import dagster as dg
+from roadwork_resources.mlflow_tracking import CONFIG_SCHEMA, _MlflowWhenNeeded
+
+assert "sqlalchemy.orm" not in sys.modules, "the check needs an interpreter without sqlalchemy.orm"
+config = {"experiment_name": "roadwork", "mlflow_tracking_uri": sys.argv[1]}
+handle = _MlflowWhenNeeded(dg.build_init_resource_context(config=config))
+# right after the constructor, before the store thread ends: what this thread can meet in SQLAlchemy's
+# global inspection registry must be fully imported
+orm = [m for name, m in list(sys.modules.items()) if name.startswith("sqlalchemy.orm")]
+half = [m.__name__ for m in orm if getattr(m.__spec__, "_initializing", False)]
+exc = sys.modules.get("sqlalchemy.orm.exc")
+print("ORM", bool(orm), "HALF", half, "EXC", exc is not None and hasattr(exc, "UnmappedClassError"))
+assert handle.wait_for_store() is None
+"""
+
+
+def test_the_store_thread_never_leaves_sqlalchemy_orm_half_imported_for_the_run(tmp_path) -> None:
+    """The store's thread imports mlflow (and sqlalchemy.orm). Dagster's storage queries on the run's
+    thread go through SQLAlchemy's inspection registry, where sqlalchemy.orm registers itself before it
+    has finished importing: a step once failed on "partially initialized module 'sqlalchemy.orm.exc'".
+    So sqlalchemy.orm is fully imported on the run's thread before the store thread starts."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    child = subprocess.run(
+        [sys.executable, "-c", _RACE_CHILD, uri], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "ORM True HALF [] EXC True" in child.stdout, child.stdout
