@@ -1,23 +1,30 @@
-"""The release bundle: export, load with integrity checks, predict, ONNX export."""
+"""The release bundle: export, load with integrity checks, predict, ONNX export.
 
-from roadwork_core.bundle.bundle import Bundle, Prediction
-from roadwork_core.bundle.export import current_code_version, export_bundle
-from roadwork_core.bundle.schema import (
-    BUNDLE_FILES,
-    BUNDLE_SCHEMA_VERSION,
-    BundleError,
-    BundleIntegrityError,
-    BundleManifest,
-)
+Names are re-exported from the submodules on first use (PEP 562), as in roadwork_core.metrics: importing
+a light submodule (`roadwork_core.bundle.predict_cli` to build `roadwork`'s argument parser, the schema)
+must not import torch and timm, seconds of start-up for `roadwork make-demo-data` or `roadwork --help`."""
 
-__all__ = [
-    "BUNDLE_FILES",
-    "BUNDLE_SCHEMA_VERSION",
-    "Bundle",
-    "BundleError",
-    "BundleIntegrityError",
-    "BundleManifest",
-    "Prediction",
-    "current_code_version",
-    "export_bundle",
-]
+import importlib
+
+_EXPORTS = {
+    **dict.fromkeys(("Bundle", "Prediction"), "bundle"),
+    **dict.fromkeys(("current_code_version", "export_bundle"), "export"),
+    **dict.fromkeys(
+        ("BUNDLE_FILES", "BUNDLE_SCHEMA_VERSION", "BundleError", "BundleIntegrityError", "BundleManifest"),
+        "schema",
+    ),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

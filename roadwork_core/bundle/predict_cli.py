@@ -20,11 +20,11 @@ import binascii
 import json
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from roadwork_core.bundle.bundle import Bundle
-from roadwork_core.bundle.decode import ImageInput
-from roadwork_core.bundle.schema import BundleError
+if TYPE_CHECKING:  # the bundle (torch, timm) is imported where a command runs, not to build the parser
+    from roadwork_core.bundle.bundle import Bundle
+    from roadwork_core.bundle.decode import ImageInput
 
 __all__ = ["add_predict_arguments", "predict_command", "run_predict"]
 
@@ -89,6 +89,8 @@ def predict_command(
     """One line per image, in input order: JSON, or the bare answer with `answer_only` (module doc).
 
     `bundle` skips re-loading."""
+    from roadwork_core.bundle.bundle import Bundle
+
     bundle = bundle if bundle is not None else Bundle.load(bundle_dir, device=device)
     items: Iterable[tuple[str, ImageInput | Exception]]
     if images:
@@ -119,6 +121,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_predict(args: argparse.Namespace, stdout: TextIO | None = None, stdin: TextIO | None = None) -> int:
     """Print the JSON lines; exit code 0, 1 if any image failed, 2 if the bundle was refused."""
+    from roadwork_core.bundle.bundle import Bundle
+    from roadwork_core.bundle.schema import BundleError
+
     out = stdout if stdout is not None else sys.stdout
     try:
         bundle = Bundle.load(args.bundle, device=args.device)
