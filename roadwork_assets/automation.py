@@ -97,8 +97,15 @@ def new_drop_sensor(
     seen = set(json.loads(context.cursor)) if context.cursor else set()
     ready = dataset.ready_drops()
     new = [v for v in ready if v not in seen]
+    # a drop folder whose name cannot be a partition key is named on every tick until it is renamed
+    unusable = "; ".join(f"drop folder '{name}' {why}" for name, why in dataset.unusable_drops().items())
+    if unusable:
+        context.log.warning(unusable)
     if not new:
-        return dg.SkipReason(f"no new complete drop in {dataset.inbox} ({len(ready)} seen)")
+        return dg.SkipReason(
+            f"no new complete drop in {dataset.inbox} ({len(ready)} seen)"
+            + (f". {unusable}" if unusable else "")
+        )
     released = [] if retrain.force_retrain else _already_released(context.instance, dataset, new)
     cursor = json.dumps(sorted(seen | set(new)))
     skipped = (

@@ -7,7 +7,8 @@ import sys
 import dagster as dg
 
 from roadwork_assets.partitions import dataset_version
-from roadwork_core.data.drops import version_key
+from roadwork_core.data.drops import version_key, version_name_problem
+from roadwork_core.data.images import printable_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "add":
         if not args.versions:
             parser.error("add needs at least one version name")
+        for version in args.versions:
+            if (problem := version_name_problem(version)) is not None:
+                parser.error(f"{printable_name(version)!r} cannot be a dataset version: it {problem}")
         new = [v for v in args.versions if not instance.has_dynamic_partition(dataset_version.name, v)]
         instance.add_dynamic_partitions(dataset_version.name, new)
         print(f"added {new or 'nothing (all present)'}")

@@ -40,6 +40,12 @@ class DatasetSource(dg.ConfigurableResource):
 
         return list_ready_drops(self.inbox_path)
 
+    def unusable_drops(self) -> dict[str, str]:
+        """Complete drops whose folder name cannot be a dataset version -> the problem and the fix."""
+        from roadwork_core.data.drops import unusable_ready_drops
+
+        return unusable_ready_drops(self.inbox_path)
+
     def drops_for_version(self, version: str) -> list[Path]:
         from roadwork_core.data.drops import drops_up_to
 

@@ -110,19 +110,59 @@ def version_key(version: str) -> tuple[tuple[str | int, ...], str]:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), version
 
 
-def list_ready_drops(inbox: Path) -> list[str]:
-    """Names of the complete drops (subfolders holding `_READY`) under `inbox`, in `version_key` order."""
+def version_name_problem(name: str) -> str | None:
+    """Why a drop folder's name cannot name a dataset version, or None when it can.
+
+    The name becomes the `dataset_version` partition key, run tags, folders under the state and a value in
+    UTF-8 tables. Bytes that are not UTF-8 (a folder from an old archive) cannot be stored at all. Dagster's
+    UI reads `...` as a range of partitions (Dagster refuses it, and control characters, in static partition
+    keys) and splits a selection at commas, so that launching `v1,2` launches `v1` and `2` (dagster-io/dagster
+    issue 15105)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds bytes that are not UTF-8 (a folder from an archive made on another system?)"
+    if "..." in name:
+        return "contains '...', which Dagster reads as a range of partitions"
+    if "," in name:
+        return "contains ',', where Dagster's UI splits a partition selection"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "contains a control character (a tab or newline)"
+    if name != name.strip():
+        return "begins or ends with whitespace"
+    return None
+
+
+def _ready_folders(inbox: Path) -> list[Path]:
     inbox = Path(inbox)
     if not inbox.is_dir():
         return []
+    return [p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / READY).is_file()]
+
+
+def list_ready_drops(inbox: Path) -> list[str]:
+    """Names of the complete drops (subfolders holding `_READY`) under `inbox`, in `version_key` order.
+    Folders whose name cannot be a dataset version are left out: `unusable_ready_drops` lists them."""
     return sorted(
-        (
-            p.name
-            for p in inbox.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and (p / READY).is_file()
-        ),
-        key=version_key,
+        (p.name for p in _ready_folders(inbox) if version_name_problem(p.name) is None), key=version_key
     )
+
+
+def unusable_ready_drops(inbox: Path) -> dict[str, str]:
+    """Complete drops whose folder name cannot be a dataset version (`version_name_problem`): printable
+    name (bytes that are not UTF-8 as \\xNN) -> the problem and the fix. No version includes their images
+    until the folder is renamed."""
+    from roadwork_core.data.images import printable_name
+
+    out = {}
+    for folder in _ready_folders(inbox):
+        problem = version_name_problem(folder.name)
+        if problem is not None:
+            out[printable_name(folder.name)] = (
+                f"{problem}; rename the folder (letters, digits, '-', '_', '.'; e.g. v0003 or 2026-12-01) "
+                f"and keep {READY} in it"
+            )
+    return dict(sorted(out.items()))
 
 
 def drops_up_to(inbox: Path, version: str) -> list[Path]:

@@ -89,6 +89,29 @@ def test_new_drop_sensor_adds_partition_and_one_run_per_drop(tmp_path):
     assert json.loads(fourth.cursor) == ["v0001", "v0002", "v0003"], fourth.cursor
 
 
+def test_a_drop_folder_whose_name_cannot_be_a_partition_is_named_and_blocks_no_other_drop(tmp_path):
+    """A ready drop named with bytes that are not UTF-8 (a Latin-1 archive) or with '...' would, added as a
+    partition, fail the storage or make the UI launch a range: the tick leaves it out, names it with the fix
+    on every tick until it is renamed, and still launches the good drops."""
+    import os
+
+    instance = dg.DagsterInstance.ephemeral()
+    _drop(tmp_path, "v0001")
+    for bad in (os.fsdecode(b"caf\xe9"), "v0001...copy"):
+        (tmp_path / bad / "images").mkdir(parents=True)
+        (tmp_path / bad / "_READY").write_bytes(b"\n")
+    result = _tick(instance, tmp_path, None)
+    assert [r.partition_key for r in result.run_requests] == ["v0001"]
+    [added] = result.dynamic_partitions_requests
+    assert list(added.partition_keys) == ["v0001"]
+    instance.add_dynamic_partitions("dataset_version", list(added.partition_keys))  # the storage takes it
+
+    again = _tick(instance, tmp_path, result.cursor)
+    assert isinstance(again, dg.SkipReason), again
+    for shown in ("'caf\\xe9'", "'v0001...copy'", "rename the folder"):
+        assert shown in again.skip_message, again.skip_message
+
+
 def test_new_drop_sensor_passes_the_automation_run_config(tmp_path, monkeypatch):
     monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(TINY_CONFIG))
     _drop(tmp_path, "v0001")

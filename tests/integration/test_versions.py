@@ -161,6 +161,20 @@ def test_partitions_command_adds_and_lists_versions(rw_home, capsys):
     assert sorted(dg.DagsterInstance.get().get_dynamic_partitions("dataset_version")) == ["v0002", "v0003"]
 
 
+def test_partitions_command_refuses_a_name_dagster_cannot_take(rw_home, capsys):
+    import dagster as dg
+
+    from roadwork_commands import partitions
+
+    for bad, why in (("v1,2", "','"), ("v0002...v0003", "'...'"), ("v4\t", "control character")):
+        with pytest.raises(SystemExit) as exit_info:
+            partitions.main(["add", "v0009", bad])
+        assert exit_info.value.code == 2, bad
+        err = capsys.readouterr().err
+        assert "cannot be a dataset version" in err and why in err, err
+    assert dg.DagsterInstance.get().get_dynamic_partitions("dataset_version") == [], "nothing may be added"
+
+
 def test_splits_refuse_to_skip_an_unmaterialized_earlier_version(tmp_path, rw_home):
     """v0002's sticky splits need v0001's: with v0001 registered but never split, v0002 fails and says so."""
     from roadwork_core.data.synthetic import make_demo_drop

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from roadwork_core.data.drops import (
     list_ready_drops,
     list_unlabelled,
     read_drop,
+    unusable_ready_drops,
     version_key,
+    version_name_problem,
 )
 from roadwork_core.data.images import ImageRejected, decode_image, load_image, read_uri_bytes, split_uri
 
@@ -530,3 +533,40 @@ def test_labels_csv_in_utf16_with_a_bom_is_read(tmp_path: Path, image_bytes: Cal
     (drop / "labels.csv").write_bytes("file,label\ncafé.jpg,1\n".encode("latin-1"))  # no BOM: ambiguous
     with pytest.raises(ValueError, match="write it as UTF-8"):
         read_drop(drop)
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("v0001", None),
+        ("2026-12-01 night", None),
+        ("v2.1_fix", None),
+        ("v0002...copy", "'...'"),
+        ("v1,2", "','"),
+        ("v1\tcopy", "control character"),
+        ("v1\n", "control character"),
+        (" v3", "whitespace"),
+        (os.fsdecode(b"caf\xe9"), "not UTF-8"),
+    ],
+)
+def test_version_name_problem_names_what_dagster_cannot_take(name, problem) -> None:
+    found = version_name_problem(name)
+    if problem is None:
+        assert found is None, f"{name!r} should be a valid version: {found}"
+    else:
+        assert found is not None and problem in found, f"{name!r}: {found}"
+
+
+def test_ready_drops_with_unusable_names_are_listed_apart_with_the_fix(tmp_path) -> None:
+    """A drop folder whose name cannot be a dataset version is in no version (it would crash the storage,
+    or make the UI launch the wrong partitions) and is listed with the problem and the fix instead."""
+    for name in ("v0001", "v0002...copy", "v1,2", os.fsdecode(b"caf\xe9")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "_READY").write_text("\n")
+    (tmp_path / "v0003").mkdir()  # not ready: in neither list
+    assert list_ready_drops(tmp_path) == ["v0001"]
+    unusable = unusable_ready_drops(tmp_path)
+    assert sorted(unusable) == ["caf\\xe9", "v0002...copy", "v1,2"], unusable
+    assert all("rename the folder" in why for why in unusable.values()), unusable
+    assert drops_up_to(tmp_path, "v0001") == [tmp_path / "v0001"]
