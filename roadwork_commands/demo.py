@@ -425,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the ExPLoRA head-probe ablation at the end",
     )
     args = parser.parse_args(argv)
+    from roadwork_core.data.drops import version_name_problem
+
+    if (problem := version_name_problem(args.version)) is not None:
+        parser.error(f"--version {args.version!r} cannot be a dataset version: it {problem}")
 
     t0 = time.perf_counter()
     drop = ensure_drop(Path(args.inbox), args.version, args.n, args.seed, args.n_unlabelled)

@@ -279,3 +279,12 @@ def test_background_predict_starts_when_the_bundle_step_ends_and_prints_rounded_
     assert "a.jpg: p_roadwork 0.123 -> defer" in out and "c.jpg: p_roadwork 0.623 -> defer" in out, out
     assert json.dumps({"image": str(drop / "images" / "a.jpg")})[:10] not in out, "rounded, not raw JSON"
     job.stop()
+
+
+def test_demo_refuses_a_version_name_that_cannot_be_a_partition(tmp_path, capsys):
+    """Before any drop is written or any partition added: the name and the problem, exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--inbox", str(tmp_path), "--version", "v1,2", "--n", "10"])
+    assert exit_info.value.code == 2
+    assert "cannot be a dataset version" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing may be written for a refused version"
