@@ -1,6 +1,7 @@
 """Small helpers shared by the asset modules (orchestration only, no ML logic)."""
 
 import json
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -30,35 +31,6 @@ def reader_metadata(reader: SplitReader) -> dict[str, Any]:
     return meta
 
 
-def load_previous_version(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey, current: str
-) -> tuple[str | None, Any]:
-    """The artifact of `asset_key` for the latest dataset version sorting (`version_key`) before `current`
-    that has one.
-
-    Read through the materialization event's recorded path (the event log is the source of truth),
-    never by scanning the disk for the newest file.
-    """
-    from pathlib import Path
-
-    from roadwork_core.data.drops import version_key
-    from roadwork_resources.io_manager import read_artifact
-
-    versions = sorted(
-        (
-            v
-            for v in instance.get_dynamic_partitions(dataset_version.name)
-            if version_key(v) < version_key(current)
-        ),
-        key=version_key,
-    )
-    for version in reversed(versions):
-        path = latest_materialization_metadata(instance, asset_key, version).get("path")
-        if path:
-            return version, read_artifact(Path(path))
-    return None, None
-
-
 def latest_materialization_metadata(
     instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str
 ) -> dict:
@@ -69,3 +41,75 @@ def latest_materialization_metadata(
         return {}
     mat = records[0].asset_materialization
     return {k: v.value for k, v in (mat.metadata or {}).items()} if mat else {}
+
+
+def previous_split_history(
+    instance: dg.DagsterInstance, current: str
+) -> tuple[str | None, pd.DataFrame | None]:
+    """(version, split history) of the latest dataset version sorting before `current` that has `splits`:
+    every image that version or an earlier one assigned, vanished ones included (`split_history`), read
+    from the path its materialization recorded; its splits table when it was written before histories."""
+    from roadwork_core.data.drops import version_key
+
+    key = dg.AssetKey("splits")
+    versions = sorted(
+        (
+            v
+            for v in instance.get_dynamic_partitions(dataset_version.name)
+            if version_key(v) < version_key(current)
+        ),
+        key=version_key,
+    )
+    for version in reversed(versions):
+        meta = latest_materialization_metadata(instance, key, version)
+        if meta.get("path"):
+            return version, _history_or_table(meta)
+    return None, None
+
+
+def own_split_history(instance: dg.DagsterInstance, version: str) -> pd.DataFrame | None:
+    """The split history the last materialization of `splits` for `version` itself wrote (None before the
+    first): a version materialized again keeps every split it gave, whatever changed meanwhile."""
+    meta = latest_materialization_metadata(instance, dg.AssetKey("splits"), version)
+    if not meta.get("path"):
+        return None
+    return _history_or_table(meta)
+
+
+def _history_or_table(meta: dict) -> pd.DataFrame:
+    """The split history a `splits` materialization recorded, or its table (written before histories)."""
+    from roadwork_resources.io_manager import read_artifact
+
+    if meta.get("history_path"):
+        history = Path(meta["history_path"])
+        if not history.is_file():
+            raise FileNotFoundError(
+                f"{history} (the split history the splits materialization recorded) is missing, so the splits "
+                "cannot stay sticky to it. Restore the artifact store (ROADWORK_STATE) it was written "
+                "to"
+            )
+        return pd.read_parquet(history)
+    return read_artifact(Path(meta["path"]))
+
+
+def late_versions(instance: dg.DagsterInstance, versions: list[str]) -> dict[str, str]:
+    """version -> the newest later version with splits, for each of `versions` that has no splits yet
+    although a version sorting after it has. Such a late drop cannot be split stickily: the later
+    version's splits were made without its images, and materializing the later one again would then build
+    on it and reassign images that version already placed (val_test images into train)."""
+    from roadwork_core.data.drops import version_key
+
+    done = instance.get_materialized_partitions(dg.AssetKey("splits"))
+    if not done:
+        return {}
+    newest = max(done, key=version_key)
+    return {v: newest for v in versions if v not in done and version_key(v) < version_key(newest)}
+
+
+def late_version_message(version: str, newest: str) -> str:
+    return (
+        f"dataset version {version} arrived after {newest}, which sorts after it, was already split: splitting it "
+        f"now would let {newest}'s splits be rebuilt on it and move images that {newest} already placed. Rename "
+        f"the drop folder so it sorts after {newest} (for example to the next free version name); if partition "
+        f"{version} was added, delete it: python -m roadwork_commands.partitions delete {version}"
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from roadwork_assets._util import latest_materialization_metadata
+from roadwork_assets._util import late_version_message, late_versions, latest_materialization_metadata
 from roadwork_assets.partitions import dataset_version
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.paths import state_root
@@ -97,8 +97,13 @@ def new_drop_sensor(
     seen = set(json.loads(context.cursor)) if context.cursor else set()
     ready = dataset.ready_drops()
     new = [v for v in ready if v not in seen]
-    # a drop folder whose name cannot be a partition key is named on every tick until it is renamed
-    unusable = "; ".join(f"drop folder '{name}' {why}" for name, why in dataset.unusable_drops().items())
+    # A drop folder whose name cannot be a partition key, or that sorts before a version already split (a late
+    # drop: splitting it would let that version's splits move), is named on every tick until it is renamed.
+    late = late_versions(context.instance, new)
+    new = [v for v in new if v not in late]
+    problems = [f"drop folder '{name}' {why}" for name, why in dataset.unusable_drops().items()]
+    problems += [late_version_message(v, newest) for v, newest in late.items()]
+    unusable = "; ".join(problems)
     if unusable:
         context.log.warning(unusable)
     if not new:

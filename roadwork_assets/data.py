@@ -4,7 +4,13 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from roadwork_assets._util import load_previous_version, md_table
+from roadwork_assets._util import (
+    late_version_message,
+    late_versions,
+    md_table,
+    own_split_history,
+    previous_split_history,
+)
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.types import ImageTable, SplitsTable
 from roadwork_core.io import atomic_write_bytes
@@ -79,22 +85,29 @@ def splits(
     image_table: pd.DataFrame,
     store: ArtifactStore,
 ) -> dg.Output:
-    from roadwork_core.data.splits import QUARANTINE_COLUMNS, SplitConfig, assign_splits
+    from roadwork_core.data.splits import QUARANTINE_COLUMNS, SplitConfig, assign_splits, split_history
     from roadwork_core.metrics.embed import markdown_images
     from roadwork_core.metrics.stage_plots import split_composition
 
-    prev_version, previous = load_previous_version(context.instance, context.asset_key, context.partition_key)
+    version = context.partition_key
+    prev_version, previous = previous_split_history(context.instance, version)
     _require_earlier_splits(context, prev_version)
+    refuse_late_version(context.instance, version)
+    # Sticky to every image an earlier version assigned (vanished ones too), and to this version's own
+    # last splits: materializing a version again never moves an image, whatever settings changed.
+    reference = _with_own_history(previous, own_split_history(context.instance, version))
     table = assign_splits(
         image_table,
         SplitConfig(ratios=split_settings.ratios(), radius=split_settings.radius),
-        previous=previous,
+        previous=reference,
     )
+    history = split_history(table, reference, version)
     counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
     # quarantined images (they bridge near-duplicates in two splits) form this asset's rejects table
     rejects = pd.DataFrame(table.attrs.get("quarantined", []), columns=QUARANTINE_COLUMNS)
     side = store.side_dir("splits", context.partition_key)
     atomic_write_bytes(side / "rejects.parquet", rejects.to_parquet(index=False))
+    atomic_write_bytes(side / "history.parquet", history.to_parquet(index=False))
     if len(rejects):
         context.log.warning(
             f"{len(rejects)} images quarantined (bridge two splits); see {side / 'rejects.parquet'}"
@@ -106,6 +119,9 @@ def splits(
             "quarantined": md_table(rejects),
             "rejects_path": dg.MetadataValue.path(str(side / "rejects.parquet")),
             "previous_version": prev_version or "(none)",
+            # every image assigned up to this version, vanished ones included: the next version's reference
+            "history_path": dg.MetadataValue.path(str(side / "history.parquet")),
+            "num_vanished_anchors": len(history) - len(table),
             "counts": md_table(counts.reset_index()),
             "num_groups": int(table["group_id"].nunique()),
             "composition": dg.MetadataValue.md(
@@ -122,6 +138,22 @@ _IN_PROGRESS = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
+
+
+def _with_own_history(previous: pd.DataFrame | None, own: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The earlier versions' history, plus the images only this version's last splits held."""
+    if own is None or len(own) == 0:
+        return previous
+    if previous is None or len(previous) == 0:
+        return own
+    extra = own[~own["image_id"].isin(previous["image_id"])]
+    return pd.concat([previous, extra.reindex(columns=previous.columns)], ignore_index=True)
+
+
+def refuse_late_version(instance: dg.DagsterInstance, version: str) -> None:
+    late = late_versions(instance, [version])
+    if late:
+        raise dg.Failure(description=late_version_message(version, late[version]))
 
 
 def _require_earlier_splits(context: dg.AssetExecutionContext, prev_version: str | None) -> None:
@@ -193,7 +225,7 @@ def check_no_near_duplicates_across_splits(
 ) -> dg.AssetCheckResult:
     from roadwork_core.data import split_checks
 
-    _, previous = load_previous_version(context.instance, dg.AssetKey("splits"), context.partition_key)
+    _, previous = previous_split_history(context.instance, context.partition_key)
     return _result(
         split_checks.check_no_near_duplicates_across_splits(
             splits, radius=split_settings.radius, previous=previous
@@ -243,9 +275,7 @@ def check_min_per_class(split_settings: SplitSettings, splits: pd.DataFrame) -> 
 def check_sticky_splits(context: dg.AssetCheckExecutionContext, splits: pd.DataFrame) -> dg.AssetCheckResult:
     from roadwork_core.data import split_checks
 
-    prev_version, previous = load_previous_version(
-        context.instance, dg.AssetKey("splits"), context.partition_key
-    )
+    prev_version, previous = previous_split_history(context.instance, context.partition_key)
     if previous is None:
         return dg.AssetCheckResult(passed=True, description="first dataset version: nothing to compare with")
     return _result(split_checks.check_sticky(splits, previous), previous_version=prev_version)

@@ -1,11 +1,13 @@
 """`python -m roadwork_commands.partitions add v0002 [v0003 ...]` registers `dataset_version`
-partitions by hand (the new-drop sensor does it on its own); `list` prints them."""
+partitions by hand (the new-drop sensor does it on its own); `delete v0002` removes one (its runs and
+materializations stay in the instance's history); `list` prints them."""
 
 import argparse
 import sys
 
 import dagster as dg
 
+from roadwork_assets._util import late_version_message, late_versions
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.data.drops import version_key, version_name_problem
 from roadwork_core.data.images import printable_name
@@ -13,7 +15,7 @@ from roadwork_core.data.images import printable_name
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("action", choices=["add", "list"])
+    parser.add_argument("action", choices=["add", "delete", "list"])
     parser.add_argument("versions", nargs="*")
     args = parser.parse_args(argv)
     instance = dg.DagsterInstance.get()
@@ -24,8 +26,17 @@ def main(argv: list[str] | None = None) -> int:
             if (problem := version_name_problem(version)) is not None:
                 parser.error(f"{printable_name(version)!r} cannot be a dataset version: it {problem}")
         new = [v for v in args.versions if not instance.has_dynamic_partition(dataset_version.name, v)]
+        for version, newest in late_versions(instance, new).items():
+            parser.error(late_version_message(version, newest))
         instance.add_dynamic_partitions(dataset_version.name, new)
         print(f"added {new or 'nothing (all present)'}")
+    elif args.action == "delete":
+        if not args.versions:
+            parser.error("delete needs at least one version name")
+        gone = [v for v in args.versions if instance.has_dynamic_partition(dataset_version.name, v)]
+        for version in gone:
+            instance.delete_dynamic_partition(dataset_version.name, version)
+        print(f"deleted {gone or 'nothing (none present)'}")
     for version in sorted(instance.get_dynamic_partitions(dataset_version.name), key=version_key):
         print(version)
     return 0

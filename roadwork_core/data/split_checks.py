@@ -93,13 +93,26 @@ def check_no_shared_images(splits: pd.DataFrame) -> CheckOutcome:
 
 def _with_vanished(splits: pd.DataFrame, previous: pd.DataFrame | None) -> tuple[pd.DataFrame, int]:
     """The splits table plus the previous version's images that are no longer in it (marked
-    `_vanished`), so a new copy of a vanished evaluation image is still compared with it."""
-    table = splits.reset_index(drop=True).assign(_vanished=False)
-    if previous is None or len(previous) == 0 or "phash" not in previous.columns:
+    `_vanished`), so a new copy of a vanished evaluation image is still compared with it. `_new` marks
+    the table's images that `previous` does not hold."""
+    table = splits.reset_index(drop=True).assign(_vanished=False, _new=True)
+    if previous is None or len(previous) == 0:
+        return table, 0
+    table["_new"] = ~table["image_id"].isin(previous["image_id"])
+    if "phash" not in previous.columns:
         return table, 0
     gone = previous[~previous["image_id"].isin(table["image_id"])].drop_duplicates("image_id")
-    cols = [c for c in table.columns if c in gone.columns]
-    return pd.concat([table, gone[cols].assign(_vanished=True)], ignore_index=True), len(gone)
+    cols = [c for c in table.columns if c in gone.columns and c not in ("_vanished", "_new")]
+    gone = gone[cols + [c for c in ("last_version",) if c in gone.columns and c not in cols]]
+    return pd.concat([table, gone.assign(_vanished=True, _new=False)], ignore_index=True), len(gone)
+
+
+def _gone(row: pd.Series) -> str:
+    last = row.get("last_version")
+    where = (
+        f"last in {last}" if isinstance(last, str) and last and last != "(earlier)" else "a previous version"
+    )
+    return f" ({where}, no longer in the table)"
 
 
 def check_no_near_duplicates_across_splits(
@@ -115,10 +128,17 @@ def check_no_near_duplicates_across_splits(
     pairs = near_duplicate_pairs(phashes, radius, variants)  # (P, 2)
     split_arr = table["split"].astype(str).to_numpy()
     vanished = table["_vanished"].to_numpy(dtype=bool)
+    new = table["_new"].to_numpy(dtype=bool)
     if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
+        # A pair with a vanished image counts only when the other image is new: a new copy of a vanished
+        # image in another split is a leak; an image that was already there beside it, in its own split,
+        # is no longer trained or scored with it (e.g. the user removed one image of a reported pair).
         cross = pairs[
-            (split_arr[pairs[:, 0]] != split_arr[pairs[:, 1]])
-            & ~(vanished[pairs[:, 0]] & vanished[pairs[:, 1]])
+            (split_arr[i] != split_arr[j])
+            & ~(vanished[i] & vanished[j])
+            & ~(vanished[i] & ~new[j])
+            & ~(vanished[j] & ~new[i])
         ]
     else:
         cross = pairs
@@ -139,9 +159,9 @@ def check_no_near_duplicates_across_splits(
         a, b = table.iloc[i], table.iloc[j]
         listed.append(
             {
-                "a": _where(a) + (" (previous version, no longer in the table)" if vanished[i] else ""),
+                "a": _where(a) + (_gone(a) if vanished[i] else ""),
                 "a_split": str(a["split"]),
-                "b": _where(b) + (" (previous version, no longer in the table)" if vanished[j] else ""),
+                "b": _where(b) + (_gone(b) if vanished[j] else ""),
                 "b_split": str(b["split"]),
                 "distance": int(d),
             }

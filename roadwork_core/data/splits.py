@@ -18,7 +18,9 @@ Each image goes to train / val_select / val_calib / val_test as a function of co
    `df.attrs["quarantined"]` (records) with the pair they bridge; the groups are then recomputed without them.
 5. Vanished images anchor their groups: a previous image that is no longer in the image table (deleted
    from its drop, or now rejected) still takes part in the near-duplicate groups with its previous split,
-   so a new copy of it cannot land in another split; it is not in the output.
+   so a new copy of it cannot land in another split; it is not in the output. `split_history` carries
+   every image a version ever assigned, vanished ones included, into the next version's `previous`, so an
+   anchor lasts for every later version, not only the next one.
 6. Near-duplicates include flips and quarter turns when the table has `phash_dihedral` (neardup.py).
 
 Nothing depends on the input row order or on the run; the output is sorted by image_id.
@@ -43,6 +45,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "label", "phash")
 LEADING_COLUMNS: list[str] = ["image_id", "split", "group_id", "label"]
 QUARANTINE_COLUMNS: list[str] = ["image_id", "file", "reason", "detail", "bridges"]
 QUARANTINE_REASON = "bridges_splits"
+# What split_history keeps of each image ever assigned: enough to anchor its near-duplicate group and to name it.
+HISTORY_COLUMNS: tuple[str, ...] = ("image_id", "split", "label", "phash", "phash_dihedral", "file", "uri")
 
 
 def _default_ratios() -> dict[str, float]:
@@ -309,6 +313,27 @@ def assign_splits(
     df.attrs["sticky_conflicts"] = conflicts
     df.attrs["quarantined"] = quarantined.to_dict("records")  # plain records: attrs are compared on concat
     return df
+
+
+def split_history(table: pd.DataFrame, previous: pd.DataFrame | None, version: str) -> pd.DataFrame:
+    """Every image assigned a split up to and including this version: the rows of `table` (this version's
+    splits) and the rows of `previous` (the previous version's history, or its splits table) whose image
+    is no longer in it, with the split it held and `last_version`, the last version that held it.
+
+    Pass it as the next version's `previous`: a vanished image then anchors its group in every later
+    version, so a copy of a val_test image deleted two versions ago still cannot land in train, and the
+    deleted image itself, put back later, returns to its old split. Sorted by image_id."""
+    cols = [c for c in HISTORY_COLUMNS if c in table.columns]
+    now = table[cols].assign(last_version=version)
+    if previous is not None and len(previous):
+        _previous_splits(previous)  # validated: known splits, one split per image
+        gone = previous[~previous["image_id"].isin(table["image_id"])].drop_duplicates("image_id")
+        gone = gone[[c for c in cols + ["last_version"] if c in gone.columns]]
+        if "last_version" not in gone.columns:  # a splits table written before histories existed
+            gone = gone.assign(last_version="(earlier)")
+        now = pd.concat([now, gone.reindex(columns=now.columns)], ignore_index=True)
+    now = now.sort_values("image_id", kind="mergesort").reset_index(drop=True)
+    return now.astype({"split": str, "last_version": str})
 
 
 def split_summary(splits: pd.DataFrame) -> dict[str, dict[str, int]]:

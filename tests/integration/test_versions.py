@@ -199,3 +199,65 @@ def test_splits_refuse_to_skip_an_unmaterialized_earlier_version(tmp_path, rw_ho
     )
     message = str(failure.event_specific_data.error)
     assert "v0001" in message and "Materialize `splits`" in message, message
+
+
+def test_a_late_drop_is_refused_and_a_version_split_again_keeps_every_split(tmp_path, rw_home, capsys):
+    """v0003 is split before a drop v0002 lands: splitting v0002 now would let v0003's splits, rebuilt on it,
+    move images v0003 already placed. The sensor leaves v0002 out and names the fix, `partitions add` and
+    the splits asset refuse it. Splitting v0003 again with other ratios moves no image (its own history)."""
+    from roadwork_assets.automation import new_drop_sensor
+    from roadwork_commands import partitions
+    from roadwork_core.data.synthetic import make_demo_drop
+    from roadwork_resources.dataset import DatasetSource
+    from roadwork_resources.settings import RetrainSettings
+
+    inbox = tmp_path / "inbox"
+    make_demo_drop(inbox, "v0001", n=40, seed=31)
+    make_demo_drop(inbox, "v0003", n=40, seed=33)
+    instance = _instance("v0001")
+    instance.add_dynamic_partitions(dataset_version.name, ["v0003"])
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = {"resources": tiny_run_config()["resources"]}
+    config["resources"]["split_settings"]["config"].update({"balance_tolerance": 0.5, "min_per_class": 1})
+    for version in ("v0001", "v0003"):
+        run = materialize(["image_table", "splits"], instance=instance, partition=version, resources=resources, run_config=config)  # fmt: skip
+        assert run.success, version
+    meta = instance.get_latest_materialization_event(dg.AssetKey("splits")).asset_materialization.metadata
+    history = __import__("pandas").read_parquet(meta["history_path"].value)
+    v3 = _artifact(instance, "splits", "v0003").set_index("image_id")["split"]
+    assert history.set_index("image_id")["split"].to_dict() == v3.to_dict(), (
+        "nothing vanished: history = table"
+    )
+    assert meta["num_vanished_anchors"].value == 0
+
+    make_demo_drop(inbox, "v0002", n=24, seed=32)  # late
+    context = dg.build_sensor_context(
+        instance=instance,
+        cursor='["v0001", "v0003"]',
+        resources={"dataset": DatasetSource(inbox=str(inbox)), "retrain": RetrainSettings()},
+    )
+    tick = new_drop_sensor(context)
+    assert isinstance(tick, dg.SkipReason), tick
+    assert "v0002 arrived after v0003" in tick.skip_message and "Rename" in tick.skip_message, (
+        tick.skip_message
+    )
+    with pytest.raises(SystemExit) as refused:
+        partitions.main(["add", "v0002"])
+    assert refused.value.code == 2 and "v0002 arrived after v0003" in capsys.readouterr().err
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002"])  # as the UI could
+    late = materialize(["image_table", "splits"], instance=instance, partition="v0002", resources=resources, run_config=config)  # fmt: skip
+    assert not late.success
+    failure = next(ev for ev in late.all_events if ev.event_type_value == "STEP_FAILURE")
+    assert "arrived after v0003" in str(failure.event_specific_data.error)
+    assert partitions.main(["delete", "v0002"]) == 0
+    assert "deleted ['v0002']" in capsys.readouterr().out
+
+    # v0003 split again with other ratios: its own last history keeps every image where it was
+    config["resources"]["split_settings"]["config"].update(
+        {"train": 0.4, "val_select": 0.2, "val_calib": 0.2, "val_test": 0.2}
+    )
+    (inbox / "v0002").rename(tmp_path / "v0002_moved_away")
+    again = materialize(["image_table", "splits"], instance=instance, partition="v0003", resources=resources, run_config=config)  # fmt: skip
+    assert again.success
+    after = _artifact(instance, "splits", "v0003").set_index("image_id")["split"]
+    assert after.to_dict() == v3.to_dict(), "splitting a version again moved images"

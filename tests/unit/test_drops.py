@@ -401,8 +401,8 @@ def test_assets_order_versions_naturally(monkeypatch: pytest.MonkeyPatch) -> Non
         # the previous version with an artifact: every version has one here
         monkeypatch.setattr(_util, "latest_materialization_metadata", lambda _i, _k, v: {"path": f"/a/{v}"})
         monkeypatch.setattr("roadwork_resources.io_manager.read_artifact", lambda path: str(path))
-        assert _util.load_previous_version(instance, dg.AssetKey("splits"), "v10") == ("v9", "/a/v9")
-        assert _util.load_previous_version(instance, dg.AssetKey("splits"), "v2") == ("v1", "/a/v1")
+        assert _util.previous_split_history(instance, "v10") == ("v9", "/a/v9")
+        assert _util.previous_split_history(instance, "v2") == ("v1", "/a/v1")
 
         # splits of every version between the previous one and this one must exist first
         context = types.SimpleNamespace(partition_key="v10", instance=instance)

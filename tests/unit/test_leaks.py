@@ -196,3 +196,76 @@ def test_pool_drops_mirrored_copies_and_chains_of_evaluation_images(tmp_path: Pa
     far = [n for n in pool if n.startswith("chain_") and "by a chain" in dropped.get(n, "")]
     assert far, f"no chain image beyond the radius was dropped: {dropped}"
     assert "chain_00.jpg" in dropped and "within" in dropped["chain_00.jpg"], dropped
+
+
+def _without(drop: Path, name: str) -> None:
+    """Delete one image from a drop and its labels.csv row."""
+    (drop / name).unlink()
+    csv = drop / "labels.csv"
+    csv.write_text("".join(line for line in csv.read_text().splitlines(True) if not line.startswith(name)))
+
+
+def test_a_vanished_val_test_image_anchors_every_later_version_through_the_split_history(
+    tmp_path: Path,
+) -> None:
+    from roadwork_core.data.splits import split_history
+
+    inbox = tmp_path / "inbox"
+    v1 = write_drop(inbox, "v0001", {f"s{i:03d}.jpg": (jpeg(scene(i)), i % 2) for i in range(80)})
+    splits1 = assign_splits(build_image_table([v1]).images, cfg())
+    history1 = split_history(splits1, None, "v0001")
+    gone = splits1[splits1["split"] == "val_test"].iloc[0]
+    original = (v1 / gone["file"]).read_bytes()
+    _without(v1, gone["file"])  # deleted before v0002 ...
+    v2 = write_drop(inbox, "v0002", {f"t{i:03d}.jpg": (jpeg(scene(100 + i)), i % 2) for i in range(20)})
+    splits2 = assign_splits(build_image_table([v1, v2]).images, cfg(), previous=history1)
+    history2 = split_history(splits2, history1, "v0002")
+    assert gone["image_id"] not in set(splits2["image_id"])
+    assert history2.set_index("image_id").loc[gone["image_id"], ["split", "last_version"]].tolist() == [
+        "val_test",
+        "v0001",
+    ], "the history keeps the vanished image, its split and where it was last"
+    assert len(history2) == len(splits2) + 1
+
+    # ... and two versions later a mirrored copy arrives, and the original's bytes come back under a new name
+    label = int(gone["label"])
+    mirror = jpeg(scene(int(gone["file"][1:4])).transpose(Image.Transpose.FLIP_LEFT_RIGHT), quality=70)
+    v3 = write_drop(inbox, "v0003", {"copy.jpg": (mirror, label), "restored.jpg": (original, label)})
+    images3 = build_image_table([v1, v2, v3]).images
+    splits3 = assign_splits(images3, cfg(), previous=history2)
+    where = dict(zip(splits3["file"], splits3["split"]))
+    assert where["copy.jpg"] == "val_test"
+    assert splits3.loc[splits3["image_id"] == gone["image_id"], "split"].item() == "val_test"
+    assert check_sticky(splits3, history2).passed
+
+    # what the history prevents: with only the previous version's table, both went elsewhere or could
+    leaked = splits3.copy()
+    leaked.loc[leaked["image_id"] == gone["image_id"], "split"] = "train"
+    sticky = check_sticky(leaked, history2)
+    assert not sticky.passed and "val_test -> train" in sticky.message, sticky.message
+    moved_copy = splits3[splits3["image_id"] != gone["image_id"]].copy()  # the copy alone, moved by hand
+    moved_copy.loc[moved_copy["file"] == "copy.jpg", "split"] = "train"
+    outcome = check_no_near_duplicates_across_splits(moved_copy, previous=history2)
+    assert not outcome.passed and "last in v0001, no longer in the table" in outcome.message, outcome.message
+
+
+def test_a_pair_with_a_vanished_image_counts_only_when_the_other_image_is_new(tmp_path: Path) -> None:
+    """The check's advice for a reported pair is to remove one image; once removed, the pair is no leak."""
+    inbox = tmp_path / "inbox"
+    v1 = write_drop(inbox, "v0001", {f"s{i:03d}.jpg": (jpeg(scene(i)), i % 2) for i in range(40)})
+    splits1 = assign_splits(build_image_table([v1]).images, cfg())
+    a, b = splits1[splits1["split"] == "train"].iloc[0], splits1[splits1["split"] == "val_test"].iloc[0]
+    # a pair across splits, as a wider radius or an older table can leave behind: b's hashes made a's
+    planted = splits1.copy()
+    for col in ("phash", "phash_dihedral"):
+        planted.loc[planted["image_id"] == a["image_id"], col] = b[col]
+    assert not check_no_near_duplicates_across_splits(planted).passed
+    # the user removes b, as the message says: what is left is no leak
+    after = planted[planted["image_id"] != b["image_id"]]
+    outcome = check_no_near_duplicates_across_splits(after, previous=planted)
+    assert outcome.passed, outcome.message
+    # but a new image that copies the vanished b, outside b's split, is one
+    newcomer = after.iloc[[0]].assign(image_id="f" * 64, split="train", phash=b["phash"], file="new.jpg")
+    newcomer["phash_dihedral"] = b["phash_dihedral"]
+    outcome = check_no_near_duplicates_across_splits(pd.concat([after, newcomer]), previous=planted)
+    assert not outcome.passed and "new.jpg [train]" in outcome.message, outcome.message
