@@ -37,20 +37,28 @@ def image_table(
     context: dg.AssetExecutionContext, config: ImageTableConfig, dataset: DatasetSource, store: ArtifactStore
 ) -> dg.Output:
     from roadwork_core.data.fingerprint import version_fingerprint
-    from roadwork_core.data.image_table import build_image_table
+    from roadwork_core.data.image_table import TooManyRejects, build_image_table
 
     drops = dataset.drops_for_version(context.partition_key)
     fingerprint = version_fingerprint(drops)  # before reading: a file changed meanwhile changes the next one
-    result = build_image_table(
-        drops,
-        fmt=dataset.format,
-        class_names=dataset.class_names,
-        box_classes=dataset.box_classes or None,
-        min_size=config.min_size,
-        max_reject_fraction=config.max_reject_fraction,
-    )
-    images, rejects = result.images, result.rejects
     side = store.side_dir("image_table", context.partition_key)
+    try:
+        result = build_image_table(
+            drops,
+            fmt=dataset.format,
+            class_names=dataset.class_names,
+            box_classes=dataset.box_classes or None,
+            min_size=config.min_size,
+            max_reject_fraction=config.max_reject_fraction,
+        )
+    except TooManyRejects as exc:  # the message names the first few; the file holds every one
+        path = side / "rejects.parquet"
+        atomic_write_bytes(path, exc.rejects.to_parquet(index=False))
+        raise dg.Failure(
+            description=f"{exc}\nAll {len(exc.rejects)} rejects (file, source, reason, detail): {path}",
+            metadata={"rejects_path": dg.MetadataValue.path(str(path)), "rejects": md_table(exc.rejects)},
+        ) from exc
+    images, rejects = result.images, result.rejects
     atomic_write_bytes(side / "rejects.parquet", rejects.to_parquet(index=False))
     atomic_write_bytes(side / "duplicates.parquet", result.duplicates.to_parquet(index=False))
     if len(rejects):

@@ -9,7 +9,6 @@ import os
 from collections.abc import Iterable, Iterator
 
 import PIL.Image
-import PIL.ImageOps
 import torch
 
 ImageInput = PIL.Image.Image | bytes | str | os.PathLike
@@ -17,13 +16,13 @@ ImageInput = PIL.Image.Image | bytes | str | os.PathLike
 
 def to_canvas(item: ImageInput, name: str, canvas_size: int) -> torch.Tensor:
     """One input -> uint8 (3, C, C); raises ImageRejected / OSError / TypeError naming `name`."""
-    from roadwork_core.data.images import decode_image, load_image, to_rgb
+    from roadwork_core.data.images import decode_image, decode_pil, load_image
     from roadwork_core.data.loading import pil_to_canvas
 
     if isinstance(item, PIL.Image.Image):
         # as decode_image does for bytes and paths: a photo opened with PIL.Image.open still carries its
-        # EXIF orientation tag (a no-op copy for an image without one, or already transposed)
-        img = to_rgb(PIL.ImageOps.exif_transpose(item))
+        # EXIF orientation tag and colour profile, and may not be decoded yet (errors then name `name`)
+        img = decode_pil(item, source=name)
     elif isinstance(item, bytes | bytearray | memoryview):
         img = decode_image(bytes(item), source=name)
     elif isinstance(item, str | os.PathLike):

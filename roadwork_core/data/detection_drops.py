@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from PIL import ExifTags, Image
 
-from roadwork_core.data.drops import Reject, _coco_files, _safe_path, _walk_files
+from roadwork_core.data.drops import ORPHAN_ANNOTATION, ORPHAN_LABEL, Reject, _coco_files, _safe_path, _walk_files
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels (or normalized for YOLO)
 
@@ -175,7 +175,7 @@ def read_yolo(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
         boxes, bad = [], None
         if label_path.is_file():
             try:
-                text = label_path.read_text(encoding="utf-8")
+                text = label_path.read_text(encoding="utf-8-sig")  # Windows Notepad writes a BOM
             except UnicodeDecodeError as exc:
                 rejects.append(Reject(rel, "bad_label", f"{label_rel} is not UTF-8 text ({exc})"))
                 continue
@@ -239,7 +239,7 @@ def _orphan_labels(drop_dir: Path, images: list[Path], used: set[str]) -> list[R
         rejects.append(
             Reject(
                 label,
-                "orphan_label",
+                ORPHAN_LABEL,
                 f"label file matches no image: YOLO pairs it with {wanted}, but {cause}",
             )
         )
@@ -259,7 +259,11 @@ def _orphan_labels(drop_dir: Path, images: list[Path], used: set[str]) -> list[R
 
 def _coco_bbox(ann: dict, size: tuple[float, float] | None) -> Box:
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+    if not (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+    ):
         raise _BadLine(f"bbox {bbox!r} is not [x, y, width, height] numbers")
     x, y, w, h = (float(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0 or x < 0 or y < 0:
@@ -271,7 +275,7 @@ def _coco_bbox(ann: dict, size: tuple[float, float] | None) -> Box:
 
 def _load_coco(path: Path) -> dict:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not readable JSON ({exc}); fix or remove it from the drop") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
@@ -279,22 +283,47 @@ def _load_coco(path: Path) -> dict:
     for key in ("annotations", "categories"):
         if not isinstance(doc.get(key, []), list):
             raise ValueError(f"{path}: `{key}` must be a list")
+    for n, cat in enumerate(doc.get("categories", [])):
+        if not isinstance(cat, dict) or not _is_id(cat.get("id")):
+            raise ValueError(
+                f"{path}: categories[{n}] is {cat!r}; each category must be an object with an integer or string "
+                '`id` and a `name`, e.g. {"id": 1, "name": "cone"}'
+            )
     return doc
 
 
+def _is_id(value: object) -> bool:
+    """COCO ids are integers (strings are accepted); a list or an object cannot name anything."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
 def read_coco(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict], list[Reject]]:
+    """Every COCO json of the drop (`_coco_files`). An image listed by several (instances, keypoints,
+    captions files of one export) is one candidate with the boxes of all of them; annotations without a
+    `bbox` and a `category_id` (captions) are not detections and are skipped; annotations whose
+    `image_id` is not in the file's images are one `orphan_annotation` notice per file."""
     drop_dir = Path(drop_dir)
     root = drop_dir.resolve()
-    rows, rejects = [], []
+    rejects: list[Reject] = []
+    entries: dict[str, dict] = {}  # file entry -> target, boxes, first problem
     for path in _coco_files(drop_dir):
         json_rel = path.relative_to(drop_dir).as_posix()
         doc = _load_coco(path)
-        categories = {c.get("id"): str(c.get("name", c.get("id"))) for c in doc.get("categories", [])}
+        categories = {c["id"]: str(c.get("name", c["id"])) for c in doc.get("categories", [])}
         images: dict = {}
         for img in doc["images"]:
-            if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            if (
+                not isinstance(img, dict)
+                or not _is_id(img.get("id"))
+                or not isinstance(img.get("file_name"), str)
+                or not img["file_name"].strip()
+            ):
                 rejects.append(
-                    Reject(f"{json_rel}#image", "bad_label", f"image entry {img!r} lacks id / file_name")
+                    Reject(
+                        f"{json_rel}#image",
+                        "bad_label",
+                        f"image entry {img!r} needs an integer or string `id` and a non-empty string `file_name`",
+                    )
                 )
                 continue
             if img["id"] in images:
@@ -304,34 +333,56 @@ def read_coco(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
             images[img["id"]] = img
         boxes: dict = {k: [] for k in images}
         bad: dict = {}
+        orphans: list = []
         for ann in doc.get("annotations", []):
+            if isinstance(ann, dict) and "bbox" not in ann and "category_id" not in ann:
+                continue  # a caption or another non-detection annotation
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
-            where = f"{json_rel} annotation {ann.get('id') if isinstance(ann, dict) else ann!r}"
-            if image_id not in images:
-                rejects.append(Reject(f"{json_rel}#annotation", "bad_label", f"{where}: image_id {image_id!r} is not in images"))  # fmt: skip
+            if not _is_id(image_id) or image_id not in images:
+                orphans.append(image_id)
                 continue
+            where = f"{json_rel} annotation {ann.get('id')}"
             img = images[image_id]
             try:
                 cat = ann.get("category_id")
-                if cat not in categories:
+                if not _is_id(cat) or cat not in categories:
                     raise _BadLine(f"category_id {cat!r} is not in categories {sorted(categories, key=str)}")
                 size = (img["width"], img["height"]) if isinstance(img.get("width"), int | float) and isinstance(img.get("height"), int | float) else None  # fmt: skip
                 boxes[image_id].append((str(cat), categories[cat], _coco_bbox(ann, size)))
             except _BadLine as exc:
                 bad.setdefault(image_id, f"{where}: {exc}; fix or delete the annotation")
+        if orphans:
+            shown = ", ".join(repr(i) for i in orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+            rejects.append(
+                Reject(
+                    f"{json_rel}#annotation",
+                    ORPHAN_ANNOTATION,
+                    f"{len(orphans)} annotation(s) name an image_id that is not in this file's images ({shown}) and "
+                    "were left out; fix their image_id, add the image entries, or delete them",
+                )
+            )
         for image_id, img in images.items():
             rel = img["file_name"].replace("\\", "/")
             if not (drop_dir / rel).exists() and (drop_dir / "images" / rel).exists():
                 rel = f"images/{rel}"
-            target, reject = _safe_path(drop_dir, root, rel)
-            if reject is not None:
-                rejects.append(reject)
-            elif image_id in bad:
-                rejects.append(Reject(rel, "bad_label", bad[image_id]))
+            entry = entries.get(rel)
+            if entry is None:
+                target, reject = _safe_path(drop_dir, root, rel)
+                entry = entries[rel] = {"target": target, "reject": reject, "boxes": [], "bad": None}
+            if entry["reject"] is not None:
+                continue
+            if image_id in bad:
+                entry["bad"] = entry["bad"] or bad[image_id]
             else:
-                rows.append(
-                    _label_row(str(target), rel, _coco_displayed(target, img, boxes[image_id]), box_classes)
-                )
+                entry["boxes"] += _coco_displayed(entry["target"], img, boxes[image_id])
+    rows = []
+    for rel, entry in entries.items():
+        if entry["reject"] is not None:
+            rejects.append(entry["reject"])
+        elif entry["bad"] is not None:
+            rejects.append(Reject(rel, "bad_label", entry["bad"]))
+        else:
+            rows.append(_label_row(str(entry["target"]), rel, entry["boxes"], box_classes))
     return rows, rejects
 
 

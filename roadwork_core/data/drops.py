@@ -59,6 +59,12 @@ RESERVED = frozenset(
     | {"split", "group_id", "_prev", "_anchor"}  # the last two: assign_splits' working columns
 )
 BASE_COLUMNS = ["uri", "file", "label_raw", "source"]
+# Reject rows that are notices (they count toward no reject limit, since they are no image): files in an
+# ImageFolder drop's class folders whose suffix says they are not images, YOLO label files and COCO
+# annotations that belong to no image.
+NOT_AN_IMAGE_FILE = "not_an_image_file"
+ORPHAN_LABEL = "orphan_label"
+ORPHAN_ANNOTATION = "orphan_annotation"
 # Skipped wherever a drop is walked (besides every name starting with '.': .DS_Store, ._x.jpg, .git).
 JUNK_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
 JUNK_DIRS = frozenset({"__macosx", "$recycle.bin", "system volume information"})
@@ -78,6 +84,7 @@ IMAGE_SUFFIXES = frozenset(
         ".heic",
         ".heif",
         ".avif",
+        ".mpo",  # multi-picture JPEG (stereo and some phone cameras); Pillow reads its first picture
     }
 )
 
@@ -250,7 +257,8 @@ def list_unlabelled(drop_dir: Path) -> list[str]:
     root = drop_dir.resolve()
     out = []
     for path in _walk_files(folder):
-        if _inside(path.resolve(), root):
+        real = _real(path)
+        if real is not None and _inside(real, root):  # a symlink loop or one leaving the drop: left out
             out.append(str(path.absolute()))
     return sorted(out)
 
@@ -264,8 +272,9 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
     try:
         data = csv_path.read_bytes()
         # UTF-8 (with or without a BOM), or UTF-16 with its BOM (Excel's "Unicode text" export)
-        text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else data.decode("utf-8-sig")
-        sep = _csv_separator(text)
+        text = data.decode(_csv_encoding(data))
+        text, sep = _excel_sep_line(text)
+        sep = sep or _csv_separator(text)
         _check_field_counts(csv_path, text, sep)
         table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
@@ -277,6 +286,7 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
     table.columns = [str(c).strip() for c in table.columns]
     # `File,Label` or `FILE,label` name the same columns; the metadata columns keep their spelling
     table = table.rename(columns={c: c.lower() for c in table.columns if c.lower() in ("file", "label")})
+    _require_unique_columns(csv_path, text, sep)
     missing = [c for c in ("file", "label") if c not in table.columns]
     if missing:
         raise ValueError(
@@ -287,9 +297,13 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
     rows, rejects = [], []
     root = drop_dir.resolve()
     entries, listings = [], {}
-    for rec in table.to_dict("records"):
+    for n, rec in enumerate(table.to_dict("records"), start=1):
         rel = _csv_entry(drop_dir, rec["file"], listings)
         entries.append(rel)
+        if not rel:
+            where = f"labels.csv row {n}"
+            rejects.append(Reject(where, "unreadable", f"{where} (label {rec['label']!r}) has an empty file entry"))
+            continue
         target, reject = _safe_path(drop_dir, root, rel)
         if reject is not None:
             rejects.append(reject)
@@ -315,13 +329,13 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
 def _unlisted_images(drop_dir: Path, accepted: list[Path], entries: list[str]) -> list[str]:
     """Image files of the drop (outside `unlabelled/`) that no csv entry names (rejected entries too)
     and no accepted entry resolves to, relative to the drop."""
-    real = {p.resolve() for p in accepted}
+    real = {_real(p) for p in accepted}
     base = drop_dir.absolute()
     named = {os.path.normpath(base / e) for e in entries if e}
     return [
         p.relative_to(drop_dir).as_posix()
         for p in _images_outside(drop_dir, skip_top={UNLABELLED})
-        if os.path.normpath(p.absolute()) not in named and p.resolve() not in real
+        if os.path.normpath(p.absolute()) not in named and (_real(p) is None or _real(p) not in real)
     ]
 
 
@@ -342,6 +356,41 @@ def _class_folders(drop_dir: Path, class_names: dict[str, int]) -> list[tuple[Pa
         for p in entries
         if _class_key(p.name) in keys and not is_junk(p.name, True) and p.is_dir()
     ]
+
+
+def _csv_encoding(data: bytes) -> str:
+    """UTF-8 (with or without a BOM), or UTF-16 with its BOM (Excel's "Unicode text" export) or without
+    one (then told by the zero high bytes of an ASCII header: `f\\0i\\0` is little-endian)."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    if len(data) >= 4 and data[1] == 0 and data[3] == 0 and data[0] and data[2]:
+        return "utf-16-le"
+    if len(data) >= 4 and data[0] == 0 and data[2] == 0 and data[1] and data[3]:
+        return "utf-16-be"
+    return "utf-8-sig"
+
+
+def _excel_sep_line(text: str) -> tuple[str, str | None]:
+    """Excel's `sep=;` first line (it writes one to say which separator follows): (text with that line
+    blanked, so line numbers stay, the separator), or (text, None) without one."""
+    first, newline, rest = text.partition("\n")
+    stripped = first.strip().strip('"')
+    if len(stripped) == 5 and stripped.lower().startswith("sep="):
+        return newline + rest, stripped[4]
+    return text, None
+
+
+def _require_unique_columns(csv_path: Path, text: str, sep: str) -> None:
+    """Raise when two header fields name `file` or `label` (in any case): pandas would keep the last, so a
+    metadata column called `Label` would silently replace the labels."""
+    header = next((r for r in csv.reader(io.StringIO(text, newline=""), delimiter=sep) if r), [])
+    for name in ("file", "label"):
+        same = [f"{f.strip()!r} (column {i + 1})" for i, f in enumerate(header) if f.strip().lower() == name]
+        if len(same) > 1:
+            raise ValueError(
+                f"{csv_path} has {len(same)} columns named {name} (upper/lower case ignored): {', '.join(same)}; "
+                f"keep one `{name}` column and rename the other (e.g. {name}_source), so it is kept as metadata"
+            )
 
 
 def _csv_separator(text: str) -> str:
@@ -410,7 +459,9 @@ def _lexically_inside(drop_dir: Path, rel: str) -> bool:
 
 
 def _unicode_match(drop_dir: Path, rel: str, listings: dict[Path, dict[str, str]]) -> str | None:
-    """`rel` with each component replaced by the name on disk that equals it under NFC, or None."""
+    """`rel` with each component replaced by the name on disk that equals it under NFC, or else by the one
+    name on disk that equals it ignoring upper/lower case (a csv written on Windows or macOS, whose disks
+    ignore case, naming `IMG_1.JPG` for `img_1.jpg`), or None."""
     current, parts = drop_dir, []
     for part in Path(os.path.normpath(rel)).parts:
         if not os.path.lexists(current / part):
@@ -419,8 +470,14 @@ def _unicode_match(drop_dir: Path, rel: str, listings: dict[Path, dict[str, str]
                     names = os.listdir(current)
                 except OSError:
                     return None
-                listings[current] = {unicodedata.normalize("NFC", n): n for n in names}
-            part = listings[current].get(unicodedata.normalize("NFC", part))
+                by_case: dict[str, list[str]] = {}
+                for n in names:
+                    by_case.setdefault("\0" + unicodedata.normalize("NFC", n).casefold(), []).append(n)
+                listings[current] = {unicodedata.normalize("NFC", n): n for n in names} | {
+                    k: v[0] for k, v in by_case.items() if len(v) == 1  # only an unambiguous match
+                }
+            key = unicodedata.normalize("NFC", part)
+            part = listings[current].get(key) or listings[current].get("\0" + key.casefold())
             if part is None:
                 return None
         parts.append(part)
@@ -432,10 +489,14 @@ def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list
     rows, rejects = [], []
     root = drop_dir.resolve()
     folders = _class_folders(drop_dir, class_names)
+    not_images: list[str] = []
     for folder, name in folders:
         links_out: list[Path] = []
         for path in _walk_files(folder, follow_inside=root, links_outside=links_out):
             rel = path.relative_to(drop_dir).as_posix()
+            if path.suffix and path.suffix.lower() not in IMAGE_SUFFIXES:
+                not_images.append(rel)  # a phone's or a photo export's sidecar (.AAE, .json, .xmp), a video
+                continue
             target, reject = _safe_path(drop_dir, root, rel)
             if reject is not None:
                 rejects.append(reject)
@@ -450,11 +511,22 @@ def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list
                     "not read: copy them into the drop instead",
                 )
             )
-    claimed = {Path(r["uri"]).resolve() for r in rows}
+    if not_images:
+        shown = ", ".join(not_images[:5]) + (f" and {len(not_images) - 5} more" if len(not_images) > 5 else "")
+        rejects.append(
+            Reject(
+                "(class folders)",
+                NOT_AN_IMAGE_FILE,
+                f"{len(not_images)} file(s) in the class folders are not images by their suffix (sidecars such as "
+                f".AAE / .json / .xmp, videos, notes) and were left out: {shown}. Nothing to do unless one is an "
+                f"image: then give it its image suffix ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}, ...)",
+            )
+        )
+    claimed = {_real(Path(r["uri"])) for r in rows}
     accepted = ", ".join(f"{n}/" for n in sorted(class_names))
     used = {f.name for f, _ in folders}
     for path in _images_outside(drop_dir, skip_top=used | {UNLABELLED}):
-        if path.resolve() in claimed:  # reached through a followed symlink inside a class folder
+        if _real(path) in claimed - {None}:  # reached through a followed symlink inside a class folder
             continue
         rel = path.relative_to(drop_dir)
         where = (
@@ -609,10 +681,25 @@ def _safe_path(drop_dir: Path, root: Path, rel: str) -> tuple[Path | None, Rejec
     lexical = Path(os.path.normpath(drop_dir.absolute() / rel))
     if not _inside(lexical, drop_dir.absolute()):
         return None, Reject(rel, "path_escape", f"resolves to {lexical}, outside the drop folder")
-    real = lexical.resolve()
+    real = _real(lexical)
+    if real is None:
+        return None, Reject(
+            rel,
+            "unreadable",
+            "a symlink loop (the link leads back to itself); replace the link with the image file or remove it",
+        )
     if not _inside(real, root):
         return None, Reject(rel, "symlink_outside", f"a symlink points to {real}, outside the drop folder")
     return lexical, None
+
+
+def _real(path: Path) -> Path | None:
+    """`path` with every symlink resolved, or None for a symlink loop (Python raises RuntimeError for one
+    up to 3.12, OSError ELOOP after)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return None
 
 
 def _inside(path: Path, root: Path) -> bool:

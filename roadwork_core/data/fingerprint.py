@@ -30,8 +30,18 @@ def drop_fingerprint(drop_dir: Path) -> str:
     for path in sorted(
         p for p in drop_dir.rglob("*") if p.is_file() and p.name != READY and not _junk(p, drop_dir)
     ):
-        h.update(f"{path.relative_to(drop_dir).as_posix()}\0{sha256_file(path)}\n".encode())
+        h.update(f"{path.relative_to(drop_dir).as_posix()}\0{_content(path)}\n".encode())
     return h.hexdigest()
+
+
+def _content(path: Path) -> str:
+    """The file's sha256; for a file this process may not read (permissions), its size and mtime instead,
+    so the fingerprint is still taken and the image table names the file among its rejects."""
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        info = path.stat()
+        return f"unreadable:{exc.errno}:{info.st_size}:{info.st_mtime_ns}"
 
 
 def version_fingerprint(drop_dirs: Sequence[Path]) -> str:

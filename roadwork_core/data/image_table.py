@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from roadwork_core.data.drops import BASE_COLUMNS, DEFAULT_CLASS_NAMES, read_drop
+from roadwork_core.data.drops import (
+    BASE_COLUMNS,
+    DEFAULT_CLASS_NAMES,
+    NOT_AN_IMAGE_FILE,
+    ORPHAN_ANNOTATION,
+    ORPHAN_LABEL,
+    read_drop,
+)
 from roadwork_core.data.images import ImageRejected, decode_image, printable_name, read_uri_bytes, utf8_name
 from roadwork_core.data.neardup import dihedral_phashes
 
@@ -37,13 +44,19 @@ IMAGE_TABLE_COLUMNS = [
 ]
 REJECT_COLUMNS = ["file", "source", "reason", "detail"]
 # reject rows that count no candidate (so not toward max_reject_fraction): one row per labels.csv drop
-# summing up the image files on disk that the csv does not list
-NOTICE_REASONS = frozenset({"not_in_labels_csv"})
+# summing up the image files on disk that the csv does not list, one per ImageFolder drop for files that are
+# not images by their suffix, and label files / annotations of a detection drop that belong to no image
+NOTICE_REASONS = frozenset({"not_in_labels_csv", NOT_AN_IMAGE_FILE, ORPHAN_LABEL, ORPHAN_ANNOTATION})
 DUPLICATE_COLUMNS = ["image_id", "kept_file", "kept_source", "dropped_file", "dropped_source", "conflict"]
 
 
 class TooManyRejects(ValueError):
-    """More candidates were rejected than `max_reject_fraction` allows."""
+    """More candidates were rejected than `max_reject_fraction` allows. `rejects` holds every reject row
+    (REJECT_COLUMNS), so a caller can store them all: the message names only the first few."""
+
+    def __init__(self, message: str, rejects: pd.DataFrame | None = None):
+        super().__init__(message)
+        self.rejects = rejects if rejects is not None else pd.DataFrame(columns=REJECT_COLUMNS)
 
 
 @dataclass
@@ -94,6 +107,8 @@ def _inspect(uri: str, file: str, min_size: int) -> tuple[dict | None, tuple[str
         return None, ("unreadable", "file does not exist; fix the file entry or add the file")
     except IsADirectoryError:
         return None, ("unreadable", "is a directory, not an image file")
+    except PermissionError:
+        return None, ("unreadable", "permission denied; make the file readable by the user the pipeline runs as")
     except ImageRejected as exc:
         return None, (exc.reason, exc.detail)
     except (OSError, IndexError, ValueError) as exc:
@@ -198,7 +213,9 @@ def build_image_table(
     counted = reject_frame[~reject_frame["reason"].isin(NOTICE_REASONS)]
     fraction = len(counted) / n_candidates
     if fraction > max_reject_fraction:
-        raise TooManyRejects(_too_many_message(counted, n_candidates, fraction, max_reject_fraction))
+        raise TooManyRejects(
+            _too_many_message(counted, n_candidates, fraction, max_reject_fraction), rejects=reject_frame
+        )
     return ImageTableResult(images, reject_frame, duplicates, n_candidates)
 
 

@@ -11,10 +11,13 @@ no MAX_IMAGE_PIXELS); the pixel limit is our own argument.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
+import logging
 import os
 import re
+import stat
 import threading
 import warnings
 from bisect import bisect_right
@@ -25,8 +28,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
+
 # 8192 x 8192: larger than any street camera frame we expect, far below what exhausts memory.
 MAX_PIXELS = 8192 * 8192
+# The largest image file read: an uncompressed 16-bit RGB TIFF at MAX_PIXELS is 384 MiB.
+MAX_FILE_BYTES = 512 << 20
 
 ROW_SEP = "#row="
 
@@ -71,6 +78,14 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
             "unreadable", source, _unsupported_format(data) or f"not a readable image: {_describe(exc)}"
         ) from exc
 
+    return decode_pil(img, source=source, max_pixels=max_pixels)
+
+
+def decode_pil(img: Image.Image, *, source: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An opened (possibly not yet loaded) PIL image -> RGB, as `decode_image` makes it: fully decoded,
+    EXIF orientation applied, an embedded colour profile converted to sRGB, alpha composited on white.
+    Raises `ImageRejected` naming `source`."""
+    fmt = img.format or "image"  # exif_transpose returns a copy without `format`
     w, h = img.size
     if w * h > max_pixels:
         raise ImageRejected(
@@ -85,9 +100,16 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
         except MemoryError:
             raise
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise ImageRejected("truncated", source, f"{img.format} {w}x{h}: {_text(exc)}") from exc
-        except Exception as exc:  # noqa: BLE001  e.g. TypeError from a TIFF tag of the wrong type
-            raise ImageRejected("unreadable", source, f"{img.format} {w}x{h}: {_describe(exc)}") from exc
+            raise ImageRejected("truncated", source, f"{fmt} {w}x{h}: {_text(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001  e.g. TypeError from a TIFF tag of the wrong type, or
+            # Pillow's assertion on an image whose file was closed (`with Image.open(...)` left behind)
+            why = (
+                "its file was closed before it was decoded; call .load() inside the `with Image.open(...)` "
+                "block, or pass the path or the bytes"
+                if _closed(img)
+                else _describe(exc)
+            )
+            raise ImageRejected("unreadable", source, f"{fmt} {w}x{h}: {why}") from exc
         try:
             img = ImageOps.exif_transpose(img)
         except Exception as exc:  # noqa: BLE001
@@ -95,15 +117,52 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
                 "unreadable", source, f"malformed EXIF orientation: {_describe(exc)}"
             ) from exc
     try:
-        return to_rgb(img)
+        return to_rgb(to_srgb(img))
     except UnusablePixels as exc:
-        raise ImageRejected("unreadable", source, f"{img.format} {w}x{h} mode {img.mode}: {exc}") from exc
+        raise ImageRejected("unreadable", source, f"{fmt} {w}x{h} mode {img.mode}: {exc}") from exc
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001  a mode Pillow cannot convert
-        raise ImageRejected(
-            "unreadable", source, f"{img.format} {w}x{h} mode {img.mode}: {_describe(exc)}"
-        ) from exc
+        raise ImageRejected("unreadable", source, f"{fmt} {w}x{h} mode {img.mode}: {_describe(exc)}") from exc
+
+
+def _closed(img: Image.Image) -> bool:
+    return getattr(img, "fp", True) is None and getattr(img, "_im", True) is None  # never loaded, file gone
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_transform(icc: bytes, mode: str):
+    """A LittleCMS transform from the embedded profile `icc` to sRGB (None when it is sRGB already)."""
+    from PIL import ImageCms
+
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    if "srgb" in (ImageCms.getProfileDescription(source) or "").lower():
+        return None  # most cameras and web images: nothing to convert
+    out = "RGBA" if mode == "RGBA" else "RGB"
+    return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, out)
+
+
+def to_srgb(img: Image.Image) -> Image.Image:
+    """Pixels in an embedded colour profile other than sRGB (an iPhone's Display P3, Adobe RGB, a CMYK
+    press profile) converted to sRGB, the space the model and the validator's images live in. Images
+    without a profile, or with one LittleCMS cannot read (then taken as sRGB), are returned as they are."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK"):
+        return img
+    try:
+        transform = _srgb_transform(bytes(icc), img.mode)
+        return img if transform is None else _apply(transform, img)
+    except (OSError, ValueError, TypeError) as exc:  # ImageCms.PyCMSError is an OSError; a broken profile
+        log.debug("colour profile of a %s image ignored: %s", img.mode, exc)
+        return img
+
+
+def _apply(transform, img: Image.Image) -> Image.Image:
+    from PIL import ImageCms
+
+    out = ImageCms.applyTransform(img, transform)
+    out.info = {k: v for k, v in img.info.items() if k != "icc_profile"}
+    return out
 
 
 class UnusablePixels(ValueError):
@@ -136,7 +195,10 @@ def _unsupported_format(data: bytes) -> str | None:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB; transparent pixels become white."""
+    """Convert any Pillow mode to RGB; transparent pixels become white (an alpha channel, or the one
+    colour a PNG marks transparent with tRNS: what PNG optimizers write when alpha is only 0 or 255)."""
+    if img.mode in ("RGB", "L") and "transparency" in img.info:
+        img = img.convert("RGBA")
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
@@ -251,12 +313,37 @@ def _parquet_row_bytes(path: str, row: int) -> bytes:
     return data
 
 
-def read_uri_bytes(uri: str) -> bytes:
-    """The raw bytes of the image at `uri` (a file path, or `<parquet>#row=<n>`)."""
+def read_uri_bytes(uri: str, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The raw bytes of the image at `uri` (a file path, or `<parquet>#row=<n>`). A path that is not a
+    regular file (a named pipe would block the read for ever, a device never ends) or holds more than
+    `max_bytes` raises `ImageRejected` before anything is read."""
     path, row = split_uri(uri)
-    if row is None:
-        return Path(path).read_bytes()
-    return _parquet_row_bytes(path, row)
+    if row is not None:
+        return _parquet_row_bytes(path, row)
+    info = os.stat(path)  # FileNotFoundError / PermissionError / ELOOP as they are
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = (
+            "a named pipe"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(info.st_mode)
+            else "a device"
+        )
+        raise ImageRejected("unreadable", path, f"{kind}, not a regular file; replace it with the image file")
+    if info.st_size > max_bytes:
+        raise ImageRejected(
+            "too_large",
+            path,
+            f"{info.st_size} bytes exceeds the limit of {max_bytes} bytes for one image file; "
+            "recompress or resize it",
+        )
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew after the stat
+        raise ImageRejected("too_large", path, f"more than {max_bytes} bytes; recompress or resize it")
+    return data
 
 
 def load_image(uri: str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:

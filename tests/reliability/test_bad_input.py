@@ -380,3 +380,172 @@ def test_a_pil_image_keeps_its_exif_orientation_like_a_path_does(tiny_bundle: di
     assert not torch.equal(sideways, from_path), "the test must see the rotation"
     p_pil, p_path = bundle.predict([PIL.Image.open(path), path])
     assert p_pil.p_roadwork == pytest.approx(p_path.p_roadwork, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# hostile drops (an audit's findings): each was a crash, a hang, or silently wrong labels
+
+
+def test_a_second_label_column_in_another_case_is_an_error_not_silent_relabelling(tmp_path: Path) -> None:
+    files = {f"{n}.jpg": _jpeg((60 * i, 90, 20)) for i, n in enumerate("abc")}
+    drop = _drop(tmp_path / "v0001", files, "file,label,Label\na.jpg,1,0\nb.jpg,0,1\nc.jpg,1,0\n")
+    with pytest.raises(
+        ValueError, match=r"2 columns named label .*'label' \(column 2\), 'Label' \(column 3\)"
+    ):
+        build_image_table([drop])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"sep=;\nfile;label\na.jpg;1\nb.jpg;0\n",  # Excel's separator line
+        "file,label\na.jpg,1\nb.jpg,0\n".encode("utf-16-le"),  # UTF-16 without its BOM
+        b"file,label\nA.JPG,1\nB.jpg,0\n",  # written where file names ignore case
+    ],
+    ids=["excel-sep-line", "utf16-no-bom", "case-of-names"],
+)
+def test_labels_csv_variants_that_excel_and_windows_write_are_read(tmp_path: Path, raw: bytes) -> None:
+    drop = _drop(tmp_path / "v0001", {"a.jpg": _jpeg((200, 9, 9)), "b.jpg": _jpeg((9, 9, 200))}, None)
+    (drop / "labels.csv").write_bytes(raw)
+    result = build_image_table([drop], max_reject_fraction=0.0)
+    assert dict(zip(result.images["file"], result.images["label"])) == {"a.jpg": 1, "b.jpg": 0}
+
+
+def test_loops_pipes_huge_and_nameless_entries_are_rejects_not_crashes_or_hangs(tmp_path: Path) -> None:
+    import os
+
+    from roadwork_core.data.drops import list_unlabelled
+
+    good = {f"ok{i}.jpg": _jpeg((30 * i, 100, 50)) for i in range(4)}
+    drop = _drop(tmp_path / "v0001", good, None)
+    (drop / "loop_a.jpg").symlink_to(drop / "loop_b.jpg")
+    (drop / "loop_b.jpg").symlink_to(drop / "loop_a.jpg")
+    os.mkfifo(drop / "pipe.jpg")  # read whole, it blocks for ever
+    with open(drop / "huge.jpg", "wb") as f:  # sparse: no disk used
+        f.truncate((512 << 20) + 1)
+    (drop / "unlabelled").mkdir()
+    (drop / "unlabelled" / "u.jpg").write_bytes(_jpeg())
+    (drop / "unlabelled" / "self.jpg").symlink_to(drop / "unlabelled" / "self.jpg")
+    rows = [f"{n},{i % 2}" for i, n in enumerate(good)] + ["loop_a.jpg,1", "pipe.jpg,0", "huge.jpg,1", ",1"]
+    (drop / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+
+    result = build_image_table([drop], max_reject_fraction=1.0)
+    got = {r.file: (r.reason, r.detail) for r in result.rejects.itertuples()}
+    assert got["loop_a.jpg"][0] == "unreadable" and "symlink loop" in got["loop_a.jpg"][1], got
+    assert got["pipe.jpg"] == (
+        "unreadable",
+        "a named pipe, not a regular file; replace it with the image file",
+    )
+    assert got["huge.jpg"][0] == "too_large" and "536870913 bytes" in got["huge.jpg"][1], got
+    assert "labels.csv row 8" in got and "empty file entry" in got["labels.csv row 8"][1], got
+    assert set(result.images["file"]) == set(good)
+    assert list_unlabelled(drop) == [str(drop / "unlabelled" / "u.jpg")], "the looping pool file is left out"
+
+
+def test_too_many_rejects_are_all_written_to_the_rejects_file_by_the_asset(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import dagster as dg
+
+    from roadwork_assets.data import ImageTableConfig, image_table
+    from roadwork_resources.artifact_store import ArtifactStore
+    from roadwork_resources.dataset import DatasetSource
+
+    files = {f"ok{i}.jpg": _jpeg((30 * i, 100, 50)) for i in range(4)}
+    files |= {f"bad{i}.jpg": b"not an image" for i in range(9)}
+    inbox = tmp_path / "inbox"
+    _drop(inbox / "v0001", files, "file,label\n" + "".join(f"{n},{i % 2}\n" for i, n in enumerate(files)))
+    store = ArtifactStore(root=str(tmp_path / "state"))
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("dataset_version", ["v0001"])
+        context = dg.build_asset_context(partition_key="v0001", instance=instance)
+        with pytest.raises(dg.Failure) as info:
+            image_table(context, ImageTableConfig(), DatasetSource(inbox=str(inbox)), store)
+    path = Path(info.value.metadata["rejects_path"].value)
+    assert f"All 9 rejects (file, source, reason, detail): {path}" in info.value.description
+    import pandas as pd
+
+    assert sorted(pd.read_parquet(path)["file"]) == [f"bad{i}.jpg" for i in range(9)], "every reject is kept"
+
+
+def test_sidecars_in_class_folders_are_a_notice_and_mpo_files_are_images(tmp_path: Path) -> None:
+    drop = tmp_path / "v0001"
+    for i, folder in enumerate(("roadwork", "no_roadwork") * 3):
+        _drop(drop / folder, {f"IMG_{i}.JPG": _jpeg((40 * i, 90, 20))}, None, ready=False)
+        (drop / folder / f"IMG_{i}.AAE").write_text("<?xml version='1.0'?><plist/>")  # iPhone edits
+        (drop / folder / f"IMG_{i}.JPG.json").write_text("{}")  # Google Takeout
+    (drop / "stray.MPO").write_bytes(_jpeg())
+    (drop / "_READY").touch()
+    result = build_image_table([drop], max_reject_fraction=1 / 7)  # the stray image only
+    assert len(result.images) == 6
+    notice = result.rejects.set_index("reason").loc["not_an_image_file"]
+    assert "12 file(s)" in notice["detail"] and ".AAE" in notice["detail"], notice["detail"]
+    # an image outside every class folder is named, whatever camera suffix it has
+    assert "stray.MPO" in set(result.rejects.loc[result.rejects["reason"] == "no_class_folder", "file"])
+
+
+def test_transparency_colour_profiles_and_closed_images_decode_like_a_browser(tmp_path: Path) -> None:
+    from PIL import ImageCms
+
+    from roadwork_core.bundle.decode import to_canvas
+    from roadwork_core.data.images import ImageRejected, decode_image
+
+    rgb = np.full((40, 60, 3), 90, np.uint8)
+    rgb[:, :20] = 0  # the colour a tRNS chunk marks transparent
+    for img, key in ((PIL.Image.fromarray(rgb), (0, 0, 0)), (PIL.Image.fromarray(rgb[..., 0]), 0)):
+        buf = io.BytesIO()
+        img.save(buf, "PNG", transparency=key)
+        assert np.asarray(decode_image(buf.getvalue(), source="t.png"))[:, :20].min() == 255, img.mode
+
+    # Display P3 pixels of an sRGB orange, tagged with their profile (as an iPhone writes): read back as that
+    # orange, not as P3 numbers taken for sRGB ones
+    p3 = _matrix_trc_profile(
+        "Display P3", [(0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841)]
+    )
+    srgb = ImageCms.createProfile("sRGB")
+    orange = PIL.Image.new("RGB", (32, 32), (255, 110, 0))
+    as_p3 = ImageCms.applyTransform(
+        orange, ImageCms.buildTransform(srgb, ImageCms.ImageCmsProfile(io.BytesIO(p3)), "RGB", "RGB")
+    )
+    assert np.abs(np.asarray(as_p3)[0, 0].astype(int) - [255, 110, 0]).max() > 10, "P3 numbers differ"
+    buf = io.BytesIO()
+    as_p3.save(buf, "PNG", icc_profile=p3)
+    read = np.asarray(decode_image(buf.getvalue(), source="p3.png")).astype(int)
+    assert np.abs(read[0, 0] - [255, 110, 0]).max() <= 3, read[0, 0]
+
+    path = tmp_path / "a.jpg"
+    PIL.Image.fromarray(rgb).save(path)
+    with PIL.Image.open(path) as closed:
+        pass
+    with pytest.raises(ImageRejected, match=r"closed\.jpg: unreadable .*file was closed"):
+        to_canvas(closed, "closed.jpg", 64)
+
+
+def _matrix_trc_profile(
+    name: str, primaries_xyz: list[tuple[float, float, float]], gamma: float = 2.2
+) -> bytes:
+    """A minimal ICC v2 RGB display profile (D50 white, three primaries, one gamma curve) as bytes."""
+    import struct
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    text = name.encode() + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249))]
+    tags += [(sig, xyz(*p)) for sig, p in zip((b"rXYZ", b"gXYZ", b"bXYZ"), primaries_xyz, strict=True)]
+    tags += [(sig, curve) for sig in (b"rTRC", b"gTRC", b"bTRC")]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, data in tags:
+        data += bytes(-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (
+        struct.pack(">I", offset + len(body)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+        + bytes(12) + b"acsp" + bytes(24) + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48)
+    )  # fmt: skip
+    return header + struct.pack(">I", len(tags)) + table + body

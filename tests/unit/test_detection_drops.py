@@ -139,8 +139,61 @@ def test_coco_bad_annotations_reject_their_image(drops, tmp_path: Path) -> None:
     )
     assert "x, y >= 0" in details["images/000001.jpg"]
     assert "outside the" in details["images/000002.jpg"]
-    assert "image_id 777 is not in images" in details["annotations/instances.json#annotation"]
+    orphan = next(r for r in listing.rejects if r.file == "annotations/instances.json#annotation")
+    assert orphan.reason == "orphan_annotation" and "(777)" in orphan.detail, orphan
     assert len(listing.candidates) == N - 3
+
+
+def test_coco_malformed_entries_leftovers_and_a_captions_file_beside_it(drops, tmp_path: Path) -> None:
+    """Ids that are lists or objects are named, not a TypeError; annotations of images the file does not
+    list are a notice that counts toward no reject limit; a captions json of the same export adds nothing."""
+    import shutil
+
+    drop = tmp_path / "v0001"
+    shutil.copytree(drops["coco"], drop)
+    path = drop / "annotations/instances.json"
+    doc = json.loads(path.read_text())
+    doc["images"].append({"id": [9], "file_name": "images/000000.jpg"})
+    doc["annotations"] += [
+        {"id": 905, "image_id": [1], "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"id": 906, "image_id": 1, "category_id": {"a": 1}, "bbox": [1, 1, 5, 5]},
+    ] + [{"id": 910 + k, "image_id": 500 + k, "category_id": 1, "bbox": [1, 1, 5, 5]} for k in range(3)]
+    path.write_text(json.dumps(doc))
+    captions = {
+        "images": doc["images"][:N],
+        "annotations": [
+            {"id": k, "image_id": img["id"], "caption": "a street"} for k, img in enumerate(doc["images"][:N])
+        ],
+    }
+    (drop / "annotations/captions.json").write_text(json.dumps(captions))
+    listing = read_drop(drop)
+    details = {r.file: (r.reason, r.detail) for r in listing.rejects}
+    assert "integer or string `id`" in details["annotations/instances.json#image"][1]
+    assert details["annotations/instances.json#annotation"][0] == "orphan_annotation"
+    assert "4 annotation(s)" in details["annotations/instances.json#annotation"][1], details
+    assert "category_id {'a': 1}" in details["images/000000.jpg"][1]
+    assert len(listing.candidates) == N - 1, "each image once, although two files list it"
+
+    bad = json.loads(path.read_text())
+    bad["categories"] = ["cone"]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"categories\[0\] is 'cone'"):
+        read_drop(drop)
+
+
+def test_leftover_label_files_are_notices_not_rejected_images(drops, tmp_path: Path) -> None:
+    import shutil
+
+    drop = tmp_path / "v0001"
+    shutil.copytree(drops["yolo"], drop)
+    for k in range(3):
+        (drop / "labels" / f"gone{k}.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (drop / "labels" / "000000.txt").write_bytes(
+        b"\xef\xbb\xbf" + (drop / "labels" / "000000.txt").read_bytes()
+    )
+    result = build_image_table([drop], max_reject_fraction=0.0)  # three stray label files fail nothing
+    assert len(result.images) == N
+    assert (result.rejects["reason"] == "orphan_label").sum() == 3
 
 
 def test_image_table_on_a_yolo_drop_keeps_labels_and_mask_points(drops) -> None:
