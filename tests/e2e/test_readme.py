@@ -38,6 +38,13 @@ RULES = [
     Rule(r"^make venv\b", "covered", ".ci/run (a clean clone: `make test` builds .venv from the lock)"),
     Rule(r"^make check-env\b", "run"),
     Rule(r"^\.venv/bin/roadwork make-demo-data\b", "run"),
+    # The Postgres walk-through adds v0001 to its own fresh instance; run here, in the one home every command
+    # shares, it would come after v0002's splits and be refused as a late drop (as it should be).
+    Rule(
+        r"^\.venv/bin/python -m roadwork_commands\.partitions add v0001$",
+        "covered",
+        "tests/integration/test_postgres_instance.py::test_postgres_instance_sensor_launches_two_concurrent_partitions_and_pool_holds",
+    ),
     Rule(r"^\.venv/bin/python -m roadwork_commands\.partitions add\b", "run"),
     Rule(
         r"^\.venv/bin/dagster asset materialize .*--select '\*'",
