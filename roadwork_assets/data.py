@@ -106,10 +106,14 @@ def splits(
     reference = _with_own_history(previous, own_split_history(context.instance, version))
     table = assign_splits(
         image_table,
-        SplitConfig(ratios=split_settings.ratios(), radius=split_settings.radius),
+        SplitConfig(
+            ratios=split_settings.ratios(),
+            radius=split_settings.radius,
+            group_column=split_settings.group_column or None,
+        ),
         previous=reference,
     )
-    history = split_history(table, reference, version)
+    history = split_history(table, reference, version, group_column=split_settings.group_column or None)
     counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
     # quarantined images (they bridge near-duplicates in two splits) form this asset's rejects table
     rejects = pd.DataFrame(table.attrs.get("quarantined", []), columns=QUARANTINE_COLUMNS)
@@ -236,7 +240,10 @@ def check_no_near_duplicates_across_splits(
     _, previous = previous_split_history(context.instance, context.partition_key)
     return _result(
         split_checks.check_no_near_duplicates_across_splits(
-            splits, radius=split_settings.radius, previous=previous
+            splits,
+            radius=split_settings.radius,
+            previous=previous,
+            group_column=split_settings.group_column or None,
         )
     )
 

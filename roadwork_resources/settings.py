@@ -15,6 +15,11 @@ class SplitSettings(dg.ConfigurableResource):
     val_calib: float = 0.15
     val_test: float = 0.15
     radius: int = Field(6, description="near-duplicate radius: phash Hamming distance")
+    group_column: str = Field(
+        "meta.group_id",
+        description="image table column whose equal values go to one split, like near-duplicates: frames of one "
+        "video, photos of one drive (a drop's `group_id` column arrives as meta.group_id); '' turns it off",
+    )
     balance_tolerance: float = Field(0.05, description="max |positive rate of a split - overall rate|")
     min_per_class: int = Field(10, description="minimum images of each class in each split")
 

@@ -233,23 +233,54 @@ def pair_components(n: int, pairs: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+def key_text(value: object) -> str | None:
+    """A group key as compared: its text without surrounding spaces; None for a missing one (None, NaN,
+    empty or blank)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value).strip() or None
+
+
+def same_key_pairs(keys: Sequence[object] | None) -> np.ndarray:
+    """Index pairs (P, 2) linking the rows that share a key (each to the first row holding it); rows whose
+    key is missing (None, NaN, empty or blank text) link to nothing."""
+    if keys is None:
+        return np.empty((0, 2), dtype=np.int64)
+    first: dict[str, int] = {}
+    pairs = []
+    for row, key in enumerate(keys):
+        text = key_text(key)
+        if text is None:
+            continue
+        if text in first:
+            pairs.append((first[text], row))
+        else:
+            first[text] = row
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
 def near_duplicate_groups(
     phashes: Sequence[str],
     radius: int = 6,
     ids: Sequence[str] | None = None,
     variants: Sequence[str] | None = None,
+    keys: Sequence[object] | None = None,
 ) -> np.ndarray:
-    """Group label per image: connected components of "phash Hamming distance <= radius".
+    """Group label per image: connected components of "phash Hamming distance <= radius", and of "the
+    same `keys` value" (frames of one video, photos of one drive: what no hash can tell belong together).
 
     Without `ids`: int64 labels (n,), numbered 0, 1, ... in order of each group's first row.
     With `ids` (e.g. image_id): object array (n,) holding the smallest id in each image's group,
     a label that depends only on the group's content, not on row order. `variants`: see
-    `near_duplicate_pairs`.
+    `near_duplicate_pairs`; `keys`: see `same_key_pairs`.
     """
     n = len(phashes)
     if ids is not None and len(ids) != n:
         raise ValueError(f"ids has {len(ids)} entries but phashes has {n}; pass one id per phash")
-    labels = pair_components(n, near_duplicate_pairs(phashes, radius, variants))
+    if keys is not None and len(keys) != n:
+        raise ValueError(f"keys has {len(keys)} entries but phashes has {n}; pass one key per phash")
+    pairs = np.concatenate([near_duplicate_pairs(phashes, radius, variants), same_key_pairs(keys)])
+    labels = pair_components(n, pairs)
     # renumber by first occurrence so the int labels are stable for a given row order
     _, first_row, inverse = np.unique(labels, return_index=True, return_inverse=True)
     rank = np.empty_like(first_row)

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from roadwork_core.data.neardup import near_duplicate_pairs, pair_distances, table_hashes
-from roadwork_core.data.splits import SPLIT_ORDER
+from roadwork_core.data.neardup import key_text, near_duplicate_pairs, pair_distances, same_key_pairs, table_hashes
+from roadwork_core.data.splits import GROUP_COLUMN, SPLIT_ORDER
 
 MAX_LISTED = 20  # rows listed in a message / metadata; the rest are counted
 # checks on `splits` that warn (non-blocking, severity WARN) instead of stopping the run
@@ -107,6 +107,12 @@ def _with_vanished(splits: pd.DataFrame, previous: pd.DataFrame | None) -> tuple
     return pd.concat([table, gone.assign(_vanished=True, _new=False)], ignore_index=True), len(gone)
 
 
+def _shared_key(a: pd.Series, b: pd.Series, column: str) -> str | None:
+    """The `column` value two rows share (the reason they pair), else None."""
+    ka = key_text(a.get(column))
+    return ka if ka is not None and ka == key_text(b.get(column)) else None
+
+
 def _gone(row: pd.Series) -> str:
     last = row.get("last_version")
     where = (
@@ -116,16 +122,23 @@ def _gone(row: pd.Series) -> str:
 
 
 def check_no_near_duplicates_across_splits(
-    splits: pd.DataFrame, radius: int = 6, previous: pd.DataFrame | None = None
+    splits: pd.DataFrame,
+    radius: int = 6,
+    previous: pd.DataFrame | None = None,
+    group_column: str | None = GROUP_COLUMN,
 ) -> CheckOutcome:
     """No two images in different splits are near-duplicates: phashes within `radius` (Hamming
-    distance), a flip or quarter turn included when the table has `phash_dihedral`. With `previous`
-    (the previous version's splits table), its images that are no longer in `splits` take part too:
-    a new image may not copy a vanished image of another split."""
+    distance), a flip or quarter turn included when the table has `phash_dihedral`; nor share a value of
+    `group_column` (one video, one drive). With `previous` (the previous version's split history), its
+    images that are no longer in `splits` take part too: a new image may not copy a vanished image of
+    another split."""
     _require(splits, ["image_id", "split", "phash"], "check_no_near_duplicates_across_splits")
     table, n_vanished = _with_vanished(splits, previous)
     phashes, variants = table_hashes(table)
-    pairs = near_duplicate_pairs(phashes, radius, variants)  # (P, 2)
+    keys = table[group_column].tolist() if group_column and group_column in table.columns else None
+    key_pairs = same_key_pairs(keys)
+    pairs = np.concatenate([near_duplicate_pairs(phashes, radius, variants), key_pairs])  # (P, 2)
+    pairs = np.unique(np.sort(pairs, axis=1), axis=0) if len(pairs) else pairs
     split_arr = table["split"].astype(str).to_numpy()
     vanished = table["_vanished"].to_numpy(dtype=bool)
     new = table["_new"].to_numpy(dtype=bool)
@@ -164,15 +177,19 @@ def check_no_near_duplicates_across_splits(
                 "b": _where(b) + (_gone(b) if vanished[j] else ""),
                 "b_split": str(b["split"]),
                 "distance": int(d),
+                "group": _shared_key(a, b, group_column) if keys is not None else None,
             }
         )
     lines = [
-        f"  {d['a']} [{d['a_split']}] ~ {d['b']} [{d['b_split']}] distance {d['distance']}" for d in listed
+        f"  {d['a']} [{d['a_split']}] ~ {d['b']} [{d['b_split']}] "
+        + (f"same {group_column} {d['group']!r}" if d.get("group") is not None else f"distance {d['distance']}")
+        for d in listed
     ]
     more = f"\n  … and {len(cross) - len(listed)} more" if len(cross) > len(listed) else ""
+    grouped = f" or the same {group_column}" if keys is not None else ""
     message = (
-        f"{len(cross)} near-duplicate pairs (phash distance <= {radius}, flips and rotations included) sit in "
-        f"different splits. Remove one image of each pair from the drop, or rebuild the splits so each group is "
+        f"{len(cross)} near-duplicate pairs (phash distance <= {radius}, flips and rotations included{grouped}) sit "
+        f"in different splits. Remove one image of each pair from the drop, or rebuild the splits so each group is "
         f"one unit (assign_splits does this unless a previous version already split the pair):\n"
         + "\n".join(lines)
         + more

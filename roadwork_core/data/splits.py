@@ -2,8 +2,9 @@
 
 Each image goes to train / val_select / val_calib / val_test as a function of content only:
 
-1. Near-duplicate groups (phash within `radius`, see `neardup.py`) are the unit of assignment; a
-   group's id is its smallest image_id, so it does not depend on row order.
+1. Near-duplicate groups (phash within `radius`, see `neardup.py`), joined by a shared value of
+   `group_column` (a drop's `group_id` column: frames of one video, photos of one drive), are the unit of
+   assignment; a group's id is its smallest image_id, so it does not depend on row order.
 2. Sticky: an image listed in `previous` keeps its split; the other members of its group follow the
    group's previous split (the split most of its previous images hold, ties by smallest image_id).
 3. Every other group is a "free" group. Within each label stratum (a group's majority label), free
@@ -36,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from roadwork_core.contracts import Split
-from roadwork_core.data.neardup import near_duplicate_groups, pair_distances, table_hashes
+from roadwork_core.data.neardup import key_text, near_duplicate_groups, pair_distances, table_hashes
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,19 @@ def validate_ratios(ratios: dict) -> dict[str, float]:
     return {s: out[s] for s in valid}
 
 
+# The image table column whose equal values are one group (a labels.csv / parquet column `group_id`
+# arrives as `meta.group_id`, see drops.RESERVED). Absent: nothing but near-duplicates groups images.
+GROUP_COLUMN = "meta.group_id"
+
+
 @dataclass
 class SplitConfig:
     ratios: dict = field(default_factory=_default_ratios)
     radius: int = 6  # phash Hamming radius for near-duplicate groups
     salt: str = "roadwork-splits-v1"  # changing it reshuffles every free group
+    # images sharing a value in this column (frames of one video, photos of one drive or scene) are one
+    # group, like near-duplicates; empty cells group nothing; None or "" turns it off
+    group_column: str | None = GROUP_COLUMN
 
     def __post_init__(self) -> None:
         self.ratios = validate_ratios(self.ratios)
@@ -112,6 +121,24 @@ def _validate_image_table(images: pd.DataFrame) -> None:
         raise ValueError(
             f"image table row {row} (image_id {images['image_id'].iloc[row]}) has label "
             f"{images['label'].iloc[row]!r}; labels must be 0 (no roadwork) or 1 (roadwork)"
+        )
+
+
+def _check_group_sizes(images: pd.DataFrame, cfg: SplitConfig) -> None:
+    """Refuse a group column that makes one group of most of the table (an export's `group_id` that
+    means something else, e.g. one shard id for every row): no ratio could hold."""
+    column = cfg.group_column
+    if not column or column not in images.columns or len(images) < 20:
+        return
+    keys = images[column].map(key_text).dropna()
+    if keys.empty:
+        return
+    counts = keys.value_counts()
+    if counts.iloc[0] > len(images) / 2:
+        raise ValueError(
+            f"{counts.iloc[0]} of {len(images)} images share {column} {counts.index[0]!r}, and one group goes to "
+            f"one split, so the ratios {cfg.ratios} cannot hold. {column} should name small units (one video, one "
+            f"drive); if the column means something else, turn grouping off (split_settings.group_column: '')"
         )
 
 
@@ -214,14 +241,17 @@ def _vanished_anchors(previous: pd.DataFrame | None, df: pd.DataFrame) -> pd.Dat
     return anchors.reindex(columns=df.columns)
 
 
-def _groups_and_quarantine(df: pd.DataFrame, radius: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def _groups_and_quarantine(
+    df: pd.DataFrame, radius: int, group_column: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(rows kept with group_id, quarantined rows, sticky conflicts left among previous images)."""
     quarantined = []
     while True:
         df = df.copy()
         phashes, variants = table_hashes(df)
+        keys = df[group_column].tolist() if group_column and group_column in df.columns else None
         df["group_id"] = near_duplicate_groups(
-            phashes, radius, ids=df["image_id"].tolist(), variants=variants
+            phashes, radius, ids=df["image_id"].tolist(), variants=variants, keys=keys
         )
         split_of_group, conflicts = _sticky_group_splits(df)
         bridging = _bridging_images(df, conflicts)
@@ -246,6 +276,7 @@ def assign_splits(
     cfg = cfg or SplitConfig()
     ratios = validate_ratios(cfg.ratios)
     _validate_image_table(images)
+    _check_group_sizes(images, cfg)
     prev_split = _previous_splits(previous)
 
     sort_cols = ["image_id"] + [c for c in ("uri", "file") if c in images.columns]
@@ -257,7 +288,7 @@ def assign_splits(
     if len(anchors):
         df = pd.concat([df, anchors], ignore_index=True).sort_values(sort_cols, kind="mergesort")
         df = df.reset_index(drop=True)
-    df, quarantined, _ = _groups_and_quarantine(df, cfg.radius)
+    df, quarantined, _ = _groups_and_quarantine(df, cfg.radius, cfg.group_column)
     if len(quarantined):
         log.warning(
             "%d new images bridge near-duplicates in different splits and are quarantined (e.g. %s)",
@@ -315,7 +346,9 @@ def assign_splits(
     return df
 
 
-def split_history(table: pd.DataFrame, previous: pd.DataFrame | None, version: str) -> pd.DataFrame:
+def split_history(
+    table: pd.DataFrame, previous: pd.DataFrame | None, version: str, group_column: str | None = GROUP_COLUMN
+) -> pd.DataFrame:
     """Every image assigned a split up to and including this version: the rows of `table` (this version's
     splits) and the rows of `previous` (the previous version's history, or its splits table) whose image
     is no longer in it, with the split it held and `last_version`, the last version that held it.
@@ -323,7 +356,7 @@ def split_history(table: pd.DataFrame, previous: pd.DataFrame | None, version: s
     Pass it as the next version's `previous`: a vanished image then anchors its group in every later
     version, so a copy of a val_test image deleted two versions ago still cannot land in train, and the
     deleted image itself, put back later, returns to its old split. Sorted by image_id."""
-    cols = [c for c in HISTORY_COLUMNS if c in table.columns]
+    cols = [c for c in (*HISTORY_COLUMNS, group_column) if c and c in table.columns]
     now = table[cols].assign(last_version=version)
     if previous is not None and len(previous):
         _previous_splits(previous)  # validated: known splits, one split per image

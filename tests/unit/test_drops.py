@@ -437,6 +437,7 @@ def test_split_and_group_id_metadata_flow_through_as_meta_columns(
     assert set(splits["split"]) <= {"train", "val_select", "val_calib", "val_test"}
     by_file = dict(zip(splits["file"], splits["meta.split"], strict=True))
     assert by_file["0.png"] == "train" and by_file["11.png"] == "test", "the export's own split is kept"
+    assert (splits.groupby("meta.group_id")["split"].nunique() == 1).all(), "one group_id, one split"
     hf = tmp_path / "hf"
     _write_hf_shard(hf / "s.parquet", [image_bytes()], ["roadwork"])
     pq.write_table(

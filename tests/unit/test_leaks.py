@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from roadwork_core.data.image_table import build_image_table
@@ -269,3 +270,40 @@ def test_a_pair_with_a_vanished_image_counts_only_when_the_other_image_is_new(tm
     newcomer["phash_dihedral"] = b["phash_dihedral"]
     outcome = check_no_near_duplicates_across_splits(pd.concat([after, newcomer]), previous=planted)
     assert not outcome.passed and "new.jpg [train]" in outcome.message, outcome.message
+
+
+def test_frames_of_one_video_share_a_split_through_their_group_id(tmp_path: Path) -> None:
+    """A camera panning 2 % of the width a frame: neighbours differ by more than the hash radius, so only the
+    drop's `group_id` column can keep the video in one split (measured by a planted-leak audit: 5 groups)."""
+    street = scene(999, size=(960, 240))
+    frames = {f"f{k:02d}.jpg": (jpeg(street.crop((12 * k, 0, 12 * k + 320, 240))), 1) for k in range(24)}
+    others = {f"s{i:03d}.jpg": (jpeg(scene(i)), i % 2) for i in range(150)}
+    drop = write_drop(tmp_path / "inbox", "v0001", {**others, **frames})
+    csv = drop / "labels.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text(
+        "\n".join(
+            [lines[0] + ",group_id"] + [f"{ln},{'video1' if ln.startswith('f') else ''}" for ln in lines[1:]]
+        )
+        + "\n"
+    )
+    images = build_image_table([drop]).images
+    by_hash = assign_splits(images, SplitConfig(group_column=None))
+    assert by_hash.loc[by_hash["file"].str.startswith("f"), "group_id"].nunique() > 1, (
+        "the hash alone splits it"
+    )
+    grouped = assign_splits(images, cfg())
+    video = grouped["file"].str.startswith("f")
+    assert grouped.loc[video, "split"].nunique() == 1
+    assert grouped.loc[~video, "group_id"].nunique() > 100, "blank keys group nothing"
+    assert check_no_near_duplicates_across_splits(grouped).passed
+
+    moved = grouped.copy()
+    elsewhere = "val_test" if grouped.loc[video, "split"].iloc[0] != "val_test" else "train"
+    moved.loc[moved["file"] == "f07.jpg", "split"] = elsewhere
+    outcome = check_no_near_duplicates_across_splits(moved)
+    assert not outcome.passed and "same meta.group_id 'video1'" in outcome.message, outcome.message
+
+    one_group = images.assign(**{"meta.group_id": "shard-0"})  # a column that means something else
+    with pytest.raises(ValueError, match=r"share meta\.group_id 'shard-0'.*group_column: ''"):
+        assign_splits(one_group, cfg())
