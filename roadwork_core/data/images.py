@@ -65,8 +65,10 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
         raise ImageRejected("unreadable", source, "zero-byte file")
     try:
         with warnings.catch_warnings():
-            # Pillow warns (then errors) on huge images; we apply our own limit below instead.
+            # Pillow warns (then errors) on huge images; we apply our own limit below instead. Its "Corrupt
+            # EXIF data" warnings at open say nothing a reject would not: decoding decides below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_large", source, _text(exc)) from exc
