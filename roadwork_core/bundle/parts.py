@@ -5,7 +5,6 @@ Each reader takes bytes that `roadwork_core.bundle.verify` has already checked a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,12 @@ from roadwork_core.subnet.answer import ANSWER_FILE, AnswerRule, default_answer_
 
 
 def parse_json(data: bytes, file_path: Path) -> Any:
+    from roadwork_core.bundle.verify import strict_json
+
     try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{file_path} is not valid JSON ({err}); re-export the bundle") from err
+        return strict_json(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BundleError(f"{file_path} is not valid JSON ({err!r}); re-export the bundle") from err
 
 
 def load_policy(data: bytes, file_path: Path, expected: str) -> Any:
@@ -93,6 +94,25 @@ def load_model(
     except (KeyError, ValueError) as err:
         raise BundleError(f"{path}: the model cannot be rebuilt: {err}") from err
     return model.to(device).eval(), doc
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot run a bundle here (a message with the fix), or None when it can."""
+    if str(device) == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        return f"not a device ({err}); use cpu, cuda, cuda:N or auto"
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"device type {dev.type!r} is not supported; use cpu, cuda, cuda:N or auto"
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine; use --device cpu (or auto, which picks the GPU when there is one)"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s), so there is no cuda:{dev.index}"
+    return None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -104,12 +104,25 @@ def predict_command(
         yield render(name, result)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give an integer >= 1")
+    return value
+
+
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--bundle", required=True, help="bundle directory written by the bundle asset")
     parser.add_argument(
         "images", nargs="*", help="image files; none: read base64 JPEGs from stdin, one per line"
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="images per model forward (default 16)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="images per model forward (default 16)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     parser.add_argument(
         "--answer",
@@ -122,9 +135,13 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def run_predict(args: argparse.Namespace, stdout: TextIO | None = None, stdin: TextIO | None = None) -> int:
     """Print the JSON lines; exit code 0, 1 if any image failed, 2 if the bundle was refused."""
     from roadwork_core.bundle.bundle import Bundle
+    from roadwork_core.bundle.parts import device_problem
     from roadwork_core.bundle.schema import BundleError
 
     out = stdout if stdout is not None else sys.stdout
+    if (problem := device_problem(args.device)) is not None:
+        print(f"roadwork predict: --device {args.device}: {problem}", file=sys.stderr)
+        return EXIT_BAD_BUNDLE
     try:
         bundle = Bundle.load(args.bundle, device=args.device)
     except (BundleError, OSError) as err:

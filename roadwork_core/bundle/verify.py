@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -27,17 +28,27 @@ from roadwork_core.bundle.schema import (
 from roadwork_core.subnet.answer import ANSWER_FILE
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_json(data: bytes | str) -> Any:
+    """`json.loads` that also refuses NaN / Infinity (Python's json takes them; no exporter writes them).
+    Raises ValueError (JSONDecodeError, a number too long, NaN) or RecursionError (nesting too deep)."""
+    return json.loads(data, parse_constant=_no_constant)
+
+
 def read_manifest(path: Path) -> BundleManifest:
     manifest_path = path / MANIFEST_FILE
     if not path.is_dir():
         raise BundleError(f"{path} is not a directory; a bundle is the directory written by export_bundle")
     try:
-        raw = json.loads(manifest_path.read_bytes())
+        raw = strict_json(manifest_path.read_bytes())
     except FileNotFoundError as err:
         raise BundleError(
             f"{manifest_path} is missing; this is not a roadwork bundle (re-export it)"
         ) from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # not JSON, NaN / Infinity, a 5000-digit number, deep nesting
         raise BundleIntegrityError(
             f"{manifest_path} is not valid JSON ({err}); the bundle is corrupt, re-export it"
         ) from err

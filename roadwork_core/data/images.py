@@ -98,7 +98,8 @@ def decode_pil(img: Image.Image, *, source: str, max_pixels: int = MAX_PIXELS) -
             "ignore", UserWarning
         )  # "Corrupt EXIF data", "Truncated File Read": decided below
         try:
-            img.load()  # force a full decode: this is where truncated / corrupt pixel data shows up
+            with _load_lock(img):  # one PIL object passed twice is decoded by two threads otherwise
+                img.load()  # force a full decode: this is where truncated / corrupt pixel data shows up
         except MemoryError:
             raise
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -126,6 +127,20 @@ def decode_pil(img: Image.Image, *, source: str, max_pixels: int = MAX_PIXELS) -
         raise
     except Exception as exc:  # noqa: BLE001  a mode Pillow cannot convert
         raise ImageRejected("unreadable", source, f"{fmt} {w}x{h} mode {img.mode}: {_describe(exc)}") from exc
+
+
+_LOAD_LOCKS_GUARD = threading.Lock()
+
+
+def _load_lock(img: Image.Image) -> threading.Lock:
+    """A lock per PIL image object (kept on the object: PIL images are not hashable): Pillow's lazy
+    `load()` is not safe to run twice at once on one object."""
+    with _LOAD_LOCKS_GUARD:
+        lock = getattr(img, "_roadwork_load_lock", None)
+        if lock is None:
+            lock = threading.Lock()
+            img._roadwork_load_lock = lock
+        return lock
 
 
 def _closed(img: Image.Image) -> bool:
@@ -301,14 +316,20 @@ def _image_column(path: str, mtime_ns: int, size: int, group: int) -> pa.StructA
 
 
 def _parquet_row_bytes(path: str, row: int) -> bytes:
+    uri = f"{path}{ROW_SEP}{row}"
     st = os.stat(path)
-    shard = _open_shard(path, st.st_mtime_ns, st.st_size)
-    n_rows = shard.starts[-1]
-    if row >= n_rows:
-        raise IndexError(f"{path} has {n_rows} rows; row {row} does not exist")
-    group = bisect_right(shard.starts, row) - 1
-    column = _image_column(path, st.st_mtime_ns, st.st_size, group)
-    value = column[row - shard.starts[group]].as_py()
+    try:
+        shard = _open_shard(path, st.st_mtime_ns, st.st_size)
+        n_rows = shard.starts[-1]
+        if row >= n_rows:
+            raise ImageRejected("unreadable", uri, f"{path} has {n_rows} rows; row {row} does not exist")
+        group = bisect_right(shard.starts, row) - 1
+        column = _image_column(path, st.st_mtime_ns, st.st_size, group)
+        value = column[row - shard.starts[group]].as_py()
+    except (KeyError, IndexError, pa.ArrowException) as err:  # no `image` column, not a parquet file
+        raise ImageRejected(
+            "unreadable", uri, f"not a Hugging Face image shard row ({type(err).__name__}: {err})"
+        ) from err
     data = value.get("bytes") if isinstance(value, dict) else None
     if not data:
         raise ImageRejected("unreadable", f"{path}{ROW_SEP}{row}", "the image struct holds no embedded bytes")

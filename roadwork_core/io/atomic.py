@@ -72,10 +72,23 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"could not swap {a} into place of {b}: {os.strerror(err)}")
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # read it the only way POSIX allows, once, at import (single-threaded then)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp / mkdtemp create 0600 / 0700 for privacy while writing; the finished artifact gets the modes a
+# plain open() / mkdir() would (0644 / 0755 under umask 022), so a server running as another user can read it.
+_UMASK = _process_umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically. Raises OSError (disk full, permissions) with the path named."""
     path = Path(path)
     with _tmp_sibling(path) as tmp:
+        os.chmod(tmp, FILE_MODE)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -104,6 +117,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
     except BaseException:

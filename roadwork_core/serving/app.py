@@ -8,6 +8,7 @@ has no string `image` (400), not base64 (400), too large (413), not a decodable 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -49,11 +50,16 @@ def default_max_concurrent() -> int:
 
 
 def create_app(
-    slot: BundleSlot, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_concurrent: int | None = None
+    slot: BundleSlot,
+    *,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_concurrent: int | None = None,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
     """`max_concurrent` bounds the images in decode + predict at once (default: one per core). A 48 MP
     photo costs ~0.7 GB while it is decoded and resized; without a bound, N simultaneous requests cost N
-    times that. The others wait their turn, holding only their request body."""
+    times that. The others wait their turn, holding only their request body. A body must arrive within
+    `body_timeout` seconds (408 otherwise), so stalled clients cannot pin memory for ever."""
     app = FastAPI(title="roadwork miner", docs_url=None, redoc_url=None, openapi_url=None)
     body_cap = 4 * (max_image_bytes + 2) // 3 + 4096  # base64 of the largest image, plus the JSON around it
     limit = max_concurrent if max_concurrent is not None else default_max_concurrent()
@@ -68,17 +74,20 @@ def create_app(
             return served.predict(raw)
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:  # on the event loop: never queued behind predictions in the threadpool
         return slot.health()
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
-        body = await _read_capped(request, body_cap)
+        try:  # a client that stops sending mid-body holds its buffer: bounded in time, not only in size
+            body = await asyncio.wait_for(_read_capped(request, body_cap), timeout=body_timeout)
+        except TimeoutError:
+            return _error(408, f"the request body did not arrive within {body_timeout:g} s")
         if body is None:
             return _error(413, f"request too large: the image may be at most {max_image_bytes} bytes")
         try:
             doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON / not UTF-8, a 5000-digit number, nesting too deep
             return _error(400, 'body is not JSON; send {"image": "<base64 JPEG>"}')
         if not isinstance(doc, dict) or not isinstance(doc.get("image"), str) or not doc["image"]:
             return _error(

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from roadwork_core.bundle.predict_cli import positive_int
 from roadwork_core.serving import DEFAULT_MAX_IMAGE_BYTES
 
 __all__ = ["add_serve_arguments", "run_serve"]
@@ -34,13 +35,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--max-image-bytes",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_IMAGE_BYTES,
         help="largest accepted image (413 above)",
     )
     parser.add_argument(
         "--max-concurrent",
-        type=int,
+        type=positive_int,
         default=None,
         help="images decoded and predicted at once (default: one per core); more requests wait their turn",
     )
@@ -51,10 +52,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn  # imported here: `roadwork predict` should not pay for the web stack
 
+    from roadwork_core.bundle.parts import device_problem
     from roadwork_core.serving.app import create_app
     from roadwork_core.serving.slot import BundleSlot, Candidate, SwapRefused, load_verified
     from roadwork_core.serving.watch import ReleaseWatcher
 
+    if (problem := device_problem(args.device)) is not None:
+        print(f"roadwork serve: --device {args.device}: {problem}", file=sys.stderr)
+        return EXIT_NO_BUNDLE
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # swaps and refusals at INFO; not the storage's per-poll chatter
     logging.getLogger("roadwork.serve").setLevel(logging.INFO)

@@ -83,6 +83,8 @@ def load_verified(candidate: Candidate, device: str = "cpu") -> ServedBundle:
         bundle = Bundle.load(candidate.path, device=device)
     except (BundleError, OSError) as err:
         raise SwapRefused(f"{candidate.path}: {err}") from err
+    except Exception as err:  # noqa: BLE001  whatever a hostile bundle raises, it is refused, never served
+        raise SwapRefused(f"{candidate.path}: could not load it: {err!r}") from err
     if candidate.expected_id and bundle.manifest.content_sha256 != candidate.expected_id:
         raise SwapRefused(
             f"{candidate.path} holds bundle {bundle.manifest.content_sha256[:12]}, not the released "

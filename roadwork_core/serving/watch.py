@@ -47,7 +47,12 @@ class ReleaseWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001  the watcher outlives any one bad release
+                log.exception(
+                    "checking for a new release failed; still serving %s", self.slot.current.bundle_id[:12]
+                )
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -103,9 +103,11 @@ def _huge_png() -> str:
         (None, 422, "too_large"),
         (json.dumps({"image": base64.b64encode(b"\xff" * 300_000).decode()}).encode(), 413, "too large"),
         (json.dumps({"image": "A" * 2_000_000}).encode(), 413, "too large"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "not JSON"),  # RecursionError in json.loads
+        (b'{"image": "QUFB", "n": ' + b"9" * 5000 + b"}", 400, "not JSON"),  # int longer than Python parses
     ],
     ids=["not-json", "not-object", "no-image-field", "image-not-string", "not-base64", "not-an-image",
-         "truncated-jpeg", "decompression-bomb", "image-over-cap", "body-over-cap"],
+         "truncated-jpeg", "decompression-bomb", "image-over-cap", "body-over-cap", "deep-nesting", "huge-int"],
 )  # fmt: skip
 def test_bad_input_gets_4xx_with_the_reason(bundles, body, status, reason, request) -> None:
     case = request.node.callspec.id
@@ -238,3 +240,128 @@ def test_serving_a_bundle_does_not_import_dagster(bundles) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert done.stdout.strip() == "[]", f"the serving path imported {done.stdout.strip()}"
+
+
+def _with_manifest_edit(path: Path, tmp_path: Path, edit: bytes) -> Path:
+    """A copy of the bundle whose manifest.json has `edit` spliced in (rehashing cannot make it valid)."""
+    bad = Path(shutil.copytree(path, tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"))
+    text = (bad / "manifest.json").read_bytes()
+    (bad / "manifest.json").write_bytes(text.replace(b"{", b"{" + edit, 1))
+    return bad
+
+
+@pytest.mark.parametrize(
+    "edit", [b'"x": NaN, ', b'"x": ' + b"1" * 5000 + b", ", b'"x": ' + b"[" * 50_000 + b"]" * 50_000 + b", "]
+)
+def test_a_manifest_python_cannot_parse_is_refused_and_the_watcher_lives_on(bundles, tmp_path, edit) -> None:
+    from roadwork_core.bundle.schema import BundleIntegrityError
+
+    bad = _with_manifest_edit(bundles["v0002"], tmp_path, edit)
+    with pytest.raises(BundleIntegrityError, match="manifest.json"):
+        Bundle.load(bad)
+    _, slot = _client(bundles["v0001"])
+    offered = [Candidate(path=bad, release="bad")]
+    watcher = ReleaseWatcher(slot, lambda: offered[-1], interval=0.05)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not slot.refusals and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slot.refusals and "manifest.json" in slot.refusals[-1]["reason"], slot.refusals
+        offered.append(Candidate(path=bundles["v0002"], release="good"))
+        while slot.swaps == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher.is_alive() and slot.current.bundle.manifest.dataset_version == "v0002"
+    finally:
+        watcher.stop()
+
+
+def test_a_body_that_stops_arriving_gets_408_and_healthz_answers_meanwhile(bundles) -> None:
+    import asyncio
+
+    import httpx
+
+    slot = BundleSlot(load_verified(Candidate(path=bundles["v0001"])))
+    app = create_app(slot, body_timeout=0.5)
+
+    async def stalled():
+        yield b'{"image": "'
+        await asyncio.sleep(30)  # a client that stops sending
+        yield b'"}'
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            started = time.monotonic()
+            stuck = asyncio.create_task(client.post("/predict", content=stalled()))
+            health = await client.get("/healthz")
+            reply = await stuck
+            return health, reply, time.monotonic() - started
+
+    health, reply, took = asyncio.run(go())
+    assert health.status_code == 200
+    assert reply.status_code == 408 and "did not arrive within 0.5 s" in reply.json()["error"], reply.text
+    assert took < 10, f"the stalled request was held {took:.1f} s"
+
+
+def test_one_pil_image_passed_twice_and_a_bad_parquet_row_each_predict_or_fail_alone(
+    bundles, tmp_path
+) -> None:
+    from roadwork_core.bundle.predict_cli import predict_command
+
+    bundle = Bundle.load(bundles["v0001"])
+    path = tmp_path / "big.jpg"
+    PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)).save(path)
+    for _ in range(3):  # the lazily opened object is decoded by two threads unless its load is locked
+        img = PIL.Image.open(path)
+        a, b = bundle.predict([img, img], batch_size=1)
+        assert a.p_roadwork == b.p_roadwork
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = tmp_path / "shard.parquet"
+    pq.write_table(
+        pa.table({"image": [{"bytes": path.read_bytes(), "path": "big.jpg"}], "label": [1]}), shard
+    )
+    lines = list(
+        predict_command(
+            bundles["v0001"], [str(path), f"{shard}#row=5", f"{shard}#row=0"], None, bundle=bundle
+        )
+    )
+    docs = [json.loads(line) for line in lines]
+    assert [("error" in d) for d in docs] == [False, True, False], docs
+    assert "row 5 does not exist" in docs[1]["error"]
+
+
+def test_cli_rejects_bad_numbers_and_devices_naming_the_option(bundles, capsys) -> None:
+    from roadwork_core.cli import main
+
+    for argv, needle in (
+        (
+            ["predict", "--bundle", str(bundles["v0001"]), "--batch-size", "0", "x.jpg"],
+            "--batch-size: 0 is not allowed",
+        ),
+        (
+            ["serve", "--bundle", str(bundles["v0001"]), "--max-concurrent", "0"],
+            "--max-concurrent: 0 is not allowed",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+    assert main(["predict", "--bundle", str(bundles["v0001"]), "--device", "bogus", "x.jpg"]) == 2
+    assert "--device bogus: not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["predict", "--bundle", str(bundles["v0001"]), "--device", "cuda", "x.jpg"]) == 2
+        assert "CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_an_exported_bundle_is_readable_by_other_users_under_the_usual_umask(bundles) -> None:
+    import stat
+
+    from roadwork_core.io.atomic import DIR_MODE, FILE_MODE
+
+    root = bundles["v0001"]
+    assert stat.S_IMODE(root.stat().st_mode) == DIR_MODE
+    for f in root.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == FILE_MODE, f"{f.name}: {oct(f.stat().st_mode)}"
