@@ -304,3 +304,43 @@ SPLIT_CHECKS = [
     check_sticky_splits,
     check_near_duplicate_labels_agree,
 ]
+
+
+def failed_split_checks(instance: dg.DagsterInstance, partition: str) -> tuple[str | None, list[str]]:
+    """(run id, names) of the blocking checks of `splits` that failed on the latest `splits`
+    materialization of `partition` (evaluated in the run that materialized it)."""
+    key = dg.AssetKey("splits")
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    if not records or not records[0].run_id:
+        return None, []
+    blocking = {spec.name for checks in SPLIT_CHECKS for spec in checks.check_specs if spec.blocking}
+    run_id = records[0].run_id
+    passed: dict[str, bool] = {}
+    for record in instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+    ).records:
+        evaluation = record.event_log_entry.dagster_event.event_specific_data
+        if (
+            evaluation.asset_key == key
+            and evaluation.partition in (None, partition)
+            and evaluation.check_name in blocking
+        ):
+            passed[evaluation.check_name] = bool(evaluation.passed)
+    return run_id, sorted(name for name, ok in passed.items() if not ok)
+
+
+def require_green_splits(context: dg.AssetExecutionContext) -> None:
+    """Every asset that reads `splits` calls this first: a blocking check stops downstream steps in the run
+    that failed it, but a later run selecting only downstream assets (`--select 'classifier*'`) would
+    otherwise train and release on splits the contract rejected."""
+    run_id, failed = failed_split_checks(context.instance, context.partition_key)
+    if failed:
+        raise dg.Failure(
+            description=(
+                f"the splits of {context.partition_key} failed their blocking check(s) {failed} (run {run_id[:8]}); "
+                "nothing may train, calibrate or release on them. Fix the drop or the split settings and "
+                "materialize `splits` again (its checks run with it)"
+            )
+        )

@@ -8,6 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, reader_metadata
+from roadwork_assets.data import require_green_splits
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
@@ -87,6 +88,7 @@ def calibrator(
 ):
     from roadwork_core.calibration.calibrators import fit_calibrator
 
+    require_green_splits(context)
     reader = SplitReader("calibrator", splits)
     calib = reader.restrict(Split.VAL_CALIB, calib_predictions)
     cal, report = fit_calibrator(
@@ -126,6 +128,7 @@ def threshold_policy(
 ):
     from roadwork_core.calibration.threshold import fit_threshold_policy
 
+    require_green_splits(context)
     calib = calib_set(SplitReader("threshold_policy", splits), calib_predictions, calibrator)
     policy = fit_threshold_policy(
         calib.p, calib.labels, target_fnr=config.target_fnr, target_fpr=config.target_fpr
@@ -144,6 +147,7 @@ def gate_policy(
 ):
     from roadwork_core.calibration.gate import fit_gate_policy
 
+    require_green_splits(context)
     reader = SplitReader("gate_policy", splits)
     select = reader.restrict(Split.VAL_SELECT, select_predictions)  # fits the failure predictor
     calib = calib_set(reader, calib_predictions, calibrator)  # sets its threshold
@@ -183,6 +187,7 @@ def scrc_policy(
 ):
     from roadwork_core.calibration.scrc import fit_scrc_policy
 
+    require_green_splits(context)
     calib = calib_set(SplitReader("scrc_policy", splits), calib_predictions, calibrator)
     if config.confidence_feature not in calib.feats:
         raise ValueError(

@@ -6,6 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from roadwork_assets._util import reader_metadata
+from roadwork_assets.data import require_green_splits
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.types import PredictionsTable
 from roadwork_core.contracts import Split, SplitReader
@@ -39,6 +40,7 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
         from roadwork_core.models.serialization import load_classifier
 
         gpu.setup()
+        require_green_splits(context)
         reader = SplitReader(name, splits)
         rows = reader.read(split)
         model = gpu.maybe_compile(load_classifier(classifier, device=gpu.torch_device()))

@@ -8,6 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import json_meta, latest_materialization_metadata, reader_metadata
+from roadwork_assets.data import require_green_splits
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.policies import calib_set
 from roadwork_core.contracts import Split, SplitReader
@@ -61,6 +62,7 @@ def bundle(
     if release_policy not in policies:
         raise ValueError(f"bundle.release_policy={config.release_policy!r}; choose one of {sorted(policies)}")
     policy = policies[release_policy]
+    require_green_splits(context)
     calib = calib_set(SplitReader("bundle", splits), calib_predictions, calibrator)
     summary = calib.summary(policy)
     answer_rule = fit_answer_rule(calib.p, calib.labels, source="val_calib")
@@ -196,6 +198,7 @@ def evaluation_report(
     from roadwork_core.workflows.evaluate import evaluate_bundle_on_test
 
     gpu.setup()
+    require_green_splits(context)
     reader = SplitReader("evaluation_report", splits)
     test_rows = reader.read(Split.VAL_TEST)
     test_preds = reader.restrict(Split.VAL_TEST, test_predictions)

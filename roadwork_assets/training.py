@@ -12,6 +12,7 @@ from pydantic import Field
 
 from roadwork_assets._config import config_from
 from roadwork_assets._util import json_meta, md_table, reader_metadata
+from roadwork_assets.data import require_green_splits
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.config import (
     BackboneConfig,
@@ -82,6 +83,7 @@ def explora_backbone(
     from roadwork_core.training.explora import run_explora
 
     gpu.setup()
+    require_green_splits(context)
     reader = SplitReader("explora_backbone", splits)
     uris, pool, rejects_path, pool_used = _explora_images(
         context, config, dataset, split_settings, store, reader
@@ -233,6 +235,7 @@ def classifier(
     from roadwork_core.training.supervised import train_classifier
 
     gpu.setup()
+    require_green_splits(context)
     reader = SplitReader("classifier", splits)
     train, select = reader.read(Split.TRAIN), reader.read(Split.VAL_SELECT)
     saved = load_backbone(explora_backbone)

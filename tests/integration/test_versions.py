@@ -261,3 +261,27 @@ def test_a_late_drop_is_refused_and_a_version_split_again_keeps_every_split(tmp_
     assert again.success
     after = _artifact(instance, "splits", "v0003").set_index("image_id")["split"]
     assert after.to_dict() == v3.to_dict(), "splitting a version again moved images"
+
+
+def test_a_later_run_of_downstream_assets_refuses_splits_whose_blocking_check_failed(tiny_inbox, rw_home):
+    """Run 1 stops after `splits` (a blocking check fails); run 2 selects only `explora_backbone`, whose
+    input is that same splits materialization: it must refuse, not train (and later release) on it."""
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    tiny = tiny_run_config()
+    config = {"resources": tiny["resources"]}
+    config["resources"]["split_settings"]["config"]["min_per_class"] = 1000
+    first = materialize(["image_table", "splits"], instance=instance, partition="v0001", resources=resources, run_config=config)  # fmt: skip
+    assert _checks(first)["check_min_per_class@splits"] is False
+    explora = {**tiny["ops"]["explora_backbone"]["config"], "enabled": False}
+    second = materialize(
+        ["explora_backbone"],
+        instance=instance,
+        partition="v0001",
+        resources=resources,
+        run_config={**config, "ops": {"explora_backbone": {"config": explora}}},
+    )
+    assert not second.success
+    failure = next(ev for ev in second.all_events if ev.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert "failed their blocking check(s) ['check_min_per_class']" in message, message
