@@ -26,6 +26,8 @@ def _dagster_type(tp: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp in _SCALARS:
         return tp
+    if origin is typing.Literal and all(isinstance(a, str) for a in args):
+        return tp  # a fixed choice: Dagster checks it before any step runs
     if origin in (types.UnionType, typing.Union) and len(args) == 2 and type(None) in args:
         inner = next(a for a in args if a is not type(None))
         return _dagster_type(inner, where) | None

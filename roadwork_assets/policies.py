@@ -1,6 +1,7 @@
 """Policies stage: calibrator and the three decision policies, each fitted on the splits its contract allows."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -167,8 +168,12 @@ def gate_policy(
 class ScrcConfig(dg.Config):
     alpha: float = Field(0.05, description="FNR bound among accepted images")
     delta: float = Field(0.1, description="ltt mode: the bound holds with probability >= 1 - delta")
-    mode: str = Field("crc", description="crc (in expectation) | ltt (with high probability)")
-    bound: str = Field("binomial", description="ltt p-value: binomial | hoeffding_bentkus")
+    mode: Literal["crc", "ltt"] = Field(
+        "crc", description="crc (in expectation) | ltt (with high probability)"
+    )
+    bound: Literal["binomial", "hoeffding_bentkus"] = Field(
+        "binomial", description="ltt p-value: binomial | hoeffding_bentkus"
+    )
     target_coverage: float = Field(0.9, description="fraction of images accepted (lambda1 quantile)")
     confidence_feature: str = Field(
         "max_prob", description="uncertainty feature used as the confidence score"

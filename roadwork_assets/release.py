@@ -1,6 +1,7 @@
 """Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
 
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -27,7 +28,7 @@ POLICY_ASSETS = {"threshold": "threshold_policy", "gate": "gate_policy", "scrc":
 
 
 class BundleConfig(dg.Config):
-    release_policy: str = Field(
+    release_policy: Literal["threshold", "gate", "scrc", "softmax"] = Field(
         "scrc",
         description="the one policy shipped: threshold | gate | scrc (softmax: the old name of threshold)",
     )

@@ -113,7 +113,7 @@ class MultiViewConfig:
 class HeadConfig:
     """The per-view head and the aggregator (build_classifier's keywords; RoadworkClassifier's defaults)."""
 
-    aggregator: str = knob("topk_mean", "topk_mean | mean | attention")
+    aggregator: Literal["topk_mean", "mean", "attention"] = knob("topk_mean", "topk_mean | mean | attention")
     topk: int = knob(3, "views averaged by topk_mean")
     dropout: float = knob(0.3, "dropout before the per-view linear head")
 
@@ -190,6 +190,13 @@ class ExploraConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"ExploraConfig.batch_size={self.batch_size}: must be >= 1.")
+        if self.enabled and (self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1)):
+            raise ValueError(
+                f"ExploraConfig: epochs={self.epochs}, max_steps={self.max_steps}: each must be >= 1 (max_steps may "
+                "be null). To pass the base weights through without training, set explora_backbone.enabled: false."
+            )
+        if self.enabled and (not self.lr > 0 or self.min_lr < 0):
+            raise ValueError(f"ExploraConfig: lr={self.lr} must be > 0 and min_lr={self.min_lr} >= 0.")
         if not 0.0 <= self.drop_path_rate < 1.0 or not 0.0 <= self.freeze_last_layer_frac <= 1.0:
             raise ValueError(
                 f"ExploraConfig: need 0 <= drop_path_rate < 1 and 0 <= freeze_last_layer_frac <= 1, got "
@@ -202,7 +209,9 @@ class ExploraConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = knob("head", "head (frozen backbone, cached features) | lora | dora | full")
+    mode: Literal["head", "lora", "dora", "full"] = knob(
+        "head", "head (frozen backbone, cached features) | lora | dora | full"
+    )
     epochs: int = knob(10, "maximum training epochs")
     batch_size: int = knob(32, "images per optimizer step")
     lr: float = knob(1e-4, "peak AdamW learning rate")
@@ -214,7 +223,9 @@ class TrainConfig:
     )
     patience: int = knob(3, "early stopping: epochs without a better val_select MCC")
     balanced_sampling: bool = knob(False, "draw training images class-balanced (WeightedRandomSampler)")
-    augment: str = knob("validator", "validator (the subnet's challenge replica) | none; not in head mode")
+    augment: Literal["validator", "none"] = knob(
+        "validator", "validator (the subnet's challenge replica) | none; not in head mode"
+    )
     augment_max_level: int = knob(3, "training augmentation levels drawn uniformly in 0..augment_max_level")
     lora_rank: int = knob(8, "adapter rank for lora / dora")
     lora_alpha: float = knob(16.0, "adapter scale numerator (scale = lora_alpha / lora_rank)")

@@ -28,7 +28,7 @@ class GPUResource(dg.ConfigurableResource):
     precision: Precision = Field("fp32", description="fp16-mixed uses a gradient scaler and needs CUDA")
     compile: bool = Field(False, description="wrap models in torch.compile")
     attn_backend: Literal["sdpa", "flash_attn", "eager"] = Field("sdpa", description="attention kernel")
-    threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     seed: int = Field(0, description="seed for python, numpy and torch")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms and cudnn flags")
     nproc_per_node: int = Field(
@@ -46,6 +46,15 @@ class GPUResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         from roadwork_resources.pool_slots import HOST_TAG, free_slots_of_dead_runs, this_host
 
+        if (
+            self.precision != "fp32"
+            and self.device in ("cpu", "auto")
+            and self.effective_precision() == "fp32"
+        ):
+            context.log.warning(
+                f"GPUResource.precision is {self.precision!r} but the device is the CPU: running fp32 (fp16 needs "
+                "CUDA; bf16 on CPU is slower than fp32 here). Set precision: fp32 to silence this"
+            )
         instance, run = context.instance, context.dagster_run
         if instance is None or run is None:
             return  # built outside a run (direct invocation, tests)

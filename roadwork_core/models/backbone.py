@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -146,6 +147,25 @@ def _resolve(cfg: BackboneConfig) -> tuple[str, dict[str, Any]]:
     return timm_name, kwargs
 
 
+def _check_weights_file(path: Path) -> None:
+    """A missing or non-weights file named up front (timm says only 'No checkpoint found')."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone.weights_file {path} does not exist (or is not a file); give the path of a local "
+            "safetensors / torch state-dict file, or set it to null"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001  SafetensorError and friends: the header does not parse
+            raise ValueError(
+                f"backbone.weights_file {path} is not a readable safetensors file ({err}); re-download it"
+            ) from err
+
+
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
     """Headless timm ViT for `cfg`: forward(x (B, 3, S, S)) -> (B, num_features).
 
@@ -157,16 +177,31 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
         overlay["input_size"] = (3, int(kwargs["img_size"]), int(kwargs["img_size"]))
     pretrained = cfg.pretrained
     if cfg.weights_file is not None:
+        _check_weights_file(Path(cfg.weights_file))
         # source "" selects timm's default resolution, where a set `file` wins over url / hub.
         overlay.update(file=str(cfg.weights_file), source="")
         pretrained = True
-    model = timm.create_model(
-        timm_name,
-        pretrained=pretrained,
-        num_classes=0,
-        pretrained_cfg_overlay=overlay or None,
-        **kwargs,
-    )
+    try:
+        model = timm.create_model(
+            timm_name,
+            pretrained=pretrained,
+            num_classes=0,
+            pretrained_cfg_overlay=overlay or None,
+            **kwargs,
+        )
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained or cfg.weights_file is not None:
+            if cfg.weights_file is None:
+                raise
+            raise ValueError(
+                f"backbone.weights_file {cfg.weights_file} could not be loaded into {timm_name} ({type(err).__name__}: "
+                f"{err}); give the {timm_name} weights as safetensors or a torch state dict"
+            ) from err
+        raise RuntimeError(
+            f"backbone.pretrained: true could not fetch the {timm_name} weights from timm's source (the Hugging "
+            f"Face hub: {type(err).__name__}: {err}). Without network access, download them once elsewhere and set "
+            "backbone.weights_file to the local file (pretrained is then ignored)"
+        ) from err
     if not isinstance(model, VisionTransformer | Eva):
         raise ValueError(
             f"Backbone {cfg.name!r} builds a {type(model).__name__}; only timm VisionTransformer and Eva "

@@ -117,6 +117,17 @@ def _check_inputs(
         raise ValueError(f"TrainConfig.augment_max_level={cfg.augment_max_level} is not valid; use 0..3")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1:
         raise ValueError(f"epochs, batch_size and patience must be >= 1; got {cfg}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ValueError(f"TrainConfig.lr={cfg.lr}: the learning rate must be > 0 (at lr 0 nothing trains)")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(
+            f"TrainConfig.label_smoothing={cfg.label_smoothing}: use 0 <= label_smoothing < 1 (targets become "
+            "label * (1 - s) + s / 2; at s > 1 they invert the labels)"
+        )
+    if cfg.weight_decay < 0 or cfg.warmup_epochs < 0:
+        raise ValueError(
+            f"TrainConfig.weight_decay={cfg.weight_decay}, warmup_epochs={cfg.warmup_epochs}: both must be >= 0"
+        )
     for name, rows in frames.items():
         missing = {"image_id", "uri", "label"} - set(rows.columns)
         if missing:
@@ -128,13 +139,34 @@ def _check_inputs(
             raise ValueError(f"{name} has labels outside {{0, 1}}, e.g. {bad.head(3).to_dict('records')}")
 
 
+def _architecture(model: nn.Module) -> dict:
+    """The classifier's build settings (views, aggregator, top-k, dropout, backbone), which change what
+    training computes even when no weight changes shape (3x3 tiles vs 2x2 share every parameter)."""
+    from roadwork_core.models.classifier import classifier_config_dict
+
+    try:
+        return classifier_config_dict(model)
+    except (ValueError, AttributeError):  # built without its BackboneConfig (tests): what it still says
+        mv = getattr(model, "mv", None)
+        return {
+            "multiview": dataclasses.asdict(mv) if dataclasses.is_dataclass(mv) else repr(mv),
+            **{k: getattr(model, k, None) for k in ("aggregator_name", "topk", "dropout")},
+        }
+
+
 def _fingerprint(
-    cfg: TrainConfig, precision: str, train: pd.DataFrame, select: pd.DataFrame, init_sha: str
+    cfg: TrainConfig,
+    precision: str,
+    train: pd.DataFrame,
+    select: pd.DataFrame,
+    init_sha: str,
+    architecture: dict | None = None,
 ) -> str:
     """What makes two runs the same run; a checkpoint with another fingerprint is not resumed."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_workers"}
     payload = {
         "config": config,
+        "architecture": architecture or {},
         "precision": precision,
         "train": [train["image_id"].astype(str).tolist(), train["label"].astype(int).tolist()],
         "select": [select["image_id"].astype(str).tolist(), select["label"].astype(int).tolist()],
@@ -523,7 +555,9 @@ def train_classifier(
     world = World.from_env()
     checkpoint_dir = Path(checkpoint_dir)
     _check_inputs(cfg, precision, device, {"train_rows": train_rows, "select_rows": select_rows})
-    fingerprint = _fingerprint(cfg, precision, train_rows, select_rows, state_dict_sha256(model))
+    fingerprint = _fingerprint(
+        cfg, precision, train_rows, select_rows, state_dict_sha256(model), _architecture(model)
+    )
 
     # model, optimizer, EMA, data
     torch.manual_seed(cfg.seed)  # adapter init is random: same seed, same adapters

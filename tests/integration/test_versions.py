@@ -133,7 +133,9 @@ def test_failed_asset_ends_mlflow_run_failed(tiny_inbox, rw_home, failing):
     resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
     config = tiny_run_config()
     if failing == "classifier":
-        config["ops"]["classifier"]["config"]["mode"] = "not_a_mode"
+        config["ops"]["classifier"]["config"]["lr"] = (
+            0.0  # refused by the step (a bad mode is refused up front)
+        )
     else:
         config["ops"]["image_table"] = {"config": {"min_size": 100_000}}  # rejects every image
     result = materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
@@ -285,3 +287,16 @@ def test_a_later_run_of_downstream_assets_refuses_splits_whose_blocking_check_fa
     failure = next(ev for ev in second.all_events if ev.event_type_value == "STEP_FAILURE")
     message = str(failure.event_specific_data.error)
     assert "failed their blocking check(s) ['check_min_per_class']" in message, message
+
+
+def test_a_choice_misspelt_in_the_run_config_is_refused_before_any_step(tiny_inbox, rw_home):
+    """A typo in a fixed choice (`release_policy: scrcc`, `mode: CRC`) is caught by Dagster's config check,
+    not after ExPLoRA and the classifier have trained."""
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    for op, key, value in (("bundle", "release_policy", "scrcc"), ("scrc_policy", "mode", "CRC"), ("classifier", "augment", "Validator")):  # fmt: skip
+        config = tiny_run_config()
+        config["ops"].setdefault(op, {"config": {}})["config"][key] = value
+        with pytest.raises(dg.DagsterInvalidConfigError, match=rf"{key}.*not in enum"):
+            materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
+    assert not instance.get_runs(), "nothing may start"

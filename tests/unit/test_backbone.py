@@ -144,3 +144,28 @@ def test_dinov2_preset_loads_518px_weights_at_224(tmp_path) -> None:
     assert backbone_data_config(model)["input_size"] == (3, 224, 224)
     assert model.pos_embed.shape[1] == 1 + 16 * 16, "position embedding not resampled to 16x16 patches"
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_weights_file_and_offline_pretrained_errors_name_the_setting_and_the_fix(
+    tmp_path, monkeypatch
+) -> None:
+    import pytest
+
+    from roadwork_core.models.backbone import BackboneConfig, create_backbone
+
+    with pytest.raises(
+        FileNotFoundError, match=r"backbone\.weights_file .*missing\.safetensors does not exist"
+    ):
+        create_backbone(
+            BackboneConfig(name="vit_test_tiny", weights_file=str(tmp_path / "missing.safetensors"))
+        )
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"<html>a login page, not weights</html>")
+    with pytest.raises(ValueError, match=r"not a readable safetensors file"):
+        create_backbone(BackboneConfig(name="vit_test_tiny", weights_file=str(junk)))
+    import huggingface_hub.constants
+
+    # never the network (make test exports HF_HUB_OFFLINE=1; the constant is read when the hub is imported)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match=r"set backbone\.weights_file to the local file"):
+        create_backbone(BackboneConfig(name="vit_test_tiny", pretrained=True))

@@ -185,10 +185,10 @@ def test_early_stopping_after_patience_epochs_without_improvement(rows, tmp_path
         _model(),
         train,
         select,
-        _cfg(epochs=10, lr=0.0, patience=2, ema_decay=None),
+        _cfg(epochs=10, lr=1e-12, patience=2, ema_decay=None),
         checkpoint_dir=tmp_path / "e",
     )
-    assert result.best_epoch == 1, "with lr 0 nothing improves after epoch 1"
+    assert result.best_epoch == 1, "with lr 1e-12 nothing improves after epoch 1"
     assert [h["epoch"] for h in result.history] == [1, 2, 3], (
         f"should stop after 2 flat epochs: {result.history}"
     )
@@ -201,6 +201,9 @@ def test_lr_schedule_warmup_then_cosine_and_input_errors(rows, tmp_path: Path) -
     train, select = rows
     with pytest.raises(ValueError, match="mode"):
         train_classifier(_model(), train, select, TrainConfig(mode="adapter"), checkpoint_dir=tmp_path)
+    for bad, match in (({"lr": 0.0}, "must be > 0"), ({"label_smoothing": 2.0}, "invert the labels")):
+        with pytest.raises(ValueError, match=match):
+            train_classifier(_model(), train, select, _cfg(**bad), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="fp16-mixed"):
         train_classifier(_model(), train, select, _cfg(), precision="fp16-mixed", checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="label"):
@@ -267,3 +270,18 @@ def test_unaugmented_full_training_decodes_each_image_once(rows, tmp_path: Path,
     assert [h["train_loss"] for h in lazy.history] == [h["train_loss"] for h in cached.history]
     for key, value in cached.state_dict.items():
         assert torch.equal(value, lazy.state_dict[key]), key
+
+
+def test_a_finished_checkpoint_of_another_architecture_is_not_resumed(rows, tmp_path: Path) -> None:
+    """2x2 and 3x3 tiles (or top-k 1 vs 3) share every parameter shape: only the fingerprint tells them
+    apart, so a run with other view settings must train, not 'resume' the finished run's weights."""
+    train, select = rows
+    first = train_classifier(_model(), train, select, _cfg(epochs=2), checkpoint_dir=tmp_path / "c")
+    assert first.resumed_from_epoch is None
+    torch.manual_seed(0)
+    other = build_classifier(BackboneConfig(name="vit_test_tiny"), MultiViewConfig(view_size=32, grid=3))
+    again = train_classifier(other, train, select, _cfg(epochs=2), checkpoint_dir=tmp_path / "c")
+    assert again.resumed_from_epoch is None and len(again.history) == 2, again.resumed_from_epoch
+    same = train_classifier(_model(), train, select, _cfg(epochs=2), checkpoint_dir=tmp_path / "d")
+    resumed = train_classifier(_model(), train, select, _cfg(epochs=2), checkpoint_dir=tmp_path / "d")
+    assert same.resumed_from_epoch is None and resumed.resumed_from_epoch == 2, "the same run still resumes"
