@@ -45,6 +45,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         help="images decoded and predicted at once (default: one per core); more requests wait their turn",
     )
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=256,
+        help="open connections and tasks at most; past it new requests get 503 (default 256)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     return parser
 
@@ -107,6 +113,6 @@ def run_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     app = create_app(slot, max_image_bytes=args.max_image_bytes, max_concurrent=args.max_concurrent)
-    uvicorn.run(app, host=args.host, port=args.port,
+    uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections,
                 log_level="warning", access_log=False)  # fmt: skip
     return 0
