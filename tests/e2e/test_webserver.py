@@ -65,9 +65,17 @@ def test_webserver_launches_a_materialization_and_reports_checks(ui_server):
     assert executions and executions[0]["status"] == "SUCCEEDED", data
     assert mlflow_statuses(ui_server["state"], run_id) == ["FINISHED"], "MLflow run of a UI-launched success"
 
-    # a UI-launched run that fails (an invalid classifier mode): its MLflow run ends FAILED
+    # a misspelt choice is refused when the run is submitted, before anything starts
+    from dagster_graphql import DagsterGraphQLClientError
+
+    typo = tiny_run_config()
+    typo["ops"]["classifier"]["config"]["mode"] = "not_a_mode"
+    with pytest.raises(DagsterGraphQLClientError, match="not in enum type"):
+        client.submit_job_execution("retrain_job", run_config=typo, tags={"dagster/partition": "v0001"})
+
+    # a UI-launched run that fails in a step (lr 0, refused by the classifier): its MLflow run ends FAILED
     bad = tiny_run_config()
-    bad["ops"]["classifier"]["config"]["mode"] = "not_a_mode"
+    bad["ops"]["classifier"]["config"]["lr"] = 0.0
     failing = client.submit_job_execution("retrain_job", run_config=bad, tags={"dagster/partition": "v0001"})
     status = wait_for_run(client, failing)
     assert status == dg.DagsterRunStatus.FAILURE, f"the invalid run ended {status}"
