@@ -307,28 +307,47 @@ SPLIT_CHECKS = [
 
 
 def failed_split_checks(instance: dg.DagsterInstance, partition: str) -> tuple[str | None, list[str]]:
-    """(run id, names) of the blocking checks of `splits` that failed on the latest `splits`
-    materialization of `partition` (evaluated in the run that materialized it)."""
+    """(run id, names) of the blocking checks of `splits` whose latest evaluation on the latest `splits`
+    materialization of `partition` failed. The latest counts: a check executed again later (from the UI,
+    after a split setting changed) and passing clears it."""
+    from dagster._core.event_api import PartitionKeyFilter  # the storage's own filter (no public alias yet)
+
     key = dg.AssetKey("splits")
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
     ).records
-    if not records or not records[0].run_id:
+    if not records:
         return None, []
-    blocking = {spec.name for checks in SPLIT_CHECKS for spec in checks.check_specs if spec.blocking}
-    run_id = records[0].run_id
-    passed: dict[str, bool] = {}
-    for record in instance.get_records_for_run(
-        run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
-    ).records:
-        evaluation = record.event_log_entry.dagster_event.event_specific_data
-        if (
-            evaluation.asset_key == key
-            and evaluation.partition in (None, partition)
-            and evaluation.check_name in blocking
-        ):
-            passed[evaluation.check_name] = bool(evaluation.passed)
-    return run_id, sorted(name for name, ok in passed.items() if not ok)
+    materialization = records[0]
+    blocking = sorted({spec.name for checks in SPLIT_CHECKS for spec in checks.check_specs if spec.blocking})
+    failed, failed_in = [], materialization.run_id
+    for name in blocking:
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(key, name), limit=20, partition_filter=PartitionKeyFilter(key=partition)
+        )  # newest first
+        for record in history:
+            evaluation = (
+                record.event.dagster_event.event_specific_data
+                if record.event and record.event.dagster_event
+                else None
+            )
+            if not isinstance(evaluation, dg.AssetCheckEvaluation) or evaluation.partition not in (
+                None,
+                partition,
+            ):
+                continue  # planned, or another partition
+            target = evaluation.target_materialization_data
+            on_this = (
+                target.storage_id == materialization.storage_id
+                if target
+                else record.run_id == materialization.run_id
+            )
+            if on_this:
+                if not evaluation.passed:
+                    failed.append(name)
+                    failed_in = record.run_id
+                break
+    return failed_in, failed
 
 
 def require_green_splits(context: dg.AssetExecutionContext) -> None:

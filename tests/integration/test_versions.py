@@ -288,6 +288,21 @@ def test_a_later_run_of_downstream_assets_refuses_splits_whose_blocking_check_fa
     message = str(failure.event_specific_data.error)
     assert "failed their blocking check(s) ['check_min_per_class']" in message, message
 
+    # the check executed again alone (as the UI's "Execute" does) with a setting the splits meet: cleared
+    config["resources"]["split_settings"]["config"]["min_per_class"] = 1
+    check_only = dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey("splits"), "check_min_per_class"))
+    from roadwork_assets.definitions import ASSET_CHECKS, ASSETS
+
+    recheck = dg.define_asset_job("recheck", selection=check_only, partitions_def=dataset_version)
+    defs = dg.Definitions(assets=ASSETS, asset_checks=ASSET_CHECKS, jobs=[recheck], resources=resources)
+    again = defs.resolve_job_def("recheck").execute_in_process(
+        tags={"dagster/partition": "v0001"}, instance=instance, run_config=config, raise_on_error=False
+    )
+    assert _checks(again) == {"check_min_per_class@splits": True}
+    from roadwork_assets.data import failed_split_checks
+
+    assert failed_split_checks(instance, "v0001")[1] == [], "the latest evaluation decides"
+
 
 def test_a_choice_misspelt_in_the_run_config_is_refused_before_any_step(tiny_inbox, rw_home):
     """A typo in a fixed choice (`release_policy: scrcc`, `mode: CRC`) is caught by Dagster's config check,
