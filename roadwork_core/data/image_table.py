@@ -2,7 +2,7 @@
 
 Each candidate from the drop readers is read, hashed (sha256 of the file bytes = `image_id`), fully
 decoded (EXIF transpose, RGB), size-checked and perceptually hashed (`phash`, and `phash_dihedral`:
-the phashes of its flips and quarter turns, see neardup.py). Exact duplicates are collapsed
+the phashes of its flips and quarter turns and of its content inside an added border, see neardup.py). Exact duplicates are collapsed
 when their labels agree; when they disagree, the copy of the oldest drop is kept if that drop agrees
 with itself and the later copies are rejected as `label_conflict`, else every copy is.
 Reject codes: unreadable, truncated, too_large, too_small, bad_label, bad_filename (not UTF-8),

@@ -1,5 +1,5 @@
 """Planted leaks: copies of evaluation images that a perceptual hash alone misses (mirror images, EXIF
-rotations), copies of images that vanished from a later version, a relabelled copy that would evict an
+rotations, letterboxes and frames), copies of images that vanished from a later version, a relabelled copy that would evict an
 evaluation image, near-copies labelled both ways, and the ExPLoRA pool."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from roadwork_core.data.image_table import build_image_table
-from roadwork_core.data.neardup import dihedral_phashes, near_duplicate_pairs, pair_distances
+from roadwork_core.data.neardup import content_box, dihedral_phashes, near_duplicate_pairs, pair_distances
 from roadwork_core.data.pool import filter_unlabelled_pool
 from roadwork_core.data.split_checks import (
     check_near_duplicate_labels_agree,
@@ -78,6 +78,99 @@ def test_mirror_and_rotated_copies_are_near_duplicates_only_with_the_dihedral_ha
     dist = pair_distances(phashes, np.array([[0, 1], [0, 2], [0, 3]]), variants)
     assert dist.max() <= 2, dist
     assert dihedral_phashes(original)[0] == phashes[0]
+
+
+def framed(img: Image.Image, how: str) -> Image.Image:
+    """`img` with an added border: the ways a copy gets one (export padding, letterboxing, a frame)."""
+    w, h = img.size
+    if how == "black_2pct":
+        return ImageOps.expand(img, border=round(0.02 * w), fill=(0, 0, 0))
+    if how == "white_5pct":
+        return ImageOps.expand(img, border=round(0.05 * w), fill=(255, 255, 255))
+    if how == "grey_right":
+        out = Image.new("RGB", (w + round(0.08 * w), h), (128, 128, 128))
+        out.paste(img, (0, 0))
+        return out
+    side = max(w, h)  # "square": letterboxed into a black square, as a resize-with-padding export does
+    out = Image.new("RGB", (side, side), (0, 0, 0))
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+FRAMES = ("black_2pct", "white_5pct", "grey_right", "square")
+
+
+def test_framed_and_letterboxed_copies_are_near_duplicates_through_the_content_hash() -> None:
+    originals = [scene(i) for i in range(12)]
+    rows = [dihedral_phashes(img) for img in originals]
+    for i, img in enumerate(originals):
+        for how in FRAMES:
+            copy = Image.open(io.BytesIO(jpeg(framed(img, how), quality=85))).convert("RGB")
+            rows.append(dihedral_phashes(copy))
+    phashes, variants = [h for h, _ in rows], [v for _, v in rows]
+    n = len(originals)
+    copy_of = {n + i * len(FRAMES) + k: i for i in range(n) for k in range(len(FRAMES))}
+    upright = {tuple(p) for p in near_duplicate_pairs(phashes, 6).tolist()}
+    missed_upright = [c for c, o in copy_of.items() if (o, c) not in upright]
+    assert len(missed_upright) > len(copy_of) // 2, "the frames must defeat a plain phash (why this exists)"
+    pairs = {tuple(p) for p in near_duplicate_pairs(phashes, 6, variants).tolist()}
+    missed = [(c, o) for c, o in copy_of.items() if (o, c) not in pairs]
+    assert not missed, f"framed copies not paired with their original: {missed}"
+    strangers = [(a, b) for a, b in pairs if copy_of.get(a, a) != copy_of.get(b, b)]
+    assert not strangers, f"distinct scenes paired: {strangers}"
+    dist = pair_distances(phashes, np.array([(o, c) for c, o in copy_of.items()]), variants)
+    assert dist.max() <= 6, dist
+
+
+def test_content_box_finds_neutral_frames_only() -> None:
+    img = scene(3, size=(400, 300))
+    assert content_box(img) is None
+    left, top, right, bottom = content_box(ImageOps.expand(img, border=20, fill=(0, 0, 0)))
+    assert abs(left - 20) <= 2 and abs(top - 20) <= 2 and abs(right - 420) <= 2 and abs(bottom - 320) <= 2
+    # a flat coloured band (a blue sky) is content, not a frame: trimming it grouped distinct scenes
+    sky = img.copy()
+    sky.paste((70, 130, 200), (0, 0, 400, 90))
+    assert content_box(sky) is None
+    # an almost plain image keeps its frame: what is left would be too small to hash
+    plain = Image.new("RGB", (400, 300), (255, 255, 255))
+    plain.paste(img.resize((60, 40)), (170, 130))
+    assert content_box(plain) is None
+    # the dihedral hashes are unchanged; the content hash is appended, equal to the phash without a frame
+    phash, variants = dihedral_phashes(img)
+    assert len(variants.split()) == 8 and variants.split()[-1] == phash
+
+
+def test_rows_hashed_before_the_content_hash_still_compare() -> None:
+    """Split histories written by an earlier version hold 7 hashes per row: their content hash is the
+    upright one, so a framed copy of such an image still pairs with it."""
+    img = scene(5)
+    old_phash, new_variants = dihedral_phashes(img)
+    old_variants = " ".join(new_variants.split()[:7])
+    copy_phash, copy_variants = dihedral_phashes(framed(img, "square"))
+    pairs = near_duplicate_pairs([old_phash, copy_phash], 6, [old_variants, copy_variants])
+    assert pairs.tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="expected 8 space-separated"):
+        near_duplicate_pairs([old_phash, copy_phash], 6, [" ".join(new_variants.split()[:5]), copy_variants])
+
+
+def test_framed_copies_of_val_test_follow_it_into_val_test(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    v1 = write_drop(inbox, "v0001", {f"s{i:03d}.jpg": (jpeg(scene(i)), i % 2) for i in range(80)})
+    splits1 = assign_splits(build_image_table([v1]).images, cfg())
+    test_rows = splits1[splits1["split"] == "val_test"].head(4)
+    planted = {
+        f"{how}_{k}.jpg": (jpeg(framed(scene(int(row.file[1:4])), how)), row.label)
+        for k, row in enumerate(test_rows.itertuples())
+        for how in FRAMES
+    }
+    v2 = write_drop(inbox, "v0002", planted)
+    splits2 = assign_splits(build_image_table([v1, v2]).images, cfg(), previous=splits1)
+    where = dict(zip(splits2["file"], splits2["split"]))
+    assert {where[name] for name in planted} == {"val_test"}, {name: where[name] for name in planted}
+    leaked = splits2.copy()
+    leaked.loc[leaked["file"].isin(planted), "split"] = "train"
+    outcome = check_no_near_duplicates_across_splits(leaked)
+    assert not outcome.passed and outcome.metadata["n_cross_split_pairs"] >= len(planted), outcome.message
 
 
 def test_mirrored_and_exif_rotated_copies_of_val_test_follow_it_into_val_test(tmp_path: Path) -> None:
