@@ -103,7 +103,7 @@ FRAMES = ("black_2pct", "white_5pct", "grey_right", "square")
 def test_framed_and_letterboxed_copies_are_near_duplicates_through_the_content_hash() -> None:
     originals = [scene(i) for i in range(12)]
     rows = [dihedral_phashes(img) for img in originals]
-    for i, img in enumerate(originals):
+    for img in originals:
         for how in FRAMES:
             copy = Image.open(io.BytesIO(jpeg(framed(img, how), quality=85))).convert("RGB")
             rows.append(dihedral_phashes(copy))
