@@ -23,7 +23,7 @@ from roadwork_core.calibration.scrc import (
     crc_threshold,
     fit_scrc_policy,
     ltt_threshold,
-    selection_threshold,
+    selection_key,
 )
 from roadwork_core.calibration.threshold import ThresholdPolicy, fit_threshold_policy
 
@@ -52,6 +52,6 @@ __all__ = [
     "policy_from_json",
     "policy_to_json",
     "registered_policies",
-    "selection_threshold",
+    "selection_key",
     "summarize_decisions",
 ]

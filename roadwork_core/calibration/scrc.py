@@ -1,18 +1,23 @@
 """Policy "scrc": selective conformal risk control of the false-negative rate.
 
 Two thresholds, both fitted on val_calib:
-- lambda1 on a confidence score decides accept vs defer (accept when confidence >= lambda1). It is the
-  ceil(target_coverage * n)-th most confident calibration score: a quantile of the scores alone (no
-  labels, no order).
+- lambda1 on a confidence score decides accept vs defer: an image is accepted when it is strictly more
+  confident than lambda1, ties on the score broken by the calibrated probability's distance from 1/2
+  (`lambda1_tiebreak`): the key (confidence, |p - 1/2|) compared lexicographically. lambda1 is the key of
+  the (m + 1)-th most confident calibration image, m = ceil(target_coverage * n), so m are accepted: a
+  quantile of the scores alone (no labels, no order).
 - lambda2 on the calibrated probability decides among accepted images: p >= lambda2 -> roadwork,
-  else no_roadwork. It is fitted ONLY on the calibration images strictly more confident than lambda1.
-  The image sitting at lambda1 is the one that chose lambda1, and a test image never is: keeping it
-  (as an earlier version did) biases the fit, e.g. a realized FNR of 0.64 against alpha = 0.5 with
-  n = 10 (tests/unit/test_scrc_guarantees.py). Given lambda1 = v, the calibration images with
-  confidence > v are i.i.d. draws from (image | confidence > v), the same law as an accepted test image
-  when the confidence has no atom at v, so both guarantees below hold conditionally on lambda1 (and
-  hence marginally). Calibration images tied at lambda1 are left out of the fit and counted
-  (`n_tied_at_lambda1`); a large count means a discrete score and voids the exactness.
+  else no_roadwork. It is fitted on exactly the calibration images the rule accepts, those strictly
+  past lambda1. The image sitting at lambda1 is the one that chose lambda1: keeping it in the fit (as an
+  early version did) biases it, e.g. a realized FNR of 0.64 against alpha = 0.5 with n = 10
+  (tests/unit/test_scrc_guarantees.py). Given lambda1 = v, the calibration images past v are i.i.d.
+  draws from (image | key past v), the law of an accepted test image, so both guarantees below hold
+  conditionally on lambda1 (and hence marginally), atoms in the score included: a discrete score
+  (view_disagreement is k / V) or one saturated in float32 (max_prob = 1 for |logit| > ~17) no longer
+  lets images tied at lambda1 be accepted without being fitted on. An earlier version accepted
+  confidence >= lambda1 but fitted past it: with 159 of 500 images tied at lambda1 its realized FNR was
+  0.37 against alpha = 0.1. Images whose whole key equals lambda1's are neither accepted nor fitted
+  (`n_tied_at_lambda1`). Policies saved before the tie-break (no `lambda1_tiebreak`) decide as they did.
   lambda2 controls FNR = (accepted roadwork images decided no_roadwork) / (accepted roadwork images)
   at level alpha, in one of two modes:
   * "crc" (Angelopoulos et al., "Conformal Risk Control"): lambda_hat = inf{lambda : n/(n+1) R_hat +
@@ -73,7 +78,10 @@ class ScrcPolicy(BasePolicy):
     target_coverage: float = Field(gt=0.0, le=1.0)
     confidence_feature: str
     higher_is_confident: bool
-    lambda1: float  # accept when confidence >= lambda1 (<= when not higher_is_confident)
+    lambda1: float  # accept when confidence is past lambda1 (> when higher_is_confident, else <) ...
+    # ... or equal to it with |p - 1/2| > lambda1_tiebreak. None (a policy saved before the tie-break):
+    # accept confidence >= lambda1 (<= when not higher_is_confident), as it did then.
+    lambda1_tiebreak: float | None = None
     lambda2: float = Field(ge=0.0, le=1.0)  # among accepted: p >= lambda2 -> roadwork
     # Which calibration images lambda2 was fitted on, and what the guarantee is given. Policies written
     # before lambda2 was fitted strictly past lambda1 lack the next three fields: they still load (None)
@@ -82,31 +90,56 @@ class ScrcPolicy(BasePolicy):
     k: int | None  # "crc": rank of lambda2 among accepted positive scores (0: flag everything)
     grid_size: int | None  # "ltt": lambda2 grid is linspace(0, 1, grid_size + 1)
     n: int
-    n_accepted: int  # val_calib images the rule accepts (confidence >= lambda1)
-    n_fit: int | None = None  # val_calib images lambda2 was fitted on: strictly past lambda1
-    n_tied_at_lambda1: int | None = None  # val_calib images exactly at lambda1: accepted, left out of the fit
+    n_accepted: int  # val_calib images the rule accepts
+    n_fit: int | None = None  # val_calib images lambda2 was fitted on: those accepted, strictly past lambda1
+    n_tied_at_lambda1: int | None = (
+        None  # val_calib images whose key equals lambda1's: neither accepted nor fitted
+    )
     n_pos_accepted: int  # roadwork images among the n_fit (the n+ of CRC / LTT)
     calib_fnr_accepted: float | None  # the guaranteed quantity, measured on the n_pos_accepted
     calib_summary: dict[str, float | int | None]  # achieved figures on val_calib (all images)
 
-    def accept(self, confidence: np.ndarray) -> np.ndarray:
+    def accept(self, confidence: np.ndarray, p: np.ndarray) -> np.ndarray:
         c = np.asarray(confidence, dtype=np.float64)
-        return c >= self.lambda1 if self.higher_is_confident else c <= self.lambda1
+        if self.lambda1_tiebreak is None:
+            return c >= self.lambda1 if self.higher_is_confident else c <= self.lambda1
+        return past_key(c, np.abs(np.asarray(p, dtype=np.float64) - 0.5), self.higher_is_confident,
+                        self.lambda1, self.lambda1_tiebreak)  # fmt: skip
 
     def decide(self, p: np.ndarray, features: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         p = check_probabilities(p)
-        accepted = self.accept(feature_column(features, self.confidence_feature, p.shape[0]))
+        accepted = self.accept(feature_column(features, self.confidence_feature, p.shape[0]), p)
         return decisions_from_masks(roadwork=p >= self.lambda2, defer=~accepted)
 
 
-def selection_threshold(
-    confidence: np.ndarray, target_coverage: float, higher_is_confident: bool = True
-) -> float:
-    """lambda1: the ceil(target_coverage * n)-th most confident score (a label-free quantile)."""
-    s = np.sort(confidence if higher_is_confident else -confidence)  # ascending, larger = more confident
-    m = max(1, math.ceil(round(target_coverage * s.size, 9)))  # round: 0.9 * 10 must be 9, not 10
-    lam = float(s[s.size - m])
-    return lam if higher_is_confident else -lam
+def past_key(
+    confidence: np.ndarray,
+    tiebreak: np.ndarray,
+    higher_is_confident: bool,
+    lambda1: float,
+    lambda1_tiebreak: float,
+) -> np.ndarray:
+    """(n,) bool: (confidence, tiebreak) strictly more confident than (lambda1, lambda1_tiebreak),
+    lexicographically; a larger tiebreak (|p - 1/2|) is more confident."""
+    past = confidence > lambda1 if higher_is_confident else confidence < lambda1
+    return past | ((confidence == lambda1) & (tiebreak > lambda1_tiebreak))
+
+
+def selection_key(
+    confidence: np.ndarray, tiebreak: np.ndarray, target_coverage: float, higher_is_confident: bool = True
+) -> tuple[float, float]:
+    """(lambda1, lambda1_tiebreak): the key of the (m + 1)-th most confident image, m =
+    ceil(target_coverage * n), keys (confidence, tiebreak) ordered lexicographically, so that m images lie
+    strictly past it when no two keys tie. With m = n every image must pass: the least confident
+    confidence with a tiebreak of -1, below any |p - 1/2|."""
+    n = confidence.size
+    m = max(1, math.ceil(round(target_coverage * n, 9)))  # round: 0.9 * 10 must be 9, not 10
+    signed = confidence if higher_is_confident else -confidence
+    order = np.lexsort((tiebreak, signed))  # ascending: least confident first
+    if m >= n:
+        return float(confidence[order[0]]), -1.0
+    j = order[n - m - 1]
+    return float(confidence[j]), float(tiebreak[j])
 
 
 def crc_threshold(pos_scores: np.ndarray, alpha: float) -> tuple[float, int]:
@@ -164,10 +197,11 @@ def _guarantee(
 def _conditioning(feature: str, higher: bool, n_fit: int, n_tied: int) -> str:
     past = ">" if higher else "<"
     return (
-        f"lambda2 fitted on the {n_fit} val_calib images with {feature} {past} lambda1 (strictly past; the "
-        f"image that sets lambda1 and {n_tied - 1 if n_tied else 0} other(s) tied with it excluded). Given "
-        f"lambda1 these are i.i.d. with an accepted test image, so the guarantee holds conditionally on "
-        f"lambda1 (hence marginally); exact when {feature} has no atom at lambda1"
+        f"lambda2 fitted on the {n_fit} val_calib images the rule accepts: {feature} {past} lambda1, or equal "
+        f"to it with |p - 1/2| > lambda1_tiebreak (strictly past; the image that sets lambda1 and "
+        f"{max(n_tied - 1, 0)} other(s) with the same key are neither accepted nor fitted). Given lambda1 these "
+        f"are i.i.d. with an accepted test image, so the guarantee holds conditionally on lambda1 (hence "
+        f"marginally), ties in {feature} included"
     )
 
 
@@ -205,9 +239,10 @@ def fit_scrc_policy(
         raise ValueError("val_calib is empty; SCRC needs calibration predictions")
 
     higher = CONFIDENCE_DIRECTION[confidence_feature] > 0
-    lambda1 = selection_threshold(c, target_coverage, higher)
-    accepted = c >= lambda1 if higher else c <= lambda1
-    past = c > lambda1 if higher else c < lambda1  # the fit set: strictly past lambda1, see the docstring
+    tiebreak = np.abs(p - 0.5)
+    lambda1, lambda1_tiebreak = selection_key(c, tiebreak, target_coverage, higher)
+    past = past_key(c, tiebreak, higher, lambda1, lambda1_tiebreak)  # accepted = fitted on, see the docstring
+    tied = (c == lambda1) & (tiebreak == lambda1_tiebreak)
     pos_scores = p[past & (y == 1)]
     if mode == "crc":
         lambda2, k = crc_threshold(pos_scores, alpha)
@@ -216,9 +251,7 @@ def fit_scrc_policy(
 
     policy = ScrcPolicy(
         guarantee=_guarantee(mode, alpha, delta, bound, confidence_feature),
-        conditioning=_conditioning(
-            confidence_feature, higher, int(past.sum()), int((accepted & ~past).sum())
-        ),
+        conditioning=_conditioning(confidence_feature, higher, int(past.sum()), int(tied.sum())),
         mode=mode,
         bound=bound if mode == "ltt" else None,
         alpha=alpha,
@@ -227,13 +260,14 @@ def fit_scrc_policy(
         confidence_feature=confidence_feature,
         higher_is_confident=higher,
         lambda1=lambda1,
+        lambda1_tiebreak=lambda1_tiebreak,
         lambda2=lambda2,
         k=k,
         grid_size=grid_size if mode == "ltt" else None,
         n=int(p.size),
-        n_accepted=int(accepted.sum()),
+        n_accepted=int(past.sum()),
         n_fit=int(past.sum()),
-        n_tied_at_lambda1=int((accepted & ~past).sum()),
+        n_tied_at_lambda1=int(tied.sum()),
         n_pos_accepted=int(pos_scores.size),
         calib_fnr_accepted=float((pos_scores < lambda2).mean()) if pos_scores.size else None,
         calib_summary={},

@@ -31,7 +31,7 @@ from roadwork_core.calibration.scrc import (
     fit_scrc_policy,
     ltt_pvalues,
     ltt_threshold,
-    selection_threshold,
+    selection_key,
 )
 
 POS_BETA, NEG_BETA = (4.0, 2.0), (2.0, 4.0)
@@ -135,13 +135,15 @@ def test_lambda2_is_fitted_strictly_past_lambda1_and_the_json_says_so():
     conf = np.array([0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.55])
     p = 1.0 - conf  # all roadwork, all confidently wrong
     labels = np.ones(8, dtype=np.int64)
-    policy = fit_scrc_policy(p, conf, labels, alpha=0.5, target_coverage=0.5)  # lambda1 = 0.85
-    assert policy.lambda1 == 0.85 and policy.n_accepted == 4, policy
-    assert (policy.n_fit, policy.n_tied_at_lambda1, policy.n_pos_accepted) == (3, 1, 3), policy
-    # k = floor(0.5 * 4) = 2 of the three scores 0.01, 0.05, 0.1 (the 0.15 at lambda1 is left out)
+    policy = fit_scrc_policy(p, conf, labels, alpha=0.5, target_coverage=0.5)  # m = 4: lambda1 = 0.8
+    assert policy.lambda1 == 0.8 and policy.n_accepted == 4, policy
+    assert (policy.n_fit, policy.n_tied_at_lambda1, policy.n_pos_accepted) == (4, 1, 4), policy
+    # k = floor(0.5 * 5) = 2 of the four accepted scores 0.01, 0.05, 0.1, 0.15 (the 0.2 at lambda1 is out)
     assert (policy.k, policy.lambda2) == (2, p[1]), policy
     assert "strictly past" in policy.conditioning and "conditionally on lambda1" in policy.conditioning
-    assert "3 val_calib images" in policy.conditioning, policy.conditioning
+    assert "4 val_calib images" in policy.conditioning, policy.conditioning
+    decided = policy.decide(p, {"max_prob": conf})
+    assert (decided != "defer").sum() == policy.n_accepted == policy.n_fit, "accepted = fitted on"
 
 
 def test_true_fnr_formula_matches_a_sampled_test_set():
@@ -254,7 +256,9 @@ def test_selection_is_symmetric_label_free_and_hits_the_coverage():
     perm = rng.permutation(500)
     b = fit_scrc_policy(p[perm], conf[perm], labels[perm], target_coverage=0.85)
     assert (a.lambda1, a.lambda2) == (b.lambda1, b.lambda2), "thresholds must not depend on row order"
-    assert selection_threshold(conf, 0.85) == a.lambda1, "lambda1 must ignore labels"
+    shuffled = fit_scrc_policy(p, conf, rng.permutation(labels), target_coverage=0.85)
+    assert shuffled.lambda1 == a.lambda1, "lambda1 must ignore labels"
+    assert selection_key(conf, np.abs(p - 0.5), 0.85) == (a.lambda1, a.lambda1_tiebreak)
     assert a.n_accepted == math.ceil(0.85 * 500), (
         f"accepted {a.n_accepted}, expected ceil(0.85 n) with no ties"
     )
@@ -296,3 +300,73 @@ def test_a_policy_written_before_the_strict_fit_still_loads_and_decides_the_same
     assert (old.conditioning, old.n_fit, old.n_tied_at_lambda1) == (None, None, None)
     features = {"max_prob": conf}
     assert (old.decide(p, features) == new.decide(p, features)).all()
+
+
+def test_crc_holds_when_the_confidence_score_is_discrete():
+    """view_disagreement is k / V: here 30 % of images sit at one value, exactly where lambda1 falls. An
+    earlier rule accepted confidence <= lambda1 but fitted lambda2 on the images strictly past it: 159 of
+    500 tied images were accepted without being fitted on, and the realized FNR was 0.37 against 0.1."""
+    rng = np.random.default_rng(0)
+
+    def hard_draw(n: int):
+        y = (rng.random(n) < 0.5).astype(np.int64)
+        hard = rng.random(n) < 0.3
+        p = np.where(
+            y == 1, np.where(hard, rng.uniform(0, 0.5, n), rng.uniform(0.5, 1, n)), rng.uniform(0, 0.3, n)
+        )
+        return p, np.where(hard, 0.25, 0.0), y
+
+    risks, coverage = [], []
+    for _ in range(150):
+        policy = fit_scrc_policy(
+            *hard_draw(300), alpha=0.1, target_coverage=0.9, confidence_feature="view_disagreement"
+        )
+        p, c, y = hard_draw(4000)
+        decided = policy.decide(p, {"view_disagreement": c})
+        accepted_pos = (y == 1) & (decided != "defer")
+        risks.append(float((decided[accepted_pos] == "no_roadwork").mean()))
+        coverage.append(float((decided != "defer").mean()))
+    mean, se = np.mean(risks), np.std(risks) / np.sqrt(len(risks))
+    assert mean <= 0.1 + 3 * se, f"mean FNR among accepted {mean:.3f} > alpha 0.1 (+3 se {se:.3f})"
+    assert abs(np.mean(coverage) - 0.9) < 0.02, np.mean(coverage)  # the tie-break keeps the coverage
+
+
+def test_a_saturated_confidence_still_selects_and_does_not_flag_everything():
+    """max_prob in float32 is exactly 1.0 for |logit| > ~17: a confident classifier puts most of val_calib
+    at one value. The tie-break on |p - 1/2| still accepts 90 %, and lambda2 is fitted on them; before,
+    lambda1 = 1.0 left nothing to fit on, lambda2 = 0 flagged every image roadwork (FPR 0.98)."""
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.5).astype(np.int64)
+    z = np.where(y == 1, rng.normal(25, 4, 400), rng.normal(-25, 4, 400))
+    p32 = 1.0 / (1.0 + np.exp(-z.astype(np.float32)))
+    max_prob = np.maximum(p32, 1.0 - p32).astype(np.float64)
+    assert (max_prob == 1.0).mean() > 0.9, "the case needs a saturated score"
+    policy = fit_scrc_policy(1.0 / (1.0 + np.exp(-z / 3.0)), max_prob, y, alpha=0.05, target_coverage=0.9)
+    summary = policy.calib_summary
+    assert policy.n_fit == policy.n_accepted == 360, policy
+    assert summary["coverage"] == 0.9 and summary["fpr"] < 0.05, summary
+
+
+def test_a_policy_saved_before_the_tiebreak_keeps_its_rule():
+    import json
+
+    from roadwork_core.calibration.policy import policy_from_json, policy_to_json
+
+    conf = np.array([0.9, 0.8, 0.8, 0.8, 0.7, 0.6])
+    p = np.array([0.9, 0.8, 0.75, 0.2, 0.7, 0.4])
+    old_json = json.loads(
+        policy_to_json(fit_scrc_policy(p, conf, np.array([1, 1, 1, 0, 1, 0]), target_coverage=0.5))
+    )
+    assert (old_json["lambda1"], old_json["lambda1_tiebreak"]) == (0.8, 0.25)  # 3rd most confident key
+    assert (
+        fit_scrc_policy(p, conf, np.array([1, 1, 1, 0, 1, 0]), target_coverage=0.5).decide(
+            p, {"max_prob": conf}
+        )
+        != "defer"
+    ).sum() == 3
+    del old_json["lambda1_tiebreak"]
+    old = policy_from_json(json.dumps(old_json))
+    assert old.lambda1_tiebreak is None
+    assert (old.decide(p, {"max_prob": conf}) != "defer").sum() == 4, (
+        "a saved policy accepts confidence >= lambda1"
+    )
