@@ -100,10 +100,13 @@ def calibrator(
         seed=config.seed,
     )
     log_metrics(mlflow, {f"calibration_{k}": v for k, v in report.items() if isinstance(v, int | float)})
+    for warning in report["warnings"]:
+        context.log.warning(f"calibrator: {warning}")
     return dg.Output(
         cal,
         metadata={
             "method": cal.method,
+            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in report["warnings"]) or "none"),
             "ece_before": float(report["ece_before"]),
             "ece_after": float(report["ece_after"]),
             "report": json_meta(report),

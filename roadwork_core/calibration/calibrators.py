@@ -16,6 +16,7 @@ logits to probabilities in numpy and `transform_torch` does the same in torch (u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -42,9 +43,10 @@ _REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
 
 
 class Calibrator(BaseModel):
-    """A fitted calibration map from logits to probabilities; parameters only, nothing pickled."""
+    """A fitted calibration map from logits to probabilities; parameters only, nothing pickled. NaN and
+    infinity are refused (JSON cannot hold them)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: int = 1
     method: CalibrationMethod
@@ -145,11 +147,41 @@ def _bce_with_logits(u: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, u) - y * u))
 
 
+LOG_TEMPERATURE_BOUNDS = (-5.0, 5.0)  # temperature searched in [e^-5, e^5] = [0.0067, 148]
+
+
 def _fit_temperature(z: np.ndarray, y: np.ndarray) -> Calibrator:
     res = minimize_scalar(
-        lambda log_t: _bce_with_logits(z / np.exp(log_t), y), bounds=(-5.0, 5.0), method="bounded"
+        lambda log_t: _bce_with_logits(z / np.exp(log_t), y), bounds=LOG_TEMPERATURE_BOUNDS, method="bounded"
     )
     return Calibrator(method="temperature", params={"temperature": float(np.exp(res.x))})
+
+
+def _warnings(calibrator: Calibrator, z: np.ndarray, y: np.ndarray) -> list[str]:
+    """What the fit cannot vouch for: val_calib separable by the logit (every method then maps it to hard
+    0 / 1), a temperature stopped at its search limit, logits that rank roadwork below no_roadwork."""
+    found = []
+    pos, neg = z[y == 1], z[y == 0]
+    if pos.min() > neg.max():
+        found.append(
+            f"val_calib is separable: every roadwork logit ({pos.min():.3g} or more) is above every "
+            f"no_roadwork logit ({neg.max():.3g} or less), so calibration learns near-hard 0/1 "
+            f"probabilities from {z.size} images; add images to val_calib for probabilities worth reading"
+        )
+    if calibrator.method == "temperature":
+        log_t = float(np.log(calibrator.params["temperature"]))
+        if min(abs(log_t - bound) for bound in LOG_TEMPERATURE_BOUNDS) < 1e-3:
+            found.append(
+                f"the temperature stopped at its search limit ({np.exp(log_t):.4g}; searched "
+                f"[{np.exp(LOG_TEMPERATURE_BOUNDS[0]):.4g}, {np.exp(LOG_TEMPERATURE_BOUNDS[1]):.4g}]): the "
+                f"best temperature lies beyond it"
+            )
+    if pos.mean() < neg.mean():
+        found.append(
+            "roadwork images have lower logits than no_roadwork images on average in val_calib: the "
+            "classifier ranks them the wrong way round; no calibration map repairs that"
+        )
+    return found
 
 
 def _fit_beta(z: np.ndarray, y: np.ndarray) -> Calibrator:
@@ -267,6 +299,14 @@ def fit_calibrator(
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction={holdout_fraction!r} must be in (0, 1)")
     z, y = _check_inputs(logits, labels)
+    n_hold = math.ceil(holdout_fraction * z.size)  # how train_test_split sizes the folds
+    if min(n_hold, z.size - n_hold) < 2:
+        raise ValueError(
+            f"calibrator.holdout_fraction = {holdout_fraction} splits the {z.size} val_calib images into folds "
+            f"of {z.size - n_hold} (fit) and {n_hold} (held out); each needs at least one roadwork and one "
+            f"no_roadwork image: set holdout_fraction between {2 / z.size:.2g} and {1 - 2 / z.size:.2g}, "
+            f"or add images to val_calib"
+        )
 
     fit_idx, hold_idx = train_test_split(
         np.arange(z.size), test_size=holdout_fraction, stratify=y, random_state=seed, shuffle=True
@@ -289,5 +329,6 @@ def fit_calibrator(
         "n_fit": int(fit_idx.size),
         "n_holdout": int(hold_idx.size),
         "params": calibrator.params,
+        "warnings": _warnings(calibrator, z, y),
     }
     return calibrator, report

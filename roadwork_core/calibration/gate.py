@@ -116,6 +116,11 @@ def fit_gate_policy(
         raise ValueError(
             "val_calib has no no_roadwork images, so FPR is undefined; drop target_fpr or add them"
         )
+    if decision_threshold is not None and not 0.0 <= decision_threshold < 1.0:
+        raise ValueError(
+            f"decision_threshold = {decision_threshold!r}: the classifier's label is p > decision_threshold, "
+            f"so it must be in [0, 1) (0.5 by default), or None to choose it on val_select"
+        )
     threshold = _youden_threshold(sp, sy) if decision_threshold is None else float(decision_threshold)
 
     # 1. Failure predictor on val_select.

@@ -38,9 +38,11 @@ DECISION_DTYPE = np.dtype("<U11")  # fits the longest decision, "no_roadwork"
 
 
 class BasePolicy(BaseModel, ABC):
-    """Common fields of every policy; subclasses fix `policy` to a Literal and implement `decide`."""
+    """Common fields of every policy; subclasses fix `policy` to a Literal and implement `decide`.
+    NaN and infinity are refused in every field: JSON cannot hold them (pydantic would write null, which
+    then fails to load), and no threshold of a shipped policy may be one."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: int = POLICY_SCHEMA_VERSION
     policy: str

@@ -237,6 +237,10 @@ def fit_scrc_policy(
         )
     if p.size == 0:
         raise ValueError("val_calib is empty; SCRC needs calibration predictions")
+    if mode == "ltt" and not (isinstance(grid_size, int | np.integer) and grid_size >= 1):
+        raise ValueError(
+            f"grid_size = {grid_size!r}: LTT tests lambda2 on linspace(0, 1, grid_size + 1); pass >= 1"
+        )
 
     higher = CONFIDENCE_DIRECTION[confidence_feature] > 0
     tiebreak = np.abs(p - 0.5)

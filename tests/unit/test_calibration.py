@@ -101,3 +101,44 @@ def test_bad_inputs_name_the_problem():
         fit_calibrator(logits, np.ones(50, dtype=int))
     with pytest.raises(ValueError, match="needs params"):
         Calibrator(method="beta", params={"a": 1.0})
+
+
+def test_a_holdout_fraction_that_leaves_a_fold_too_small_names_the_setting():
+    z = np.linspace(-1, 1, 10)
+    y = np.r_[np.zeros(5), np.ones(5)].astype(int)
+    for fraction in (0.1, 0.85):  # a held-out fold of 1 image, a fit fold of 1 image
+        with pytest.raises(
+            ValueError, match=r"calibrator.holdout_fraction = .* set holdout_fraction between"
+        ):
+            fit_calibrator(z, y, holdout_fraction=fraction)
+    cal, report = fit_calibrator(z, y, holdout_fraction=0.3)
+    assert report["n_holdout"] == 3 and cal.method in CALIBRATION_METHODS
+
+
+def test_a_separable_val_calib_and_a_temperature_at_its_limit_are_reported():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(20), np.zeros(20)].astype(int)
+    z = np.where(y == 1, rng.uniform(0.5, 4, 40), rng.uniform(-4, -0.5, 40))
+    cal, report = fit_calibrator(z, y, methods=("temperature",))
+    text = " ".join(report["warnings"])
+    assert "separable" in text and "search limit" in text, report["warnings"]
+    logits, labels = _draw(400, scale=1.0)  # overlapping classes: nothing to warn about
+    assert fit_calibrator(logits, labels)[1]["warnings"] == []
+    assert "wrong way round" in " ".join(fit_calibrator(-logits, labels)[1]["warnings"])
+
+
+def test_nan_and_infinite_parameters_are_refused_before_they_reach_a_bundle():
+    import pydantic
+
+    from roadwork_core.calibration.gate import fit_gate_policy
+
+    with pytest.raises(pydantic.ValidationError, match="finite"):
+        Calibrator(method="temperature", params={"temperature": float("inf")})
+    rng = np.random.default_rng(0)
+    y = (rng.random(100) < 0.5).astype(int)
+    p = np.where(y == 1, rng.beta(4, 2, 100), rng.beta(2, 4, 100))
+    zero = np.zeros(100)
+    features = {"max_prob": np.maximum(p, 1 - p), "entropy": zero, "margin": abs(2 * p - 1), "view_var": zero,
+                "view_disagreement": zero, "global_tile_disagreement": zero}  # fmt: skip
+    with pytest.raises(ValueError, match="decision_threshold"):
+        fit_gate_policy(p, features, y, p, features, y, decision_threshold=float("nan"))
