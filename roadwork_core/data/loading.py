@@ -6,6 +6,7 @@ The canvas is the whole image resized (antialiased) to C x C; the multi-view ste
 from __future__ import annotations
 
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 
@@ -14,7 +15,15 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-__all__ = ["CANVAS_CACHE_BYTES", "CanvasDataset", "cache_canvases", "load_canvas", "pil_to_canvas"]
+__all__ = [
+    "CANVAS_CACHE_BYTES",
+    "CanvasDataset",
+    "ImageChanged",
+    "cache_canvases",
+    "load_canvas",
+    "load_verified_image",
+    "pil_to_canvas",
+]
 
 
 def pil_to_canvas(img: PIL.Image.Image, canvas_size: int) -> torch.Tensor:
@@ -30,8 +39,39 @@ def load_canvas(uri: str, canvas_size: int) -> torch.Tensor:
     return pil_to_canvas(load_image(uri), canvas_size)
 
 
+class ImageChanged(ValueError):
+    """An image's bytes are no longer those its image_id (sha256) was taken from."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def load_verified_image(uri: str, image_id: str) -> PIL.Image.Image:
+    """Read the image at `uri`, check that its bytes still hash to `image_id`, decode it. A file replaced
+    after `image_table` hashed it (another image copied over it, an edit) would otherwise be trained on or
+    scored under the identity, split and cached features of the image it replaced. Only an image_id that
+    is a sha256 (64 hex characters, as image_table writes them) can be checked; others (a table made by
+    hand) are read as they are."""
+    import hashlib
+
+    from roadwork_core.data.images import decode_image, load_image, read_uri_bytes
+
+    if not _SHA256.fullmatch(image_id):
+        return load_image(uri)
+    data = read_uri_bytes(uri)
+    got = hashlib.sha256(data).hexdigest()
+    if got != image_id:
+        raise ImageChanged(
+            f"{uri}: the file changed since image_table hashed it (sha256 {got[:12]}..., its image_id "
+            f"{image_id[:12]}...): restore the file, or materialize image_table (and everything after it) "
+            f"again for this dataset version so the change is hashed, split and checked"
+        )
+    return decode_image(data, source=uri)
+
+
 class CanvasDataset(Dataset):
-    """Items: (uint8 canvas (3, C, C), label float (NaN when unlabelled), index int)."""
+    """Items: (uint8 canvas (3, C, C), label float (NaN when unlabelled), index int). With `image_ids`
+    (the image table's sha256 per uri) each read checks that the file still has those bytes."""
 
     def __init__(
         self,
@@ -40,11 +80,15 @@ class CanvasDataset(Dataset):
         canvas_size: int,
         transform: Callable[..., PIL.Image.Image] | None = None,
         mask_points: list[tuple[float, float] | None] | None = None,
+        image_ids: list[str] | None = None,
     ) -> None:
         if labels is not None and len(labels) != len(uris):
             raise ValueError(
                 f"CanvasDataset: {len(uris)} uris but {len(labels)} labels; pass one label per uri"
             )
+        if image_ids is not None and len(image_ids) != len(uris):
+            raise ValueError(f"CanvasDataset: {len(uris)} uris but {len(image_ids)} image_ids")
+        self.image_ids = None if image_ids is None else [str(i) for i in image_ids]
         self.uris = list(uris)
         self.labels = None if labels is None else [float(label) for label in labels]
         self.canvas_size = canvas_size
@@ -62,7 +106,7 @@ class CanvasDataset(Dataset):
 
         uri = self.uris[index]
         try:
-            img = load_image(uri)
+            img = load_image(uri) if self.image_ids is None else load_verified_image(uri, self.image_ids[index])
             if self.transform is not None and self.mask_points is not None:
                 img = self.transform(img, mask_point=self.mask_points[index])
             elif self.transform is not None:

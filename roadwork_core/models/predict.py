@@ -72,7 +72,12 @@ def predict_frame(
         raise ValueError(f"predict_frame: rows lack column(s) {missing}; it needs {list(_REQUIRED_ROWS)}")
     device = torch.device(device)
     model = model.to(device).eval()
-    dataset = CanvasDataset(rows["uri"].astype(str).tolist(), None, model.canvas_size)
+    dataset = CanvasDataset(
+        rows["uri"].astype(str).tolist(),
+        None,
+        model.canvas_size,
+        image_ids=rows["image_id"].astype(str).tolist(),
+    )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)

@@ -109,7 +109,10 @@ class FeatureCache:
         self.hits, self.misses, self.backbone_batches = len(keys) - len(missing), len(missing), 0
         if missing:
             labels = rows["label"].tolist() if "label" in rows.columns else [0] * len(rows)
-            dataset = CanvasDataset(rows["uri"].tolist(), labels, model.canvas_size, None)
+            # each read checks the bytes against the image_id the features are cached under
+            dataset = CanvasDataset(
+                rows["uri"].tolist(), labels, model.canvas_size, None, image_ids=rows["image_id"].tolist()
+            )
             loader = DataLoader(
                 Subset(dataset, missing), batch_size=batch_size, shuffle=False, num_workers=num_workers
             )

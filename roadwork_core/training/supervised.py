@@ -338,6 +338,11 @@ def _build_optim(
     return _Optim(step_fn, optimizer, params, scaler, ema)
 
 
+def _ids(rows: pd.DataFrame) -> list[str] | None:
+    """The rows' image_ids, so that every read checks the file still has those bytes (None without them)."""
+    return rows["image_id"].astype(str).tolist() if "image_id" in rows.columns else None
+
+
 def _build_data(
     model: RoadworkClassifier, cfg: TrainConfig, train_rows: pd.DataFrame, select_rows: pd.DataFrame
 ) -> _Data:
@@ -349,7 +354,9 @@ def _build_data(
         uris, labels = train_rows["uri"].tolist(), train_rows["label"].astype(int).tolist()
         # without augmentation every epoch reads the same pixels: decoded once (when they fit, see cache_canvases)
         data.train_set = cache_canvases(
-            CanvasDataset(uris, labels, model.canvas_size, aug, mask_points=points)
+            CanvasDataset(
+                uris, labels, model.canvas_size, aug, mask_points=points, image_ids=_ids(train_rows)
+            )
         )
         data.select_set = cache_canvases(  # read every epoch, never augmented: decoded once
             CanvasDataset(
@@ -357,6 +364,7 @@ def _build_data(
                 select_rows["label"].astype(int).tolist(),
                 model.canvas_size,
                 None,
+                image_ids=_ids(select_rows),
             )
         )
     return data

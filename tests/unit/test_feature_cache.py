@@ -95,3 +95,28 @@ def test_corrupt_entry_is_recomputed_and_bad_rows_fail(tmp_path: Path) -> None:
     assert not list((tmp_path / "cache").rglob(".tmp-*")), "temporary files left behind"
     with pytest.raises(ValueError, match="uri"):
         cache.get_or_compute(model, rows.drop(columns=["uri"]), "cpu")
+
+
+def test_a_file_replaced_after_hashing_is_refused_not_cached_under_the_old_id(tmp_path: Path) -> None:
+    """Another image copied over a train image after image_table hashed it: training, prediction and the
+    cache read it under the old image_id (its split, its cached features). Each read now checks."""
+    import hashlib
+    import shutil
+
+    from roadwork_core.data.loading import CanvasDataset, ImageChanged
+    from roadwork_core.models.predict import predict_frame
+
+    rows = _rows(tmp_path)
+    rows["image_id"] = [hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in rows["uri"]]
+    rows["split"] = "val_test"
+    dataset = CanvasDataset(rows["uri"].tolist(), None, 64, image_ids=rows["image_id"].tolist())
+    assert dataset[2][0].shape == (3, 64, 64)  # unchanged files read as before
+    shutil.copy(rows["uri"][4], rows["uri"][2])  # a val_test image's bytes under a train image's name
+    with pytest.raises(ImageChanged, match=r"img2\.jpg: the file changed since image_table hashed it"):
+        dataset[2]
+    model, cache = _model(), FeatureCache(tmp_path / "cache")
+    with pytest.raises(ImageChanged, match="img2.jpg"):
+        cache.get_or_compute(model, rows, "cpu", batch_size=8)
+    assert not list((tmp_path / "cache").rglob("*.safetensors")), "nothing may be cached from that batch"
+    with pytest.raises(ImageChanged, match="img2.jpg"):
+        predict_frame(model, rows)
