@@ -48,16 +48,14 @@ def previous_split_history(
 ) -> tuple[str | None, pd.DataFrame | None]:
     """(version, split history) of the latest dataset version sorting before `current` that has `splits`:
     every image that version or an earlier one assigned, vanished ones included (`split_history`), read
-    from the path its materialization recorded; its splits table when it was written before histories."""
+    from the path its materialization recorded; its splits table when it was written before histories.
+    A version whose partition was deleted counts too: its splits were made, later versions may have been
+    built on them, and deleting the partition must not let its images move (as `late_versions` does)."""
     from roadwork_core.data.drops import version_key
 
     key = dg.AssetKey("splits")
     versions = sorted(
-        (
-            v
-            for v in instance.get_dynamic_partitions(dataset_version.name)
-            if version_key(v) < version_key(current)
-        ),
+        (v for v in instance.get_materialized_partitions(key) if version_key(v) < version_key(current)),
         key=version_key,
     )
     for version in reversed(versions):
@@ -111,5 +109,6 @@ def late_version_message(version: str, newest: str) -> str:
         f"dataset version {version} arrived after {newest}, which sorts after it, was already split: splitting it "
         f"now would let {newest}'s splits be rebuilt on it and move images that {newest} already placed. Rename "
         f"the drop folder so it sorts after {newest} (for example to the next free version name); if partition "
-        f"{version} was added, delete it: python -m roadwork_commands.partitions delete {version}"
+        f"{version} was added, delete it: python -m roadwork_commands.partitions delete {version}. (A version "
+        f"whose partition was deleted still counts: its splits were made and later versions stay sticky to them.)"
     )

@@ -153,13 +153,15 @@ _IN_PROGRESS = [
 
 
 def _with_own_history(previous: pd.DataFrame | None, own: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The earlier versions' history, plus the images only this version's last splits held."""
+    """This version's own last history, plus the images only the earlier versions' history holds. Where
+    the two disagree (an earlier version's splits made again after this one was split), this version's
+    own splits win: materializing a version again never moves an image it placed."""
     if own is None or len(own) == 0:
         return previous
     if previous is None or len(previous) == 0:
         return own
-    extra = own[~own["image_id"].isin(previous["image_id"])]
-    return pd.concat([previous, extra.reindex(columns=previous.columns)], ignore_index=True)
+    extra = previous[~previous["image_id"].isin(own["image_id"])]
+    return pd.concat([own, extra.reindex(columns=own.columns)], ignore_index=True)
 
 
 def refuse_late_version(instance: dg.DagsterInstance, version: str) -> None:

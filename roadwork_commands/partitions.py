@@ -1,6 +1,7 @@
 """`python -m roadwork_commands.partitions add v0002 [v0003 ...]` registers `dataset_version`
-partitions by hand (the new-drop sensor does it on its own); `delete v0002` removes one (its runs and
-materializations stay in the instance's history); `list` prints them."""
+partitions by hand (the new-drop sensor does it on its own), each a ready drop in ROADWORK_INBOX; `delete
+v0002` removes one (its runs and materializations stay in the instance's history, and its splits still bind
+the versions after it); `list` prints them."""
 
 import argparse
 import sys
@@ -9,7 +10,8 @@ import dagster as dg
 
 from roadwork_assets._util import late_version_message, late_versions
 from roadwork_assets.partitions import dataset_version
-from roadwork_core.data.drops import version_key, version_name_problem
+from roadwork_resources.paths import inbox_root
+from roadwork_core.data.drops import READY, list_ready_drops, version_key, version_name_problem
 from roadwork_core.data.images import printable_name
 
 
@@ -28,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         new = [v for v in args.versions if not instance.has_dynamic_partition(dataset_version.name, v)]
         for version, newest in late_versions(instance, new).items():
             parser.error(late_version_message(version, newest))
+        ready = list_ready_drops(inbox_root())
+        for version in new:
+            if version not in ready:
+                parser.error(
+                    f"{version!r} is not a ready drop in {inbox_root()} (ROADWORK_INBOX): a partition needs its "
+                    f"drop folder {inbox_root() / version} holding the {READY} marker; copy the drop, then "
+                    f"write {READY} last, then add it (ready drops: {ready or 'none'})"
+                )
         instance.add_dynamic_partitions(dataset_version.name, new)
         print(f"added {new or 'nothing (all present)'}")
     elif args.action == "delete":
@@ -37,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         for version in gone:
             instance.delete_dynamic_partition(dataset_version.name, version)
         print(f"deleted {gone or 'nothing (none present)'}")
+        split = set(instance.get_materialized_partitions(dg.AssetKey("splits")))
+        for version in (v for v in gone if v in split):
+            print(
+                f"note: {version} was split; its split history still binds the versions after it (an image it "
+                f"placed keeps its split), and a new drop must still sort after the newest split version"
+            )
     for version in sorted(instance.get_dynamic_partitions(dataset_version.name), key=version_key):
         print(version)
     return 0

@@ -117,6 +117,9 @@ def version_key(version: str) -> tuple[tuple[str | int, ...], str]:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), version
 
 
+MAX_VERSION_BYTES = 100  # in UTF-8; artifact folders are named `.tmp-<version>-<random>` (atomic_dir)
+
+
 def version_name_problem(name: str) -> str | None:
     """Why a drop folder's name cannot name a dataset version, or None when it can.
 
@@ -126,9 +129,18 @@ def version_name_problem(name: str) -> str | None:
     keys) and splits a selection at commas, so that launching `v1,2` launches `v1` and `2` (dagster-io/dagster
     issue 15105)."""
     try:
-        name.encode("utf-8")
+        encoded = name.encode("utf-8")
     except UnicodeEncodeError:
         return "holds bytes that are not UTF-8 (a folder from an archive made on another system?)"
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        return "is not the name of one folder inside the inbox (empty, '.', '..' or a path with '/' or '\\')"
+    if name.startswith("."):
+        return "begins with '.', a hidden folder the drop readers skip"
+    if len(encoded) > MAX_VERSION_BYTES:
+        return (
+            f"is {len(encoded)} bytes long; at most {MAX_VERSION_BYTES}: the artifact store adds a prefix and a "
+            f"suffix to it in file names, and file systems stop at 255 bytes"
+        )
     if "..." in name:
         return "contains '...', which Dagster reads as a range of partitions"
     if "," in name:

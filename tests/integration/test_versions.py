@@ -151,11 +151,19 @@ def test_failed_asset_ends_mlflow_run_failed(tiny_inbox, rw_home, failing):
     assert [r.info.status for r in runs] == ["FAILED"], [r.info.status for r in runs]
 
 
-def test_partitions_command_adds_and_lists_versions(rw_home, capsys):
+def test_partitions_command_adds_and_lists_versions(rw_home, capsys, tmp_path, monkeypatch):
     import dagster as dg
 
     from roadwork_commands import partitions
 
+    for version in ("v0002", "v0003", "v0004"):
+        (tmp_path / "inbox" / version).mkdir(parents=True)
+    for version in ("v0002", "v0003"):
+        (tmp_path / "inbox" / version / "_READY").touch()
+    monkeypatch.setenv("ROADWORK_INBOX", str(tmp_path / "inbox"))
+    with pytest.raises(SystemExit) as refused:  # its folder is there, still being copied (no _READY)
+        partitions.main(["add", "v0004"])
+    assert refused.value.code == 2 and "'v0004' is not a ready drop" in capsys.readouterr().err
     assert partitions.main(["add", "v0003", "v0002"]) == 0
     assert partitions.main(["add", "v0002"]) == 0
     out = capsys.readouterr().out
@@ -168,7 +176,16 @@ def test_partitions_command_refuses_a_name_dagster_cannot_take(rw_home, capsys):
 
     from roadwork_commands import partitions
 
-    for bad, why in (("v1,2", "','"), ("v0002...v0003", "'...'"), ("v4\t", "control character")):
+    for bad, why in (
+        ("v1,2", "','"),
+        ("v0002...v0003", "'...'"),
+        ("v4\t", "control character"),
+        ("..", "not the name of one folder"),
+        ("../../escape", "not the name of one folder"),
+        ("a/b", "not the name of one folder"),
+        (".v5", "hidden folder"),
+        ("v" * 120, "at most 100"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             partitions.main(["add", "v0009", bad])
         assert exit_info.value.code == 2, bad
@@ -315,3 +332,31 @@ def test_a_choice_misspelt_in_the_run_config_is_refused_before_any_step(tiny_inb
         with pytest.raises(dg.DagsterInvalidConfigError, match=rf"{key}.*not in enum"):
             materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
     assert not instance.get_runs(), "nothing may start"
+
+
+def test_deleting_a_split_partition_does_not_let_its_images_move(tmp_path, rw_home, capsys):
+    """v0002 is split, then its partition deleted (its folder stays): v0003 must still be sticky to v0002's
+    splits. It was assigned against v0001 only, and 34 of v0002's 180 images moved (7 val_test -> train)
+    with every check green."""
+    from roadwork_commands import partitions
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    for version, seed in (("v0001", 41), ("v0002", 42), ("v0003", 43)):
+        make_demo_drop(inbox, version, n=40, seed=seed)
+    instance = _instance("v0001")
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = {"resources": tiny_run_config()["resources"]}
+    config["resources"]["split_settings"]["config"].update({"balance_tolerance": 0.5, "min_per_class": 1})
+    for version in ("v0001", "v0002"):
+        assert materialize(["image_table", "splits"], instance=instance, partition=version, resources=resources, run_config=config).success  # fmt: skip
+    v2 = _artifact(instance, "splits", "v0002").set_index("image_id")["split"]
+    assert partitions.main(["delete", "v0002"]) == 0
+    assert "its split history still binds" in capsys.readouterr().out
+    instance.add_dynamic_partitions(dataset_version.name, ["v0003"])
+    assert materialize(["image_table", "splits"], instance=instance, partition="v0003", resources=resources, run_config=config).success  # fmt: skip
+    v3 = _artifact(instance, "splits", "v0003").set_index("image_id")["split"]
+    moved = {i: (v2[i], v3[i]) for i in v2.index if i in v3.index and v2[i] != v3[i]}
+    assert not moved, f"{len(moved)} of v0002's images moved in v0003: {list(moved.values())[:5]}"
+    assert set(v2.index) <= set(v3.index)
