@@ -7,7 +7,6 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from roadwork_assets.partitions import dataset_version
 from roadwork_core.contracts import SplitReader
 
 

@@ -10,9 +10,9 @@ import dagster as dg
 
 from roadwork_assets._util import late_version_message, late_versions
 from roadwork_assets.partitions import dataset_version
-from roadwork_resources.paths import inbox_root
 from roadwork_core.data.drops import READY, list_ready_drops, version_key, version_name_problem
 from roadwork_core.data.images import printable_name
+from roadwork_resources.paths import inbox_root
 
 
 def main(argv: list[str] | None = None) -> int:
