@@ -7,6 +7,7 @@ from pydantic import Field
 from roadwork_assets._util import (
     late_version_message,
     late_versions,
+    latest_materialization_metadata,
     md_table,
     own_split_history,
     previous_split_history,
@@ -24,6 +25,28 @@ class ImageTableConfig(dg.Config):
     max_reject_fraction: float = Field(
         0.05, description="fail the run when more candidates than this are rejected"
     )
+    allow_withdrawn_drops: bool = Field(
+        False,
+        description="build the table although a drop an earlier image table held is gone or no longer ready "
+        "(its images then vanish; their splits still anchor near-copies)",
+    )
+
+
+def withdrawn_drops(instance: dg.DagsterInstance, version: str, drops: list[str]) -> dict[str, str]:
+    """Drops (sorting at or before `version`) that this version's last image table, or the newest earlier
+    version's, held but that are not among `drops` now: drop -> the version whose table held it. A drop
+    whose `_READY` went missing (a re-upload in progress) would otherwise silently shrink the version."""
+    from roadwork_core.data.drops import version_key
+
+    key = dg.AssetKey("image_table")
+    earlier = [v for v in instance.get_materialized_partitions(key) if version_key(v) < version_key(version)]
+    sources = [version, *([max(earlier, key=version_key)] if earlier else [])]
+    gone: dict[str, str] = {}
+    for source in sources:
+        for drop in latest_materialization_metadata(instance, key, source).get("drops") or []:
+            if drop not in drops and version_key(drop) <= version_key(version):
+                gone.setdefault(drop, source)
+    return gone
 
 
 @dg.asset(
@@ -40,6 +63,18 @@ def image_table(
     from roadwork_core.data.image_table import TooManyRejects, build_image_table
 
     drops = dataset.drops_for_version(context.partition_key)
+    gone = withdrawn_drops(context.instance, context.partition_key, [p.name for p in drops])
+    if gone and not config.allow_withdrawn_drops:
+        named = ", ".join(f"{d} (in {v}'s image table)" for d, v in sorted(gone.items()))
+        raise dg.Failure(
+            description=f"drops an earlier image table held are gone or not ready: {named}. Restore them (a drop "
+            f"counts once `{dataset.inbox_path}/<drop>/_READY` exists; a re-upload should write `_READY` last), "
+            f"or set ops.image_table.config.allow_withdrawn_drops: true to build version "
+            f"{context.partition_key} without them",
+            metadata={"withdrawn_drops": sorted(gone)},
+        )
+    if gone:
+        context.log.warning(f"building without withdrawn drops {sorted(gone)} (allow_withdrawn_drops)")
     fingerprint = version_fingerprint(drops)  # before reading: a file changed meanwhile changes the next one
     side = store.side_dir("image_table", context.partition_key)
     try:
@@ -67,6 +102,7 @@ def image_table(
         images,
         metadata={
             "drops": [p.name for p in drops],
+            "withdrawn_drops": sorted(gone),
             "source_fingerprint": fingerprint,
             "num_images": len(images),
             "num_positive": int(images["label"].sum()) if len(images) else 0,

@@ -360,3 +360,28 @@ def test_deleting_a_split_partition_does_not_let_its_images_move(tmp_path, rw_ho
     moved = {i: (v2[i], v3[i]) for i in v2.index if i in v3.index and v2[i] != v3[i]}
     assert not moved, f"{len(moved)} of v0002's images moved in v0003: {list(moved.values())[:5]}"
     assert set(v2.index) <= set(v3.index)
+
+
+def test_an_earlier_drop_that_lost_its_ready_marker_stops_the_image_table(tmp_path, rw_home):
+    """v0001's `_READY` moved aside (a re-upload): v0002's table was silently built from v0002 alone, and a
+    model trained on a third of the data was released. Now the step fails naming the drop and the fix."""
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    make_demo_drop(inbox, "v0001", n=30, seed=51)
+    make_demo_drop(inbox, "v0002", n=30, seed=52)
+    instance = _instance("v0001")
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    assert materialize(["image_table"], instance=instance, partition="v0002", resources=resources).success
+    (inbox / "v0001" / "_READY").rename(inbox / "v0001" / "_READY.bak")
+    again = materialize(["image_table"], instance=instance, partition="v0002", resources=resources)
+    assert not again.success
+    failure = next(ev for ev in again.all_events if ev.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert "v0001 (in v0002's image table)" in message and "allow_withdrawn_drops" in message, message
+    allowed = {"ops": {"image_table": {"config": {"allow_withdrawn_drops": True}}}}
+    built = materialize(["image_table"], instance=instance, partition="v0002", resources=resources, run_config=allowed)  # fmt: skip
+    assert built.success
+    meta = instance.get_latest_materialization_event(dg.AssetKey("image_table")).asset_materialization.metadata
+    assert meta["withdrawn_drops"].value == ["v0001"] and meta["drops"].value == ["v0002"]
