@@ -383,5 +383,7 @@ def test_an_earlier_drop_that_lost_its_ready_marker_stops_the_image_table(tmp_pa
     allowed = {"ops": {"image_table": {"config": {"allow_withdrawn_drops": True}}}}
     built = materialize(["image_table"], instance=instance, partition="v0002", resources=resources, run_config=allowed)  # fmt: skip
     assert built.success
-    meta = instance.get_latest_materialization_event(dg.AssetKey("image_table")).asset_materialization.metadata
+    meta = instance.get_latest_materialization_event(
+        dg.AssetKey("image_table")
+    ).asset_materialization.metadata
     assert meta["withdrawn_drops"].value == ["v0001"] and meta["drops"].value == ["v0002"]
