@@ -75,16 +75,28 @@ def _as_released(instance: dg.DagsterInstance, record) -> ReleasedBundle | None:
 def released_bundles(
     instance: dg.DagsterInstance, partition: str | None = None, scan: int = 50
 ) -> list[ReleasedBundle]:
-    """Released bundles (of `partition`, or of any), newest first, among the last `scan` materializations."""
+    """Released bundles (of `partition`, or of any) among the last `scan` materializations: the newest dataset
+    version first (`version_key`), and within a version the newest release first. Materializing an older
+    version's bundle again (a re-run for a report, a backfill) therefore never makes it the release that
+    `serve --latest` swaps in over a model trained on more data; serve that bundle's path to choose it."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=BUNDLE_KEY, asset_partitions=[partition] if partition else None),
         limit=scan,
     ).records  # newest first
-    return [released for record in records if (released := _as_released(instance, record)) is not None]
+    return newest_version_first(
+        [released for record in records if (released := _as_released(instance, record)) is not None]
+    )
+
+
+def newest_version_first(found: list[ReleasedBundle]) -> list[ReleasedBundle]:
+    """Releases ordered by dataset version (`version_key`, newest first), then by recency."""
+    from roadwork_core.data.drops import version_key
+
+    return sorted(found, key=lambda r: (version_key(r.partition or ""), r.storage_id), reverse=True)
 
 
 def released_bundle(instance: dg.DagsterInstance, partition: str | None = None) -> ReleasedBundle | None:
-    """The newest released bundle (of `partition`, or of any)."""
+    """The release of the newest dataset version (of `partition`, or of any), its newest one."""
     found = released_bundles(instance, partition)
     return found[0] if found else None
 
@@ -100,7 +112,8 @@ def _candidate(released: ReleasedBundle):
 
 
 def latest_release_candidate():
-    """The newest release as a serving Candidate (roadwork_core.serving), or None; `serve --latest` polls it."""
+    """The release of the newest dataset version as a serving Candidate (roadwork_core.serving), or None;
+    `serve --latest` polls it."""
     with dg.DagsterInstance.get() as instance:
         released = released_bundle(instance)
     return _candidate(released) if released else None

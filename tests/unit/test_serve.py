@@ -365,3 +365,18 @@ def test_an_exported_bundle_is_readable_by_other_users_under_the_usual_umask(bun
     assert stat.S_IMODE(root.stat().st_mode) == DIR_MODE
     for f in root.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == FILE_MODE, f"{f.name}: {oct(f.stat().st_mode)}"
+
+
+def test_the_latest_release_is_the_newest_dataset_versions():
+    """v0001's bundle materialized again after v0002's (a re-run for a report) must not become the release
+    `serve --latest` swaps in: it would roll production back to a model trained on less data."""
+    from roadwork_assets.released import ReleasedBundle, newest_version_first
+
+    def release(partition: str, storage_id: int) -> ReleasedBundle:
+        return ReleasedBundle(
+            partition, Path(f"/b/{partition}"), f"id{storage_id}", "", f"run{storage_id}", storage_id
+        )
+
+    found = [release("v0001", 30), release("v0010", 20), release("v0002", 10), release("v0010", 5)]
+    order = [(r.partition, r.storage_id) for r in newest_version_first(found)]
+    assert order == [("v0010", 20), ("v0010", 5), ("v0002", 10), ("v0001", 30)], order
