@@ -36,6 +36,7 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
         splits: pd.DataFrame,
         classifier: Path,
     ) -> dg.Output:
+        from roadwork_core.config import exact_fp32
         from roadwork_core.models.predict import predict_frame
         from roadwork_core.models.serialization import load_classifier
 
@@ -44,13 +45,13 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
         reader = SplitReader(name, splits)
         rows = reader.read(split)
         model = gpu.maybe_compile(load_classifier(classifier, device=gpu.torch_device()))
-        frame = predict_frame(
-            model,
-            rows,
-            device=gpu.torch_device(),
-            batch_size=config.batch_size,
-            autocast_dtype=gpu.autocast_dtype(),
-        )
+        if gpu.effective_precision() != "fp32":
+            context.log.info(
+                f"predictions run in fp32 (not {gpu.effective_precision()}): the bundle serves in fp32, and "
+                "calibration and policies must be fitted on the logits it will produce"
+            )
+        with exact_fp32():
+            frame = predict_frame(model, rows, device=gpu.torch_device(), batch_size=config.batch_size)
         return dg.Output(
             frame,
             metadata={

@@ -145,14 +145,20 @@ class ReproduceConfig(dg.Config):
     additional_ins={"calib_predictions": dg.AssetIn("calib_predictions"), "splits": dg.AssetIn("splits")},
 )
 def check_bundle_reproduces_predictions(
-    config: ReproduceConfig, bundle: Path, calib_predictions: pd.DataFrame, splits: pd.DataFrame
+    config: ReproduceConfig,
+    gpu: GPUResource,
+    bundle: Path,
+    calib_predictions: pd.DataFrame,
+    splits: pd.DataFrame,
 ) -> dg.AssetCheckResult:
     from roadwork_core.bundle.bundle import Bundle
+    from roadwork_core.config import exact_fp32
 
-    loaded = Bundle.load(bundle)
+    loaded = Bundle.load(bundle, device=gpu.torch_device())  # where calib_predictions were computed
     sample = calib_predictions.sort_values("image_id").head(config.sample)
     uris = splits.set_index("image_id").loc[sample["image_id"], "uri"].tolist()
-    preds = loaded.predict(uris)
+    with exact_fp32():  # as the prediction assets ran
+        preds = loaded.predict(uris)
     got = np.array([pr.logit for pr in preds], dtype=float)
     want = sample["logit"].to_numpy(float)
     p_got = np.array([pr.p_roadwork for pr in preds], dtype=float)

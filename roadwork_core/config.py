@@ -13,9 +13,10 @@ The dataclasses are re-exported where they are used: ``models.backbone.BackboneC
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -29,6 +30,7 @@ __all__ = [
     "describe",
     "from_mapping",
     "knob",
+    "exact_fp32",
     "precision_dtype",
 ]
 
@@ -45,6 +47,22 @@ def precision_dtype(precision: str) -> Any:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
     return {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}[precision]
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Plain fp32 matmuls and convolutions inside (TF32 off on CUDA; nothing changes on CPU), restored
+    after. The prediction assets run in it: calibration and policies are fitted on their logits, and a
+    bundle serves in fp32, so the two must compute alike (bf16 autocast moved the tiny demo model's logits
+    by up to 6e-3 and its calibrated p by 0.2, and failed the bundle's reproduction check)."""
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def knob(default: Any, doc: str) -> Any:

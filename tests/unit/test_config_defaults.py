@@ -77,3 +77,18 @@ def test_config_from_refuses_what_it_cannot_show() -> None:
         config_from("Bad", BackboneConfig)  # a dict field has no typed launchpad form
     with pytest.raises(ValueError, match="two sources"):
         config_from("Twice", TrainConfig, ExploraConfig)  # e.g. lora_rank in both
+
+
+def test_exact_fp32_turns_tf32_off_inside_and_restores_it():
+    import torch
+
+    from roadwork_core.config import exact_fp32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as GPUResource.setup does
+    try:
+        with exact_fp32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
