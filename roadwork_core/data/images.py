@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 # 8192 x 8192: larger than any street camera frame we expect, far below what exhausts memory.
 MAX_PIXELS = 8192 * 8192
+# Bumped whenever decoding turns the same bytes into other pixels (EXIF, colour profiles, alpha, 16-bit
+# scaling): it is part of the feature cache's key, so features cached by an earlier decoder never hit.
+# 2: grey, 16-bit grey and palette images with a colour profile are converted to sRGB.
+DECODE_VERSION = 2
 # The largest image file read: an uncompressed 16-bit RGB TIFF at MAX_PIXELS is 384 MiB.
 MAX_FILE_BYTES = 512 << 20
 
@@ -159,19 +163,44 @@ def _srgb_transform(icc: bytes, mode: str):
     return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, out)
 
 
+_DEEP_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 def to_srgb(img: Image.Image) -> Image.Image:
     """Pixels in an embedded colour profile other than sRGB (an iPhone's Display P3, Adobe RGB, a CMYK
-    press profile) converted to sRGB, the space the model and the validator's images live in. Images
-    without a profile, or with one LittleCMS cannot read (then taken as sRGB), are returned as they are."""
+    press profile, a grey profile such as Photoshop's Gray Gamma / Dot Gain) converted to sRGB, the space
+    the model and the validator's images live in. A palette image is expanded to its colours first, a grey
+    one (8-bit, 16-bit, with alpha) is converted from its grey profile into sRGB RGB. Images without a
+    profile, or with one LittleCMS cannot read or that does not fit the mode (then taken as sRGB), are
+    returned as they are."""
     icc = img.info.get("icc_profile")
-    if not icc or img.mode not in ("RGB", "RGBA", "CMYK"):
+    if not icc:
         return img
     try:
+        if img.mode == "P" or (img.mode == "RGB" and "transparency" in img.info):
+            img = _with_profile(img.convert("RGBA" if "transparency" in img.info else "RGB"), icc)
+        if img.mode == "L" and "transparency" in img.info:
+            img = _with_profile(img.convert("LA"), icc)
+        if img.mode in _DEEP_GREY:
+            img = _with_profile(to_rgb(img).convert("L"), icc)  # to 8 bits as to_rgb scales them
+        if img.mode in ("LA", "La", "PA"):
+            grey, alpha = img.convert("LA").split()
+            out = to_srgb(_with_profile(grey, icc))
+            out.putalpha(alpha)
+            return out
+        if img.mode not in ("RGB", "RGBA", "CMYK", "L"):
+            return img
         transform = _srgb_transform(bytes(icc), img.mode)
         return img if transform is None else _apply(transform, img)
     except (OSError, ValueError, TypeError) as exc:  # ImageCms.PyCMSError is an OSError; a broken profile
         log.debug("colour profile of a %s image ignored: %s", img.mode, exc)
         return img
+
+
+def _with_profile(img: Image.Image, icc) -> Image.Image:
+    img.info = {k: v for k, v in img.info.items() if k != "transparency"}  # applied by the conversion
+    img.info["icc_profile"] = icc
+    return img
 
 
 def _apply(transform, img: Image.Image) -> Image.Image:

@@ -2,8 +2,8 @@
 
 key = sha256(backbone weights sha256 | image_id | view config JSON) -> one safetensors file per image
 at `<root>/<key[:2]>/<key>.safetensors` holding `feats` (V, D) float32. Changing the backbone's
-weights, its pooling / architecture config, the multi-view config or the compute precision changes
-every key, so a stale cache can never hit. Files are written atomically (temp + rename) and there is
+weights, its pooling / architecture config, the multi-view config, the compute precision or the image
+decoder (`roadwork_core.data.images.DECODE_VERSION`) changes every key, so a stale cache can never hit. Files are written atomically (temp + rename) and there is
 no shared index file, so concurrent runs can fill the same cache: the worst case is two runs
 computing the same entry and one rename winning with identical content.
 """
@@ -28,9 +28,13 @@ __all__ = ["FeatureCache", "feature_cache_key", "view_config_json"]
 
 
 def view_config_json(model: torch.nn.Module, precision: str = "fp32") -> str:
-    """Everything besides the weights that changes a feature: views, normalization, pooling, precision."""
+    """Everything besides the weights that changes a feature: views, normalization, pooling, precision,
+    and how image bytes are decoded (`DECODE_VERSION`)."""
+    from roadwork_core.data.images import DECODE_VERSION
+
     backbone = model.backbone
     payload = {
+        "decode_version": DECODE_VERSION,
         "views": dataclasses.asdict(model.mv),
         "canvas_size": int(model.canvas_size),
         "mean": [round(float(m), 6) for m in model.mean.flatten().tolist()],

@@ -521,6 +521,72 @@ def test_transparency_colour_profiles_and_closed_images_decode_like_a_browser(tm
         to_canvas(closed, "closed.jpg", 64)
 
 
+def test_grey_palette_and_16_bit_images_with_a_colour_profile_decode_like_a_colour_managed_viewer() -> None:
+    """A Photoshop greyscale JPEG (Gray Gamma 1.8), its 16-bit PNG and LA forms, and a pngquant palette PNG
+    of a P3 screenshot: their profiles were ignored (mean pixel error 17 against a colour-managed viewer),
+    while the same pixels saved as RGB with the same profile were converted."""
+    from PIL import ImageCms
+
+    from roadwork_core.data.images import decode_image
+
+    def saved(img: PIL.Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    gamma18 = _grey_profile(1.8)
+    grey = PIL.Image.new("L", (16, 16), 100)  # (100 / 255) ** 1.8 linear light is sRGB 119
+    for name, img in (
+        ("grey.jpg", grey),
+        ("grey.png", grey),
+        ("grey16.png", PIL.Image.fromarray(np.full((16, 16), 100 * 257, np.uint16))),
+        ("grey_alpha.png", grey.convert("LA")),
+    ):
+        data = saved(img, "JPEG" if name.endswith(".jpg") else "PNG", icc_profile=gamma18)
+        got = np.asarray(decode_image(data, source=name)).astype(int)
+        assert np.abs(got - 119).max() <= 1, (name, got[0, 0])
+        assert np.asarray(decode_image(saved(img, "PNG"), source=name)).max() == 100, "no profile: as stored"
+
+    p3 = _matrix_trc_profile(
+        "Display P3", [(0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841)]
+    )
+    to_p3 = ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(p3)), "RGB", "RGB"
+    )
+    as_p3 = ImageCms.applyTransform(PIL.Image.new("RGB", (32, 32), (255, 110, 0)), to_p3)
+    palette = as_p3.quantize(colors=16)
+    rgb_read = np.asarray(
+        decode_image(saved(palette.convert("RGB"), "PNG", icc_profile=p3), source="rgb.png")
+    )
+    palette_read = np.asarray(decode_image(saved(palette, "PNG", icc_profile=p3), source="palette.png"))
+    assert np.array_equal(palette_read, rgb_read), "a palette image must convert as its RGB twin does"
+    assert np.abs(palette_read[0, 0].astype(int) - [255, 110, 0]).max() <= 3, palette_read[0, 0]
+
+
+def _grey_profile(gamma: float) -> bytes:
+    """A minimal ICC v2 grey display profile (D50 white, one gamma curve) as bytes."""
+    import struct
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    text = b"Gray Gamma\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    white = b"XYZ \0\0\0\0" + s15(0.9642) + s15(1.0) + s15(0.8249)
+    tags = [(b"desc", desc), (b"wtpt", white), (b"kTRC", curve)]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, data in tags:
+        data += bytes(-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (
+        struct.pack(">I", offset + len(body)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrGRAYXYZ "
+        + bytes(12) + b"acsp" + bytes(24) + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48)
+    )  # fmt: skip
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
 def _matrix_trc_profile(
     name: str, primaries_xyz: list[tuple[float, float, float]], gamma: float = 2.2
 ) -> bytes:

@@ -85,7 +85,9 @@ def test_exact_fp32_turns_tf32_off_inside_and_restores_it():
     from roadwork_core.config import exact_fp32
 
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as GPUResource.setup does
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
+        True  # as GPUResource.setup does
+    )
     try:
         with exact_fp32():
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32

@@ -120,3 +120,16 @@ def test_a_file_replaced_after_hashing_is_refused_not_cached_under_the_old_id(tm
     assert not list((tmp_path / "cache").rglob("*.safetensors")), "nothing may be cached from that batch"
     with pytest.raises(ImageChanged, match="img2.jpg"):
         predict_frame(model, rows)
+
+
+def test_a_decoder_change_misses_the_cache(tmp_path: Path, monkeypatch) -> None:
+    """Features cached when the same bytes decoded to other pixels (before a colour-profile fix) must not
+    be served to a training that now decodes them differently."""
+    import roadwork_core.data.images as images
+
+    rows, model = _rows(tmp_path), _model()
+    FeatureCache(tmp_path / "cache").get_or_compute(model, rows, "cpu", batch_size=8)
+    monkeypatch.setattr(images, "DECODE_VERSION", images.DECODE_VERSION + 1)
+    again = FeatureCache(tmp_path / "cache")
+    again.get_or_compute(model, rows, "cpu", batch_size=8)
+    assert (again.hits, again.misses) == (0, len(rows)), "a new decoder must recompute every feature"
