@@ -219,6 +219,13 @@ def detect_format(drop_dir: Path, class_names: dict[str, int] | None = None) -> 
     )
 
 
+def pool_only(drop_dir: Path) -> bool:
+    """The drop holds nothing but `unlabelled/` (and `_READY`, OS litter): a drop that adds images to the
+    self-supervised pool only. It adds no labelled image to its version, and later versions build on it."""
+    entries = [p for p in Path(drop_dir).iterdir() if p.name != READY and not is_junk(p.name, is_dir=p.is_dir())]
+    return all(p.name == UNLABELLED and p.is_dir() for p in entries)
+
+
 def read_drop(
     drop_dir: Path,
     fmt: str = "auto",
@@ -234,6 +241,8 @@ def read_drop(
     if not drop_dir.is_dir():
         raise FileNotFoundError(f"drop folder {drop_dir} does not exist")
     names = class_names or DEFAULT_CLASS_NAMES
+    if pool_only(drop_dir):  # unlabelled images only (or nothing yet): no labelled candidates, no error
+        return DropListing(candidates=_frame([], drop_dir.name), rejects=[])
     if fmt == "auto":
         fmt = detect_format(drop_dir, names)
     readers = {

@@ -571,3 +571,29 @@ def test_ready_drops_with_unusable_names_are_listed_apart_with_the_fix(tmp_path)
     assert sorted(unusable) == ["caf\\xe9", "v0002...copy", "v1,2"], unusable
     assert all("rename the folder" in why for why in unusable.values()), unusable
     assert drops_up_to(tmp_path, "v0001") == [tmp_path / "v0001"]
+
+
+def test_a_drop_of_unlabelled_images_only_adds_to_the_pool_and_blocks_nothing(tmp_path: Path) -> None:
+    """v0002 holds only `unlabelled/` (new pool images): every version from v0002 on failed with `cannot tell
+    the format of drop`. It now adds no labelled image, and v0003 builds on v0001 and v0003."""
+    from roadwork_core.data.drops import drops_up_to, list_unlabelled, read_drop
+    from roadwork_core.data.image_table import build_image_table
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    make_demo_drop(inbox, "v0001", n=12, seed=1)
+    make_demo_drop(inbox, "v0003", n=12, seed=3)
+    pool = inbox / "v0002" / "unlabelled"
+    pool.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (64, 48), (10 * i, 90, 140)).save(pool / f"p{i}.jpg")
+    (inbox / "v0002" / ".DS_Store").write_bytes(b"junk")
+    (inbox / "v0002" / "_READY").touch()
+    assert len(read_drop(inbox / "v0002").candidates) == 0
+    assert len(read_drop(inbox / "v0002", fmt="labels_csv").candidates) == 0
+    assert len(list_unlabelled(inbox / "v0002")) == 3
+    table = build_image_table(drops_up_to(inbox, "v0003")).images
+    assert sorted(table["source"].unique()) == ["v0001", "v0003"] and len(table) == 24
+    (inbox / "v0002" / "notes.txt").write_text("a stray file")  # anything else: the format must be named
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        read_drop(inbox / "v0002")
