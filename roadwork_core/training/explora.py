@@ -313,10 +313,33 @@ def _disabled_result(backbone: nn.Module) -> ExploraResult:
     return ExploraResult(state_dict=state, report=report)
 
 
-def _fingerprint(cfg: ExploraConfig, uris: list[str], backbone: nn.Module, steps: int) -> str:
-    """What makes two runs the same run; a checkpoint with another fingerprint is not resumed."""
-    payload = {"config": cfg.to_dict(), "uris": uris, "steps": steps, "initial": state_dict_sha256(backbone)}
+def _fingerprint(
+    cfg: ExploraConfig, uris: list[str], backbone: nn.Module, steps: int, by_content: bool = True
+) -> str:
+    """What makes two runs the same run; a checkpoint with another fingerprint is not resumed. The images
+    count by content (sha256 of their bytes) and place: a pool image replaced under the same name is
+    another run (a finished checkpoint of the old images was resumed, so nothing retrained). Without
+    `by_content` (no checkpoint to resume) the bytes are not read."""
+    contents = [_content_id(uri) for uri in uris] if by_content else None
+    payload = {
+        "config": cfg.to_dict(),
+        "uris": uris,
+        "contents": contents,
+        "steps": steps,
+        "initial": state_dict_sha256(backbone),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _content_id(uri: str) -> str:
+    """sha256 of the image's bytes; for a uri that is no readable file (a caller's own `load_image`
+    scheme), the marker `unreadable` (the uri itself is in the fingerprint)."""
+    from roadwork_core.data.images import read_uri_bytes
+
+    try:
+        return hashlib.sha256(read_uri_bytes(uri)).hexdigest()
+    except (OSError, ValueError):
+        return "unreadable"
 
 
 def _trainable(module: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -562,7 +585,8 @@ def run_explora(
         load = load_image or _default_load_image
 
         # resume: the last finished epoch of the same run
-        state = {"fingerprint": _fingerprint(cfg, image_uris, backbone, steps), "epoch": 0, "loss_curve": []}
+        fingerprint = _fingerprint(cfg, image_uris, backbone, steps, by_content=checkpoint_dir is not None)
+        state = {"fingerprint": fingerprint, "epoch": 0, "loss_curve": []}
         resumed = None
         if checkpoint_dir is not None:
             checkpoint_dir = Path(checkpoint_dir)

@@ -419,3 +419,20 @@ def test_killed_run_resumes_from_last_epoch_and_ends_identical(tmp_path: Path) -
     other = run_explora(backbone, uris, _tiny_cfg(epochs=3, batch_size=4, lr=2e-3), load_image=_open,
                         checkpoint_dir=ckpt)  # fmt: skip
     assert other.report["resumed_from_epoch"] is None, "a checkpoint of another config was resumed"
+
+
+def test_images_replaced_under_the_same_names_are_not_resumed_as_the_same_run(tmp_path: Path) -> None:
+    """Pool images replaced by other pictures under the same file names: the finished checkpoint of the old
+    images was resumed (resumed_from_epoch 1, the weights unchanged), so nothing was trained on the new
+    ones. The fingerprint counts the images' bytes."""
+    uris = _write_jpegs(tmp_path, 8)
+    cfg = _tiny_cfg(epochs=1, batch_size=4, lr=1e-3)
+    torch.manual_seed(0)
+    backbone = tiny_vit(depth=2, dynamic_img_size=True)
+    first = run_explora(backbone, uris, cfg, load_image=_open, checkpoint_dir=tmp_path / "ckpt")
+    same = run_explora(backbone, uris, cfg, load_image=_open, checkpoint_dir=tmp_path / "ckpt")
+    assert same.report["resumed_from_epoch"] == 1, "an unchanged run resumes its finished epoch"
+    Path(uris[0]).write_bytes(Path(uris[1]).read_bytes())  # another picture under uris[0]'s name
+    changed = run_explora(backbone, uris, cfg, load_image=_open, checkpoint_dir=tmp_path / "ckpt")
+    assert changed.report["resumed_from_epoch"] is None, "a run on other image bytes resumed the old one"
+    assert first.report["epochs"] == changed.report["epochs"] == 1
