@@ -94,9 +94,17 @@ def _already_released(instance: dg.DagsterInstance, dataset: DatasetSource, vers
 def new_drop_sensor(
     context: dg.SensorEvaluationContext, dataset: DatasetSource, retrain: RetrainSettings
 ) -> dg.SensorResult | dg.SkipReason:
-    seen = set(json.loads(context.cursor)) if context.cursor else set()
+    from roadwork_core.data.drops import version_key
+    from roadwork_core.data.fingerprint import drop_signature
+
+    launched = _read_cursor(context.cursor)  # drop -> its signature when its run was requested
     ready = dataset.ready_drops()
+    signatures = {v: drop_signature(dataset.inbox_path / v) for v in ready}
+    seen = set(launched)
     new = [v for v in ready if v not in seen]
+    # a launched drop whose files changed since (its _READY was copied before the rest, a file replaced):
+    # the newest ready version, which holds it, is trained again
+    changed = [v for v in ready if launched.get(v) not in (None, signatures[v])]
     # A drop folder whose name cannot be a partition key, or that sorts before a version already split (a late
     # drop: splitting it would let that version's splits move), is named on every tick until it is renamed.
     late = late_versions(context.instance, new)
@@ -106,13 +114,42 @@ def new_drop_sensor(
     unusable = "; ".join(problems)
     if unusable:
         context.log.warning(unusable)
+    cursor = json.dumps(
+        {v: signatures.get(v) or launched[v] for v in sorted(seen | set(new), key=version_key)},
+        sort_keys=False,
+    )
+    partitions = [v for v in ready if context.instance.has_dynamic_partition(dataset_version.name, v)]
+    if changed and not new and partitions:
+        newest = max(partitions, key=version_key)
+        if not retrain.force_retrain and _already_released(context.instance, dataset, [newest]):
+            context.update_cursor(cursor)
+            return dg.SkipReason(
+                f"drop(s) {', '.join(changed)} changed, but {newest} already has a released bundle built from "
+                "exactly these files; not retrained"
+            )
+        key = hashlib.sha256("".join(signatures[v] for v in sorted(changed)).encode()).hexdigest()[:12]
+        context.log.info(
+            f"drop(s) {', '.join(changed)} changed since their run was requested: retraining {newest}"
+        )
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    partition_key=newest,
+                    run_key=f"drop-{newest}-changed-{key}",
+                    run_config=automation_run_config(),
+                    tags={"roadwork/trigger": "changed_drop", "roadwork/changed_drops": ",".join(changed)},
+                )
+            ],
+            cursor=cursor,
+        )
     if not new:
+        if cursor != json.dumps(launched, sort_keys=False) and launched:
+            context.update_cursor(cursor)  # a cursor of an earlier format gets the signatures
         return dg.SkipReason(
             f"no new complete drop in {dataset.inbox} ({len(ready)} seen)"
             + (f". {unusable}" if unusable else "")
         )
     released = [] if retrain.force_retrain else _already_released(context.instance, dataset, new)
-    cursor = json.dumps(sorted(seen | set(new)))
     skipped = (
         f"drop(s) {', '.join(released)} already have a released bundle built from the same files; not retrained "
         "(ROADWORK_FORCE_RETRAIN=1 or the `retrain` resource's force_retrain retrains them)"
@@ -140,6 +177,18 @@ def new_drop_sensor(
         dynamic_partitions_requests=[dataset_version.build_add_request(to_add)] if to_add else [],
         cursor=cursor,
     )
+
+
+def _read_cursor(cursor: str | None) -> dict[str, str | None]:
+    """The new-drop sensor's cursor: drop -> the signature (`drop_signature`) its files had when its run
+    was requested. A cursor of an earlier release (a JSON list of drop names) reads with no signatures:
+    those drops are not launched again, and the next tick records their signatures."""
+    if not cursor:
+        return {}
+    value = json.loads(cursor)
+    if isinstance(value, list):
+        return {str(v): None for v in value}
+    return {str(k): (str(v) if v else None) for k, v in value.items()}
 
 
 def _latest_version(instance: dg.DagsterInstance) -> str | None:

@@ -33,13 +33,15 @@ class ImageTableConfig(dg.Config):
 
 
 def withdrawn_drops(instance: dg.DagsterInstance, version: str, drops: list[str]) -> dict[str, str]:
-    """Drops (sorting at or before `version`) that this version's last image table, or the newest earlier
-    version's, held but that are not among `drops` now: drop -> the version whose table held it. A drop
-    whose `_READY` went missing (a re-upload in progress) would otherwise silently shrink the version."""
+    """Drops (sorting at or before `version`) that this version's last image table, or that of the newest
+    earlier version that was split, held but that are not among `drops` now: drop -> the version whose table
+    held it. A drop whose `_READY` went missing (a re-upload in progress) would otherwise silently shrink the
+    version. (A version whose splits never succeeded, a late drop refused and moved away, does not count.)"""
     from roadwork_core.data.drops import version_key
 
     key = dg.AssetKey("image_table")
-    earlier = [v for v in instance.get_materialized_partitions(key) if version_key(v) < version_key(version)]
+    split = instance.get_materialized_partitions(dg.AssetKey("splits"))
+    earlier = [v for v in split if version_key(v) < version_key(version)]
     sources = [version, *([max(earlier, key=version_key)] if earlier else [])]
     gone: dict[str, str] = {}
     for source in sources:

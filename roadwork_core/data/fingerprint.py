@@ -15,7 +15,7 @@ from pathlib import Path
 from roadwork_core.data.drops import READY, is_junk, version_key
 from roadwork_core.io import sha256_file
 
-__all__ = ["drop_fingerprint", "version_fingerprint"]
+__all__ = ["drop_fingerprint", "drop_signature", "version_fingerprint"]
 
 
 def _junk(path: Path, drop_dir: Path) -> bool:
@@ -42,6 +42,24 @@ def _content(path: Path) -> str:
     except OSError as exc:
         info = path.stat()
         return f"unreadable:{exc.errno}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def drop_signature(drop_dir: Path) -> str:
+    """A cheap change detector of a drop: sha256 over its files' relative paths, sizes and modification
+    times (no content read; `_READY` and OS litter excluded, as in `drop_fingerprint`). The new-drop sensor
+    stores it for each drop it launched and launches again when it changes: a drop whose `_READY` was
+    copied before its other files, or whose files were replaced, is read again."""
+    drop_dir = Path(drop_dir)
+    h = hashlib.sha256()
+    for path in sorted(
+        p for p in drop_dir.rglob("*") if p.is_file() and p.name != READY and not _junk(p, drop_dir)
+    ):
+        try:
+            info = path.stat()
+        except OSError:  # vanished between the listing and the stat: the next tick sees the change
+            continue
+        h.update(f"{path.relative_to(drop_dir).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def version_fingerprint(drop_dirs: Sequence[Path]) -> str:
