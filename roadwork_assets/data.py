@@ -162,9 +162,18 @@ def splits(
         context.log.warning(
             f"{len(rejects)} images quarantined (bridge two splits); see {side / 'rejects.parquet'}"
         )
+    relabelled = relabelled_images(table, reference)
+    atomic_write_bytes(side / "relabelled.parquet", relabelled.to_parquet(index=False))
+    if len(relabelled):
+        context.log.warning(
+            f"{len(relabelled)} images carry another label than an earlier version gave them (a labels.csv "
+            f"edited in place?): they keep their split and take the new label; see {side / 'relabelled.parquet'}"
+        )
     return dg.Output(
         table,
         metadata={
+            "num_relabelled": len(relabelled),
+            "relabelled": md_table(relabelled),
             "num_quarantined": len(rejects),
             "quarantined": md_table(rejects),
             "rejects_path": dg.MetadataValue.path(str(side / "rejects.parquet")),
@@ -188,6 +197,32 @@ _IN_PROGRESS = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
+
+
+def relabelled_images(table: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
+    """Images of `table` whose label differs from the one the split history (`reference`) recorded:
+    image_id, file, split, label_before, label_now. An edit in place of an earlier drop's labels.csv is
+    otherwise silent (a new copy of the same bytes with the other label is a `label_conflict` reject)."""
+    columns = ["image_id", "file", "split", "label_before", "label_now"]
+    if reference is None or "label" not in reference.columns or not len(table):
+        return pd.DataFrame(columns=columns)
+    before = pd.to_numeric(
+        reference.drop_duplicates("image_id", keep="last").set_index("image_id")["label"], errors="coerce"
+    )
+    now = table.set_index("image_id")
+    common = now.index.intersection(before.index[before.notna()])
+    changed = common[before.loc[common].to_numpy() != pd.to_numeric(now.loc[common, "label"]).to_numpy()]
+    out = now.loc[changed].reset_index()
+    return pd.DataFrame(
+        {
+            "image_id": out["image_id"],
+            "file": out["file"] if "file" in out else "",
+            "split": out["split"],
+            "label_before": before.loc[changed].astype(int).to_numpy(),
+            "label_now": out["label"].astype(int).to_numpy(),
+        },
+        columns=columns,
+    )
 
 
 def _with_own_history(previous: pd.DataFrame | None, own: pd.DataFrame | None) -> pd.DataFrame | None:

@@ -387,3 +387,30 @@ def test_an_earlier_drop_that_lost_its_ready_marker_stops_the_image_table(tmp_pa
         dg.AssetKey("image_table")
     ).asset_materialization.metadata
     assert meta["withdrawn_drops"].value == ["v0001"] and meta["drops"].value == ["v0002"]
+
+
+def test_a_label_edited_in_place_is_reported_by_the_next_split(tmp_path, rw_home):
+    """An earlier drop's labels.csv edited in place flipped a val_test label with no notice, while a new copy
+    of the same bytes with the other label is a `label_conflict` reject. The splits now list it."""
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    make_demo_drop(inbox, "v0001", n=30, seed=61)
+    make_demo_drop(inbox, "v0002", n=20, seed=62)
+    instance = _instance("v0001")
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = {"resources": tiny_run_config()["resources"]}
+    config["resources"]["split_settings"]["config"].update({"balance_tolerance": 0.5, "min_per_class": 1})
+    assert materialize(["image_table", "splits"], instance=instance, partition="v0001", resources=resources, run_config=config).success  # fmt: skip
+    labels = inbox / "v0001" / "labels.csv"
+    lines = labels.read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("label")
+    first = lines[1].split(",")
+    first[col] = {"0": "1", "1": "0", "roadwork": "no_roadwork", "no_roadwork": "roadwork"}[first[col]]
+    labels.write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    assert materialize(["image_table", "splits"], instance=instance, partition="v0002", resources=resources, run_config=config).success  # fmt: skip
+    meta = instance.get_latest_materialization_event(dg.AssetKey("splits")).asset_materialization.metadata
+    assert meta["num_relabelled"].value == 1, meta["num_relabelled"]
+    assert first[header.index("file")] in meta["relabelled"].value
