@@ -400,6 +400,7 @@ def test_assets_order_versions_naturally(monkeypatch: pytest.MonkeyPatch) -> Non
 
         # the previous version with an artifact: every version has one here
         monkeypatch.setattr(_util, "latest_materialization_metadata", lambda _i, _k, v: {"path": f"/a/{v}"})
+        monkeypatch.setattr(instance, "get_materialized_partitions", lambda _key: {"v1", "v10", "v2", "v9"})
         monkeypatch.setattr("roadwork_resources.io_manager.read_artifact", lambda path: str(path))
         assert _util.previous_split_history(instance, "v10") == ("v9", "/a/v9")
         assert _util.previous_split_history(instance, "v2") == ("v1", "/a/v1")
