@@ -176,14 +176,16 @@ def to_srgb(img: Image.Image) -> Image.Image:
     icc = img.info.get("icc_profile")
     if not icc:
         return img
+    original = img
     try:
-        if img.mode == "P" or (img.mode == "RGB" and "transparency" in img.info):
-            img = _with_profile(img.convert("RGBA" if "transparency" in img.info else "RGB"), icc)
+        if img.mode in ("P", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+            alpha = img.mode == "PA" or "transparency" in img.info
+            img = _with_profile(img.convert("RGBA" if alpha else "RGB"), icc)
         if img.mode == "L" and "transparency" in img.info:
             img = _with_profile(img.convert("LA"), icc)
         if img.mode in _DEEP_GREY:
             img = _with_profile(to_rgb(img).convert("L"), icc)  # to 8 bits as to_rgb scales them
-        if img.mode in ("LA", "La", "PA"):
+        if img.mode in ("LA", "La"):
             grey, alpha = img.convert("LA").split()
             out = to_srgb(_with_profile(grey, icc))
             out.putalpha(alpha)
@@ -192,9 +194,10 @@ def to_srgb(img: Image.Image) -> Image.Image:
             return img
         transform = _srgb_transform(bytes(icc), img.mode)
         return img if transform is None else _apply(transform, img)
-    except (OSError, ValueError, TypeError) as exc:  # ImageCms.PyCMSError is an OSError; a broken profile
+    except Exception as exc:  # ImageCms.PyCMSError (a plain Exception in Pillow 13): a broken profile, or
+        # one that does not fit the pixels (an RGB profile on a grey image): taken as sRGB, as a browser does
         log.debug("colour profile of a %s image ignored: %s", img.mode, exc)
-        return img
+        return original
 
 
 def _with_profile(img: Image.Image, icc) -> Image.Image:

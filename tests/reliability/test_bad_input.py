@@ -562,6 +562,22 @@ def test_grey_palette_and_16_bit_images_with_a_colour_profile_decode_like_a_colo
     assert np.array_equal(palette_read, rgb_read), "a palette image must convert as its RGB twin does"
     assert np.abs(palette_read[0, 0].astype(int) - [255, 110, 0]).max() <= 3, palette_read[0, 0]
 
+    # a profile that does not fit the pixels (an RGB profile on a grey image, a grey one on RGB) is ignored,
+    # as a browser does: LittleCMS's error (a plain Exception in Pillow 13) made these `unreadable` rejects
+    for name, img, profile, want in (
+        ("grey_rgb_profile.jpg", grey, p3, [100, 100, 100]),
+        (
+            "grey16_rgb_profile.png",
+            PIL.Image.fromarray(np.full((16, 16), 100 * 257, np.uint16)),
+            p3,
+            [100] * 3,
+        ),
+        ("rgb_grey_profile.png", PIL.Image.new("RGB", (16, 16), (200, 10, 10)), gamma18, [200, 10, 10]),
+    ):
+        data = saved(img, "JPEG" if name.endswith(".jpg") else "PNG", icc_profile=profile)
+        got = np.asarray(decode_image(data, source=name)).astype(int)
+        assert np.abs(got[0, 0] - want).max() <= 2, (name, got[0, 0])
+
 
 def _grey_profile(gamma: float) -> bytes:
     """A minimal ICC v2 grey display profile (D50 white, one gamma curve) as bytes."""
