@@ -96,9 +96,23 @@ def newest_version_first(found: list[ReleasedBundle]) -> list[ReleasedBundle]:
 
 
 def released_bundle(instance: dg.DagsterInstance, partition: str | None = None) -> ReleasedBundle | None:
-    """The release of the newest dataset version (of `partition`, or of any), its newest one."""
-    found = released_bundles(instance, partition)
-    return found[0] if found else None
+    """The release of the newest dataset version (of `partition`, or of any), its newest one. Without a
+    partition, each version's own recent materializations are read, newest version first: 50 backfilled
+    materializations of an old version's bundle cannot push the newest version's release out of view."""
+    if partition is not None:
+        found = released_bundles(instance, partition)
+        return found[0] if found else None
+    for version in _bundle_versions_newest_first(instance):
+        found = released_bundles(instance, version)
+        if found:
+            return found[0]
+    return None
+
+
+def _bundle_versions_newest_first(instance: dg.DagsterInstance) -> list[str]:
+    from roadwork_core.data.drops import version_key
+
+    return sorted(instance.get_materialized_partitions(BUNDLE_KEY), key=version_key, reverse=True)
 
 
 def _candidate(released: ReleasedBundle):
@@ -123,7 +137,9 @@ def release_candidates() -> list:
     """Every release still worth trying, newest first (one per bundle directory: the artifact store keeps
     the latest materialization of a partition, so an older release of the same partition is gone)."""
     with dg.DagsterInstance.get() as instance:
-        found = released_bundles(instance)
+        found = [
+            r for v in _bundle_versions_newest_first(instance) for r in released_bundles(instance, v, scan=5)
+        ]
     newest_per_path: dict[Path, ReleasedBundle] = {}
     for released in found:
         newest_per_path.setdefault(released.path, released)

@@ -380,3 +380,24 @@ def test_the_latest_release_is_the_newest_dataset_versions():
     found = [release("v0001", 30), release("v0010", 20), release("v0002", 10), release("v0010", 5)]
     order = [(r.partition, r.storage_id) for r in newest_version_first(found)]
     assert order == [("v0010", 20), ("v0010", 5), ("v0002", 10), ("v0001", 30)], order
+
+
+def test_many_rematerializations_of_an_old_version_do_not_hide_the_newest_release(monkeypatch):
+    """Only the last 50 bundle materializations were read: a backfill of v0001's bundle 50 times pushed
+    v0002's release out of view and `serve --latest` rolled back to v0001."""
+    import dagster as dg
+
+    from roadwork_assets import released as rel
+    from roadwork_assets.partitions import dataset_version
+
+    def as_released(_instance, record):  # every materialization counts as a release here
+        return rel.ReleasedBundle(record.partition_key, Path("/b"), "id", "", "run", record.storage_id)
+
+    monkeypatch.setattr(rel, "_as_released", as_released)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(dataset_version.name, ["v0001", "v0002"])
+        for version in ["v0002"] + ["v0001"] * 51:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key="bundle", partition=version)
+            )
+        assert rel.released_bundle(instance).partition == "v0002"
