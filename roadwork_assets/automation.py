@@ -97,14 +97,17 @@ def new_drop_sensor(
     from roadwork_core.data.drops import version_key
     from roadwork_core.data.fingerprint import drop_signature
 
-    launched = _read_cursor(context.cursor)  # drop -> its signature when its run was requested
+    launched, settling = _read_cursor(context.cursor)  # drop -> its signature when its run was requested
     ready = dataset.ready_drops()
     signatures = {v: drop_signature(dataset.inbox_path / v) for v in ready}
     seen = set(launched)
     new = [v for v in ready if v not in seen]
-    # a launched drop whose files changed since (its _READY was copied before the rest, a file replaced):
-    # the newest ready version, which holds it, is trained again
+    # A launched drop whose files changed since (its _READY was copied before the rest, a file replaced) is
+    # read again once the change has settled (the same signature on two ticks in a row): the newest version,
+    # which holds it, is trained again, once per settled change.
     changed = [v for v in ready if launched.get(v) not in (None, signatures[v])]
+    settled = [v for v in changed if settling.get(v) == signatures[v]]
+    settling = {v: signatures[v] for v in changed if v not in settled}
     # A drop folder whose name cannot be a partition key, or that sorts before a version already split (a late
     # drop: splitting it would let that version's splits move), is named on every tick until it is renamed.
     late = late_versions(context.instance, new)
@@ -114,22 +117,28 @@ def new_drop_sensor(
     unusable = "; ".join(problems)
     if unusable:
         context.log.warning(unusable)
-    cursor = json.dumps(
-        {v: signatures.get(v) or launched[v] for v in sorted(seen | set(new), key=version_key)},
-        sort_keys=False,
+    recorded = {v: launched.get(v) for v in sorted(seen, key=version_key)}
+    recorded.update({v: signatures[v] for v in [*new, *settled]})
+    recorded.update({v: signatures[v] for v in seen if v in signatures and recorded[v] is None})
+    cursor = _write_cursor(recorded, settling)
+    waiting = (
+        f"drop(s) {', '.join(sorted(settling, key=version_key))} changed since their run was requested; "
+        "retrained once they stay unchanged for one tick"
+        if settling
+        else ""
     )
     partitions = [v for v in ready if context.instance.has_dynamic_partition(dataset_version.name, v)]
-    if changed and not new and partitions:
+    if settled and not new and partitions:
         newest = max(partitions, key=version_key)
         if not retrain.force_retrain and _already_released(context.instance, dataset, [newest]):
             context.update_cursor(cursor)
             return dg.SkipReason(
-                f"drop(s) {', '.join(changed)} changed, but {newest} already has a released bundle built from "
+                f"drop(s) {', '.join(settled)} changed, but {newest} already has a released bundle built from "
                 "exactly these files; not retrained"
             )
-        key = hashlib.sha256("".join(signatures[v] for v in sorted(changed)).encode()).hexdigest()[:12]
+        key = hashlib.sha256("".join(signatures[v] for v in sorted(settled)).encode()).hexdigest()[:12]
         context.log.info(
-            f"drop(s) {', '.join(changed)} changed since their run was requested: retraining {newest}"
+            f"drop(s) {', '.join(settled)} changed since their run was requested: retraining {newest}"
         )
         return dg.SensorResult(
             run_requests=[
@@ -137,16 +146,16 @@ def new_drop_sensor(
                     partition_key=newest,
                     run_key=f"drop-{newest}-changed-{key}",
                     run_config=automation_run_config(),
-                    tags={"roadwork/trigger": "changed_drop", "roadwork/changed_drops": ",".join(changed)},
+                    tags={"roadwork/trigger": "changed_drop", "roadwork/changed_drops": ",".join(settled)},
                 )
             ],
             cursor=cursor,
         )
     if not new:
-        if cursor != json.dumps(launched, sort_keys=False) and launched:
-            context.update_cursor(cursor)  # a cursor of an earlier format gets the signatures
+        if cursor != (context.cursor or ""):
+            context.update_cursor(cursor)  # signatures recorded, or a change waiting to settle
         return dg.SkipReason(
-            f"no new complete drop in {dataset.inbox} ({len(ready)} seen)"
+            (waiting or f"no new complete drop in {dataset.inbox} ({len(ready)} seen)")
             + (f". {unusable}" if unusable else "")
         )
     released = [] if retrain.force_retrain else _already_released(context.instance, dataset, new)
@@ -179,16 +188,22 @@ def new_drop_sensor(
     )
 
 
-def _read_cursor(cursor: str | None) -> dict[str, str | None]:
-    """The new-drop sensor's cursor: drop -> the signature (`drop_signature`) its files had when its run
-    was requested. A cursor of an earlier release (a JSON list of drop names) reads with no signatures:
-    those drops are not launched again, and the next tick records their signatures."""
+def _read_cursor(cursor: str | None) -> tuple[dict[str, str | None], dict[str, str]]:
+    """The new-drop sensor's cursor: ({drop: the signature (`drop_signature`) its files had when its run was
+    requested}, {drop: the signature of a change not yet settled}). A cursor of an earlier release (a JSON
+    list of drop names) reads with no signatures: those drops are not launched again, and the next tick
+    records their signatures."""
     if not cursor:
-        return {}
+        return {}, {}
     value = json.loads(cursor)
     if isinstance(value, list):
-        return {str(v): None for v in value}
-    return {str(k): (str(v) if v else None) for k, v in value.items()}
+        return {str(v): None for v in value}, {}
+    launched = value.get("launched", {})
+    return {str(k): (str(v) if v else None) for k, v in launched.items()}, dict(value.get("settling", {}))
+
+
+def _write_cursor(launched: dict[str, str | None], settling: dict[str, str]) -> str:
+    return json.dumps({"launched": launched, "settling": settling})
 
 
 def _latest_version(instance: dg.DagsterInstance) -> str | None:

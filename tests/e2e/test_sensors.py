@@ -86,42 +86,65 @@ def test_new_drop_sensor_adds_partition_and_one_run_per_drop(tmp_path):
     assert [list(r.partition_keys) for r in fourth.dynamic_partitions_requests] == [["v0003"]], (
         "only the partition that does not exist yet is added"
     )
-    assert list(json.loads(fourth.cursor)) == ["v0001", "v0002", "v0003"], fourth.cursor
+    assert list(json.loads(fourth.cursor)["launched"]) == ["v0001", "v0002", "v0003"], fourth.cursor
+
+
+def _tick_cursor(instance, inbox: Path, cursor: str | None):
+    """One evaluation as the daemon runs it: (result, the cursor it leaves, whether returned or updated)."""
+    context = dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={"dataset": DatasetSource(inbox=str(inbox)), "retrain": RetrainSettings()},
+    )
+    result = new_drop_sensor(context)
+    return result, (result.cursor if isinstance(result, dg.SensorResult) else context.cursor)
 
 
 def test_a_drop_that_changes_after_its_run_was_requested_is_trained_again(tmp_path):
     """`cp -r` / shutil.copytree wrote `_READY` before `labels.csv`: the tick launched a run that failed on
     the half-copied drop, and once the copy finished no tick looked at it again. The cursor keeps each
-    launched drop's signature (paths, sizes, mtimes); a change retrains the newest version, once."""
+    launched drop's signature (paths, sizes, mtimes); a change that stays for one tick retrains the newest
+    version, once, and a drop still changing on every tick waits."""
     import os
 
     instance = dg.DagsterInstance.ephemeral()
     inbox = tmp_path / "inbox"
     (inbox / "v0001" / "images").mkdir(parents=True)
     (inbox / "v0001" / "_READY").write_text("v0001\n")  # the marker landed first
-    first = _tick(instance, inbox, None)
+    first, cursor = _tick_cursor(instance, inbox, None)
     assert [r.run_key for r in first.run_requests] == ["drop-v0001"]
     instance.add_dynamic_partitions("dataset_version", ["v0001"])
-    assert isinstance(_tick(instance, inbox, first.cursor), dg.SkipReason), "nothing changed yet"
+    quiet, cursor = _tick_cursor(instance, inbox, cursor)
+    assert isinstance(quiet, dg.SkipReason) and "no new complete drop" in quiet.skip_message, quiet
 
-    (inbox / "v0001" / "labels.csv").write_text("file,label\n")  # the rest of the copy arrives
-    again = _tick(instance, inbox, first.cursor)
+    for i in range(3):  # the copy still running: one more file every tick, no run yet
+        (inbox / "v0001" / "images" / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+        waiting, cursor = _tick_cursor(instance, inbox, cursor)
+        assert isinstance(waiting, dg.SkipReason) and "changed since their run" in waiting.skip_message, (
+            waiting
+        )
+    (inbox / "v0001" / "labels.csv").write_text("file,label\n")
+    waiting, cursor = _tick_cursor(instance, inbox, cursor)
+    assert isinstance(waiting, dg.SkipReason), waiting
+    again, cursor = _tick_cursor(instance, inbox, cursor)  # unchanged for one tick: settled
     assert isinstance(again, dg.SensorResult), again
     [run] = again.run_requests
     assert run.partition_key == "v0001" and run.run_key.startswith("drop-v0001-changed-"), run
     assert run.tags["roadwork/trigger"] == "changed_drop" and run.tags["roadwork/changed_drops"] == "v0001"
-    assert isinstance(_tick(instance, inbox, again.cursor), dg.SkipReason), "a change retrains once"
+    done, cursor = _tick_cursor(instance, inbox, cursor)
+    assert isinstance(done, dg.SkipReason) and "no new complete drop" in done.skip_message, "retrained once"
 
     _drop(inbox, "v0002")  # a later drop: a change to v0001 now retrains v0002, which holds both
-    later = _tick(instance, inbox, again.cursor)
+    _, cursor = _tick_cursor(instance, inbox, cursor)
     instance.add_dynamic_partitions("dataset_version", ["v0002"])
     labels = inbox / "v0001" / "labels.csv"
     labels.write_text("file,label\n\n")
     os.utime(labels, ns=(1, 1))
-    changed = _tick(instance, inbox, later.cursor)
+    _, cursor = _tick_cursor(instance, inbox, cursor)
+    changed, cursor = _tick_cursor(instance, inbox, cursor)
     assert [r.partition_key for r in changed.run_requests] == ["v0002"], changed
 
-    legacy = _tick(instance, inbox, '["v0001", "v0002"]')  # a cursor written before signatures existed
+    legacy, _ = _tick_cursor(instance, inbox, '["v0001", "v0002"]')  # a cursor written before signatures
     assert isinstance(legacy, dg.SkipReason), "an old cursor must not relaunch every drop"
 
 
