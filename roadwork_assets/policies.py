@@ -193,7 +193,7 @@ def scrc_policy(
     calib_predictions: pd.DataFrame,
     calibrator,
 ):
-    from roadwork_core.calibration.scrc import fit_scrc_policy
+    from roadwork_core.calibration.scrc import fit_scrc_policy, tie_warning
 
     require_green_splits(context)
     calib = calib_set(SplitReader("scrc_policy", splits), calib_predictions, calibrator)
@@ -213,4 +213,6 @@ def scrc_policy(
         bound=config.bound,
         confidence_feature=config.confidence_feature,
     )
+    if warning := tie_warning(policy):
+        context.log.warning(f"scrc_policy: {warning}")
     return _policy_output(policy, calib, guarantee=policy.guarantee)

@@ -176,6 +176,22 @@ def ltt_threshold(
     return float(grid[j - 1]) if j >= 1 else 0.0
 
 
+def tie_warning(policy: ScrcPolicy) -> str | None:
+    """A message when many val_calib images share lambda1's whole key, so that the policy accepts far fewer
+    than target_coverage (they are deferred: the guarantee still holds, on fewer images). That happens when
+    the confidence and the calibrated p are both saturated: a step calibrator (isotonic, histogram) maps every
+    very confident logit to the same p."""
+    tied = policy.n_tied_at_lambda1 or 0
+    if policy.n == 0 or tied <= max(1, 0.05 * policy.n):
+        return None
+    return (
+        f"{tied} of {policy.n} val_calib images share lambda1's {policy.confidence_feature} and |p - 1/2| "
+        f"(a saturated score), so they are deferred: accepted {policy.n_accepted} against target_coverage "
+        f"{policy.target_coverage}. Choose a confidence_feature that still separates them, or a calibrator "
+        f"that keeps p continuous (calibrator.methods: [temperature] or [beta])"
+    )
+
+
 def _guarantee(
     mode: ScrcMode, alpha: float, delta: float | None, bound: LttBound | None, feature: str
 ) -> str:

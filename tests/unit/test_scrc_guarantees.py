@@ -370,3 +370,26 @@ def test_a_policy_saved_before_the_tiebreak_keeps_its_rule():
     assert (old.decide(p, {"max_prob": conf}) != "defer").sum() == 4, (
         "a saved policy accepts confidence >= lambda1"
     )
+
+
+def test_a_saturated_calibrated_p_leaves_the_tied_images_deferred_and_says_why():
+    """A step calibrator (isotonic) maps every very confident logit to p = 0 or 1: with max_prob saturated
+    too nothing breaks the tie at lambda1. The tied block is deferred (the guarantee holds on what is
+    accepted) and `tie_warning` names the cause and the fix."""
+    from roadwork_core.calibration.scrc import tie_warning
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.5).astype(np.int64)
+    p = np.where(y == 1, 1.0, 0.0)
+    p[:20] = 0.5  # a few unsure images
+    conf = np.maximum(p, 1 - p)
+    policy = fit_scrc_policy(p, conf, y, alpha=0.05, target_coverage=0.9)
+    assert policy.n_accepted < 0.9 * 400 and policy.n_tied_at_lambda1 > 300, policy
+    message = tie_warning(policy)
+    assert message and "calibrator.methods" in message and "saturated" in message, message
+    rng = np.random.default_rng(1)
+    y = (rng.random(400) < 0.5).astype(np.int64)
+    p = np.where(y == 1, rng.beta(4, 2, 400), rng.beta(2, 4, 400))
+    assert tie_warning(fit_scrc_policy(p, np.maximum(p, 1 - p), y)) is None, (
+        "a continuous score warns nothing"
+    )
