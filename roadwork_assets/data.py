@@ -32,6 +32,17 @@ class ImageTableConfig(dg.Config):
     )
 
 
+def _why_not_ready(folder) -> str:
+    from roadwork_core.data.drops import READY, version_name_problem
+
+    if not folder.is_dir():
+        return "its folder is gone"
+    if not (folder / READY).is_file():
+        return f"its {READY} marker is missing"
+    problem = version_name_problem(folder.name)
+    return f"its name {problem}" if problem else "not listed as ready"
+
+
 def withdrawn_drops(instance: dg.DagsterInstance, version: str, drops: list[str]) -> dict[str, str]:
     """Drops (sorting at or before `version`) that this version's last image table, or that of the newest
     earlier version that was split, held but that are not among `drops` now: drop -> the version whose table
@@ -67,7 +78,10 @@ def image_table(
     drops = dataset.drops_for_version(context.partition_key)
     gone = withdrawn_drops(context.instance, context.partition_key, [p.name for p in drops])
     if gone and not config.allow_withdrawn_drops:
-        named = ", ".join(f"{d} (in {v}'s image table)" for d, v in sorted(gone.items()))
+        named = ", ".join(
+            f"{d} (in {v}'s image table; {_why_not_ready(dataset.inbox_path / d)})"
+            for d, v in sorted(gone.items())
+        )
         raise dg.Failure(
             description=f"drops an earlier image table held are gone or not ready: {named}. Restore them (a drop "
             f"counts once `{dataset.inbox_path}/<drop>/_READY` exists; a re-upload should write `_READY` last), "

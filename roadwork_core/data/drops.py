@@ -117,7 +117,7 @@ def version_key(version: str) -> tuple[tuple[str | int, ...], str]:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), version
 
 
-MAX_VERSION_BYTES = 100  # in UTF-8; artifact folders are named `.tmp-<version>-<random>` (atomic_dir)
+MAX_VERSION_BYTES = 200  # in UTF-8; artifact folders are named `.tmp-<version>-<random>` (atomic_dir)
 
 
 def version_name_problem(name: str) -> str | None:
