@@ -14,7 +14,8 @@ Added borders: a copy letterboxed, padded to a square or framed in black, white 
 bits from its original (a 2 % black frame already 8). `content_box` finds such a frame (uniform neutral
 lines along an edge) and the phash of the image inside it is the last entry of `phash_dihedral`; two images
 are also near-duplicates when the content hash of one is within `radius` of the phash or content hash of
-the other. Crops, small rotations, coloured frames and overlays stay out of a perceptual hash's reach
+the other, a flip or quarter turn of one included (a mirrored copy in a frame). Crops, small rotations,
+coloured frames and overlays stay out of a perceptual hash's reach
 (see README, "Splits and the split contract").
 
 Candidate pairs come from a multi-index (pigeonhole) search: split the 64 bits into `radius + 1`
@@ -297,6 +298,7 @@ def near_duplicate_pairs(
         found.append(_variant_pairs(hashes, var, radius))
         content = var[:, N_FLIPS]  # both images framed (or one framed the colour of the other's edge)
         found += [_pairs_sharing_band(content, shift, mask, radius) for shift, mask in _band_masks(radius)]
+        found.append(_variant_pairs(content, var[:, :N_FLIPS], radius))  # a mirrored copy with a frame
     pairs = np.concatenate(found)
     # a pair may agree on several bands: keep each once, in (i, j) order
     keys = np.unique(pairs[:, 0] * n + pairs[:, 1])
@@ -318,6 +320,8 @@ def pair_distances(
         dist = np.minimum(dist, hamming_distance(var[a], hashes[b][:, None]).min(axis=1))
         dist = np.minimum(dist, hamming_distance(var[b], hashes[a][:, None]).min(axis=1))
         dist = np.minimum(dist, hamming_distance(var[a, N_FLIPS], var[b, N_FLIPS]))
+        dist = np.minimum(dist, hamming_distance(var[a, :N_FLIPS], var[b, N_FLIPS][:, None]).min(axis=1))
+        dist = np.minimum(dist, hamming_distance(var[b, :N_FLIPS], var[a, N_FLIPS][:, None]).min(axis=1))
     return dist
 
 

@@ -91,13 +91,17 @@ def framed(img: Image.Image, how: str) -> Image.Image:
         out = Image.new("RGB", (w + round(0.08 * w), h), (128, 128, 128))
         out.paste(img, (0, 0))
         return out
+    if how == "mirror_white":  # a mirrored copy in a frame: a flip and a border at once
+        return ImageOps.expand(
+            img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), border=round(0.05 * w), fill=(255,) * 3
+        )
     side = max(w, h)  # "square": letterboxed into a black square, as a resize-with-padding export does
     out = Image.new("RGB", (side, side), (0, 0, 0))
     out.paste(img, ((side - w) // 2, (side - h) // 2))
     return out
 
 
-FRAMES = ("black_2pct", "white_5pct", "grey_right", "square")
+FRAMES = ("black_2pct", "white_5pct", "grey_right", "square", "mirror_white")
 
 
 def test_framed_and_letterboxed_copies_are_near_duplicates_through_the_content_hash() -> None:
