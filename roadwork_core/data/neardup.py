@@ -108,6 +108,17 @@ def content_box(img) -> tuple[int, int, int, int] | None:
     return (round(left * w / sw), round(top * h / sh), w - round(right * w / sw), h - round(bottom * h / sh))
 
 
+def _inside_frames(img, depth: int = 3):
+    """The image inside its neutral frames, nested ones too (a screenshot: a grey title bar, then the white
+    page around the photo), up to `depth` trims; `img` itself when it has none."""
+    for _ in range(depth):
+        box = content_box(img)
+        if box is None:
+            break
+        img = img.crop(box)
+    return img
+
+
 def _phash32(img):
     import imagehash
     from PIL import Image
@@ -139,8 +150,8 @@ def dihedral_phashes(img) -> tuple[str, str]:
         Image.Transpose.TRANSPOSE,
         Image.Transpose.TRANSVERSE,
     )
-    box = content_box(img)
-    content = _phash32(img.crop(box))[1] if box else phash
+    inner = _inside_frames(img)
+    content = _phash32(inner)[1] if inner is not img else phash
     return phash, " ".join([*(str(imagehash.phash(small.transpose(op))) for op in ops), content])
 
 

@@ -91,6 +91,11 @@ def framed(img: Image.Image, how: str) -> Image.Image:
         out = Image.new("RGB", (w + round(0.08 * w), h), (128, 128, 128))
         out.paste(img, (0, 0))
         return out
+    if how == "screenshot":  # pasted off-centre on a white page under a grey title bar
+        page = Image.new("RGB", (round(1.5 * w), round(1.6 * h)), (255, 255, 255))
+        page.paste(img, (round(0.1 * w), round(0.35 * h)))
+        page.paste((128, 128, 128), (0, 0, page.width, round(0.12 * h)))
+        return page
     if how == "mirror_white":  # a mirrored copy in a frame: a flip and a border at once
         return ImageOps.expand(
             img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), border=round(0.05 * w), fill=(255,) * 3
@@ -101,7 +106,7 @@ def framed(img: Image.Image, how: str) -> Image.Image:
     return out
 
 
-FRAMES = ("black_2pct", "white_5pct", "grey_right", "square", "mirror_white")
+FRAMES = ("black_2pct", "white_5pct", "grey_right", "square", "mirror_white", "screenshot")
 
 
 def test_framed_and_letterboxed_copies_are_near_duplicates_through_the_content_hash() -> None:
