@@ -131,6 +131,35 @@ def test_framed_and_letterboxed_copies_are_near_duplicates_through_the_content_h
     assert dist.max() <= 6, dist
 
 
+def test_copies_cropped_5_or_10_percent_from_one_side_pair_through_the_crop_variants() -> None:
+    """A crop moves a phash 8-14 bits (11 of 20 planted 5 % crops and 17 of 20 10 % crops left val_test).
+    The crop variants (5 % and 10 % cut from each side) catch them at 2 bits; a 30 % crop stays unpaired."""
+    from roadwork_core.data.neardup import N_VARIANTS
+
+    originals = [scene(40 + i, size=(400, 300)) for i in range(10)]
+    rows = [dihedral_phashes(img) for img in originals]
+    copies = {}
+    for i, img in enumerate(originals):
+        w, h = img.size
+        for fraction in (0.05, 0.10, 0.30):
+            d = round(fraction * (w if i % 2 == 0 else h))
+            box = [(d, 0, w, h), (0, d, w, h), (0, 0, w - d, h), (0, 0, w, h - d)][i % 4]
+            copies[len(rows)] = (i, fraction)
+            rows.append(dihedral_phashes(Image.open(io.BytesIO(jpeg(img.crop(box)))).convert("RGB")))
+    phashes, variants = [h for h, _ in rows], [v for _, v in rows]
+    pairs = {tuple(p) for p in near_duplicate_pairs(phashes, 6, variants).tolist()}
+    for fraction in (0.05, 0.10):
+        missed = [c for c, (o, f) in copies.items() if f == fraction and (o, c) not in pairs]
+        assert not missed, f"{fraction:.0%} crops not paired: {missed}"
+    no_crops = [" ".join(v.split()[:N_VARIANTS]) for v in variants]
+    without = {tuple(p) for p in near_duplicate_pairs(phashes, 6, no_crops).tolist()}
+    assert sum((o, c) not in without for c, (o, f) in copies.items() if f < 0.3) >= 5, (
+        "crops must defeat the rest"
+    )
+    strangers = [(a, b) for a, b in pairs if copies.get(a, (a,))[0] != copies.get(b, (b,))[0]]
+    assert not strangers, f"distinct scenes paired: {strangers}"
+
+
 def test_content_box_finds_neutral_frames_only() -> None:
     img = scene(3, size=(400, 300))
     assert content_box(img) is None
@@ -146,7 +175,7 @@ def test_content_box_finds_neutral_frames_only() -> None:
     assert content_box(plain) is None
     # the dihedral hashes are unchanged; the content hash is appended, equal to the phash without a frame
     phash, variants = dihedral_phashes(img)
-    assert len(variants.split()) == 8 and variants.split()[-1] == phash
+    assert len(variants.split()) == 16 and variants.split()[7] == phash
 
 
 def test_rows_hashed_before_the_content_hash_still_compare() -> None:
@@ -158,7 +187,7 @@ def test_rows_hashed_before_the_content_hash_still_compare() -> None:
     copy_phash, copy_variants = dihedral_phashes(framed(img, "square"))
     pairs = near_duplicate_pairs([old_phash, copy_phash], 6, [old_variants, copy_variants])
     assert pairs.tolist() == [[0, 1]]
-    with pytest.raises(ValueError, match="expected 8 space-separated"):
+    with pytest.raises(ValueError, match="expected 16 space-separated"):
         near_duplicate_pairs([old_phash, copy_phash], 6, [" ".join(new_variants.split()[:5]), copy_variants])
 
 
