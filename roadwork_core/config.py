@@ -65,6 +65,18 @@ def exact_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
+def serve_exact_fp32(device) -> None:
+    """Turn TF32 off for this process when `device` is CUDA: a bundle's logits must be the ones its
+    calibration and policies were fitted on, which the prediction assets computed under `exact_fp32`.
+    PyTorch's default keeps TF32 on for cuDNN convolutions (the ViT patch embedding), and a per-call
+    toggle would race between concurrent requests, so a bundle loaded on CUDA sets it once, for the
+    process. Nothing changes on CPU or MPS."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
 def knob(default: Any, doc: str) -> Any:
     """A dataclass field with a default and a one-line description (shown in the Dagster launchpad)."""
     if isinstance(default, list | dict | set):

@@ -30,6 +30,7 @@ from roadwork_core.bundle.parts import (
 )
 from roadwork_core.bundle.schema import CALIBRATOR_FILE, POLICY_FILE, BundleManifest
 from roadwork_core.bundle.verify import read_manifest, verified_files
+from roadwork_core.config import serve_exact_fp32
 from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
 from roadwork_core.models.classifier import RoadworkClassifier
 from roadwork_core.models.serialization import CLASSIFIER_CONFIG_FILE, CLASSIFIER_WEIGHTS_FILE
@@ -80,6 +81,7 @@ class Bundle:
         calibrator = load_calibrator(contents[CALIBRATOR_FILE], path / CALIBRATOR_FILE)
         answer_rule = load_answer_rule(contents, path, manifest.schema_version)
         dev = resolve_device(device)
+        serve_exact_fp32(dev)  # CUDA: TF32 off, as the prediction assets computed the calibration logits
         model, config = load_model(
             contents[CLASSIFIER_WEIGHTS_FILE], contents[CLASSIFIER_CONFIG_FILE], path, dev
         )

@@ -449,3 +449,18 @@ def test_backbone_directory_round_trip_and_errors(tmp_path: Path) -> None:
     (tmp_path / "bb" / "report.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"report\.json.*rematerialize explora_backbone"):
         load_backbone(tmp_path / "bb")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "cpu"])
+def test_a_bundle_on_cuda_serves_without_tf32_as_its_calibration_logits_were_computed(device: str) -> None:
+    from roadwork_core.config import serve_exact_fp32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # a training step's
+        serve_exact_fp32(torch.device(device))  # flags only: no GPU needed to set them
+        on_cuda = device.startswith("cuda")
+        assert torch.backends.cuda.matmul.allow_tf32 is not on_cuda
+        assert torch.backends.cudnn.allow_tf32 is not on_cuda
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
