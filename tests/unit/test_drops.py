@@ -598,3 +598,43 @@ def test_a_drop_of_unlabelled_images_only_adds_to_the_pool_and_blocks_nothing(tm
     (inbox / "v0002" / "notes.txt").write_text("a stray file")  # anything else: the format must be named
     with pytest.raises(ValueError, match="cannot tell the format"):
         read_drop(inbox / "v0002")
+
+
+def test_drop_signature_sees_what_the_sensor_must_and_keeps_the_digest_stored_cursors_hold(
+    tmp_path: Path,
+) -> None:
+    """The new-drop sensor compares each launched drop's signature with the one in its cursor: a changed
+    file, size or mtime, or an added or removed image changes it; `_READY`, OS litter and symlinked folders
+    do not count. The digest is the one the earlier rglob-based signature wrote (the reference below), so
+    a cursor written by it does not see every launched drop as changed after an upgrade."""
+    import hashlib
+
+    from roadwork_core.data.fingerprint import _junk, drop_signature
+
+    drop = tmp_path / "v0001"
+    for rel in ("a/b/1.jpg", "a-b/2.jpg", "a.jpg", "a-c.jpg", "sub/_x/3.jpg", "real/4.jpg", "Ä.jpg", "sp ace.jpg",
+                "__MACOSX/x.jpg", ".hidden/y.jpg", "Thumbs.db", ".DS_Store", "_READY", "sub/_READY"):  # fmt: skip
+        (drop / rel).parent.mkdir(parents=True, exist_ok=True)
+        (drop / rel).write_bytes(b"x" * len(rel))
+    (drop / "sub" / "linkdir").symlink_to(drop / "real")
+    (drop / "link.jpg").symlink_to(drop / "real" / "4.jpg")
+    (drop / "broken.jpg").symlink_to(drop / "nowhere")
+
+    def reference(d: Path) -> str:
+        h = hashlib.sha256()
+        for p in sorted(p for p in d.rglob("*") if p.is_file() and p.name != "_READY" and not _junk(p, d)):
+            info = p.stat()
+            h.update(f"{p.relative_to(d).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    first = drop_signature(drop)
+    assert first == reference(drop)
+    for litter in ("Thumbs.db", "_READY", "__MACOSX/x.jpg", "real/.DS_Store"):
+        (drop / litter).write_bytes(b"changed litter")
+    assert drop_signature(drop) == first, "litter, _READY or a symlinked folder changed the signature"
+    os.utime(drop / "a.jpg", ns=(1, 1))
+    touched = drop_signature(drop)
+    assert touched != first, "a new mtime must change the signature"
+    (drop / "a" / "b" / "5.jpg").write_bytes(b"new")
+    assert drop_signature(drop) not in (first, touched), "an added image must change the signature"
+    assert drop_signature(drop) == reference(drop)
