@@ -5,8 +5,9 @@ Every backbone comes back headless (`num_classes=0`): `forward(x (B, 3, S, S)) -
 `pretrained_cfg`; callers read it through `backbone_data_config`, never hard-code it.
 
 Weights, in order of precedence:
-- `weights_file`: a local file (safetensors or a torch state dict) loaded by timm through
-  `pretrained_cfg_overlay=dict(file=...)`; no network access.
+- `weights_file`: a local file (safetensors or a torch state dict, read by timm's `load_state_dict` and the
+  model's own `checkpoint_filter_fn`, as timm's pretrained loading does) loaded strictly: a classifier
+  head in the file is dropped, any other key the model lacks or misses is an error. No network access.
 - `pretrained=True`: timm's own source (Hugging Face hub); needs network access.
 - otherwise random init (tests, the CPU demo).
 """
@@ -166,6 +167,50 @@ def _check_weights_file(path: Path) -> None:
             ) from err
 
 
+def _load_weights_file(model: nn.Module, path: Path, timm_name: str) -> None:
+    """Load `path` into the headless `model`, strictly. timm's pretrained loading turns non-strict whenever
+    the model's class count differs from its pretrained_cfg's (1000 for ImageNet-tuned ViTs, and timm's test
+    ViTs), so a file of another layout (a classifier checkpoint's `backbone.`-prefixed keys, another
+    model's) would leave the backbone random with a log line only. The same steps as timm's: its
+    `load_state_dict` (safetensors or torch, `state_dict` / `model` wrappers, the `module.` prefix), the
+    model's `checkpoint_filter_fn` (upstream DINOv2 / DINOv3 layouts, position embeddings resampled to
+    the built image size), the classifier head dropped; then every key must match."""
+    import sys
+
+    from timm.models import load_state_dict
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(
+            f"backbone.weights_file {path} could not be loaded into {timm_name} ({why}); give the {timm_name} "
+            "backbone's own weights (timm or upstream layout) as safetensors or a torch state dict"
+        )
+
+    try:
+        state = load_state_dict(str(path), use_ema=True, weights_only=True)
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+    except Exception as err:  # noqa: BLE001  unpickling refused, a truncated file, a layout the filter rejects
+        raise refuse(f"{type(err).__name__}: {err}") from err
+    heads = model.pretrained_cfg.get("classifier") or ()
+    for head in (heads,) if isinstance(heads, str) else heads:
+        state.pop(f"{head}.weight", None)
+        state.pop(f"{head}.bias", None)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not fit (another size of the same family)
+        raise refuse(f"RuntimeError: {str(err)[:600]}") from err
+    if result.missing_keys or result.unexpected_keys:
+
+        def first(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+        raise refuse(
+            f"{len(result.missing_keys)} of the model's weights not in the file: {first(result.missing_keys) or '-'}; "
+            f"{len(result.unexpected_keys)} keys of the file not in the model: {first(result.unexpected_keys) or '-'}"
+        )
+
+
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
     """Headless timm ViT for `cfg`: forward(x (B, 3, S, S)) -> (B, num_features).
 
@@ -175,12 +220,9 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
     overlay: dict[str, Any] = {}
     if "img_size" in kwargs:  # keep pretrained_cfg's input_size in step with the built model
         overlay["input_size"] = (3, int(kwargs["img_size"]), int(kwargs["img_size"]))
-    pretrained = cfg.pretrained
+    pretrained = cfg.pretrained and cfg.weights_file is None
     if cfg.weights_file is not None:
         _check_weights_file(Path(cfg.weights_file))
-        # source "" selects timm's default resolution, where a set `file` wins over url / hub.
-        overlay.update(file=str(cfg.weights_file), source="")
-        pretrained = True
     try:
         model = timm.create_model(
             timm_name,
@@ -190,13 +232,8 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
             **kwargs,
         )
     except (OSError, RuntimeError, ValueError) as err:
-        if not pretrained or cfg.weights_file is not None:
-            if cfg.weights_file is None:
-                raise
-            raise ValueError(
-                f"backbone.weights_file {cfg.weights_file} could not be loaded into {timm_name} ({type(err).__name__}: "
-                f"{err}); give the {timm_name} weights as safetensors or a torch state dict"
-            ) from err
+        if not pretrained:
+            raise
         raise RuntimeError(
             f"backbone.pretrained: true could not fetch the {timm_name} weights from timm's source (the Hugging "
             f"Face hub: {type(err).__name__}: {err}). Without network access, download them once elsewhere and set "
@@ -207,6 +244,8 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
             f"Backbone {cfg.name!r} builds a {type(model).__name__}; only timm VisionTransformer and Eva "
             f"(DINOv2 / DINOv3) backbones are supported. Valid presets: {', '.join(sorted(PRESETS))}"
         )
+    if cfg.weights_file is not None:
+        _load_weights_file(model, Path(cfg.weights_file), timm_name)
     if cfg.attn_backend in ("sdpa", "eager"):
         for module in model.modules():
             if hasattr(module, "fused_attn"):

@@ -169,3 +169,29 @@ def test_weights_file_and_offline_pretrained_errors_name_the_setting_and_the_fix
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match=r"set backbone\.weights_file to the local file"):
         create_backbone(BackboneConfig(name="vit_test_tiny", pretrained=True))
+
+
+@pytest.mark.parametrize("name", ["vit_test_tiny", "vit_small_patch16_224"])
+def test_weights_file_of_another_layout_is_refused_not_left_random(name: str, tmp_path) -> None:
+    """timm loads non-strictly when the model's class count differs from its pretrained_cfg's (vit_test_tiny,
+    ImageNet-tuned ViTs): a classifier checkpoint's `backbone.`-prefixed keys left the backbone random with a
+    log line only. Every key must now match; a classifier head in the file is dropped, not refused."""
+    kwargs = {"depth": 1} if name != "vit_test_tiny" else {}
+    source = create_backbone(BackboneConfig(name=name, model_kwargs=kwargs))
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    prefixed = tmp_path / "classifier.safetensors"
+    save_file({f"backbone.{k}": v for k, v in state.items()}, str(prefixed))
+    with pytest.raises(
+        ValueError, match=r"weights_file .*classifier\.safetensors could not be loaded .* not in the file"
+    ):
+        create_backbone(BackboneConfig(name=name, weights_file=str(prefixed), model_kwargs=kwargs))
+    with_head = tmp_path / "with_head.pth"
+    width = source.num_features
+    torch.save(
+        {"model": {**state, "head.weight": torch.zeros(1000, width), "head.bias": torch.zeros(1000)}},
+        with_head,
+    )
+    loaded = create_backbone(BackboneConfig(name=name, weights_file=str(with_head), model_kwargs=kwargs))
+    assert state_dict_sha256(loaded) == state_dict_sha256(source), (
+        "the file's backbone weights were not loaded"
+    )
