@@ -382,23 +382,41 @@ def distorted_predictions(
     distort_fn: Callable[[Any, int, int], Any],
     levels: Sequence[int] = (0, 1, 2, 3),
     seed: int = 0,
+    chunk_size: int = 8,
 ) -> dict[int, pd.DataFrame]:
     """Per level: predict on every image distorted by `distort_fn(img, level, seed + i)`.
 
     `predict_fn(images)` returns one row per image with at least p_roadwork and decision (e.g.
     `Bundle.predict`); `label` and `level` are added. The result feeds `robustness=`.
+
+    Images are taken `chunk_size` at a time (`images[i]`, so a lazy sequence decodes each once) and every
+    level is predicted on a chunk before the next is read: memory holds one chunk of full-size images and
+    their distorted copies, not the whole test split (12 MP photos: ~90 MB each). Each image's distortion
+    depends on (level, seed + i) only, so the result does not depend on `chunk_size`.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels; pass one label per image")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    parts: dict[int, list[pd.DataFrame]] = {int(lvl): [] for lvl in levels}
+    for start in range(0, len(images), chunk_size):
+        chunk = [images[i] for i in range(start, min(len(images), start + chunk_size))]
+        for lvl in parts:
+            distorted = [distort_fn(img, lvl, seed + start + j) for j, img in enumerate(chunk)]
+            table = pd.DataFrame(predict_fn(distorted)).reset_index(drop=True)
+            if len(table) != len(chunk):
+                raise ValueError(
+                    f"predict_fn returned {len(table)} rows for {len(chunk)} images at level {lvl}"
+                )
+            parts[lvl].append(table)
+            del distorted
+        del chunk
     out = {}
-    for lvl in levels:
-        distorted = [distort_fn(img, int(lvl), seed + i) for i, img in enumerate(images)]
-        table = pd.DataFrame(predict_fn(distorted)).reset_index(drop=True)
-        if len(table) != len(images):
-            raise ValueError(f"predict_fn returned {len(table)} rows for {len(images)} images at level {lvl}")
+    for lvl, tables in parts.items():
+        table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(predict_fn([]))
         table[LABEL_COL] = np.asarray(labels)
-        table["level"] = int(lvl)
-        out[int(lvl)] = table
+        table["level"] = lvl
+        out[lvl] = table
     return out
 
 

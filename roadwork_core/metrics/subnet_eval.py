@@ -40,13 +40,16 @@ def replica_predictions(
     levels: Sequence[int] = LEVELS,
     seed: int = 0,
     transform_threads: int | None = None,
+    chunk_size: int = 8,
 ) -> pd.DataFrame:
-    """Predict every image at every challenge level. One row per (image, level).
+    """Predict every image at every challenge level. One row per (image, level), level by level.
 
     `predict_fn(images)` returns one row per image with `p_roadwork` and `p_raw`, and `answer` when
     the bundle gives one. Image i at level l uses the generator seeded (seed, i, l), so a report is
     reproducible and each image's challenges do not depend on the others. `transform_threads` sets
     torch's thread count while the challenges are computed (the model forward keeps its own).
+    Images are taken `chunk_size` at a time (`images[i]`: a lazy sequence decodes each once), every level
+    on a chunk before the next: memory holds one chunk of full-size images, not the whole test split.
     """
     import torch
 
@@ -54,25 +57,37 @@ def replica_predictions(
 
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels; pass one label per image")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    parts: dict[int, list[pd.DataFrame]] = {int(level): [] for level in levels}
+    for start in range(0, len(images), chunk_size):
+        chunk = [images[i] for i in range(start, min(len(images), start + chunk_size))]
+        for level in parts:
+            before = torch.get_num_threads()
+            torch.set_num_threads(transform_threads or before)
+            try:
+                challenged = [
+                    apply_level(img, level, np.random.default_rng([seed, start + j, level]))
+                    for j, img in enumerate(chunk)
+                ]
+            finally:
+                torch.set_num_threads(before)
+            table = pd.DataFrame(predict_fn(challenged)).reset_index(drop=True)
+            if len(table) != len(chunk):
+                raise ValueError(
+                    f"predict_fn returned {len(table)} rows for {len(chunk)} images at level {level}"
+                )
+            table["image_index"] = np.arange(start, start + len(chunk))
+            parts[level].append(table)
+            del challenged
+        del chunk
     tables = []
-    for level in levels:
-        before = torch.get_num_threads()
-        torch.set_num_threads(transform_threads or before)
-        try:
-            challenged = [
-                apply_level(img, int(level), np.random.default_rng([seed, i, int(level)]))
-                for i, img in enumerate(images)
-            ]
-        finally:
-            torch.set_num_threads(before)
-        table = pd.DataFrame(predict_fn(challenged)).reset_index(drop=True)
-        if len(table) != len(images):
-            raise ValueError(
-                f"predict_fn returned {len(table)} rows for {len(images)} images at level {level}"
-            )
-        table["image_index"] = np.arange(len(images))
+    for level, chunks in parts.items():
+        table = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(predict_fn([]))
+        if not chunks:
+            table["image_index"] = np.arange(0)
         table["label"] = np.asarray(labels, dtype=int)
-        table["level"] = int(level)
+        table["level"] = level
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
 

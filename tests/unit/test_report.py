@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -192,3 +193,52 @@ def test_distorted_predictions_feeds_robustness():
     assert list(tables[0]["label"]) == labels and (tables[2]["level"] == 2).all()
     r = build_evaluation_report(tables[0], robustness=tables, n_bootstrap=5, slice_columns=[])
     assert list(r.robustness["level"]) == [0, 2] and not math.isnan(r.robustness["coverage"].iloc[0])
+
+
+def test_distorted_and_replica_predictions_hold_one_chunk_of_images_not_the_split():
+    """The evaluation decodes val_test lazily; both sections used to hold every decoded image and every
+    distorted copy at once (~90 MB per 12 MP photo). Now at most one chunk is alive, and the tables do not
+    depend on the chunk size (each image's distortion is seeded by its index)."""
+    import weakref
+
+    from roadwork_core.metrics.subnet_eval import replica_predictions
+
+    alive, peak = [0], [0]  # images not yet freed (PIL images are unhashable: counted by finalizers)
+
+    def track(img: Image.Image) -> None:
+        alive[0] += 1
+        weakref.finalize(img, lambda: alive.__setitem__(0, alive[0] - 1))
+
+    class Lazy(Sequence):  # what evaluate_bundle_on_test passes: decoded when indexed
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int) -> Image.Image:
+            rng = np.random.default_rng(i)
+            img = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+            track(img)
+            return img
+
+    def darken(img: Image.Image, level: int, seed: int) -> Image.Image:
+        return img.point(lambda v: max(0, v - 30 * level + seed % 7))
+
+    def predict(batch: list[Image.Image]) -> pd.DataFrame:
+        for img in batch:  # the distorted / challenged copies, beside the decoded images still referenced
+            track(img)
+        peak[0] = max(peak[0], alive[0])
+        p = [float(np.asarray(im)[..., 0].mean() / 255) for im in batch]
+        return pd.DataFrame({"p_roadwork": p, "p_raw": p, "decision": ["roadwork"] * len(p)})
+
+    labels = [i % 2 for i in range(10)]
+    whole = distorted_predictions(Lazy(), labels, predict, darken, levels=(0, 2), chunk_size=10)
+    peak[0] = 0
+    chunked = distorted_predictions(Lazy(), labels, predict, darken, levels=(0, 2), chunk_size=3)
+    assert peak[0] <= 2 * 3, f"{peak[0]} images alive at once with chunk_size 3 (decoded + distorted)"
+    for level in (0, 2):
+        pd.testing.assert_frame_equal(whole[level], chunked[level])
+    a = replica_predictions(Lazy(), labels, predict, seed=1, chunk_size=10)
+    peak[0] = 0
+    b = replica_predictions(Lazy(), labels, predict, seed=1, chunk_size=4)
+    assert peak[0] <= 2 * 4, f"{peak[0]} images alive at once with chunk_size 4 (decoded + challenged)"
+    pd.testing.assert_frame_equal(a, b)
+    assert list(b["image_index"][b["level"] == 0]) == list(range(10))
