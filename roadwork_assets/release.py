@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from roadwork_assets._util import json_meta, latest_materialization_metadata, reader_metadata
+from roadwork_assets._util import json_meta, reader_metadata
 from roadwork_assets.data import require_green_splits
+from roadwork_assets.lineage import materialization_metadata, require_consistent_lineage
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.policies import calib_set
+from roadwork_assets.released import require_released_bundle
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.metrics.embed import folder_figures, markdown_images
 from roadwork_resources.gpu import GPUResource
@@ -64,14 +66,14 @@ def bundle(
         raise ValueError(f"bundle.release_policy={config.release_policy!r}; choose one of {sorted(policies)}")
     policy = policies[release_policy]
     require_green_splits(context)
+    lineage = require_consistent_lineage(context, BUNDLE_INPUTS)
     calib = calib_set(SplitReader("bundle", splits), calib_predictions, calibrator)
     summary = calib.summary(policy)
     answer_rule = fit_answer_rule(calib.p, calib.labels, source="val_calib")
-    # lineage: the sha256 the IO manager recorded for each upstream artifact of this partition
+    # lineage: the sha256 the IO manager recorded for each upstream artifact this bundle descends from (the
+    # materializations its inputs were made from, not the newest: image_table may have run again since)
     upstream = {
-        key: latest_materialization_metadata(context.instance, dg.AssetKey(key), context.partition_key).get(
-            "sha256"
-        )
+        key: materialization_metadata(context.instance, lineage, key).get("sha256")
         for key in (
             "image_table",
             "splits",
@@ -94,9 +96,7 @@ def bundle(
     log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
     # what `roadwork serve --latest` and new_drop_sensor read (roadwork_assets.released)
     bundle_id = verify_bundle(out).content_sha256
-    source = latest_materialization_metadata(
-        context.instance, dg.AssetKey("image_table"), context.partition_key
-    ).get("source_fingerprint")
+    source = materialization_metadata(context.instance, lineage, "image_table").get("source_fingerprint")
     return dg.Output(
         out,
         metadata={
@@ -111,6 +111,17 @@ def bundle(
             **reader_metadata(calib.reader),
         },
     )
+
+
+BUNDLE_INPUTS = (
+    "splits",
+    "classifier",
+    "calibrator",
+    "threshold_policy",
+    "gate_policy",
+    "scrc_policy",
+    "calib_predictions",
+)
 
 
 def _bundle_check(description: str, **kw):
@@ -206,6 +217,8 @@ def evaluation_report(
 
     gpu.setup()
     require_green_splits(context)
+    require_released_bundle(context)
+    require_consistent_lineage(context, ("splits", "test_predictions", "bundle"))
     reader = SplitReader("evaluation_report", splits)
     test_rows = reader.read(Split.VAL_TEST)
     test_preds = reader.restrict(Split.VAL_TEST, test_predictions)

@@ -144,3 +144,26 @@ def release_candidates() -> list:
     for released in found:
         newest_per_path.setdefault(released.path, released)
     return [_candidate(r) for r in newest_per_path.values()]
+
+
+def require_released_bundle(context: dg.AssetExecutionContext) -> None:
+    """`evaluation_report` reports on releases only: the bundle it loads (the partition's latest) must have
+    passed every blocking check of `bundle`. A blocking check stops downstream steps in its own run, but a
+    later run selecting `evaluation_report` alone would otherwise evaluate, and register in MLflow, a bundle
+    that failed `check_bundle_reproduces_predictions`."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=BUNDLE_KEY, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records or _as_released(context.instance, records[0]) is not None:
+        return  # no bundle: the IO manager names the missing input
+    record = records[0]
+    passed = _passed_checks(context.instance, record.run_id, record.partition_key)
+    failed = sorted(name for name in blocking_checks() if not passed.get(name, False))
+    raise dg.Failure(
+        description=(
+            f"the bundle of {context.partition_key} (run {record.run_id[:8]}) is not released: its blocking "
+            f"check(s) {failed} failed or did not run with it, so it may not be evaluated or registered. "
+            f"Materialize `bundle` again with its checks (--select 'bundle*' --partition {context.partition_key}), "
+            "or the assets it is made from first when the check says they do not match"
+        )
+    )

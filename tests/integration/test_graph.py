@@ -156,6 +156,39 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     assert abs(served["p_roadwork"].iloc[0] - pred.p_roadwork) < 1e-6
     assert abs(served["answer"].iloc[0] - pred.answer) < 1e-6, "the pyfunc must return the subnet answer"
 
+    def failure_of(run) -> str:
+        assert not run.success, "the run should have been refused"
+        return str(
+            next(
+                ev for ev in run.all_events if ev.event_type_value == "STEP_FAILURE"
+            ).event_specific_data.error
+        )
+
+    # a bundle materialized without its blocking checks is no release: evaluation_report alone refuses it
+    # (it used to evaluate it and register it in MLflow)
+    def only(*ops: str) -> dict:  # the run config for a selection (unknown ops are refused in process)
+        return {"resources": config["resources"], "ops": {k: v for k, v in config["ops"].items() if k in ops}}
+
+    unchecked = materialize(
+        dg.AssetSelection.assets("bundle").without_checks(), instance=instance, partition="v0001",
+        resources=resources, run_config=only("bundle"),
+    )  # fmt: skip
+    assert unchecked.success
+    message = failure_of(materialize(["evaluation_report"], instance=instance, partition="v0001", resources=resources, run_config=only("evaluation_report")))  # fmt: skip
+    assert "is not released" in message and "check_bundle_reproduces_predictions" in message, message
+
+    # `classifier+` minus the calibrator and policies: the bundle would ship the new model with the old
+    # model's calibration and SCRC thresholds (every check green); its inputs' lineage refuses it
+    retrain = only("classifier", "calib_predictions", "bundle")
+    retrain["ops"]["classifier"] = {"config": {**config["ops"]["classifier"]["config"], "lr": 0.01}}
+    mixed = materialize(
+        ["classifier", "calib_predictions", "bundle"], instance=instance, partition="v0001", resources=resources,
+        run_config=retrain,
+    )  # fmt: skip
+    message = failure_of(mixed)
+    assert "different materializations of" in message and "calibrator" in message, message
+    assert "--select 'classifier*'" in message, message
+
 
 def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, rw_home):
     """A class too small for min_per_class: the blocking split check fails, nothing downstream runs."""
