@@ -205,12 +205,14 @@ def splits(
     )
 
 
-_IN_PROGRESS = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
+# `splits` of a later version waits for an earlier version being split by another run: while that run is
+# started, up to _MAX_WAITS x _WAIT_SECONDS; while it is only queued, _QUEUED_WAITS times (it may be queued
+# behind this very run: the retrain queue runs one at a time, so it would start only once this one ends).
+_WAIT_SECONDS = 10
+_MAX_WAITS = 60
+_QUEUED_WAITS = 3
+_STARTED = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+_QUEUED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
 
 
 def relabelled_images(table: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
@@ -271,18 +273,41 @@ def _require_earlier_splits(context: dg.AssetExecutionContext, prev_version: str
     ]
     if not missing:
         return
-    running = [
-        v
-        for v in missing
-        if context.instance.get_runs_count(
-            dg.RunsFilter(statuses=_IN_PROGRESS, tags={"dagster/partition": v})
-        )
-    ]
-    if running:
+
+    def runs_of(statuses: list[dg.DagsterRunStatus]) -> dict[str, list[str]]:
+        found = {
+            v: [
+                r.run_id
+                for r in context.instance.get_runs(
+                    dg.RunsFilter(statuses=statuses, tags={"dagster/partition": v})
+                )
+            ]
+            for v in missing
+        }
+        return {v: ids for v, ids in found.items() if ids}
+
+    attempt = getattr(context, "retry_number", 0)
+    started = runs_of(_STARTED)
+    queued = {} if started else runs_of(_QUEUED)
+    if started and attempt < _MAX_WAITS:
         context.log.info(
-            f"waiting for the splits of earlier version(s) {running}, being materialized by other runs"
+            f"waiting for the splits of earlier version(s) {sorted(started)}, being materialized by other runs"
         )
-        raise dg.RetryRequested(max_retries=60, seconds_to_wait=10)
+        raise dg.RetryRequested(max_retries=_MAX_WAITS, seconds_to_wait=_WAIT_SECONDS)
+    if queued and attempt < _QUEUED_WAITS:  # a run about to start; one queued behind this run never will
+        context.log.info(f"waiting for the queued run(s) of earlier version(s) {sorted(queued)} to start")
+        raise dg.RetryRequested(max_retries=_MAX_WAITS, seconds_to_wait=_WAIT_SECONDS)
+    if started or queued:
+        what = "still running" if started else "still queued (behind this run: retrain runs go one at a time)"
+        ids = {v: [i[:8] for i in ids] for v, ids in (started or queued).items()}
+        raise dg.Failure(
+            description=(
+                f"splits for {current} must be made after the splits of the earlier dataset version(s) "
+                f"{sorted(ids)}, whose run(s) {ids} are {what} after {attempt * _WAIT_SECONDS} s of waiting. This run "
+                f"stops so that they can go on; materialize {current} again once they have finished (runs for "
+                "several versions are best launched oldest first, or as one backfill)"
+            )
+        )
     raise dg.Failure(
         description=(
             f"splits for {current} must stay sticky to the earlier dataset version(s) {missing}, whose splits were "

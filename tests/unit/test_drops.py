@@ -638,3 +638,46 @@ def test_drop_signature_sees_what_the_sensor_must_and_keeps_the_digest_stored_cu
     (drop / "a" / "b" / "5.jpg").write_bytes(b"new")
     assert drop_signature(drop) not in (first, touched), "an added image must change the signature"
     assert drop_signature(drop) == reference(drop)
+
+
+def test_splits_wait_for_a_started_earlier_version_but_not_forever_for_a_queued_one() -> None:
+    """An earlier version's run that is only queued may sit behind this run (retrain runs go one at a time):
+    waiting 10 minutes for it used to end in a bare 'Exceeded max_retries of 60'. Now: wait while it runs,
+    give a queued one three tries, then fail naming the run and what to do."""
+    import logging
+    import types
+    import uuid
+
+    import dagster as dg
+
+    from roadwork_assets import data
+    from roadwork_assets.partitions import dataset_version
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(dataset_version.name, ["v1", "v2", "v3"])
+
+        def context(attempt: int):
+            return types.SimpleNamespace(
+                partition_key="v3", instance=instance, retry_number=attempt, log=logging.getLogger("t")
+            )
+
+        def add_run(status: dg.DagsterRunStatus) -> str:
+            run_id = str(uuid.uuid4())
+            tags = {"dagster/partition": "v2"}
+            instance.add_run(dg.DagsterRun(job_name="retrain_job", run_id=run_id, status=status, tags=tags))
+            return run_id
+
+        queued = add_run(
+            dg.DagsterRunStatus.NOT_STARTED
+        )  # QUEUED needs a code location origin; same handling
+        with pytest.raises(dg.RetryRequested):
+            data._require_earlier_splits(context(0), "v1")
+        with pytest.raises(
+            dg.Failure, match=rf"\{{'v2': \['{queued[:8]}'\]\}} are still queued .*behind this run"
+        ):
+            data._require_earlier_splits(context(data._QUEUED_WAITS), "v1")
+        started = add_run(dg.DagsterRunStatus.STARTED)
+        with pytest.raises(dg.RetryRequested):  # a started run is waited for, past the queued tries
+            data._require_earlier_splits(context(data._QUEUED_WAITS), "v1")
+        with pytest.raises(dg.Failure, match=rf"{started[:8]}.* are still running after 600 s"):
+            data._require_earlier_splits(context(data._MAX_WAITS), "v1")
