@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from roadwork_assets._util import late_version_message, late_versions, latest_materialization_metadata
+from roadwork_assets._util import late_version_message, late_versions
 from roadwork_assets.partitions import dataset_version
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.paths import state_root
@@ -258,22 +258,26 @@ def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> d
     ).hexdigest()[:16]
     if context.cursor == fingerprint:
         return dg.SkipReason("monitoring folder unchanged since the last evaluation")
+    from roadwork_assets.lineage import materialization_metadata, walk_lineage
+    from roadwork_assets.released import BUNDLE_KEY, released_bundle
+
     version = _latest_version(context.instance)
-    bundle_path = (
-        latest_materialization_metadata(context.instance, dg.AssetKey("bundle"), version).get("path")
-        if version
-        else None
-    )
+    # the model in production: the newest version's release, not that version's latest bundle (a retrain
+    # still queued, running or failed has none, and a bundle whose checks failed is no release), compared
+    # with the training images of the splits it was made from
+    released = released_bundle(context.instance)
     splits_path = (
-        latest_materialization_metadata(context.instance, dg.AssetKey("splits"), version).get("path")
-        if version
+        materialization_metadata(
+            context.instance, walk_lineage(context.instance, {BUNDLE_KEY: released.storage_id}), "splits"
+        ).get("path")
+        if released
         else None
     )
-    if not bundle_path or not splits_path:
+    if released is None or not splits_path:
         return dg.SkipReason("no released bundle yet: nothing to compare with")
     splits = read_artifact(Path(splits_path))
     result = compare_with_training(
-        Path(read_artifact(Path(bundle_path))),
+        Path(read_artifact(released.path.parent)),  # the artifact directory; its bundle is dir/
         splits,
         [str(p) for p in files],
         sample=drift.sample,
@@ -283,7 +287,9 @@ def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> d
         cache_dir=state_root() / "drift_cache",
     )
     context.update_cursor(fingerprint)
-    context.log.info(f"drift figures for {version}: {result}")
+    context.log.info(
+        f"drift figures against the release of {released.partition} (run {released.run_id[:8]}): {result}"
+    )
     if not result.drifted:
         return dg.SkipReason(
             f"no significant drift (MMD p={result.mmd_pvalue:.3g}, PSI={result.psi:.3g}, KS p={result.ks_pvalue:.3g})"

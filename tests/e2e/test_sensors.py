@@ -231,16 +231,43 @@ def drift_world(tmp_path_factory) -> dict:
     }
 
 
-def _released_instance(world: dict, tmp_path: Path) -> dg.DagsterInstance:
-    """An instance whose bundle and splits for v0001 were materialized (recorded with their paths)."""
+def _released_instance(
+    world: dict, tmp_path: Path, partitions=("v0001",), release: bool = True
+) -> dg.DagsterInstance:
+    """An instance where `splits` and then `bundle` of v0001 were materialized in one run (recorded with their
+    artifact paths; the bundle's input pointer names that splits materialization), with every blocking check
+    of `bundle` passing (`release`) or failing: a release as `released_bundle` reads it. Later `partitions`
+    are only added, as new_drop_sensor does before their retrain has run."""
+    from roadwork_assets.partitions import dataset_version
+    from roadwork_assets.released import blocking_checks
+
     instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("dataset_version", ["v0001"])
+    instance.add_dynamic_partitions("dataset_version", list(partitions))
+    paths = {}
     for key, obj in (("bundle", Path(world["bundle"])), ("splits", world["splits"])):
-        dest = tmp_path / "artifacts" / key / "v0001"
-        write_artifact(dest, obj)
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(asset_key=key, partition="v0001", metadata={"path": str(dest)})
-        )
+        paths[key] = tmp_path / "artifacts" / key / "v0001"
+        write_artifact(paths[key], obj)
+
+    @dg.asset(name="splits", partitions_def=dataset_version)
+    def splits_written() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"path": str(paths["splits"])})
+
+    @dg.asset(name="bundle", partitions_def=dataset_version, deps=["splits"])
+    def bundle_written() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"path": str(paths["bundle"]), "bundle_id": "b" * 64})
+
+    def check(name: str):
+        @dg.asset_check(asset="bundle", name=name, blocking=True, partitions_def=dataset_version)
+        def _check() -> dg.AssetCheckResult:
+            return dg.AssetCheckResult(passed=release)
+
+        return _check
+
+    result = dg.materialize(
+        [splits_written, bundle_written, *(check(n) for n in sorted(blocking_checks()))],
+        instance=instance, partition_key="v0001", raise_on_error=False,
+    )  # fmt: skip
+    assert result.get_asset_materialization_events(), "the stand-in release was not recorded"
     return instance
 
 
@@ -276,6 +303,23 @@ def test_drift_sensor_skips_same_distribution(drift_world, tmp_path, monkeypatch
     result, cursor = _drift_tick(instance, drift_world["same"])
     assert isinstance(result, dg.SkipReason) and "no significant drift" in result.skip_message, result
     assert cursor, "an evaluated folder must be remembered in the cursor"
+
+
+def test_drift_sensor_compares_with_the_release_while_the_newest_version_retrains(
+    drift_world, tmp_path, monkeypatch
+):
+    """v0002 was added (its retrain queued, running or failed): no bundle there yet, and drift monitoring
+    used to stop ("no released bundle yet"). It compares with v0001's release and requests the newest
+    version's retrain. A bundle whose blocking checks failed is no release to compare with."""
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    monitor = tmp_path / "monitor"
+    shifted_copies(sorted(str(p) for p in drift_world["same"].glob("*.jpg")), monitor)
+    instance = _released_instance(drift_world, tmp_path, partitions=("v0001", "v0002"))
+    request, _ = _drift_tick(instance, monitor)
+    assert isinstance(request, dg.RunRequest) and request.partition_key == "v0002", request
+    failed = _released_instance(drift_world, tmp_path / "failed", release=False)
+    skip, _ = _drift_tick(failed, monitor)
+    assert isinstance(skip, dg.SkipReason) and "no released bundle" in skip.skip_message, skip
 
 
 def test_drift_sensor_skips_without_bundle_or_images(drift_world, tmp_path, monkeypatch):
