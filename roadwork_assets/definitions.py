@@ -63,6 +63,45 @@ ASSET_CHECKS = [
 ]
 
 
+RENAMED_OPS = {"image_manifest": "image_table"}  # the design's name -> this code location's
+
+
+def unknown_ops(run_config: dict | None) -> list[str]:
+    """`ops` keys of a run config that name no asset or check of this code location. The implicit asset job
+    behind `dagster asset materialize` and the UI's Materialize accepts them, so a misspelt asset name
+    (`clasifier:`) or an old one (`image_manifest:`) meant a run on default settings."""
+    known = {d.node_def.name for d in (*ASSETS, *ASSET_CHECKS)}
+    return sorted(set((run_config or {}).get("ops") or {}) - known)
+
+
+class RoadworkIOManager(ArtifactIOManager):
+    """`ArtifactIOManager` that first refuses a run config naming ops this code location lacks: every run
+    sets up its IO manager before any step body runs."""
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        import difflib
+
+        run = getattr(context, "dagster_run", None)
+        unknown = unknown_ops(run.run_config if run is not None else None)
+        if unknown:
+            known = sorted({d.node_def.name for d in (*ASSETS, *ASSET_CHECKS)})
+            hints = []
+            for name in unknown:
+                near = (
+                    [RENAMED_OPS[name]]
+                    if name in RENAMED_OPS
+                    else difflib.get_close_matches(name, known, n=1)
+                )
+                hints.append(f"{name!r} (did you mean {near[0]!r}?)" if near else repr(name))
+            raise dg.DagsterInvalidConfigError(
+                f"the run config sets ops {', '.join(hints)}, which are no asset or check of this code location, "
+                f"so their settings would be ignored and the run would use defaults. Rename them under `ops:`; "
+                f"the assets are {', '.join(d.node_def.name for d in ASSETS)}",
+                [],
+                run.run_config,
+            )
+
+
 def build_resources(
     state: Path | None = None, inbox: Path | None = None, mlflow_uri: str | None = None
 ) -> dict:
@@ -76,7 +115,7 @@ def build_resources(
     if mlflow_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow_uri = f"sqlite:///{state / 'mlflow.db'}"
     return {
-        "io_manager": ArtifactIOManager(root=str(artifacts)),
+        "io_manager": RoadworkIOManager(root=str(artifacts)),
         "dataset": DatasetSource(inbox=str(inbox or inbox_root())),
         "store": ArtifactStore(root=str(state)),
         "gpu": GPUResource(),
