@@ -268,7 +268,9 @@ def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> d
     released = released_bundle(context.instance)
     splits_path = (
         materialization_metadata(
-            context.instance, walk_lineage(context.instance, {BUNDLE_KEY: released.storage_id}), "splits"
+            context.instance,
+            walk_lineage(context.instance, {BUNDLE_KEY: released.storage_id}, released.partition),
+            "splits",
         ).get("path")
         if released
         else None

@@ -27,6 +27,10 @@ class Lineage:
     reached: dict[dg.AssetKey, tuple[int, tuple[str, ...]]]
     conflicts: list[tuple[str, tuple[int, tuple[str, ...]], tuple[int, tuple[str, ...]]]]  # key, both hits
 
+    def storage_id(self, key: str) -> int | None:
+        hit = self.reached.get(dg.AssetKey(key))
+        return hit[0] if hit else None
+
     def describe(self) -> list[str]:
         return [
             f"{key} at materialization {a} through {' -> '.join(reversed(pa))}, "
@@ -35,29 +39,51 @@ class Lineage:
         ]
 
     def most_upstream_conflict(self) -> str | None:
-        """The mixed asset the others descend from (its paths pass through the other mixed assets)."""
-        keys = {key for key, _, _ in self.conflicts}
+        """The mixed asset none of whose ancestors in the asset graph is mixed too: the one to select from."""
+        keys = sorted({key for key, _, _ in self.conflicts})
         if not keys:
             return None
-
-        def below(key: str) -> int:
-            return max(
-                len(keys & set(path[:-1]))
-                for k, (_, pa), (_, pb) in self.conflicts
-                if k == key
-                for path in (pa, pb)
-            )
-
-        return max(sorted(keys), key=below)
-
-    def storage_id(self, key: str) -> int | None:
-        hit = self.reached.get(dg.AssetKey(key))
-        return hit[0] if hit else None
+        ancestors = _ancestors()
+        top = [k for k in keys if not ancestors.get(k, set()) & set(keys)]
+        return (top or keys)[0]
 
 
-def _record(instance: dg.DagsterInstance, key: dg.AssetKey, storage_id: int):
+def _ancestors() -> dict[str, set[str]]:
+    """asset -> every asset upstream of it, from the code location's asset definitions."""
+    from roadwork_assets.definitions import ASSETS  # here: definitions imports the assets that import this
+
+    parents = {
+        key.to_user_string(): {dep.to_user_string() for dep in a.asset_deps[key]}
+        for a in ASSETS
+        for key in a.keys
+    }
+    out: dict[str, set[str]] = {}
+
+    def up(key: str) -> set[str]:
+        if key not in out:
+            out[key] = set()
+            for parent in parents.get(key, ()):
+                out[key] |= {parent, *up(parent)}
+        return out[key]
+
+    for key in parents:
+        up(key)
+    return out
+
+
+def _record(instance: dg.DagsterInstance, key: dg.AssetKey, storage_id: int, partition: str | None):
+    """The materialization of `key` in `partition` that a step whose pointer says `storage_id` loaded.
+
+    Dagster's pointer is the input asset's latest materialization over all partitions when the step ran, not
+    the partition's: with a second dataset version it can name another version's. The one the IO manager
+    loaded is the partition's newest at or before the pointer (storage ids only grow)."""
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, storage_ids=[storage_id]), limit=1
+        dg.AssetRecordsFilter(
+            asset_key=key,
+            asset_partitions=[partition] if partition is not None else None,
+            before_storage_id=storage_id + 1,
+        ),
+        limit=1,
     ).records
     return records[0] if records else None
 
@@ -74,14 +100,19 @@ def _input_pointers(record) -> dict[dg.AssetKey, int]:
     return out
 
 
-def walk_lineage(instance: dg.DagsterInstance, roots: Mapping[dg.AssetKey, int]) -> Lineage:
-    """Follow input pointers up from `roots` (asset -> storage id of the materialization used)."""
+def walk_lineage(
+    instance: dg.DagsterInstance, roots: Mapping[dg.AssetKey, int], partition: str | None
+) -> Lineage:
+    """Follow input pointers up from `roots` (asset -> storage id of the materialization used), within
+    `partition` (every roadwork asset is partitioned by dataset version, each reading its own version)."""
     reached: dict[dg.AssetKey, tuple[int, tuple[str, ...]]] = {}
     conflicts: list = []
     reported: set[dg.AssetKey] = set()
     stack = [(key, sid, (key.to_user_string(),)) for key, sid in roots.items()]
     while stack:
         key, sid, path = stack.pop()
+        record = _record(instance, key, sid, partition)
+        sid = record.storage_id if record is not None else sid
         if key in reached:
             first, first_path = reached[key]
             if first != sid and key not in reported:
@@ -89,7 +120,6 @@ def walk_lineage(instance: dg.DagsterInstance, roots: Mapping[dg.AssetKey, int])
                 conflicts.append((key.to_user_string(), (first, first_path), (sid, path)))
             continue
         reached[key] = (sid, path)
-        record = _record(instance, key, sid)
         if record is None:  # wiped from the event log: nothing more to compare through it
             continue
         for upstream, upstream_sid in _input_pointers(record).items():
@@ -100,7 +130,7 @@ def walk_lineage(instance: dg.DagsterInstance, roots: Mapping[dg.AssetKey, int])
 def materialization_metadata(instance: dg.DagsterInstance, lineage: Lineage, key: str) -> dict:
     """The metadata of the materialization of `key` the walk reached ({} when not reached)."""
     storage_id = lineage.storage_id(key)
-    record = _record(instance, dg.AssetKey(key), storage_id) if storage_id is not None else None
+    record = _record(instance, dg.AssetKey(key), storage_id, None) if storage_id is not None else None
     mat = record.asset_materialization if record else None
     return {k: v.value for k, v in (mat.metadata or {}).items()} if mat else {}
 
@@ -122,7 +152,9 @@ def latest_storage_ids(
 def require_consistent_lineage(context: dg.AssetExecutionContext, inputs: Iterable[str]) -> Lineage:
     """Refuse to run on inputs of mixed generations (module doc); return the walk for lineage metadata."""
     lineage = walk_lineage(
-        context.instance, latest_storage_ids(context.instance, inputs, context.partition_key)
+        context.instance,
+        latest_storage_ids(context.instance, inputs, context.partition_key),
+        context.partition_key,
     )
     if lineage.conflicts:
         mixed = ", ".join(key for key, _, _ in lineage.conflicts)

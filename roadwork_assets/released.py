@@ -53,12 +53,44 @@ def _passed_checks(instance: dg.DagsterInstance, run_id: str, partition: str | N
     return results
 
 
+def _check_outcomes(instance: dg.DagsterInstance, record) -> dict[str, bool]:
+    """Blocking check -> passed, for this bundle materialization: its own run's evaluations, and for a check
+    that failed or did not run there, the newest later evaluation targeting this materialization (the UI's
+    re-execution from failure, or the check executed alone, after the cause was fixed)."""
+    from dagster._core.event_api import PartitionKeyFilter  # the storage's own filter (no public alias yet)
+
+    results = _passed_checks(instance, record.run_id, record.partition_key)
+    for name in sorted(blocking_checks()):
+        if results.get(name):
+            continue
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(BUNDLE_KEY, name),
+            limit=20,
+            partition_filter=PartitionKeyFilter(key=record.partition_key) if record.partition_key else None,
+        )  # newest first
+        for execution in history:
+            evaluation = (
+                execution.event.dagster_event.event_specific_data
+                if execution.event and execution.event.dagster_event
+                else None
+            )
+            target = getattr(evaluation, "target_materialization_data", None)
+            if (
+                isinstance(evaluation, dg.AssetCheckEvaluation)
+                and target
+                and target.storage_id == record.storage_id
+            ):
+                results[name] = bool(evaluation.passed)
+                break
+    return results
+
+
 def _as_released(instance: dg.DagsterInstance, record) -> ReleasedBundle | None:
     mat = record.asset_materialization
     meta = {k: v.value for k, v in (mat.metadata or {}).items()} if mat else {}
     if not record.run_id or not meta.get("path") or not meta.get("bundle_id"):
         return None  # runless, or written before releases recorded their identity
-    passed = _passed_checks(instance, record.run_id, record.partition_key)
+    passed = _check_outcomes(instance, record)
     required = blocking_checks()
     if not required <= passed.keys() or not all(passed[name] for name in required):
         return None
@@ -157,8 +189,10 @@ def require_released_bundle(context: dg.AssetExecutionContext) -> None:
     if not records or _as_released(context.instance, records[0]) is not None:
         return  # no bundle: the IO manager names the missing input
     record = records[0]
-    passed = _passed_checks(context.instance, record.run_id, record.partition_key)
+    passed = _check_outcomes(context.instance, record)
     failed = sorted(name for name in blocking_checks() if not passed.get(name, False))
+    if not failed:  # checks fine: a bundle materialized before releases recorded their identity, or runless
+        return
     raise dg.Failure(
         description=(
             f"the bundle of {context.partition_key} (run {record.run_id[:8]}) is not released: its blocking "
