@@ -298,7 +298,11 @@ def _require_earlier_splits(context: dg.AssetExecutionContext, prev_version: str
         context.log.info(f"waiting for the queued run(s) of earlier version(s) {sorted(queued)} to start")
         raise dg.RetryRequested(max_retries=_MAX_WAITS, seconds_to_wait=_WAIT_SECONDS)
     if started or queued:
-        what = "still running" if started else "still queued (behind this run: retrain runs go one at a time)"
+        what = (
+            "still running"
+            if started
+            else "still queued (perhaps behind this run: retrain runs go one at a time)"
+        )
         ids = {v: [i[:8] for i in ids] for v, ids in (started or queued).items()}
         raise dg.Failure(
             description=(
