@@ -275,8 +275,13 @@ def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> d
         if released
         else None
     )
-    if released is None or not splits_path:
+    if released is None:
         return dg.SkipReason("no released bundle yet: nothing to compare with")
+    if not splits_path:
+        return dg.SkipReason(
+            f"the release of {released.partition} (run {released.run_id[:8]}) has no recorded `splits` "
+            "materialization to take its training images from; materialize the graph for that version again"
+        )
     splits = read_artifact(Path(splits_path))
     result = compare_with_training(
         Path(read_artifact(released.path.parent)),  # the artifact directory; its bundle is dir/
