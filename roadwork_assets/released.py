@@ -54,15 +54,13 @@ def _passed_checks(instance: dg.DagsterInstance, run_id: str, partition: str | N
 
 
 def _check_outcomes(instance: dg.DagsterInstance, record) -> dict[str, bool]:
-    """Blocking check -> passed, for this bundle materialization: its own run's evaluations, and for a check
-    that failed or did not run there, the newest later evaluation targeting this materialization (the UI's
-    re-execution from failure, or the check executed alone, after the cause was fixed)."""
+    """Blocking check -> passed, for this bundle materialization: the newest evaluation targeting it, from any
+    run (the UI's re-execution from failure, or the check executed alone, after the cause was fixed, or a
+    re-run that now fails); its own run's evaluation where none is found among the recent ones."""
     from dagster._core.event_api import PartitionKeyFilter  # the storage's own filter (no public alias yet)
 
     results = _passed_checks(instance, record.run_id, record.partition_key)
     for name in sorted(blocking_checks()):
-        if results.get(name):
-            continue
         history = instance.event_log_storage.get_asset_check_execution_history(
             dg.AssetCheckKey(BUNDLE_KEY, name),
             limit=20,

@@ -444,3 +444,12 @@ def test_a_bundle_check_that_passes_when_executed_again_releases_that_bundle(tmp
         assert again.success
         released = released_bundle(instance, "v0001")
         assert released is not None and released.run_id == first.run_id, released
+        fixed["yet"] = False  # executed again and failing now: the newest evaluation decides
+        assert (
+            not defs.resolve_job_def("recheck")
+            .execute_in_process(instance=instance, tags={"dagster/partition": "v0001"}, raise_on_error=False)
+            .success
+        )
+        assert released_bundle(instance, "v0001") is None, (
+            "a check failing on a later execution must revoke it"
+        )
