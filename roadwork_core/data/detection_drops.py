@@ -34,7 +34,14 @@ from pathlib import Path
 import yaml
 from PIL import ExifTags, Image
 
-from roadwork_core.data.drops import ORPHAN_ANNOTATION, ORPHAN_LABEL, Reject, _coco_files, _safe_path, _walk_files
+from roadwork_core.data.drops import (
+    ORPHAN_ANNOTATION,
+    ORPHAN_LABEL,
+    Reject,
+    _coco_files,
+    _safe_path,
+    _walk_files,
+)
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels (or normalized for YOLO)
 
@@ -352,7 +359,9 @@ def read_coco(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
             except _BadLine as exc:
                 bad.setdefault(image_id, f"{where}: {exc}; fix or delete the annotation")
         if orphans:
-            shown = ", ".join(repr(i) for i in orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+            shown = ", ".join(repr(i) for i in orphans[:5]) + (
+                f" and {len(orphans) - 5} more" if len(orphans) > 5 else ""
+            )
             rejects.append(
                 Reject(
                     f"{json_rel}#annotation",

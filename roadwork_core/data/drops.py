@@ -222,7 +222,9 @@ def detect_format(drop_dir: Path, class_names: dict[str, int] | None = None) -> 
 def pool_only(drop_dir: Path) -> bool:
     """The drop holds nothing but `unlabelled/` (and `_READY`, OS litter): a drop that adds images to the
     self-supervised pool only. It adds no labelled image to its version, and later versions build on it."""
-    entries = [p for p in Path(drop_dir).iterdir() if p.name != READY and not is_junk(p.name, is_dir=p.is_dir())]
+    entries = [
+        p for p in Path(drop_dir).iterdir() if p.name != READY and not is_junk(p.name, is_dir=p.is_dir())
+    ]
     return all(p.name == UNLABELLED and p.is_dir() for p in entries)
 
 
@@ -323,7 +325,9 @@ def _read_labels_csv(drop_dir: Path, class_names: dict[str, int]) -> tuple[list[
         entries.append(rel)
         if not rel:
             where = f"labels.csv row {n}"
-            rejects.append(Reject(where, "unreadable", f"{where} (label {rec['label']!r}) has an empty file entry"))
+            rejects.append(
+                Reject(where, "unreadable", f"{where} (label {rec['label']!r}) has an empty file entry")
+            )
             continue
         target, reject = _safe_path(drop_dir, root, rel)
         if reject is not None:
@@ -495,7 +499,9 @@ def _unicode_match(drop_dir: Path, rel: str, listings: dict[Path, dict[str, str]
                 for n in names:
                     by_case.setdefault("\0" + unicodedata.normalize("NFC", n).casefold(), []).append(n)
                 listings[current] = {unicodedata.normalize("NFC", n): n for n in names} | {
-                    k: v[0] for k, v in by_case.items() if len(v) == 1  # only an unambiguous match
+                    k: v[0]
+                    for k, v in by_case.items()
+                    if len(v) == 1  # only an unambiguous match
                 }
             key = unicodedata.normalize("NFC", part)
             part = listings[current].get(key) or listings[current].get("\0" + key.casefold())
@@ -533,7 +539,9 @@ def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list
                 )
             )
     if not_images:
-        shown = ", ".join(not_images[:5]) + (f" and {len(not_images) - 5} more" if len(not_images) > 5 else "")
+        shown = ", ".join(not_images[:5]) + (
+            f" and {len(not_images) - 5} more" if len(not_images) > 5 else ""
+        )
         rejects.append(
             Reject(
                 "(class folders)",

@@ -108,7 +108,10 @@ def _inspect(uri: str, file: str, min_size: int) -> tuple[dict | None, tuple[str
     except IsADirectoryError:
         return None, ("unreadable", "is a directory, not an image file")
     except PermissionError:
-        return None, ("unreadable", "permission denied; make the file readable by the user the pipeline runs as")
+        return None, (
+            "unreadable",
+            "permission denied; make the file readable by the user the pipeline runs as",
+        )
     except ImageRejected as exc:
         return None, (exc.reason, exc.detail)
     except (OSError, IndexError, ValueError) as exc:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import PIL.Image
 import torch
@@ -106,7 +106,9 @@ class CanvasDataset(Dataset):
 
         uri = self.uris[index]
         try:
-            img = load_image(uri) if self.image_ids is None else load_verified_image(uri, self.image_ids[index])
+            img = (
+                load_image(uri) if self.image_ids is None else load_verified_image(uri, self.image_ids[index])
+            )
             if self.transform is not None and self.mask_points is not None:
                 img = self.transform(img, mask_point=self.mask_points[index])
             elif self.transform is not None:

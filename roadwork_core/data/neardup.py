@@ -78,7 +78,9 @@ def content_box(img) -> tuple[int, int, int, int] | None:
 
     def near(block: np.ndarray, colour: np.ndarray) -> np.ndarray:  # (k, length, 3) -> (k,) lines of border
         dev = np.abs(block.astype(np.int16) - colour).max(axis=2)  # (k, length)
-        return ((dev <= _BORDER_TOLERANCE).mean(axis=1) >= _BORDER_SHARE) & (dev.max(axis=1) <= _BORDER_RINGING)
+        return ((dev <= _BORDER_TOLERANCE).mean(axis=1) >= _BORDER_SHARE) & (
+            dev.max(axis=1) <= _BORDER_RINGING
+        )
 
     def border_line(line: np.ndarray) -> bool:  # (length, 3)
         colour = colour_of(line)

@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from roadwork_core.data.neardup import key_text, near_duplicate_pairs, pair_distances, same_key_pairs, table_hashes
+from roadwork_core.data.neardup import (
+    key_text,
+    near_duplicate_pairs,
+    pair_distances,
+    same_key_pairs,
+    table_hashes,
+)
 from roadwork_core.data.splits import GROUP_COLUMN, SPLIT_ORDER
 
 MAX_LISTED = 20  # rows listed in a message / metadata; the rest are counted
@@ -182,7 +188,11 @@ def check_no_near_duplicates_across_splits(
         )
     lines = [
         f"  {d['a']} [{d['a_split']}] ~ {d['b']} [{d['b_split']}] "
-        + (f"same {group_column} {d['group']!r}" if d.get("group") is not None else f"distance {d['distance']}")
+        + (
+            f"same {group_column} {d['group']!r}"
+            if d.get("group") is not None
+            else f"distance {d['distance']}"
+        )
         for d in listed
     ]
     more = f"\n  … and {len(cross) - len(listed)} more" if len(cross) > len(listed) else ""
