@@ -12,8 +12,6 @@ path_escape, symlink_outside, label_conflict (and the drop readers' own: no_clas
 from __future__ import annotations
 
 import hashlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from roadwork_core.data.drops import (
 )
 from roadwork_core.data.images import ImageRejected, decode_image, printable_name, read_uri_bytes, utf8_name
 from roadwork_core.data.neardup import dihedral_phashes
+from roadwork_core.data.parallel import parallel_map
 
 IMAGE_TABLE_COLUMNS = [
     "image_id",
@@ -188,8 +187,8 @@ def build_image_table(
                         "detail": f"label {row.label_raw!r} is not 0/1 or one of {sorted(names)}"})  # fmt: skip
     cands = cands[~bad].reset_index(drop=True)
 
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
-        results = list(pool.map(_inspect, cands["uri"], cands["file"], [min_size] * len(cands)))
+    # large drops on one process per core (the per-image work holds the GIL too often for threads to scale)
+    results = parallel_map(_inspect, cands["uri"], cands["file"], [min_size] * len(cands), workers=workers)
     keep = []
     for i, (_facts, reject) in enumerate(results):
         if reject is not None:

@@ -9,8 +9,6 @@ included, directly or through a chain of pool images); unreadable pool images ar
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +16,7 @@ import pandas as pd
 
 from roadwork_core.data.images import ImageRejected, load_image, printable_name, utf8_name
 from roadwork_core.data.neardup import dihedral_phashes, near_duplicate_pairs, pair_components, pair_distances
+from roadwork_core.data.parallel import parallel_map
 
 DROPPED_COLUMNS: list[str] = ["uri", "reason", "detail", "image_id", "split", "distance"]
 
@@ -45,20 +44,15 @@ def filter_unlabelled_pool(
     reference: `image_id, split, phash` (+ `phash_dihedral`, `file`) of the splits the pool must not copy.
     Near-duplicates are the splits' own: phash within `radius`, flips and quarter turns included, and
     chains (a pool image within `radius` of another pool image that copies an evaluation image is dropped
-    too, as `splits` would have put the whole chain in one split). The images are decoded and hashed on
-    `workers` threads (Pillow's decode and resize release the GIL); the result does not depend on `workers`.
+    too, as `splits` would have put the whole chain in one split). The images are decoded and hashed by
+    `parallel_map` (threads, or one process per core for a large pool); the result does not depend on `workers`.
     """
     missing = [c for c in ("image_id", "split", "phash") if c not in reference.columns]
     if missing:
         raise ValueError(f"reference table misses columns {missing}; pass SplitReader.read_phashes rows")
     rows: list[dict] = []
     hashed: list[tuple[int, tuple[str, str]]] = []  # (index into uris, (phash, phash_dihedral))
-    workers = workers or min(8, (os.cpu_count() or 1) + 2)
-    if workers > 1 and len(uris) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as threads:
-            hashes = list(threads.map(_pool_phash, uris))
-    else:
-        hashes = [_pool_phash(uri) for uri in uris]
+    hashes = parallel_map(_pool_phash, uris, workers=workers)
     for i, (uri, (h, why)) in enumerate(zip(uris, hashes, strict=True)):
         if not utf8_name(uri):  # usable as a path, but no table can record it
             rows.append(
