@@ -35,6 +35,7 @@ from roadwork_core.io import atomic_dir, atomic_write_text, sha256_file
 from roadwork_core.models.serialization import (
     CLASSIFIER_CONFIG_FILE,
     CLASSIFIER_WEIGHTS_FILE,
+    inference_attn_backend,
     load_classifier,
     read_classifier_config,
 )
@@ -125,9 +126,11 @@ def _single_policy_json(policy: Any) -> tuple[str, str]:
 def _bundle_config(classifier_dir: Path) -> str:
     """The classifier config.json, made portable (no local weight paths), plus a preprocessing block."""
     doc = read_classifier_config(classifier_dir / CLASSIFIER_CONFIG_FILE)
-    model = load_classifier(classifier_dir)  # proves the weights match the config before shipping them
+    model = load_classifier(classifier_dir, inference=True)  # proves the weights match the config
     backbone = dict(doc["classifier"]["backbone"])
     backbone.update(pretrained=False, weights_file=None)  # every weight is in model.safetensors
+    if "attn_backend" in backbone:  # the kernel it predicts with: a flash_attn model serves anywhere
+        backbone["attn_backend"] = inference_attn_backend(str(backbone["attn_backend"]))
     doc["classifier"] = {**doc["classifier"], "backbone": backbone}
     doc["preprocessing"] = {
         "canvas_size": model.canvas_size,

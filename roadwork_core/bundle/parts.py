@@ -89,7 +89,7 @@ def load_model(
             f"roadwork reads {CLASSIFIER_FORMAT_VERSION}. Upgrade roadwork or re-export the bundle."
         )
     try:
-        model = rebuild_classifier(doc["classifier"])
+        model = rebuild_classifier(doc["classifier"], inference=True)
         load_weights(model, data, source=str(path / CLASSIFIER_WEIGHTS_FILE))
     except (KeyError, ValueError) as err:
         raise BundleError(f"{path}: the model cannot be rebuilt: {err}") from err

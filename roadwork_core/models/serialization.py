@@ -48,6 +48,7 @@ __all__ = [
     "load_classifier",
     "load_weights",
     "read_classifier_config",
+    "inference_attn_backend",
     "rebuild_classifier",
     "save_backbone",
     "save_classifier",
@@ -136,10 +137,22 @@ def read_classifier_config(path: Path) -> dict[str, Any]:
     return doc
 
 
-def rebuild_classifier(classifier_cfg: Mapping[str, Any]) -> RoadworkClassifier:
-    """Randomly initialised RoadworkClassifier from `classifier_config_dict` output; never downloads."""
+def inference_attn_backend(attn_backend: str) -> str:
+    """The attention kernel a trained model predicts with: the one it trained with, except `flash_attn`,
+    which becomes `sdpa`. flash-attn is a CUDA-only extra computing attention in bf16; a bundle built with it
+    would not load on a CPU or a machine without the extra, and its predictions would not be the exact fp32
+    ones the prediction assets and the bundle promise. The weights are the same (flash-attn only swaps the
+    attention core), and PyTorch's SDPA picks a fused kernel on a GPU by itself."""
+    return "sdpa" if attn_backend == "flash_attn" else attn_backend
+
+
+def rebuild_classifier(classifier_cfg: Mapping[str, Any], *, inference: bool = False) -> RoadworkClassifier:
+    """Randomly initialised RoadworkClassifier from `classifier_config_dict` output; never downloads.
+    `inference`: predict with `inference_attn_backend` of the trained backend (prediction assets, bundles)."""
     try:
         backbone = {**classifier_cfg["backbone"], "pretrained": False, "weights_file": None}
+        if inference and "attn_backend" in backbone:
+            backbone["attn_backend"] = inference_attn_backend(str(backbone["attn_backend"]))
         backbone_cfg = BackboneConfig(**backbone)
         mv_cfg = MultiViewConfig(**classifier_cfg["multiview"])
         return build_classifier(
@@ -183,8 +196,11 @@ def load_weights(model: RoadworkClassifier, weights: bytes, *, source: str) -> R
     return model
 
 
-def load_classifier(directory: Path, device: str | torch.device = "cpu") -> RoadworkClassifier:
-    """Rebuild the classifier in `directory` (config.json + model.safetensors), in eval mode on `device`."""
+def load_classifier(
+    directory: Path, device: str | torch.device = "cpu", *, inference: bool = False
+) -> RoadworkClassifier:
+    """Rebuild the classifier in `directory` (config.json + model.safetensors), in eval mode on `device`;
+    `inference`: with the attention kernel it predicts with (`inference_attn_backend`), not the training one."""
     directory = Path(directory)
     doc = read_classifier_config(directory / CLASSIFIER_CONFIG_FILE)
     weights_path = directory / CLASSIFIER_WEIGHTS_FILE
@@ -194,7 +210,7 @@ def load_classifier(directory: Path, device: str | torch.device = "cpu") -> Road
         raise FileNotFoundError(
             f"{weights_path} does not exist; re-save the classifier with save_classifier"
         ) from err
-    model = rebuild_classifier(doc["classifier"])
+    model = rebuild_classifier(doc["classifier"], inference=inference)
     load_weights(model, weights, source=str(weights_path))
     return model.to(device).eval()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import base64
 import io
 import json
@@ -464,3 +465,39 @@ def test_a_bundle_on_cuda_serves_without_tf32_as_its_calibration_logits_were_com
         assert torch.backends.cudnn.allow_tf32 is not on_cuda
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+def test_a_classifier_trained_with_flash_attn_predicts_and_ships_with_sdpa(
+    parts: dict, tmp_path: Path
+) -> None:
+    """`gpu.attn_backend: flash_attn` is a training kernel (CUDA only, bf16): the prediction assets and the
+    bundle rebuild the model with SDPA, so the bundle loads on a CPU or a machine without flash-attn."""
+    classifier_dir = Path(shutil.copytree(parts["classifier_dir"], tmp_path / "classifier"))
+    config_path = classifier_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["classifier"]["backbone"]["attn_backend"] = "flash_attn"  # as a GPU training run writes it
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ImportError, match="flash-attn"):  # training from it keeps the kernel it asked for
+        load_classifier(classifier_dir)
+
+    model = load_classifier(classifier_dir, inference=True)
+    canvas = torch.rand(2, 3, model.canvas_size, model.canvas_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(canvas)["logit"], parts["model"](canvas)["logit"], rtol=0, atol=0)
+
+    bundle_dir = export_bundle(
+        tmp_path / "release",
+        classifier_dir=classifier_dir,
+        calibrator=parts["calibrator"],
+        policy=parts["policy"],
+        dataset_version="v0001",
+        upstream_versions={},
+        metrics_summary={},
+        code_version=None,
+    )
+    shipped = json.loads((bundle_dir / "config.json").read_text())
+    assert shipped["classifier"]["backbone"]["attn_backend"] == "sdpa"
+    images = [p.read_bytes() for p in parts["paths"]]
+    preds = Bundle.load(bundle_dir, device="cpu").predict(images)
+    np.testing.assert_allclose([p.logit for p in preds], _direct(parts, images)["logit"], rtol=0, atol=1e-5)
