@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import base64
+import importlib.util
 import io
 import json
 import shutil
