@@ -32,7 +32,7 @@ def torchrun_command(gpu: GPUResource, job_dir: Path) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", *gpu.torchrun_args(),
         f"--log-dir={Path(job_dir) / 'torchrun_logs'}",
         "-m", "roadwork_assets.torchrun_worker", "--job", str(job_dir), "--device", device,
-        "--threads", str(gpu.threads),
+        "--threads", str(gpu.threads), *(["--deterministic"] if gpu.deterministic else []),
     ]  # fmt: skip
 
 

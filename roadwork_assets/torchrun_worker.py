@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from roadwork_core.config import apply_torch_flags
 from roadwork_core.training.ddp_jobs import run_job
 from roadwork_core.training.distributed import init_world
 
@@ -44,12 +45,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads per rank; 0: torch's default"
     )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="the gpu resource's deterministic: strict deterministic algorithms (else TF32 on CUDA)",
+    )
     args = parser.parse_args(argv)
 
+    apply_torch_flags(threads=args.threads, deterministic=args.deterministic)  # before any CUDA call
     world = init_world(args.device)
     device = torch.device("cuda", world.local_rank) if args.device == "cuda" else torch.device("cpu")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format=f"[rank {world.rank}] %(levelname)s %(name)s: %(message)s")
     try:
         with _pipes(world.is_main) as pipes:
@@ -64,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
                         + ", ".join(f"{k}={v}" for k, v in row.items() if k != "epoch")
                     )
 
-            log.info(f"data-parallel training: {world.world_size} processes, {device}, job {args.job}")
+            log.info(
+                f"data-parallel training: {world.world_size} processes, {device}, job {args.job}, torch "
+                f"threads {torch.get_num_threads()}, deterministic algorithms "
+                f"{'on' if torch.are_deterministic_algorithms_enabled() else 'off'}"
+            )
             run_job(args.job, world, device, on_record if world.is_main else None)
             log.info(f"rank {world.rank} done")
     finally:

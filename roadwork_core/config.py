@@ -77,6 +77,30 @@ def serve_exact_fp32(device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
+def apply_torch_flags(*, threads: int = 0, deterministic: bool = False) -> None:
+    """This process's torch settings of the `gpu` resource (an asset's process and every torchrun rank).
+
+    threads > 0: intra-op threads. deterministic: `torch.use_deterministic_algorithms(True)`, strict (an op
+    with no deterministic kernel raises, naming itself, instead of warning while results drift between runs;
+    SDPA's fused CUDA backward switches to its deterministic path only in this mode), cuBLAS's fixed workspace
+    (set before the process's first CUDA call) and cuDNN without autotuning. Otherwise TF32 on CUDA, as the
+    resource always allowed for training; the prediction assets and bundles turn it off (`exact_fp32`)."""
+    import os
+
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def knob(default: Any, doc: str) -> Any:
     """A dataclass field with a default and a one-line description (shown in the Dagster launchpad)."""
     if isinstance(default, list | dict | set):

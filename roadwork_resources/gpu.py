@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Literal
 
@@ -30,7 +29,11 @@ class GPUResource(dg.ConfigurableResource):
     attn_backend: Literal["sdpa", "flash_attn", "eager"] = Field("sdpa", description="attention kernel")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     seed: int = Field(0, description="seed for python, numpy and torch")
-    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms and cudnn flags")
+    deterministic: bool = Field(
+        False,
+        description="torch.use_deterministic_algorithms (strict: an op without a deterministic kernel raises) "
+        "and cudnn flags, in every training process (torchrun ranks too); false: TF32 on CUDA for training",
+    )
     nproc_per_node: int = Field(
         1,
         ge=1,
@@ -98,20 +101,13 @@ class GPUResource(dg.ConfigurableResource):
         import numpy as np
         import torch
 
-        if self.threads > 0:
-            torch.set_num_threads(self.threads)
+        from roadwork_core.config import apply_torch_flags
+
+        apply_torch_flags(threads=self.threads, deterministic=self.deterministic)
         seed = self.seed + seed_offset
         random.seed(seed)
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
-        if self.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-        elif torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
     @property
     def data_parallel(self) -> bool:

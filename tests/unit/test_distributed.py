@@ -84,8 +84,8 @@ def _model():
     )
 
 
-def _torchrun(job: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    gpu = GPUResource(device="cpu", nproc_per_node=nproc, threads=1)
+def _torchrun(job: Path, nproc: int = 2, deterministic: bool = False) -> subprocess.CompletedProcess:
+    gpu = GPUResource(device="cpu", nproc_per_node=nproc, threads=1, deterministic=deterministic)
     (job / "tmp").mkdir(exist_ok=True)  # the processes' TMPDIR: whatever they leave there is visible
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(job / "tmp")}
     return subprocess.run(
@@ -118,8 +118,12 @@ def test_two_gloo_processes_train_the_weights_of_one(rows, tmp_path: Path, setti
         job, _model(), train, select, cfg, precision="fp32", checkpoint_dir=tmp_path / "ckpt2",
         feature_cache_dir=tmp_path / "cache2", out_dir=tmp_path / "out",
     )  # fmt: skip
-    proc = _torchrun(job)
+    # the gpu resource's deterministic setting reaches the ranks (strict deterministic algorithms there)
+    deterministic = settings["mode"] == "full"
+    proc = _torchrun(job, deterministic=deterministic)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-4000:]}"
+    flag = f"deterministic algorithms {'on' if deterministic else 'off'}"
+    assert proc.stderr.count(flag) == 2, f"each rank must log '{flag}':\n{proc.stderr[-3000:]}"
     two = read_result(job)
     assert two["world_size"] == 2
     assert not list((job / "tmp").glob("torchelastic_*")), "torchrun's logs belong in the job directory"
