@@ -96,7 +96,10 @@ def explora_backbone(
     on_step = _explora_step_logger(context, mlflow, config.epochs * math.ceil(len(uris) / config.batch_size))
 
     if gpu.data_parallel and config.enabled:  # torchrun + DDP through Pipes; rank 0 writes the weights
-        result = _explora_data_parallel(context, gpu, backbone, backbone_cfg, uris, cfg, on_step)
+        result = _explora_data_parallel(
+            context, gpu, backbone, backbone_cfg, uris, cfg, on_step,
+            checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
+        )  # fmt: skip
     else:
         result = run_explora(
             backbone,
@@ -335,7 +338,9 @@ def _classifier_metadata(config, result, reader: SplitReader) -> dict:
 # ---------------------------------------------------------------- data-parallel launches (gpu.nproc_per_node > 1)
 
 
-def _explora_data_parallel(context, gpu: GPUResource, backbone, backbone_cfg, uris, cfg, on_step):
+def _explora_data_parallel(
+    context, gpu: GPUResource, backbone, backbone_cfg, uris, cfg, on_step, checkpoint_dir: Path
+):
     import tempfile
 
     from roadwork_assets._torchrun import train_data_parallel
@@ -343,8 +348,8 @@ def _explora_data_parallel(context, gpu: GPUResource, backbone, backbone_cfg, ur
     from roadwork_core.training.explora import ExploraResult
 
     with tempfile.TemporaryDirectory(prefix="roadwork-ddp-explora-") as tmp:
-        job = write_explora_job(Path(tmp), backbone, backbone_cfg.__dict__, uris, cfg)
-        report = train_data_parallel(context, gpu, job, on_record=on_step)
+        job = write_explora_job(Path(tmp), backbone, backbone_cfg.__dict__, uris, cfg, checkpoint_dir)
+        report = train_data_parallel(context, gpu, job, on_record=on_step, checkpoint_dir=checkpoint_dir)
         return ExploraResult(state_dict=read_explora_weights(job), report=report)
 
 

@@ -63,8 +63,15 @@ def write_classifier_job(
 
 
 def write_explora_job(
-    job_dir: Path, backbone: nn.Module, backbone_cfg: dict, uris: list[str], cfg: Any
+    job_dir: Path,
+    backbone: nn.Module,
+    backbone_cfg: dict,
+    uris: list[str],
+    cfg: Any,
+    checkpoint_dir: Path | None = None,
 ) -> Path:
+    """An explora job; with `checkpoint_dir`, rank 0 checkpoints every finished epoch there and a rerun of
+    the same job resumes from it (as `run_explora` does in one process)."""
     job_dir = Path(job_dir)
     save_file(
         {k: v.detach().contiguous() for k, v in backbone.state_dict().items()},
@@ -75,6 +82,7 @@ def write_explora_job(
         "backbone": {**backbone_cfg, "pretrained": False, "weights_file": None},  # weights: base.safetensors
         "explora": cfg.to_dict(),
         "uris": list(uris),
+        "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
     }
     atomic_write_text(job_dir / JOB_FILE, json.dumps(job, indent=2))
     return job_dir
@@ -135,8 +143,14 @@ def _run_explora(job: dict, job_dir: Path, world: World, device: torch.device, o
 
     backbone = create_backbone(BackboneConfig(**job["backbone"]))
     backbone.load_state_dict(load_file(str(job_dir / "base.safetensors")))
+    checkpoint_dir = job.get("checkpoint_dir")
     result = run_explora(
-        backbone, job["uris"], ExploraConfig(**job["explora"]), device=device, on_step=on_record
+        backbone,
+        job["uris"],
+        ExploraConfig(**job["explora"]),
+        device=device,
+        on_step=on_record,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
     )
     report = {**result.report, "world_size": world.world_size}
     if world.is_main:

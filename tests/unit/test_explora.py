@@ -436,3 +436,29 @@ def test_images_replaced_under_the_same_names_are_not_resumed_as_the_same_run(tm
     changed = run_explora(backbone, uris, cfg, load_image=_open, checkpoint_dir=tmp_path / "ckpt")
     assert changed.report["resumed_from_epoch"] is None, "a run on other image bytes resumed the old one"
     assert first.report["epochs"] == changed.report["epochs"] == 1
+
+
+def test_a_data_parallel_explora_job_checkpoints_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """The torchrun job (roadwork_core.training.ddp_jobs) carries the step's checkpoint folder: rank 0
+    checkpoints each finished epoch and rerunning the job resumes, as the one-process path does (before, a
+    killed multi-GPU ExPLoRA started again from nothing). Run here as rank 0 of 1, in this process."""
+    import dataclasses
+
+    from roadwork_core.models.backbone import BackboneConfig, create_backbone
+    from roadwork_core.training.ddp_jobs import run_job, write_explora_job
+    from roadwork_core.training.distributed import World
+
+    uris = _write_jpegs(tmp_path, 8)
+    backbone_cfg = BackboneConfig(name="vit_test_tiny")
+    torch.manual_seed(0)
+    backbone = create_backbone(backbone_cfg)
+    job = tmp_path / "job"
+    job.mkdir()
+    ckpt = tmp_path / "ckpt"
+    cfg = _tiny_cfg(epochs=1, batch_size=4, lr=1e-3)
+    write_explora_job(job, backbone, dataclasses.asdict(backbone_cfg), uris, cfg, checkpoint_dir=ckpt)
+    first = run_job(job, World(), torch.device("cpu"))
+    assert first["resumed_from_epoch"] is None
+    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1, "rank 0 wrote no checkpoint"
+    again = run_job(job, World(), torch.device("cpu"))
+    assert again["resumed_from_epoch"] == 1, "a rerun of the job did not resume its finished epoch"
