@@ -108,6 +108,7 @@ def explora_backbone(
             device=gpu.torch_device(),
             on_step=on_step,
             checkpoint_dir=store.checkpoint_dir("explora_backbone", context.partition_key),
+            precision=gpu.effective_precision(),
         )
     report = {**result.report, "enabled": config.enabled, "unlabelled_images": pool_used}
     out = new_artifact_dir("explora_backbone")
@@ -348,7 +349,9 @@ def _explora_data_parallel(
     from roadwork_core.training.explora import ExploraResult
 
     with tempfile.TemporaryDirectory(prefix="roadwork-ddp-explora-") as tmp:
-        job = write_explora_job(Path(tmp), backbone, backbone_cfg.__dict__, uris, cfg, checkpoint_dir)
+        job = write_explora_job(
+            Path(tmp), backbone, backbone_cfg.__dict__, uris, cfg, checkpoint_dir, gpu.effective_precision()
+        )
         report = train_data_parallel(context, gpu, job, on_record=on_step, checkpoint_dir=checkpoint_dir)
         return ExploraResult(state_dict=read_explora_weights(job), report=report)
 

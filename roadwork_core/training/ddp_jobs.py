@@ -69,6 +69,7 @@ def write_explora_job(
     uris: list[str],
     cfg: Any,
     checkpoint_dir: Path | None = None,
+    precision: str = "fp32",
 ) -> Path:
     """An explora job; with `checkpoint_dir`, rank 0 checkpoints every finished epoch there and a rerun of
     the same job resumes from it (as `run_explora` does in one process)."""
@@ -83,6 +84,7 @@ def write_explora_job(
         "explora": cfg.to_dict(),
         "uris": list(uris),
         "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
+        "precision": precision,
     }
     atomic_write_text(job_dir / JOB_FILE, json.dumps(job, indent=2))
     return job_dir
@@ -151,6 +153,7 @@ def _run_explora(job: dict, job_dir: Path, world: World, device: torch.device, o
         device=device,
         on_step=on_record,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+        precision=job.get("precision", "fp32"),
     )
     report = {**result.report, "world_size": world.world_size}
     if world.is_main:

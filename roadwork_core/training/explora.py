@@ -38,6 +38,7 @@ from timm.layers import DropPath
 from torch import nn
 from torchvision.transforms import v2
 
+from roadwork_core.config import PRECISIONS, precision_dtype
 from roadwork_core.models.backbone import state_dict_sha256
 from roadwork_core.models.dino_head import DINOHead
 from roadwork_core.models.explora import ExploraConfig, ExploraPlan, merge_explora, setup_explora
@@ -314,7 +315,12 @@ def _disabled_result(backbone: nn.Module) -> ExploraResult:
 
 
 def _fingerprint(
-    cfg: ExploraConfig, uris: list[str], backbone: nn.Module, steps: int, by_content: bool = True
+    cfg: ExploraConfig,
+    uris: list[str],
+    backbone: nn.Module,
+    steps: int,
+    by_content: bool = True,
+    precision: str = "fp32",
 ) -> str:
     """What makes two runs the same run; a checkpoint with another fingerprint is not resumed. The images
     count by content (sha256 of their bytes) and place: a pool image replaced under the same name is
@@ -327,6 +333,7 @@ def _fingerprint(
         "contents": contents,
         "steps": steps,
         "initial": state_dict_sha256(backbone),
+        **({"precision": precision} if precision != "fp32" else {}),  # fp32: the fingerprints of before
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -460,8 +467,13 @@ def _explora_epoch(
     world: World,
     loss_curve: list[float],
     on_step: Callable[[dict], None] | None,
+    dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """The steps of one epoch: schedule -> forward/loss -> backward/clip -> student step, teacher EMA -> log."""
+    """The steps of one epoch: schedule -> forward/loss -> backward/clip -> student step, teacher EMA -> log.
+    `dtype`: the forwards run under autocast to it (bf16 / fp16 mixed precision); the loss, the optimizer
+    and the EMA stay fp32. `scaler`: fp16's gradient scaler."""
+    device_type = torch.device(device).type
     for step, (globals_, locals_, weight) in zip(steps, batches):
         # schedule
         for group in s.optimizer.param_groups:
@@ -473,23 +485,31 @@ def _explora_epoch(
         locals_ = [x.to(device, non_blocking=True) for x in locals_]
 
         # forward / backward: teacher sees global crops only, student sees all of them
-        with torch.no_grad():
-            teacher_logits = s.teacher(globals_)  # (2, B, K)
-        student_logits = s.student_step(globals_ + locals_)  # (2 + N, B, K)
-        loss = s.dino_loss(student_logits, teacher_logits, teacher_temp)
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.no_grad():
+                teacher_logits = s.teacher(globals_)  # (2, B, K)
+            student_logits = s.student_step(globals_ + locals_)  # (2 + N, B, K)
+        loss = s.dino_loss(student_logits.float(), teacher_logits.float(), teacher_temp)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"ExPLoRA loss is {loss.item()} at step {step}; lower ExploraConfig.lr (now {cfg.lr})."
             )
         s.optimizer.zero_grad(set_to_none=True)
-        (loss * weight if world.distributed else loss).backward()
+        scaled = loss * weight if world.distributed else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if step < freeze_last_layer_steps:
             s.head.cancel_last_layer_grads()
         if cfg.grad_clip:
+            if scaler is not None:
+                scaler.unscale_(s.optimizer)
             nn.utils.clip_grad_norm_([p for p in s.student.parameters() if p.requires_grad], cfg.grad_clip)
 
         # step: student by AdamW, teacher by EMA only
-        s.optimizer.step()
+        if scaler is not None:
+            scaler.step(s.optimizer)  # skipped when fp16 overflowed
+            scaler.update()
+        else:
+            s.optimizer.step()
         momentum = float(schedules.teacher_momentum[step])
         ema_update_(s.teacher, s.student, momentum)
 
@@ -553,6 +573,7 @@ def run_explora(
     load_image: Callable[[str], Image.Image] | None = None,
     on_step: Callable[[dict], None] | None = None,
     checkpoint_dir: str | Path | None = None,
+    precision: str = "fp32",
 ) -> ExploraResult:
     """Continue DINO self-distillation on ``image_uris`` with the ExPLoRA plan; return merged weights.
 
@@ -561,7 +582,15 @@ def run_explora(
     after every iteration.
     With ``checkpoint_dir``, every finished epoch is checkpointed there and a run with the same
     config, images and initial weights resumes from it (``report["resumed_from_epoch"]``).
+    ``precision``: the gpu resource's (``fp32``, ``bf16-mixed``, ``fp16-mixed`` with a gradient scaler, CUDA
+    only): the student and teacher forwards run under autocast, the loss, AdamW and the EMA in fp32.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16-mixed" and torch.device(device).type != "cuda":
+        raise ValueError(
+            f"precision='fp16-mixed' needs a CUDA device (got {device}); use 'bf16-mixed' or 'fp32'"
+        )
     if not cfg.enabled:
         return _disabled_result(backbone)
     if not image_uris:
@@ -585,8 +614,12 @@ def run_explora(
         load = load_image or _default_load_image
 
         # resume: the last finished epoch of the same run
-        fingerprint = _fingerprint(cfg, image_uris, backbone, steps, by_content=checkpoint_dir is not None)
+        fingerprint = _fingerprint(
+            cfg, image_uris, backbone, steps, by_content=checkpoint_dir is not None, precision=precision
+        )
         state = {"fingerprint": fingerprint, "epoch": 0, "loss_curve": []}
+        dtype = precision_dtype(precision)
+        scaler = torch.amp.GradScaler(torch.device(device).type) if precision == "fp16-mixed" else None
         resumed = None
         if checkpoint_dir is not None:
             checkpoint_dir = Path(checkpoint_dir)
@@ -594,6 +627,8 @@ def run_explora(
                 checkpoint_dir, state["fingerprint"], s.student, s.teacher, s.dino_loss, s.optimizer, s.names
             )
             state = resumed or state
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         resumed_from = None if resumed is None else int(state["epoch"])
         loss_curve: list[float] = state["loss_curve"]
 
@@ -605,11 +640,13 @@ def run_explora(
             epoch_steps = range(first, min(first + steps_per_epoch, steps))
             _explora_epoch(
                 epoch, s, batches, epoch_steps, plan.schedules, plan.freeze_last_layer_steps, cfg, device, world,
-                loss_curve, on_step,
+                loss_curve, on_step, dtype=dtype, scaler=scaler,
             )  # fmt: skip
 
             # checkpoint (atomic; the state JSON rides inside last.safetensors); rank 0 writes
             state["epoch"] = epoch
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
             if checkpoint_dir is not None and world.rank == 0:
                 _save_epoch(checkpoint_dir, s.student, s.teacher, s.dino_loss, s.optimizer, s.names, state)
 
@@ -618,4 +655,4 @@ def run_explora(
     report = _report(
         cfg, s, plan, loss_curve, len(image_uris), resumed_from, seconds, (global_size, local_size)
     )
-    return ExploraResult(state_dict=merged, report=report)
+    return ExploraResult(state_dict=merged, report={**report, "precision": precision})

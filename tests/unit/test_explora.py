@@ -462,3 +462,20 @@ def test_a_data_parallel_explora_job_checkpoints_and_a_rerun_resumes(tmp_path: P
     assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1, "rank 0 wrote no checkpoint"
     again = run_job(job, World(), torch.device("cpu"))
     assert again["resumed_from_epoch"] == 1, "a rerun of the job did not resume its finished epoch"
+
+
+def test_explora_runs_its_forwards_in_the_gpu_resources_precision(tmp_path: Path) -> None:
+    """`gpu.precision: bf16-mixed` reaches ExPLoRA (before, it trained in fp32 whatever the setting, at
+    a fraction of a GPU's bf16 throughput); the merged weights stay fp32."""
+    uris = _write_jpegs(tmp_path, 8)
+    cfg = _tiny_cfg(epochs=1, batch_size=4, lr=1e-3)
+    torch.manual_seed(0)
+    backbone = tiny_vit(depth=2, dynamic_img_size=True)
+    fp32 = run_explora(backbone, uris, cfg, load_image=_open)
+    bf16 = run_explora(backbone, uris, cfg, load_image=_open, precision="bf16-mixed")
+    assert (fp32.report["precision"], bf16.report["precision"]) == ("fp32", "bf16-mixed")
+    assert np.isfinite(bf16.report["loss_curve"]).all()
+    assert bf16.report["loss_curve"] != fp32.report["loss_curve"], "the forwards did not run in bf16"
+    assert {v.dtype for v in bf16.state_dict.values()} == {torch.float32}
+    with pytest.raises(ValueError, match="fp16-mixed' needs a CUDA device"):
+        run_explora(backbone, uris, cfg, load_image=_open, precision="fp16-mixed")
