@@ -258,6 +258,7 @@ def classifier(
         "precision": gpu.effective_precision(),
         "checkpoint_dir": store.checkpoint_dir("classifier", context.partition_key),
         "feature_cache_dir": store.feature_cache_dir(),
+        "compile_backend": "inductor" if gpu.compile else None,  # the training forward
     }
     if gpu.data_parallel:  # torchrun + DDP through Pipes; rank 0 writes checkpoints and `out`
         result = _classifier_data_parallel(context, gpu, model, train, select, train_cfg, places, out, mlflow)

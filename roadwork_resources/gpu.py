@@ -25,7 +25,11 @@ class GPUResource(dg.ConfigurableResource):
         "auto", description="auto picks cuda, then mps, then cpu"
     )
     precision: Precision = Field("fp32", description="fp16-mixed uses a gradient scaler and needs CUDA")
-    compile: bool = Field(False, description="wrap models in torch.compile")
+    compile: bool = Field(
+        False,
+        description="torch.compile (inductor) the classifier's training forward; the prediction assets and "
+        "the bundle stay eager (their logits must match within 1e-4)",
+    )
     attn_backend: Literal["sdpa", "flash_attn", "eager"] = Field("sdpa", description="attention kernel")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     seed: int = Field(0, description="seed for python, numpy and torch")
@@ -126,13 +130,6 @@ class GPUResource(dg.ConfigurableResource):
             f"--master-addr={self.master_addr}",
             f"--master-port={self.master_port}",
         ]
-
-    def maybe_compile(self, module):
-        if not self.compile:
-            return module
-        import torch
-
-        return torch.compile(module)
 
     def describe(self) -> dict:
         return {

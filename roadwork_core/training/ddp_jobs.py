@@ -43,6 +43,7 @@ def write_classifier_job(
     checkpoint_dir: Path,
     feature_cache_dir: Path | None,
     out_dir: Path,
+    compile_backend: str | None = None,
 ) -> Path:
     from roadwork_core.models.serialization import save_classifier
 
@@ -57,6 +58,7 @@ def write_classifier_job(
         "checkpoint_dir": str(checkpoint_dir),
         "feature_cache_dir": None if feature_cache_dir is None else str(feature_cache_dir),
         "out_dir": str(out_dir),
+        "compile_backend": compile_backend,
     }
     atomic_write_text(job_dir / JOB_FILE, json.dumps(job, indent=2))
     return job_dir
@@ -120,6 +122,7 @@ def _run_classifier(job: dict, job_dir: Path, world: World, device: torch.device
         checkpoint_dir=Path(job["checkpoint_dir"]),
         feature_cache_dir=None if job["feature_cache_dir"] is None else Path(job["feature_cache_dir"]),
         on_epoch=on_record,
+        compile_backend=job.get("compile_backend"),
     )
     summary = {
         "best_epoch": result.best_epoch,

@@ -327,10 +327,28 @@ class _Optim:
     ema: ModelEmaV3 | None
 
 
+def _compiled(step_fn: nn.Module, backend: str) -> nn.Module:
+    """`torch.compile` of the training forward (after DDP's wrap, so its buckets split the graph). A part
+    dynamo cannot compile (a peft or timm construct it does not trace) runs eagerly with a warning instead of
+    failing the run: `compile` is a speed setting, the loss and gradients are the same either way."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(step_fn, backend=backend)
+
+
 def _build_optim(
-    model: RoadworkClassifier, target: nn.Module, cfg: TrainConfig, precision: str, device, world: World
+    model: RoadworkClassifier,
+    target: nn.Module,
+    cfg: TrainConfig,
+    precision: str,
+    device,
+    world: World,
+    compile_backend: str | None = None,
 ) -> _Optim:
     step_fn = world.wrap(_Step(model, cfg.mode == "head"), device)  # DDP when distributed
+    if compile_backend:
+        step_fn = _compiled(step_fn, compile_backend)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(target, cfg.weight_decay), lr=cfg.lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
@@ -551,6 +569,7 @@ def train_classifier(
     checkpoint_dir: Path,
     feature_cache_dir: Path | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    compile_backend: str | None = None,
 ) -> TrainResult:
     """Train `model` on train_rows (image_id, uri, label), select on select_rows by MCC.
 
@@ -558,6 +577,8 @@ def train_classifier(
     image ids, labels and initial weights). On return `model` holds the best weights with adapters
     merged, i.e. exactly `TrainResult.state_dict`. Raises FloatingPointError on a NaN / inf loss.
     Under torchrun (an initialized process group) it trains data-parallel: see training/distributed.py.
+    `compile_backend` ("inductor": the gpu resource's `compile`): the training forward runs through
+    `torch.compile` with that backend; evaluation and the saved weights are the eager model's.
     """
     device = torch.device(device)
     world = World.from_env()
@@ -572,7 +593,7 @@ def train_classifier(
     target = _prepare(model, cfg)
     model.to(device)
     counter = _ForwardCounter(model.backbone)
-    opt = _build_optim(model, target, cfg, precision, device, world)
+    opt = _build_optim(model, target, cfg, precision, device, world, compile_backend)
     data = _build_data(model, cfg, train_rows, select_rows)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     schedule = lr_schedule(cfg, steps_per_epoch)
