@@ -227,6 +227,11 @@ class ExploraConfig:
     )
     export_weights: str = knob("teacher", "teacher (as DINO / DINOv2 evaluate) | student")
     seed: int = knob(0, "seed of LoRA / head init, shuffles and crops")
+    num_workers: int = knob(
+        0,
+        "DataLoader worker processes that decode and crop the images (0: in the training process). The crops "
+        "are seeded per image, so the result does not depend on it; a GPU wants several",
+    )
 
     def __post_init__(self) -> None:
         if self.n_global_crops != 2:
@@ -242,6 +247,8 @@ class ExploraConfig:
             raise ValueError(
                 f"ExploraConfig.export_weights={self.export_weights!r}: use 'teacher' or 'student'."
             )
+        if self.num_workers < 0:
+            raise ValueError(f"ExploraConfig.num_workers={self.num_workers}: use 0 or more worker processes.")
         if self.batch_size < 1:
             raise ValueError(f"ExploraConfig.batch_size={self.batch_size}: must be >= 1.")
         if self.enabled and (self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1)):

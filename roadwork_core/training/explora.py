@@ -255,6 +255,45 @@ def _default_load_image(uri: str) -> Image.Image:
     return load_image(uri)
 
 
+class _MultiCrops(torch.utils.data.Dataset):
+    """Image `i` of `uris` -> its (global crops, local crops). The augmentation draws from a stream seeded by
+    (epoch seed, i), so an image gets the same crops whichever DataLoader worker, rank or position in the
+    batch produces it: the run does not depend on `num_workers`, and a resumed epoch replays its crops."""
+
+    def __init__(
+        self,
+        uris: list[str],
+        load_image: Callable[[str], Image.Image],
+        augment: MultiCropAugmentation,
+        seed: int,
+    ) -> None:
+        self.uris, self.load_image, self.augment, self.seed = uris, load_image, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, idx: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        try:
+            image = self.load_image(self.uris[idx]).convert("RGB")
+        except Exception as exc:
+            raise ValueError(
+                f"ExPLoRA could not read image {self.uris[idx]!r} (position {idx}): {exc}. "
+                "Fix the file or drop it from the drop (the image table lists what the drop holds)."
+            ) from exc
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed(self.seed, idx + 1))
+            return self.augment(image)
+
+
+def _stack_crops(items: list[tuple[list[torch.Tensor], list[torch.Tensor]]]):
+    """A batch of _MultiCrops items -> ([(B, 3, G, G)] per global crop, [(B, 3, L, L)] per local crop)."""
+    n_global, n_local = len(items[0][0]), len(items[0][1])
+    return (
+        [torch.stack([g[k] for g, _ in items]) for k in range(n_global)],
+        [torch.stack([loc[k] for _, loc in items]) for k in range(n_local)],
+    )
+
+
 def _epoch_batches(
     uris: list[str],
     batch_size: int,
@@ -262,26 +301,29 @@ def _epoch_batches(
     load_image: Callable[[str], Image.Image],
     augment: MultiCropAugmentation,
     world: World = World(),
+    *,
+    crop_seed: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor], float]]:
     """One shuffled pass: (global crops [(B, 3, G, G)] * 2, local crops [(B, 3, L, L)] * N, loss weight)
-    per batch. Distributed: this rank's contiguous part of each global batch (training/distributed.py)."""
+    per batch. Distributed: this rank's contiguous part of each global batch (training/distributed.py).
+    Images are decoded and cropped by a DataLoader (`num_workers` processes; 0: in this process)."""
     order = torch.randperm(len(uris), generator=generator).tolist()
+    parts, weights = [], []
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         lo, hi = shard_bounds(len(batch), world.rank, world.world_size)
-        weight = (hi - lo) * world.world_size / len(batch)
-        views = []
-        for idx in batch[lo:hi] or batch[:1]:  # empty part of a short batch: one image, weight 0
-            try:
-                image = load_image(uris[idx]).convert("RGB")
-            except Exception as exc:
-                raise ValueError(
-                    f"ExPLoRA could not read image {uris[idx]!r} (position {idx}): {exc}. "
-                    "Fix the file or drop it from the drop (the image table lists what the drop holds)."
-                ) from exc
-            views.append(augment(image))
-        globals_ = [torch.stack([v[0][k] for v in views]) for k in range(2)]
-        locals_ = [torch.stack([v[1][k] for v in views]) for k in range(augment.n_local)]
+        weights.append((hi - lo) * world.world_size / len(batch))
+        parts.append(batch[lo:hi] or batch[:1])  # empty part of a short batch: one image, weight 0
+    loader = torch.utils.data.DataLoader(
+        _MultiCrops(uris, load_image, augment, crop_seed),
+        batch_sampler=parts,
+        num_workers=num_workers,
+        collate_fn=_stack_crops,
+        pin_memory=pin_memory,
+    )
+    for (globals_, locals_), weight in zip(loader, weights, strict=True):
         yield globals_, locals_, weight
 
 
@@ -328,7 +370,7 @@ def _fingerprint(
     `by_content` (no checkpoint to resume) the bytes are not read."""
     contents = [_content_id(uri) for uri in uris] if by_content else None
     payload = {
-        "config": cfg.to_dict(),
+        "config": {k: v for k, v in cfg.to_dict().items() if k != "num_workers"},  # the same run either way
         "uris": uris,
         "contents": contents,
         "steps": steps,
@@ -633,10 +675,14 @@ def run_explora(
         loss_curve: list[float] = state["loss_curve"]
 
         for epoch in range(state["epoch"] + 1, plan.epochs + 1):
-            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # augmentation stream of this epoch
+            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # drop-path stream of this epoch
             generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))  # shuffle
             first = (epoch - 1) * steps_per_epoch
-            batches = _epoch_batches(image_uris, cfg.batch_size, generator, load, augment, world)
+            batches = _epoch_batches(
+                image_uris, cfg.batch_size, generator, load, augment, world,
+                crop_seed=epoch_seed(cfg.seed, epoch), num_workers=cfg.num_workers,
+                pin_memory=torch.device(device).type == "cuda",
+            )  # fmt: skip
             epoch_steps = range(first, min(first + steps_per_epoch, steps))
             _explora_epoch(
                 epoch, s, batches, epoch_steps, plan.schedules, plan.freeze_last_layer_steps, cfg, device, world,

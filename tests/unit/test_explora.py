@@ -479,3 +479,18 @@ def test_explora_runs_its_forwards_in_the_gpu_resources_precision(tmp_path: Path
     assert {v.dtype for v in bf16.state_dict.values()} == {torch.float32}
     with pytest.raises(ValueError, match="fp16-mixed' needs a CUDA device"):
         run_explora(backbone, uris, cfg, load_image=_open, precision="fp16-mixed")
+
+
+def test_explora_crops_are_the_same_whatever_the_number_of_dataloader_workers(tmp_path: Path) -> None:
+    """Images are decoded and cropped by a DataLoader (workers keep a GPU fed); each image's crops are
+    seeded by (epoch, image), so two worker processes train exactly what the training process alone does."""
+    uris = _write_jpegs(tmp_path, 8)
+    torch.manual_seed(0)
+    backbone = tiny_vit(depth=2, dynamic_img_size=True)
+    alone = run_explora(backbone, uris, _tiny_cfg(epochs=2, batch_size=4, lr=1e-3), load_image=_open)
+    workers = run_explora(
+        backbone, uris, _tiny_cfg(epochs=2, batch_size=4, lr=1e-3, num_workers=2), load_image=_open
+    )
+    assert workers.report["loss_curve"] == alone.report["loss_curve"]
+    for key, value in alone.state_dict.items():
+        assert torch.equal(workers.state_dict[key], value), key
