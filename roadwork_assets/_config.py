@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from roadwork_core.config import describe
 
 _SCALARS = (bool, int, float, str)
+_SOURCES: dict[type, tuple[type, ...]] = {}  # generated Config class -> the core dataclasses it came from
 
 
 def _dagster_type(tp: Any, where: str) -> Any:
@@ -68,7 +69,23 @@ def config_from(
         fields[key] = spec
     model = pydantic.create_model(name, __base__=dg.Config, __module__=_caller_module(), **fields)
     model.__doc__ = doc or f"Generated from {', '.join(s.__name__ for s in sources)}."
+    _SOURCES[model] = sources
     return model
+
+
+def check_config(config: dg.Config) -> None:
+    """Build the core dataclasses a config value stands for (their `__post_init__` refuses ranges no run can
+    use), nested configs too; raises ValueError naming the field. Pydantic constraints ran when `config` was
+    built. The IO manager runs this for every op of a run before any step (roadwork_assets.definitions)."""
+    from roadwork_core.config import from_mapping
+
+    values = config.model_dump()
+    for source in _SOURCES.get(type(config), ()):
+        from_mapping(source, values)
+    for name in type(config).model_fields:
+        nested = getattr(config, name)
+        if isinstance(nested, dg.Config):
+            check_config(nested)
 
 
 def _caller_module() -> str:

@@ -21,9 +21,9 @@ from roadwork_resources.settings import SplitSettings
 
 
 class ImageTableConfig(dg.Config):
-    min_size: int = Field(32, description="images smaller than this on either side are rejected")
+    min_size: int = Field(32, ge=1, description="images smaller than this on either side are rejected")
     max_reject_fraction: float = Field(
-        0.05, description="fail the run when more candidates than this are rejected"
+        0.05, ge=0, le=1, description="fail the run when more candidates than this are rejected"
     )
     allow_withdrawn_drops: bool = Field(
         False,

@@ -74,6 +74,51 @@ def unknown_ops(run_config: dict | None) -> list[str]:
     return sorted(set((run_config or {}).get("ops") or {}) - known)
 
 
+def _op_config_classes() -> dict[str, type[dg.Config]]:
+    """op name -> the Config class its compute function takes as `config` (assets and checks)."""
+    import inspect
+
+    classes: dict[str, type[dg.Config]] = {}
+    for definition in (*ASSETS, *ASSET_CHECKS):
+        fn = getattr(definition.node_def.compute_fn, "decorated_fn", None)
+        param = inspect.signature(fn).parameters.get("config") if fn is not None else None
+        if param is None:
+            continue
+        annotation = param.annotation
+        if isinstance(annotation, str):  # `from __future__ import annotations`
+            annotation = fn.__globals__.get(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, dg.Config):
+            classes[definition.node_def.name] = annotation
+    return classes
+
+
+def invalid_op_configs(run_config: dict | None) -> list[str]:
+    """Each op's config of a run built as its step will build it (pydantic ranges and choices, then the core
+    dataclasses' checks, `check_config`): 'ops.<op>.config: <why>' for each one no step could run with. Dagster
+    itself checks only names and types before a run; a range (grad_clip <= 0) or a misspelt list entry
+    (calibrator methods) would otherwise fail, or silently train wrong, after the steps before it."""
+    import pydantic
+
+    from roadwork_assets._config import check_config
+
+    classes = _op_config_classes()
+    problems = []
+    for op, entry in sorted(((run_config or {}).get("ops") or {}).items()):
+        cls = classes.get(op)
+        values = entry.get("config") if isinstance(entry, dict) else None
+        if cls is None or not isinstance(values, dict):
+            continue
+        try:
+            check_config(cls(**values))
+        except pydantic.ValidationError as exc:
+            for error in exc.errors():
+                field = ".".join(str(part) for part in error["loc"])
+                problems.append(f"ops.{op}.config.{field}: {error['msg']} (got {error.get('input')!r})")
+        except (ValueError, TypeError) as exc:
+            problems.append(f"ops.{op}.config: {exc}")
+    return problems
+
+
 class RoadworkIOManager(ArtifactIOManager):
     """`ArtifactIOManager` that first refuses a run config naming ops this code location lacks: every run
     sets up its IO manager before any step body runs."""
@@ -97,6 +142,14 @@ class RoadworkIOManager(ArtifactIOManager):
                 f"the run config sets ops {', '.join(hints)}, which are no asset or check of this code location, "
                 f"so their settings would be ignored and the run would use defaults. Rename them under `ops:`; "
                 f"the assets are {', '.join(d.node_def.name for d in ASSETS)}",
+                [],
+                run.run_config,
+            )
+        problems = invalid_op_configs(run.run_config if run is not None else None)
+        if problems:
+            raise dg.DagsterInvalidConfigError(
+                "the run config holds values no step can run with; fix them (nothing has run yet):\n  "
+                + "\n  ".join(problems),
                 [],
                 run.run_config,
             )

@@ -6,7 +6,7 @@ from typing import Literal
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from roadwork_assets._util import json_meta, reader_metadata
 from roadwork_assets.data import require_green_splits
@@ -73,8 +73,22 @@ class CalibratorConfig(dg.Config):
     methods: list[str] = Field(
         ["temperature", "beta", "isotonic", "histogram"], description="candidates; chosen by held-out NLL"
     )
-    holdout_fraction: float = 0.3
+    holdout_fraction: float = Field(0.3, gt=0, lt=1, description="share of val_calib that ranks the methods")
     seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        known = (
+            "temperature",
+            "beta",
+            "isotonic",
+            "histogram",
+        )  # roadwork_core.calibration.CALIBRATION_METHODS
+        unknown = [m for m in methods if m not in known]
+        if unknown or not methods:
+            raise ValueError(f"unknown calibration methods {unknown or methods}; choose among {list(known)}")
+        return methods
 
 
 @_policy_asset(
@@ -116,8 +130,10 @@ def calibrator(
 
 
 class RiskTargets(dg.Config):
-    target_fnr: float = Field(0.02, description="false-negative rate target (roadwork decided no_roadwork)")
-    target_fpr: float | None = Field(None, description="optional false-positive rate target")
+    target_fnr: float = Field(
+        0.02, gt=0, lt=1, description="false-negative rate target (roadwork decided no_roadwork)"
+    )
+    target_fpr: float | None = Field(None, gt=0, lt=1, description="optional false-positive rate target")
 
 
 @_policy_asset(
@@ -169,18 +185,29 @@ def gate_policy(
 
 
 class ScrcConfig(dg.Config):
-    alpha: float = Field(0.05, description="FNR bound among accepted images")
-    delta: float = Field(0.1, description="ltt mode: the bound holds with probability >= 1 - delta")
+    alpha: float = Field(0.05, gt=0, lt=1, description="FNR bound among accepted images")
+    delta: float = Field(
+        0.1, gt=0, lt=1, description="ltt mode: the bound holds with probability >= 1 - delta"
+    )
     mode: Literal["crc", "ltt"] = Field(
         "crc", description="crc (in expectation) | ltt (with high probability)"
     )
     bound: Literal["binomial", "hoeffding_bentkus"] = Field(
         "binomial", description="ltt p-value: binomial | hoeffding_bentkus"
     )
-    target_coverage: float = Field(0.9, description="fraction of images accepted (lambda1 quantile)")
+    target_coverage: float = Field(
+        0.9, gt=0, le=1, description="fraction of images accepted (lambda1 quantile)"
+    )
     confidence_feature: str = Field(
         "max_prob", description="uncertainty feature used as the confidence score"
     )
+
+    @field_validator("confidence_feature")
+    @classmethod
+    def _known_feature(cls, name: str) -> str:
+        if name not in UNCERTAINTY_FEATURES:
+            raise ValueError(f"confidence_feature {name!r} is not one of {list(UNCERTAINTY_FEATURES)}")
+        return name
 
 
 @_policy_asset(

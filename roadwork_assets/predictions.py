@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from roadwork_assets._util import reader_metadata
 from roadwork_assets.data import require_green_splits
@@ -16,7 +17,7 @@ from roadwork_resources.mlflow_tracking import MLFLOW_HOOKS
 
 
 class PredictConfig(dg.Config):
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1, description="images per forward")
 
 
 def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:

@@ -6,7 +6,7 @@ from typing import Literal
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from roadwork_assets._util import json_meta, reader_metadata
 from roadwork_assets.data import require_green_splits
@@ -147,8 +147,8 @@ def check_bundle_one_policy(bundle: Path) -> dg.AssetCheckResult:
 
 
 class ReproduceConfig(dg.Config):
-    sample: int = Field(16, description="calib images re-predicted through Bundle.load + predict")
-    tolerance: float = 1e-4
+    sample: int = Field(16, ge=1, description="calib images re-predicted through Bundle.load + predict")
+    tolerance: float = Field(1e-4, gt=0, description="largest |difference| of logit and p allowed")
 
 
 @_bundle_check(
@@ -186,14 +186,24 @@ class ReportConfig(dg.Config):
     register_model: bool = Field(
         True, description="register the bundle as the MLflow pyfunc model 'roadwork'"
     )
-    n_bootstrap: int = 1000
+    n_bootstrap: int = Field(1000, ge=1, description="bootstrap resamples of the confidence intervals")
     seed: int = 0
     robustness_levels: list[int] = Field([0, 1, 2, 3], description="validator distortion levels to evaluate")
-    robustness_max_images: int | None = Field(None, description="cap on test images re-predicted per level")
+    robustness_max_images: int | None = Field(
+        None, ge=1, description="cap on test images re-predicted per level"
+    )
     subnet: bool = Field(
         True, description="score val_test through the validator replica (levels 0-3, reward)"
     )
-    subnet_max_images: int | None = Field(None, description="cap on test images in the subnet section")
+    subnet_max_images: int | None = Field(None, ge=1, description="cap on test images in the subnet section")
+
+    @field_validator("robustness_levels")
+    @classmethod
+    def _validator_levels(cls, levels: list[int]) -> list[int]:
+        bad = [level for level in levels if level not in (0, 1, 2, 3)]
+        if bad:
+            raise ValueError(f"robustness_levels {bad} are not validator distortion levels (0, 1, 2, 3)")
+        return levels
 
 
 @dg.asset(

@@ -131,6 +131,9 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], **overrides: Any) -> T
 # ---------------------------------------------------------------- the config dataclasses
 
 
+POOLINGS: tuple[str, ...] = ("token", "avg", "max")
+
+
 @dataclass
 class BackboneConfig:
     name: str = knob(
@@ -143,6 +146,16 @@ class BackboneConfig:
     grad_checkpointing: bool = knob(False, "recompute activations in backward (less memory, slower)")
     attn_backend: str = knob("sdpa", "sdpa (timm fused attention) | flash_attn | eager")
     model_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(
+                f"BackboneConfig.pooling={self.pooling!r} is not valid; use one of {', '.join(POOLINGS)} or null"
+            )
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(
+                f"BackboneConfig.img_size={self.img_size} must be >= 1 (or null for the preset's)"
+            )
 
 
 @dataclass
@@ -161,6 +174,13 @@ class MultiViewConfig:
             raise ValueError(f"MultiViewConfig.overlap must be in [0, 1), got {self.overlap}")
         if self.view_size is not None and self.view_size < 1:
             raise ValueError(f"MultiViewConfig.view_size must be >= 1, got {self.view_size}")
+        if self.canvas_size is not None and (
+            self.canvas_size < 1 or (self.view_size is not None and self.canvas_size < self.view_size)
+        ):
+            raise ValueError(
+                f"MultiViewConfig.canvas_size={self.canvas_size} must be at least view_size ({self.view_size}): "
+                "the tiles are cut from the canvas, a smaller one would only be upsampled; null picks it"
+            )
 
 
 @dataclass
@@ -170,6 +190,14 @@ class HeadConfig:
     aggregator: Literal["topk_mean", "mean", "attention"] = knob("topk_mean", "topk_mean | mean | attention")
     topk: int = knob(3, "views averaged by topk_mean")
     dropout: float = knob(0.3, "dropout before the per-view linear head")
+
+    def __post_init__(self) -> None:
+        if self.topk < 1:
+            raise ValueError(f"HeadConfig.topk={self.topk} must be >= 1 (the views topk_mean averages)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"HeadConfig.dropout={self.dropout}: use 0 <= dropout < 1 (at 1 every feature is zeroed)"
+            )
 
 
 @dataclass
@@ -258,6 +286,39 @@ class ExploraConfig:
             )
         if self.enabled and (not self.lr > 0 or self.min_lr < 0):
             raise ValueError(f"ExploraConfig: lr={self.lr} must be > 0 and min_lr={self.min_lr} >= 0.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(
+                f"ExploraConfig.grad_clip={self.grad_clip}: use a norm > 0, or null for no clipping (a negative "
+                "norm reverses the gradient)"
+            )
+        if not 0.0 <= self.teacher_momentum <= 1.0:
+            raise ValueError(f"ExploraConfig.teacher_momentum={self.teacher_momentum}: use 0 <= momentum < 1")
+        if self.teacher_momentum == 1.0 and self.export_weights == "teacher":
+            raise ValueError(
+                "ExploraConfig.teacher_momentum=1.0 freezes the teacher, and export_weights is 'teacher': the "
+                "exported weights would be the base weights. Use a momentum < 1, or export_weights: student"
+            )
+        temps = {"teacher_temp": self.teacher_temp, "warmup_teacher_temp": self.warmup_teacher_temp,
+                 "student_temp": self.student_temp}  # fmt: skip
+        if not all(t > 0 for t in temps.values()):
+            raise ValueError(f"ExploraConfig: the softmax temperatures must be > 0, got {temps}")
+        if not 0.0 <= self.lr_warmup_frac <= 1.0 or not 0.0 <= self.teacher_temp_warmup_frac <= 1.0:
+            raise ValueError(
+                f"ExploraConfig: lr_warmup_frac={self.lr_warmup_frac} and teacher_temp_warmup_frac="
+                f"{self.teacher_temp_warmup_frac} are shares of the steps: use 0..1"
+            )
+        for name in ("global_crop_scale", "local_crop_scale"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(
+                    f"ExploraConfig.{name}=({lo}, {hi}): an area range needs 0 < low <= high <= 1"
+                )
+        if min(self.out_dim, self.head_hidden_dim, self.head_bottleneck_dim, self.head_nlayers) < 1:
+            raise ValueError(
+                "ExploraConfig: out_dim, head_hidden_dim, head_bottleneck_dim and head_nlayers must be >= 1"
+            )
+        if not 0.0 <= self.center_momentum <= 1.0:
+            raise ValueError(f"ExploraConfig.center_momentum={self.center_momentum}: use 0 <= momentum <= 1")
         if not 0.0 <= self.drop_path_rate < 1.0 or not 0.0 <= self.freeze_last_layer_frac <= 1.0:
             raise ValueError(
                 f"ExploraConfig: need 0 <= drop_path_rate < 1 and 0 <= freeze_last_layer_frac <= 1, got "
@@ -297,3 +358,25 @@ class TrainConfig:
     grad_clip: float | None = knob(1.0, "clip the gradient norm to this; null: no clipping")
     seed: int = knob(0, "seed of adapter init, shuffles, dropout and augmentations")
     num_workers: int = knob(0, "DataLoader worker processes")
+
+    def __post_init__(self) -> None:
+        """Ranges no training can use, refused by name when the config is built (the classifier's run config is
+        checked before any step runs: roadwork_assets.definitions.RoadworkIOManager)."""
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(
+                f"TrainConfig.grad_clip={self.grad_clip}: use a norm > 0, or null for no clipping (0 zeroes every "
+                "gradient, a negative norm reverses it)"
+            )
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(
+                f"TrainConfig.ema_decay={self.ema_decay}: use 0 <= decay < 1, or null for no EMA"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"TrainConfig.lora_dropout={self.lora_dropout}: use 0 <= dropout < 1")
+        if self.mode in ("lora", "dora") and (self.lora_rank < 1 or not self.lora_alpha > 0):
+            raise ValueError(
+                f"TrainConfig: mode {self.mode!r} needs lora_rank >= 1 and lora_alpha > 0 (the adapters' scale is "
+                f"lora_alpha / lora_rank; at 0 they add nothing), got {self.lora_rank} and {self.lora_alpha}"
+            )
+        if self.num_workers < 0:
+            raise ValueError(f"TrainConfig.num_workers={self.num_workers}: use 0 or more worker processes")

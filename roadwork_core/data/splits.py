@@ -128,6 +128,15 @@ def _check_group_sizes(images: pd.DataFrame, cfg: SplitConfig) -> None:
     """Refuse a group column that makes one group of most of the table (an export's `group_id` that
     means something else, e.g. one shard id for every row): no ratio could hold."""
     column = cfg.group_column
+    if column and column != GROUP_COLUMN and column not in images.columns:
+        # the default (a drop's group_id column) may be absent; a column asked for by name may not: grouping
+        # would silently be off and near-identical frames of one video could land in train and val_test
+        meta = [c for c in images.columns if c.startswith("meta.")]
+        raise ValueError(
+            f"split_settings.group_column is {column!r}, but the image table has no such column; its metadata "
+            f"columns are {meta or 'none'} (a drop's csv column `x` arrives as `meta.x`). Name one of them, or "
+            f"turn grouping off with group_column: ''"
+        )
     if not column or column not in images.columns or len(images) < 20:
         return
     keys = images[column].map(key_text).dropna()

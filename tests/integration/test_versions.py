@@ -358,6 +358,33 @@ def test_an_asset_name_misspelt_in_the_run_config_is_refused_before_any_step(tin
         assert f"'{op}' (did you mean '{hint}'?)" in message and "no asset or check" in message, message
 
 
+def test_a_value_no_step_can_use_is_refused_before_any_step(tiny_inbox, rw_home):
+    """Dagster checks names and types only: `grad_clip: 0` (zeroes every gradient: the classifier never learns,
+    exit 0) or a misspelt calibration method (the calibrator failed after all the training) ran. The IO
+    manager's set-up builds every op's config as its step will, before the first step."""
+    from roadwork_assets.definitions import ASSET_CHECKS, ASSETS
+
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+    defs = dg.Definitions(
+        assets=ASSETS, asset_checks=ASSET_CHECKS, resources=resources, executor=dg.in_process_executor
+    )
+    job = defs.resolve_implicit_global_asset_job_def()
+    config = tiny_run_config()
+    config["ops"]["classifier"]["config"]["grad_clip"] = 0.0
+    config["ops"]["calibrator"] = {"config": {"methods": ["temperature", "isotonc"]}}
+    result = job.execute_in_process(
+        run_config=config, instance=instance, partition_key="v0001", raise_on_error=False,
+        asset_selection=[dg.AssetKey("image_table")],
+    )  # fmt: skip
+    assert not result.success
+    assert not result.get_asset_materialization_events(), "nothing may be materialized"
+    failure = next(ev for ev in result.all_events if ev.event_type == dg.DagsterEventType.RUN_FAILURE)
+    message = str(failure.event_specific_data.error)
+    assert "ops.classifier.config: TrainConfig.grad_clip=0.0" in message, message
+    assert "ops.calibrator.config.methods" in message and "'isotonc'" in message, message
+
+
 def test_deleting_a_split_partition_does_not_let_its_images_move(tmp_path, rw_home, capsys):
     """v0002 is split, then its partition deleted (its folder stays): v0003 must still be sticky to v0002's
     splits. It was assigned against v0001 only, and 34 of v0002's 180 images moved (7 val_test -> train)

@@ -74,6 +74,14 @@ def test_box_classes_select_which_boxes_count(drops, fmt: str) -> None:
         assert [ids[i]["label_raw"] for i in range(N)] == [str(int("cone" in k)) for _, k in truth]
 
 
+@pytest.mark.parametrize("fmt", ["yolo", "coco"])
+def test_a_box_class_the_drop_does_not_define_is_refused(drops, fmt: str) -> None:
+    """`box_classes: [cone, sgin]`: the typo matched no box, so every image with only a sign became
+    no_roadwork (53 positives instead of 68 on a 160-image drop) with every split check green."""
+    with pytest.raises(ValueError, match=r"box_classes \['sgin'\] name no class of .*'sign'"):
+        read_drop(drops[fmt], box_classes=["cone", "sgin"])
+
+
 def test_yolo_bad_lines_reject_their_image_with_reasons(drops, tmp_path: Path) -> None:
     import shutil
 

@@ -438,3 +438,11 @@ def test_frames_of_one_video_share_a_split_through_their_group_id(tmp_path: Path
     one_group = images.assign(**{"meta.group_id": "shard-0"})  # a column that means something else
     with pytest.raises(ValueError, match=r"share meta\.group_id 'shard-0'.*group_column: ''"):
         assign_splits(one_group, cfg())
+
+    # a column asked for by name that the table lacks (a typo, or `meta.video` for a csv column `vid`) turned
+    # grouping off without a word: the video's frames were split by hash alone
+    for typo in ("meta.group_idd", "meta.scene"):
+        with pytest.raises(
+            ValueError, match=rf"group_column is '{typo}'.*metadata columns are \['meta.group_id'\]"
+        ):
+            assign_splits(images, SplitConfig(group_column=typo))

@@ -31,3 +31,56 @@ def test_a_misspelt_key_is_refused(retrain_job) -> None:
     config["ops"]["explora_backbone"]["config"]["num_workrs"] = 2
     with pytest.raises(dg.DagsterInvalidConfigError, match="num_workrs"):
         dg.validate_run_config(retrain_job, config)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_run_config_passes_the_checks_run_before_any_step(path: Path) -> None:
+    from roadwork_assets.definitions import invalid_op_configs
+
+    assert invalid_op_configs(yaml.safe_load(path.read_text())) == []
+
+
+# (op, config, what the refusal names): values Dagster's types accept but no run can use. Each was found
+# accepted by a config audit: silently wrong (gradient ascent, a frozen teacher exported as "trained", an empty
+# reproduction check passing) or failing late with a message that named no field.
+REFUSED = [
+    ("classifier", {"grad_clip": 0.0}, "TrainConfig.grad_clip=0.0"),
+    ("classifier", {"grad_clip": -1.0}, "TrainConfig.grad_clip=-1.0"),
+    ("classifier", {"dropout": 1.0}, "HeadConfig.dropout=1.0"),
+    ("classifier", {"lora_dropout": 1.5}, "TrainConfig.lora_dropout=1.5"),
+    ("classifier", {"mode": "lora", "lora_alpha": 0.0}, "lora_alpha > 0"),
+    ("classifier", {"ema_decay": 1.5}, "TrainConfig.ema_decay=1.5"),
+    ("classifier", {"topk": 0}, "HeadConfig.topk=0"),
+    ("classifier", {"canvas_size": 8, "view_size": 64}, "canvas_size=8 must be at least view_size"),
+    ("explora_backbone", {"teacher_momentum": 1.5}, "teacher_momentum=1.5"),
+    ("explora_backbone", {"teacher_momentum": 1.0}, "freezes the teacher"),
+    ("explora_backbone", {"teacher_temp": 0.0}, "temperatures must be > 0"),
+    ("explora_backbone", {"grad_clip": -3.0}, "ExploraConfig.grad_clip=-3.0"),
+    ("explora_backbone", {"lr_warmup_frac": -0.5}, "lr_warmup_frac=-0.5"),
+    ("explora_backbone", {"global_crop_scale": [1.0, 0.32]}, "global_crop_scale=(1.0, 0.32)"),
+    ("explora_backbone", {"out_dim": 0}, "out_dim"),
+    ("explora_backbone", {"backbone": {"pooling": "maxx"}}, "BackboneConfig.pooling='maxx'"),
+    ("image_table", {"max_reject_fraction": -0.1}, "ops.image_table.config.max_reject_fraction"),
+    ("calibrator", {"methods": ["isotonc"]}, "unknown calibration methods ['isotonc']"),
+    ("threshold_policy", {"target_fnr": 1.0}, "ops.threshold_policy.config.target_fnr"),
+    ("scrc_policy", {"alpha": 0.0}, "ops.scrc_policy.config.alpha"),
+    ("scrc_policy", {"confidence_feature": "max_probb"}, "confidence_feature 'max_probb'"),
+    ("test_predictions", {"batch_size": 0}, "ops.test_predictions.config.batch_size"),
+    ("evaluation_report", {"robustness_levels": [0, 7, -1]}, "robustness_levels [7, -1]"),
+    ("evaluation_report", {"n_bootstrap": 0}, "ops.evaluation_report.config.n_bootstrap"),
+    ("evaluation_report", {"robustness_max_images": 0}, "ops.evaluation_report.config.robustness_max_images"),
+    ("evaluation_report", {"subnet_max_images": -10}, "ops.evaluation_report.config.subnet_max_images"),
+    ("bundle_check_bundle_reproduces_predictions", {"sample": 0}, "config.sample"),
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "values", "named"), REFUSED, ids=[f"{o}-{'-'.join(v)}" for o, v, _ in REFUSED]
+)
+def test_a_value_no_run_can_use_is_refused_by_name(op: str, values: dict, named: str) -> None:
+    from roadwork_assets.definitions import invalid_op_configs
+
+    problems = invalid_op_configs({"ops": {op: {"config": values}}})
+    assert len(problems) == 1 and named in problems[0] and problems[0].startswith(f"ops.{op}.config"), (
+        problems
+    )
