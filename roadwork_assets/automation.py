@@ -1,5 +1,6 @@
-"""Automation: the retrain job, the new-drop sensor, the weekly schedule, the drift sensor, the
-MLflow run closer and the dead-run slot reaper. The new-drop and drift sensors and the schedule are
+"""Automation: the retrain job, the new-drop sensor, the weekly schedule, the drift sensors (drift_sensor
+launches roadwork_assets.monitoring.drift_job; drift_retrain_sensor turns a significant drift into a
+retrain), the MLflow run closer and the dead-run slot reaper. The new-drop and drift sensors and the schedule are
 off by default; turn them on in the UI (Automation tab) or with `dagster sensor start new_drop_sensor`."""
 
 import hashlib
@@ -11,9 +12,15 @@ import dagster as dg
 import yaml
 
 from roadwork_assets._util import late_version_message, late_versions
+from roadwork_assets.monitoring import (
+    DRIFT_REPORT,
+    drift_job,
+    monitor_files,
+    monitor_fingerprint,
+    release_to_compare,
+)
 from roadwork_assets.partitions import dataset_version
 from roadwork_resources.dataset import DatasetSource
-from roadwork_resources.paths import state_root
 from roadwork_resources.settings import DriftSettings, RetrainSettings
 
 # Every retrain run carries this tag; dagster.yaml's `concurrency.runs.tag_concurrency_limits` lets one
@@ -230,82 +237,63 @@ def weekly_retrain(context: dg.ScheduleEvaluationContext):
     )
 
 
-def _monitor_files(folder: Path) -> list[Path]:
-    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-    return (
-        sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-        if folder.is_dir()
-        else []
+@dg.sensor(
+    job=drift_job,
+    minimum_interval_seconds=3600,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="When the monitoring folder (drift.monitor_dir) changed, launches drift_job: it embeds the "
+    "monitored and the released bundle's training images and tests for drift (MMD on embeddings, PSI and KS on "
+    "scores); drift_retrain_sensor requests a retrain of the latest version when the drift is significant.",
+)
+def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> dg.RunRequest | dg.SkipReason:
+    """Cheap on purpose (a listing and two event-log reads): the embedding runs in drift_job, not in the tick."""
+    files = monitor_files(Path(drift.monitor_dir))
+    if len(files) < drift.min_images:
+        return dg.SkipReason(f"{len(files)} images in {drift.monitor_dir}; need {drift.min_images}")
+    fingerprint = monitor_fingerprint(files)
+    if context.cursor == fingerprint:
+        return dg.SkipReason("monitoring folder unchanged since the last evaluation")
+    released, splits_path, why = release_to_compare(context.instance)
+    if splits_path is None:
+        return dg.SkipReason(why)
+    context.update_cursor(fingerprint)
+    return dg.RunRequest(
+        run_key=f"drift-check-{fingerprint}",
+        tags={
+            "roadwork/trigger": "drift_check",
+            "roadwork/monitor_fingerprint": fingerprint,
+            "roadwork/release": f"{released.partition}:{released.run_id}",
+        },
     )
 
 
 @dg.sensor(
     job=retrain_job,
-    minimum_interval_seconds=3600,
-    default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Compares embeddings of monitored images with training embeddings (MMD permutation test) and "
-    "prediction scores (PSI, KS); requests a retrain of the latest version with the figures as run tags.",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Reads each new drift_report observation (written by drift_job); a significant drift requests a "
+    "retrain of the latest dataset version with the figures as run tags roadwork/drift_*.",
 )
-def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> dg.RunRequest | dg.SkipReason:
-    from roadwork_core.workflows.drift_check import compare_with_training
-    from roadwork_resources.io_manager import read_artifact
-
-    files = _monitor_files(Path(drift.monitor_dir))
-    if len(files) < drift.min_images:
-        return dg.SkipReason(f"{len(files)} images in {drift.monitor_dir}; need {drift.min_images}")
-    fingerprint = hashlib.sha256(
-        "\n".join(f"{p}:{p.stat().st_mtime_ns}" for p in files).encode()
-    ).hexdigest()[:16]
-    if context.cursor == fingerprint:
-        return dg.SkipReason("monitoring folder unchanged since the last evaluation")
-    from roadwork_assets.lineage import materialization_metadata, walk_lineage
-    from roadwork_assets.released import BUNDLE_KEY, released_bundle
-
+def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    records = context.instance.fetch_observations(DRIFT_REPORT, limit=1).records
+    if not records:
+        return dg.SkipReason("no drift check has run yet (drift_sensor launches drift_job)")
+    record = records[0]
+    if context.cursor and record.storage_id <= int(context.cursor):
+        return dg.SkipReason("no drift check since the last evaluation")
+    context.update_cursor(str(record.storage_id))
+    meta = {k: v.value for k, v in (record.asset_observation.metadata or {}).items()}
+    figures = f"MMD p={meta.get('mmd_pvalue', float('nan')):.3g}, PSI={meta.get('psi', float('nan')):.3g}, KS p={meta.get('ks_pvalue', float('nan')):.3g}"
+    if not meta.get("drifted"):
+        return dg.SkipReason(f"no significant drift ({figures}; release {meta.get('release')})")
     version = _latest_version(context.instance)
-    # the model in production: the newest version's release, not that version's latest bundle (a retrain
-    # still queued, running or failed has none, and a bundle whose checks failed is no release), compared
-    # with the training images of the splits it was made from
-    released = released_bundle(context.instance)
-    splits_path = (
-        materialization_metadata(
-            context.instance,
-            walk_lineage(context.instance, {BUNDLE_KEY: released.storage_id}, released.partition),
-            "splits",
-        ).get("path")
-        if released
-        else None
-    )
-    if released is None:
-        return dg.SkipReason("no released bundle yet: nothing to compare with")
-    if not splits_path:
-        return dg.SkipReason(
-            f"the release of {released.partition} (run {released.run_id[:8]}) has no recorded `splits` "
-            "materialization to take its training images from; materialize the graph for that version again"
-        )
-    splits = read_artifact(Path(splits_path))
-    result = compare_with_training(
-        Path(read_artifact(released.path.parent)),  # the artifact directory; its bundle is dir/
-        splits,
-        [str(p) for p in files],
-        sample=drift.sample,
-        alpha=drift.alpha,
-        psi_threshold=drift.psi_threshold,
-        n_permutations=drift.n_permutations,
-        cache_dir=state_root() / "drift_cache",
-    )
-    context.update_cursor(fingerprint)
-    context.log.info(
-        f"drift figures against the release of {released.partition} (run {released.run_id[:8]}): {result}"
-    )
-    if not result.drifted:
-        return dg.SkipReason(
-            f"no significant drift (MMD p={result.mmd_pvalue:.3g}, PSI={result.psi:.3g}, KS p={result.ks_pvalue:.3g})"
-        )
+    if version is None:
+        return dg.SkipReason(f"significant drift ({figures}) but no dataset_version partition to retrain")
     return dg.RunRequest(
         partition_key=version,
-        run_key=f"drift-{version}-{fingerprint}",
+        run_key=f"drift-{version}-{meta.get('monitor_fingerprint')}",
         run_config=automation_run_config(),
-        tags={"roadwork/trigger": "drift", **result.as_tags()},
+        tags={"roadwork/trigger": "drift", **json.loads(meta.get("tags") or "{}")},
     )
 
 

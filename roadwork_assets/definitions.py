@@ -12,6 +12,7 @@ import dagster as dg
 
 from roadwork_assets.automation import (
     dead_run_slot_reaper,
+    drift_retrain_sensor,
     drift_sensor,
     mlflow_failed_run_closer,
     new_drop_sensor,
@@ -20,6 +21,7 @@ from roadwork_assets.automation import (
 )
 from roadwork_assets.contract_checks import CONTRACT_CHECKS
 from roadwork_assets.data import SPLIT_CHECKS, image_table, splits
+from roadwork_assets.monitoring import drift_job
 from roadwork_assets.policies import calibrator, gate_policy, scrc_policy, threshold_policy
 from roadwork_assets.predictions import calib_predictions, select_predictions, test_predictions
 from roadwork_assets.release import (
@@ -184,8 +186,14 @@ def build_resources(
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=ASSET_CHECKS,
-    jobs=[retrain_job],
-    sensors=[new_drop_sensor, drift_sensor, mlflow_failed_run_closer, dead_run_slot_reaper],
+    jobs=[retrain_job, drift_job],
+    sensors=[
+        new_drop_sensor,
+        drift_sensor,
+        drift_retrain_sensor,
+        mlflow_failed_run_closer,
+        dead_run_slot_reaper,
+    ],
     schedules=[weekly_retrain],
     resources=build_resources(),
     executor=dg.in_process_executor,

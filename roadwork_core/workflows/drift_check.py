@@ -111,10 +111,12 @@ def compare_with_training(
     n_permutations: int = 500,
     cache_dir: Path,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> DriftResult:
     """Drift of `monitor_uris` against the bundle's training images (`splits` rows with split == "train").
 
-    Each side is a deterministic sample of at most `sample` images (seeded by `seed`; the train side
+    The bundle runs on `device` (drift_job: the gpu resource's). Each side is a deterministic sample of at
+    most `sample` images (seeded by `seed`; the train side
     sorted by image_id first, so row order does not matter).
     """
     missing = [c for c in ("image_id", "split", "uri") if c not in splits.columns]
@@ -134,7 +136,7 @@ def compare_with_training(
     monitored = sorted(monitor_uris)
     monitored = [monitored[i] for i in sample_rows(len(monitored), sample, seed + 1)]
 
-    bundle = Bundle.load(bundle_dir)
+    bundle = Bundle.load(bundle_dir, device=device)
     ref_emb, ref_scores = _reference(bundle, train, cache_dir)
     cur_emb, cur_scores = embed_images(bundle, monitored)
     return drift_report(

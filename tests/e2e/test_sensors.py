@@ -14,14 +14,17 @@ import pytest
 import torch
 
 from roadwork_assets.automation import (
+    drift_retrain_sensor,
     drift_sensor,
     drop_sensor_interval_seconds,
     new_drop_sensor,
     slot_reaper_interval_seconds,
 )
+from roadwork_assets.monitoring import drift_job
 from roadwork_core.data.synthetic import make_demo_drop
 from roadwork_core.metrics.drift import psi
 from roadwork_resources.dataset import DatasetSource
+from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import write_artifact
 from roadwork_resources.settings import DriftSettings, RetrainSettings
 from tests.e2e.conftest import (
@@ -272,11 +275,26 @@ def _released_instance(
 
 
 def _drift_tick(instance, monitor: Path, cursor: str | None = None):
+    """drift_sensor's tick; when it launches drift_job, that run (in process, on this instance) and then
+    drift_retrain_sensor's tick: (the last outcome, drift_sensor's cursor)."""
     settings = DriftSettings(
         monitor_dir=str(monitor), sample=32, min_images=16, n_permutations=200, psi_threshold=1.0
     )
     context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"drift": settings})
-    return drift_sensor(context), context.cursor
+    launched = drift_sensor(context)
+    if not isinstance(launched, dg.RunRequest):
+        return launched, context.cursor
+    assert launched.tags["roadwork/trigger"] == "drift_check", launched.tags
+    run = drift_job.execute_in_process(
+        instance=instance, tags=launched.tags,
+        resources={"drift": settings, "gpu": GPUResource(device="cpu", threads=1)},
+    )  # fmt: skip
+    assert run.success
+    follow = dg.build_sensor_context(instance=instance)
+    outcome = drift_retrain_sensor(follow)
+    again = drift_retrain_sensor(dg.build_sensor_context(instance=instance, cursor=follow.cursor))
+    assert isinstance(again, dg.SkipReason) and "no drift check since" in again.skip_message, again
+    return outcome, context.cursor
 
 
 def test_drift_sensor_requests_retrain_with_figures(drift_world, tmp_path, monkeypatch):
