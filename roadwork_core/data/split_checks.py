@@ -271,8 +271,10 @@ def check_label_balance(splits: pd.DataFrame, tolerance: float = 0.05) -> CheckO
     message = (
         "label balance off:\n  "
         + "\n  ".join(bad)
-        + "\nRebuild the splits with stratification (assign_splits) "
-        "or add images of the under-represented class; large near-duplicate groups also skew small splits."
+        + "\nSplits are sticky (an image keeps its split in every later version), so they are not rebuilt: "
+        "add images of the under-represented class in a new drop (new images are assigned stratified), or, when "
+        "labels were changed (a relabelled drop, box_classes), raise split_settings.balance_tolerance for this "
+        "version. Large near-duplicate groups also skew small splits."
     )
     return CheckOutcome(False, message, meta)
 

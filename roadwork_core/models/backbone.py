@@ -244,6 +244,13 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
             f"Backbone {cfg.name!r} builds a {type(model).__name__}; only timm VisionTransformer and Eva "
             f"(DINOv2 / DINOv3) backbones are supported. Valid presets: {', '.join(sorted(PRESETS))}"
         )
+    patch = int(model.patch_embed.patch_size[0])
+    if cfg.img_size is not None and cfg.img_size % patch:
+        low = cfg.img_size - cfg.img_size % patch
+        raise ValueError(
+            f"backbone.img_size={cfg.img_size} is not a multiple of {timm_name}'s patch size {patch}: the last "
+            f"{cfg.img_size % patch} px of every view would be cut off; use {low or patch} or {low + patch}"
+        )
     if cfg.weights_file is not None:
         _load_weights_file(model, Path(cfg.weights_file), timm_name)
     if cfg.attn_backend in ("sdpa", "eager"):

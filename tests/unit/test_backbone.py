@@ -195,3 +195,13 @@ def test_weights_file_of_another_layout_is_refused_not_left_random(name: str, tm
     assert state_dict_sha256(loaded) == state_dict_sha256(source), (
         "the file's backbone weights were not loaded"
     )
+
+
+def test_an_img_size_that_is_no_multiple_of_the_patch_is_refused() -> None:
+    """vit_test_tiny has 8 px patches: at 50 px the last 2 px of every view were cut off without a word (with
+    ExPLoRA on, the error blamed global_crop_size, which the user had not set)."""
+    with pytest.raises(
+        ValueError, match=r"backbone.img_size=50 is not a multiple of .* patch size 8.*use 48 or 56"
+    ):
+        create_backbone(BackboneConfig(name="vit_test_tiny", img_size=50))
+    assert create_backbone(BackboneConfig(name="vit_test_tiny", img_size=48)) is not None
