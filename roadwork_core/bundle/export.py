@@ -128,7 +128,9 @@ def _bundle_config(classifier_dir: Path) -> str:
     doc = read_classifier_config(classifier_dir / CLASSIFIER_CONFIG_FILE)
     model = load_classifier(classifier_dir, inference=True)  # proves the weights match the config
     backbone = dict(doc["classifier"]["backbone"])
-    backbone.update(pretrained=False, weights_file=None)  # every weight is in model.safetensors
+    backbone.update(
+        pretrained=False, weights_file=None, grad_checkpointing=False
+    )  # weights: model.safetensors
     if "attn_backend" in backbone:  # the kernel it predicts with: a flash_attn model serves anywhere
         backbone["attn_backend"] = inference_attn_backend(str(backbone["attn_backend"]))
     doc["classifier"] = {**doc["classifier"], "backbone": backbone}

@@ -151,8 +151,12 @@ def rebuild_classifier(classifier_cfg: Mapping[str, Any], *, inference: bool = F
     `inference`: predict with `inference_attn_backend` of the trained backend (prediction assets, bundles)."""
     try:
         backbone = {**classifier_cfg["backbone"], "pretrained": False, "weights_file": None}
-        if inference and "attn_backend" in backbone:
-            backbone["attn_backend"] = inference_attn_backend(str(backbone["attn_backend"]))
+        if (
+            inference
+        ):  # predicting: the kernel it serves with, no activation checkpointing (a training memory saver)
+            backbone["grad_checkpointing"] = False
+            if "attn_backend" in backbone:
+                backbone["attn_backend"] = inference_attn_backend(str(backbone["attn_backend"]))
         backbone_cfg = BackboneConfig(**backbone)
         mv_cfg = MultiViewConfig(**classifier_cfg["multiview"])
         return build_classifier(

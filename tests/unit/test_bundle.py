@@ -468,7 +468,7 @@ def test_a_bundle_on_cuda_serves_without_tf32_as_its_calibration_logits_were_com
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
-def test_a_classifier_trained_with_flash_attn_predicts_and_ships_with_sdpa(
+def test_a_classifier_trained_with_flash_attn_and_checkpointing_predicts_and_ships_with_sdpa_without(
     parts: dict, tmp_path: Path
 ) -> None:
     """`gpu.attn_backend: flash_attn` is a training kernel (CUDA only, bf16): the prediction assets and the
@@ -477,11 +477,13 @@ def test_a_classifier_trained_with_flash_attn_predicts_and_ships_with_sdpa(
     config_path = classifier_dir / "config.json"
     config = json.loads(config_path.read_text())
     config["classifier"]["backbone"]["attn_backend"] = "flash_attn"  # as a GPU training run writes it
+    config["classifier"]["backbone"]["grad_checkpointing"] = True  # a training memory saver, not for serving
     config_path.write_text(json.dumps(config))
     with pytest.raises(ImportError, match="flash-attn"):  # training from it keeps the kernel it asked for
         load_classifier(classifier_dir)
 
     model = load_classifier(classifier_dir, inference=True)
+    assert not model.backbone.grad_checkpointing
     canvas = torch.rand(2, 3, model.canvas_size, model.canvas_size)
     with torch.no_grad():
         torch.testing.assert_close(model(canvas)["logit"], parts["model"](canvas)["logit"], rtol=0, atol=0)
@@ -498,6 +500,7 @@ def test_a_classifier_trained_with_flash_attn_predicts_and_ships_with_sdpa(
     )
     shipped = json.loads((bundle_dir / "config.json").read_text())
     assert shipped["classifier"]["backbone"]["attn_backend"] == "sdpa"
+    assert shipped["classifier"]["backbone"]["grad_checkpointing"] is False
     images = [p.read_bytes() for p in parts["paths"]]
     preds = Bundle.load(bundle_dir, device="cpu").predict(images)
     np.testing.assert_allclose([p.logit for p in preds], _direct(parts, images)["logit"], rtol=0, atol=1e-5)
