@@ -18,6 +18,11 @@ from roadwork_resources.mlflow_tracking import MLFLOW_HOOKS
 
 class PredictConfig(dg.Config):
     batch_size: int = Field(16, ge=1, description="images per forward")
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="DataLoader processes decoding the images (0: in the step's process; a GPU wants several)",
+    )
 
 
 def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
@@ -54,7 +59,13 @@ def _predictions_asset(name: str, split: Split) -> dg.AssetsDefinition:
                 "calibration and policies must be fitted on the logits it will produce"
             )
         with exact_fp32():
-            frame = predict_frame(model, rows, device=gpu.torch_device(), batch_size=config.batch_size)
+            frame = predict_frame(
+                model,
+                rows,
+                device=gpu.torch_device(),
+                batch_size=config.batch_size,
+                num_workers=config.num_workers,
+            )
         return dg.Output(
             frame,
             metadata={

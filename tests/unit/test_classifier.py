@@ -274,6 +274,8 @@ def test_predict_frame_writes_the_predictions_contract(tmp_path) -> None:
     )
     for name in UNCERTAINTY_FEATURES:
         assert table[name].notna().all(), f"feature {name} has missing values"
+    # decoding in DataLoader workers (the prediction assets' num_workers) gives the same table
+    pd.testing.assert_frame_equal(predict_frame(model, rows, batch_size=2, num_workers=2), table)
 
 
 def test_predict_frame_requires_its_columns() -> None:
