@@ -10,6 +10,7 @@ default 2000 images on 2 cores); `--skip-demo` keeps its previous result, `--dem
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "demo": ("bench.bench_demo", "demo"),
     "demo_epoch": ("bench.bench_demo_epoch", "demo_epoch"),
     "distortions": ("bench.bench_distortions", "distortions"),
+    "image_table": ("bench.bench_image_table", "image_table"),
     "exit": ("bench.bench_exit", "exit"),
     "ddp": ("bench.bench_ddp", "ddp"),
     "serve": ("bench.bench_serve", "serve"),
@@ -213,6 +215,19 @@ def table_rows() -> list[list[str]]:
                     _machine(r),
                 ]
             )
+    r = read_result("image_table")
+    if r:
+        rows.append(
+            [
+                "5. image table",
+                f"{r['what']} (median {statistics.median(r['threads_seconds']):.1f} vs "
+                f"{statistics.median(r['processes_seconds']):.1f} s)",
+                f"{r['median_ratio']:.2f}x (n={r['repeats']})",
+                "B faster (> 1x)",
+                _yes(r["median_ratio"] > 1.0),
+                _machine(r) + _speed(r),
+            ]
+        )
     r = read_result("exit")
     if r:
         rows.append(
