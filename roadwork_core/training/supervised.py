@@ -440,11 +440,14 @@ def _fill_features(
     if world.distributed:  # each rank fills its stride of the cache; then all read it whole
         for rows in (train_rows, select_rows):
             cache.get_or_compute(
-                model, rows.iloc[world.rank :: world.world_size], device, cfg.batch_size, precision=precision
-            )
+                model, rows.iloc[world.rank :: world.world_size], device, cfg.batch_size, precision=precision,
+                num_workers=cfg.num_workers,
+            )  # fmt: skip
         world.barrier()
-    data.train_feats = cache.get_or_compute(model, train_rows, device, cfg.batch_size, precision=precision)
-    data.select_feats = cache.get_or_compute(model, select_rows, device, cfg.batch_size, precision=precision)
+    # the images are decoded on cfg.num_workers DataLoader processes (the backbone, on a GPU, waits on them)
+    fill = {"precision": precision, "num_workers": cfg.num_workers}
+    data.train_feats = cache.get_or_compute(model, train_rows, device, cfg.batch_size, **fill)
+    data.select_feats = cache.get_or_compute(model, select_rows, device, cfg.batch_size, **fill)
     data.select_labels = torch.tensor(select_rows["label"].astype(float).to_numpy(), dtype=torch.float32)
 
 

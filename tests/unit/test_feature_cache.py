@@ -61,6 +61,11 @@ def test_cache_hits_after_first_compute_and_matches_model(tmp_path: Path) -> Non
     with torch.no_grad():
         direct = model.forward_features(canvas)  # (N, V, D)
     assert torch.allclose(first, direct, atol=1e-5), "cached features are not model.forward_features"
+    # decoded on DataLoader workers (the classifier's num_workers in head mode): the same features
+    workers = FeatureCache(tmp_path / "cache_workers").get_or_compute(
+        model, rows, "cpu", batch_size=2, num_workers=2
+    )
+    assert torch.equal(workers, first)
 
 
 def test_changed_weights_or_view_config_never_hit(tmp_path: Path) -> None:
