@@ -7,6 +7,8 @@ way the network's synapse carries images) or `path`. Output: one row per image w
 float a miner sends the validator), p_roadwork, decision and logit.
 
     mlflow models serve -m models:/roadwork/latest --env-manager local --host 127.0.0.1 --port 5001
+
+It predicts on the CPU unless `ROADWORK_SERVE_DEVICE` names another device (cuda, cuda:N, auto).
 """
 
 from __future__ import annotations
@@ -17,12 +19,30 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import set_model
 
+DEVICE_VARIABLE = (
+    "ROADWORK_SERVE_DEVICE"  # cpu (default) | cuda | cuda:N | auto, as `roadwork serve --device`
+)
+
+
+def serve_device() -> str:
+    """The device the pyfunc model predicts on: `$ROADWORK_SERVE_DEVICE` (mlflow models serve has no flag of
+    ours), cpu when unset; one this machine cannot run is refused, naming the variable."""
+    import os
+
+    from roadwork_core.bundle.parts import device_problem
+
+    device = os.environ.get(DEVICE_VARIABLE, "").strip() or "cpu"
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(f"{DEVICE_VARIABLE}={device!r}: {problem}")
+    return device
+
 
 class RoadworkBundleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from roadwork_core.bundle.bundle import Bundle
 
-        self.bundle = Bundle.load(context.artifacts["bundle"])
+        self.bundle = Bundle.load(context.artifacts["bundle"], device=serve_device())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "image_b64" in model_input.columns:

@@ -504,3 +504,17 @@ def test_a_classifier_trained_with_flash_attn_and_checkpointing_predicts_and_shi
     images = [p.read_bytes() for p in parts["paths"]]
     preds = Bundle.load(bundle_dir, device="cpu").predict(images)
     np.testing.assert_allclose([p.logit for p in preds], _direct(parts, images)["logit"], rtol=0, atol=1e-5)
+
+
+def test_the_mlflow_pyfunc_model_predicts_on_the_device_its_variable_names(monkeypatch) -> None:
+    """`mlflow models serve` has no device flag of ours: ROADWORK_SERVE_DEVICE (cpu when unset, as before)."""
+    from roadwork_core.bundle.mlflow_pyfunc import DEVICE_VARIABLE, serve_device
+
+    monkeypatch.delenv(DEVICE_VARIABLE, raising=False)
+    assert serve_device() == "cpu"
+    monkeypatch.setenv(DEVICE_VARIABLE, "auto")
+    assert serve_device() == "auto"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(DEVICE_VARIABLE, "cuda")
+        with pytest.raises(ValueError, match="ROADWORK_SERVE_DEVICE='cuda': CUDA is not available"):
+            serve_device()
