@@ -81,7 +81,9 @@ def check_config(config: dg.Config) -> None:
 
     values = config.model_dump()
     for source in _SOURCES.get(type(config), ()):
-        from_mapping(source, values)
+        built = from_mapping(source, values)
+        if hasattr(built, "check_new"):  # what a new run may not ask for (a saved model still loads)
+            built.check_new()
     for name in type(config).model_fields:
         nested = getattr(config, name)
         if isinstance(nested, dg.Config):

@@ -78,7 +78,7 @@ def explora_backbone(
     store: ArtifactStore,
     splits: pd.DataFrame,
 ) -> dg.Output[Path]:
-    from roadwork_core.models.backbone import create_backbone, state_dict_sha256
+    from roadwork_core.models.backbone import create_backbone, require_whole_patches, state_dict_sha256
     from roadwork_core.models.serialization import save_backbone
     from roadwork_core.training.explora import run_explora
 
@@ -90,6 +90,7 @@ def explora_backbone(
     )
     backbone_cfg = _backbone_config(config.backbone, gpu.attn_backend)
     backbone = create_backbone(backbone_cfg)  # random init is seeded by gpu.setup(): reproducible
+    require_whole_patches(backbone_cfg, backbone)
     base_sha256 = state_dict_sha256(backbone)
     cfg = from_mapping(ExploraConfig, config.model_dump(), seed=gpu.seed)
     log_params(mlflow, {"run_config": context.run.run_config, "explora": config.model_dump()})

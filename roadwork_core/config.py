@@ -131,7 +131,7 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], **overrides: Any) -> T
 # ---------------------------------------------------------------- the config dataclasses
 
 
-POOLINGS: tuple[str, ...] = ("token", "avg", "max")
+POOLINGS: tuple[str, ...] = ("token", "avg", "max", "avgmax", "map")  # timm's global_pool values
 
 
 @dataclass
@@ -147,8 +147,9 @@ class BackboneConfig:
     attn_backend: str = knob("sdpa", "sdpa (timm fused attention) | flash_attn | eager")
     model_kwargs: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.pooling is not None and self.pooling not in POOLINGS:
+    def check_new(self) -> None:
+        """Checks of a new run config (`roadwork_assets._config.check_config`), not of a saved classifier."""
+        if self.pooling and self.pooling not in POOLINGS:
             raise ValueError(
                 f"BackboneConfig.pooling={self.pooling!r} is not valid; use one of {', '.join(POOLINGS)} or null"
             )
@@ -174,6 +175,9 @@ class MultiViewConfig:
             raise ValueError(f"MultiViewConfig.overlap must be in [0, 1), got {self.overlap}")
         if self.view_size is not None and self.view_size < 1:
             raise ValueError(f"MultiViewConfig.view_size must be >= 1, got {self.view_size}")
+
+    def check_new(self) -> None:
+        """Checks of a new run config (a saved classifier with such a canvas still loads)."""
         if self.canvas_size is not None and (
             self.canvas_size < 1 or (self.view_size is not None and self.canvas_size < self.view_size)
         ):
@@ -191,7 +195,8 @@ class HeadConfig:
     topk: int = knob(3, "views averaged by topk_mean")
     dropout: float = knob(0.3, "dropout before the per-view linear head")
 
-    def __post_init__(self) -> None:
+    def check_new(self) -> None:
+        """Checks of a new run config (a saved classifier still loads)."""
         if self.topk < 1:
             raise ValueError(f"HeadConfig.topk={self.topk} must be >= 1 (the views topk_mean averages)")
         if not 0.0 <= self.dropout < 1.0:
@@ -286,13 +291,16 @@ class ExploraConfig:
             )
         if self.enabled and (not self.lr > 0 or self.min_lr < 0):
             raise ValueError(f"ExploraConfig: lr={self.lr} must be > 0 and min_lr={self.min_lr} >= 0.")
-        if self.grad_clip is not None and not self.grad_clip > 0:
+        if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(
-                f"ExploraConfig.grad_clip={self.grad_clip}: use a norm > 0, or null for no clipping (a negative "
+                f"ExploraConfig.grad_clip={self.grad_clip}: use a norm > 0, or 0 / null for no clipping (a negative "
                 "norm reverses the gradient)"
             )
         if not 0.0 <= self.teacher_momentum <= 1.0:
-            raise ValueError(f"ExploraConfig.teacher_momentum={self.teacher_momentum}: use 0 <= momentum < 1")
+            raise ValueError(
+                f"ExploraConfig.teacher_momentum={self.teacher_momentum}: use 0 <= momentum < 1 (1: a frozen "
+                "teacher, with export_weights: student)"
+            )
         if self.teacher_momentum == 1.0 and self.export_weights == "teacher":
             raise ValueError(
                 "ExploraConfig.teacher_momentum=1.0 freezes the teacher, and export_weights is 'teacher': the "

@@ -211,6 +211,19 @@ def _load_weights_file(model: nn.Module, path: Path, timm_name: str) -> None:
         )
 
 
+def require_whole_patches(cfg: BackboneConfig, model: nn.Module) -> None:
+    """A new run's `img_size` must be a multiple of the patch size, unless timm pads the input
+    (`dynamic_img_pad`): otherwise the last pixels of every view are cut off. Saved models are not checked."""
+    patch = int(model.patch_embed.patch_size[0])
+    if cfg.img_size is None or cfg.img_size % patch == 0 or cfg.model_kwargs.get("dynamic_img_pad"):
+        return
+    low = cfg.img_size - cfg.img_size % patch
+    raise ValueError(
+        f"backbone.img_size={cfg.img_size} is not a multiple of {cfg.name}'s patch size {patch}: the last "
+        f"{cfg.img_size % patch} px of every view would be cut off; use {low or patch} or {low + patch}"
+    )
+
+
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
     """Headless timm ViT for `cfg`: forward(x (B, 3, S, S)) -> (B, num_features).
 
@@ -243,13 +256,6 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
         raise ValueError(
             f"Backbone {cfg.name!r} builds a {type(model).__name__}; only timm VisionTransformer and Eva "
             f"(DINOv2 / DINOv3) backbones are supported. Valid presets: {', '.join(sorted(PRESETS))}"
-        )
-    patch = int(model.patch_embed.patch_size[0])
-    if cfg.img_size is not None and cfg.img_size % patch:
-        low = cfg.img_size - cfg.img_size % patch
-        raise ValueError(
-            f"backbone.img_size={cfg.img_size} is not a multiple of {timm_name}'s patch size {patch}: the last "
-            f"{cfg.img_size % patch} px of every view would be cut off; use {low or patch} or {low + patch}"
         )
     if cfg.weights_file is not None:
         _load_weights_file(model, Path(cfg.weights_file), timm_name)

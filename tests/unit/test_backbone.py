@@ -14,6 +14,7 @@ from roadwork_core.models.backbone import (
     BackboneConfig,
     backbone_data_config,
     create_backbone,
+    require_whole_patches,
     state_dict_sha256,
 )
 
@@ -203,5 +204,7 @@ def test_an_img_size_that_is_no_multiple_of_the_patch_is_refused() -> None:
     with pytest.raises(
         ValueError, match=r"backbone.img_size=50 is not a multiple of .* patch size 8.*use 48 or 56"
     ):
-        create_backbone(BackboneConfig(name="vit_test_tiny", img_size=50))
-    assert create_backbone(BackboneConfig(name="vit_test_tiny", img_size=48)) is not None
+        require_whole_patches(cfg := BackboneConfig(name="vit_test_tiny", img_size=50), create_backbone(cfg))
+    require_whole_patches(cfg := BackboneConfig(name="vit_test_tiny", img_size=48), create_backbone(cfg))
+    padded = BackboneConfig(name="vit_test_tiny", img_size=50, model_kwargs={"dynamic_img_pad": True})
+    require_whole_patches(padded, create_backbone(padded))  # timm pads: nothing is cut off

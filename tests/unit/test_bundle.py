@@ -31,6 +31,7 @@ from roadwork_core.data.images import decode_image
 from roadwork_core.data.loading import pil_to_canvas
 from roadwork_core.models.backbone import BackboneConfig
 from roadwork_core.models.classifier import build_classifier
+from roadwork_core.models.multiview import MultiViewConfig
 from roadwork_core.models.predict import uncertainty_features
 from roadwork_core.models.serialization import load_classifier, save_classifier
 
@@ -518,3 +519,16 @@ def test_the_mlflow_pyfunc_model_predicts_on_the_device_its_variable_names(monke
         monkeypatch.setenv(DEVICE_VARIABLE, "cuda")
         with pytest.raises(ValueError, match="ROADWORK_SERVE_DEVICE='cuda': CUDA is not available"):
             serve_device()
+
+
+def test_a_classifier_saved_with_settings_new_runs_may_not_ask_for_still_loads(tmp_path: Path) -> None:
+    """The run-config checks (pooling choices, canvas below the view size, img_size off the patch grid) guard new
+    runs; a classifier or bundle saved with such settings, by an earlier roadwork, must still load."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig(name="vit_test_tiny", img_size=36, pooling="avgmax")
+    model = build_classifier(cfg, MultiViewConfig(view_size=36, grid=2, canvas_size=30)).eval()
+    save_classifier(tmp_path / "c", model)
+    loaded = load_classifier(tmp_path / "c", inference=True)
+    canvas = torch.rand(1, 3, model.canvas_size, model.canvas_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(canvas)["logit"], model(canvas)["logit"], rtol=0, atol=0)
