@@ -50,17 +50,44 @@ class _BadLine(ValueError):
     pass
 
 
-def _check_box_classes(box_classes, known: dict[str, str], where: str) -> None:
-    """Refuse `box_classes` entries that are neither a class id nor a class name of the drop (`known`: id ->
-    name). A misspelt name matched no box: its images became no_roadwork, with every check green."""
-    if not box_classes:
+def defined_classes(drop_dir: Path, fmt: str) -> tuple[dict[str, str], bool]:
+    """(class id -> name the detection drop defines, whether it leaves names undefined: a YOLO drop without
+    data.yaml / classes.txt, whose boxes are matched by id only)."""
+    drop_dir = Path(drop_dir)
+    if fmt == "yolo":
+        names = yolo_class_names(drop_dir)
+        return ({str(i): n for i, n in enumerate(names)}, False) if names is not None else ({}, True)
+    known: dict[str, str] = {}
+    for path in _coco_files(drop_dir):
+        for c in _load_coco(path).get("categories", []):
+            if isinstance(c, dict) and _is_id(c.get("id")):
+                known[str(c["id"])] = str(c.get("name", c["id"]))
+    return known, False
+
+
+def check_box_classes(box_classes, drops: list[tuple[Path, str]]) -> None:
+    """Refuse `box_classes` entries that no detection drop of the version defines, as an id or a name (the
+    union over its drops: a later drop may add a class). A misspelt name matched no box: its images became
+    no_roadwork, with every check green. `drops`: (folder, format) of the version's detection drops."""
+    if not box_classes or not drops:
         return
-    unknown = [c for c in box_classes if c not in known and c not in known.values()]
+    known: dict[str, str] = {}
+    ids_only = False
+    for drop_dir, fmt in drops:
+        classes, unnamed = defined_classes(drop_dir, fmt)
+        known.update(classes)
+        ids_only = ids_only or unnamed
+    unknown = [
+        c
+        for c in box_classes
+        if c not in known and c not in known.values() and not (ids_only and str(c).isdigit())
+    ]
     if unknown:
-        listed = ", ".join(f"{k} {v!r}" for k, v in known.items()) or "none"
+        listed = ", ".join(f"{k} {v!r}" for k, v in sorted(known.items())) or "none (ids only)"
         raise ValueError(
-            f"dataset.box_classes {unknown} name no class of {where} (its classes: {listed}); their boxes would "
-            "count for nothing and their images become no_roadwork. Use the class names or ids the drop defines"
+            f"dataset.box_classes {unknown} name no class of the drops {[Path(d).name for d, _ in drops]} (their "
+            f"classes: {listed}); their boxes would count for nothing and their images become no_roadwork. Use the "
+            "class names or ids the drops define"
         )
 
 
@@ -177,15 +204,6 @@ def _parse_yolo_line(line: str, names: list[str] | None) -> tuple[str, Box]:
 def read_yolo(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict], list[Reject]]:
     drop_dir = Path(drop_dir)
     names = yolo_class_names(drop_dir)
-    if names is not None:
-        _check_box_classes(
-            box_classes, {str(i): n for i, n in enumerate(names)}, f"{drop_dir} (data.yaml / classes.txt)"
-        )
-    elif box_classes and not all(str(c).isdigit() for c in box_classes):
-        raise ValueError(
-            f"dataset.box_classes {list(box_classes)}: {drop_dir} names no classes (no data.yaml or classes.txt), "
-            "so only class ids (0, 1, ...) can select boxes; add a classes.txt or give the ids"
-        )
     root = drop_dir.resolve()
     rows, rejects = [], []
     images = _walk_files(drop_dir / "images")
@@ -336,12 +354,10 @@ def read_coco(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
     root = drop_dir.resolve()
     rejects: list[Reject] = []
     entries: dict[str, dict] = {}  # file entry -> target, boxes, first problem
-    all_categories: dict[str, str] = {}
     for path in _coco_files(drop_dir):
         json_rel = path.relative_to(drop_dir).as_posix()
         doc = _load_coco(path)
         categories = {c["id"]: str(c.get("name", c["id"])) for c in doc.get("categories", [])}
-        all_categories.update({str(k): v for k, v in categories.items()})
         images: dict = {}
         for img in doc["images"]:
             if (
@@ -409,7 +425,6 @@ def read_coco(drop_dir: Path, box_classes: list[str] | None) -> tuple[list[dict]
                 entry["bad"] = entry["bad"] or bad[image_id]
             else:
                 entry["boxes"] += _coco_displayed(entry["target"], img, boxes[image_id])
-    _check_box_classes(box_classes, all_categories, f"{drop_dir} (its COCO categories)")
     rows = []
     for rel, entry in entries.items():
         if entry["reject"] is not None:

@@ -149,6 +149,12 @@ def build_image_table(
     """
     names = class_names or DEFAULT_CLASS_NAMES
     frames, rejects = [], []
+    if box_classes:  # names no detection drop of the version defines are refused before anything is read
+        from roadwork_core.data.detection_drops import check_box_classes
+        from roadwork_core.data.drops import detect_format
+
+        formats = [(Path(d), fmt if fmt != "auto" else detect_format(Path(d), names)) for d in drop_dirs]
+        check_box_classes(box_classes, [(d, f) for d, f in formats if f in ("yolo", "coco")])
     for drop in drop_dirs:
         listing = read_drop(Path(drop), fmt=fmt, class_names=names, box_classes=box_classes)
         frames.append(listing.candidates)
