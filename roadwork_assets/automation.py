@@ -251,19 +251,26 @@ def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> d
     if len(files) < drift.min_images:
         return dg.SkipReason(f"{len(files)} images in {drift.monitor_dir}; need {drift.min_images}")
     fingerprint = monitor_fingerprint(files)
-    if context.cursor == fingerprint:
+    earlier = context.instance.get_runs(
+        dg.RunsFilter(job_name=drift_job.name, tags={"roadwork/monitor_fingerprint": fingerprint})
+    )  # newest first
+    if context.cursor == fingerprint and not (
+        earlier and earlier[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+    ):
         return dg.SkipReason("monitoring folder unchanged since the last evaluation")
     released, splits_path, why = release_to_compare(context.instance)
     if splits_path is None:
         return dg.SkipReason(why)
     context.update_cursor(fingerprint)
-    return dg.RunRequest(
-        run_key=f"drift-check-{fingerprint}",
-        tags={
-            "roadwork/trigger": "drift_check",
-            "roadwork/monitor_fingerprint": fingerprint,
-            "roadwork/release": f"{released.partition}:{released.run_id}",
-        },
+    return (
+        dg.RunRequest(  # a check of this folder that failed is tried again (a new run key) on the next tick
+            run_key=f"drift-check-{fingerprint}-{len(earlier)}",
+            tags={
+                "roadwork/trigger": "drift_check",
+                "roadwork/monitor_fingerprint": fingerprint,
+                "roadwork/release": f"{released.partition}:{released.run_id}",
+            },
+        )
     )
 
 
@@ -275,14 +282,19 @@ def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> d
     "retrain of the latest dataset version with the figures as run tags roadwork/drift_*.",
 )
 def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-    records = context.instance.fetch_observations(DRIFT_REPORT, limit=1).records
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=DRIFT_REPORT, after_storage_id=after), limit=100
+    ).records  # newest first: every check since the last tick counts, a drifted one first
     if not records:
-        return dg.SkipReason("no drift check has run yet (drift_sensor launches drift_job)")
-    record = records[0]
-    if context.cursor and record.storage_id <= int(context.cursor):
-        return dg.SkipReason("no drift check since the last evaluation")
-    context.update_cursor(str(record.storage_id))
-    meta = {k: v.value for k, v in (record.asset_observation.metadata or {}).items()}
+        return dg.SkipReason(
+            "no drift check since the last evaluation"
+            if after
+            else "no drift check has run yet (drift_sensor launches drift_job)"
+        )
+    context.update_cursor(str(records[0].storage_id))
+    metas = [{k: v.value for k, v in (r.asset_observation.metadata or {}).items()} for r in records]
+    meta = next((m for m in metas if m.get("drifted")), metas[0])
     figures = f"MMD p={meta.get('mmd_pvalue', float('nan')):.3g}, PSI={meta.get('psi', float('nan')):.3g}, KS p={meta.get('ks_pvalue', float('nan')):.3g}"
     if not meta.get("drifted"):
         return dg.SkipReason(f"no significant drift ({figures}; release {meta.get('release')})")

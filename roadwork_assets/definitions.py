@@ -72,7 +72,7 @@ def unknown_ops(run_config: dict | None) -> list[str]:
     """`ops` keys of a run config that name no asset or check of this code location. The implicit asset job
     behind `dagster asset materialize` and the UI's Materialize accepts them, so a misspelt asset name
     (`clasifier:`) or an old one (`image_manifest:`) meant a run on default settings."""
-    known = {d.node_def.name for d in (*ASSETS, *ASSET_CHECKS)}
+    known = {d.node_def.name for d in (*ASSETS, *ASSET_CHECKS)} | {n.name for n in drift_job.graph.nodes}
     return sorted(set((run_config or {}).get("ops") or {}) - known)
 
 

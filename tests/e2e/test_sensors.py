@@ -358,3 +358,45 @@ def test_default_drift_settings_keep_psi_false_alarms_rare():
     )
     rate = float((values > defaults.psi_threshold).mean())
     assert rate <= 0.10, f"PSI > {defaults.psi_threshold} by chance in {rate:.0%} of no-drift checks"
+
+
+def test_a_failed_drift_check_is_tried_again_and_every_new_report_counts(drift_world, tmp_path, monkeypatch):
+    """drift_sensor moves its cursor when it launches drift_job: a run that failed (a missing artifact, an
+    unreadable image) was never retried while the folder stayed the same. And drift_retrain_sensor read only
+    the newest observation, so a drifted check followed by a calm one within a tick was lost."""
+    import json
+
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    instance = _released_instance(drift_world, tmp_path)
+    settings = DriftSettings(monitor_dir=str(drift_world["same"]), sample=32, min_images=16)
+    context = dg.build_sensor_context(instance=instance, resources={"drift": settings})
+    launched = drift_sensor(context)
+    assert isinstance(launched, dg.RunRequest), launched
+    failing = DriftSettings(monitor_dir=str(drift_world["same"]), min_images=10_000)  # the op refuses
+    run = drift_job.execute_in_process(
+        instance=instance, tags=launched.tags, raise_on_error=False,
+        resources={"drift": failing, "gpu": GPUResource(device="cpu", threads=1)},
+    )  # fmt: skip
+    assert not run.success
+    retry = drift_sensor(
+        dg.build_sensor_context(instance=instance, cursor=context.cursor, resources={"drift": settings})
+    )
+    assert isinstance(retry, dg.RunRequest) and retry.run_key != launched.run_key, retry
+
+    for drifted in (True, False):  # two checks between two ticks: the drifted one must not be lost
+        instance.report_runless_asset_event(
+            dg.AssetObservation(
+                asset_key="drift_report",
+                metadata={
+                    "drifted": drifted,
+                    "mmd_pvalue": 0.001 if drifted else 0.5,
+                    "psi": 0.1,
+                    "ks_pvalue": 0.5,
+                    "monitor_fingerprint": f"fp{drifted}",
+                    "tags": json.dumps({"roadwork/drift_drifted": str(drifted)}),
+                },
+            )  # fmt: skip
+        )
+    request = drift_retrain_sensor(dg.build_sensor_context(instance=instance))
+    assert isinstance(request, dg.RunRequest), request
+    assert request.tags["roadwork/drift_drifted"] == "True" and request.run_key.endswith("fpTrue"), request
