@@ -145,7 +145,13 @@ def splits(
     image_table: pd.DataFrame,
     store: ArtifactStore,
 ) -> dg.Output:
-    from roadwork_core.data.splits import QUARANTINE_COLUMNS, SplitConfig, assign_splits, split_history
+    from roadwork_core.data.splits import (
+        QUARANTINE_COLUMNS,
+        SplitConfig,
+        assign_splits,
+        missing_group_column,
+        split_history,
+    )
     from roadwork_core.metrics.embed import markdown_images
     from roadwork_core.metrics.stage_plots import split_composition
 
@@ -156,6 +162,9 @@ def splits(
     # Sticky to every image an earlier version assigned (vanished ones too), and to this version's own
     # last splits: materializing a version again never moves an image, whatever settings changed.
     reference = _with_own_history(previous, own_split_history(context.instance, version))
+    group_warning = missing_group_column(image_table, split_settings.group_column or None)
+    if group_warning:
+        context.log.warning(group_warning)
     table = assign_splits(
         image_table,
         SplitConfig(
@@ -192,6 +201,7 @@ def splits(
             "quarantined": md_table(rejects),
             "rejects_path": dg.MetadataValue.path(str(side / "rejects.parquet")),
             "previous_version": prev_version or "(none)",
+            "group_column_missing": group_warning or "no",
             # every image assigned up to this version, vanished ones included: the next version's reference
             "history_path": dg.MetadataValue.path(str(side / "history.parquet")),
             "num_vanished_anchors": len(history) - len(table),

@@ -124,19 +124,27 @@ def _validate_image_table(images: pd.DataFrame) -> None:
         )
 
 
+def missing_group_column(images: pd.DataFrame, column: str | None) -> str | None:
+    """A warning when `split_settings.group_column` names a column this version's image table lacks (a typo,
+    or a column only later drops bring): grouping is off for this version. The default (a drop's group_id
+    column) may be absent without a word."""
+    if not column or column == GROUP_COLUMN or column in images.columns:
+        return None
+    from roadwork_core.data.image_table import IMAGE_TABLE_COLUMNS
+
+    extra = [c for c in images.columns if c not in IMAGE_TABLE_COLUMNS]
+    return (
+        f"split_settings.group_column is {column!r}, but this version's image table has no such column, so its "
+        f"images are not grouped by it (near-identical frames of one video could land in train and val_test). "
+        f"Its metadata columns: {extra or 'none'} (a drop's csv columns keep their names; `group_id`, `split` and "
+        "the other names the pipeline defines arrive as `meta.<name>`). Name one of them, or set group_column: ''"
+    )
+
+
 def _check_group_sizes(images: pd.DataFrame, cfg: SplitConfig) -> None:
     """Refuse a group column that makes one group of most of the table (an export's `group_id` that
     means something else, e.g. one shard id for every row): no ratio could hold."""
     column = cfg.group_column
-    if column and column != GROUP_COLUMN and column not in images.columns:
-        # the default (a drop's group_id column) may be absent; a column asked for by name may not: grouping
-        # would silently be off and near-identical frames of one video could land in train and val_test
-        meta = [c for c in images.columns if c.startswith("meta.")]
-        raise ValueError(
-            f"split_settings.group_column is {column!r}, but the image table has no such column; its metadata "
-            f"columns are {meta or 'none'} (a drop's csv column `x` arrives as `meta.x`). Name one of them, or "
-            f"turn grouping off with group_column: ''"
-        )
     if not column or column not in images.columns or len(images) < 20:
         return
     keys = images[column].map(key_text).dropna()

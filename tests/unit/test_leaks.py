@@ -441,8 +441,12 @@ def test_frames_of_one_video_share_a_split_through_their_group_id(tmp_path: Path
 
     # a column asked for by name that the table lacks (a typo, or `meta.video` for a csv column `vid`) turned
     # grouping off without a word: the video's frames were split by hash alone
-    for typo in ("meta.group_idd", "meta.scene"):
-        with pytest.raises(
-            ValueError, match=rf"group_column is '{typo}'.*metadata columns are \['meta.group_id'\]"
-        ):
-            assign_splits(images, SplitConfig(group_column=typo))
+    from roadwork_core.data.splits import missing_group_column
+
+    for typo in ("meta.group_idd", "scene"):
+        warning = missing_group_column(images, typo)
+        assert warning and f"group_column is '{typo}'" in warning and "['meta.group_id']" in warning, warning
+    assert missing_group_column(images, "meta.group_id") is None
+    assert (
+        missing_group_column(images.drop(columns=["meta.group_id"]), "meta.group_id") is None
+    )  # the default
