@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,15 +53,40 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(path)` run once per test session, under pytest-xdist too: the first worker to ask builds
+    `<session temp folder>/<name>` under a file lock, every other worker waits for it and reuses it
+    (a session-scoped fixture alone is built once per worker). Returns the path; callers only read it.
+    A failed build leaves nothing behind, so the next worker to ask builds again and fails the same way."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-<n>/, shared by this session's workers (and by no other session)
+    path = root / "built_once" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = path.parent / f"{name}.done"
+    with FileLock(str(path.parent / f"{name}.lock")):
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def mlflow_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow SQLite store whose schema MLflow has already migrated. Creating a store runs
     MLflow's ~50 alembic migrations (seconds); the graph tests copy this file to their state folder
-    instead (`seed_mlflow_store`). The environment's own template (roadwork_resources.mlflow_store, built
-    by `make`) is what test_cli_materialize and the README test start from."""
+    instead (`seed_mlflow_store`), and the pytest-xdist workers share one (`built_once`). The
+    environment's own template (roadwork_resources.mlflow_store, built by `make`) is what
+    test_cli_materialize and the README test start from."""
     from roadwork_resources.mlflow_store import make_template
 
-    return make_template(tmp_path_factory.mktemp("mlflow_template") / "mlflow.db")
+    def build(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        make_template(folder / "mlflow.db")
+
+    return built_once(tmp_path_factory, "mlflow_template", build) / "mlflow.db"
 
 
 def seed_mlflow_store(template: Path, state: Path) -> Path:

@@ -6,7 +6,7 @@ Assets import what they run inside their bodies; the MLflow resource imports mlf
 One fresh interpreter walks the stages in order and records which heavy packages each stage left in
 `sys.modules`: every stage only adds imports, so a stage's set is measured exactly as in a fresh
 process started for it (the first stage is one), and the suite pays one interpreter's imports (about
-15 CPU-seconds on the 2-core CI machine) instead of four."""
+15 CPU-seconds on the 2-core CI machine) instead of four, once for all pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import built_once
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = (
@@ -59,24 +61,31 @@ STAGES = (
 )
 
 
-@pytest.fixture(scope="module")
-def imported() -> dict[str, list[str]]:
-    """stage -> sorted heavy packages in sys.modules after it, from one fresh interpreter."""
-    report = f"print('STAGE', json.dumps([name, sorted(m for m in {HEAVY!r} if m in sys.modules)]))"
-    code = "import sys, json\n" + "\n".join(
-        f"{statements}\nname = {name!r}\n{report}" for name, statements in STAGES
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stages = dict(
-        json.loads(line[len("STAGE ") :]) for line in proc.stdout.splitlines() if line.startswith("STAGE ")
-    )
-    assert list(stages) == [name for name, _ in STAGES], f"the child stopped early: {proc.stdout[-2000:]}"
-    return stages
+@pytest.fixture(scope="session")
+def imported(tmp_path_factory) -> dict[str, list[str]]:
+    """stage -> sorted heavy packages in sys.modules after it, from one fresh interpreter (one for the
+    whole session: the pytest-xdist workers share its report through `built_once`)."""
+
+    def build(path: Path) -> None:
+        report = f"print('STAGE', json.dumps([name, sorted(m for m in {HEAVY!r} if m in sys.modules)]))"
+        code = "import sys, json\n" + "\n".join(
+            f"{statements}\nname = {name!r}\n{report}" for name, statements in STAGES
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stages = dict(
+            json.loads(line[len("STAGE ") :])
+            for line in proc.stdout.splitlines()
+            if line.startswith("STAGE ")
+        )
+        assert list(stages) == [name for name, _ in STAGES], f"the child stopped early: {proc.stdout[-2000:]}"
+        path.write_text(json.dumps(stages))
+
+    return json.loads(built_once(tmp_path_factory, "import_cost_stages.json", build).read_text())
 
 
 def test_loading_the_definitions_imports_no_training_stack(imported) -> None:
