@@ -330,11 +330,25 @@ class _Optim:
 def _compiled(step_fn: nn.Module, backend: str) -> nn.Module:
     """`torch.compile` of the training forward (after DDP's wrap, so its buckets split the graph). A part
     dynamo cannot compile (a peft or timm construct it does not trace) runs eagerly with a warning instead of
-    failing the run: `compile` is a speed setting, the loss and gradients are the same either way."""
-    import torch._dynamo
+    failing the run: `compile` is a speed setting, the loss and gradients are the same either way. That
+    fallback holds only while the compiled forward runs: the process's other torch.compile users keep
+    dynamo's own setting (errors raised)."""
+    return _SuppressingDynamoErrors(torch.compile(step_fn, backend=backend))
 
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(step_fn, backend=backend)
+
+class _SuppressingDynamoErrors(nn.Module):
+    """Calls the compiled module with `torch._dynamo.config.suppress_errors` on for the call only (dynamo
+    reads it when it compiles a frame, which happens inside the call)."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        import torch._dynamo
+
+        with torch._dynamo.config.patch(suppress_errors=True):
+            return self.compiled(*args, **kwargs)
 
 
 def _build_optim(

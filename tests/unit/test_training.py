@@ -297,11 +297,14 @@ def test_compile_runs_the_training_forward_through_dynamo_and_trains_the_same(ro
     eager = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    suppress_before = torch._dynamo.config.suppress_errors
     try:
         compiled = train_classifier(
             _model(), train, select, cfg, checkpoint_dir=tmp_path / "compiled", compile_backend="aot_eager"
         )
         captured = torch._dynamo.utils.counters["aot_autograd"]["ok"]  # frames compiled, not fallen back
+        # the eager fallback was scoped to the training forward, not left on for the whole process
+        assert torch._dynamo.config.suppress_errors is suppress_before, "suppress_errors left changed"
     finally:
         torch._dynamo.reset()
     assert captured > 0, "the training forward did not go through torch.compile"
