@@ -388,3 +388,13 @@ class TrainConfig:
             )
         if self.num_workers < 0:
             raise ValueError(f"TrainConfig.num_workers={self.num_workers}: use 0 or more worker processes")
+        if self.lora_target_regex is not None:
+            import re
+
+            try:
+                re.compile(self.lora_target_regex)
+            except re.error as exc:
+                raise ValueError(
+                    f"TrainConfig.lora_target_regex={self.lora_target_regex!r} is not a regular expression ({exc}); "
+                    "write one over module names, e.g. 'blocks\\.\\d+\\.attn\\.qkv', or null for the backbone's default"
+                ) from None

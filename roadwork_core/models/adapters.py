@@ -30,6 +30,9 @@ __all__ = [
 
 ADAPTER_KINDS: dict[str, dict[str, bool]] = {"lora": {"use_dora": False}, "dora": {"use_dora": True}}
 
+# The layer types peft's LoRA / DoRA can wrap (a ViT's are its linears and the patch embedding's conv).
+_WRAPPABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
+
 # Every linear of the attention and MLP of every block, per timm family.
 DEFAULT_TARGET_REGEX: dict[type[nn.Module], str] = {
     VisionTransformer: r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
@@ -52,6 +55,34 @@ def _route_fused_qkv_through_module(backbone: nn.Module) -> None:
     for module in backbone.modules():
         if isinstance(module, EvaAttention) and module.qkv is not None and module.q_bias is not None:
             module.qkv_bias_separate = True
+
+
+def _require_adaptable_targets(backbone: nn.Module, regex: str) -> None:
+    """Refuse, naming the setting and real module names, a regex that matches no module or matches one peft
+    cannot wrap (a whole block, a norm): peft's own errors say neither which setting nor what would match."""
+    import re
+
+    try:
+        pattern = re.compile(regex)
+    except re.error as exc:
+        raise ValueError(
+            f"LoRA target regex {regex!r} (lora_target_regex) is not a regular expression: {exc}"
+        ) from None
+    linears = [name for name, m in backbone.named_modules() if isinstance(m, _WRAPPABLE)]
+    matched = {name: m for name, m in backbone.named_modules() if name and pattern.fullmatch(name)}
+    examples = ", ".join(linears[:6])
+    if not matched:
+        raise ValueError(
+            f"LoRA target regex {regex!r} (lora_target_regex) matches no module of {type(backbone).__name__}: it must "
+            f"match whole module names (re.fullmatch). Its linear layers are named like: {examples}"
+        )
+    wrong = sorted(name for name, m in matched.items() if not isinstance(m, _WRAPPABLE))
+    if wrong:
+        raise ValueError(
+            f"LoRA target regex {regex!r} (lora_target_regex) matches {len(wrong)} module(s) that are not layers "
+            f"adapters can wrap (linear, conv, embedding): {wrong[:4]}{' ...' if len(wrong) > 4 else ''}. Match linear "
+            f"layers only, e.g. {examples}"
+        )
 
 
 def _check_adapters_run(model: nn.Module, img_size: int) -> None:
@@ -96,6 +127,7 @@ def apply_adapters(
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"Unknown adapter kind {kind!r}; valid: {', '.join(ADAPTER_KINDS)}")
     regex = target_regex or default_target_regex(backbone)
+    _require_adaptable_targets(backbone, regex)
     _route_fused_qkv_through_module(backbone)
     config = LoraConfig(
         r=r,

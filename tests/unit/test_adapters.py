@@ -89,6 +89,23 @@ def test_explicit_regex_and_unknown_kind() -> None:
     assert [t.removeprefix("base_model.model.") for t in targets] == ["blocks.1.mlp.fc2"]
 
 
+@pytest.mark.parametrize(
+    ("regex", "says"),
+    [
+        ("qkv", "matches no module"),  # a suffix, as a peft target list would match it: not a full name
+        (r"blocks\.\d+", "not layers adapters can wrap"),  # whole blocks
+        ("blocks.(", "not a regular expression"),
+    ],
+)
+def test_a_target_regex_that_wraps_nothing_is_refused_naming_the_setting_and_real_names(regex, says) -> None:
+    backbone = create_backbone(BackboneConfig(name="vit_test_tiny"))
+    with pytest.raises(ValueError, match="lora_target_regex") as raised:
+        apply_adapters(backbone, target_regex=regex)
+    assert says in str(raised.value), raised.value
+    if "regular expression" not in says:
+        assert "blocks.0.attn.qkv" in str(raised.value), "the error should show what a module is called"
+
+
 def test_merge_rejects_a_plain_model() -> None:
     with pytest.raises(TypeError, match="PeftModel"):
         merge_adapters(create_backbone(BackboneConfig(name="vit_test_tiny")))

@@ -48,6 +48,7 @@ REFUSED = [
     ("classifier", {"grad_clip": -1.0}, "TrainConfig.grad_clip=-1.0"),
     ("classifier", {"dropout": 1.0}, "HeadConfig.dropout=1.0"),
     ("classifier", {"lora_dropout": 1.5}, "TrainConfig.lora_dropout=1.5"),
+    ("classifier", {"mode": "lora", "lora_target_regex": "blocks.("}, "not a regular expression"),
     ("classifier", {"mode": "lora", "lora_alpha": 0.0}, "lora_alpha > 0"),
     ("classifier", {"ema_decay": 1.5}, "TrainConfig.ema_decay=1.5"),
     ("classifier", {"topk": 0}, "HeadConfig.topk=0"),
