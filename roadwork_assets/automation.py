@@ -162,7 +162,7 @@ def new_drop_sensor(
         if cursor != (context.cursor or ""):
             context.update_cursor(cursor)  # signatures recorded, or a change waiting to settle
         return dg.SkipReason(
-            (waiting or f"no new complete drop in {dataset.inbox} ({len(ready)} seen)")
+            (waiting or f"no new complete drop in {dataset.inbox_path} ({len(ready)} seen)")
             + (f". {unusable}" if unusable else "")
         )
     released = [] if retrain.force_retrain else _already_released(context.instance, dataset, new)
@@ -247,9 +247,9 @@ def weekly_retrain(context: dg.ScheduleEvaluationContext):
 )
 def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> dg.RunRequest | dg.SkipReason:
     """Cheap on purpose (a listing and two event-log reads): the embedding runs in drift_job, not in the tick."""
-    files = monitor_files(Path(drift.monitor_dir))
+    files = monitor_files(drift.monitor_path)
     if len(files) < drift.min_images:
-        return dg.SkipReason(f"{len(files)} images in {drift.monitor_dir}; need {drift.min_images}")
+        return dg.SkipReason(f"{len(files)} images in {drift.monitor_path}; need {drift.min_images}")
     fingerprint = monitor_fingerprint(files)
     earlier = context.instance.get_runs(
         dg.RunsFilter(job_name=drift_job.name, tags={"roadwork/monitor_fingerprint": fingerprint})

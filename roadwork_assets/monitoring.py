@@ -67,10 +67,10 @@ def drift_check(context: dg.OpExecutionContext, drift: DriftSettings, gpu: GPURe
     from roadwork_resources.paths import state_root
 
     gpu.setup()
-    files = monitor_files(Path(drift.monitor_dir))
+    files = monitor_files(drift.monitor_path)
     if len(files) < drift.min_images:
         raise dg.Failure(
-            f"{len(files)} images in {drift.monitor_dir}; the drift tests need {drift.min_images} "
+            f"{len(files)} images in {drift.monitor_path}; the drift tests need {drift.min_images} "
             "(drift.min_images)"
         )
     released, splits_path, why = release_to_compare(context.instance)
@@ -103,7 +103,7 @@ def drift_check(context: dg.OpExecutionContext, drift: DriftSettings, gpu: GPURe
                 "psi": float(result.psi),
                 "ks_pvalue": float(result.ks_pvalue),
                 "release": f"{released.partition} (run {released.run_id})",
-                "monitor_dir": drift.monitor_dir,
+                "monitor_dir": str(drift.monitor_path),
                 "monitored_images": len(files),
                 "monitor_fingerprint": monitor_fingerprint(files),
                 "tags": json.dumps(result.as_tags()),

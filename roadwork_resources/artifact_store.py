@@ -13,19 +13,30 @@ class ArtifactStore(dg.ConfigurableResource):
     different partitions never share a checkpoint folder; the feature cache is content-addressed and
     safe to share."""
 
-    root: str = Field(description="state folder for checkpoints, caches and side tables")
+    root: str = Field(
+        "",
+        description="state folder for checkpoints, caches and side tables; empty: $ROADWORK_STATE (default ./state)",
+    )
+
+    @property
+    def root_path(self) -> Path:
+        """`root`, or the environment's state folder when it is empty (a run config that sets this resource
+        without `root`)."""
+        from roadwork_resources.paths import state_root
+
+        return Path(self.root) if self.root else state_root()
 
     def checkpoint_dir(self, asset: str, partition: str) -> Path:
-        path = Path(self.root) / "checkpoints" / asset / partition
+        path = self.root_path / "checkpoints" / asset / partition
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def feature_cache_dir(self) -> Path:
-        path = Path(self.root) / "feature_cache"
+        path = self.root_path / "feature_cache"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def side_dir(self, asset: str, partition: str) -> Path:
-        path = Path(self.root) / "side" / asset / partition
+        path = self.root_path / "side" / asset / partition
         path.mkdir(parents=True, exist_ok=True)
         return path

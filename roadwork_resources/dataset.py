@@ -15,7 +15,10 @@ class DatasetSource(dg.ConfigurableResource):
     Version `v` of the dataset is the union of every complete drop whose name sorts at or before `v`.
     """
 
-    inbox: str = Field(description="folder holding one sub-folder per data drop")
+    inbox: str = Field(
+        "",
+        description="folder holding one sub-folder per data drop; empty: $ROADWORK_INBOX (default ./data/inbox)",
+    )
     format: Literal["auto", "labels_csv", "imagefolder", "hf_parquet", "yolo", "coco"] = Field(
         "auto",
         description="drop format; auto detects labels.csv, ImageFolder, Hugging Face parquet, YOLO or COCO",
@@ -29,7 +32,12 @@ class DatasetSource(dg.ConfigurableResource):
 
     @property
     def inbox_path(self) -> Path:
-        return Path(self.inbox)
+        """`inbox`, or where the environment puts the inbox when it is empty: a run config that sets only
+        `format` (or another field) of this resource leaves `inbox` empty, since Dagster does not keep
+        the Definitions' values of a resource whose config a run gives."""
+        from roadwork_resources.paths import inbox_root
+
+        return Path(self.inbox) if self.inbox else inbox_root()
 
     @property
     def class_names(self) -> dict[str, int]:

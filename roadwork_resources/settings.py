@@ -1,6 +1,8 @@
 """Settings resources: knobs that an asset, its checks or a sensor read at run time, set per
 deployment in Definitions or in run config (`resources:`)."""
 
+from pathlib import Path
+
 import dagster as dg
 from pydantic import Field
 
@@ -40,7 +42,11 @@ class RetrainSettings(dg.ConfigurableResource):
 class DriftSettings(dg.ConfigurableResource):
     """Where monitored (incoming, unlabelled) images land, and when drift counts as significant."""
 
-    monitor_dir: str = Field(description="folder of recent production images to compare with training images")
+    monitor_dir: str = Field(
+        "",
+        description="folder of recent production images to compare with training images; empty: "
+        "$ROADWORK_MONITOR_DIR (default <state>/monitor)",
+    )
     # PSI over 10 quantile bins is biased upwards on small samples: with n images per side its mean
     # under no drift is about 9 * 2 / n (0.58 at n=48, 0.34 at 64, 0.08 at 256; measured in
     # tests/e2e/test_sensors.py), so fewer than ~128 images per side would flag drift at 0.25 by chance.
@@ -51,3 +57,15 @@ class DriftSettings(dg.ConfigurableResource):
     min_images: int = Field(
         128, description="skip while the monitoring folder holds fewer images (PSI is noise below ~128)"
     )
+
+    @property
+    def monitor_path(self) -> Path:
+        """`monitor_dir`, or the environment's (ROADWORK_MONITOR_DIR, else <state>/monitor) when it is empty:
+        a run config that sets only the thresholds leaves it empty."""
+        import os
+
+        from roadwork_resources.paths import state_root
+
+        if self.monitor_dir:
+            return Path(self.monitor_dir)
+        return Path(os.environ.get("ROADWORK_MONITOR_DIR", str(state_root() / "monitor"))).absolute()

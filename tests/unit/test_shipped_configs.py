@@ -85,3 +85,38 @@ def test_a_value_no_run_can_use_is_refused_by_name(op: str, values: dict, named:
     assert len(problems) == 1 and named in problems[0] and problems[0].startswith(f"ops.{op}.config"), (
         problems
     )
+
+
+def test_a_run_config_may_set_some_fields_of_a_resource_and_the_paths_come_from_the_environment(
+    retrain_job, tmp_path, monkeypatch
+) -> None:
+    """Dagster drops the Definitions' values of a resource that the run config configures, so every path field
+    has a default ('' = the environment's folder): setting only `format` of `dataset` (drops in COCO) or a
+    threshold of `drift` must not fail with `Missing required config entry "inbox"`."""
+    from roadwork_assets.definitions import defs
+    from roadwork_resources.artifact_store import ArtifactStore
+    from roadwork_resources.dataset import DatasetSource
+    from roadwork_resources.settings import DriftSettings
+
+    partial = {
+        "dataset": {"config": {"format": "coco", "box_classes": ["cone"]}},
+        "store": {"config": {}},
+        "drift": {"config": {"alpha": 0.05}},
+    }
+    dg.validate_run_config(retrain_job, {"resources": {k: partial[k] for k in ("dataset", "store")}})
+    dg.validate_run_config(defs.resolve_job_def("drift_job"), {"resources": {"drift": partial["drift"]}})
+
+    monkeypatch.setenv("ROADWORK_INBOX", str(tmp_path / "inbox"))
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    monkeypatch.delenv("ROADWORK_MONITOR_DIR", raising=False)
+    launch = {k: cls.configure_at_launch() for k, cls in [("dataset", DatasetSource), ("store", ArtifactStore), ("drift", DriftSettings)]}  # fmt: skip
+    with dg.build_resources(launch, resource_config=partial) as built:
+        assert built.dataset.format == "coco" and built.dataset.inbox_path == tmp_path / "inbox"
+        assert (
+            built.store.checkpoint_dir("classifier", "v1")
+            == tmp_path / "state" / "checkpoints" / "classifier" / "v1"
+        )
+        assert built.drift.alpha == 0.05 and built.drift.monitor_path == tmp_path / "state" / "monitor"
+    assert DatasetSource(inbox=str(tmp_path / "elsewhere")).inbox_path == tmp_path / "elsewhere", (
+        "a set path wins"
+    )
