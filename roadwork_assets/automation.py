@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import dagster as dg
 import yaml
@@ -22,6 +23,8 @@ from roadwork_assets.monitoring import (
 from roadwork_assets.partitions import dataset_version
 from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.settings import DriftSettings, RetrainSettings
+
+ResourceT = TypeVar("ResourceT", bound=dg.ConfigurableResource)
 
 # Every retrain run carries this tag; dagster.yaml's `concurrency.runs.tag_concurrency_limits` lets one
 # such run out of the queue at a time (by default), so a burst of drops does not thrash a small machine.
@@ -68,11 +71,34 @@ def automation_run_config() -> dict:
     path = os.environ.get("ROADWORK_RUN_CONFIG")
     if not path:
         return {}
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(
+            f"ROADWORK_RUN_CONFIG={path}: cannot read it ({exc.strerror}); point it at a run config YAML "
+            "(e.g. configs/demo.yaml) or unset it for the assets' defaults"
+        ) from None
     config = yaml.safe_load(text) or {}
     if not isinstance(config, dict):
         raise ValueError(f"ROADWORK_RUN_CONFIG={path} must hold a YAML mapping (ops:, resources:)")
     return config
+
+
+def as_runs_see_it(resource: ResourceT, key: str) -> ResourceT:
+    """`resource` as the runs a sensor launches will have it: when ROADWORK_RUN_CONFIG configures
+    `resources.<key>`, Dagster builds that resource from the run config alone (its other fields take their
+    defaults; an empty path field, the Definitions' folder), so the sensor watches the same inbox and applies
+    the same settings as the runs it requests."""
+    section = (automation_run_config().get("resources") or {}).get(key)
+    if not section:
+        return resource
+    return type(resource)(**(section.get("config") or {}))
+
+
+def resources_run_config() -> dict:
+    """Only the `resources:` of ROADWORK_RUN_CONFIG: for drift_job, whose one op is not in a retrain config."""
+    resources = automation_run_config().get("resources")
+    return {"resources": resources} if resources else {}
 
 
 def _already_released(instance: dg.DagsterInstance, dataset: DatasetSource, versions: list[str]) -> list[str]:
@@ -104,6 +130,7 @@ def new_drop_sensor(
     from roadwork_core.data.drops import version_key
     from roadwork_core.data.fingerprint import drop_signature
 
+    dataset, retrain = as_runs_see_it(dataset, "dataset"), as_runs_see_it(retrain, "retrain")
     launched, settling = _read_cursor(context.cursor)  # drop -> its signature when its run was requested
     ready = dataset.ready_drops()
     signatures = {v: drop_signature(dataset.inbox_path / v) for v in ready}
@@ -247,6 +274,7 @@ def weekly_retrain(context: dg.ScheduleEvaluationContext):
 )
 def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> dg.RunRequest | dg.SkipReason:
     """Cheap on purpose (a listing and two event-log reads): the embedding runs in drift_job, not in the tick."""
+    drift = as_runs_see_it(drift, "drift")
     files = monitor_files(drift.monitor_path)
     if len(files) < drift.min_images:
         return dg.SkipReason(f"{len(files)} images in {drift.monitor_path}; need {drift.min_images}")
@@ -265,6 +293,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, drift: DriftSettings) -> d
     return (
         dg.RunRequest(  # a check of this folder that failed is tried again (a new run key) on the next tick
             run_key=f"drift-check-{fingerprint}-{len(earlier)}",
+            run_config=resources_run_config(),
             tags={
                 "roadwork/trigger": "drift_check",
                 "roadwork/monitor_fingerprint": fingerprint,

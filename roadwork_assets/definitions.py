@@ -37,7 +37,7 @@ from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import ArtifactIOManager
 from roadwork_resources.mlflow_tracking import mlflow_resource
-from roadwork_resources.paths import artifact_root, inbox_root, state_root
+from roadwork_resources.paths import artifact_root, bind_paths, inbox_root, state_root
 from roadwork_resources.settings import DriftSettings, RetrainSettings, SplitSettings
 
 ASSETS = [
@@ -165,6 +165,7 @@ def build_resources(
     The MLflow URI may carry credentials: when MLFLOW_TRACKING_URI is set (and no `mlflow_uri` is
     given) it is read from the environment at run time and never written into config, manifests or logs.
     """
+    bind_paths(state=state, inbox=inbox, monitor=None)  # what a run config's partial override falls back to
     artifacts = Path(state) / "artifacts" if state else artifact_root()
     state = Path(state) if state else state_root()
     if mlflow_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):

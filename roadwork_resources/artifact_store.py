@@ -22,9 +22,9 @@ class ArtifactStore(dg.ConfigurableResource):
     def root_path(self) -> Path:
         """`root`, or the environment's state folder when it is empty (a run config that sets this resource
         without `root`)."""
-        from roadwork_resources.paths import state_root
+        from roadwork_resources.paths import resource_default
 
-        return Path(self.root) if self.root else state_root()
+        return Path(self.root) if self.root else resource_default("state")
 
     def checkpoint_dir(self, asset: str, partition: str) -> Path:
         path = self.root_path / "checkpoints" / asset / partition

@@ -35,9 +35,9 @@ class DatasetSource(dg.ConfigurableResource):
         """`inbox`, or where the environment puts the inbox when it is empty: a run config that sets only
         `format` (or another field) of this resource leaves `inbox` empty, since Dagster does not keep
         the Definitions' values of a resource whose config a run gives."""
-        from roadwork_resources.paths import inbox_root
+        from roadwork_resources.paths import resource_default
 
-        return Path(self.inbox) if self.inbox else inbox_root()
+        return Path(self.inbox) if self.inbox else resource_default("inbox")
 
     @property
     def class_names(self) -> dict[str, int]:

@@ -231,9 +231,27 @@ def _fail_if_a_step_failed(context: dg.InitResourceContext, mlf) -> None:
 
 def mlflow_resource(tracking_uri: str | None, experiment: str = EXPERIMENT) -> dg.ResourceDefinition:
     """The resource; with `tracking_uri=None` the URI is read from MLFLOW_TRACKING_URI at run time,
-    so credentials never appear in config, manifests or logs."""
+    so credentials never appear in config, manifests or logs.
+
+    A run config may set any of dagster-mlflow's keys (`resources.mlflow.config`, checked against its schema);
+    `experiment_name` and `mlflow_tracking_uri` left out keep these values (a partial override does not
+    fall back to MLflow's ./mlruns)."""
     uri: Any = {"env": "MLFLOW_TRACKING_URI"} if tracking_uri is None else tracking_uri
-    return _mlflow_tracking.configured({"experiment_name": experiment, "mlflow_tracking_uri": uri})
+    schema = dict(CONFIG_SCHEMA)
+    schema["experiment_name"] = dg.Field(
+        dg.StringSource, default_value=experiment, is_required=False, description="MLflow experiment name."
+    )
+    schema["mlflow_tracking_uri"] = dg.Field(
+        dg.Noneable(dg.StringSource),
+        default_value=None,
+        is_required=False,
+        description="MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else the state folder's SQLite store.",
+    )
+
+    def with_defaults(config: dict) -> dict:
+        return {**config, "mlflow_tracking_uri": config.get("mlflow_tracking_uri") or uri}
+
+    return _mlflow_tracking.configured(with_defaults, config_schema=schema)
 
 
 def _run_id(mlf) -> str | None:

@@ -62,10 +62,6 @@ class DriftSettings(dg.ConfigurableResource):
     def monitor_path(self) -> Path:
         """`monitor_dir`, or the environment's (ROADWORK_MONITOR_DIR, else <state>/monitor) when it is empty:
         a run config that sets only the thresholds leaves it empty."""
-        import os
+        from roadwork_resources.paths import resource_default
 
-        from roadwork_resources.paths import state_root
-
-        if self.monitor_dir:
-            return Path(self.monitor_dir)
-        return Path(os.environ.get("ROADWORK_MONITOR_DIR", str(state_root() / "monitor"))).absolute()
+        return Path(self.monitor_dir) if self.monitor_dir else resource_default("monitor")

@@ -12,6 +12,7 @@ import dagster as dg
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from roadwork_assets.automation import (
     drift_retrain_sensor,
@@ -182,6 +183,38 @@ def test_new_drop_sensor_passes_the_automation_run_config(tmp_path, monkeypatch)
     assert config["ops"]["classifier"]["config"]["mode"] == "head", "ROADWORK_RUN_CONFIG was not applied"
 
 
+def test_the_run_configs_dataset_and_retrain_settings_are_what_the_sensor_watches(tmp_path, monkeypatch):
+    """ROADWORK_RUN_CONFIG's `resources:` reach the runs; the sensor must read the same inbox and force_retrain
+    (before: it watched the Definitions' inbox and requested runs that read another one)."""
+    watched, elsewhere = tmp_path / "inbox_runs_read", tmp_path / "definitions_inbox"
+    _drop(watched, "v0001")
+    _drop(elsewhere, "v0009")
+    config = tmp_path / "run_config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "resources": {
+                    "dataset": {"config": {"inbox": str(watched)}},
+                    "retrain": {"config": {"force_retrain": True}},
+                }
+            }
+        )
+    )
+    monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(config))
+    result = _tick(dg.DagsterInstance.ephemeral(), elsewhere, None)
+    assert [r.partition_key for r in result.run_requests] == ["v0001"], result.run_requests
+    [request] = result.run_requests
+    assert request.tags.get("roadwork/force_retrain") == "true", request.tags
+    assert request.run_config["resources"]["dataset"]["config"]["inbox"] == str(watched)
+
+
+def test_an_unreadable_automation_run_config_names_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(tmp_path / "missing.yaml"))
+    _drop(tmp_path / "inbox", "v0001")
+    with pytest.raises(ValueError, match="ROADWORK_RUN_CONFIG=.*missing.yaml.*unset it"):
+        _tick(dg.DagsterInstance.ephemeral(), tmp_path / "inbox", None)
+
+
 @pytest.mark.parametrize(
     "variable, read, default",
     [
@@ -347,6 +380,39 @@ def test_drift_sensor_skips_without_bundle_or_images(drift_world, tmp_path, monk
     assert isinstance(result, dg.SkipReason) and "no released bundle" in result.skip_message, result
     few, _ = _drift_tick(instance, tmp_path / "empty")
     assert isinstance(few, dg.SkipReason) and "need 16" in few.skip_message, few
+
+
+def test_drift_sensor_takes_the_run_configs_drift_settings_and_passes_its_resources(
+    drift_world, tmp_path, monkeypatch
+):
+    """ROADWORK_RUN_CONFIG's `resources:` apply to drift checks too: its min_images decides the tick, and
+    the drift_job run gets its resources (only those: the file's `ops:` are the retrain job's)."""
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    instance = _released_instance(drift_world, tmp_path)
+    n = len(list(drift_world["same"].glob("*.jpg")))
+    config = tmp_path / "run_config.yaml"
+    resources = {"drift": {"config": {"monitor_dir": str(drift_world["same"]), "min_images": n + 1}}}
+    config.write_text(
+        yaml.safe_dump({"ops": {"classifier": {"config": {"epochs": 1}}}, "resources": resources})
+    )
+    monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(config))
+    skipped, _ = _drift_tick(instance, drift_world["same"])
+    assert isinstance(skipped, dg.SkipReason) and f"need {n + 1}" in skipped.skip_message, skipped
+
+    resources["drift"]["config"]["min_images"] = 16
+    config.write_text(
+        yaml.safe_dump({"ops": {"classifier": {"config": {"epochs": 1}}}, "resources": resources})
+    )
+    request = drift_sensor(
+        dg.build_sensor_context(
+            instance=instance, resources={"drift": DriftSettings(monitor_dir=str(tmp_path))}
+        )
+    )
+    assert isinstance(request, dg.RunRequest), request
+    assert request.run_config == {"resources": resources}, request.run_config
+    from roadwork_assets.definitions import defs
+
+    dg.validate_run_config(defs.resolve_job_def("drift_job"), request.run_config)
 
 
 def test_default_drift_settings_keep_psi_false_alarms_rare():

@@ -109,6 +109,9 @@ def test_a_run_config_may_set_some_fields_of_a_resource_and_the_paths_come_from_
     monkeypatch.setenv("ROADWORK_INBOX", str(tmp_path / "inbox"))
     monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
     monkeypatch.delenv("ROADWORK_MONITOR_DIR", raising=False)
+    from roadwork_assets.definitions import build_resources
+
+    build_resources()  # Definitions from the environment (as `dagster dev` loads them), not an earlier test's folders
     launch = {k: cls.configure_at_launch() for k, cls in [("dataset", DatasetSource), ("store", ArtifactStore), ("drift", DriftSettings)]}  # fmt: skip
     with dg.build_resources(launch, resource_config=partial) as built:
         assert built.dataset.format == "coco" and built.dataset.inbox_path == tmp_path / "inbox"
@@ -120,3 +123,66 @@ def test_a_run_config_may_set_some_fields_of_a_resource_and_the_paths_come_from_
     assert DatasetSource(inbox=str(tmp_path / "elsewhere")).inbox_path == tmp_path / "elsewhere", (
         "a set path wins"
     )
+
+
+def test_a_partial_override_falls_back_to_the_folders_the_definitions_were_built_with(
+    tmp_path, monkeypatch
+) -> None:
+    """An embedded set-up (`build_resources(state=, inbox=)`, as every integration test builds one): a run
+    config that sets only `dataset.format` reads the inbox those Definitions were given, not ROADWORK_INBOX."""
+    from roadwork_assets.definitions import build_resources
+    from roadwork_resources.artifact_store import ArtifactStore
+    from roadwork_resources.dataset import DatasetSource
+    from roadwork_resources.settings import DriftSettings
+
+    monkeypatch.setenv("ROADWORK_INBOX", str(tmp_path / "env_inbox"))
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "env_state"))
+    monkeypatch.delenv("ROADWORK_MONITOR_DIR", raising=False)
+    try:
+        build_resources(state=tmp_path / "state", inbox=tmp_path / "inbox", mlflow_uri="sqlite:///unused.db")
+        assert DatasetSource(format="coco").inbox_path == tmp_path / "inbox"
+        assert ArtifactStore().side_dir("splits", "v1").is_relative_to(tmp_path / "state")
+        assert DriftSettings().monitor_path == tmp_path / "state" / "monitor"
+        build_resources()  # Definitions from the environment again: the environment's folders
+        assert DatasetSource(format="coco").inbox_path == tmp_path / "env_inbox"
+        assert DriftSettings().monitor_path == tmp_path / "env_state" / "monitor"
+    finally:
+        build_resources()
+
+
+def test_the_mlflow_resource_takes_a_partial_override_and_refuses_a_misspelt_key(
+    retrain_job, tmp_path, monkeypatch
+) -> None:
+    """dagster-mlflow's keys can be set from a run config (before: any override was dropped without a word, a
+    misspelt key accepted); the keys left out keep the Definitions' experiment and tracking store."""
+    import mlflow
+
+    from roadwork_assets.definitions import build_resources
+    from roadwork_resources.mlflow_tracking import EXPERIMENT
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    resolved = dg.validate_run_config(
+        retrain_job, {"resources": {"mlflow": {"config": {"experiment_name": "ablations"}}}}
+    )["resources"]["mlflow"]["config"]
+    assert resolved["experiment_name"] == "ablations"
+    assert resolved["mlflow_tracking_uri"], (
+        "a partial override lost the tracking store (MLflow would use ./mlruns)"
+    )
+    assert (
+        dg.validate_run_config(retrain_job, {})["resources"]["mlflow"]["config"]["experiment_name"]
+        == EXPERIMENT
+    )
+    with pytest.raises(dg.DagsterInvalidConfigError, match="experiment_nmae"):
+        dg.validate_run_config(retrain_job, {"resources": {"mlflow": {"config": {"experiment_nmae": "x"}}}})
+
+    # the resource itself, built from that run config: the override's experiment in the Definitions' store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        mlflow_def = build_resources(state=tmp_path, mlflow_uri=uri)["mlflow"]
+        override = {"mlflow": {"config": {"experiment_name": "ablations"}}}
+        with dg.build_resources({"mlflow": mlflow_def}, resource_config=override) as built:
+            assert built.mlflow.wait_for_store() is None
+    finally:
+        build_resources()
+    names = {e.name for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()}
+    assert "ablations" in names, names
