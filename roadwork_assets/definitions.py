@@ -121,6 +121,47 @@ def invalid_op_configs(run_config: dict | None) -> list[str]:
     return problems
 
 
+# The Pythonic resources a run config may configure (`resources.<key>.config`), by their Definitions key.
+RESOURCE_CLASSES: dict[str, type[dg.ConfigurableResource]] = {
+    "dataset": DatasetSource,
+    "store": ArtifactStore,
+    "gpu": GPUResource,
+    "split_settings": SplitSettings,
+    "drift": DriftSettings,
+    "retrain": RetrainSettings,
+}
+
+
+def invalid_resource_configs(run_config: dict | None) -> list[str]:
+    """Each resource's config of a run built as the run will build it: 'resources.<key>.config.<field>: <why>'
+    for a value no run can use (a negative thread count, split ratios that do not sum to 1). Dagster checks
+    names and types at submission; these would fail at resource start-up without the path, or in `splits`
+    after `image_table` had run."""
+    import pydantic
+
+    from roadwork_core.data.splits import validate_ratios
+
+    problems = []
+    for key, entry in sorted(((run_config or {}).get("resources") or {}).items()):
+        cls = RESOURCE_CLASSES.get(key)
+        values = entry.get("config") if isinstance(entry, dict) else None
+        if cls is None or not isinstance(values, dict):
+            continue
+        try:
+            resource = cls(**values)
+            if isinstance(resource, SplitSettings):
+                validate_ratios(resource.ratios())
+        except pydantic.ValidationError as exc:
+            for error in exc.errors():
+                field = ".".join(str(part) for part in error["loc"])
+                problems.append(
+                    f"resources.{key}.config.{field}: {error['msg']} (got {error.get('input')!r})"
+                )
+        except ValueError as exc:
+            problems.append(f"resources.{key}.config: {exc}")
+    return problems
+
+
 class RoadworkIOManager(ArtifactIOManager):
     """`ArtifactIOManager` that first refuses a run config naming ops this code location lacks: every run
     sets up its IO manager before any step body runs."""
@@ -147,7 +188,8 @@ class RoadworkIOManager(ArtifactIOManager):
                 [],
                 run.run_config,
             )
-        problems = invalid_op_configs(run.run_config if run is not None else None)
+        config = run.run_config if run is not None else None
+        problems = invalid_op_configs(config) + invalid_resource_configs(config)
         if problems:
             raise dg.DagsterInvalidConfigError(
                 "the run config holds values no step can run with; fix them (nothing has run yet):\n  "

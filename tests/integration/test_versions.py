@@ -373,6 +373,7 @@ def test_a_value_no_step_can_use_is_refused_before_any_step(tiny_inbox, rw_home)
     config = tiny_run_config()
     config["ops"]["classifier"]["config"]["grad_clip"] = 0.0
     config["ops"]["calibrator"] = {"config": {"methods": ["temperature", "isotonc"]}}
+    config["resources"]["split_settings"]["config"]["train"] = 0.7  # the ratios sum to 1.1
     result = job.execute_in_process(
         run_config=config, instance=instance, partition_key="v0001", raise_on_error=False,
         asset_selection=[dg.AssetKey("image_table")],
@@ -383,6 +384,7 @@ def test_a_value_no_step_can_use_is_refused_before_any_step(tiny_inbox, rw_home)
     message = str(failure.event_specific_data.error)
     assert "ops.classifier.config: TrainConfig.grad_clip=0.0" in message, message
     assert "ops.calibrator.config.methods" in message and "'isotonc'" in message, message
+    assert "resources.split_settings.config: split ratios must sum to 1" in message, message
 
 
 def test_deleting_a_split_partition_does_not_let_its_images_move(tmp_path, rw_home, capsys):

@@ -87,6 +87,36 @@ def test_a_value_no_run_can_use_is_refused_by_name(op: str, values: dict, named:
     )
 
 
+RESOURCES_REFUSED = [
+    ("split_settings", {"train": 0.7}, "split ratios must sum to 1"),  # failed in `splits`, after image_table
+    ("split_settings", {"train": -0.1, "val_select": 0.8}, "must all be > 0"),
+    ("split_settings", {"min_per_class": -1}, "min_per_class"),
+    ("gpu", {"threads": -1}, "threads"),
+    ("gpu", {"nproc_per_node": 0}, "nproc_per_node"),
+    ("drift", {"alpha": 5.0}, "alpha"),
+    ("drift", {"sample": 0}, "sample"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "values", "named"), RESOURCES_REFUSED, ids=[f"{k}-{'-'.join(v)}" for k, v, _ in RESOURCES_REFUSED]
+)
+def test_a_resource_value_no_run_can_use_is_refused_by_path(key: str, values: dict, named: str) -> None:
+    from roadwork_assets.definitions import invalid_resource_configs
+
+    problems = invalid_resource_configs({"resources": {key: {"config": values}}})
+    assert (
+        len(problems) == 1 and named in problems[0] and problems[0].startswith(f"resources.{key}.config")
+    ), problems
+
+
+def test_the_shipped_resource_configs_pass_the_checks_run_before_any_step() -> None:
+    from roadwork_assets.definitions import invalid_resource_configs
+
+    for path in SHIPPED:
+        assert invalid_resource_configs(yaml.safe_load(path.read_text())) == [], path
+
+
 def test_a_run_config_may_set_some_fields_of_a_resource_and_the_paths_come_from_the_environment(
     retrain_job, tmp_path, monkeypatch
 ) -> None:
