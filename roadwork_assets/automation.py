@@ -349,13 +349,18 @@ def mlflow_failed_run_closer(context: dg.RunFailureSensorContext) -> None:
 
     from roadwork_resources.paths import default_mlflow_uri
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri())
+    # the store the failed run logged to: its run config's (resources.mlflow.config), else the Definitions'
+    config = ((context.dagster_run.run_config or {}).get("resources") or {}).get("mlflow") or {}
+    uri = (config.get("config") or {}).get("mlflow_tracking_uri")
+    if isinstance(uri, dict):  # {"env": "VAR"}, as Dagster's StringSource reads it
+        uri = os.environ.get(str(uri.get("env")))
+    mlflow.set_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri())
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("roadwork")
-    if experiment is None:
+    experiments = [e.experiment_id for e in client.search_experiments()]  # any experiment_name it was given
+    if not experiments:
         return
     runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.dagster_run_id = '{context.dagster_run.run_id}'"
+        experiments, filter_string=f"tags.dagster_run_id = '{context.dagster_run.run_id}'"
     )
     for run in runs:
         if run.info.status != "FAILED":

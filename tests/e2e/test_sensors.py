@@ -466,3 +466,49 @@ def test_a_failed_drift_check_is_tried_again_and_every_new_report_counts(drift_w
     request = drift_retrain_sensor(dg.build_sensor_context(instance=instance))
     assert isinstance(request, dg.RunRequest), request
     assert request.tags["roadwork/drift_drifted"] == "True" and request.run_key.endswith("fpTrue"), request
+
+
+# ---------------------------------------------------------------------------------------------------
+# mlflow_failed_run_closer
+
+
+@pytest.mark.parametrize("experiment", [None, "ablations"])
+def test_the_failed_run_closer_fails_the_mlflow_run_in_the_store_and_experiment_the_run_used(
+    tmp_path, monkeypatch, experiment
+):
+    """A failed Dagster run whose MLflow run was left RUNNING (a blocking check, a killed step) gets it marked
+    FAILED, in the experiment its run config named (before: only experiment 'roadwork' was looked at)."""
+    import mlflow
+
+    from roadwork_assets.automation import mlflow_failed_run_closer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    @dg.op
+    def boom() -> None:
+        raise RuntimeError("a failing step")
+
+    run_config = {"resources": {"mlflow": {"config": {"experiment_name": experiment}}}} if experiment else {}
+    instance = dg.DagsterInstance.ephemeral()
+
+    @dg.job
+    def failing() -> None:
+        boom()
+
+    failed = failing.execute_in_process(instance=instance, raise_on_error=False)
+    assert not failed.success
+    dagster_run = failed.dagster_run._replace(run_config=run_config)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(experiment or "roadwork")
+    mlflow_run = client.create_run(experiment_id, tags={"dagster_run_id": dagster_run.run_id})
+    other = client.create_run(experiment_id, tags={"dagster_run_id": "another-run"})
+    context = dg.build_run_status_sensor_context(
+        sensor_name="mlflow_failed_run_closer", dagster_event=failed.get_run_failure_event(),
+        dagster_instance=instance, dagster_run=dagster_run,
+    ).for_run_failure()  # fmt: skip
+    mlflow_failed_run_closer(context)
+    assert client.get_run(mlflow_run.info.run_id).info.status == "FAILED"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING", (
+        "another Dagster run's MLflow run was closed"
+    )
