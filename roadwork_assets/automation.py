@@ -89,10 +89,21 @@ def as_runs_see_it(resource: ResourceT, key: str) -> ResourceT:
     `resources.<key>`, Dagster builds that resource from the run config alone (its other fields take their
     defaults; an empty path field, the Definitions' folder), so the sensor watches the same inbox and applies
     the same settings as the runs it requests."""
+    import pydantic
+
+    from roadwork_resources.paths import resolve_env_values
+
     section = (automation_run_config().get("resources") or {}).get(key)
-    if not section:
+    if not isinstance(section, dict) or not isinstance(section.get("config"), dict):
         return resource
-    return type(resource)(**(section.get("config") or {}))
+    try:
+        return type(resource)(**resolve_env_values(section["config"]))
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(
+            f"ROADWORK_RUN_CONFIG={os.environ.get('ROADWORK_RUN_CONFIG')}: resources.{key}.config is not valid "
+            f"({problems}); fix it there, it is what the sensor's runs would use"
+        ) from None
 
 
 def resources_run_config() -> dict:

@@ -37,7 +37,7 @@ from roadwork_resources.dataset import DatasetSource
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import ArtifactIOManager
 from roadwork_resources.mlflow_tracking import mlflow_resource
-from roadwork_resources.paths import artifact_root, bind_paths, inbox_root, state_root
+from roadwork_resources.paths import artifact_root, bind_paths, inbox_root, resolve_env_values, state_root
 from roadwork_resources.settings import DriftSettings, RetrainSettings, SplitSettings
 
 ASSETS = [
@@ -148,7 +148,7 @@ def invalid_resource_configs(run_config: dict | None) -> list[str]:
         if cls is None or not isinstance(values, dict):
             continue
         try:
-            resource = cls(**values)
+            resource = cls(**resolve_env_values(values))
             if isinstance(resource, SplitSettings):
                 validate_ratios(resource.ratios())
         except pydantic.ValidationError as exc:

@@ -15,7 +15,8 @@ class ArtifactStore(dg.ConfigurableResource):
 
     root: str = Field(
         "",
-        description="state folder for checkpoints, caches and side tables; empty: $ROADWORK_STATE (default ./state)",
+        description="state folder for checkpoints, caches and side tables; empty: the state folder the Definitions "
+        "were built with ($ROADWORK_STATE, default ./state)",
     )
 
     @property

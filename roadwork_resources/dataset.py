@@ -17,7 +17,8 @@ class DatasetSource(dg.ConfigurableResource):
 
     inbox: str = Field(
         "",
-        description="folder holding one sub-folder per data drop; empty: $ROADWORK_INBOX (default ./data/inbox)",
+        description="folder holding one sub-folder per data drop; empty: the inbox the Definitions were built with "
+        "($ROADWORK_INBOX, default ./data/inbox)",
     )
     format: Literal["auto", "labels_csv", "imagefolder", "hf_parquet", "yolo", "coco"] = Field(
         "auto",

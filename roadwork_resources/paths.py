@@ -38,6 +38,19 @@ def monitor_root() -> Path:
     return Path(env).absolute() if env else state_root() / "monitor"
 
 
+def resolve_env_values(values: dict) -> dict:
+    """A resource's run-config values with Dagster's `{env: VAR}` sources read from the environment (as Dagster
+    will when it builds the resource); a variable that is not set leaves its field out (Dagster names it)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and set(value) == {"env"}:
+            if str(value["env"]) in os.environ:
+                out[key] = os.environ[str(value["env"])]
+        else:
+            out[key] = value
+    return out
+
+
 def resource_default(name: str) -> Path:
     """The folder a resource's empty path field stands for (`state`, `inbox` or `monitor`): the one the
     Definitions were built with (`bind_paths`), else the environment's."""

@@ -44,8 +44,8 @@ class DriftSettings(dg.ConfigurableResource):
 
     monitor_dir: str = Field(
         "",
-        description="folder of recent production images to compare with training images; empty: "
-        "$ROADWORK_MONITOR_DIR (default <state>/monitor)",
+        description="folder of recent production images to compare with training images; empty: the one the "
+        "Definitions were built with ($ROADWORK_MONITOR_DIR, default <state>/monitor)",
     )
     # PSI over 10 quantile bins is biased upwards on small samples: with n images per side its mean
     # under no drift is about 9 * 2 / n (0.58 at n=48, 0.34 at 64, 0.08 at 256; measured in

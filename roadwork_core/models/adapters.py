@@ -62,6 +62,8 @@ def _require_adaptable_targets(backbone: nn.Module, regex: str) -> None:
     cannot wrap (a whole block, a norm): peft's own errors say neither which setting nor what would match."""
     import re
 
+    if regex.lower() == "all-linear":  # peft's shorthand for every linear layer but the output head
+        return
     try:
         pattern = re.compile(regex)
     except re.error as exc:

@@ -208,6 +208,25 @@ def test_the_run_configs_dataset_and_retrain_settings_are_what_the_sensor_watche
     assert request.run_config["resources"]["dataset"]["config"]["inbox"] == str(watched)
 
 
+def test_the_sensor_reads_an_env_sourced_inbox_and_names_a_bad_value_with_its_file(tmp_path, monkeypatch):
+    watched = tmp_path / "inbox_from_env"
+    _drop(watched, "v0001")
+    monkeypatch.setenv("RW_TEST_INBOX", str(watched))
+    config = tmp_path / "run_config.yaml"
+    config.write_text(
+        yaml.safe_dump({"resources": {"dataset": {"config": {"inbox": {"env": "RW_TEST_INBOX"}}}}})
+    )
+    monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(config))
+    result = _tick(dg.DagsterInstance.ephemeral(), tmp_path / "definitions_inbox", None)
+    assert [r.partition_key for r in result.run_requests] == ["v0001"], result
+
+    config.write_text(yaml.safe_dump({"resources": {"dataset": {"config": {"format": "parquet"}}}}))
+    with pytest.raises(
+        ValueError, match=r"ROADWORK_RUN_CONFIG=.*resources\.dataset\.config is not valid \(format"
+    ):
+        _tick(dg.DagsterInstance.ephemeral(), tmp_path / "definitions_inbox", None)
+
+
 def test_an_unreadable_automation_run_config_names_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("ROADWORK_RUN_CONFIG", str(tmp_path / "missing.yaml"))
     _drop(tmp_path / "inbox", "v0001")

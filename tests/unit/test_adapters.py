@@ -106,6 +106,14 @@ def test_a_target_regex_that_wraps_nothing_is_refused_naming_the_setting_and_rea
         assert "blocks.0.attn.qkv" in str(raised.value), "the error should show what a module is called"
 
 
+def test_pefts_all_linear_shorthand_is_still_accepted() -> None:
+    wrapped = apply_adapters(create_backbone(BackboneConfig(name="vit_test_tiny")), target_regex="all-linear")
+    targets = {
+        n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if isinstance(m, LoraLayer)
+    }
+    assert "blocks.0.attn.qkv" in targets and "blocks.1.mlp.fc2" in targets, sorted(targets)
+
+
 def test_merge_rejects_a_plain_model() -> None:
     with pytest.raises(TypeError, match="PeftModel"):
         merge_adapters(create_backbone(BackboneConfig(name="vit_test_tiny")))

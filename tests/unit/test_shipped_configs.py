@@ -110,6 +110,21 @@ def test_a_resource_value_no_run_can_use_is_refused_by_path(key: str, values: di
     ), problems
 
 
+def test_a_resource_value_read_from_the_environment_is_checked_as_its_value(monkeypatch) -> None:
+    """`{env: VAR}` is how Dagster reads a value from the environment (a multi-node `master_addr`, an inbox):
+    the check reads it as the run will, instead of refusing the dict."""
+    from roadwork_assets.definitions import invalid_resource_configs
+
+    monkeypatch.setenv("RW_TEST_INBOX", "/data/inbox")
+    monkeypatch.setenv("RW_TEST_THREADS", "-2")
+    ok = {"dataset": {"config": {"inbox": {"env": "RW_TEST_INBOX"}}}, "gpu": {"config": {"master_addr": {"env": "RW_TEST_INBOX"}}}}  # fmt: skip
+    assert invalid_resource_configs({"resources": ok}) == []
+    bad = invalid_resource_configs(
+        {"resources": {"gpu": {"config": {"threads": {"env": "RW_TEST_THREADS"}}}}}
+    )
+    assert len(bad) == 1 and bad[0].startswith("resources.gpu.config.threads"), bad
+
+
 def test_the_shipped_resource_configs_pass_the_checks_run_before_any_step() -> None:
     from roadwork_assets.definitions import invalid_resource_configs
 
@@ -190,7 +205,8 @@ def test_the_mlflow_resource_takes_a_partial_override_and_refuses_a_misspelt_key
     from roadwork_assets.definitions import build_resources
     from roadwork_resources.mlflow_tracking import EXPERIMENT
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # the fixture's job was built as `make test` runs it: with or without MLFLOW_TRACKING_URI (then {env: ...})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env_store.db'}")
     resolved = dg.validate_run_config(
         retrain_job, {"resources": {"mlflow": {"config": {"experiment_name": "ablations"}}}}
     )["resources"]["mlflow"]["config"]
