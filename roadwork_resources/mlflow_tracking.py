@@ -362,6 +362,26 @@ MLFLOW_HOOKS = {end_mlflow_step_success, end_mlflow_step_failure}
 MlflowParam = dg.ResourceParam[Any]
 
 
+def bundle_model_signature():
+    """The served model's schema (shown in the MLflow UI, checked by `mlflow models serve`): one of the columns
+    `image_b64` (base64 JPEG / PNG) or `path` in, one row per image out (roadwork_core.bundle.mlflow_pyfunc)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema(
+        [ColSpec("string", "image_b64", required=False), ColSpec("string", "path", required=False)]
+    )
+    outputs = Schema(
+        [
+            ColSpec("double", "answer"),
+            ColSpec("double", "p_roadwork"),
+            ColSpec("string", "decision"),
+            ColSpec("double", "logit"),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
 def log_bundle_model(mlf, bundle_dir: str, registered_name: str = "roadwork") -> str:
     """Log the bundle as an MLflow pyfunc model (from code, nothing pickled) and register it as
     `registered_name`, so that `mlflow models serve -m models:/roadwork/latest` serves it.
@@ -378,6 +398,7 @@ def log_bundle_model(mlf, bundle_dir: str, registered_name: str = "roadwork") ->
     info = mlflow.pyfunc.log_model(
         name="roadwork_model",
         python_model=mlflow_pyfunc.__file__,
+        signature=bundle_model_signature(),
         artifacts={"bundle": bundle_dir},
         code_paths=[str(package_dir)],
         registered_model_name=registered_name,

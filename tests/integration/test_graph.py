@@ -151,7 +151,13 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
 
     # the bundle registered as MLflow model 'roadwork' loads through mlflow.pyfunc and predicts the same
     model = mlflow.pyfunc.load_model("models:/roadwork/latest")
+    signature = model.metadata.signature  # what `mlflow models serve` and the MLflow UI show and check
+    assert signature is not None and signature.inputs.input_names() == ["image_b64", "path"], signature
     served = model.predict(pd.DataFrame({"image_b64": [base64.b64encode(Path(uri).read_bytes()).decode()]}))
+    by_path = model.predict(
+        pd.DataFrame({"path": [str(uri)]})
+    )  # the other input column alone passes the schema
+    assert by_path["decision"].iloc[0] == pred.decision
     assert served["decision"].iloc[0] == pred.decision
     assert abs(served["p_roadwork"].iloc[0] - pred.p_roadwork) < 1e-6
     assert abs(served["answer"].iloc[0] - pred.answer) < 1e-6, "the pyfunc must return the subnet answer"
