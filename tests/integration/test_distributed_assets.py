@@ -55,45 +55,6 @@ def _meta(instance: dg.DagsterInstance, asset: str) -> dict:
     return latest_materialization_metadata(instance, dg.AssetKey(asset), "v0001")
 
 
-def test_training_assets_run_data_parallel_through_pipes(ddp_home) -> None:
-    instance = ddp_home["instance"]
-    result = materialize(
-        TRAINING, instance=instance, partition="v0001", resources=ddp_home["resources"], run_config=_config()
-    )
-    assert result.success, "the training assets failed with nproc_per_node=2"
-
-    checks = {
-        (e.asset_check_evaluation_data.asset_check_key.name, e.asset_check_evaluation_data.asset_check_key.asset_key.to_user_string()): e.asset_check_evaluation_data.passed
-        for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
-    }  # fmt: skip
-    for asset in ("explora_backbone", "classifier"):
-        assert checks.get(("check_split_contract", asset)) is True, (
-            f"split contract audit of {asset}: {checks}"
-        )
-    assert _meta(instance, "classifier")["splits_read"] == ["train", "val_select"]
-    assert _meta(instance, "explora_backbone")["splits_read"] == ["train"]
-
-    # rank 0's Pipes log lines landed in the step's event log while it ran
-    messages = [e.user_message for e in instance.all_logs(result.run_id) if e.step_key == "classifier"]
-    assert any("data-parallel training: 2 processes" in m for m in messages), messages[-20:]
-    epochs = [m for m in messages if m.startswith("epoch ")]
-    assert len(epochs) == _meta(instance, "classifier")["epochs_run"], epochs
-
-    # per-epoch metrics came back through Pipes custom messages into MLflow
-    client = mlflow.MlflowClient(tracking_uri=ddp_home["uri"])
-    [run] = client.search_runs(
-        [client.get_experiment_by_name("roadwork").experiment_id],
-        filter_string=f"tags.dagster_run_id = '{result.run_id}'",
-    )
-    history = client.get_metric_history(run.info.run_id, "select_mcc")
-    assert [m.step for m in history] == list(range(1, len(epochs) + 1)), history
-    assert client.get_metric_history(run.info.run_id, "explora_loss"), "ExPLoRA's steps were not logged"
-
-    classifier_dir = Path(_meta(instance, "classifier")["path"]) / "dir"
-    config = json.loads((classifier_dir / "config.json").read_text())
-    assert config["extra"]["history"], "the classifier written by rank 0 lacks its history"
-
-
 def _descendant_worker(local_rank: int) -> int | None:
     """Pid of the torchrun worker of `local_rank` started (indirectly) by this test process."""
     me = os.getpid()
@@ -116,27 +77,50 @@ def _descendant_worker(local_rank: int) -> int | None:
     return None
 
 
+def _check_results(result) -> dict[tuple[str, str], bool]:
+    """(check name, asset) -> passed, for the checks evaluated in `result`'s run."""
+    return {
+        (e.asset_check_evaluation_data.asset_check_key.name, e.asset_check_evaluation_data.asset_check_key.asset_key.to_user_string()): e.asset_check_evaluation_data.passed
+        for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }  # fmt: skip
+
+
+def _mlflow_run(ddp_home: dict, dagster_run_id: str):
+    client = mlflow.MlflowClient(tracking_uri=ddp_home["uri"])
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("roadwork").experiment_id],
+        filter_string=f"tags.dagster_run_id = '{dagster_run_id}'",
+    )
+    return run
+
+
 def _failures(result) -> list[str]:
     return [e.event_specific_data.error.to_string() for e in result.all_events if e.event_type_value == "STEP_FAILURE"]  # fmt: skip
 
 
-def _upstream_of_classifier(ddp_home: dict) -> None:
-    """The classifier's inputs in this module's instance: materialized by the first test when it ran
-    here, else now (single-process: pytest-xdist may run the two tests on different workers)."""
+def test_training_assets_run_data_parallel_through_pipes_and_a_killed_rank_resumes(ddp_home) -> None:
+    """One torchrun launch per training step and run: explora_backbone, then the classifier, whose
+    rank 1 a thread SIGKILLs once rank 0 has checkpointed epoch 1, then the classifier again, which
+    resumes. Everything materializes in this process (the one launching torchrun, as a run worker
+    would). What came back through Pipes (log lines, per-step metrics into MLflow, the split audit) is
+    checked on the ExPLoRA run and on the resumed classifier run."""
     instance = ddp_home["instance"]
-    if _meta(instance, "explora_backbone"):
-        return
     upstream = TRAINING[:-1]
-    config = tiny_run_config()
-    config["ops"] = {k: v for k, v in config["ops"].items() if k in upstream}
-    result = materialize(upstream, instance=instance, partition="v0001", resources=ddp_home["resources"], run_config=config)  # fmt: skip
-    assert result.success, "the classifier's upstream assets failed"
+    result = materialize(upstream, instance=instance, partition="v0001", resources=ddp_home["resources"], run_config=_config(upstream))  # fmt: skip
+    assert result.success, (
+        f"the assets up to explora_backbone failed with nproc_per_node=2: {_failures(result)}"
+    )
+    assert _check_results(result).get(("check_split_contract", "explora_backbone")) is True, _check_results(
+        result
+    )
+    assert _meta(instance, "explora_backbone")["splits_read"] == ["train"]
+    messages = [e.user_message for e in instance.all_logs(result.run_id) if e.step_key == "explora_backbone"]
+    assert any("data-parallel training: 2 processes" in m for m in messages), messages[-20:]
+    client = mlflow.MlflowClient(tracking_uri=ddp_home["uri"])
+    assert client.get_metric_history(_mlflow_run(ddp_home, result.run_id).info.run_id, "explora_loss"), (
+        "ExPLoRA's steps did not come back through Pipes into MLflow"
+    )
 
-
-def test_killed_rank_fails_the_step_clearly_and_the_next_run_resumes(ddp_home) -> None:
-    """Both runs materialize in this process (the one launching torchrun, as a run worker would); a
-    thread SIGKILLs rank 1 once rank 0 has checkpointed epoch 1."""
-    _upstream_of_classifier(ddp_home)
     # enough epochs that the kill lands mid-training on a loaded machine: with 12, rank 1 once finished
     # all of them (under the whole suite on 2 cores) before the killer thread's /proc scan found it
     epochs = 30
@@ -165,7 +149,7 @@ def test_killed_rank_fails_the_step_clearly_and_the_next_run_resumes(ddp_home) -
     killer = threading.Thread(target=kill_rank_1, daemon=True)
     killer.start()
     try:
-        failed = materialize(["classifier"], instance=ddp_home["instance"], partition="v0001", resources=ddp_home["resources"], run_config=config)  # fmt: skip
+        failed = materialize(["classifier"], instance=instance, partition="v0001", resources=ddp_home["resources"], run_config=config)  # fmt: skip
     finally:
         done.set()
         killer.join(timeout=30)
@@ -182,3 +166,20 @@ def test_killed_rank_fails_the_step_clearly_and_the_next_run_resumes(ddp_home) -
     meta = _meta(ddp_home["instance"], "classifier")
     assert meta["resumed_from_epoch"] == killed_at, f"resumed from {meta['resumed_from_epoch']}, checkpoint said {killed_at}"  # fmt: skip
     assert meta["epochs_run"] == epochs, meta["epochs_run"]
+    assert _check_results(resumed).get(("check_split_contract", "classifier")) is True, _check_results(
+        resumed
+    )
+    assert meta["splits_read"] == ["train", "val_select"]
+
+    # rank 0's Pipes log lines landed in the step's event log while it ran: one per epoch it trained
+    messages = [e.user_message for e in instance.all_logs(resumed.run_id) if e.step_key == "classifier"]
+    assert any("data-parallel training: 2 processes" in m for m in messages), messages[-20:]
+    logged = [int(m.split()[1].rstrip(":")) for m in messages if m.startswith("epoch ")]
+    assert logged == list(range(killed_at + 1, epochs + 1)), logged
+    # per-epoch metrics came back through Pipes custom messages into the resumed run's MLflow run
+    history = client.get_metric_history(_mlflow_run(ddp_home, resumed.run_id).info.run_id, "select_mcc")
+    assert [m.step for m in history] == logged, history
+
+    classifier_dir = Path(meta["path"]) / "dir"
+    written = json.loads((classifier_dir / "config.json").read_text())
+    assert len(written["extra"]["history"]) == epochs, "the classifier written by rank 0 lacks its history"
