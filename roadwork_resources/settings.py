@@ -16,7 +16,7 @@ class SplitSettings(dg.ConfigurableResource):
     val_select: float = 0.10
     val_calib: float = 0.15
     val_test: float = 0.15
-    radius: int = Field(6, ge=0, le=64, description="near-duplicate radius: phash Hamming distance")
+    radius: int = Field(6, ge=0, le=63, description="near-duplicate radius: phash Hamming distance")
     group_column: str = Field(
         "meta.group_id",
         description="image table column whose equal values go to one split, like near-duplicates: frames of one "

@@ -261,11 +261,11 @@ def read_drop(
             raise ValueError(
                 f"{drop_dir}: no COCO json with images found (looked at *.json and annotations/*.json)"
             )
-        return DropListing(candidates=_frame(rows, drop_dir.name), rejects=rejects)
+        return DropListing(candidates=_frame(rows, drop_dir.name, drop_dir), rejects=rejects)
     if fmt not in readers:
         raise ValueError(f"unknown drop format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")
     rows, rejects = readers[fmt](drop_dir, names)
-    return DropListing(candidates=_frame(rows, drop_dir.name), rejects=rejects)
+    return DropListing(candidates=_frame(rows, drop_dir.name, drop_dir), rejects=rejects)
 
 
 def list_unlabelled(drop_dir: Path) -> list[str]:
@@ -409,6 +409,17 @@ def _require_unique_columns(csv_path: Path, text: str, sep: str) -> None:
     """Raise when two header fields name `file` or `label` (in any case): pandas would keep the last, so a
     metadata column called `Label` would silently replace the labels."""
     header = next((r for r in csv.reader(io.StringIO(text, newline=""), delimiter=sep) if r), [])
+    names = [f.strip() for f in header]
+    repeated = sorted({n for n in names if n and names.count(n) > 1 and n.lower() not in ("file", "label")})
+    if repeated:
+        shown = ", ".join(
+            f"{n!r} (columns {', '.join(str(i + 1) for i, f in enumerate(names) if f == n)})"
+            for n in repeated
+        )
+        raise ValueError(
+            f"{csv_path} names a column more than once (spaces around a name ignored): {shown}; only one "
+            "would be kept. Rename or remove the others"
+        )
     for name in ("file", "label"):
         same = [f"{f.strip()!r} (column {i + 1})" for i, f in enumerate(header) if f.strip().lower() == name]
         if len(same) > 1:
@@ -681,13 +692,14 @@ def _flatten(value, prefix: str) -> dict[str, str]:
 # Helpers
 
 
-def _frame(rows: list[dict], source: str) -> pd.DataFrame:
+def _frame(rows: list[dict], source: str, drop_dir: Path | None = None) -> pd.DataFrame:
     meta_cols: list[str] = []
     for row in rows:
         for key in row:
             if key not in BASE_COLUMNS and key not in meta_cols:
                 meta_cols.append(key)
-    renamed = {c: (f"meta.{c}" if c in RESERVED else c) for c in meta_cols}
+    renamed = {c: _metadata_name(c) for c in meta_cols}
+    _require_distinct_metadata(renamed, drop_dir or source)
     frame = pd.DataFrame(rows, columns=BASE_COLUMNS[:3] + meta_cols)
     frame = frame.rename(columns=renamed)
     frame.insert(3, "source", source)
@@ -697,6 +709,32 @@ def _frame(rows: list[dict], source: str) -> pd.DataFrame:
     frame["file"] = frame["file"].astype(str)
     frame["label_raw"] = frame["label_raw"].astype(object)
     return frame
+
+
+def _metadata_name(column: str) -> str:
+    """A metadata column's name in the image table: `meta.<name>` for a name the pipeline defines, matched
+    the way people spell headers (`Group_ID`, `group id` and `GROUP-ID` are `meta.group_id`, the default
+    group column: a case-sensitive match left frames of one video spread over the splits); else as is."""
+    key = re.sub(r"[\s\-]+", "_", column.strip().lower())
+    return f"meta.{key}" if key in RESERVED else column
+
+
+def _require_distinct_metadata(renamed: dict[str, str], where: Path | str) -> None:
+    """Raise when two metadata columns would share a name in the image table: a column named like one the
+    pipeline defines is kept as `meta.<name>`, which a drop may also hold already (a csv with `split` and
+    `meta.split`, a parquet struct `meta` with a field `split` beside a `split` column)."""
+    by_name: dict[str, list[str]] = {}
+    for original, name in renamed.items():
+        by_name.setdefault(name, []).append(original)
+    clashes = {name: cols for name, cols in by_name.items() if len(cols) > 1}
+    if clashes:
+        shown = "; ".join(
+            f"{' and '.join(repr(c) for c in cols)} would both be {name!r}" for name, cols in clashes.items()
+        )
+        raise ValueError(
+            f"{where}: metadata columns clash: {shown} (a column named like one the pipeline defines, "
+            f"{sorted(RESERVED & set(renamed))}, is kept as `meta.<name>`). Rename one of them in the drop"
+        )
 
 
 def _safe_path(drop_dir: Path, root: Path, rel: str) -> tuple[Path | None, Reject | None]:

@@ -447,6 +447,56 @@ def test_split_and_group_id_metadata_flow_through_as_meta_columns(
     assert read_drop(hf).candidates["meta.split"].tolist() == ["test"]
 
 
+@pytest.mark.parametrize("header", ["Group_ID", "GROUP_ID", "group id", " Group-Id "])
+def test_a_group_column_spelt_another_way_still_groups_the_frames_of_one_video(
+    tmp_path: Path, image_bytes: Callable[..., bytes], header: str
+) -> None:
+    """The default group column is a drop's `group_id`; a header `Group_ID` (Excel, pandas exports) was
+    kept as it was spelt, and the frames of one video were spread over the splits without a word."""
+    from roadwork_core.data.image_table import build_image_table
+    from roadwork_core.data.splits import assign_splits
+
+    rows = []
+    for i in range(24):
+        (tmp_path / f"{i}.png").write_bytes(
+            image_bytes(fmt="PNG", colour=(i * 10, 255 - i * 10, (i * 57) % 256))
+        )
+        rows.append(f"{i}.png,{i % 2},video{i // 6}")
+    (tmp_path / "labels.csv").write_text(f"file,label,{header}\n" + "\n".join(rows) + "\n")
+    table = build_image_table([tmp_path], workers=1).images
+    assert "meta.group_id" in table.columns and header not in table.columns, list(table.columns)
+    splits = assign_splits(table)
+    spread = splits.groupby("meta.group_id")["split"].nunique()
+    assert (spread == 1).all(), f"frames of one video in several splits: {spread.to_dict()}"
+
+
+def test_metadata_columns_that_would_share_a_name_are_refused_naming_both(tmp_path: Path) -> None:
+    """`split` is kept as `meta.split`, which the csv also holds: pandas failed later, in the image
+    table's output handler, with 'Duplicate column names found' naming neither the csv nor the columns."""
+    (tmp_path / "labels.csv").write_text("file,label,split,meta.split\na.jpg,1,train,x\n")
+    with pytest.raises(ValueError, match="metadata columns clash") as info:
+        read_drop(tmp_path)
+    msg = str(info.value)
+    assert str(tmp_path) in msg and "'split' and 'meta.split' would both be 'meta.split'" in msg, msg
+
+    hf = tmp_path / "hf"
+    _write_hf_shard(hf / "s.parquet", [b"x"], ["roadwork"])
+    table = pq.read_table(hf / "s.parquet")
+    table = table.append_column("split", pa.array(["test"])).append_column(
+        "meta", pa.array([{"split": "a"}], type=pa.struct([("split", pa.string())]))
+    )
+    pq.write_table(table, hf / "s.parquet")
+    with pytest.raises(ValueError, match="'split' and 'meta.split' would both be 'meta.split'"):
+        read_drop(hf)
+
+
+def test_a_csv_column_named_twice_is_refused_naming_its_positions(tmp_path: Path) -> None:
+    """`note, note` (spaces around a name ignored): one of the two was dropped with only a pandas warning."""
+    (tmp_path / "labels.csv").write_text("file,label,note, note\na.jpg,1,first,second\n")
+    with pytest.raises(ValueError, match=r"names a column more than once.*'note' \(columns 3, 4\)"):
+        read_drop(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # labels.csv dialects and file entries
 
