@@ -91,7 +91,11 @@ RESOURCES_REFUSED = [
     ("split_settings", {"train": 0.7}, "split ratios must sum to 1"),  # failed in `splits`, after image_table
     ("split_settings", {"train": -0.1, "val_select": 0.8}, "must all be > 0"),
     ("split_settings", {"min_per_class": -1}, "min_per_class"),
-    ("split_settings", {"radius": 64}, "radius"),  # a 64-bit phash: 0-63; failed in `splits`, after image_table
+    (
+        "split_settings",
+        {"radius": 64},
+        "radius",
+    ),  # a 64-bit phash: 0-63; failed in `splits`, after image_table
     ("gpu", {"threads": -1}, "threads"),
     ("gpu", {"nproc_per_node": 0}, "nproc_per_node"),
     ("drift", {"alpha": 5.0}, "alpha"),
