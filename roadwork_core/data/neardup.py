@@ -334,7 +334,11 @@ def near_duplicate_pairs(
     if variants is not None:
         var = variants_to_uint64(variants, hashes)  # (n, 16)
         found.append(_variant_pairs(hashes, var[:, :N_VARIANTS], radius))
-        found.append(_variant_pairs(hashes, var[:, N_VARIANTS:], min(radius, CROP_RADIUS)))  # crops
+        crop_radius = min(radius, CROP_RADIUS)
+        found.append(_variant_pairs(hashes, var[:, N_VARIANTS:], crop_radius))  # crops
+        # a crop of one against a flip / quarter turn of the other, or its content inside a frame: a cropped
+        # copy that was also mirrored, turned or framed (each alone is caught above; together they were not)
+        found += [_variant_pairs(var[:, f], var[:, N_VARIANTS:], crop_radius) for f in range(N_VARIANTS)]
         content = var[:, N_FLIPS]  # both images framed (or one framed the colour of the other's edge)
         found += [_pairs_sharing_band(content, shift, mask, radius) for shift, mask in _band_masks(radius)]
         found.append(_variant_pairs(content, var[:, :N_FLIPS], radius))  # a mirrored copy with a frame
@@ -361,7 +365,10 @@ def pair_distances(
         crops = np.minimum(
             hamming_distance(var[a, N_VARIANTS:], hashes[b][:, None]).min(axis=1),
             hamming_distance(var[b, N_VARIANTS:], hashes[a][:, None]).min(axis=1),
-        )  # a crop variant counts only within CROP_RADIUS
+        )  # a crop variant counts only within CROP_RADIUS, against the other's upright hash ...
+        for f in range(N_VARIANTS):  # ... or against one of its flips / its content inside a frame
+            crops = np.minimum(crops, hamming_distance(var[a, N_VARIANTS:], var[b, f][:, None]).min(axis=1))
+            crops = np.minimum(crops, hamming_distance(var[b, N_VARIANTS:], var[a, f][:, None]).min(axis=1))
         dist = np.minimum(dist, np.where(crops <= CROP_RADIUS, crops, HASH_BITS))
         dist = np.minimum(dist, hamming_distance(var[a, N_FLIPS], var[b, N_FLIPS]))
         dist = np.minimum(dist, hamming_distance(var[a, :N_FLIPS], var[b, N_FLIPS][:, None]).min(axis=1))
