@@ -14,8 +14,11 @@ Added borders: a copy letterboxed, padded to a square or framed in black, white 
 bits from its original (a 2 % black frame already 8). `content_box` finds such a frame (uniform neutral
 lines along an edge) and the phash of the image inside it is the last entry of `phash_dihedral`; two images
 are also near-duplicates when the content hash of one is within `radius` of the phash or content hash of
-the other, a flip or quarter turn of one included (a mirrored copy in a frame). Crops, small rotations,
-coloured frames and overlays stay out of a perceptual hash's reach
+the other, a flip or quarter turn of one included (a mirrored copy in a frame).
+
+Crops of 5 % and 10 % from one side: 8 more hashes of each image cropped so, compared at 1 bit
+(`CROP_RADIUS`) with the other image's phash, flips, quarter turns and content hash (a mirrored crop).
+Larger crops, small rotations, coloured frames and overlays stay out of a perceptual hash's reach
 (see README, "Splits and the split contract").
 
 Candidate pairs come from a multi-index (pigeonhole) search: split the 64 bits into `radius + 1`
