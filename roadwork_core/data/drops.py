@@ -532,7 +532,7 @@ def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list
         links_out: list[Path] = []
         for path in _walk_files(folder, follow_inside=root, links_outside=links_out):
             rel = path.relative_to(drop_dir).as_posix()
-            if path.suffix and path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix and path.suffix.lower() not in IMAGE_SUFFIXES and not _image_content(path):
                 not_images.append(rel)  # a phone's or a photo export's sidecar (.AAE, .json, .xmp), a video
                 continue
             target, reject = _safe_path(drop_dir, root, rel)
@@ -557,9 +557,9 @@ def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list
             Reject(
                 "(class folders)",
                 NOT_AN_IMAGE_FILE,
-                f"{len(not_images)} file(s) in the class folders are not images by their suffix (sidecars such as "
-                f".AAE / .json / .xmp, videos, notes) and were left out: {shown}. Nothing to do unless one is an "
-                f"image: then give it its image suffix ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}, ...)",
+                f"{len(not_images)} file(s) in the class folders are not images, by their suffix and content "
+                f"(sidecars such as .AAE / .json / .xmp, videos, notes), and were left out: {shown}. Nothing to do "
+                f"unless one is an image in a format Pillow cannot identify: convert it to JPEG or PNG",
             )
         )
     claimed = {_real(Path(r["uri"])) for r in rows}
@@ -709,6 +709,21 @@ def _frame(rows: list[dict], source: str, drop_dir: Path | None = None) -> pd.Da
     frame["file"] = frame["file"].astype(str)
     frame["label_raw"] = frame["label_raw"].astype(object)
     return frame
+
+
+def _image_content(path: Path) -> bool:
+    """Whether Pillow identifies the file as an image from its header (nothing decoded): an image whose
+    suffix is not a usual one (.ppm, .tga, .jp2, `photo.JPG~`, `x.jpg_large`) is an image of the drop, as it
+    is when labels.csv lists it; it was left out as a sidecar, and a whole class could vanish unnoticed."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Image.DecompressionBombError:
+        return True  # an image; the image table rejects it with the reason
+    except Exception:  # noqa: BLE001 - Pillow raises many types for a file that is no image it knows
+        return False
 
 
 def _metadata_name(column: str) -> str:

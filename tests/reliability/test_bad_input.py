@@ -475,9 +475,17 @@ def test_sidecars_in_class_folders_are_a_notice_and_mpo_files_are_images(tmp_pat
         (drop / folder / f"IMG_{i}.AAE").write_text("<?xml version='1.0'?><plist/>")  # iPhone edits
         (drop / folder / f"IMG_{i}.JPG.json").write_text("{}")  # Google Takeout
     (drop / "stray.MPO").write_bytes(_jpeg())
+    # images whose suffix is not a usual one (a browser's `photo.jpg_large`, an editor's backup `~`, PPM,
+    # TGA): identified by their content and read; they were a notice, so a whole class could vanish
+    odd = {"roadwork/frame.ppm": "PPM", "roadwork/sign.tga": "TGA", "no_roadwork/street.jpg_large": "JPEG"}
+    for i, (rel, fmt) in enumerate(odd.items()):
+        buf = io.BytesIO()
+        PIL.Image.new("RGB", (48, 40), (30 * i, 200, 90)).save(buf, fmt)
+        (drop / rel).write_bytes(buf.getvalue())
     (drop / "_READY").touch()
-    result = build_image_table([drop], max_reject_fraction=1 / 7)  # the stray image only
-    assert len(result.images) == 6
+    result = build_image_table([drop], max_reject_fraction=1 / 10)  # the stray image only
+    assert len(result.images) == 6 + len(odd), sorted(result.images["file"])
+    assert set(odd) <= set(result.images["file"])
     notice = result.rejects.set_index("reason").loc["not_an_image_file"]
     assert "12 file(s)" in notice["detail"] and ".AAE" in notice["detail"], notice["detail"]
     # an image outside every class folder is named, whatever camera suffix it has
