@@ -43,13 +43,15 @@ def _require(splits: pd.DataFrame, columns: list[str], check: str) -> None:
         )
 
 
-def _where(row: pd.Series) -> str:
-    """The path of an image for messages: `file`, else `uri`, else '?'."""
-    for col in ("file", "uri"):
-        value = row.get(col)
-        if isinstance(value, str) and value:
-            return value
-    return "?"
+def image_label(row: pd.Series) -> str:
+    """The path of an image for messages: `<drop>/<file>` (the drop folder is the row's `source`: every
+    drop of a synthetic or exported series reuses names like images/000004.jpg, so the file alone may
+    name another version's image), else `file`, else `uri`, else '?'."""
+    file, source = row.get("file"), row.get("source")
+    if isinstance(file, str) and file:
+        return f"{source}/{file}" if isinstance(source, str) and source else file
+    uri = row.get("uri")
+    return uri if isinstance(uri, str) and uri else "?"
 
 
 def _split_names(splits: pd.DataFrame) -> list[str]:
@@ -74,7 +76,7 @@ def check_no_shared_images(splits: pd.DataFrame) -> CheckOutcome:
             listed.append(
                 {
                     "image_id": str(image_id),
-                    "files": [_where(r) for _, r in rows.iterrows()],
+                    "files": [image_label(r) for _, r in rows.iterrows()],
                     "splits": [str(s) for s in rows["split"]],
                 }
             )
@@ -178,9 +180,9 @@ def check_no_near_duplicates_across_splits(
         a, b = table.iloc[i], table.iloc[j]
         listed.append(
             {
-                "a": _where(a) + (_gone(a) if vanished[i] else ""),
+                "a": image_label(a) + (_gone(a) if vanished[i] else ""),
                 "a_split": str(a["split"]),
-                "b": _where(b) + (_gone(b) if vanished[j] else ""),
+                "b": image_label(b) + (_gone(b) if vanished[j] else ""),
                 "b_split": str(b["split"]),
                 "distance": int(d),
                 "group": _shared_key(a, b, group_column) if keys is not None else None,
@@ -230,8 +232,8 @@ def check_near_duplicate_labels_agree(splits: pd.DataFrame, radius: int = 3) -> 
     for (i, j), d in zip(mixed[:MAX_LISTED].tolist(), dist[:MAX_LISTED].tolist()):
         a, b = table.iloc[i], table.iloc[j]
         listed.append(
-            {"a": _where(a), "a_label": CLASS_NAMES.get(int(a["label"]), str(a["label"])),
-             "b": _where(b), "b_label": CLASS_NAMES.get(int(b["label"]), str(b["label"])), "distance": int(d)}
+            {"a": image_label(a), "a_label": CLASS_NAMES.get(int(a["label"]), str(a["label"])),
+             "b": image_label(b), "b_label": CLASS_NAMES.get(int(b["label"]), str(b["label"])), "distance": int(d)}
         )  # fmt: skip
     lines = [
         f"  {d['a']} ({d['a_label']}) ~ {d['b']} ({d['b_label']}) distance {d['distance']}" for d in listed
@@ -339,7 +341,7 @@ def check_sticky(splits: pd.DataFrame, previous: pd.DataFrame | None) -> CheckOu
     listed = [
         {
             "image_id": str(r["image_id"]),
-            "file": _where(r),
+            "file": image_label(r),
             "from": str(r["split_previous"]),
             "to": str(r["split"]),
         }

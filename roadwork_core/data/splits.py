@@ -210,6 +210,8 @@ def _bridging_images(df: pd.DataFrame, conflicts: list[str]) -> pd.DataFrame:
     The pair is the nearest previous image (phash Hamming distance) in each of two different splits.
     """
     rows = []
+    from roadwork_core.data.split_checks import image_label
+
     where = next((c for c in ("file", "uri") if c in df.columns), "image_id")
     for gid in conflicts:
         members = df[df["group_id"] == gid].reset_index(drop=True)
@@ -233,7 +235,7 @@ def _bridging_images(df: pd.DataFrame, conflicts: list[str]) -> pd.DataFrame:
                     "file": str(x[where]),
                     "reason": QUARANTINE_REASON,
                     "detail": (
-                        f"near-duplicate of {a[where]} in {a['_prev']} (distance {a['_d']}) and of {b[where]} "
+                        f"near-duplicate of {image_label(a)} in {a['_prev']} (distance {a['_d']}) and of {image_label(b)} "
                         f"in {b['_prev']} (distance {b['_d']}); both keep their split (sticky), so this image "
                         f"fits in neither and is left out. Remove it from the drop to silence this."
                     ),

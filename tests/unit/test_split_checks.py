@@ -195,3 +195,21 @@ def test_empty_split_fails_balance_and_minimum() -> None:
     assert not check_label_balance(splits).passed
     outcome = check_min_per_class(splits, 10)
     assert not outcome.passed and "'val_select' is empty" in outcome.message, outcome.message
+
+
+def test_messages_name_an_image_with_its_drop_when_drops_reuse_file_names() -> None:
+    """Exported and synthetic series name files alike in every drop (images/000004.jpg in v0001 and v0002):
+    a message naming only the file pointed at another version's image."""
+    from roadwork_core.data.split_checks import check_near_duplicate_labels_agree
+
+    table = images(3, 2)
+    table["phash"] = table["phash"].iloc[0]  # the same photo, labelled both ways
+    table["label"] = [1, 0]
+    table["file"] = "images/000004.jpg"
+    table["source"] = ["v0001", "v0002"]
+    table["split"] = "train"
+    outcome = check_near_duplicate_labels_agree(table)
+    assert not outcome.passed
+    assert "v0001/images/000004.jpg (roadwork) ~ v0002/images/000004.jpg (no_roadwork)" in outcome.message, (
+        outcome.message
+    )
