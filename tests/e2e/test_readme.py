@@ -101,7 +101,7 @@ RULES = [
     Rule(
         r"-c configs/data_parallel\.yaml",
         "covered",
-        "tests/integration/test_distributed_assets.py::test_training_assets_run_data_parallel_through_pipes",
+        "tests/integration/test_distributed_assets.py::test_training_assets_run_data_parallel_through_pipes_and_a_killed_rank_resumes",
     ),
     Rule(r"^\.venv/bin/dagster instance concurrency set gpu \d+$", "run"),
     Rule(r"^\.venv/bin/dagster asset materialize ", "run"),
