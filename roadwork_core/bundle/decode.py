@@ -39,6 +39,13 @@ def decode_or_error(item: ImageInput | Exception, name: str, canvas_size: int) -
         return to_canvas(item, name, canvas_size)
     except (ValueError, OSError, TypeError) as err:  # ImageRejected is a ValueError
         return err
+    except (
+        RuntimeError,
+        MemoryError,
+    ) as err:  # torch could not resize it: this image's error, not the batch's
+        return ValueError(
+            f"{name}: could not be resized to the {canvas_size} px canvas ({type(err).__name__}: {err})"
+        )
 
 
 def batched(

@@ -26,8 +26,20 @@ __all__ = [
 ]
 
 
+# The antialiased resize runs one axis at a time, through an intermediate of (long side x canvas) pixels:
+# above this many, a side is first reduced by an integer factor (PIL's box filter).
+_RESIZE_INTERMEDIATE_PIXELS = 64 * 1024 * 1024
+
+
 def pil_to_canvas(img: PIL.Image.Image, canvas_size: int) -> torch.Tensor:
-    """PIL image (any mode) -> uint8 (3, canvas_size, canvas_size)."""
+    """PIL image (any mode) -> uint8 (3, canvas_size, canvas_size).
+
+    A very long and thin image (1 x 8,000,000 pixels: a 31 KB PNG) is first reduced along its long side to
+    about 4 canvases: resized directly, its intermediate took 4 GB, and at Pillow's pixel limit torch
+    asked for 35 GB. Photos (up to ~90,000 px a side at a 672 px canvas) are resized directly, as before."""
+    w, h = img.size
+    if max(w, h) * canvas_size > _RESIZE_INTERMEDIATE_PIXELS:
+        img = img.reduce((max(1, w // (4 * canvas_size)), max(1, h // (4 * canvas_size))))
     pixels = TF.pil_to_tensor(img.convert("RGB"))  # (3, H, W) uint8
     return TF.resize(pixels, [canvas_size, canvas_size], antialias=True)
 

@@ -639,3 +639,30 @@ def _matrix_trc_profile(
         + bytes(12) + b"acsp" + bytes(24) + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48)
     )  # fmt: skip
     return header + struct.pack(">I", len(tags)) + table + body
+
+
+def test_a_long_thin_image_is_resized_without_a_huge_intermediate() -> None:
+    """A 1 x 4,000,000 image (a PNG of a few KB) went through an antialiased resize whose first pass holds
+    (long side x canvas) pixels: 5 GB here; at Pillow's pixel limit torch asked for 35 GB and /predict
+    answered 500. It is reduced along its long side first."""
+    from tests.reliability.conftest import python_child
+
+    child = python_child(
+        """
+        import json
+        import resource
+        import PIL.Image
+        from roadwork_core.data.loading import pil_to_canvas
+
+        img = PIL.Image.new("RGB", (1, 4_000_000), (10, 120, 30))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        canvas = pil_to_canvas(img, 448)
+        grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # MB
+        print(json.dumps({"shape": list(canvas.shape), "colour": canvas[:, 0, 0].tolist(), "grew": grew}))
+        """
+    )
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["shape"] == [3, 448, 448] and got["colour"] == [10, 120, 30], got
+    assert got["grew"] < 500, f"resizing a 1 x 4,000,000 image took {got['grew']:.0f} MB more"
