@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 # 8192 x 8192: larger than any street camera frame we expect, far below what exhausts memory.
 MAX_PIXELS = 8192 * 8192
+# Scans of a progressive JPEG: libjpeg decodes each over the whole image and only warns on surplus ones, so
+# a 99-byte scan repeated 300 times (a 292 KB file) took 13.6 s and 80,000 of them would hold a server core
+# for an hour. Encoders write 6-10 (libjpeg's default progression), rarely more than a few dozen.
+MAX_JPEG_SCANS = 128
 # Bumped whenever decoding turns the same bytes into other pixels (EXIF, colour profiles, alpha, 16-bit
 # scaling): it is part of the feature cache's key, so features cached by an earlier decoder never hit.
 # 2: grey, 16-bit grey and palette images with a colour profile are converted to sRGB.
@@ -84,6 +88,15 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
             "unreadable", source, _unsupported_format(data) or f"not a readable image: {_describe(exc)}"
         ) from exc
 
+    if img.format in ("JPEG", "MPO"):
+        scans = data.count(b"\xff\xda")  # start-of-scan markers (0xFF in entropy-coded data is stuffed)
+        if scans > MAX_JPEG_SCANS:
+            raise ImageRejected(
+                "too_large",
+                source,
+                f"a JPEG of {scans} scans (more than {MAX_JPEG_SCANS}): each is decoded over the whole image, so "
+                "it would take minutes; re-save it as a baseline JPEG or a PNG",
+            )
     return decode_pil(img, source=source, max_pixels=max_pixels)
 
 

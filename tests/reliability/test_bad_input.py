@@ -666,3 +666,22 @@ def test_a_long_thin_image_is_resized_without_a_huge_intermediate() -> None:
     got = json.loads(out.strip().splitlines()[-1])
     assert got["shape"] == [3, 448, 448] and got["colour"] == [10, 120, 30], got
     assert got["grew"] < 500, f"resizing a 1 x 4,000,000 image took {got['grew']:.0f} MB more"
+
+
+def test_a_jpeg_of_thousands_of_repeated_scans_is_refused_not_decoded_for_minutes() -> None:
+    """The last scan of a progressive JPEG repeated: libjpeg only warns and decodes each copy over the
+    whole image (13.6 s for 300 copies of 99 bytes at 8192 px; an 8 MiB request could hold a server core
+    for an hour). An honest progressive JPEG still decodes."""
+    from roadwork_core.data.images import MAX_JPEG_SCANS, ImageRejected, decode_image
+
+    buf = io.BytesIO()
+    PIL.Image.new("L", (256, 256), 128).save(buf, format="JPEG", progressive=True)
+    honest = buf.getvalue()
+    assert decode_image(honest, source="progressive.jpg").size == (256, 256)
+    last_scan = honest.rindex(b"\xff\xda")
+    bomb = honest[:-2] + honest[last_scan:-2] * (MAX_JPEG_SCANS * 10) + b"\xff\xd9"
+    with pytest.raises(
+        ImageRejected, match=r"bomb\.jpg: too_large \(a JPEG of \d+ scans \(more than 128\)"
+    ) as info:
+        decode_image(bomb, source="bomb.jpg")
+    assert "baseline JPEG" in info.value.detail
