@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 
 from roadwork_core.bundle.decode import ImageInput, batched, decode_or_error
@@ -185,6 +186,12 @@ class Bundle:
 
     def predict(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[Prediction]:
         """One Prediction per image, in order. Raises the first decode error (it names the image)."""
+        if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike | PIL.Image.Image):
+            # a str would be read as a sequence of one-character paths ('/' -> IsADirectoryError), bytes as ints
+            raise TypeError(
+                f"Bundle.predict takes a list of images, got one {type(images).__name__}: pass [image] "
+                "(each a path, encoded bytes or a PIL image)"
+            )
         named = ((self._name(i, img), img) for i, img in enumerate(images))
         results: list[Prediction] = []
         for _, result in self.iter_predict(named, batch_size=batch_size):

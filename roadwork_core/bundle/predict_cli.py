@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, TextIO
@@ -115,6 +116,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def poll_seconds(text: str) -> float:
+    """argparse type: seconds between 0.1 and one day (0, a negative number or NaN polled in a tight loop at
+    a whole core; inf and 1e12 killed the release watcher with OverflowError)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 86_400:  # False for NaN
+        raise argparse.ArgumentTypeError(f"{text} is not allowed; give seconds between 0.1 and 86400")
+    return value
+
+
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--bundle", required=True, help="bundle directory written by the bundle asset")
     parser.add_argument(
@@ -152,19 +165,25 @@ def run_predict(args: argparse.Namespace, stdout: TextIO | None = None, stdin: T
         print(f"roadwork predict: note: {bundle.answer_rule.source}", file=sys.stderr)
     source = None if args.images else (stdin if stdin is not None else sys.stdin)
     code, n_lines = EXIT_OK, 0
-    for line in predict_command(
+    lines = predict_command(
         args.bundle,
         list(args.images),
         source,
         batch_size=args.batch_size,
         bundle=bundle,
         answer_only=answer_only,
-    ):
-        failed = line == "nan" if answer_only else ('"error"' in line and "error" in json.loads(line))
-        if failed:
-            code = EXIT_BAD_IMAGE
-        print(line, file=out, flush=True)
-        n_lines += 1
+    )
+    try:
+        for line in lines:
+            failed = line == "nan" if answer_only else ('"error"' in line and "error" in json.loads(line))
+            if failed:
+                code = EXIT_BAD_IMAGE
+            print(line, file=out, flush=True)
+            n_lines += 1
+    except BrokenPipeError:  # the reader stopped (`| head -1`): stop quietly, as other command-line tools do
+        if out is sys.stdout:  # and let the interpreter's last flush of stdout go nowhere, not raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return code
     if n_lines == 0:  # only stdin can be empty: argparse gives at least one path otherwise
         print(
             "roadwork predict: no images: stdin was empty; give image paths, or base64 JPEG lines on stdin",

@@ -42,6 +42,10 @@ def read_manifest(path: Path) -> BundleManifest:
     manifest_path = path / MANIFEST_FILE
     if not path.is_dir():
         raise BundleError(f"{path} is not a directory; a bundle is the directory written by export_bundle")
+    if manifest_path.exists() and not manifest_path.is_file():  # a named pipe would block the read for ever
+        raise BundleIntegrityError(
+            f"{manifest_path} is not a regular file (a named pipe, a device or a folder); re-export the bundle"
+        )
     try:
         raw = strict_json(manifest_path.read_bytes())
     except FileNotFoundError as err:
@@ -107,8 +111,16 @@ def verified_files(path: Path, manifest: BundleManifest) -> dict[str, bytes]:
         entry = manifest.files[name]
         file_path = path / name
         if not file_path.is_file():
+            what = (
+                "not a regular file (a named pipe, a device or a folder)" if file_path.exists() else "missing"
+            )
             raise BundleIntegrityError(
-                f"{file_path} is listed in the manifest but missing; re-export the bundle"
+                f"{file_path} is listed in the manifest but {what}; re-export the bundle"
+            )
+        if (size := file_path.stat().st_size) != entry.size:  # before reading it: it may be huge
+            raise BundleIntegrityError(
+                f"{file_path} was modified: size expected {entry.size}, actual {size}. Refusing to load it; "
+                "re-export the bundle."
             )
         data = file_path.read_bytes()
         actual = hashlib.sha256(data).hexdigest()

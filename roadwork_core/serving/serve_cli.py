@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from roadwork_core.bundle.predict_cli import positive_int
+from roadwork_core.bundle.predict_cli import poll_seconds, positive_int
 from roadwork_core.serving import DEFAULT_MAX_IMAGE_BYTES
 
 __all__ = ["add_serve_arguments", "run_serve"]
@@ -31,7 +31,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8091, help="port (default 8091)")
     parser.add_argument(
-        "--poll-seconds", type=float, default=10.0, help="--latest: how often to look for a release"
+        "--poll-seconds",
+        type=poll_seconds,
+        default=10.0,
+        help="--latest: how often to look for a release (0.1-86400 s)",
     )
     parser.add_argument(
         "--max-image-bytes",

@@ -532,3 +532,72 @@ def test_a_classifier_saved_with_settings_new_runs_may_not_ask_for_still_loads(t
     canvas = torch.rand(1, 3, model.canvas_size, model.canvas_size)
     with torch.no_grad():
         torch.testing.assert_close(loaded(canvas)["logit"], model(canvas)["logit"], rtol=0, atol=0)
+
+
+def test_predict_refuses_one_image_given_instead_of_a_list(parts: dict) -> None:
+    """`predict("img.jpg")` read the string as one-character paths (IsADirectoryError: '/'), and bytes as ints."""
+    bundle = Bundle.load(parts["bundle_dir"])
+    for single in (str(parts["paths"][0]), parts["paths"][0], parts["paths"][0].read_bytes()):
+        with pytest.raises(TypeError, match=r"takes a list of images.*pass \[image\]"):
+            bundle.predict(single)
+    assert len(bundle.predict([str(parts["paths"][0])])) == 1
+
+
+def _load_into(where: Path, outcome: list) -> None:
+    try:
+        Bundle.load(where)
+        outcome.append(None)
+    except BaseException as err:  # noqa: BLE001 - the caller checks the outcome
+        outcome.append(err)
+
+
+def test_a_bundle_file_that_is_a_named_pipe_is_refused_not_read_for_ever(parts: dict, tmp_path: Path) -> None:
+    """Reading a FIFO blocks until a writer comes: `roadwork predict` and serve start-up hung."""
+    import os
+    import threading
+
+    from roadwork_core.bundle.schema import BundleIntegrityError
+
+    for name in ("manifest.json", "calibrator.json"):
+        bundle_dir = Path(shutil.copytree(parts["bundle_dir"], tmp_path / name))
+        (bundle_dir / name).unlink()
+        os.mkfifo(bundle_dir / name)
+        outcome: list[BaseException | None] = []
+        thread = threading.Thread(target=_load_into, args=(bundle_dir, outcome), daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        if thread.is_alive():  # unblock the reader so the thread ends
+            os.close(os.open(bundle_dir / name, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"Bundle.load blocked on the named pipe {name}")
+        [err] = outcome
+        assert isinstance(err, BundleIntegrityError) and "not a regular file" in str(err), err
+
+
+def test_a_reader_that_stops_reading_ends_predict_quietly(parts: dict) -> None:
+    """`roadwork predict ... | head -1` printed a BrokenPipeError traceback."""
+
+    class Head(io.StringIO):  # takes one line, then the pipe is closed
+        def write(self, text: str) -> int:
+            if self.getvalue().endswith("\n"):
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    paths = [str(p) for p in parts["paths"][:3]]
+    args = add_predict_arguments(argparse.ArgumentParser()).parse_args(
+        ["--bundle", str(parts["bundle_dir"]), *paths]
+    )
+    out = Head()
+    assert run_predict(args, stdout=out) == 0
+    assert len(out.getvalue().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e12", "soon"])
+def test_serve_refuses_a_poll_interval_it_cannot_keep(value: str, capsys) -> None:
+    """0, negatives and NaN polled in a tight loop (a whole core); inf and 1e12 killed the release watcher."""
+    from roadwork_core.serving.serve_cli import add_serve_arguments
+
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="roadwork serve"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--latest", "--poll-seconds", value])
+    assert "--poll-seconds" in capsys.readouterr().err
+    assert parser.parse_args(["--latest", "--poll-seconds", "2.5"]).poll_seconds == 2.5
