@@ -9,6 +9,8 @@ float a miner sends the validator), p_roadwork, decision and logit.
     mlflow models serve -m models:/roadwork/latest --env-manager local --host 127.0.0.1 --port 5001
 
 It predicts on the CPU unless `ROADWORK_SERVE_DEVICE` names another device (cuda, cuda:N, auto).
+Images by `path` are read only inside the folder `ROADWORK_PYFUNC_PATH_ROOT` names (unset: paths are
+refused): under `mlflow models serve` a path is read on the server, for whoever sends the request.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mlflow.models import set_model
 DEVICE_VARIABLE = (
     "ROADWORK_SERVE_DEVICE"  # cpu (default) | cuda | cuda:N | auto, as `roadwork serve --device`
 )
+PATH_ROOT_VARIABLE = "ROADWORK_PYFUNC_PATH_ROOT"  # the folder `path` inputs may be read from; unset: none
 
 
 def serve_device() -> str:
@@ -45,15 +48,16 @@ class RoadworkBundleModel(mlflow.pyfunc.PythonModel):
         self.bundle = Bundle.load(context.artifacts["bundle"], device=serve_device())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        if "image_b64" in model_input.columns:
-            images = [base64.b64decode(s, validate=True) for s in model_input["image_b64"]]
-        elif "path" in model_input.columns:
-            images = list(model_input["path"])
-        else:
+        if not {"image_b64", "path"} & set(model_input.columns):
             raise ValueError(
                 f"input columns {list(model_input.columns)}: send a column 'image_b64' (base64 JPEG) or 'path'"
             )
-        preds = self.bundle.predict(images)
+        named = [(f"row {i}", _row_image(i, row)) for i, row in enumerate(model_input.to_dict("records"))]
+        preds = []
+        for _, result in self.bundle.iter_predict(named):
+            if isinstance(result, Exception):
+                raise result  # names its row
+            preds.append(result)
         return pd.DataFrame(
             {
                 "answer": [p.answer for p in preds],
@@ -62,6 +66,36 @@ class RoadworkBundleModel(mlflow.pyfunc.PythonModel):
                 "logit": [p.logit for p in preds],
             }
         )
+
+
+def _row_image(i: int, row: dict) -> bytes | str | Exception:
+    """Row `i`'s image: its `image_b64` decoded, else its `path` (inside `$ROADWORK_PYFUNC_PATH_ROOT` only),
+    else an error naming the row. A row may carry either column (rows of both kinds in one frame)."""
+    import binascii
+    import os
+
+    encoded, path = row.get("image_b64"), row.get("path")
+    if isinstance(encoded, str) and encoded:
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as err:
+            return ValueError(
+                f"row {i}: image_b64 is not valid base64 ({err}); send the JPEG or PNG bytes base64-encoded"
+            )
+    if isinstance(path, str) and path:
+        root = os.environ.get(PATH_ROOT_VARIABLE, "").strip()
+        if not root:
+            return ValueError(
+                f"row {i}: images by path are off (a path is read on the server); send image_b64, or set "
+                f"{PATH_ROOT_VARIABLE} to the folder the model may read images from"
+            )
+        real, allowed = os.path.realpath(path), os.path.realpath(root)
+        if os.path.commonpath([real, allowed]) != allowed:
+            return ValueError(
+                f"row {i}: {path} is outside {PATH_ROOT_VARIABLE}={root}; only images inside it are read"
+            )
+        return real
+    return ValueError(f"row {i}: neither image_b64 nor path holds a value")
 
 
 set_model(RoadworkBundleModel())

@@ -45,7 +45,7 @@ def _checks(result) -> dict[str, bool]:
     }
 
 
-def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw_home):
+def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw_home, monkeypatch):
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
     config = tiny_run_config()
@@ -154,9 +154,9 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     signature = model.metadata.signature  # what `mlflow models serve` and the MLflow UI show and check
     assert signature is not None and signature.inputs.input_names() == ["image_b64", "path"], signature
     served = model.predict(pd.DataFrame({"image_b64": [base64.b64encode(Path(uri).read_bytes()).decode()]}))
-    by_path = model.predict(
-        pd.DataFrame({"path": [str(uri)]})
-    )  # the other input column alone passes the schema
+    # the other input column alone passes the schema; paths are read inside ROADWORK_PYFUNC_PATH_ROOT only
+    monkeypatch.setenv("ROADWORK_PYFUNC_PATH_ROOT", str(tiny_inbox))
+    by_path = model.predict(pd.DataFrame({"path": [str(uri)]}))
     assert by_path["decision"].iloc[0] == pred.decision
     assert served["decision"].iloc[0] == pred.decision
     assert abs(served["p_roadwork"].iloc[0] - pred.p_roadwork) < 1e-6

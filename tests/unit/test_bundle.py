@@ -601,3 +601,34 @@ def test_serve_refuses_a_poll_interval_it_cannot_keep(value: str, capsys) -> Non
         parser.parse_args(["--latest", "--poll-seconds", value])
     assert "--poll-seconds" in capsys.readouterr().err
     assert parser.parse_args(["--latest", "--poll-seconds", "2.5"]).poll_seconds == 2.5
+
+
+def test_the_pyfunc_model_names_the_bad_row_and_reads_paths_only_inside_its_folder(
+    parts: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """Under `mlflow models serve` a `path` is read on the server for whoever asks: /etc/passwd answered
+    'unreadable' and a missing file FileNotFoundError (probing). One bad base64 row failed the batch with
+    'Only base64 data is allowed' naming no row, and rows mixing image_b64 and path raised a TypeError."""
+    import pandas as pd
+
+    from roadwork_core.bundle.mlflow_pyfunc import PATH_ROOT_VARIABLE, RoadworkBundleModel
+
+    model = RoadworkBundleModel()
+    model.bundle = Bundle.load(parts["bundle_dir"])
+    inside = parts["paths"][0]
+    b64 = base64.b64encode(parts["paths"][1].read_bytes()).decode()
+    expected = [p.answer for p in model.bundle.predict([parts["paths"][1], inside])]
+
+    monkeypatch.delenv(PATH_ROOT_VARIABLE, raising=False)
+    with pytest.raises(ValueError, match=rf"row 0: images by path are off.*{PATH_ROOT_VARIABLE}"):
+        model.predict(None, pd.DataFrame({"path": [str(inside)]}))
+    monkeypatch.setenv(PATH_ROOT_VARIABLE, str(inside.parent))
+    mixed = pd.DataFrame({"image_b64": [b64, None], "path": [None, str(inside)]})
+    assert model.predict(None, mixed)["answer"].tolist() == pytest.approx(expected)
+    for outside in ("/etc/passwd", str(tmp_path / "nope.jpg"), str(inside.parent / ".." / "x.jpg")):
+        with pytest.raises(ValueError, match=rf"row 1: .* is outside {PATH_ROOT_VARIABLE}"):
+            model.predict(None, pd.DataFrame({"path": [str(inside), outside]}))
+    with pytest.raises(ValueError, match=r"row 2: image_b64 is not valid base64"):
+        model.predict(None, pd.DataFrame({"image_b64": [b64, b64, "not base64!"]}))
+    with pytest.raises(ValueError, match=r"row 0: neither image_b64 nor path"):
+        model.predict(None, pd.DataFrame({"image_b64": [None], "path": [None]}))
