@@ -15,9 +15,37 @@ import sys
 from roadwork_core.bundle.predict_cli import poll_seconds, positive_int
 from roadwork_core.serving import DEFAULT_MAX_IMAGE_BYTES
 
-__all__ = ["add_serve_arguments", "run_serve"]
+__all__ = ["add_serve_arguments", "request_head_deadline", "run_serve"]
 
 EXIT_NO_BUNDLE = 2
+# A connection must start a request within this many seconds of opening: uvicorn times out a request's
+# body (the app, 30 s) and an idle keep-alive connection (5 s), but not a connection that never sends a
+# byte, and 260 such held every --max-connections slot (503 for everyone) for as long as they stayed open.
+REQUEST_HEAD_SECONDS = 10.0
+
+
+def request_head_deadline(seconds: float = REQUEST_HEAD_SECONDS) -> type:
+    """uvicorn's HTTP protocol class (httptools when installed, as uvicorn's own choice) that closes a
+    connection which has not started a request `seconds` after it opened."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # no httptools: uvicorn uses h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class RequestHeadDeadline(base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_deadline = self.loop.call_later(seconds, self._head_overdue)
+
+        def _head_overdue(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():  # no request has started
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return RequestHeadDeadline
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -117,5 +145,5 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(slot, max_image_bytes=args.max_image_bytes, max_concurrent=args.max_concurrent)
     uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections,
-                log_level="warning", access_log=False)  # fmt: skip
+                http=request_head_deadline(), log_level="warning", access_log=False)  # fmt: skip
     return 0

@@ -453,3 +453,47 @@ def test_a_bundle_check_that_passes_when_executed_again_releases_that_bundle(tmp
         assert released_bundle(instance, "v0001") is None, (
             "a check failing on a later execution must revoke it"
         )
+
+
+def test_connections_that_never_send_a_request_are_closed_and_free_their_slots(bundles) -> None:
+    """260 TCP connections that never sent a byte held every --max-connections slot: /healthz answered 503
+    for as long as they stayed open. A connection must start a request soon after it opens."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from roadwork_core.serving.serve_cli import request_head_deadline
+
+    slot = BundleSlot(load_verified(Candidate(path=bundles["v0001"])))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(slot), host="127.0.0.1", port=port, limit_concurrency=4, http=request_head_deadline(0.5),
+        log_level="warning", access_log=False,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    idle = []
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]  # more than the limit
+        time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 503, (
+            "the idle ones hold the slots"
+        )
+        time.sleep(1.0)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        assert all(s.recv(1) == b"" for s in idle), "the server closed each idle connection"
+    finally:
+        for s in idle:
+            s.close()
+        server.should_exit = True
+        thread.join(timeout=30)
