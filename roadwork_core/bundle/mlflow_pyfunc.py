@@ -89,12 +89,20 @@ def _row_image(i: int, row: dict) -> bytes | str | Exception:
                 f"row {i}: images by path are off (a path is read on the server); send image_b64, or set "
                 f"{PATH_ROOT_VARIABLE} to the folder the model may read images from"
             )
-        real, allowed = os.path.realpath(path), os.path.realpath(root)
+        allowed = os.path.realpath(root)
+        real = os.path.realpath(os.path.join(allowed, path))  # a relative path is taken inside the folder
         if os.path.commonpath([real, allowed]) != allowed:
             return ValueError(
                 f"row {i}: {path} is outside {PATH_ROOT_VARIABLE}={root}; only images inside it are read"
             )
-        return real
+        from roadwork_core.data.images import ImageRejected, read_uri_bytes
+
+        try:
+            return read_uri_bytes(real)  # read here, so that errors name the row and the path as given
+        except ImageRejected as err:
+            return ValueError(f"row {i}: {path}: {err.reason} ({err.detail})")
+        except OSError as err:
+            return ValueError(f"row {i}: {path}: {err.strerror or type(err).__name__}")
     return ValueError(f"row {i}: neither image_b64 nor path holds a value")
 
 

@@ -532,10 +532,11 @@ def _read_imagefolder(drop_dir: Path, class_names: dict[str, int]) -> tuple[list
         links_out: list[Path] = []
         for path in _walk_files(folder, follow_inside=root, links_outside=links_out):
             rel = path.relative_to(drop_dir).as_posix()
-            if path.suffix and path.suffix.lower() not in IMAGE_SUFFIXES and not _image_content(path):
+            unusual = bool(path.suffix) and path.suffix.lower() not in IMAGE_SUFFIXES
+            target, reject = _safe_path(drop_dir, root, rel)
+            if unusual and (reject is not None or not _image_content(target)):
                 not_images.append(rel)  # a phone's or a photo export's sidecar (.AAE, .json, .xmp), a video
                 continue
-            target, reject = _safe_path(drop_dir, root, rel)
             if reject is not None:
                 rejects.append(reject)
                 continue
@@ -715,9 +716,13 @@ def _image_content(path: Path) -> bool:
     """Whether Pillow identifies the file as an image from its header (nothing decoded): an image whose
     suffix is not a usual one (.ppm, .tga, .jp2, `photo.JPG~`, `x.jpg_large`) is an image of the drop, as it
     is when labels.csv lists it; it was left out as a sidecar, and a whole class could vanish unnoticed."""
+    import stat
+
     from PIL import Image
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe would block the read for ever
+            return False
         with Image.open(path):
             return True
     except Image.DecompressionBombError:
@@ -748,7 +753,8 @@ def _require_distinct_metadata(renamed: dict[str, str], where: Path | str) -> No
         )
         raise ValueError(
             f"{where}: metadata columns clash: {shown} (a column named like one the pipeline defines, "
-            f"{sorted(RESERVED & set(renamed))}, is kept as `meta.<name>`). Rename one of them in the drop"
+            f"{sorted({name.removeprefix('meta.') for name in clashes} & RESERVED)}, is kept as `meta.<name>`). "
+            "Rename one of them in the drop"
         )
 
 

@@ -88,16 +88,30 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = MAX_PIXELS) -> I
             "unreadable", source, _unsupported_format(data) or f"not a readable image: {_describe(exc)}"
         ) from exc
 
-    if img.format in ("JPEG", "MPO"):
-        scans = data.count(b"\xff\xda")  # start-of-scan markers (0xFF in entropy-coded data is stuffed)
-        if scans > MAX_JPEG_SCANS:
-            raise ImageRejected(
-                "too_large",
-                source,
-                f"a JPEG of {scans} scans (more than {MAX_JPEG_SCANS}): each is decoded over the whole image, so "
-                "it would take minutes; re-save it as a baseline JPEG or a PNG",
-            )
     return decode_pil(img, source=source, max_pixels=max_pixels)
+
+
+def _check_jpeg_scans(img: Image.Image, source: str) -> None:
+    """Refuse a JPEG of more than MAX_JPEG_SCANS scans before it is decoded (from its file's bytes; an
+    image already decoded, or without a file, has nothing left to guard)."""
+    fp = getattr(img, "fp", None)
+    if img.format not in ("JPEG", "MPO") or fp is None or getattr(img, "_im", None) is not None:
+        return
+    try:
+        at = fp.tell()
+        fp.seek(0)
+        data = fp.read(MAX_FILE_BYTES + 1)
+        fp.seek(at)
+    except (OSError, ValueError, AttributeError):  # a closed or unseekable file: decoding will say so
+        return
+    scans = data.count(b"\xff\xda")  # start-of-scan markers (0xFF in entropy-coded data is stuffed)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageRejected(
+            "too_large",
+            source,
+            f"a JPEG of {scans} scans (more than {MAX_JPEG_SCANS}): each is decoded over the whole image, so "
+            "it would take minutes; re-save it as a baseline JPEG or a PNG",
+        )
 
 
 def decode_pil(img: Image.Image, *, source: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -114,6 +128,8 @@ def decode_pil(img: Image.Image, *, source: str, max_pixels: int = MAX_PIXELS) -
         warnings.simplefilter(
             "ignore", UserWarning
         )  # "Corrupt EXIF data", "Truncated File Read": decided below
+        with _load_lock(img):
+            _check_jpeg_scans(img, source)  # bytes, paths and PIL images alike, before any decoding
         try:
             with _load_lock(img):  # one PIL object passed twice is decoded by two threads otherwise
                 img.load()  # force a full decode: this is where truncated / corrupt pixel data shows up

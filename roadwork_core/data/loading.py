@@ -37,10 +37,11 @@ def pil_to_canvas(img: PIL.Image.Image, canvas_size: int) -> torch.Tensor:
     A very long and thin image (1 x 8,000,000 pixels: a 31 KB PNG) is first reduced along its long side to
     about 4 canvases: resized directly, its intermediate took 4 GB, and at Pillow's pixel limit torch
     asked for 35 GB. Photos (up to ~90,000 px a side at a 672 px canvas) are resized directly, as before."""
+    img = img.convert("RGB")  # before the reduce, which refuses palette, 1-bit and 16-bit modes
     w, h = img.size
     if max(w, h) * canvas_size > _RESIZE_INTERMEDIATE_PIXELS:
         img = img.reduce((max(1, w // (4 * canvas_size)), max(1, h // (4 * canvas_size))))
-    pixels = TF.pil_to_tensor(img.convert("RGB"))  # (3, H, W) uint8
+    pixels = TF.pil_to_tensor(img)  # (3, H, W) uint8
     return TF.resize(pixels, [canvas_size, canvas_size], antialias=True)
 
 

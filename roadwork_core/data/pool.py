@@ -17,6 +17,7 @@ import pandas as pd
 from roadwork_core.data.images import ImageRejected, load_image, printable_name, utf8_name
 from roadwork_core.data.neardup import dihedral_phashes, near_duplicate_pairs, pair_components, pair_distances
 from roadwork_core.data.parallel import parallel_map
+from roadwork_core.data.split_checks import image_label
 
 DROPPED_COLUMNS: list[str] = ["uri", "reason", "detail", "image_id", "split", "distance"]
 
@@ -78,7 +79,7 @@ def filter_unlabelled_pool(
         best = int(np.lexsort((refs, dist))[0])  # the nearest, ties by row
         r, d = int(refs[best]), int(dist[best])
         hit = ref.iloc[r - n_pool]
-        where = hit.get("file", hit["image_id"])
+        where = image_label(hit)  # <drop>/<file>: drops of a series reuse file names
         how = (
             f"phash within {d} bits of {where} in {hit['split']} (flips and rotations included)"
             if d <= radius

@@ -46,12 +46,15 @@ def _require(splits: pd.DataFrame, columns: list[str], check: str) -> None:
 def image_label(row: pd.Series) -> str:
     """The path of an image for messages: `<drop>/<file>` (the drop folder is the row's `source`: every
     drop of a synthetic or exported series reuses names like images/000004.jpg, so the file alone may
-    name another version's image), else `file`, else `uri`, else '?'."""
+    name another version's image), else `file`, else `uri`, else `image_id`, else '?'."""
     file, source = row.get("file"), row.get("source")
     if isinstance(file, str) and file:
         return f"{source}/{file}" if isinstance(source, str) and source else file
-    uri = row.get("uri")
-    return uri if isinstance(uri, str) and uri else "?"
+    for col in ("uri", "image_id"):
+        value = row.get(col)
+        if isinstance(value, str) and value:
+            return value
+    return "?"
 
 
 def _split_names(splits: pd.DataFrame) -> list[str]:

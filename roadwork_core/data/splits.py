@@ -212,7 +212,6 @@ def _bridging_images(df: pd.DataFrame, conflicts: list[str]) -> pd.DataFrame:
     rows = []
     from roadwork_core.data.split_checks import image_label
 
-    where = next((c for c in ("file", "uri") if c in df.columns), "image_id")
     for gid in conflicts:
         members = df[df["group_id"] == gid].reset_index(drop=True)
         phashes, variants = table_hashes(members)
@@ -232,7 +231,7 @@ def _bridging_images(df: pd.DataFrame, conflicts: list[str]) -> pd.DataFrame:
             rows.append(
                 {
                     "image_id": x["image_id"],
-                    "file": str(x[where]),
+                    "file": image_label(x),  # <drop>/<file>: drops of a series reuse file names
                     "reason": QUARANTINE_REASON,
                     "detail": (
                         f"near-duplicate of {image_label(a)} in {a['_prev']} (distance {a['_d']}) and of {image_label(b)} "

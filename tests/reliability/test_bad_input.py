@@ -685,3 +685,17 @@ def test_a_jpeg_of_thousands_of_repeated_scans_is_refused_not_decoded_for_minute
     ) as info:
         decode_image(bomb, source="bomb.jpg")
     assert "baseline JPEG" in info.value.detail
+    from roadwork_core.bundle.decode import decode_or_error  # a PIL image handed to Bundle.predict too
+
+    refused = decode_or_error(PIL.Image.open(io.BytesIO(bomb)), "images[0]", 224)
+    assert isinstance(refused, ImageRejected) and refused.reason == "too_large", refused
+    assert tuple(decode_or_error(PIL.Image.open(io.BytesIO(honest)), "images[1]", 224).shape) == (3, 224, 224)
+
+
+def test_a_long_thin_palette_or_16_bit_image_makes_a_canvas_too() -> None:
+    """The long-side reduce refuses palette, 1-bit and 16-bit modes; the image is made RGB first."""
+    from roadwork_core.data.loading import pil_to_canvas
+
+    for mode in ("P", "1", "I;16", "L", "RGBA"):
+        canvas = pil_to_canvas(PIL.Image.new(mode, (1, 400_000)), 448)
+        assert tuple(canvas.shape) == (3, 448, 448), mode

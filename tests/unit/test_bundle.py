@@ -628,6 +628,10 @@ def test_the_pyfunc_model_names_the_bad_row_and_reads_paths_only_inside_its_fold
     for outside in ("/etc/passwd", str(tmp_path / "nope.jpg"), str(inside.parent / ".." / "x.jpg")):
         with pytest.raises(ValueError, match=rf"row 1: .* is outside {PATH_ROOT_VARIABLE}"):
             model.predict(None, pd.DataFrame({"path": [str(inside), outside]}))
+    relative = pd.DataFrame({"path": [inside.name, "missing.jpg"]})  # relative: inside the folder
+    with pytest.raises(ValueError, match=r"^row 1: missing.jpg: No such file or directory$"):
+        model.predict(None, relative)
+    assert model.predict(None, relative.iloc[:1])["answer"].tolist() == pytest.approx(expected[1:])
     with pytest.raises(ValueError, match=r"row 2: image_b64 is not valid base64"):
         model.predict(None, pd.DataFrame({"image_b64": [b64, b64, "not base64!"]}))
     with pytest.raises(ValueError, match=r"row 0: neither image_b64 nor path"):

@@ -473,11 +473,12 @@ def test_a_group_column_spelt_another_way_still_groups_the_frames_of_one_video(
 def test_metadata_columns_that_would_share_a_name_are_refused_naming_both(tmp_path: Path) -> None:
     """`split` is kept as `meta.split`, which the csv also holds: pandas failed later, in the image
     table's output handler, with 'Duplicate column names found' naming neither the csv nor the columns."""
-    (tmp_path / "labels.csv").write_text("file,label,split,meta.split\na.jpg,1,train,x\n")
+    (tmp_path / "labels.csv").write_text("file,label,Split,meta.split\na.jpg,1,train,x\n")
     with pytest.raises(ValueError, match="metadata columns clash") as info:
         read_drop(tmp_path)
     msg = str(info.value)
-    assert str(tmp_path) in msg and "'split' and 'meta.split' would both be 'meta.split'" in msg, msg
+    assert str(tmp_path) in msg and "'Split' and 'meta.split' would both be 'meta.split'" in msg, msg
+    assert "defines, ['split'], is kept" in msg, msg
 
     hf = tmp_path / "hf"
     _write_hf_shard(hf / "s.parquet", [b"x"], ["roadwork"])
@@ -731,3 +732,32 @@ def test_splits_wait_for_a_started_earlier_version_but_not_forever_for_a_queued_
             data._require_earlier_splits(context(data._QUEUED_WAITS), "v1")
         with pytest.raises(dg.Failure, match=rf"{started[:8]}.* are still running after 600 s"):
             data._require_earlier_splits(context(data._MAX_WAITS), "v1")
+
+
+def test_a_named_pipe_or_an_outside_link_in_a_class_folder_is_not_opened(
+    tmp_path: Path, image_bytes: Callable[..., bytes]
+) -> None:
+    """Files of an unusual suffix are identified by their content: that must not open a named pipe (the
+    read blocks for ever) nor follow a link out of the drop."""
+    import threading
+
+    drop = tmp_path / "drop"
+    for folder in ("roadwork", "no_roadwork"):
+        (drop / folder).mkdir(parents=True)
+        (drop / folder / f"{folder}.jpg").write_bytes(image_bytes())
+    os.mkfifo(drop / "roadwork" / "cam.stream")
+    outside = tmp_path / "outside_fifo"
+    os.mkfifo(outside)
+    (drop / "no_roadwork" / "x.dat").symlink_to(outside)
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(read_drop(drop, "imagefolder")), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():
+        for fifo in (drop / "roadwork" / "cam.stream", outside):  # unblock the reader so the thread ends
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_drop blocked on a named pipe")
+    [listing] = result
+    assert sorted(listing.candidates["file"]) == ["no_roadwork/no_roadwork.jpg", "roadwork/roadwork.jpg"]
+    notice = {r.reason: r.detail for r in listing.rejects}["not_an_image_file"]
+    assert "roadwork/cam.stream" in notice and "no_roadwork/x.dat" in notice, notice

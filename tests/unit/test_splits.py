@@ -292,7 +292,7 @@ def test_a_new_image_bridging_two_splits_is_quarantined_not_deadlocked() -> None
     assert q["image_id"] == x_id and q["reason"] == "bridges_splits", q
     pair = set(q["bridges"].split(" ~ "))
     assert pair == {f"{v1.loc[0, 'image_id']} [train]", f"{v1.loc[1, 'image_id']} [val_select]"}, q
-    assert "distance 6" in q["detail"] and q["file"] == x.loc[0, "file"], q
+    assert "distance 6" in q["detail"] and q["file"] == f"{x.loc[0, 'source']}/{x.loc[0, 'file']}", q
     # the next version builds on this one and stays unblocked, with the same quarantine
     s3 = assign_splits(v2, previous=s2)
     assert s3.attrs["quarantined"] == s2.attrs["quarantined"]
