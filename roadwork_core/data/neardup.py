@@ -18,6 +18,9 @@ the other, a flip or quarter turn of one included (a mirrored copy in a frame).
 
 Crops of 5 % and 10 % from one side: 8 more hashes of each image cropped so, compared at 1 bit
 (`CROP_RADIUS`) with the other image's phash, flips, quarter turns and content hash (a mirrored crop).
+The centre square (a copy centre-cropped and resized to 224 x 224, as the validator and most models take an
+image): one more hash, compared at 1 bit with the other image's phash only (against its flips too it paired
+two distinct night scenes of the demo drop).
 Larger crops, small rotations, coloured frames and overlays stay out of a perceptual hash's reach
 (see README, "Splits and the split contract").
 
@@ -42,7 +45,8 @@ N_FLIPS = 7  # the flips and rotations of the dihedral group other than the iden
 N_VARIANTS = N_FLIPS + 1  # ... and the phash of the content inside an added border (`content_box`)
 CROP_FRACTIONS = (0.05, 0.10)  # crop variants: this share of the width / height cut from one side
 N_CROPS = 4 * len(CROP_FRACTIONS)  # left, top, right, bottom for each fraction
-N_ALL = N_VARIANTS + N_CROPS  # the entries of a `phash_dihedral` string
+CENTRE = N_VARIANTS + N_CROPS  # the centre square crop (the validator's and most models' input shape)
+N_ALL = CENTRE + 1  # the entries of a `phash_dihedral` string (tables written before the centre crop: 16)
 # Crop variants are compared at 1 bit, not `radius`: 5 % and 10 % crops of 40 demo scenes (JPEG q90) were
 # within 1 bit of one of their original's crop variants 35 / 40 and 29 / 40 times (at 2 bits 40 and 39),
 # and on the 2,000-image demo drop they add no pair at 1 bit, 1 at 2, 55 at 4, 409 at 6. The one pair at 2
@@ -168,16 +172,31 @@ def dihedral_phashes(img) -> tuple[str, str]:
     inner = _inside_frames(img)
     content = _phash32(inner)[1] if inner is not img else phash
     flips = [str(imagehash.phash(small.transpose(op))) for op in ops]
-    return phash, " ".join([*flips, content, *_crop_phashes(inner)])
+    return phash, " ".join([*flips, content, *_crop_phashes(inner), _centre_phash(inner)])
+
+
+def _reduced_grey(img, side: int = _CROP_BASE):
+    grey = img.convert("L")
+    factor = max(1, min(grey.size) // side)
+    return grey.reduce(factor) if factor > 1 else grey
+
+
+def _centre_phash(img) -> str:
+    """phash of the centre square of `img` (all of it when it is square), from a grey copy reduced to a
+    shorter side of about 256 px: from the crop variants' ~128 px copy, 4 of 20 centre-square copies resized
+    to 224 px were 2 bits away, from 256 px 2 of 20."""
+    base = _reduced_grey(img, 2 * _CROP_BASE)
+    w, h = base.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return _phash32(base.crop((left, top, left + side, top + side)))[1]
 
 
 def _crop_phashes(img) -> list[str]:
     """phashes of `img` with 5 % and 10 % cut from its left, top, right and bottom side, from a grey copy
     reduced to a ~128 px shorter side (as close to the phash of the cropped full-size image as cutting the
     full-size image: 40 / 40 5 % crops within 2 bits either way, at a quarter of the cost)."""
-    grey = img.convert("L")
-    factor = max(1, min(grey.size) // _CROP_BASE)
-    base = grey.reduce(factor) if factor > 1 else grey
+    base = _reduced_grey(img)
     w, h = base.size
     out = []
     for fraction in CROP_FRACTIONS:
@@ -188,19 +207,20 @@ def _crop_phashes(img) -> list[str]:
 
 
 def variants_to_uint64(variants: Sequence[str | None], hashes: np.ndarray) -> np.ndarray:
-    """Parse `phash_dihedral` strings (16 space-separated hex hashes each: 7 flips, the content hash, 8 crop
-    variants) into a (n, 16) uint64 array.
+    """Parse `phash_dihedral` strings (17 space-separated hex hashes each: 7 flips, the content hash, 8 crop
+    variants, the centre square) into a (n, 17) uint64 array.
 
     A missing entry (None, NaN, ""; a row from a table written before the column existed) stands for
     the upright hash `hashes[row]` everywhere: that image is compared upright only. Rows written before
-    the content hash (7) or the crop variants (8) take the upright hash for what they lack."""
+    the content hash (7), the crop variants (8) or the centre square (16) take the upright hash for what
+    they lack."""
     out = np.empty((len(variants), N_ALL), dtype=np.uint64)
     for row, text in enumerate(variants):
         out[row] = hashes[row]
         if text is None or text == "" or (isinstance(text, float) and np.isnan(text)):
             continue
         parts = text.split() if isinstance(text, str) else []
-        if len(parts) not in (N_FLIPS, N_VARIANTS, N_ALL):
+        if len(parts) not in (N_FLIPS, N_VARIANTS, CENTRE, N_ALL):
             raise ValueError(
                 f"phash_dihedral at row {row} is {text!r}; expected {N_ALL} space-separated "
                 f"{HEX_CHARS}-character hex hashes (dihedral_phashes); recompute the image table"
@@ -335,13 +355,14 @@ def near_duplicate_pairs(
         return np.empty((0, 2), dtype=np.int64)
     found = [_pairs_sharing_band(hashes, shift, mask, radius) for shift, mask in _band_masks(radius)]
     if variants is not None:
-        var = variants_to_uint64(variants, hashes)  # (n, 16)
+        var = variants_to_uint64(variants, hashes)  # (n, 17)
         found.append(_variant_pairs(hashes, var[:, :N_VARIANTS], radius))
         crop_radius = min(radius, CROP_RADIUS)
-        found.append(_variant_pairs(hashes, var[:, N_VARIANTS:], crop_radius))  # crops
+        side_crops = var[:, N_VARIANTS:CENTRE]
+        found.append(_variant_pairs(hashes, var[:, N_VARIANTS:], crop_radius))  # crops, the centre square too
         # a crop of one against a flip / quarter turn of the other, or its content inside a frame: a cropped
         # copy that was also mirrored, turned or framed (each alone is caught above; together they were not)
-        found += [_variant_pairs(var[:, f], var[:, N_VARIANTS:], crop_radius) for f in range(N_VARIANTS)]
+        found += [_variant_pairs(var[:, f], side_crops, crop_radius) for f in range(N_VARIANTS)]
         content = var[:, N_FLIPS]  # both images framed (or one framed the colour of the other's edge)
         found += [_pairs_sharing_band(content, shift, mask, radius) for shift, mask in _band_masks(radius)]
         found.append(_variant_pairs(content, var[:, :N_FLIPS], radius))  # a mirrored copy with a frame
@@ -362,16 +383,22 @@ def pair_distances(
     a, b = pairs[:, 0], pairs[:, 1]
     dist = hamming_distance(hashes[a], hashes[b])
     if variants is not None and len(pairs):
-        var = variants_to_uint64(variants, hashes)  # (n, 16)
+        var = variants_to_uint64(variants, hashes)  # (n, 17)
         dist = np.minimum(dist, hamming_distance(var[a, :N_VARIANTS], hashes[b][:, None]).min(axis=1))
         dist = np.minimum(dist, hamming_distance(var[b, :N_VARIANTS], hashes[a][:, None]).min(axis=1))
         crops = np.minimum(
             hamming_distance(var[a, N_VARIANTS:], hashes[b][:, None]).min(axis=1),
             hamming_distance(var[b, N_VARIANTS:], hashes[a][:, None]).min(axis=1),
         )  # a crop variant counts only within CROP_RADIUS, against the other's upright hash ...
-        for f in range(N_VARIANTS):  # ... or against one of its flips / its content inside a frame
-            crops = np.minimum(crops, hamming_distance(var[a, N_VARIANTS:], var[b, f][:, None]).min(axis=1))
-            crops = np.minimum(crops, hamming_distance(var[b, N_VARIANTS:], var[a, f][:, None]).min(axis=1))
+        for f in range(
+            N_VARIANTS
+        ):  # ... or a side crop against one of its flips / its content inside a frame
+            crops = np.minimum(
+                crops, hamming_distance(var[a, N_VARIANTS:CENTRE], var[b, f][:, None]).min(axis=1)
+            )
+            crops = np.minimum(
+                crops, hamming_distance(var[b, N_VARIANTS:CENTRE], var[a, f][:, None]).min(axis=1)
+            )
         dist = np.minimum(dist, np.where(crops <= CROP_RADIUS, crops, HASH_BITS))
         dist = np.minimum(dist, hamming_distance(var[a, N_FLIPS], var[b, N_FLIPS]))
         dist = np.minimum(dist, hamming_distance(var[a, :N_FLIPS], var[b, N_FLIPS][:, None]).min(axis=1))

@@ -189,6 +189,28 @@ def test_crops_that_were_also_mirrored_turned_or_framed_pair_with_their_original
     assert pair_distances(phashes, linked, variants).max() <= 1, "a crop pair's distance is the crop's 1 bit"
 
 
+def test_centre_square_copies_resized_to_224_pair_with_their_original() -> None:
+    """A copy centre-cropped to a square and resized to 224 x 224 (the validator's image, `ImageOps.fit`):
+    10 of 10 planted ones left val_test with every check green. The centre square's hash is compared with
+    the other image's phash at 1 bit; rows hashed before it (16 entries) still compare as before."""
+    originals = [scene(80 + i, size=(400 + 40 * (i % 3), 300)) for i in range(10)]
+    rows = [dihedral_phashes(img) for img in originals]
+    copies = {}
+    for i, img in enumerate(originals):
+        copies[len(rows)] = i
+        rows.append(
+            dihedral_phashes(Image.open(io.BytesIO(jpeg(ImageOps.fit(img, (224, 224))))).convert("RGB"))
+        )
+    phashes, variants = [h for h, _ in rows], [v for _, v in rows]
+    pairs = {tuple(p) for p in near_duplicate_pairs(phashes, 6, variants).tolist()}
+    missed = [c for c, o in copies.items() if (o, c) not in pairs]
+    assert len(missed) <= 2, f"centre-square copies not paired with their original: {missed}"
+    strangers = [(a, b) for a, b in pairs if copies.get(a, a) != copies.get(b, b)]
+    assert not strangers, f"distinct scenes paired: {strangers}"
+    old = [" ".join(v.split()[:16]) for v in variants]  # a table written before the centre square
+    assert len(near_duplicate_pairs(phashes, 6, old)) < len(pairs), "the centre square is what pairs them"
+
+
 def test_content_box_finds_neutral_frames_only() -> None:
     img = scene(3, size=(400, 300))
     assert content_box(img) is None
@@ -204,7 +226,7 @@ def test_content_box_finds_neutral_frames_only() -> None:
     assert content_box(plain) is None
     # the dihedral hashes are unchanged; the content hash is appended, equal to the phash without a frame
     phash, variants = dihedral_phashes(img)
-    assert len(variants.split()) == 16 and variants.split()[7] == phash
+    assert len(variants.split()) == 17 and variants.split()[7] == phash
 
 
 def test_rows_hashed_before_the_content_hash_still_compare() -> None:
@@ -216,7 +238,7 @@ def test_rows_hashed_before_the_content_hash_still_compare() -> None:
     copy_phash, copy_variants = dihedral_phashes(framed(img, "square"))
     pairs = near_duplicate_pairs([old_phash, copy_phash], 6, [old_variants, copy_variants])
     assert pairs.tolist() == [[0, 1]]
-    with pytest.raises(ValueError, match="expected 16 space-separated"):
+    with pytest.raises(ValueError, match="expected 17 space-separated"):
         near_duplicate_pairs([old_phash, copy_phash], 6, [" ".join(new_variants.split()[:5]), copy_variants])
 
 
