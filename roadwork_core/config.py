@@ -370,6 +370,30 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Ranges no training can use, refused by name when the config is built (the classifier's run config is
         checked before any step runs: roadwork_assets.definitions.RoadworkIOManager)."""
+        import math
+
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError(
+                f"TrainConfig: epochs, batch_size and patience must be >= 1; got {self.epochs}, {self.batch_size} "
+                f"and {self.patience}"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(
+                f"TrainConfig.lr={self.lr}: the learning rate must be > 0 (at lr 0 nothing trains)"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:  # False for NaN
+            raise ValueError(
+                f"TrainConfig.label_smoothing={self.label_smoothing}: use 0 <= label_smoothing < 1 (targets become "
+                "label * (1 - s) + s / 2; at s > 1 they invert the labels)"
+            )
+        for name in ("weight_decay", "warmup_epochs"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainConfig.{name}={value}: use a finite number >= 0")
+        if not 0 <= self.augment_max_level <= 3:
+            raise ValueError(
+                f"TrainConfig.augment_max_level={self.augment_max_level}: use 0..3 (validator levels)"
+            )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(
                 f"TrainConfig.grad_clip={self.grad_clip}: use a norm > 0, or null for no clipping (0 zeroes every "

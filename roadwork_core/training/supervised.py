@@ -124,9 +124,11 @@ def _check_inputs(
             f"TrainConfig.label_smoothing={cfg.label_smoothing}: use 0 <= label_smoothing < 1 (targets become "
             "label * (1 - s) + s / 2; at s > 1 they invert the labels)"
         )
-    if cfg.weight_decay < 0 or cfg.warmup_epochs < 0:
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0) or not (
+        math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0
+    ):
         raise ValueError(
-            f"TrainConfig.weight_decay={cfg.weight_decay}, warmup_epochs={cfg.warmup_epochs}: both must be >= 0"
+            f"TrainConfig.weight_decay={cfg.weight_decay}, warmup_epochs={cfg.warmup_epochs}: both must be finite and >= 0"
         )
     for name, rows in frames.items():
         missing = {"image_id", "uri", "label"} - set(rows.columns)

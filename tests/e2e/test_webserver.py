@@ -73,9 +73,10 @@ def test_webserver_launches_a_materialization_and_reports_checks(ui_server):
     with pytest.raises(DagsterGraphQLClientError, match="not in enum type"):
         client.submit_job_execution("retrain_job", run_config=typo, tags={"dagster/partition": "v0001"})
 
-    # a UI-launched run that fails in a step (lr 0, refused by the classifier): its MLflow run ends FAILED
+    # a UI-launched run that fails in a step (adapters on modules the backbone lacks, refused by the
+    # classifier): its MLflow run ends FAILED
     bad = tiny_run_config()
-    bad["ops"]["classifier"]["config"]["lr"] = 0.0
+    bad["ops"]["classifier"]["config"].update(mode="lora", lora_target_regex=r"no_such_module")
     failing = client.submit_job_execution("retrain_job", run_config=bad, tags={"dagster/partition": "v0001"})
     status = wait_for_run(client, failing)
     assert status == dg.DagsterRunStatus.FAILURE, f"the invalid run ended {status}"

@@ -132,10 +132,8 @@ def test_failed_asset_ends_mlflow_run_failed(tiny_inbox, rw_home, failing):
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
     config = tiny_run_config()
-    if failing == "classifier":
-        config["ops"]["classifier"]["config"]["lr"] = (
-            0.0  # refused by the step (a bad mode is refused up front)
-        )
+    if failing == "classifier":  # adapters on modules the backbone lacks: refused by the step itself
+        config["ops"]["classifier"]["config"].update(mode="lora", lora_target_regex=r"no_such_module")
     else:
         config["ops"]["image_table"] = {"config": {"min_size": 100_000}}  # rejects every image
     result = materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)

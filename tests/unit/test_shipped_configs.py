@@ -45,6 +45,13 @@ def test_shipped_run_config_passes_the_checks_run_before_any_step(path: Path) ->
 # reproduction check passing) or failing late with a message that named no field.
 REFUSED = [
     ("classifier", {"grad_clip": 0.0}, "TrainConfig.grad_clip=0.0"),
+    # these failed in the classifier step, after image_table, splits and ExPLoRA had run
+    ("classifier", {"epochs": 0}, "epochs, batch_size and patience must be >= 1"),
+    ("classifier", {"lr": 0.0}, "TrainConfig.lr=0.0"),
+    ("classifier", {"label_smoothing": 2.0}, "TrainConfig.label_smoothing=2.0"),
+    ("classifier", {"augment_max_level": 7}, "TrainConfig.augment_max_level=7"),
+    ("classifier", {"warmup_epochs": float("nan")}, "TrainConfig.warmup_epochs=nan"),  # round(nan) failed
+    ("classifier", {"weight_decay": float("inf")}, "TrainConfig.weight_decay=inf"),  # blamed the lr
     ("classifier", {"grad_clip": -1.0}, "TrainConfig.grad_clip=-1.0"),
     ("classifier", {"dropout": 1.0}, "HeadConfig.dropout=1.0"),
     ("classifier", {"lora_dropout": 1.5}, "TrainConfig.lora_dropout=1.5"),
