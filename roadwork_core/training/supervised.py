@@ -165,7 +165,9 @@ def _fingerprint(
     architecture: dict | None = None,
 ) -> str:
     """What makes two runs the same run; a checkpoint with another fingerprint is not resumed."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_workers"}
+    # the worker count changes the result only where workers draw augmentations (each seeded apart)
+    independent = cfg.mode == "head" or cfg.augment == "none"
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k == "num_workers" and independent)}
     payload = {
         "config": config,
         "architecture": architecture or {},
@@ -627,10 +629,12 @@ def train_classifier(
             if state["stopped_early"]:
                 break
             t0, counter.count = time.perf_counter(), 0
-            torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout / augmentation stream of this epoch
             if data.head_mode and data.train_feats is None:  # first epoch of this process: fill / read cache
                 cache = FeatureCache(feature_cache_dir or checkpoint_dir / "feature_cache")
                 _fill_features(data, model, train_rows, select_rows, cache, cfg, device, precision, world)
+            # dropout / augmentation stream of this epoch, seeded after the cache fill, which draws from the
+            # global RNG only when entries are missing
+            torch.manual_seed(epoch_seed(cfg.seed, epoch))
             train_loss, lr = _train_epoch(
                 epoch, model, target, data, opt, cfg, schedule, steps_per_epoch, device, precision, world,
                 train_rows,

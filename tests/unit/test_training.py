@@ -95,6 +95,44 @@ def _killer(model: RoadworkClassifier, kill_epoch: int, after_calls: int):
     return lambda record: state.update(epoch=record["epoch"] + 1)
 
 
+def test_head_mode_trains_the_same_whether_its_feature_cache_was_filled_or_not(rows, tmp_path: Path) -> None:
+    """Filling the cache drew from the global torch RNG after the epoch's seed (a DataLoader's base seed),
+    so epoch 1's dropout stream, and the weights, depended on whether the cache was already filled: a
+    classifier materialized again (the state's shared cache) or resumed after a kill in epoch 1 came out
+    different (losses 0.7234 vs 0.7436 in epoch 1)."""
+    train, select = rows
+    cfg = _cfg(epochs=2)
+    cache = tmp_path / "features"
+    empty = train_classifier(
+        _model(), train, select, cfg, checkpoint_dir=tmp_path / "a", feature_cache_dir=cache
+    )
+    filled = train_classifier(
+        _model(), train, select, cfg, checkpoint_dir=tmp_path / "b", feature_cache_dir=cache
+    )
+    assert filled.history[0]["backbone_forwards"] == 0, "the second run must read the filled cache"
+    assert [h["train_loss"] for h in filled.history] == [h["train_loss"] for h in empty.history]
+    a, b = load_checkpoint(tmp_path / "a").model_state, load_checkpoint(tmp_path / "b").model_state
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same seed and data must give the same weights"
+
+
+def test_the_worker_count_is_part_of_the_run_when_it_changes_the_augmentations() -> None:
+    """Augmentations are drawn in the DataLoader workers, each seeded apart: 0 and 2 workers train
+    different weights, so a run killed with one count is not resumed with another. Without augmentation
+    (or in head mode) the result does not depend on it, and a resume may change it."""
+    from roadwork_core.training.supervised import _fingerprint
+
+    train = pd.DataFrame({"image_id": ["a", "b"], "label": [0, 1]})
+
+    def fp(**kw) -> str:
+        return _fingerprint(_cfg(**kw), "fp32", train, train, "sha")
+
+    assert fp(mode="full", augment="validator", num_workers=0) != fp(
+        mode="full", augment="validator", num_workers=2
+    )
+    assert fp(mode="full", augment="none", num_workers=0) == fp(mode="full", augment="none", num_workers=2)
+    assert fp(mode="head", num_workers=0) == fp(mode="head", num_workers=2)
+
+
 @pytest.mark.parametrize("mode", ["full", "head"])
 def test_killed_run_resumes_from_last_finished_epoch_and_matches(rows, tmp_path: Path, mode: str) -> None:
     train, select = rows
