@@ -52,6 +52,30 @@ def _interval_seconds(variable: str, default: int) -> int:
     return seconds
 
 
+def _nothing_new(inbox: Path, seen: int) -> str:
+    """The skip reason of a tick that found no new drop; a missing inbox is named (a typo in ROADWORK_INBOX
+    or dataset.inbox looked like an empty inbox, tick after tick)."""
+    if not inbox.exists():
+        return f"the inbox {inbox} does not exist: check ROADWORK_INBOX / resources.dataset.config.inbox"
+    if not inbox.is_dir():
+        return f"the inbox {inbox} is not a folder: check ROADWORK_INBOX / resources.dataset.config.inbox"
+    return f"no new complete drop in {inbox} ({seen} seen)"
+
+
+def retrain_cron() -> str:
+    """The weekly_retrain schedule: ROADWORK_RETRAIN_CRON (default Mondays 03:00). An invalid one is named
+    here; Dagster's own error named the schedule, not the variable, and stopped the code location loading."""
+    from dagster._utils.schedules import is_valid_cron_schedule
+
+    cron = os.environ.get("ROADWORK_RETRAIN_CRON", "").strip() or "0 3 * * 1"
+    if not is_valid_cron_schedule(cron):
+        raise ValueError(
+            f"ROADWORK_RETRAIN_CRON={cron!r} is not a cron schedule; write five fields, e.g. '0 3 * * 1' "
+            "(Mondays 03:00), or unset it"
+        )
+    return cron
+
+
 def drop_sensor_interval_seconds() -> int:
     """How often new_drop_sensor looks at the inbox: ROADWORK_DROP_SENSOR_INTERVAL seconds (default 30).
     Read when the code location loads, so set it where `dagster dev` / `dagster-daemon` start."""
@@ -78,7 +102,10 @@ def automation_run_config() -> dict:
             f"ROADWORK_RUN_CONFIG={path}: cannot read it ({exc.strerror}); point it at a run config YAML "
             "(e.g. configs/demo.yaml) or unset it for the assets' defaults"
         ) from None
-    config = yaml.safe_load(text) or {}
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"ROADWORK_RUN_CONFIG={path} is not valid YAML: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"ROADWORK_RUN_CONFIG={path} must hold a YAML mapping (ops:, resources:)")
     return config
@@ -200,8 +227,7 @@ def new_drop_sensor(
         if cursor != (context.cursor or ""):
             context.update_cursor(cursor)  # signatures recorded, or a change waiting to settle
         return dg.SkipReason(
-            (waiting or f"no new complete drop in {dataset.inbox_path} ({len(ready)} seen)")
-            + (f". {unusable}" if unusable else "")
+            (waiting or _nothing_new(dataset.inbox_path, len(ready))) + (f". {unusable}" if unusable else "")
         )
     released = [] if retrain.force_retrain else _already_released(context.instance, dataset, new)
     skipped = (
@@ -260,7 +286,7 @@ def _latest_version(instance: dg.DagsterInstance) -> str | None:
 
 @dg.schedule(
     job=retrain_job,
-    cron_schedule=os.environ.get("ROADWORK_RETRAIN_CRON", "0 3 * * 1"),
+    cron_schedule=retrain_cron(),
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description="Retrain the latest dataset version (weekly by default; ROADWORK_RETRAIN_CRON changes it).",
 )

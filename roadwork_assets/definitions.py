@@ -220,10 +220,19 @@ def build_resources(
         "split_settings": SplitSettings(),
         "mlflow": mlflow_resource(mlflow_uri),
         "drift": DriftSettings(monitor_dir=os.environ.get("ROADWORK_MONITOR_DIR", str(state / "monitor"))),
-        "retrain": RetrainSettings(
-            force_retrain=os.environ.get("ROADWORK_FORCE_RETRAIN", "") in ("1", "true")
-        ),
+        "retrain": RetrainSettings(force_retrain=force_retrain_from_environment()),
     }
+
+
+def force_retrain_from_environment() -> bool:
+    """ROADWORK_FORCE_RETRAIN: 1 / true / yes / on (any case) or 0 / false / no / off / unset; anything else is
+    refused by name (`TRUE` and `yes` read as false before, silently)."""
+    value = os.environ.get("ROADWORK_FORCE_RETRAIN", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"ROADWORK_FORCE_RETRAIN={value!r}: use 1 / true / yes or 0 / false / no, or unset it")
 
 
 defs = dg.Definitions(

@@ -429,11 +429,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if (problem := version_name_problem(args.version)) is not None:
         parser.error(f"--version {args.version!r} cannot be a dataset version: it {problem}")
+    if not Path(args.config).is_file():  # dagster would say so only in the event log, after the drop was made
+        parser.error(
+            f"--config {args.config}: no such file; give a run config YAML such as configs/demo.yaml"
+        )
+    from roadwork_assets._util import late_version_message, late_versions
+
+    instance = dg.DagsterInstance.get()
+    new_version = not instance.has_dynamic_partition(dataset_version.name, args.version)
+    if new_version and (late := late_versions(instance, [args.version])):  # as `partitions add` refuses it
+        parser.error(late_version_message(args.version, late[args.version]))
+    # the graph's runs read the inbox from ROADWORK_INBOX: the one this command writes to (--inbox was
+    # ignored by the graph, which then trained on another inbox's drop of the same name, or failed)
+    os.environ["ROADWORK_INBOX"] = str(Path(args.inbox).resolve())
 
     t0 = time.perf_counter()
     drop = ensure_drop(Path(args.inbox), args.version, args.n, args.seed, args.n_unlabelled)
-    instance = dg.DagsterInstance.get()
-    if not instance.has_dynamic_partition(dataset_version.name, args.version):
+    if new_version:
         instance.add_dynamic_partitions(dataset_version.name, [args.version])
     logs = Path(os.environ.get("ROADWORK_STATE", "state")) / "logs"
     log_path = logs / f"demo-{args.version}.log"

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         for version in args.versions:
             if (problem := version_name_problem(version)) is not None:
                 parser.error(f"{printable_name(version)!r} cannot be a dataset version: it {problem}")
-        new = [v for v in args.versions if not instance.has_dynamic_partition(dataset_version.name, v)]
+        new = [  # each once: a name given twice failed the insert with a UNIQUE constraint traceback
+            v
+            for v in dict.fromkeys(args.versions)
+            if not instance.has_dynamic_partition(dataset_version.name, v)
+        ]
         for version, newest in late_versions(instance, new).items():
             parser.error(late_version_message(version, newest))
         ready = list_ready_drops(inbox_root())

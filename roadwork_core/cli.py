@@ -14,8 +14,20 @@ from pathlib import Path
 
 
 def _make_demo_data(args: argparse.Namespace) -> int:
+    from roadwork_core.data.drops import version_name_problem
     from roadwork_core.data.synthetic import make_demo_drop
 
+    if (problem := version_name_problem(args.version)) is not None:
+        print(f"roadwork make-demo-data: --version {args.version!r} {problem}", file=sys.stderr)
+        return 2
+    target = Path(args.out) / args.version
+    if target.exists() and any(target.iterdir()) and not args.replace:
+        print(
+            f"roadwork make-demo-data: {target} exists already (a drop may have been trained on); choose another "
+            "--version, or pass --replace to write it again",
+            file=sys.stderr,
+        )
+        return 2
     drop = make_demo_drop(
         Path(args.out), args.version, n=args.n, seed=args.seed, n_unlabelled=args.n_unlabelled
     )
@@ -42,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--n-unlabelled", type=int, default=0, help="extra images in unlabelled/ (ExPLoRA pool)"
+    )
+    demo.add_argument(
+        "--replace", action="store_true", help="write the drop again when OUT/VERSION exists already"
     )
     demo.set_defaults(func=_make_demo_data)
 

@@ -59,7 +59,9 @@ class DriftSettings(dg.ConfigurableResource):
         500, ge=1, description="permutations of the MMD test (p-value resolution 1/(n+1))"
     )
     min_images: int = Field(
-        128, ge=0, description="skip while the monitoring folder holds fewer images (PSI is noise below ~128)"
+        128,
+        ge=2,
+        description="skip while the monitoring folder holds fewer images (PSI is noise below ~128; the test needs 2)",
     )
 
     @property

@@ -676,6 +676,10 @@ def make_demo_drop(
         raise ValueError(f"n={n}: a drop needs at least one image")
     if workers < 1:
         raise ValueError(f"workers={workers}: use 1 (this process) or more")
+    from roadwork_core.data.drops import version_name_problem
+
+    if (problem := version_name_problem(version)) is not None:  # '' made the inbox itself the drop
+        raise ValueError(f"version {version!r} {problem}; name the drop like v0001 or 2026-11-23")
     drop = Path(out) / version
     rows = []
     args = (seed, version, positive_rate, hard_negative_rate)

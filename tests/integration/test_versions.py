@@ -162,7 +162,7 @@ def test_partitions_command_adds_and_lists_versions(rw_home, capsys, tmp_path, m
     with pytest.raises(SystemExit) as refused:  # its folder is there, still being copied (no _READY)
         partitions.main(["add", "v0004"])
     assert refused.value.code == 2 and "'v0004' is not a ready drop" in capsys.readouterr().err
-    assert partitions.main(["add", "v0003", "v0002"]) == 0
+    assert partitions.main(["add", "v0003", "v0002", "v0003"]) == 0  # a name given twice is added once
     assert partitions.main(["add", "v0002"]) == 0
     out = capsys.readouterr().out
     assert "added ['v0003', 'v0002']" in out and "nothing (all present)" in out
