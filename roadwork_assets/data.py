@@ -76,6 +76,16 @@ def image_table(
     from roadwork_core.data.image_table import TooManyRejects, build_image_table
 
     drops = dataset.drops_for_version(context.partition_key)
+    # a late drop (it sorts before a version that already has splits, and has none) is left out of every
+    # version until it is renamed, as the sensor's message says: a later version that took it in made the
+    # advised rename fail as a withdrawn drop
+    late = late_versions(context.instance, [p.name for p in drops if p.name != context.partition_key])
+    if late:
+        context.log.warning(
+            "late drops left out (rename each so it sorts after the newest split version): "
+            + "; ".join(f"{v} (arrived after {newest} was split)" for v, newest in sorted(late.items()))
+        )
+        drops = [p for p in drops if p.name not in late]
     gone = withdrawn_drops(context.instance, context.partition_key, [p.name for p in drops])
     if gone and not config.allow_withdrawn_drops:
         named = ", ".join(
@@ -119,6 +129,7 @@ def image_table(
         metadata={
             "drops": [p.name for p in drops],
             "withdrawn_drops": sorted(gone),
+            "late_drops_left_out": sorted(late),
             "source_fingerprint": fingerprint,
             "num_images": len(images),
             "num_positive": int(images["label"].sum()) if len(images) else 0,

@@ -273,11 +273,22 @@ def test_a_late_drop_is_refused_and_a_version_split_again_keeps_every_split(tmp_
     config["resources"]["split_settings"]["config"].update(
         {"train": 0.4, "val_select": 0.2, "val_calib": 0.2, "val_test": 0.2}
     )
-    (inbox / "v0002").rename(tmp_path / "v0002_moved_away")
     again = materialize(["image_table", "splits"], instance=instance, partition="v0003", resources=resources, run_config=config)  # fmt: skip
     assert again.success
     after = _artifact(instance, "splits", "v0003").set_index("image_id")["split"]
     assert after.to_dict() == v3.to_dict(), "splitting a version again moved images"
+    # the late drop, still in the inbox, is in no version's image table (v0003 took it in before) ...
+    table_meta = instance.get_latest_materialization_event(
+        dg.AssetKey("image_table")
+    ).asset_materialization.metadata
+    assert table_meta["drops"].value == ["v0001", "v0003"] and table_meta["late_drops_left_out"].value == [
+        "v0002"
+    ]
+    # ... so renamed as the message says, it is a new version like any other (it failed as a withdrawn drop)
+    (inbox / "v0002").rename(inbox / "v0004")
+    instance.add_dynamic_partitions(dataset_version.name, ["v0004"])
+    renamed = materialize(["image_table", "splits"], instance=instance, partition="v0004", resources=resources, run_config=config)  # fmt: skip
+    assert renamed.success, [str(e.event_specific_data.error)[:500] for e in renamed.all_events if e.event_type_value == "STEP_FAILURE"]  # fmt: skip
 
 
 def test_a_later_run_of_downstream_assets_refuses_splits_whose_blocking_check_failed(tiny_inbox, rw_home):
