@@ -180,6 +180,11 @@ def new_drop_sensor(
     changed = [v for v in ready if launched.get(v) not in (None, signatures[v])]
     settled = [v for v in changed if settling.get(v) == signatures[v]]
     settling = {v: signatures[v] for v in changed if v not in settled}
+    # A changed drop whose partition was deleted since its run (a drop withdrawn, then delivered again) is a
+    # new drop again: its partition is added back and it is trained (the newest other version holds none of it)
+    again = [v for v in settled if not context.instance.has_dynamic_partition(dataset_version.name, v)]
+    settled = [v for v in settled if v not in again]
+    new = sorted([*new, *again], key=version_key)
     # A drop folder whose name cannot be a partition key, or that sorts before a version already split (a late
     # drop: splitting it would let that version's splits move), is named on every tick until it is renamed.
     late = late_versions(context.instance, new)
@@ -190,7 +195,7 @@ def new_drop_sensor(
     if unusable:
         context.log.warning(unusable)
     recorded = {v: launched.get(v) for v in sorted(seen, key=version_key)}
-    recorded.update({v: signatures[v] for v in [*new, *settled]})
+    recorded.update({v: signatures[v] for v in [*new, *settled] if v in signatures})
     recorded.update({v: signatures[v] for v in seen if v in signatures and recorded[v] is None})
     cursor = _write_cursor(recorded, settling)
     waiting = (
@@ -251,12 +256,25 @@ def new_drop_sensor(
     }
     return dg.SensorResult(
         run_requests=[
-            dg.RunRequest(partition_key=v, run_key=f"drop-{v}", run_config=run_config, tags=tags)
+            dg.RunRequest(
+                partition_key=v,
+                run_key=_new_drop_run_key(v, v in again, signatures),
+                run_config=run_config,
+                tags=tags,
+            )
             for v in to_train
         ],
         dynamic_partitions_requests=[dataset_version.build_add_request(to_add)] if to_add else [],
         cursor=cursor,
     )
+
+
+def _new_drop_run_key(version: str, delivered_again: bool, signatures: dict[str, str]) -> str:
+    """`drop-<version>`; a drop delivered again after its partition was deleted gets a key of its own (Dagster
+    skips a run request whose key it has seen, so `drop-<version>` would never run again)."""
+    if not delivered_again:
+        return f"drop-{version}"
+    return f"drop-{version}-again-{hashlib.sha256(signatures[version].encode()).hexdigest()[:12]}"
 
 
 def _read_cursor(cursor: str | None) -> tuple[dict[str, str | None], dict[str, str]]:

@@ -117,3 +117,59 @@ def test_the_demo_refuses_a_missing_config_before_writing_a_drop(tmp_path: Path,
         demo.main(["--inbox", str(tmp_path / "inbox"), "--config", str(tmp_path / "nope.yaml"), "--n", "4"])
     assert refused.value.code == 2 and "nope.yaml: no such file" in capsys.readouterr().err
     assert not (tmp_path / "inbox").exists(), "nothing may be written before the config is known to exist"
+
+
+def _drop(inbox: Path, version: str, n: int) -> None:
+    folder = inbox / version
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels.csv").write_text("file,label\n" + "".join(f"images/{i}.jpg,1\n" for i in range(n)))
+    (folder / "_READY").write_text(version)
+
+
+def _tick(instance, inbox: Path, cursor: str | None):
+    """One new_drop_sensor evaluation; partition adds applied as the daemon would. (result, cursor)"""
+    from roadwork_assets.automation import new_drop_sensor
+    from roadwork_resources.dataset import DatasetSource
+    from roadwork_resources.settings import RetrainSettings
+
+    context = dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={"dataset": DatasetSource(inbox=str(inbox)), "retrain": RetrainSettings()},
+    )
+    result = new_drop_sensor(context)
+    if isinstance(result, dg.SensorResult):
+        for request in result.dynamic_partitions_requests:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        return result, result.cursor or context.cursor
+    return result, context.cursor
+
+
+def test_a_drop_delivered_again_after_its_partition_was_deleted_is_trained_again(tmp_path: Path) -> None:
+    """The sensor retrained the newest other version (which holds none of the drop) and the drop never got
+    its partition back; with no partition left at all the change was only written into the cursor."""
+    import os
+    import shutil
+    import time
+
+    inbox = tmp_path / "inbox"
+    with dg.DagsterInstance.ephemeral() as instance:
+        _drop(inbox, "v0001", 2)
+        _drop(inbox, "v0002", 2)
+        first, cursor = _tick(instance, inbox, None)
+        assert sorted(r.run_key for r in first.run_requests) == ["drop-v0001", "drop-v0002"]
+        instance.delete_dynamic_partition("dataset_version", "v0002")  # withdrawn ...
+        shutil.rmtree(inbox / "v0002")
+        _drop(inbox, "v0002", 3)  # ... and delivered again, other files
+        later = time.time() + 5  # a signature holds sizes and modification times: make the change visible
+        for path in (inbox / "v0002").rglob("*"):
+            os.utime(path, (later, later))
+        runs = []
+        for _ in range(3):  # the change settles over two ticks
+            result, cursor = _tick(instance, inbox, cursor)
+            runs += getattr(result, "run_requests", [])
+        assert [r.partition_key for r in runs] == ["v0002"], [(r.partition_key, r.run_key) for r in runs]
+        assert runs[0].run_key.startswith("drop-v0002-again-"), runs[
+            0
+        ].run_key  # not the key Dagster has seen
+        assert sorted(instance.get_dynamic_partitions("dataset_version")) == ["v0001", "v0002"]
