@@ -35,7 +35,14 @@ def ensure_drop(inbox: Path, version: str, n: int, seed: int, n_unlabelled: int)
 
     drop = inbox / version
     if (drop / "_READY").exists():
-        print(f"[demo] drop {drop} already complete; reusing it")
+        held = _labelled_rows(drop)
+        differs = (
+            f" (it holds {held} labelled images, not the --n {n} asked: use another --version, or "
+            f"`make clean-state` for a new one)"
+            if held is not None and held != n
+            else ""
+        )
+        print(f"[demo] drop {drop} already complete; reusing it{differs}")
         return drop
     t0 = time.perf_counter()
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -45,6 +52,15 @@ def ensure_drop(inbox: Path, version: str, n: int, seed: int, n_unlabelled: int)
         f" ({workers} processes)"
     )
     return drop
+
+
+def _labelled_rows(drop: Path) -> int | None:
+    """Rows of a demo drop's labels.csv (None when it has none: not a drop this command wrote)."""
+    try:
+        with (drop / "labels.csv").open(encoding="utf-8") as f:
+            return max(0, sum(1 for line in f if line.strip()) - 1)
+    except OSError:
+        return None
 
 
 # A line of Dagster's console log: "<date> <time> <tz> - dagster - LEVEL - job - run_id - [pid - ][step - ][EVENT - ]message"

@@ -173,3 +173,15 @@ def test_a_drop_delivered_again_after_its_partition_was_deleted_is_trained_again
             0
         ].run_key  # not the key Dagster has seen
         assert sorted(instance.get_dynamic_partitions("dataset_version")) == ["v0001", "v0002"]
+
+
+def test_the_demo_says_when_the_drop_it_reuses_holds_another_number_of_images(tmp_path: Path, capsys) -> None:
+    """It printed 'reusing it' only, and trained on 80 images when --n 120 was asked."""
+    from roadwork_commands.demo import ensure_drop
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    make_demo_drop(tmp_path, "v0001", n=6)
+    assert ensure_drop(tmp_path, "v0001", 6, 0, 0) == tmp_path / "v0001"
+    assert capsys.readouterr().out.strip().endswith("reusing it")
+    ensure_drop(tmp_path, "v0001", 120, 0, 0)
+    assert "holds 6 labelled images, not the --n 120 asked" in capsys.readouterr().out
