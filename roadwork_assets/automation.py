@@ -258,7 +258,7 @@ def new_drop_sensor(
         run_requests=[
             dg.RunRequest(
                 partition_key=v,
-                run_key=_new_drop_run_key(v, v in again, signatures),
+                run_key=_new_drop_run_key(context.instance, v, v in again, signatures, retrain.force_retrain),
                 run_config=run_config,
                 tags=tags,
             )
@@ -269,9 +269,18 @@ def new_drop_sensor(
     )
 
 
-def _new_drop_run_key(version: str, delivered_again: bool, signatures: dict[str, str]) -> str:
-    """`drop-<version>`; a drop delivered again after its partition was deleted gets a key of its own (Dagster
-    skips a run request whose key it has seen, so `drop-<version>` would never run again)."""
+def _new_drop_run_key(
+    instance: dg.DagsterInstance, version: str, delivered_again: bool, signatures: dict[str, str], forced: bool
+) -> str:
+    """`drop-<version>`. Dagster skips a run request whose key it has seen, so a drop delivered again after its
+    partition was deleted gets a key of its own (`drop-<version>-again-<hash>`), and so does a forced retrain
+    (`drop-<version>-forced-<n>`, n counting the forced runs of that version): forcing drops the sensor has
+    already run, after its cursor was reset, would otherwise be skipped without a word."""
+    if forced:
+        earlier = instance.get_runs_count(
+            dg.RunsFilter(tags={"dagster/partition": version, "roadwork/force_retrain": "true"})
+        )
+        return f"drop-{version}-forced-{earlier + 1}"
     if not delivered_again:
         return f"drop-{version}"
     return f"drop-{version}-again-{hashlib.sha256(signatures[version].encode()).hexdigest()[:12]}"

@@ -292,6 +292,10 @@ def test_daemon_skips_a_released_drop_and_queues_retrains_one_at_a_time(released
     forced = new_drop_sensor(context)
     assert sorted(r.partition_key for r in forced.run_requests) == ["v0001", "v0002", "v0003"], forced
     assert all(r.tags["roadwork/force_retrain"] == "true" for r in forced.run_requests)
+    # Dagster skips a request whose run key it has seen: a forced drop the sensor ran before needs a new key
+    used = {r.tags.get("dagster/run_key") for r in instance.get_runs()} - {None}
+    assert "drop-v0002" in used, used
+    assert not used & {r.run_key for r in forced.run_requests}, (used, forced.run_requests)
     unforced = new_drop_sensor(
         dg.build_sensor_context(
             instance=instance,
