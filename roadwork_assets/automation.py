@@ -270,7 +270,11 @@ def new_drop_sensor(
 
 
 def _new_drop_run_key(
-    instance: dg.DagsterInstance, version: str, delivered_again: bool, signatures: dict[str, str], forced: bool
+    instance: dg.DagsterInstance,
+    version: str,
+    delivered_again: bool,
+    signatures: dict[str, str],
+    forced: bool,
 ) -> str:
     """`drop-<version>`. Dagster skips a run request whose key it has seen, so a drop delivered again after its
     partition was deleted gets a key of its own (`drop-<version>-again-<hash>`), and so does a forced retrain
