@@ -5,7 +5,7 @@ Each repeat gives both sides a fresh temporary DAGSTER_HOME / ROADWORK_STATE / M
 both start with an empty feature cache) over the same synthetic drop; the order flips every repeat.
 Ratio = wall(dagster) / wall(direct), with interpreter + import start-up in both (what a user
 waits for), and without it: the start-up of each side (`python -c "import <its modules>"`,
-median of 3) is subtracted. Target <= 1.15x.
+median of 3) is subtracted. Target <= 1.15x (the tiny workload), <= 1.10x (configs/demo.yaml).
 
     python -m bench.bench_orchestration [--n 240] [--repeats 3] [--config tests/configs/tiny.yaml]
     # the demo's workload (issue 19: target <= 1.10x), its own result file:
@@ -30,7 +30,8 @@ import yaml
 from bench.common import dagster_step_durations, machine_facts, speed_reference, write_result
 
 REPO = Path(__file__).resolve().parent.parent
-TARGET = 1.15
+TARGET = 1.15  # the tiny workload
+DEMO_TARGET = 1.10  # issue 19: the demo's workload (configs/demo.yaml)
 VERSION = "v0001"
 
 
@@ -136,8 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--config", default=str(REPO / "tests" / "configs" / "tiny.yaml"))
     parser.add_argument("--result", default="orchestration", help="bench/results/<name>.json")
-    parser.add_argument("--target", type=float, default=TARGET, help="ratio target (with start-up)")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="ratio target (with start-up); 1.10 for configs/demo.yaml, else 1.15",
+    )
     args = parser.parse_args(argv)
+    if args.target is None:
+        args.target = DEMO_TARGET if Path(args.config).resolve() == REPO / "configs" / "demo.yaml" else TARGET
     py = sys.executable
     dagster_bin = str(Path(py).with_name("dagster"))
     facts = machine_facts()
