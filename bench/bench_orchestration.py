@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": round(ratio, 4),
             "ratio_without_startup": round(ratio_wo, 4),
             "not_in_direct": "asset checks (split checks, contract audits, bundle reproduction, guarantee check), MLflow logging + model registration, IO-manager sha256 records, run storage",
-            "target": f"<= {args.target}",
+            "target": f"<= {args.target:.2f}",
             "met": ratio <= args.target,
             "machine": facts,
             "speed_reference_before": reference_before,
