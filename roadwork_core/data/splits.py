@@ -47,7 +47,9 @@ LEADING_COLUMNS: list[str] = ["image_id", "split", "group_id", "label"]
 QUARANTINE_COLUMNS: list[str] = ["image_id", "file", "reason", "detail", "bridges"]
 QUARANTINE_REASON = "bridges_splits"
 # What split_history keeps of each image ever assigned: enough to anchor its near-duplicate group and to name it.
-HISTORY_COLUMNS: tuple[str, ...] = ("image_id", "split", "label", "phash", "phash_dihedral", "file", "uri")
+HISTORY_COLUMNS: tuple[str, ...] = (
+    "image_id", "split", "label", "phash", "phash_dihedral", "file", "source", "uri"
+)  # fmt: skip
 
 
 def _default_ratios() -> dict[str, float]:

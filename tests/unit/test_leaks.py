@@ -430,6 +430,8 @@ def test_a_vanished_val_test_image_anchors_every_later_version_through_the_split
     moved_copy.loc[moved_copy["file"] == "copy.jpg", "split"] = "train"
     outcome = check_no_near_duplicates_across_splits(moved_copy, previous=history2)
     assert not outcome.passed and "last in v0001, no longer in the table" in outcome.message, outcome.message
+    # the vanished image is named with its drop (drops of a series reuse file names)
+    assert f"v0001/{gone['file']}" in outcome.message, outcome.message
 
 
 def test_a_pair_with_a_vanished_image_counts_only_when_the_other_image_is_new(tmp_path: Path) -> None:
