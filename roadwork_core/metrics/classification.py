@@ -76,8 +76,11 @@ def validate_probabilities(
 
 
 def reward_proxy(mcc: float, accuracy: float) -> float:
-    """NATIX StreetVision reward: (0.5·MCC + 0.5·accuracy)^3 (NaN if either is NaN)."""
-    return float((0.5 * mcc + 0.5 * accuracy) ** 3)
+    """NATIX StreetVision reward: (0.5·max(MCC, 0) + 0.5·accuracy)^3, MCC clipped at 0 as the validator does
+    (NaN if either is NaN)."""
+    if math.isnan(mcc) or math.isnan(accuracy):
+        return math.nan
+    return float((0.5 * max(mcc, 0.0) + 0.5 * accuracy) ** 3)
 
 
 @contextlib.contextmanager
@@ -139,10 +142,14 @@ def classification_metrics(
     out["positive_rate"] = n_pos / n
     with _torch_single_thread():
         out["accuracy"] = float(tmf.binary_accuracy(preds, target, threshold=threshold, validate_args=False))
-        # MCC's denominator is zero when the labels hold one class: undefined, not 0
+        # MCC's denominator is zero when the labels hold one class: undefined, not 0. When only the
+        # predictions hold one class it is 0 (sklearn's and the validator's convention; torchmetrics returns
+        # +-0.28 for 7 positives of 10 all predicted roadwork, which a constant model would win on).
         if both_classes:
-            out["mcc"] = float(
-                tmf.binary_matthews_corrcoef(preds, target, threshold=threshold, validate_args=False)
+            out["mcc"] = (
+                float(tmf.binary_matthews_corrcoef(preds, target, threshold=threshold, validate_args=False))
+                if 0 < pred_pos < n
+                else 0.0
             )
         # F1 is undefined when there is neither a positive label nor a positive prediction
         if n_pos + pred_pos > 0:

@@ -293,11 +293,22 @@ def _evaluate(
             probs.append(_forward(model, x.to(device), data.head_mode)["prob"].float().cpu())  # (B,)
         labels.append(label.long())
     prob, label = world.gather_cat(torch.cat(probs)), world.gather_cat(torch.cat(labels))  # whole split
-    mcc, acc = BinaryMatthewsCorrCoef(), BinaryAccuracy()
-    mcc.update(prob, label)
+    acc = BinaryAccuracy()
     acc.update(prob, label)
+    return select_mcc(prob, label), float(acc.compute())
+
+
+def select_mcc(prob: Tensor, label: Tensor) -> float:
+    """The val_select MCC that picks the best epoch, at p > 0.5. 0 when the predictions hold one class
+    (sklearn's and the validator's convention: torchmetrics gives +0.28 to a constant 'roadwork' model on
+    7 positives of 10, so such an epoch could win); -1 where undefined (one label class), never "best"."""
+    mcc = BinaryMatthewsCorrCoef()
+    mcc.update(prob, label)
     value = float(mcc.compute())
-    return (-1.0 if math.isnan(value) else value), float(acc.compute())  # NaN would never be "best"
+    predicted = int((prob > 0.5).sum())
+    if 0 in (predicted, len(prob) - predicted) and 0 < int(label.sum()) < len(label):
+        value = 0.0
+    return -1.0 if math.isnan(value) else value
 
 
 class _Step(nn.Module):

@@ -103,6 +103,34 @@ def test_reward_proxy_is_the_network_formula():
     assert m["reward_proxy"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_mcc_of_one_predicted_class_is_zero_as_sklearn_and_the_validator_say():
+    """torchmetrics gives +0.28 to 'everything is roadwork' on 7 positives of 10 (and -0.28 at 3 of 10): a
+    constant model then looked better than chance in the report and could win the best-epoch choice."""
+    import torch
+
+    from roadwork_core.training.supervised import select_mcc
+
+    y = np.array([1] * 7 + [0] * 3)
+    for p in (np.full(10, 0.9), np.full(10, 0.1)):
+        hard = hard_label(p).astype(int)
+        assert skm.matthews_corrcoef(y, hard) == 0.0
+        assert classification_metrics(p, y)["mcc"] == 0.0, p
+        assert classification_metrics(p, 1 - y)["mcc"] == 0.0, p
+        assert select_mcc(torch.from_numpy(p).float(), torch.from_numpy(y)) == 0.0, p
+    ci = bootstrap_ci(classification_metrics, np.full(40, 0.9), np.tile(y, 4), n_resamples=50)
+    assert ci["mcc"]["low"] == ci["mcc"]["high"] == 0.0, ci["mcc"]
+    p, y = _scores(200, seed=5)  # both classes predicted: the library's value, sklearn's number
+    expected = skm.matthews_corrcoef(y, hard_label(p).astype(int))
+    assert select_mcc(torch.from_numpy(p).float(), torch.from_numpy(y)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_proxy_clips_mcc_at_zero_as_the_validator_does():
+    assert reward_proxy(-0.4, 0.3) == pytest.approx((0.5 * 0.3) ** 3)
+    p, y = _scores(300, seed=3)
+    m = classification_metrics(1.0 - p, y)  # an anti-correlated model
+    assert m["mcc"] < 0 and m["reward_proxy"] == pytest.approx((0.5 * m["accuracy"]) ** 3, abs=1e-6)
+
+
 def test_degenerate_inputs_give_nan_not_errors():
     empty = classification_metrics(np.array([]), np.array([]))
     assert empty["n"] == 0
