@@ -76,8 +76,22 @@ def drift_check(context: dg.OpExecutionContext, drift: DriftSettings, gpu: GPURe
     released, splits_path, why = release_to_compare(context.instance)
     if splits_path is None:
         raise dg.Failure(why)
+    from roadwork_core.bundle.verify import verify_bundle
+
+    try:  # the release itself: a directory that now holds another bundle must not stand in for it
+        found = verify_bundle(released.path).content_sha256
+    except Exception as err:  # noqa: BLE001  whatever is wrong with it, it is named
+        raise dg.Failure(
+            f"the release of {released.partition} at {released.path} cannot be read: {err}"
+        ) from err
+    if found != released.bundle_id:
+        raise dg.Failure(
+            f"{released.path} holds bundle {found[:12]}, not the release of {released.partition} "
+            f"({released.bundle_id[:12]}, run {released.run_id[:8]}): it was replaced after release. Materialize "
+            f"`bundle` for {released.partition} again with its checks"
+        )
     result = compare_with_training(
-        Path(read_artifact(released.path.parent)),  # the artifact directory; its bundle is dir/
+        released.path,
         read_artifact(Path(splits_path)),
         [str(p) for p in files],
         sample=drift.sample,

@@ -1,5 +1,6 @@
 """Release stage: the bundle (exactly one policy) and the evaluation report on val_test."""
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -13,9 +14,10 @@ from roadwork_assets.data import require_green_splits
 from roadwork_assets.lineage import materialization_metadata, require_consistent_lineage
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.policies import calib_set
-from roadwork_assets.released import require_released_bundle
+from roadwork_assets.released import released_bundles, require_released_bundle
 from roadwork_core.contracts import Split, SplitReader
 from roadwork_core.metrics.embed import folder_figures, markdown_images
+from roadwork_resources.artifact_store import ArtifactStore
 from roadwork_resources.gpu import GPUResource
 from roadwork_resources.io_manager import new_artifact_dir
 from roadwork_resources.mlflow_tracking import (
@@ -47,6 +49,7 @@ def bundle(
     context: dg.AssetExecutionContext,
     mlflow: MlflowParam,
     config: BundleConfig,
+    store: ArtifactStore,
     splits: pd.DataFrame,
     classifier: Path,
     calibrator,
@@ -96,12 +99,14 @@ def bundle(
     log_metrics(mlflow, {f"bundle_calib_{k}": v for k, v in summary.items() if v is not None})
     # what `roadwork serve --latest` and new_drop_sensor read (roadwork_assets.released)
     bundle_id = verify_bundle(out).content_sha256
+    kept = _keep_release_copy(context, store, out, bundle_id)
     source = materialization_metadata(context.instance, lineage, "image_table").get("source_fingerprint")
     return dg.Output(
         out,
         metadata={
             "release_policy": release_policy,
             "bundle_id": bundle_id,
+            "bundle_path": dg.MetadataValue.path(str(kept)),
             "source_fingerprint": source or "",
             "guarantee": str(getattr(policy, "guarantee", "")),
             "answer_threshold": answer_rule.threshold,
@@ -111,6 +116,33 @@ def bundle(
             **reader_metadata(calib.reader),
         },
     )
+
+
+def _keep_release_copy(
+    context: dg.AssetExecutionContext, store: ArtifactStore, out: Path, bundle_id: str
+) -> Path:
+    """A copy of this bundle (hard links: no extra disk) under `releases/bundle/<version>/<bundle id>/`, which is
+    what a release serves from (`roadwork_assets.released`): the IO manager's directory holds the partition's
+    latest materialization, replaced by a re-run before its blocking checks run, so a bundle that then fails
+    them would otherwise overwrite the release that `serve`, `drift_job` and `predict` use. Copies of this
+    version other than this bundle and the version's newest release are removed."""
+    from roadwork_core.bundle.verify import verify_bundle
+    from roadwork_core.io import linked_copy
+
+    root = store.release_dir("bundle", context.partition_key)
+    dest = root / bundle_id
+    try:
+        same = dest.is_dir() and verify_bundle(dest).content_sha256 == bundle_id
+    except Exception:  # noqa: BLE001  a damaged copy is replaced below
+        same = False
+    if not same:
+        linked_copy(out, dest)
+    released = released_bundles(context.instance, context.partition_key)
+    keep = {bundle_id, *(r.bundle_id for r in released[:1])}
+    for old in root.iterdir():
+        if old.is_dir() and old.name not in keep and not old.name.startswith(".tmp-"):
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 BUNDLE_INPUTS = (

@@ -36,7 +36,7 @@ def blocking_checks() -> frozenset[str]:
 @dataclass(frozen=True)
 class ReleasedBundle:
     partition: str
-    path: Path  # the bundle directory inside the artifact store
+    path: Path  # the bundle directory: its own copy under releases/bundle/<version>/<bundle id>/
     bundle_id: str  # the manifest content_sha256 recorded at release
     source_fingerprint: str  # the image_table's drop fingerprint it was built from ("" if unknown)
     run_id: str
@@ -94,7 +94,9 @@ def _as_released(instance: dg.DagsterInstance, record) -> ReleasedBundle | None:
         return None
     return ReleasedBundle(
         partition=record.partition_key,
-        path=Path(meta["path"]) / "dir",  # the artifact IO manager's directory kind
+        # the bundle's own copy (`bundle_path`), which a later bundle of the partition cannot overwrite; the
+        # IO manager's directory for releases recorded before it (`dir`: its directory kind)
+        path=Path(meta["bundle_path"]) if meta.get("bundle_path") else Path(meta["path"]) / "dir",
         bundle_id=str(meta["bundle_id"]),
         source_fingerprint=str(meta.get("source_fingerprint") or ""),
         run_id=record.run_id,
@@ -164,15 +166,16 @@ def latest_release_candidate():
 
 
 def release_candidates() -> list:
-    """Every release still worth trying, newest first (one per bundle directory: the artifact store keeps
-    the latest materialization of a partition, so an older release of the same partition is gone)."""
+    """Every release still worth trying, newest first, one per bundle directory that still exists (each
+    version keeps the copy of its newest release and of its latest bundle; older copies are removed)."""
     with dg.DagsterInstance.get() as instance:
         found = [
             r for v in _bundle_versions_newest_first(instance) for r in released_bundles(instance, v, scan=5)
         ]
     newest_per_path: dict[Path, ReleasedBundle] = {}
     for released in found:
-        newest_per_path.setdefault(released.path, released)
+        if released.path.is_dir():
+            newest_per_path.setdefault(released.path, released)
     return [_candidate(r) for r in newest_per_path.values()]
 
 

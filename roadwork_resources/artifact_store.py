@@ -41,3 +41,11 @@ class ArtifactStore(dg.ConfigurableResource):
         path = self.root_path / "side" / asset / partition
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def release_dir(self, asset: str, partition: str) -> Path:
+        """Where each bundle of a partition keeps its own copy, `<root>/releases/<asset>/<partition>/<bundle id>/`:
+        the IO manager's directory holds the partition's latest materialization, which a re-run replaces before
+        its blocking checks run, so a release lives on here when a later bundle fails them."""
+        path = self.root_path / "releases" / asset / partition
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -135,3 +135,24 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def linked_copy(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """`dest` becomes a copy of the directory `src` whose files are hard links where `src` is on the same file
+    system (no extra disk), copies where not; built under a temporary name and renamed into place. The store
+    never rewrites a file in place (every writer here replaces files), so the linked files stay as they are
+    when `src` is replaced."""
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # another file system (EXDEV), or links not allowed here
+            shutil.copy2(a, b)
+
+    dest = Path(dest)
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp / "x", symlinks=False, copy_function=link_or_copy)
+        for entry in (tmp / "x").iterdir():
+            os.replace(entry, tmp / entry.name)
+        (tmp / "x").rmdir()
+    return dest

@@ -16,6 +16,7 @@ graph materialized up to `bundle` once for the module):
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -28,11 +29,13 @@ import dagster as dg
 import httpx
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 
 from roadwork_assets.definitions import build_resources
 from roadwork_assets.partitions import dataset_version
 from roadwork_assets.released import released_bundle
+from roadwork_core.bundle.verify import verify_bundle
 from tests.e2e.conftest import (
     REPO,
     RUN_TIMEOUT,
@@ -85,6 +88,26 @@ def released(tmp_path_factory, tiny_drop_source, mlflow_store_template):
         )
         assert result.success, "the tiny graph up to the bundle failed"
         yield {"instance": instance, "resources": resources, "inbox": inbox, "tmp": tmp, "state": state}
+
+
+@contextlib.contextmanager
+def _calib_image_replaced(state: Path):
+    """The first val_calib image (the reproduction check's sample) inverted in place, then put back as it was."""
+    from roadwork_resources.io_manager import read_artifact
+
+    splits = read_artifact(state / "artifacts" / "splits" / "v0001")
+    path = Path(splits[splits["split"] == "val_calib"].sort_values("image_id")["uri"].iloc[0])
+    before, stat = path.read_bytes(), path.stat()
+    with PIL.Image.open(io.BytesIO(before)) as image:
+        fmt, inverted = image.format, PIL.ImageOps.invert(image.convert("RGB"))
+    buf = io.BytesIO()
+    inverted.save(buf, format=fmt)
+    path.write_bytes(buf.getvalue())
+    try:
+        yield
+    finally:
+        path.write_bytes(before)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def _validator_image(seed: int) -> str:
@@ -162,12 +185,19 @@ def test_serve_latest_hot_swaps_a_new_release_with_zero_failed_requests(released
         wait_for(lambda: client.ids[release_2.bundle_id] >= 3, 60, "requests served by the second release")
 
         # a bundle whose blocking check fails is materialized but not released: release 2 keeps serving
-        failing = _config(set(), bundle_check_bundle_reproduces_predictions={"config": {"tolerance": -1.0}})
-        third = materialize(
-            "bundle", instance=instance, partition="v0001", resources=resources, run_config=failing
-        )
+        with _calib_image_replaced(released["state"]):  # the bundle no longer reproduces calib_predictions
+            third = materialize(
+                "bundle", instance=instance, partition="v0001", resources=resources, run_config=_config(set())
+            )
         assert not third.success, "a failing blocking check must fail the run"
+        evaluations = third.get_asset_check_evaluations()
+        assert [e.check_name for e in evaluations if not e.passed] == ["check_bundle_reproduces_predictions"]
         assert released_bundle(instance).bundle_id == release_2.bundle_id
+        # the failed bundle replaced the partition's artifact directory, not the release's own copy (which
+        # serve --latest after a restart, drift_job and predict read); the first release's copy is removed
+        kept = released_bundle(instance).path
+        assert verify_bundle(kept).content_sha256 == release_2.bundle_id, kept
+        assert not release_1.path.exists() and kept.parent == release_1.path.parent, release_1.path
         served_before = client.ids[release_2.bundle_id]
         wait_for(
             lambda: client.ids[release_2.bundle_id] >= served_before + 10,

@@ -295,6 +295,7 @@ def _released_instance(
     are only added, as new_drop_sensor does before their retrain has run."""
     from roadwork_assets.partitions import dataset_version
     from roadwork_assets.released import blocking_checks
+    from roadwork_core.bundle.verify import verify_bundle
 
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("dataset_version", list(partitions))
@@ -307,9 +308,11 @@ def _released_instance(
     def splits_written() -> dg.MaterializeResult:
         return dg.MaterializeResult(metadata={"path": str(paths["splits"])})
 
+    bundle_id = verify_bundle(Path(world["bundle"])).content_sha256
+
     @dg.asset(name="bundle", partitions_def=dataset_version, deps=["splits"])
     def bundle_written() -> dg.MaterializeResult:
-        return dg.MaterializeResult(metadata={"path": str(paths["bundle"]), "bundle_id": "b" * 64})
+        return dg.MaterializeResult(metadata={"path": str(paths["bundle"]), "bundle_id": bundle_id})
 
     def check(name: str):
         @dg.asset_check(asset="bundle", name=name, blocking=True, partitions_def=dataset_version)
@@ -390,6 +393,28 @@ def test_drift_sensor_compares_with_the_release_while_the_newest_version_retrain
     failed = _released_instance(drift_world, tmp_path / "failed", release=False)
     skip, _ = _drift_tick(failed, monitor)
     assert isinstance(skip, dg.SkipReason) and "no released bundle" in skip.skip_message, skip
+
+
+def test_drift_job_refuses_a_release_whose_directory_now_holds_another_bundle(
+    drift_world, tmp_path, monkeypatch
+):
+    """A later bundle of the version that failed its checks used to overwrite the directory, and drift_job
+    embedded with it while reporting 'against the release of v0001'."""
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    instance = _released_instance(drift_world, tmp_path)
+    policy = tmp_path / "artifacts" / "bundle" / "v0001" / "dir" / "answer.json"
+    policy.write_text(policy.read_text().replace("0.5", "0.25"))  # another bundle, or the same one damaged
+    settings = DriftSettings(
+        monitor_dir=str(drift_world["same"]), sample=32, min_images=16, n_permutations=200
+    )
+    run = drift_job.execute_in_process(
+        instance=instance, raise_on_error=False,
+        resources={"drift": settings, "gpu": GPUResource(device="cpu", threads=1)},
+    )  # fmt: skip
+    assert not run.success
+    failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert "release of v0001" in message and "answer.json" in message, message
 
 
 def test_drift_sensor_skips_without_bundle_or_images(drift_world, tmp_path, monkeypatch):
