@@ -7,6 +7,7 @@ values that look like URIs with credentials are refused, and no environment valu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -51,23 +52,32 @@ _SECRET_KEY = re.compile(
 )
 
 
-def current_code_version() -> dict[str, str | None]:
-    """{"roadwork": package version, "git_commit": HEAD of the source checkout or None}."""
-    commit = None
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", result.stdout.strip()):
-            commit = result.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"roadwork": __version__, "git_commit": commit}
+def current_code_version(source: Path | None = None) -> dict[str, str | None]:
+    """{"roadwork": package version, "git_commit": HEAD of the source checkout or None, "git_uncommitted": None
+    when the checkout is that commit, else what differs ("3 changed file(s), diff sha256 <16 hex>"): a bundle
+    trained from edited code must not claim the commit alone}. `source`: a folder of the checkout (default:
+    this package's)."""
+    where = source or Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(["git", *args], cwd=where, capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    head = git("rev-parse", "HEAD")
+    commit = head.stdout.decode().strip() if head is not None and head.returncode == 0 else ""
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return {"roadwork": __version__, "git_commit": None, "git_uncommitted": None}
+    uncommitted = None
+    status = git("status", "--porcelain")  # the whole checkout, as the commit names it
+    diff = git("diff", "HEAD", "--binary")
+    if status is None or status.returncode != 0 or diff is None or diff.returncode != 0:
+        uncommitted = "unknown (git status failed)"
+    elif status.stdout.strip():
+        digest = hashlib.sha256(status.stdout + b"\0" + diff.stdout).hexdigest()[:16]
+        uncommitted = f"{len(status.stdout.splitlines())} changed file(s), diff sha256 {digest}"
+    return {"roadwork": __version__, "git_commit": commit, "git_uncommitted": uncommitted}
 
 
 def _json_safe(value: Any, where: str) -> Any:

@@ -68,7 +68,8 @@ class BundleManifest(BaseModel):
     # {"dataset_version": "v1", "artifact_sha256": {"splits": "<sha256>", ...}}; bundles exported before
     # lineage was a mapping hold every value as a string (e.g. str(dict)) and still load
     upstream_versions: dict[str, str | dict[str, str | None]]
-    code_version: dict[str, str | None]  # {"roadwork": "0.1.0", "git_commit": "<sha>" | None}
+    # {"roadwork": "0.1.0", "git_commit": "<sha>" | None, "git_uncommitted": None | "<n> changed file(s), ..."}
+    code_version: dict[str, str | None]
     created_at: str  # ISO 8601, UTC
     metrics_summary: dict[str, Any]
     policy: str  # the `policy` field of policy.json

@@ -7,6 +7,7 @@ import base64
 import importlib.util
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -636,3 +637,43 @@ def test_the_pyfunc_model_names_the_bad_row_and_reads_paths_only_inside_its_fold
         model.predict(None, pd.DataFrame({"image_b64": [b64, b64, "not base64!"]}))
     with pytest.raises(ValueError, match=r"row 0: neither image_b64 nor path"):
         model.predict(None, pd.DataFrame({"image_b64": [None], "path": [None]}))
+
+
+def test_code_version_names_uncommitted_changes_to_the_commit(tmp_path: Path) -> None:
+    """A bundle trained from edited code recorded the commit alone, as if it were that commit's code."""
+    import subprocess
+
+    from roadwork_core.bundle.export import current_code_version
+
+    def git(*args: str) -> None:
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+            cwd=tmp_path, check=True, capture_output=True,
+        )  # fmt: skip
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "policy.py").write_text("LAMBDA = 0.1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    clean = current_code_version(tmp_path / "pkg")
+    assert re.fullmatch(r"[0-9a-f]{40}", clean["git_commit"] or "") and clean["git_uncommitted"] is None, (
+        clean
+    )
+    (tmp_path / "pkg" / "policy.py").write_text("LAMBDA = 0.2\n")
+    edited = current_code_version(tmp_path / "pkg")
+    assert edited["git_commit"] == clean["git_commit"]
+    assert (edited["git_uncommitted"] or "").startswith("1 changed file(s), diff sha256 "), edited
+    (tmp_path / "pkg" / "policy.py").write_text("LAMBDA = 0.3\n")
+    assert current_code_version(tmp_path / "pkg")["git_uncommitted"] != edited["git_uncommitted"]
+    assert (
+        current_code_version(tmp_path)["git_uncommitted"]
+        == current_code_version(tmp_path / "pkg")["git_uncommitted"]
+    )
+    outside = tmp_path.parent / f"{tmp_path.name}-not-git"
+    outside.mkdir()
+    assert current_code_version(outside) == {
+        "roadwork": clean["roadwork"],
+        "git_commit": None,
+        "git_uncommitted": None,
+    }
