@@ -213,15 +213,88 @@ def _load_class(name: str) -> type[BaseModel]:
     return cls
 
 
-def read_artifact(src: Path) -> Any:
-    """Load the artifact directory written by `write_artifact`."""
+class ArtifactCorruptError(OSError):
+    """An artifact whose files no longer match the sizes and sha256 its record holds, or cannot be decoded."""
+
+
+# files verified in this process: (path, size, mtime_ns, inode, ctime_ns) -> sha256. Runs use the in-process
+# executor, so each file is hashed once per run however many steps read it (the classifier's weights: 5 reads).
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _stat_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _rematerialize(src: Path) -> str:
+    asset, partition = src.parent.name, src.name
+    return (
+        f"materialize `{asset}` for {partition} again (dagster asset materialize --select '{asset}*' "
+        f"--partition {partition}: its downstream assets were made from the damaged files too)"
+    )
+
+
+def verify_artifact(src: Path, record: dict) -> None:
+    """Every file the record lists has its recorded size and sha256 (size first: a truncation costs no hash);
+    ArtifactCorruptError naming the file and the fix otherwise. A bit flipped at rest in a classifier's weights
+    or a calibrator's JSON used to be read back silently and shipped in a bundle whose checks all passed."""
+    for name, meta in sorted(record.get("files", {}).items()):
+        path = src / name
+        try:
+            key = _stat_key(path)
+        except OSError as err:
+            raise ArtifactCorruptError(
+                errno.ENOENT, f"artifact file {path} is missing ({err.strerror}); {_rematerialize(src)}"
+            ) from err
+        if key[1] != meta.get("bytes"):
+            raise ArtifactCorruptError(
+                errno.EIO,
+                f"artifact file {path} holds {key[1]} bytes, its record {src / RECORD_FILE} says {meta.get('bytes')}:"
+                f" it was truncated or changed after it was written; {_rematerialize(src)}",
+            )
+        if _VERIFIED.get(key) == meta.get("sha256"):
+            continue
+        digest = sha256_file(path)
+        if digest != meta.get("sha256"):
+            raise ArtifactCorruptError(
+                errno.EIO,
+                f"artifact file {path} has sha256 {digest[:16]}..., its record says {str(meta.get('sha256'))[:16]}...:"
+                f" it changed after it was written (disk error, an edit by hand); {_rematerialize(src)}",
+            )
+        _VERIFIED[key] = digest
+
+
+def read_artifact(src: Path, verify: bool = True) -> Any:
+    """Load the artifact directory written by `write_artifact`, its files first checked against the record
+    (`verify_artifact`; `verify=False` skips it). Errors name the file and the fix."""
     record_path = src / RECORD_FILE
     if not record_path.is_file():
         raise FileNotFoundError(
             f"no artifact at {src} (missing {RECORD_FILE}); materialize the upstream asset for this partition first"
         )
-    record = json.loads(record_path.read_text())
-    kind = record["kind"]
+    try:
+        record = json.loads(record_path.read_text())
+        kind = record["kind"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ArtifactCorruptError(
+            errno.EIO,
+            f"artifact record {record_path} is unreadable ({type(err).__name__}: {err}); {_rematerialize(src)}",
+        ) from err
+    if verify:
+        verify_artifact(src, record)
+    try:
+        return _decode(src, record, kind)
+    except (ArtifactTypeError, ArtifactCorruptError):
+        raise
+    except Exception as err:  # noqa: BLE001  pyarrow, safetensors and json name no file
+        raise ArtifactCorruptError(
+            errno.EIO,
+            f"artifact {src} ({kind}) cannot be decoded ({type(err).__name__}: {err}); {_rematerialize(src)}",
+        ) from err
+
+
+def _decode(src: Path, record: dict, kind: str) -> Any:
     if kind == "dataframe":
         return pd.read_parquet(src / "data.parquet")
     if kind == "pydantic":
@@ -234,7 +307,7 @@ def read_artifact(src: Path) -> Any:
         return src / "dir"
     if kind == "json":
         return json.loads((src / "value.json").read_text())
-    raise ArtifactTypeError(f"unknown artifact kind {kind!r} in {record_path}")
+    raise ArtifactTypeError(f"unknown artifact kind {kind!r} in {src / RECORD_FILE}")
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):

@@ -161,3 +161,58 @@ def test_atomic_helpers_replace_whole_files_and_dirs(tmp_path):
         (tmp / "x").write_text("complete")
     assert (tmp_path / "d" / "x").read_text() == "complete"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.bin"]
+
+
+def _flip(path: Path, offset: int = -3) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "obj, file",
+    [
+        (Calibrator(method="temperature", params={"temperature": 12.73}), "artifact.json"),
+        (pd.DataFrame({"image_id": ["a", "b"], "logit": [0.5, -1.0]}), "data.parquet"),
+        ({"w": torch.arange(64, dtype=torch.float32)}, "tensors.safetensors"),
+        ({"threshold": 0.42}, "value.json"),
+        ("directory", "dir/model.safetensors"),
+    ],
+)
+def test_an_artifact_changed_at_rest_is_refused_naming_the_file_and_the_fix(tmp_path, obj, file):
+    """A bit flipped in a calibrator's JSON or a classifier's weights was read back silently: the bundle made
+    from it passed every check and shipped (found by a corruption audit)."""
+    from roadwork_resources.io_manager import ArtifactCorruptError
+
+    if isinstance(obj, str):  # "directory"
+        src = tmp_path / "model"
+        src.mkdir()
+        (src / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+        obj = src
+    dest = tmp_path / "artifacts" / "calibrator" / "v0001"
+    write_artifact(dest, obj)
+    read_artifact(dest)  # verified once: the process remembers the file by its stat
+    _flip(dest / file)
+    with pytest.raises(ArtifactCorruptError) as err:
+        read_artifact(dest)
+    message = str(err.value)
+    assert str(dest / file) in message and "sha256" in message, message
+    assert "materialize `calibrator` for v0001 again" in message, message
+    (dest / file).write_bytes((dest / file).read_bytes()[:-10])  # truncated: named by its size
+    with pytest.raises(ArtifactCorruptError, match="bytes, its record"):
+        read_artifact(dest)
+
+
+def test_an_unreadable_record_or_undecodable_file_names_the_artifact(tmp_path):
+    from roadwork_resources.io_manager import ArtifactCorruptError
+
+    dest = tmp_path / "splits" / "v0002"
+    write_artifact(dest, pd.DataFrame({"image_id": ["a"]}))
+    (dest / RECORD_FILE).write_text("")
+    with pytest.raises(ArtifactCorruptError, match=r"record .*_artifact.json is unreadable") as err:
+        read_artifact(dest)
+    assert "materialize `splits` for v0002 again" in str(err.value)
+    write_artifact(dest, pd.DataFrame({"image_id": ["a"]}))
+    (dest / "data.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ArtifactCorruptError, match="cannot be decoded"):
+        read_artifact(dest, verify=False)  # what verification would have caught, decoded anyway
