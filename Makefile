@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements.lock
 export ROADWORK_STATE ?= $(CURDIR)/state
 export ROADWORK_INBOX ?= $(CURDIR)/data/inbox
-export DAGSTER_HOME ?= $(ROADWORK_STATE)/dagster_home
+# Absolute paths (`make demo ROADWORK_STATE=st` works: Dagster refuses a relative DAGSTER_HOME), spaces kept.
+override ROADWORK_STATE := $(shell realpath -m -- "$(ROADWORK_STATE)")
+override ROADWORK_INBOX := $(shell realpath -m -- "$(ROADWORK_INBOX)")
+DEFAULT_DAGSTER_HOME := $(ROADWORK_STATE)/dagster_home
+export DAGSTER_HOME ?= $(DEFAULT_DAGSTER_HOME)
+override DAGSTER_HOME := $(shell realpath -m -- "$(DAGSTER_HOME)")
 export MLFLOW_TRACKING_URI ?= sqlite:///$(ROADWORK_STATE)/mlflow.db
 # Offline by construction: nothing here may reach a model hub.
 export HF_HUB_OFFLINE := 1
@@ -18,12 +23,15 @@ PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` (auto: one per core); the slow tests are scheduled first.
 PYTEST_WORKERS ?= auto
 
-.PHONY: venv lock check-env bytecode postgres-deps demo test ui lint bench clean-state browser screenshots profile-demo profile-epoch
+.PHONY: venv lock check-env bytecode postgres-deps home demo test ui lint bench clean-state browser screenshots profile-demo profile-epoch
 
 # Install exactly the lock (every transitive dependency pinned), then the project itself without
 # resolving anything (--no-deps, and no isolated build env that would fetch the newest setuptools).
 $(STAMP): pyproject.toml $(LOCK)
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@# a venv whose interpreter is gone, or that was moved (its scripts name the old path), is made anew;
+	@# one without pip (an interrupted `python -m venv`) gets pip back
+	if [ ! -x $(PY) ] || ! $(PY) tools/lockfile.py scripts >/dev/null 2>&1; then rm -rf $(VENV); $(PYTHON) -m venv $(VENV); fi
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --upgrade
 	$(PY) -m pip install --disable-pip-version-check "$$(grep -E '^pip==' $(LOCK))"
 	$(PY) -m pip install -r $(LOCK)
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
@@ -50,11 +58,16 @@ lock:
 check-env: $(STAMP)
 	$(PY) tools/lockfile.py check $(LOCK)
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME) $(ROADWORK_INBOX)
-	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-
-home: $(DAGSTER_HOME)/dagster.yaml
+# The instance file: copied into a new DAGSTER_HOME; in the default one (state/dagster_home) refreshed when the
+# repository's is newer; in a DAGSTER_HOME of your own (a Postgres instance, say) never overwritten.
+home:
+	@mkdir -p "$(DAGSTER_HOME)" "$(ROADWORK_INBOX)"
+	@target="$(DAGSTER_HOME)/dagster.yaml"; \
+	if [ ! -e "$$target" ]; then cp dagster.yaml "$$target"; \
+	elif cmp -s dagster.yaml "$$target"; then :; \
+	elif [ "$(DAGSTER_HOME)" = "$(DEFAULT_DAGSTER_HOME)" ]; then \
+	  if [ dagster.yaml -nt "$$target" ]; then cp dagster.yaml "$$target"; echo "updated $$target from dagster.yaml"; fi; \
+	else echo "note: $$target differs from the repository's dagster.yaml and is yours (DAGSTER_HOME); left as it is" >&2; fi
 
 # Bytecode for the project's own modules. pip compiles what it installs into .venv, but not this source
 # tree (an editable install), and where PYTHONDONTWRITEBYTECODE is set (this machine's image, many
@@ -65,20 +78,20 @@ bytecode: $(STAMP)
 	$(PY) -m compileall -q -j 0 $(BYTECODE_DIRS) >/dev/null
 
 demo: $(STAMP) home bytecode
-	$(PY) -m roadwork_commands.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+	$(PY) -m roadwork_commands.demo --inbox "$(ROADWORK_INBOX)" --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
 
 # Where the demo's time goes: py-spy samples the demo and every process it starts (the dagster run, the
 # DataLoader worker) into a flame graph, $(ROADWORK_STATE)/profile/demo.svg. `profile-epoch`: one classifier
 # epoch of configs/demo.yaml (bench/bench_demo_epoch.py) the same way.
 PROFILE_DIR := $(ROADWORK_STATE)/profile
 profile-demo: $(STAMP) home bytecode
-	mkdir -p $(PROFILE_DIR)
-	$(VENV)/bin/py-spy record --subprocesses --rate 50 -o $(PROFILE_DIR)/demo.svg -- \
-	  $(PY) -m roadwork_commands.demo --inbox $(ROADWORK_INBOX) --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
+	mkdir -p "$(PROFILE_DIR)"
+	$(VENV)/bin/py-spy record --subprocesses --rate 50 -o "$(PROFILE_DIR)/demo.svg" -- \
+	  $(PY) -m roadwork_commands.demo --inbox "$(ROADWORK_INBOX)" --version $(DEMO_VERSION) --n $(DEMO_N) --config configs/demo.yaml
 
 profile-epoch: $(STAMP)
-	mkdir -p $(PROFILE_DIR)
-	$(VENV)/bin/py-spy record --subprocesses --rate 50 -o $(PROFILE_DIR)/epoch.svg -- \
+	mkdir -p "$(PROFILE_DIR)"
+	$(VENV)/bin/py-spy record --subprocesses --rate 50 -o "$(PROFILE_DIR)/epoch.svg" -- \
 	  $(PY) -m bench.bench_demo_epoch --profile threads=1,workers=1
 
 # The browser test (tests/e2e/test_browser.py) drives Debian's Chromium through Playwright.
@@ -116,4 +129,4 @@ bench: $(STAMP) home bytecode
 	$(PY) -m bench.run_all
 
 clean-state:
-	rm -rf $(ROADWORK_STATE) data
+	rm -rf -- "$(ROADWORK_STATE)" data

@@ -11,6 +11,7 @@ import os
 import queue
 import re
 import signal
+import shlex
 import subprocess
 import sys
 import threading
@@ -26,8 +27,13 @@ from roadwork_core.data.split_checks import WARNING_CHECKS
 from roadwork_core.progress import fmt_duration
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
+# the project's commands through this interpreter, not their console scripts: a checkout moved or renamed
+# after `make venv` keeps scripts whose first line names the old path (`.venv/bin/dagster` then "does not exist")
+_MODULES = {"dagster": "dagster", "roadwork": "roadwork_core.cli"}
+
+
+def _console(name: str) -> list[str]:
+    return [sys.executable, "-m", _MODULES[name]]
 
 
 def ensure_drop(inbox: Path, version: str, n: int, seed: int, n_unlabelled: int) -> Path:
@@ -149,7 +155,7 @@ def materialize(
     """`dagster asset materialize` with its whole event stream (DEBUG included) in `log_path` and a
     readable digest of it on the terminal; `on_step_done(step)` runs as each asset step succeeds."""
     cmd = [
-        _bin("dagster"),
+        *_console("dagster"),
         "asset",
         "materialize",
         "-m",
@@ -281,6 +287,8 @@ def mlflow_ui_command(tracking_uri: str | None) -> str:
         or any(k in lowered for k in ("password", "token"))
     ):
         store = '"$MLFLOW_TRACKING_URI"'
+    else:
+        store = shlex.quote(store)  # a state folder under a path with spaces
     return f".venv/bin/mlflow ui --backend-store-uri {store} --host 127.0.0.1"
 
 
@@ -308,7 +316,7 @@ class BackgroundPredict:
             )
         images = sorted((self.drop / "images").glob("*.jpg"))[: self.k]
         self.cmd = [
-            _bin("roadwork"),
+            *_console("roadwork"),
             "predict",
             "--bundle",
             str(Path(meta["path"]) / "dir"),
@@ -322,7 +330,7 @@ class BackgroundPredict:
         if self.proc is None:  # the watcher saw no bundle step (e.g. it was not re-run)
             self.start()
         stdout, stderr = self.proc.communicate()
-        print("\n[demo] " + " ".join(self.cmd))
+        print("\n[demo] " + " ".join(["roadwork", *self.cmd[len(_console("roadwork")) :]]))
         if self.proc.returncode != 0:
             raise SystemExit(
                 f"[demo] roadwork predict failed (exit {self.proc.returncode}): {stderr.strip()}"

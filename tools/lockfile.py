@@ -2,6 +2,7 @@
 
     python tools/lockfile.py write requirements.lock   # `make lock`: pin what this interpreter has
     python tools/lockfile.py check requirements.lock   # `make test`: refuse an environment that differs
+    python tools/lockfile.py scripts                   # exit 1 if the venv was moved (its scripts name the old path)
 
 The lock is a plain pip requirements file (`name==version` per line, every transitive dependency,
 pip / setuptools / wheel included), so `pip install -r requirements.lock` reads it with the machine's
@@ -93,11 +94,38 @@ def write(path: Path) -> None:
     print(f"wrote {path}: {len(body)} pinned distributions")
 
 
+def moved_scripts(bin_dir: Path | None = None) -> list[str]:
+    """Console scripts of this environment whose first lines name another interpreter: what a venv moved or
+    renamed with its checkout keeps (`.venv/bin/dagster` then fails with "No such file or directory" although
+    it is there). One line per script; a script that cannot be read is not judged."""
+    bin_dir = bin_dir or Path(sys.prefix) / "bin"
+    problems = []
+    for name in ("dagster", "dagster-webserver", "roadwork", "pytest", "mlflow"):
+        script = bin_dir / name
+        try:
+            head = script.read_bytes()[:1024].decode("utf-8", "replace").splitlines()[:3]
+        except OSError:
+            continue
+        # `#!/abs/python`, or pip's form for a path with spaces: `#!/bin/sh`, then an exec line quoting it
+        found = re.search(r"^#!(\S*python[0-9.]*)\s*$", head[0]) if head else None
+        for line in head[1:]:
+            found = found or re.search(r'exec\S* "([^"]*python[0-9.]*)"', line)
+        if found is None:
+            continue
+        interpreter = Path(found.group(1))
+        if interpreter.parent.resolve() != bin_dir.resolve():
+            problems.append(
+                f"{script} runs {interpreter}, not this environment's interpreter (the venv was moved)"
+            )
+    return problems
+
+
 def check(path: Path) -> int:
     if not path.is_file():
         print(f"{path} is missing; regenerate it with `make lock`", file=sys.stderr)
         return 2
     problems = compare(read_lock(path), installed())
+    problems += [f"{line}; {FIX_FRESH}" for line in moved_scripts()]
     pip_check = subprocess.run(
         [sys.executable, "-m", "pip", "check"], capture_output=True, text=True, check=False
     )
@@ -121,12 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("action", choices=["write", "check"])
+    parser.add_argument("action", choices=["write", "check", "scripts"])
     parser.add_argument("lock", type=Path, nargs="?", default=Path("requirements.lock"))
     args = parser.parse_args(argv)
     if args.action == "write":
         write(args.lock)
         return 0
+    if args.action == "scripts":  # the Makefile's test for a moved venv: exit 1 when one was moved
+        moved = moved_scripts()
+        print("\n".join(moved) or "console scripts run this environment's interpreter")
+        return 1 if moved else 0
     return check(args.lock)
 
 

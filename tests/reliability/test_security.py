@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shlex
 from pathlib import Path
 
 import dagster as dg
@@ -150,6 +151,8 @@ def test_ui_and_printed_servers_bind_localhost() -> None:
     line = mlflow_ui_command(secret_uri)
     assert "hunter2-pw" not in line and "$MLFLOW_TRACKING_URI" in line, f"the printed command leaks: {line}"
     assert "--host 127.0.0.1" in line
+    spaced = mlflow_ui_command("sqlite:////home/me/my work/rw/state/mlflow.db")  # pasted, it must work
+    assert shlex.split(spaced)[3] == "sqlite:////home/me/my work/rw/state/mlflow.db", spaced
 
 
 # ---------------------------------------------------------------------------------------------------

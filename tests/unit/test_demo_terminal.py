@@ -264,7 +264,7 @@ def test_background_predict_starts_when_the_bundle_step_ends_and_prints_rounded_
         "    print(json.dumps({'image': img, 'p_roadwork': 0.25 * i + 0.1234, 'decision': 'defer'}))\n"
     )
     fake.chmod(0o755)
-    monkeypatch.setattr(demo, "_bin", lambda name: str(fake.parent / name))
+    monkeypatch.setattr(demo, "_console", lambda name: [str(fake.parent / name)])
     job.on_step_done("classifier")
     assert job.proc is None, "only the bundle step starts it"
     job.on_step_done("bundle")

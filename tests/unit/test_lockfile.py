@@ -69,3 +69,57 @@ def test_check_this_environment_against_a_drifted_lock(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "dagster: locked 1.13.0, installed" in proc.stderr and "make venv" in proc.stderr, proc.stderr
+
+
+def test_scripts_of_a_moved_venv_are_named_with_the_fix(tmp_path: Path) -> None:
+    """A checkout moved after `make venv`: `.venv/bin/dagster` names the old interpreter, `make check-env`
+    passed, and `make demo` died with FileNotFoundError for a file that is there (fresh-machine audit)."""
+    from tools.lockfile import moved_scripts
+
+    here = tmp_path / "rw" / ".venv" / "bin"
+    here.mkdir(parents=True)
+    (here / "dagster").write_text(f"#!{here / 'python'}\nimport sys\n")
+    (here / "roadwork").write_text(f"#!/bin/sh\n'''exec' \"{here / 'python3.11'}\" \"$0\" \"$@\"\n' '''\n")
+    assert moved_scripts(here) == []
+    (here / "dagster").write_text("#!/old/place/rw/.venv/bin/python\nimport sys\n")
+    (here / "roadwork").write_text(
+        "#!/bin/sh\n'''exec' \"/old/my rw/.venv/bin/python\" \"$0\" \"$@\"\n' '''\n"
+    )
+    moved = moved_scripts(here)
+    assert len(moved) == 2 and "/old/place/rw/.venv/bin/python" in moved[0] and "was moved" in moved[1], moved
+
+
+def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, env=env,
+        stdin=subprocess.DEVNULL, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_make_quotes_state_paths_and_makes_them_absolute(tmp_path: Path) -> None:
+    """`make clean-state` in a checkout under "rw v2" ran `rm -rf /x/rw v2/state data`, deleting the
+    sibling folder /x/rw; `make demo ROADWORK_STATE=st` died on a relative DAGSTER_HOME."""
+    spaced = tmp_path / "rw v2" / "state"
+    dry = _make("-n", "clean-state", f"ROADWORK_STATE={spaced}")
+    assert f'rm -rf -- "{spaced}" data' in dry.stdout, dry.stdout + dry.stderr
+    relative = _make("-n", "home", "ROADWORK_STATE=st")
+    assert f'mkdir -p "{REPO / "st" / "dagster_home"}"' in relative.stdout, relative.stdout + relative.stderr
+
+
+def test_make_home_never_overwrites_a_dagster_home_of_your_own(tmp_path: Path) -> None:
+    """Any DAGSTER_HOME exported in the shell (a Postgres instance) was replaced by the repository's SQLite
+    dagster.yaml whenever the repository's copy was newer."""
+    import os
+
+    own = tmp_path / "own home"
+    own.mkdir()
+    mine = "storage:\n  postgres:\n    postgres_url:\n      env: MY_PG_URL\n"
+    (own / "dagster.yaml").write_text(mine)
+    os.utime(own / "dagster.yaml", (0, 0))  # older than the repository's
+    env = {**os.environ, "DAGSTER_HOME": str(own), "ROADWORK_INBOX": str(tmp_path / "inbox")}
+    done = _make("home", env=env)
+    assert done.returncode == 0, done.stderr
+    assert (own / "dagster.yaml").read_text() == mine and "left as it is" in done.stderr, done.stderr
+    fresh = tmp_path / "fresh home"
+    assert _make("home", env={**env, "DAGSTER_HOME": str(fresh)}).returncode == 0
+    assert (fresh / "dagster.yaml").read_text() == (REPO / "dagster.yaml").read_text()
