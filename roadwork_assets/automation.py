@@ -439,7 +439,8 @@ def mlflow_failed_run_closer(context: dg.RunFailureSensorContext) -> None:
     minimum_interval_seconds=slot_reaper_interval_seconds(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Frees pool slots (pool gpu) held by runs whose process was killed (SIGKILL, OOM, reboot): marks "
-    "such a run FAILED and frees its slots, so the next training step runs and resumes from the checkpoint.",
+    "such a run FAILED and frees its slots, so the next training step runs and resumes from the checkpoint. A "
+    "STARTED run of this host whose process is gone is marked FAILED too, slot or none (then its MLflow run).",
 )
 def dead_run_slot_reaper(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     from roadwork_resources.pool_slots import free_slots_of_dead_runs
@@ -450,5 +451,5 @@ def dead_run_slot_reaper(context: dg.SensorEvaluationContext) -> dg.SkipReason:
         if line.startswith("freed "):
             context.log.warning(line)
     if not lines:
-        return dg.SkipReason("no pool slot is held by a dead run")
-    return dg.SkipReason(f"freed the slots of {len(freed)} run(s): " + " | ".join(lines))
+        return dg.SkipReason("no pool slot is held by a dead run, and no run of this host is dead")
+    return dg.SkipReason(f"freed {len(freed)} run(s): " + " | ".join(lines))

@@ -2,12 +2,13 @@
 
 dagster-mlflow's own `end_mlflow_on_run_finished` hook only closes the MLflow run after the job's
 last node, which is unreliable for asset jobs (asset checks, subset selections, the implicit job of
-`dagster asset materialize` and of the UI). Instead every tracked asset carries `end_mlflow_step`:
-after a successful step the MLflow run is ended FINISHED, and the next tracked step of the same
-Dagster run reopens it (dagster-mlflow finds it by the `dagster_run_id` tag). After a failed step it
-is ended FAILED, and Dagster skips the steps downstream, so it stays FAILED. A failure in an untracked
-step (image_table, a split check) is caught when the resource is torn down at the end of the run. The
-MLflow run therefore ends FINISHED exactly when every step succeeded, whichever way the run was launched.
+`dagster asset materialize` and of the UI). Runs use the in-process executor, so this resource lives from
+the run's first step to its last and is torn down once, at the end: there the MLflow run is ended FINISHED
+when no step failed, FAILED when one did (an untracked one too: image_table, a split check). A tracked step
+that fails ends it FAILED at once (`end_mlflow_step_failure`), and Dagster skips the steps downstream.
+Between steps the MLflow run stays RUNNING: a run whose process is killed mid-way is never left FINISHED
+with half its metrics (it used to be ended FINISHED after every tracked step and reopened by the next);
+`mlflow_failed_run_closer` sets it FAILED once the Dagster run is marked failed.
 
 The store is opened on a background thread while the first, untracked steps run, and the MLflow run
 starts with the first tracked step (`_MlflowWhenNeeded`). A Dagster run none of whose steps logs to MLflow
@@ -199,13 +200,21 @@ def _mlflow_tracking(context: dg.InitResourceContext):
         error = mlf.wait_for_store()
         if mlf.opened:
             mlf.cleanup_on_error()
-        if error is None:
-            _fail_if_a_step_failed(context, mlf)
+        if error is None and not _fail_if_a_step_failed(context, mlf):
+            _finish(mlf)
         else:
             context.log.warning(f"MLflow store not opened ({type(error).__name__}: {error}); nothing logged")
 
 
-def _fail_if_a_step_failed(context: dg.InitResourceContext, mlf) -> None:
+def _finish(mlf) -> None:
+    """The run's MLflow run, still active in this process after its last step, ends FINISHED."""
+    mlflow = sys.modules.get("mlflow")
+    active = mlflow.active_run() if mlflow is not None and mlf.opened else None
+    if active is not None and active.info.run_id == _run_id(mlf):
+        mlflow.end_run(status="FINISHED")
+
+
+def _fail_if_a_step_failed(context: dg.InitResourceContext, mlf) -> bool:
     """At the end of the Dagster run: if any of its steps failed, its MLflow run ends FAILED.
 
     The failure hooks cover the tracked assets only; a run that fails in an untracked step (a drop
@@ -215,10 +224,10 @@ def _fail_if_a_step_failed(context: dg.InitResourceContext, mlf) -> None:
 
     instance, run_id = context.instance, context.run_id
     if instance is None or run_id is None:
-        return
+        return False
     failed = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1).records
     if not failed:
-        return  # a run whose steps never used MLflow has no MLflow run
+        return False  # a run whose steps never used MLflow has no MLflow run
     mlflow_run_id = _run_id(mlf)
     active = mlflow.active_run()
     if active is not None and active.info.run_id == mlflow_run_id:
@@ -227,6 +236,7 @@ def _fail_if_a_step_failed(context: dg.InitResourceContext, mlf) -> None:
         client = mlflow.MlflowClient()
         if client.get_run(mlflow_run_id).info.status != "FAILED":
             client.set_terminated(mlflow_run_id, status="FAILED")
+    return True
 
 
 def mlflow_resource(tracking_uri: str | None, experiment: str = EXPERIMENT) -> dg.ResourceDefinition:
@@ -340,14 +350,6 @@ def log_artifact_path(mlf, path: str, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(path, artifact_path=artifact_path)
 
 
-@dg.success_hook(required_resource_keys={"mlflow"})
-def end_mlflow_step_success(context: dg.HookContext) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.end_run(status="FINISHED")
-
-
 @dg.failure_hook(required_resource_keys={"mlflow"})
 def end_mlflow_step_failure(context: dg.HookContext) -> None:
     import mlflow
@@ -356,7 +358,7 @@ def end_mlflow_step_failure(context: dg.HookContext) -> None:
     mlflow.end_run(status="FAILED")
 
 
-MLFLOW_HOOKS = {end_mlflow_step_success, end_mlflow_step_failure}
+MLFLOW_HOOKS = {end_mlflow_step_failure}
 
 # Type of the `mlflow` parameter of tracked assets (dagster-mlflow's legacy resource, passed as a param).
 MlflowParam = dg.ResourceParam[Any]

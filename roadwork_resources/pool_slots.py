@@ -12,6 +12,9 @@ a CLI `dagster asset materialize`, which has none) cannot tell, so roadwork chec
   dev`); run monitoring in dagster.yaml then frees whatever a finished run still holds;
 - `python -m roadwork_resources.pool_slots` lists the holders; `--free RUN_ID` frees one by hand.
 
+A STARTED run of this host whose processes are gone is marked FAILURE the same way, slot or none (killed
+in a step that takes no slot, it stayed STARTED for ever).
+
 A run is dead when it ran on this host (tag `roadwork/host`, set by `GPUResource`) and none of the
 processes its event log names (the `pid` of its engine events) is alive; a pid now used by a process
 started later does not count. A run of another host is never guessed dead: the listing names it and
@@ -103,11 +106,26 @@ def slot_holders(instance: dg.DagsterInstance, exclude_run_id: str | None = None
         info = storage.get_concurrency_info(pool)
         for holder in [*info.claimed_slots, *info.pending_steps]:
             pools_of.setdefault(holder.run_id, set()).add(pool)
-    return [
+    holders = [
         _judge(instance, run_id, sorted(pools))
         for run_id, pools in pools_of.items()
         if run_id != exclude_run_id
     ]
+    return holders + _dead_started_runs(instance, exclude={exclude_run_id, *pools_of})
+
+
+def _dead_started_runs(instance: dg.DagsterInstance, exclude: set) -> list[SlotHolder]:
+    """STARTED runs of this host that hold no slot and whose processes are gone: a run killed outside a
+    training step (in `evaluation_report`, say) stayed STARTED for ever, and its MLflow run with it (the
+    daemon's `mlflow_failed_run_closer` acts on failed runs only). Runs of other hosts are not judged."""
+    found = []
+    for run in instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]), limit=200):
+        if run.run_id in exclude or run.tags.get(HOST_TAG) != this_host():
+            continue
+        judged = _judge(instance, run.run_id, [])
+        if judged.state == "dead":
+            found.append(judged)
+    return found
 
 
 def free_run(instance: dg.DagsterInstance, run_id: str, reason: str) -> None:
@@ -133,10 +151,12 @@ def free_slots_of_dead_runs(
     for holder in slot_holders(instance, exclude_run_id):
         pools = ", ".join(holder.pools)
         if holder.stale:
-            reason = f"{freed_by}: {holder.detail}; freed its slots in pool {pools}"
-            free_run(instance, holder.run_id, reason)
+            what = f"freed its slots in pool {pools}" if holder.pools else "marked FAILURE (it held no slot)"
+            free_run(instance, holder.run_id, f"{freed_by}: {holder.detail}; {what}")
             freed.append(holder)
-            if log:
+            if log and not holder.pools:
+                log(f"freed run {holder.run_id}: marked FAILURE ({holder.detail}); it held no pool slot")
+            elif log:
                 resume = (
                     "; its training steps resume from their last checkpoint" if holder.state == "dead" else ""
                 )

@@ -205,3 +205,25 @@ def test_a_run_of_another_host_is_not_guessed_dead_and_is_freed_by_hand(e2e_home
     me = psutil.Process()
     assert pool_slots._alive(me.pid, named_at=me.create_time() + 5)
     assert not pool_slots._alive(me.pid, named_at=me.create_time() - 60), "a reused pid counted as alive"
+
+
+def test_a_run_killed_outside_a_training_step_is_marked_failed(e2e_home):
+    """Killed in a step that takes no pool slot (the evaluation report), a run stayed STARTED for ever, and
+    with it its MLflow run (the closer acts on failed runs): the reaper judged slot holders only (an audit)."""
+    instance = dg.DagsterInstance.get()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    no_pool = _HOLDER_CHILD.replace('@dg.asset(pool="gpu")', "@dg.asset")
+    child = subprocess.Popen(
+        [sys.executable, "-c", no_pool], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline().strip() == "HOLDING", "the child did not reach its step"
+    alive = pool_slots.slot_holders(instance)
+    assert alive == [], f"a live run was judged: {alive}"
+    child.kill()
+    child.wait(timeout=30)
+    lines: list[str] = []
+    [freed] = pool_slots.free_slots_of_dead_runs(instance, "test", log=lines.append)
+    assert freed.pools == [] and freed.pids == [child.pid], freed
+    run = instance.get_run_by_id(freed.run_id)
+    assert run.status == dg.DagsterRunStatus.FAILURE, run.status
+    assert len(lines) == 1 and "held no pool slot" in lines[0], lines

@@ -113,3 +113,40 @@ def test_the_store_thread_never_leaves_sqlalchemy_orm_half_imported_for_the_run(
     )
     assert child.returncode == 0, child.stderr[-3000:]
     assert "ORM True HALF [] EXC True" in child.stdout, child.stdout
+
+
+def test_the_mlflow_run_stays_running_between_steps_and_ends_finished_with_the_run(
+    template, tmp_path
+) -> None:
+    """The MLflow run was ended FINISHED after every tracked step: a run killed in a later step (the
+    evaluation report) was left FINISHED with half its metrics and no model (found by an audit)."""
+    import dagster as dg
+    import mlflow
+
+    from roadwork_resources.mlflow_tracking import MLFLOW_HOOKS, log_metrics, mlflow_resource
+
+    db = tmp_path / "state" / "mlflow.db"
+    seed_store(db, template)
+    uri = f"sqlite:///{db}"
+
+    def status_of(run_id: str) -> list[str]:
+        runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+            [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("roadwork").experiment_id],
+            filter_string=f"tags.dagster_run_id = '{run_id}'",
+        )
+        return [r.info.status for r in runs]
+
+    # no annotations: this module's are strings (`from __future__ import annotations`), which Dagster reads
+    @dg.asset(hooks=MLFLOW_HOOKS, required_resource_keys={"mlflow"})
+    def trained(context):
+        log_metrics(context.resources.mlflow, {"loss": 0.5})
+        return 1
+
+    @dg.asset(hooks=MLFLOW_HOOKS, required_resource_keys={"mlflow"})
+    def reported(context, trained):
+        return status_of(context.run_id)  # what a process killed here leaves behind
+
+    result = dg.materialize([trained, reported], resources={"mlflow": mlflow_resource(uri)})
+    assert result.success
+    assert result.output_for_node("reported") == ["RUNNING"], "between steps the MLflow run is not over"
+    assert status_of(result.run_id) == ["FINISHED"], "the run's end ends it FINISHED"
