@@ -100,9 +100,38 @@ def _run(cmd: list[str], what: str, log: Path | None = None) -> None:
         )
 
 
+def unreachable_parent(path: Path) -> Path | None:
+    """Under root the server runs as SERVICE_USER, which must pass through every folder above its data folder:
+    the first one it cannot (not world-searchable: a TMPDIR under /root, mode 0700), else None."""
+    import stat
+
+    for parent in reversed(Path(path).resolve().parents):
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            return parent
+    return None
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary folder the server's user can reach: under $TMPDIR when it can, else under /tmp."""
+    import tempfile
+
+    base = Path(tempfile.gettempdir())
+    if os.geteuid() == 0 and unreachable_parent(base / "x") is not None:
+        base = Path("/tmp")
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    path.chmod(0o755)  # the server's user (not root) must reach data/ inside it
+    return path
+
+
 def start(data_dir: Path, port: int | None = None, user: str = "roadwork", db: str = "roadwork") -> PgServer:
     """initdb (when `data_dir` is new) and start a server on 127.0.0.1:`port`; create database `db`."""
     data_dir = Path(data_dir).resolve()
+    if os.geteuid() == 0 and (blocked := unreachable_parent(data_dir)) is not None:
+        raise RuntimeError(
+            f"the server runs as {SERVICE_USER!r}, which cannot pass through {blocked} (mode "
+            f"{blocked.stat().st_mode & 0o777:o}) to reach {data_dir}; put the data folder elsewhere (a TMPDIR "
+            f"under /tmp or /var/tmp), or `chmod o+x {blocked}`"
+        )
     bins = bindir()
     port = port or free_port()
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", user) or not re.fullmatch(r"[a-z_][a-z0-9_]*", db):

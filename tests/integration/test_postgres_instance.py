@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from itertools import combinations
 from pathlib import Path
 
@@ -34,8 +33,7 @@ VERSIONS = ("v0001", "v0002")
 @pytest.fixture(scope="session")
 def pg_server():
     """One PostgreSQL server for the session; each test creates its own database on it."""
-    data_dir = Path(tempfile.mkdtemp(prefix="roadwork-pg-"))
-    data_dir.chmod(0o755)  # the server's user (not root) must reach data/ inside it
+    data_dir = pg_local.scratch_dir("roadwork-pg-")  # a TMPDIR under a private folder: /tmp instead
     server = pg_local.start(data_dir / "data")
     try:
         yield server
