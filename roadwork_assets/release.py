@@ -145,6 +145,23 @@ def _keep_release_copy(
     return dest
 
 
+def _register(context: dg.AssetExecutionContext, mlflow: MlflowParam, bundle: Path) -> str:
+    """The bundle as the MLflow model `roadwork` (once per bundle id); alias `production` when it is the release
+    of the newest dataset version, the one `roadwork serve --latest` serves."""
+    from roadwork_assets.released import released_bundle
+    from roadwork_core.bundle.verify import verify_bundle
+
+    bundle_id = verify_bundle(bundle).content_sha256
+    newest = released_bundle(context.instance)
+    return log_bundle_model(
+        mlflow,
+        str(bundle),
+        dataset_version=context.partition_key,
+        bundle_id=bundle_id,
+        production=newest is not None and newest.bundle_id == bundle_id,
+    )
+
+
 BUNDLE_INPUTS = (
     "splits",
     "classifier",
@@ -282,7 +299,7 @@ def evaluation_report(
     log_metrics(mlflow, {f"test_{k}": v for k, v in subnet_metrics(report.subnet).items() if np.isfinite(v)})
     log_artifact_path(mlflow, str(out), "evaluation_report")
     log_artifact_path(mlflow, str(bundle), "bundle")
-    model_uri = log_bundle_model(mlflow, str(bundle)) if config.register_model else None
+    model_uri = _register(context, mlflow, bundle) if config.register_model else None
     # every figure the report wrote, inline (a file:// link does not load in the UI's http page)
     plots_md = markdown_images(folder_figures(out, first=[p for p in paths.values() if p.endswith(".png")]))
     return dg.Output(

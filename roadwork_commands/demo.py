@@ -10,8 +10,8 @@ import json
 import os
 import queue
 import re
-import signal
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +25,6 @@ from roadwork_assets._util import latest_materialization_metadata
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.data.split_checks import WARNING_CHECKS
 from roadwork_core.progress import fmt_duration
-
 
 # the project's commands through this interpreter, not their console scripts: a checkout moved or renamed
 # after `make venv` keeps scripts whose first line names the old path (`.venv/bin/dagster` then "does not exist")

@@ -384,10 +384,26 @@ def bundle_model_signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_bundle_model(mlf, bundle_dir: str, registered_name: str = "roadwork") -> str:
+PRODUCTION_ALIAS = "production"
+
+
+def log_bundle_model(
+    mlf,
+    bundle_dir: str,
+    registered_name: str = "roadwork",
+    *,
+    dataset_version: str | None = None,
+    bundle_id: str | None = None,
+    production: bool = False,
+) -> str:
     """Log the bundle as an MLflow pyfunc model (from code, nothing pickled) and register it as
-    `registered_name`, so that `mlflow models serve -m models:/roadwork/latest` serves it.
-    Returns the model URI."""
+    `registered_name` once per bundle: a bundle already registered (model-version tag `bundle_id`) is not
+    registered again (an evaluation_report-only re-run made v2 a copy of v1). Each version carries the tags
+    `dataset_version`, `bundle_id` and `dagster_run_id`. `production`: the bundle is the release of the newest
+    dataset version (`roadwork_assets.released`), so the alias `production` moves to it; `mlflow models serve
+    -m models:/roadwork@production` then serves what `roadwork serve --latest` does, where `/latest` (the
+    highest version number) names whichever version was registered last, an older dataset version's after a
+    backfill. Returns the model URI (`models:/<name>/<version>`)."""
     from pathlib import Path
 
     import mlflow
@@ -396,24 +412,45 @@ def log_bundle_model(mlf, bundle_dir: str, registered_name: str = "roadwork") ->
     from roadwork_core.bundle import mlflow_pyfunc
 
     _active(mlf)
-    package_dir = Path(roadwork_core.__file__).parent
-    info = mlflow.pyfunc.log_model(
-        name="roadwork_model",
-        python_model=mlflow_pyfunc.__file__,
-        signature=bundle_model_signature(),
-        artifacts={"bundle": bundle_dir},
-        code_paths=[str(package_dir)],
-        registered_model_name=registered_name,
-        pip_requirements=[
-            "torch",
-            "torchvision",
-            "timm",
-            "safetensors",
-            "pillow",
-            "pandas",
-            "numpy",
-            "scipy",
-            "pydantic",
-        ],
-    )
-    return info.model_uri
+    client = mlflow.MlflowClient()
+    existing = []
+    if bundle_id:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # no such model yet
+            existing = client.search_model_versions(
+                f"name = '{registered_name}' and tags.bundle_id = '{bundle_id}'"
+            )
+    if existing:
+        version = max(existing, key=lambda v: int(v.version))
+    else:
+        package_dir = Path(roadwork_core.__file__).parent
+        info = mlflow.pyfunc.log_model(
+            name="roadwork_model",
+            python_model=mlflow_pyfunc.__file__,
+            signature=bundle_model_signature(),
+            artifacts={"bundle": bundle_dir},
+            code_paths=[str(package_dir)],
+            registered_model_name=registered_name,
+            pip_requirements=[
+                "torch",
+                "torchvision",
+                "timm",
+                "safetensors",
+                "pillow",
+                "pandas",
+                "numpy",
+                "scipy",
+                "pydantic",
+            ],
+        )
+        version = client.get_model_version(registered_name, str(info.registered_model_version))
+        tags = {
+            "dataset_version": dataset_version,
+            "bundle_id": bundle_id,
+            "dagster_run_id": mlf.dagster_run_id,
+        }
+        for key, value in tags.items():
+            if value:
+                client.set_model_version_tag(registered_name, version.version, key, str(value))
+    if production:
+        client.set_registered_model_alias(registered_name, PRODUCTION_ALIAS, version.version)
+    return f"models:/{registered_name}/{version.version}"

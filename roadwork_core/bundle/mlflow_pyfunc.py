@@ -6,7 +6,7 @@ schema) when the model loads. Input: a DataFrame with a column `image_b64` (base
 way the network's synapse carries images) or `path`. Output: one row per image with answer (the
 float a miner sends the validator), p_roadwork, decision and logit.
 
-    mlflow models serve -m models:/roadwork/latest --env-manager local --host 127.0.0.1 --port 5001
+    mlflow models serve -m models:/roadwork@production --env-manager local --host 127.0.0.1 --port 5001
 
 It predicts on the CPU unless `ROADWORK_SERVE_DEVICE` names another device (cuda, cuda:N, auto).
 Images by `path` are read only inside the folder `ROADWORK_PYFUNC_PATH_ROOT` names (unset: paths are

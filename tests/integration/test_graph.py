@@ -149,8 +149,15 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
         run.info.artifact_uri
     )
 
-    # the bundle registered as MLflow model 'roadwork' loads through mlflow.pyfunc and predicts the same
-    model = mlflow.pyfunc.load_model("models:/roadwork/latest")
+    # the bundle registered as MLflow model 'roadwork' (alias production: the newest version's release) loads
+    # through mlflow.pyfunc and predicts the same
+    [registered] = client.search_model_versions("name = 'roadwork'")
+    assert (
+        registered.tags["dataset_version"] == "v0001" and registered.tags["dagster_run_id"] == result.run_id
+    )
+    assert registered.tags["bundle_id"] == bundle.manifest.content_sha256, registered.tags
+    assert client.get_model_version_by_alias("roadwork", "production").version == registered.version
+    model = mlflow.pyfunc.load_model("models:/roadwork@production")
     signature = model.metadata.signature  # what `mlflow models serve` and the MLflow UI show and check
     assert signature is not None and signature.inputs.input_names() == ["image_b64", "path"], signature
     served = model.predict(pd.DataFrame({"image_b64": [base64.b64encode(Path(uri).read_bytes()).decode()]}))
@@ -170,11 +177,16 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
             ).event_specific_data.error
         )
 
-    # a bundle materialized without its blocking checks is no release: evaluation_report alone refuses it
-    # (it used to evaluate it and register it in MLflow)
     def only(*ops: str) -> dict:  # the run config for a selection (unknown ops are refused in process)
         return {"resources": config["resources"], "ops": {k: v for k, v in config["ops"].items() if k in ops}}
 
+    # the report made again for the same release registers no second version of the same bundle
+    again = materialize(["evaluation_report"], instance=instance, partition="v0001", resources=resources, run_config=only("evaluation_report"))  # fmt: skip
+    assert again.success
+    assert [v.version for v in client.search_model_versions("name = 'roadwork'")] == [registered.version]
+
+    # a bundle materialized without its blocking checks is no release: evaluation_report alone refuses it
+    # (it used to evaluate it and register it in MLflow)
     unchecked = materialize(
         dg.AssetSelection.assets("bundle").without_checks(), instance=instance, partition="v0001",
         resources=resources, run_config=only("bundle"),
