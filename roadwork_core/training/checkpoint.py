@@ -54,6 +54,28 @@ def _plain(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {f"{prefix}{k}": v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name): stored in a checkpoint's
+    metadata and checked on load, so a bit flipped at rest is found instead of resumed and shipped."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu")
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], ckpt_dir: Path) -> None:
+    expected = metadata.get("sha256")
+    if expected is not None and tensors_sha256(tensors) != expected:  # checkpoints before the digest: unchecked
+        raise ValueError(
+            f"checkpoint {path} does not match the sha256 written with it: its bytes changed at rest (disk "
+            f"error, an edit by hand), so resuming would train on, and ship, damaged weights; delete {ckpt_dir} "
+            "to start the run from scratch"
+        )
+
+
 def optimizer_state_to_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """optimizer.state_dict() -> (tensors keyed `optim.<param id>.<name>`, JSON-able remainder)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -92,7 +114,8 @@ def save_checkpoint(
         tensors.update(_plain(ema_state, "ema."))
     full_state = {**state, "optimizer": optim_meta, "has_ema": ema_state is not None}
     text = json.dumps(full_state, sort_keys=True)
-    path = atomic_write_bytes(ckpt_dir / LAST, safetensors.torch.save(tensors, metadata={"state": text}))
+    metadata = {"state": text, "sha256": tensors_sha256(tensors)}
+    path = atomic_write_bytes(ckpt_dir / LAST, safetensors.torch.save(tensors, metadata=metadata))
     atomic_write_text(ckpt_dir / STATE, json.dumps(full_state, indent=2, sort_keys=True))
     return path
 
@@ -111,6 +134,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> Checkpoint | None:
         raise ValueError(
             f"checkpoint {path} is unreadable ({exc}); delete {Path(ckpt_dir)} to start the run from scratch"
         ) from exc
+    _verify(path, tensors, metadata, Path(ckpt_dir))
     model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     ema = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
@@ -123,7 +147,8 @@ def load_checkpoint(ckpt_dir: str | Path) -> Checkpoint | None:
 
 
 def save_best(ckpt_dir: str | Path, model_state: dict[str, torch.Tensor], epoch: int) -> Path:
-    data = safetensors.torch.save(_plain(model_state, ""), metadata={"epoch": str(epoch)})
+    tensors = _plain(model_state, "")
+    data = safetensors.torch.save(tensors, metadata={"epoch": str(epoch), "sha256": tensors_sha256(tensors)})
     return atomic_write_bytes(Path(ckpt_dir) / BEST, data)
 
 
@@ -133,10 +158,13 @@ def load_best(ckpt_dir: str | Path, expected_epoch: int) -> dict[str, torch.Tens
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; delete {Path(ckpt_dir)} and rerun the training")
     with safetensors.safe_open(str(path), framework="pt") as f:
-        epoch = int((f.metadata() or {}).get("epoch", -1))
+        metadata = f.metadata() or {}
+    epoch = int(metadata.get("epoch", -1))
     if epoch != expected_epoch:
         raise ValueError(
             f"{path} holds epoch {epoch} but the run state says the best epoch is {expected_epoch} "
             f"(a crash between the two writes); delete {Path(ckpt_dir)} and rerun the training"
         )
-    return safetensors.torch.load_file(str(path))
+    tensors = safetensors.torch.load_file(str(path))
+    _verify(path, tensors, metadata, Path(ckpt_dir))
+    return tensors

@@ -348,3 +348,30 @@ def test_compile_runs_the_training_forward_through_dynamo_and_trains_the_same(ro
     assert captured > 0, "the training forward did not go through torch.compile"
     for key, value in eager.state_dict.items():
         torch.testing.assert_close(compiled.state_dict[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_checkpoint_changed_at_rest_is_refused_not_resumed(tmp_path: Path) -> None:
+    """A bit flipped in best.safetensors was resumed and shipped (the classifier's head bias off by 0.39;
+    every later check passed on the damaged model): both checkpoint files carry a digest of their tensors."""
+    import safetensors.torch
+
+    from roadwork_core.training.checkpoint import LAST, load_best, save_best, save_checkpoint, tensors_sha256
+
+    model = {"head.weight": torch.randn(2, 8), "head.bias": torch.zeros(2), "step": torch.tensor(3)}
+    save_checkpoint(tmp_path, model_state=model, ema_state=None, optimizer_state={"state": {}, "param_groups": []},
+                    state={"epoch": 1})  # fmt: skip
+    save_best(tmp_path, model, epoch=1)
+    assert load_checkpoint(tmp_path).state["epoch"] == 1 and set(load_best(tmp_path, 1)) == set(model)
+    assert tensors_sha256(model) != tensors_sha256({**model, "head.bias": torch.tensor([0.0, 2.0**-20])})
+
+    for name, load in (
+        (LAST, lambda: load_checkpoint(tmp_path)),
+        ("best.safetensors", lambda: load_best(tmp_path, 1)),
+    ):
+        path = tmp_path / name
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x10  # inside the last tensor's bytes: the file still parses
+        path.write_bytes(bytes(data))
+        safetensors.torch.load_file(str(path))
+        with pytest.raises(ValueError, match=r"does not match the sha256 written with it.*delete"):
+            load()
