@@ -77,12 +77,22 @@ class FeatureCache:
         return [feature_cache_key(weights, str(i), view_json) for i in image_ids]
 
     def _read(self, path: Path) -> torch.Tensor | None:
+        """The entry's features, or None (a miss) when it is absent, foreign, unreadable or its bytes no longer
+        match the digest written with it (a flipped bit at rest parsed fine and was served as a hit, so the
+        head trained on damaged features); the recompute overwrites it."""
+        from roadwork_core.training.checkpoint import tensors_sha256
+
         try:
-            return safetensors.torch.load_file(str(path))["feats"]
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                expected = (f.metadata() or {}).get("sha256")
+                feats = f.get_tensor("feats")
         except FileNotFoundError:
             return None
         except Exception:  # a foreign / corrupt file: treat as a miss; the recompute overwrites it
             return None
+        if expected is None or tensors_sha256({"feats": feats}) != expected:
+            return None  # entries written before the digest are recomputed once
+        return feats
 
     @torch.no_grad()
     def get_or_compute(
@@ -100,6 +110,7 @@ class FeatureCache:
         Only missing entries go through the backbone (in eval mode, batches of `batch_size`).
         """
         from roadwork_core.data.loading import CanvasDataset
+        from roadwork_core.training.checkpoint import tensors_sha256
 
         precision_dtype(precision)  # raises on an unknown name
         for col in ("image_id", "uri"):
@@ -132,7 +143,10 @@ class FeatureCache:
                     self.backbone_batches += 1
                     for i, f in zip(index.tolist(), batch_feats.float().cpu()):
                         f = f.contiguous()
-                        atomic_write_bytes(self.path_for(keys[i]), safetensors.torch.save({"feats": f}))
+                        digest = {"sha256": tensors_sha256({"feats": f})}
+                        atomic_write_bytes(
+                            self.path_for(keys[i]), safetensors.torch.save({"feats": f}, metadata=digest)
+                        )
                         feats[i] = f
             finally:
                 model.train(was_training)

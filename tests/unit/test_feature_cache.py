@@ -100,6 +100,13 @@ def test_corrupt_entry_is_recomputed_and_bad_rows_fail(tmp_path: Path) -> None:
     assert not list((tmp_path / "cache").rglob(".tmp-*")), "temporary files left behind"
     with pytest.raises(ValueError, match="uri"):
         cache.get_or_compute(model, rows.drop(columns=["uri"]), "cpu")
+    # a bit flipped at rest: the file still parses, and its features (x2 on one value) were served as a hit
+    path = cache.path_for(key)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last float's exponent bit
+    path.write_bytes(bytes(data))
+    again = cache.get_or_compute(model, rows, "cpu")
+    assert cache.misses == 1 and torch.equal(again, good), "a damaged entry must be recomputed"
 
 
 def test_a_file_replaced_after_hashing_is_refused_not_cached_under_the_old_id(tmp_path: Path) -> None:
