@@ -26,17 +26,73 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Leftovers of writers killed mid-write (SIGKILL, the OOM killer): `.tmp-<name>.*` beside the file or folder they
+# were writing, never read as valid but never removed either (a GB-sized checkpoint each). Every writer holds an
+# exclusive flock on its temporary for as long as it writes; the kernel drops it when the writer dies, however it
+# dies. The first write into a folder in a process removes the temporaries there whose lock it can take.
+_SWEPT_DIRS: set[Path] = set()
+
+
+def _lock(path: Path) -> int:
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def sweep_dead_temporaries(directory: Path) -> list[Path]:
+    """Remove the `.tmp-*` files and folders in `directory` whose writer is gone (their flock can be taken);
+    a live writer's are kept. Returns what was removed."""
+    import fcntl
+
+    removed = []
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(".tmp-")]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held: its writer is alive
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _sweep_once(directory: Path) -> None:
+    if directory not in _SWEPT_DIRS:
+        _SWEPT_DIRS.add(directory)
+        sweep_dead_temporaries(directory)
+
+
 @contextlib.contextmanager
 def _tmp_sibling(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    lock = _lock(tmp_path)
     try:
         yield tmp_path
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -116,13 +172,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
     os.chmod(tmp, DIR_MODE)
+    lock = _lock(tmp)  # on the folder's inode: it moves with the folder, and its swept copy is unlocked
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
         raise
+    try:
+        _swap_in(tmp, path)
+    finally:
+        os.close(lock)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
     if path.exists() and _exchange(tmp, path):
         _fsync_dir(path.parent)
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous directory

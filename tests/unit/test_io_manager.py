@@ -216,3 +216,57 @@ def test_an_unreadable_record_or_undecodable_file_names_the_artifact(tmp_path):
     (dest / "data.parquet").write_bytes(b"not parquet")
     with pytest.raises(ArtifactCorruptError, match="cannot be decoded"):
         read_artifact(dest, verify=False)  # what verification would have caught, decoded anyway
+
+
+_KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from roadwork_core.io import atomic
+folder = Path(sys.argv[1])
+with atomic._tmp_sibling(folder / "last.safetensors") as tmp, atomic.atomic_dir(folder / "artifact") as d:
+    tmp.write_bytes(b"x" * 1000)
+    (d / "half.json").write_text("{")
+    print("WRITING", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_temporaries_of_a_killed_writer_are_swept_and_a_live_writers_kept(tmp_path):
+    """kill -9 mid-write left `.tmp-last.safetensors.*` (14 MB in the audit, GBs for a real checkpoint) and
+    `.tmp-<version>.*` folders for ever; only the IO manager's scratch in $TMPDIR was swept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from roadwork_core.io import atomic
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def writer() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+        )  # fmt: skip
+        assert proc.stdout.readline().strip() == "WRITING"
+        return proc
+
+    dead = writer()
+    dead.send_signal(signal.SIGKILL)
+    dead.wait(timeout=30)
+    left = sorted(p.name.split(".")[1] for p in tmp_path.glob(".tmp-*"))
+    assert left == ["tmp-artifact", "tmp-last"], left  # `.tmp-<name>.<random>`
+    live = writer()
+    try:
+        atomic._SWEPT_DIRS.discard(tmp_path)  # as a new process: the first write into the folder sweeps it
+        atomic_write_bytes(tmp_path / "state.json", b"{}")
+        names = sorted(p.name for p in tmp_path.glob(".tmp-*"))
+        assert len(names) == 2, f"the dead writer's temporaries must go, the live one's stay: {names}"
+        assert all(os.path.exists(tmp_path / n) for n in names)
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    atomic._SWEPT_DIRS.discard(tmp_path)
+    with atomic_dir(tmp_path / "other") as d:
+        (d / "a").write_text("a")
+    assert not list(tmp_path.glob(".tmp-*")), list(tmp_path.glob(".tmp-*"))
