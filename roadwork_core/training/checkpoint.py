@@ -68,7 +68,9 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], ckpt_dir: Path) -> None:
     expected = metadata.get("sha256")
-    if expected is not None and tensors_sha256(tensors) != expected:  # checkpoints before the digest: unchecked
+    if (
+        expected is not None and tensors_sha256(tensors) != expected
+    ):  # checkpoints before the digest: unchecked
         raise ValueError(
             f"checkpoint {path} does not match the sha256 written with it: its bytes changed at rest (disk "
             f"error, an edit by hand), so resuming would train on, and ship, damaged weights; delete {ckpt_dir} "
