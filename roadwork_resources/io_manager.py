@@ -28,7 +28,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from roadwork_core.io import atomic_dir, sha256_file
 
@@ -310,10 +310,58 @@ def _decode(src: Path, record: dict, kind: str) -> Any:
     raise ArtifactTypeError(f"unknown artifact kind {kind!r} in {src / RECORD_FILE}")
 
 
+class PartitionBusyError(RuntimeError):
+    """Another run is materializing the same dataset version in the same store."""
+
+
+def _lock_partition(root: Path, partition: str, run_id: str) -> int:
+    """An exclusive flock on `<root>/.locks/<partition>.lock` for the run's lifetime (the kernel drops it when
+    the process dies, however it dies), naming the run in the file; PartitionBusyError naming the holder."""
+    import datetime as dt
+    import fcntl
+    import hashlib
+
+    folder = root / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = (
+        re.sub(r"[^A-Za-z0-9_.-]", "_", partition) + "-" + hashlib.sha256(partition.encode()).hexdigest()[:8]
+    )
+    path = folder / f"{safe}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
+        os.close(fd)
+        raise PartitionBusyError(
+            f"{holder} is materializing dataset version {partition!r} in {root}; two runs of one version would "
+            "read each other's half-made artifacts (a bundle built from another run's classifier). Wait for it to "
+            "end, then run again (a killed run's lock goes with its process)"
+        ) from None
+    os.ftruncate(fd, 0)
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    os.pwrite(fd, f"run {run_id} (pid {os.getpid()}, since {when})".encode(), 0)
+    return fd
+
+
 class ArtifactIOManager(dg.ConfigurableIOManager):
-    """Stores every asset output as a typed artifact under `root` (see module docstring)."""
+    """Stores every asset output as a typed artifact under `root` (see module docstring). A run of a dataset
+    version holds that version's lock in `root` from its start to its end: a second run of the same version
+    (the CLI beside a sensor's retrain, two UI launches) fails at its start, naming the first."""
 
     root: str
+    _lock_fd: int | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        run = context.dagster_run
+        partition = run.tags.get("dagster/partition") if run is not None else None
+        if partition:
+            self._lock_fd = _lock_partition(Path(self.root), partition, run.run_id)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _path(self, asset_key: dg.AssetKey, partition: str | None) -> Path:
         return Path(self.root).joinpath(*asset_key.path, partition or "__all__")

@@ -270,3 +270,36 @@ def test_temporaries_of_a_killed_writer_are_swept_and_a_live_writers_kept(tmp_pa
     with atomic_dir(tmp_path / "other") as d:
         (d / "a").write_text("a")
     assert not list(tmp_path.glob(".tmp-*")), list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_second_run_of_the_same_version_fails_at_its_start_naming_the_first(tmp_path):
+    """Two `--select '*'` runs of v0001 three seconds apart: one read the other's artifacts and failed late at
+    `bundle` with advice that did not apply (a concurrency audit). Another version runs beside it freely."""
+    import os
+
+    import dagster as dg
+
+    from roadwork_resources.io_manager import ArtifactIOManager, _lock_partition
+
+    versions = dg.StaticPartitionsDefinition(["v0001", "v0002"])
+
+    @dg.asset(partitions_def=versions)
+    def table() -> pd.DataFrame:
+        return pd.DataFrame({"a": [1]})
+
+    io = ArtifactIOManager(root=str(tmp_path / "artifacts"))
+    holder = _lock_partition(tmp_path / "artifacts", "v0001", "1234abcd")  # a run of v0001 in progress
+    try:
+        busy = dg.materialize(
+            [table], partition_key="v0001", resources={"io_manager": io}, raise_on_error=False
+        )
+        assert not busy.success
+        failure = next(e for e in busy.all_events if e.event_type_value == "RESOURCE_INIT_FAILURE")
+        message = str(failure.event_specific_data.error)
+        assert "run 1234abcd (pid" in message and "'v0001'" in message and "Wait for it" in message, message
+        other = dg.materialize([table], partition_key="v0002", resources={"io_manager": io})
+        assert other.success, "another version must not wait"
+    finally:
+        os.close(holder)
+    assert dg.materialize([table], partition_key="v0001", resources={"io_manager": io}).success
+    assert dg.materialize([table], partition_key="v0001", resources={"io_manager": io}).success, "lock kept"
