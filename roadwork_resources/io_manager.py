@@ -137,10 +137,16 @@ def _write_error(dest: Path, exc: Exception) -> OSError:
         found = re.search(r"os error (\d+)", str(exc))
         code = int(found.group(1)) if found else errno.EIO
     reason = os.strerror(code) if code else str(exc)
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f"make {dest.parent} writable by the user the runs run as (uid {os.getuid()}) and rerun"
+    elif code == errno.EFBIG:
+        fix = "raise the file size limit (`ulimit -f`; the weights alone can be GBs) and rerun"
+    else:  # ENOSPC, EDQUOT, EIO and the rest
+        fix = f"free space under {dest.parent} (or raise the quota) and rerun"
     return OSError(
         code,
         f"could not write the artifact {dest}: {reason} ({type(exc).__name__}: {exc}); nothing was "
-        f"replaced, the previous artifact there (if any) is intact. Free space under {dest.parent} and rerun",
+        f"replaced, the previous artifact there (if any) is intact. Fix: {fix}",
     )
 
 

@@ -230,9 +230,31 @@ def test_enospc_inside_write_artifact_names_the_artifact(tmp_path, monkeypatch) 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", _raise_enospc)
     with pytest.raises(OSError, match=str(dest)) as info:
         write_artifact(dest, pd.DataFrame({"x": [1, 2, 3]}))
-    assert info.value.errno == errno.ENOSPC
+    assert info.value.errno == errno.ENOSPC and "Fix: free space under" in str(info.value)
     assert read_artifact(dest) == {"kind": "temperature", "t": 1.5}, "previous artifact changed"
     assert [p.name for p in dest.parent.iterdir()] == ["v0001"], "temp dir left behind"
+
+
+@pytest.mark.parametrize(
+    "code, fix",
+    [
+        (errno.EROFS, "writable by the user"),
+        (errno.EACCES, "writable by the user"),
+        (errno.EFBIG, "ulimit -f"),
+    ],
+)
+def test_a_failed_artifact_write_gives_the_fix_for_its_cause(tmp_path, monkeypatch, code, fix) -> None:
+    """A read-only folder was told to free space (an audit with a read-only bind mount)."""
+
+    def fail(*_a, **_k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", fail)
+    with pytest.raises(OSError) as info:
+        write_artifact(tmp_path / "calibrator" / "v0001", pd.DataFrame({"x": [1]}))
+    assert info.value.errno == code and fix in str(info.value) and "free space" not in str(info.value), (
+        info.value
+    )
 
 
 @pytest.mark.parametrize(
