@@ -336,7 +336,7 @@ def _lock_partition(root: Path, partition: str, run_id: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
         os.close(fd)
         raise PartitionBusyError(
@@ -344,6 +344,9 @@ def _lock_partition(root: Path, partition: str, run_id: str) -> int:
             "read each other's half-made artifacts (a bundle built from another run's classifier). Wait for it to "
             "end, then run again (a killed run's lock goes with its process)"
         ) from None
+    except OSError:  # a file system without flock (ENOLCK on some network mounts): run unlocked, as before
+        os.close(fd)
+        return -1
     os.ftruncate(fd, 0)
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     os.pwrite(fd, f"run {run_id} (pid {os.getpid()}, since {when})".encode(), 0)
@@ -366,7 +369,8 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
             self._lock_fd = None
 
     def _path(self, asset_key: dg.AssetKey, partition: str | None) -> Path:

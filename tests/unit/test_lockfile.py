@@ -99,10 +99,19 @@ def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_make_quotes_state_paths_and_makes_them_absolute(tmp_path: Path) -> None:
     """`make clean-state` in a checkout under "rw v2" ran `rm -rf /x/rw v2/state data`, deleting the
     sibling folder /x/rw; `make demo ROADWORK_STATE=st` died on a relative DAGSTER_HOME."""
+    import os
+
+    unset = (
+        "ROADWORK_STATE",
+        "ROADWORK_INBOX",
+        "DAGSTER_HOME",
+        "MLFLOW_TRACKING_URI",
+    )  # `make test` exports them
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     spaced = tmp_path / "rw v2" / "state"
-    dry = _make("-n", "clean-state", f"ROADWORK_STATE={spaced}")
+    dry = _make("-n", "clean-state", f"ROADWORK_STATE={spaced}", env=env)
     assert f'rm -rf -- "{spaced}" data' in dry.stdout, dry.stdout + dry.stderr
-    relative = _make("-n", "home", "ROADWORK_STATE=st")
+    relative = _make("-n", "home", "ROADWORK_STATE=st", env=env)
     assert f'mkdir -p "{REPO / "st" / "dagster_home"}"' in relative.stdout, relative.stdout + relative.stderr
 
 
