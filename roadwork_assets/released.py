@@ -111,13 +111,27 @@ def released_bundles(
     version first (`version_key`), and within a version the newest release first. Materializing an older
     version's bundle again (a re-run for a report, a backfill) therefore never makes it the release that
     `serve --latest` swaps in over a model trained on more data; serve that bundle's path to choose it."""
+    live = _live_versions(instance)
+    if partition is not None and partition not in live:
+        return []  # a deleted version's bundle is no release: it must not serve or be the production model
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=BUNDLE_KEY, asset_partitions=[partition] if partition else None),
         limit=scan,
     ).records  # newest first
     return newest_version_first(
-        [released for record in records if (released := _as_released(instance, record)) is not None]
+        [
+            released
+            for record in records
+            if record.partition_key in live and (released := _as_released(instance, record)) is not None
+        ]
     )
+
+
+def _live_versions(instance: dg.DagsterInstance) -> set[str]:
+    """The dataset versions that still exist: Dagster keeps a deleted dynamic partition's materializations."""
+    from roadwork_assets.partitions import dataset_version
+
+    return set(instance.get_dynamic_partitions(dataset_version.name))
 
 
 def newest_version_first(found: list[ReleasedBundle]) -> list[ReleasedBundle]:
@@ -144,7 +158,9 @@ def released_bundle(instance: dg.DagsterInstance, partition: str | None = None) 
 def _bundle_versions_newest_first(instance: dg.DagsterInstance) -> list[str]:
     from roadwork_core.data.drops import version_key
 
-    return sorted(instance.get_materialized_partitions(BUNDLE_KEY), key=version_key, reverse=True)
+    live = _live_versions(instance)
+    versions = [v for v in instance.get_materialized_partitions(BUNDLE_KEY) if v in live]
+    return sorted(versions, key=version_key, reverse=True)
 
 
 def _candidate(released: ReleasedBundle):

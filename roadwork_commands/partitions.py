@@ -47,10 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "delete":
         if not args.versions:
             parser.error("delete needs at least one version name")
+        from roadwork_assets.released import released_bundle
+
         gone = [v for v in args.versions if instance.has_dynamic_partition(dataset_version.name, v)]
+        before = released_bundle(instance)
         for version in gone:
             instance.delete_dynamic_partition(dataset_version.name, version)
         print(f"deleted {gone or 'nothing (none present)'}")
+        if before is not None and before.partition in gone:
+            after = released_bundle(instance)
+            print(
+                f"note: {before.partition}'s bundle was the release `roadwork serve --latest` served; it no longer "
+                "is: "
+                + (
+                    f"the release of {after.partition} (run {after.run_id[:8]}) takes over"
+                    if after
+                    else "no release is left"
+                )
+            )
         split = set(instance.get_materialized_partitions(dg.AssetKey("splits")))
         for version in (v for v in gone if v in split):
             print(

@@ -403,6 +403,35 @@ def test_many_rematerializations_of_an_old_version_do_not_hide_the_newest_releas
         assert rel.released_bundle(instance).partition == "v0002"
 
 
+def test_a_deleted_versions_bundle_is_no_longer_the_release(monkeypatch, capsys):
+    """`partitions delete v0002` left v0002's bundle the release: serve --latest kept serving it, it stayed the
+    MLflow production model and the drift reference (a Dagster power-user audit)."""
+    import dagster as dg
+
+    from roadwork_assets import released as rel
+    from roadwork_assets.partitions import dataset_version
+    from roadwork_commands import partitions
+
+    def as_released(_instance, record):  # every materialization counts as a release here
+        return rel.ReleasedBundle(
+            record.partition_key, Path("/b"), "id", "", "run-" + record.partition_key, 1
+        )
+
+    monkeypatch.setattr(rel, "_as_released", as_released)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions(dataset_version.name, ["v0001", "v0002"])
+        for version in ["v0001", "v0002"]:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key="bundle", partition=version)
+            )
+        assert rel.released_bundle(instance).partition == "v0002"
+        monkeypatch.setattr(dg.DagsterInstance, "get", staticmethod(lambda: instance))
+        partitions.main(["delete", "v0002"])
+        assert rel.released_bundle(instance).partition == "v0001"
+        assert rel.released_bundles(instance, "v0002") == []
+        assert "the release of v0001 (run run-v000) takes over" in capsys.readouterr().out
+
+
 def test_a_bundle_check_that_passes_when_executed_again_releases_that_bundle(tmp_path):
     """Run 1's reproduction check failed (its cause fixed since); the check executed again alone, or the run
     re-executed from failure, passes against the same materialization: that bundle is released (serve
