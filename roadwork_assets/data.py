@@ -445,10 +445,14 @@ SPLIT_CHECKS = [
 ]
 
 
-def failed_split_checks(instance: dg.DagsterInstance, partition: str) -> tuple[str | None, list[str]]:
-    """(run id, names) of the blocking checks of `splits` whose latest evaluation on the latest `splits`
-    materialization of `partition` failed. The latest counts: a check executed again later (from the UI,
-    after a split setting changed) and passing clears it."""
+def failed_split_checks(
+    instance: dg.DagsterInstance, partition: str
+) -> tuple[str | None, list[str], list[str]]:
+    """(run id, failed, not run): the blocking checks of `splits` whose latest evaluation on the latest
+    `splits` materialization of `partition` failed, and those never evaluated on it (a run that selected
+    `splits` without its checks: a GraphQL launch with no check selected, `.without_checks()`, a step subset).
+    The latest counts: a check executed again later (from the UI, after a split setting changed) and passing
+    clears it."""
     from dagster._core.event_api import PartitionKeyFilter  # the storage's own filter (no public alias yet)
 
     key = dg.AssetKey("splits")
@@ -456,10 +460,10 @@ def failed_split_checks(instance: dg.DagsterInstance, partition: str) -> tuple[s
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
     ).records
     if not records:
-        return None, []
+        return None, [], []
     materialization = records[0]
     blocking = sorted({spec.name for checks in SPLIT_CHECKS for spec in checks.check_specs if spec.blocking})
-    failed, failed_in = [], materialization.run_id
+    failed, failed_in, evaluated = [], materialization.run_id, set()
     for name in blocking:
         history = instance.event_log_storage.get_asset_check_execution_history(
             dg.AssetCheckKey(key, name), limit=20, partition_filter=PartitionKeyFilter(key=partition)
@@ -482,23 +486,33 @@ def failed_split_checks(instance: dg.DagsterInstance, partition: str) -> tuple[s
                 else record.run_id == materialization.run_id
             )
             if on_this:
+                evaluated.add(name)
                 if not evaluation.passed:
                     failed.append(name)
                     failed_in = record.run_id
                 break
-    return failed_in, failed
+    return failed_in, failed, [name for name in blocking if name not in evaluated]
 
 
 def require_green_splits(context: dg.AssetExecutionContext) -> None:
     """Every asset that reads `splits` calls this first: a blocking check stops downstream steps in the run
     that failed it, but a later run selecting only downstream assets (`--select 'classifier*'`) would
     otherwise train and release on splits the contract rejected."""
-    run_id, failed = failed_split_checks(context.instance, context.partition_key)
+    run_id, failed, not_run = failed_split_checks(context.instance, context.partition_key)
     if failed:
         raise dg.Failure(
             description=(
                 f"the splits of {context.partition_key} failed their blocking check(s) {failed} (run {run_id[:8]}); "
                 "nothing may train, calibrate or release on them. Fix the drop or the split settings and "
                 "materialize `splits` again (its checks run with it)"
+            )
+        )
+    if not_run:
+        raise dg.Failure(
+            description=(
+                f"the splits of {context.partition_key} (run {run_id[:8]}) were materialized without their blocking "
+                f"check(s) {not_run}: nothing may train, calibrate or release on splits the contract has not "
+                "passed. Execute them (UI: asset `splits`, Checks, Execute) or materialize `splits` again with "
+                f"its checks: dagster asset materialize --select splits --partition {context.partition_key}"
             )
         )

@@ -327,7 +327,18 @@ def test_a_later_run_of_downstream_assets_refuses_splits_whose_blocking_check_fa
     assert _checks(again) == {"check_min_per_class@splits": True}
     from roadwork_assets.data import failed_split_checks
 
-    assert failed_split_checks(instance, "v0001")[1] == [], "the latest evaluation decides"
+    assert failed_split_checks(instance, "v0001")[1:] == ([], []), "the latest evaluation decides"
+
+    # splits made again without their checks (a launch with no check selected): no evaluation is no pass
+    unchecked = materialize(dg.AssetSelection.assets("splits").without_checks(), instance=instance, partition="v0001", resources=resources, run_config=config)  # fmt: skip
+    assert unchecked.success and not _checks(unchecked)
+    third = materialize(["explora_backbone"], instance=instance, partition="v0001", resources=resources, run_config={**config, "ops": {"explora_backbone": {"config": explora}}})  # fmt: skip
+    assert not third.success
+    failure = next(ev for ev in third.all_events if ev.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert (
+        "were materialized without their blocking check(s)" in message and "check_min_per_class" in message
+    ), message
 
 
 def test_a_choice_misspelt_in_the_run_config_is_refused_before_any_step(tiny_inbox, rw_home):
