@@ -103,7 +103,29 @@ def late_versions(instance: dg.DagsterInstance, versions: list[str]) -> dict[str
     return {v: newest for v in versions if v not in done and version_key(v) < version_key(newest)}
 
 
-def late_version_message(version: str, newest: str) -> str:
+def held_drops(instance: dg.DagsterInstance) -> dict[str, str]:
+    """drop -> the newest split version whose latest image table holds it. A drop without a partition of its
+    own (v0002 never added, v0003 split) is part of that version, not late: leaving it out of v0004 made v0004
+    fail with v0002 'withdrawn' from v0003, and the advised rename would have withdrawn it for good."""
+    from roadwork_core.data.drops import version_key
+
+    held: dict[str, str] = {}
+    for version in sorted(instance.get_materialized_partitions(dg.AssetKey("splits")), key=version_key):
+        for drop in (
+            latest_materialization_metadata(instance, dg.AssetKey("image_table"), version).get("drops") or []
+        ):
+            held[str(drop)] = version
+    return held
+
+
+def late_version_message(version: str, newest: str, held_by: str | None = None) -> str:
+    if held_by is not None:
+        return (
+            f"dataset version {version} cannot be split on its own: its drop is already part of {held_by}'s "
+            f"image table, which was split (its images have their splits there, and in every later version). "
+            f"Delete the partition: python -m roadwork_commands.partitions delete {version}; materialize "
+            f"{held_by} or a later version to train on it"
+        )
     return (
         f"dataset version {version} arrived after {newest}, which sorts after it, was already split: splitting it "
         f"now would let {newest}'s splits be rebuilt on it and move images that {newest} already placed. Rename "

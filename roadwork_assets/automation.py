@@ -12,7 +12,7 @@ from typing import TypeVar
 import dagster as dg
 import yaml
 
-from roadwork_assets._util import late_version_message, late_versions
+from roadwork_assets._util import held_drops, late_version_message, late_versions
 from roadwork_assets.monitoring import (
     DRIFT_REPORT,
     drift_job,
@@ -187,10 +187,14 @@ def new_drop_sensor(
     new = sorted([*new, *again], key=version_key)
     # A drop folder whose name cannot be a partition key, or that sorts before a version already split (a late
     # drop: splitting it would let that version's splits move), is named on every tick until it is renamed.
+    # a drop without a partition of its own that a split version's image table holds is trained with that
+    # version: not new, not late
+    held = held_drops(context.instance)
+    new = [v for v in new if v not in held or context.instance.has_dynamic_partition(dataset_version.name, v)]
     late = late_versions(context.instance, new)
     new = [v for v in new if v not in late]
     problems = [f"drop folder '{name}' {why}" for name, why in dataset.unusable_drops().items()]
-    problems += [late_version_message(v, newest) for v, newest in late.items()]
+    problems += [late_version_message(v, newest, held_by=held.get(v)) for v, newest in late.items()]
     unusable = "; ".join(problems)
     if unusable:
         context.log.warning(unusable)

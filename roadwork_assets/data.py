@@ -5,6 +5,7 @@ import pandas as pd
 from pydantic import Field
 
 from roadwork_assets._util import (
+    held_drops,
     late_version_message,
     late_versions,
     latest_materialization_metadata,
@@ -79,7 +80,11 @@ def image_table(
     # a late drop (it sorts before a version that already has splits, and has none) is left out of every
     # version until it is renamed, as the sensor's message says: a later version that took it in made the
     # advised rename fail as a withdrawn drop
-    late = late_versions(context.instance, [p.name for p in drops if p.name != context.partition_key])
+    held = held_drops(
+        context.instance
+    )  # a drop a split version's table already holds is part of it, not late
+    candidates = [p.name for p in drops if p.name != context.partition_key and p.name not in held]
+    late = late_versions(context.instance, candidates)
     if late:
         context.log.warning(
             "late drops left out (rename each so it sorts after the newest split version): "
@@ -277,7 +282,8 @@ def _with_own_history(previous: pd.DataFrame | None, own: pd.DataFrame | None) -
 def refuse_late_version(instance: dg.DagsterInstance, version: str) -> None:
     late = late_versions(instance, [version])
     if late:
-        raise dg.Failure(description=late_version_message(version, late[version]))
+        holder = held_drops(instance).get(version)
+        raise dg.Failure(description=late_version_message(version, late[version], held_by=holder))
 
 
 def _require_earlier_splits(context: dg.AssetExecutionContext, prev_version: str | None) -> None:

@@ -291,6 +291,52 @@ def test_a_late_drop_is_refused_and_a_version_split_again_keeps_every_split(tmp_
     assert renamed.success, [str(e.event_specific_data.error)[:500] for e in renamed.all_events if e.event_type_value == "STEP_FAILURE"]  # fmt: skip
 
 
+def test_a_drop_without_a_partition_of_its_own_is_part_of_the_version_that_took_it_in(tmp_path, rw_home):
+    """v0002 was never added as a partition (a version holds every drop up to it); v0003 was split with it. It
+    counted as late: v0004 left it out and failed with v0002 'withdrawn' from v0003, and so did v0003 split
+    again; the sensor advised a rename that would withdraw it for good (a Dagster power-user audit)."""
+    from roadwork_assets.automation import new_drop_sensor
+    from roadwork_core.data.synthetic import make_demo_drop
+    from roadwork_resources.dataset import DatasetSource
+    from roadwork_resources.settings import RetrainSettings
+
+    inbox = tmp_path / "inbox"
+    for i, version in enumerate(("v0001", "v0002", "v0003")):
+        make_demo_drop(inbox, version, n=24, seed=40 + i)
+    instance = _instance("v0001")
+    instance.add_dynamic_partitions(dataset_version.name, ["v0003"])
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = {"resources": tiny_run_config()["resources"]}
+    config["resources"]["split_settings"]["config"].update({"balance_tolerance": 0.5, "min_per_class": 1})
+
+    def split(version: str):
+        return materialize(["image_table", "splits"], instance=instance, partition=version, resources=resources, run_config=config)  # fmt: skip
+
+    assert split("v0001").success and split("v0003").success
+    make_demo_drop(inbox, "v0004", n=24, seed=44)
+    instance.add_dynamic_partitions(dataset_version.name, ["v0004"])
+    v4 = split("v0004")
+    assert v4.success, [str(e.event_specific_data.error)[:400] for e in v4.all_events if e.event_type_value == "STEP_FAILURE"]  # fmt: skip
+    meta = instance.get_latest_materialization_event(
+        dg.AssetKey("image_table")
+    ).asset_materialization.metadata
+    assert meta["drops"].value == ["v0001", "v0002", "v0003", "v0004"], meta["drops"].value
+    assert split("v0003").success, "v0003 split again"
+    tick = new_drop_sensor(
+        dg.build_sensor_context(
+            instance=instance,
+            cursor='["v0001", "v0003", "v0004"]',
+            resources={"dataset": DatasetSource(inbox=str(inbox)), "retrain": RetrainSettings()},
+        )
+    )
+    assert isinstance(tick, dg.SkipReason) and "v0002" not in tick.skip_message, tick
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002"])  # as the UI could: refused, with the fix
+    alone = split("v0002")
+    failure = next(ev for ev in alone.all_events if ev.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert "already part of v0004's image table" in message and "partitions delete v0002" in message, message
+
+
 def test_a_later_run_of_downstream_assets_refuses_splits_whose_blocking_check_failed(tiny_inbox, rw_home):
     """Run 1 stops after `splits` (a blocking check fails); run 2 selects only `explora_backbone`, whose
     input is that same splits materialization: it must refuse, not train (and later release) on it."""
