@@ -313,9 +313,17 @@ def _write_cursor(launched: dict[str, str | None], settling: dict[str, str]) -> 
 
 
 def _latest_version(instance: dg.DagsterInstance) -> str | None:
-    from roadwork_core.data.drops import version_key
+    """The newest dataset version to retrain, passing over a partition whose drop folder is still being
+    uploaded (there, but without `_READY`: added from the UI early). Its run could only fail ('not a ready
+    drop'), and the schedule and drift retrains never reached the real newest version while it stood."""
+    from roadwork_core.data.drops import READY, version_key
 
-    versions = instance.get_dynamic_partitions(dataset_version.name)
+    inbox = as_runs_see_it(DatasetSource(), "dataset").inbox_path
+    versions = [
+        v
+        for v in instance.get_dynamic_partitions(dataset_version.name)
+        if not ((inbox / v).is_dir() and not (inbox / v / READY).is_file())
+    ]
     return max(versions, key=version_key) if versions else None
 
 

@@ -397,6 +397,15 @@ def test_assets_order_versions_naturally(monkeypatch: pytest.MonkeyPatch) -> Non
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions(dataset_version.name, ["v1", "v10", "v2", "v9"])
         assert automation._latest_version(instance) == "v10", "weekly_retrain retrains the newest version"
+        # v11 added from the UI while its drop is still uploading (no _READY yet): passed over, not retrained
+        monkeypatch.setenv("ROADWORK_INBOX", str(tmp_inbox := Path(instance.root_directory) / "inbox"))
+        (tmp_inbox / "v11").mkdir(parents=True)
+        instance.add_dynamic_partitions(dataset_version.name, ["v11"])
+        assert automation._latest_version(instance) == "v10", (
+            "a drop still uploading is not the newest version"
+        )
+        (tmp_inbox / "v11" / "_READY").write_text("v11\n")
+        assert automation._latest_version(instance) == "v11"
 
         # the previous version with an artifact: every version has one here
         monkeypatch.setattr(_util, "latest_materialization_metadata", lambda _i, _k, v: {"path": f"/a/{v}"})
