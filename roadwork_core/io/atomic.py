@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -33,12 +33,39 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 _SWEPT_DIRS: set[Path] = set()
 
 
-def _lock(path: Path) -> int:
+def _locked_temporary(make: Callable[[], Path], beside: Path) -> tuple[Path, int]:
+    """A new temporary from `make()` with this process's flock on it (fd returned; -1 where the file system
+    has no flock, ENOLCK on some network mounts: then nothing is locked and nothing is swept). A sweep by
+    another process can remove a temporary in the moment between its creation and its lock; the lock is then
+    on a removed inode, which the inode check finds, and a new temporary is made."""
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    for _ in range(20):
+        tmp = make()
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # swept before it could be locked
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            return tmp, -1
+        try:
+            same = os.stat(tmp).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return tmp, fd
+        os.close(fd)
+    raise OSError(
+        errno.EAGAIN, f"could not keep a temporary beside {beside}: removed 20 times before it was locked"
+    )
+
+
+def _unlock(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
 
 
 def sweep_dead_temporaries(directory: Path) -> list[Path]:
@@ -82,17 +109,20 @@ def _sweep_once(directory: Path) -> None:
 def _tmp_sibling(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    lock = _lock(tmp_path)
+
+    def make() -> Path:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+        os.close(fd)
+        return Path(tmp)
+
+    tmp_path, lock = _locked_temporary(make, path)
     try:
         yield tmp_path
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     finally:
-        os.close(lock)
+        _unlock(lock)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -173,19 +203,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
-    os.chmod(tmp, DIR_MODE)
-    lock = _lock(tmp)  # on the folder's inode: it moves with the folder, and its swept copy is unlocked
+    # locked on the folder's inode: the lock moves with the folder, and the swapped-out old one is unlocked
+    tmp, lock = _locked_temporary(
+        lambda: Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent)), path
+    )
     try:
+        os.chmod(tmp, DIR_MODE)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.close(lock)
+        _unlock(lock)
         raise
     try:
         _swap_in(tmp, path)
     finally:
-        os.close(lock)
+        _unlock(lock)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

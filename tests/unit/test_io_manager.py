@@ -303,3 +303,51 @@ def test_a_second_run_of_the_same_version_fails_at_its_start_naming_the_first(tm
         os.close(holder)
     assert dg.materialize([table], partition_key="v0001", resources={"io_manager": io}).success
     assert dg.materialize([table], partition_key="v0001", resources={"io_manager": io}).success, "lock kept"
+
+
+def test_a_sweep_in_the_moment_before_the_lock_does_not_fail_the_write(tmp_path, monkeypatch):
+    """A temporary was visible and unlocked between its creation and its flock: another process's first write
+    into the folder swept it, and the write failed with FileNotFoundError (1 in 40,000 feature-cache writes of
+    two runs at once; a review of the sweep)."""
+    import tempfile
+
+    from roadwork_core.io import atomic
+
+    real_mkstemp, real_mkdtemp, swept = tempfile.mkstemp, tempfile.mkdtemp, []
+
+    def mkstemp(*a, **k):
+        made = real_mkstemp(*a, **k)
+        if not swept:  # another process sweeps right now, once
+            swept.extend(atomic.sweep_dead_temporaries(Path(k["dir"])))
+        return made
+
+    def mkdtemp(*a, **k):
+        made = real_mkdtemp(*a, **k)
+        if len(swept) < 2:
+            swept.extend(atomic.sweep_dead_temporaries(Path(k["dir"])))
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    atomic_write_bytes(tmp_path / "f.bin", b"data")
+    with atomic_dir(tmp_path / "art") as d:
+        (d / "a.json").write_text("{}")
+    assert len(swept) == 2, swept  # each first temporary was removed under its writer
+    assert (tmp_path / "f.bin").read_bytes() == b"data" and (tmp_path / "art" / "a.json").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_atomic_writes_work_where_the_file_system_has_no_flock(tmp_path, monkeypatch):
+    """ENOLCK (some network mounts): every atomic write failed and left its temporary behind."""
+    import errno
+    import fcntl
+
+    def no_locks(*_a, **_k):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    atomic_write_bytes(tmp_path / "x.bin", b"1")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "a").write_text("a")
+    assert (tmp_path / "x.bin").read_bytes() == b"1" and (tmp_path / "d" / "a").read_text() == "a"
+    assert not list(tmp_path.glob(".tmp-*"))
