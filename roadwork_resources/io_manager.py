@@ -321,8 +321,10 @@ class PartitionBusyError(RuntimeError):
 
 
 def _lock_partition(root: Path, partition: str, run_id: str) -> int:
-    """An exclusive flock on `<root>/.locks/<partition>.lock` for the run's lifetime (the kernel drops it when
-    the process dies, however it dies), naming the run in the file; PartitionBusyError naming the holder."""
+    """An exclusive POSIX record lock (`lockf`) on `<root>/.locks/<partition>.lock` for the run's lifetime,
+    naming the run in the file; PartitionBusyError naming the holder. The kernel drops it when the process
+    dies, however it dies; unlike a `flock` it is not shared with forked children (DataLoader workers), which
+    would hold it after a killed run until they noticed. Runs in one process do not exclude each other."""
     import datetime as dt
     import fcntl
     import hashlib
@@ -335,8 +337,11 @@ def _lock_partition(root: Path, partition: str, run_id: str) -> int:
     path = folder / f"{safe}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):  # no locks on this file system (ENOLCK): unlocked
+            os.close(fd)
+            return -1
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
         os.close(fd)
         raise PartitionBusyError(
@@ -344,9 +349,6 @@ def _lock_partition(root: Path, partition: str, run_id: str) -> int:
             "read each other's half-made artifacts (a bundle built from another run's classifier). Wait for it to "
             "end, then run again (a killed run's lock goes with its process)"
         ) from None
-    except OSError:  # a file system without flock (ENOLCK on some network mounts): run unlocked, as before
-        os.close(fd)
-        return -1
     os.ftruncate(fd, 0)
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     os.pwrite(fd, f"run {run_id} (pid {os.getpid()}, since {when})".encode(), 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -272,14 +273,32 @@ def test_temporaries_of_a_killed_writer_are_swept_and_a_live_writers_kept(tmp_pa
     assert not list(tmp_path.glob(".tmp-*")), list(tmp_path.glob(".tmp-*"))
 
 
+_VERSION_HOLDER = """
+import os, sys, time
+from pathlib import Path
+from roadwork_resources.io_manager import _lock_partition
+_lock_partition(Path(sys.argv[1]), "v0001", "1234abcd")
+worker = os.fork()  # as a DataLoader worker is forked by a training run
+if worker == 0:
+    time.sleep(120)
+    os._exit(0)
+print(worker, flush=True)
+time.sleep(120)
+"""
+
+
 def test_a_second_run_of_the_same_version_fails_at_its_start_naming_the_first(tmp_path):
     """Two `--select '*'` runs of v0001 three seconds apart: one read the other's artifacts and failed late at
-    `bundle` with advice that did not apply (a concurrency audit). Another version runs beside it freely."""
+    `bundle` with advice that did not apply (a concurrency audit). Another version runs beside it freely, and a
+    killed run's lock goes with it at once, though its forked DataLoader workers live on a moment longer."""
     import os
+    import signal
+    import subprocess
+    import sys
 
     import dagster as dg
 
-    from roadwork_resources.io_manager import ArtifactIOManager, _lock_partition
+    from roadwork_resources.io_manager import ArtifactIOManager
 
     versions = dg.StaticPartitionsDefinition(["v0001", "v0002"])
 
@@ -287,8 +306,14 @@ def test_a_second_run_of_the_same_version_fails_at_its_start_naming_the_first(tm
     def table() -> pd.DataFrame:
         return pd.DataFrame({"a": [1]})
 
-    io = ArtifactIOManager(root=str(tmp_path / "artifacts"))
-    holder = _lock_partition(tmp_path / "artifacts", "v0001", "1234abcd")  # a run of v0001 in progress
+    root = tmp_path / "artifacts"
+    io = ArtifactIOManager(root=str(root))
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.Popen(
+        [sys.executable, "-c", _VERSION_HOLDER, str(root)], cwd=repo, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    worker = int(run.stdout.readline())
     try:
         busy = dg.materialize(
             [table], partition_key="v0001", resources={"io_manager": io}, raise_on_error=False
@@ -299,9 +324,18 @@ def test_a_second_run_of_the_same_version_fails_at_its_start_naming_the_first(tm
         assert "run 1234abcd (pid" in message and "'v0001'" in message and "Wait for it" in message, message
         other = dg.materialize([table], partition_key="v0002", resources={"io_manager": io})
         assert other.success, "another version must not wait"
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
+        os.kill(worker, 0)  # the forked worker still lives ...
+        after = dg.materialize(
+            [table], partition_key="v0001", resources={"io_manager": io}, raise_on_error=False
+        )
+        assert after.success, "... and the killed run's lock went with the run"
     finally:
-        os.close(holder)
-    assert dg.materialize([table], partition_key="v0001", resources={"io_manager": io}).success
+        run.kill()
+        run.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
     assert dg.materialize([table], partition_key="v0001", resources={"io_manager": io}).success, "lock kept"
 
 
