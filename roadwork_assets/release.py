@@ -139,6 +139,15 @@ def _keep_release_copy(
         linked_copy(out, dest)
     released = released_bundles(context.instance, context.partition_key)
     keep = {bundle_id, *(r.bundle_id for r in released[:1])}
+    for release in released[:1]:  # a release recorded before releases had copies: copied now, while it is whole
+        own = root / release.bundle_id
+        if release.path != own and not own.is_dir() and release.path.is_dir():
+            try:
+                whole = verify_bundle(release.path).content_sha256 == release.bundle_id
+            except Exception:  # noqa: BLE001  already replaced or damaged: nothing to keep
+                whole = False
+            if whole:
+                linked_copy(release.path, own)
     for old in root.iterdir():
         if old.is_dir() and old.name not in keep and not old.name.startswith(".tmp-"):
             shutil.rmtree(old, ignore_errors=True)

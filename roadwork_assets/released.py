@@ -94,14 +94,24 @@ def _as_released(instance: dg.DagsterInstance, record) -> ReleasedBundle | None:
         return None
     return ReleasedBundle(
         partition=record.partition_key,
-        # the bundle's own copy (`bundle_path`), which a later bundle of the partition cannot overwrite; the
-        # IO manager's directory for releases recorded before it (`dir`: its directory kind)
-        path=Path(meta["bundle_path"]) if meta.get("bundle_path") else Path(meta["path"]) / "dir",
+        path=_release_path(meta, record.partition_key),
         bundle_id=str(meta["bundle_id"]),
         source_fingerprint=str(meta.get("source_fingerprint") or ""),
         run_id=record.run_id,
         storage_id=record.storage_id,
     )
+
+
+def _release_path(meta: dict, partition: str) -> Path:
+    """The bundle's own copy (`bundle_path`), which a later bundle of the partition cannot overwrite. A release
+    recorded before copies existed: the copy the next bundle of its version made of it
+    (`<state>/releases/bundle/<version>/<bundle id>`, beside `<state>/artifacts/bundle/<version>`), else the IO
+    manager's directory (`dir`: its directory kind)."""
+    if meta.get("bundle_path"):
+        return Path(meta["bundle_path"])
+    artifact = Path(meta["path"])
+    copy = artifact.parents[2] / "releases" / "bundle" / partition / str(meta["bundle_id"])
+    return copy if copy.is_dir() else artifact / "dir"
 
 
 def released_bundles(

@@ -302,11 +302,14 @@ def select_mcc(prob: Tensor, label: Tensor) -> float:
     """The val_select MCC that picks the best epoch, at p > 0.5. 0 when the predictions hold one class
     (sklearn's and the validator's convention: torchmetrics gives +0.28 to a constant 'roadwork' model on
     7 positives of 10, so such an epoch could win); -1 where undefined (one label class), never "best"."""
+    positives = int(label.sum())
+    if positives in (0, len(label)):
+        return -1.0  # torchmetrics gives +1 to a constant model that matches the one class
     mcc = BinaryMatthewsCorrCoef()
     mcc.update(prob, label)
     value = float(mcc.compute())
     predicted = int((prob > 0.5).sum())
-    if 0 in (predicted, len(prob) - predicted) and 0 < int(label.sum()) < len(label):
+    if predicted in (0, len(prob)):
         value = 0.0
     return -1.0 if math.isnan(value) else value
 

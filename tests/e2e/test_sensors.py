@@ -417,6 +417,37 @@ def test_drift_job_refuses_a_release_whose_directory_now_holds_another_bundle(
     assert "release of v0001" in message and "answer.json" in message, message
 
 
+def test_a_release_recorded_before_copies_survives_the_next_bundle_of_its_version(
+    drift_world, tmp_path, monkeypatch
+):
+    """A release whose materialization has no `bundle_path` (recorded by the code before release copies) still
+    pointed at artifacts/bundle/<v>/dir, which the version's next bundle replaces (a review of the fix)."""
+    import shutil
+
+    from roadwork_assets.release import _keep_release_copy
+    from roadwork_assets.released import released_bundle
+    from roadwork_core.bundle.verify import verify_bundle
+    from roadwork_resources.artifact_store import ArtifactStore
+
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    instance = _released_instance(drift_world, tmp_path)  # recorded with path + bundle_id only
+    before = released_bundle(instance)
+    assert before.path == tmp_path / "artifacts" / "bundle" / "v0001" / "dir", before.path
+    newer = tmp_path / "newer"
+    shutil.copytree(drift_world["bundle"], newer)  # the next bundle of v0001 (its id stands in below)
+    context = dg.build_asset_context(instance=instance, partition_key="v0001")
+    _keep_release_copy(context, ArtifactStore(root=str(tmp_path)), newer, "f" * 64)
+    other = (
+        tmp_path / "elsewhere"
+    )  # the next bundle's files, as the IO manager writes them over the release's
+    other.mkdir()
+    (other / "manifest.json").write_text("{}")
+    write_artifact(tmp_path / "artifacts" / "bundle" / "v0001", other)
+    after = released_bundle(instance)
+    assert after.path == tmp_path / "releases" / "bundle" / "v0001" / before.bundle_id, after.path
+    assert verify_bundle(after.path).content_sha256 == before.bundle_id
+
+
 def test_drift_sensor_skips_without_bundle_or_images(drift_world, tmp_path, monkeypatch):
     monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
     instance = dg.DagsterInstance.ephemeral()

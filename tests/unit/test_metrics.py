@@ -119,6 +119,8 @@ def test_mcc_of_one_predicted_class_is_zero_as_sklearn_and_the_validator_say():
         assert select_mcc(torch.from_numpy(p).float(), torch.from_numpy(y)) == 0.0, p
     ci = bootstrap_ci(classification_metrics, np.full(40, 0.9), np.tile(y, 4), n_resamples=50)
     assert ci["mcc"]["low"] == ci["mcc"]["high"] == 0.0, ci["mcc"]
+    ones = torch.ones(10, dtype=torch.long)  # one label class: undefined, never the best epoch
+    assert select_mcc(torch.full((10,), 0.9), ones) == select_mcc(torch.full((10,), 0.1), 1 - ones) == -1.0
     p, y = _scores(200, seed=5)  # both classes predicted: the library's value, sklearn's number
     expected = skm.matthews_corrcoef(y, hard_label(p).astype(int))
     assert select_mcc(torch.from_numpy(p).float(), torch.from_numpy(y)) == pytest.approx(expected, abs=1e-5)
