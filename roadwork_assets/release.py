@@ -139,7 +139,9 @@ def _keep_release_copy(
         linked_copy(out, dest)
     released = released_bundles(context.instance, context.partition_key)
     keep = {bundle_id, *(r.bundle_id for r in released[:1])}
-    for release in released[:1]:  # a release recorded before releases had copies: copied now, while it is whole
+    for release in released[
+        :1
+    ]:  # a release recorded before releases had copies: copied now, while it is whole
         own = root / release.bundle_id
         if release.path != own and not own.is_dir() and release.path.is_dir():
             try:
