@@ -47,7 +47,9 @@ def previous_split_history(
 ) -> tuple[str | None, pd.DataFrame | None]:
     """(version, split history) of the latest dataset version sorting before `current` that has `splits`:
     every image that version or an earlier one assigned, vanished ones included (`split_history`), read
-    from the path its materialization recorded; its splits table when it was written before histories.
+    from the path its materialization recorded; its splits table when it was written before histories. The
+    latest histories of the older versions are added for images the newest one never saw (an older version
+    split again after it, its drop grown in place).
     A version whose partition was deleted counts too: its splits were made, later versions may have been
     built on them, and deleting the partition must not let its images move (as `late_versions` does)."""
     from roadwork_core.data.drops import version_key
@@ -57,11 +59,46 @@ def previous_split_history(
         (v for v in instance.get_materialized_partitions(key) if version_key(v) < version_key(current)),
         key=version_key,
     )
+    newest, union = None, None
     for version in reversed(versions):
         meta = latest_materialization_metadata(instance, key, version)
-        if meta.get("path"):
-            return version, _history_or_table(meta)
-    return None, None
+        if not meta.get("path"):
+            continue
+        history = _history_or_table(meta)
+        if union is None:
+            newest, union = version, history
+        else:  # an older version split again later may have placed images the newer ones never saw
+            extra = history[~history["image_id"].isin(union["image_id"])]
+            if len(extra):
+                union = pd.concat([union, extra.reindex(columns=union.columns)], ignore_index=True)
+    return newest, union
+
+
+def later_split_placements(
+    instance: dg.DagsterInstance, current: str, image_ids: pd.Series
+) -> pd.DataFrame | None:
+    """The splits that versions sorting after `current` gave to `image_ids` (their latest histories, the newest
+    version first), or None. An earlier version split again (its drop gained images, edited in place) follows
+    them: the same image kept train in v0001 and went to val_test in v0003, every check green."""
+    from roadwork_core.data.drops import version_key
+
+    key = dg.AssetKey("splits")
+    versions = sorted(
+        (v for v in instance.get_materialized_partitions(key) if version_key(v) > version_key(current)),
+        key=version_key,
+        reverse=True,
+    )
+    found = None
+    for version in versions:
+        meta = latest_materialization_metadata(instance, key, version)
+        if not meta.get("path"):
+            continue
+        history = _history_or_table(meta)
+        history = history[history["image_id"].isin(image_ids)]
+        if found is not None:
+            history = history[~history["image_id"].isin(found["image_id"])]
+        found = history if found is None else pd.concat([found, history], ignore_index=True)
+    return found if found is not None and len(found) else None
 
 
 def own_split_history(instance: dg.DagsterInstance, version: str) -> pd.DataFrame | None:

@@ -8,6 +8,7 @@ from roadwork_assets._util import (
     held_drops,
     late_version_message,
     late_versions,
+    later_split_placements,
     latest_materialization_metadata,
     md_table,
     own_split_history,
@@ -178,6 +179,14 @@ def splits(
     # Sticky to every image an earlier version assigned (vanished ones too), and to this version's own
     # last splits: materializing a version again never moves an image, whatever settings changed.
     reference = _with_own_history(previous, own_split_history(context.instance, version))
+    # images a later version already placed (this older version split again, its drop grown in place) follow it
+    later = later_split_placements(context.instance, version, image_table["image_id"])
+    if later is not None:
+        known = reference["image_id"] if reference is not None else pd.Series([], dtype=str)
+        later = later[~later["image_id"].isin(known)]
+        if len(later):
+            base = reference if reference is not None else later.iloc[:0]
+            reference = pd.concat([base, later.reindex(columns=base.columns)], ignore_index=True)
     group_warning = missing_group_column(image_table, split_settings.group_column or None)
     if group_warning:
         context.log.warning(group_warning)
@@ -436,9 +445,17 @@ def check_sticky_splits(context: dg.AssetCheckExecutionContext, splits: pd.DataF
     from roadwork_core.data import split_checks
 
     prev_version, previous = previous_split_history(context.instance, context.partition_key)
+    later = later_split_placements(context.instance, context.partition_key, splits["image_id"])
+    if later is not None:  # a later version's placements bind an earlier version split again too
+        later = later[~later["image_id"].isin(previous["image_id"])] if previous is not None else later
+        previous = (
+            later if previous is None else pd.concat([previous, later.reindex(columns=previous.columns)])
+        )
     if previous is None:
         return dg.AssetCheckResult(passed=True, description="first dataset version: nothing to compare with")
-    return _result(split_checks.check_sticky(splits, previous), previous_version=prev_version)
+    return _result(
+        split_checks.check_sticky(splits, previous), previous_version=prev_version or "(later only)"
+    )
 
 
 SPLIT_CHECKS = [

@@ -337,6 +337,49 @@ def test_a_drop_without_a_partition_of_its_own_is_part_of_the_version_that_took_
     assert "already part of v0004's image table" in message and "partitions delete v0002" in message, message
 
 
+def test_an_earlier_version_split_again_after_its_drop_grew_agrees_with_the_later_versions(tmp_path, rw_home):
+    """v0001's drop gained images in place after v0003 was split; v0001 and then v0003 split again gave 39 of
+    the same images different splits in the two versions (train in one, val_test in the other), every check
+    green: each version followed only its own and the newest earlier history (a Dagster power-user audit)."""
+    import shutil
+
+    import pandas as pd
+
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    for i, version in enumerate(("v0001", "v0002", "v0003")):
+        make_demo_drop(inbox, version, n=30, seed=50 + i)
+    instance = _instance("v0001")
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002", "v0003"])
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+    config = {"resources": tiny_run_config()["resources"]}
+    config["resources"]["split_settings"]["config"].update({"balance_tolerance": 0.5, "min_per_class": 1})
+
+    def split(version: str) -> pd.Series:
+        run = materialize(["image_table", "splits"], instance=instance, partition=version, resources=resources, run_config=config)  # fmt: skip
+        assert run.success, [str(e.event_specific_data.error)[:400] for e in run.all_events if e.event_type_value == "STEP_FAILURE"]  # fmt: skip
+        assert all(_checks(run).values()), _checks(run)
+        return _artifact(instance, "splits", version).set_index("image_id")["split"]
+
+    for version in ("v0001", "v0002", "v0003"):
+        split(version)
+    extra = make_demo_drop(tmp_path / "more", "x", n=40, seed=59)  # 40 images added to v0001 in place
+    rows = pd.read_csv(extra / "labels.csv")
+    for name in rows["file"]:
+        shutil.copy(extra / name, inbox / "v0001" / name.replace("images/", "images/extra_"))
+    rows["file"] = rows["file"].str.replace("images/", "images/extra_", regex=False)
+    labels = pd.concat([pd.read_csv(inbox / "v0001" / "labels.csv"), rows], ignore_index=True)
+    labels.to_csv(inbox / "v0001" / "labels.csv", index=False)
+
+    v1, v3 = split("v0001"), split("v0003")
+    both = v1.index.intersection(v3.index)
+    assert len(both) == len(v1), "v0003 holds every v0001 image"
+    moved = (v1[both] != v3[both]).sum()
+    assert moved == 0, f"{moved} of {len(both)} images have another split in v0003 than in v0001"
+    assert split("v0001")[both].equals(v1[both]), "split again, v0001 keeps them"
+
+
 def test_a_later_run_of_downstream_assets_refuses_splits_whose_blocking_check_failed(tiny_inbox, rw_home):
     """Run 1 stops after `splits` (a blocking check fails); run 2 selects only `explora_backbone`, whose
     input is that same splits materialization: it must refuse, not train (and later release) on it."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -410,9 +411,16 @@ def test_assets_order_versions_naturally(monkeypatch: pytest.MonkeyPatch) -> Non
         # the previous version with an artifact: every version has one here
         monkeypatch.setattr(_util, "latest_materialization_metadata", lambda _i, _k, v: {"path": f"/a/{v}"})
         monkeypatch.setattr(instance, "get_materialized_partitions", lambda _key: {"v1", "v10", "v2", "v9"})
-        monkeypatch.setattr("roadwork_resources.io_manager.read_artifact", lambda path: str(path))
-        assert _util.previous_split_history(instance, "v10") == ("v9", "/a/v9")
-        assert _util.previous_split_history(instance, "v2") == ("v1", "/a/v1")
+        monkeypatch.setattr(
+            "roadwork_resources.io_manager.read_artifact",
+            lambda path: pd.DataFrame({"image_id": [str(path)], "split": ["train"]}),
+        )
+        version, history = _util.previous_split_history(
+            instance, "v10"
+        )  # the newest first, then the older ones
+        assert version == "v9" and history["image_id"].tolist() == ["/a/v9", "/a/v2", "/a/v1"], history
+        version, history = _util.previous_split_history(instance, "v2")
+        assert version == "v1" and history["image_id"].tolist() == ["/a/v1"]
 
         # splits of every version between the previous one and this one must exist first
         context = types.SimpleNamespace(partition_key="v10", instance=instance)
