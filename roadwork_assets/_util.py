@@ -147,11 +147,15 @@ def held_drops(instance: dg.DagsterInstance) -> dict[str, str]:
     from roadwork_core.data.drops import version_key
 
     held: dict[str, str] = {}
-    for version in sorted(instance.get_materialized_partitions(dg.AssetKey("splits")), key=version_key):
+    split = instance.get_materialized_partitions(dg.AssetKey("splits"))
+    for version in sorted(split, key=version_key):
         for drop in (
             latest_materialization_metadata(instance, dg.AssetKey("image_table"), version).get("drops") or []
         ):
-            held[str(drop)] = version
+            if (
+                drop not in split
+            ):  # a version split in its own right (its partition deleted since) is not held
+                held[str(drop)] = version
     return held
 
 

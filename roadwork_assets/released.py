@@ -107,11 +107,19 @@ def _release_path(meta: dict, partition: str) -> Path:
     recorded before copies existed: the copy the next bundle of its version made of it
     (`<state>/releases/bundle/<version>/<bundle id>`, beside `<state>/artifacts/bundle/<version>`), else the IO
     manager's directory (`dir`: its directory kind)."""
+    from roadwork_resources.paths import state_root
+
     if meta.get("bundle_path"):
         return Path(meta["bundle_path"])
     artifact = Path(meta["path"])
-    copy = artifact.parents[2] / "releases" / "bundle" / partition / str(meta["bundle_id"])
-    return copy if copy.is_dir() else artifact / "dir"
+    for root in (
+        state_root(),
+        artifact.parents[2],
+    ):  # the store's root (ROADWORK_ARTIFACTS may lie elsewhere)
+        copy = root / "releases" / "bundle" / partition / str(meta["bundle_id"])
+        if copy.is_dir():
+            return copy
+    return artifact / "dir"
 
 
 def released_bundles(

@@ -158,6 +158,11 @@ def test_a_drop_delivered_again_after_its_partition_was_deleted_is_trained_again
         _drop(inbox, "v0002", 2)
         first, cursor = _tick(instance, inbox, None)
         assert sorted(r.run_key for r in first.run_requests) == ["drop-v0001", "drop-v0002"]
+        for version, drops in (("v0001", ["v0001"]), ("v0002", ["v0001", "v0002"])):  # what the runs record
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("image_table", partition=version, metadata={"drops": drops})
+            )
+            instance.report_runless_asset_event(dg.AssetMaterialization("splits", partition=version))
         instance.delete_dynamic_partition("dataset_version", "v0002")  # withdrawn ...
         shutil.rmtree(inbox / "v0002")
         _drop(inbox, "v0002", 3)  # ... and delivered again, other files

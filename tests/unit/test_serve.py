@@ -566,3 +566,17 @@ def test_a_request_waiting_its_turn_holds_the_image_bytes_not_its_body_too(bundl
     # the image (4 MB) and the client's own encoded request (5.3 MB) are expected; the body and the JSON
     # string kept alive on the server side added 10.7 MB more
     assert mb < 13, f"{mb:.1f} MB held while the request waited"
+
+
+def test_a_legacy_release_copy_is_found_under_the_state_folder_when_artifacts_live_elsewhere(
+    tmp_path, monkeypatch
+):
+    """ROADWORK_ARTIFACTS apart from ROADWORK_STATE: the copy was looked for beside the artifacts (a review)."""
+    from roadwork_assets.released import _release_path
+
+    monkeypatch.setenv("ROADWORK_STATE", str(tmp_path / "state"))
+    copy = tmp_path / "state" / "releases" / "bundle" / "v0001" / "abc"
+    copy.mkdir(parents=True)
+    meta = {"path": str(tmp_path / "elsewhere" / "art" / "bundle" / "v0001"), "bundle_id": "abc"}
+    assert _release_path(meta, "v0001") == copy
+    assert _release_path({**meta, "bundle_id": "other"}, "v0001") == Path(meta["path"]) / "dir"
