@@ -64,6 +64,44 @@ def withdrawn_drops(instance: dg.DagsterInstance, version: str, drops: list[str]
     return gone
 
 
+def earlier_image_facts(
+    instance: dg.DagsterInstance, version: str, facts_version: str
+) -> tuple[pd.DataFrame | None, list[str], list[str]]:
+    """(facts rows, the versions they came from, why other tables were not used) of this version's last
+    image table and of the newest earlier version's, each only when its facts were computed under
+    `facts_version`: a new version of a growing inbox then decodes and hashes only its new images, and the
+    table is the same as when every image is hashed again. A table that cannot be read is passed over."""
+    from pathlib import Path
+
+    from roadwork_core.data.drops import version_key
+    from roadwork_core.data.image_table import FACT_COLUMNS
+    from roadwork_resources.io_manager import read_artifact
+
+    key = dg.AssetKey("image_table")
+    built = instance.get_materialized_partitions(key)
+    earlier = [v for v in built if version_key(v) < version_key(version)]
+    sources = [
+        v
+        for v in (version if version in built else None, max(earlier, key=version_key) if earlier else None)
+        if v
+    ]
+    frames, used, skipped = [], [], []
+    for source in sources:
+        meta = latest_materialization_metadata(instance, key, source)
+        if meta.get("image_facts_version") != facts_version or not meta.get("path"):
+            skipped.append(f"{source} (hashed by other code or libraries)")
+            continue
+        try:
+            table = read_artifact(Path(meta["path"]))
+        except Exception as exc:  # noqa: BLE001 - a cache: the images are hashed again instead
+            skipped.append(f"{source} ({type(exc).__name__}: {exc})")
+            continue
+        if isinstance(table, pd.DataFrame) and set(FACT_COLUMNS) <= set(table.columns):
+            frames.append(table[FACT_COLUMNS])
+            used.append(source)
+    return (pd.concat(frames, ignore_index=True) if frames else None), used, skipped
+
+
 @dg.asset(
     partitions_def=dataset_version,
     group_name="data",
@@ -75,7 +113,7 @@ def image_table(
     context: dg.AssetExecutionContext, config: ImageTableConfig, dataset: DatasetSource, store: ArtifactStore
 ) -> dg.Output:
     from roadwork_core.data.fingerprint import version_fingerprint
-    from roadwork_core.data.image_table import TooManyRejects, build_image_table
+    from roadwork_core.data.image_table import TooManyRejects, build_image_table, facts_version
 
     drops = dataset.drops_for_version(context.partition_key)
     # a late drop (it sorts before a version that already has splits, and has none) is left out of every
@@ -109,6 +147,13 @@ def image_table(
         context.log.warning(f"building without withdrawn drops {sorted(gone)} (allow_withdrawn_drops)")
     fingerprint = version_fingerprint(drops)  # before reading: a file changed meanwhile changes the next one
     side = store.side_dir("image_table", context.partition_key)
+    known, known_from, not_reused = earlier_image_facts(
+        context.instance, context.partition_key, facts_version()
+    )
+    if not_reused:
+        context.log.info(
+            f"image facts not reused from {'; '.join(not_reused)}: those images are hashed again"
+        )
     try:
         result = build_image_table(
             drops,
@@ -117,6 +162,7 @@ def image_table(
             box_classes=dataset.box_classes or None,
             min_size=config.min_size,
             max_reject_fraction=config.max_reject_fraction,
+            known=known,
         )
     except TooManyRejects as exc:  # the message names the first few; the file holds every one
         path = side / "rejects.parquet"
@@ -143,6 +189,9 @@ def image_table(
             "rejects": md_table(rejects),
             "rejects_path": dg.MetadataValue.path(str(side / "rejects.parquet")),
             "num_exact_duplicates": len(result.duplicates),
+            "image_facts_version": facts_version(),
+            "num_facts_reused": result.n_reused,
+            "facts_reused_from": known_from,
             "dagster/row_count": len(images),
         },
     )

@@ -11,6 +11,7 @@ path_escape, symlink_outside, label_conflict (and the drop readers' own: no_clas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class ImageTableResult:
     rejects: pd.DataFrame  # REJECT_COLUMNS
     duplicates: pd.DataFrame  # DUPLICATE_COLUMNS
     n_candidates: int  # rows listed by the readers, accepted or not (notices like not_in_labels_csv excluded)
+    n_reused: int = 0  # candidates whose facts came from `known` instead of being decoded and hashed again
 
 
 _TEXT_LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
@@ -133,6 +135,86 @@ def _inspect(uri: str, file: str, min_size: int) -> tuple[dict | None, tuple[str
     return facts, None
 
 
+FACT_COLUMNS = ["image_id", "phash", "phash_dihedral", "width", "height"]
+# the modules whose code decides an image's facts (decode, EXIF transpose, size, the perceptual hashes)
+_FACT_MODULES = ("roadwork_core.data.images", "roadwork_core.data.neardup", "roadwork_core.data.image_table")
+
+
+@functools.cache
+def facts_version() -> str:
+    """A fingerprint of everything that computes an image's facts (`FACT_COLUMNS`): the source of the
+    modules that decode and hash, and the versions of Pillow, imagehash, numpy and scipy. Facts an earlier
+    table recorded are reused (`build_image_table(known=...)`) only under the same fingerprint, so an edit to
+    the hashing or a library upgrade recomputes every image instead of mixing two kinds of hashes."""
+    import importlib
+    import importlib.metadata
+    import inspect
+
+    digest = hashlib.sha256()
+    for name in _FACT_MODULES:
+        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    for dist in ("pillow", "imagehash", "numpy", "scipy"):
+        try:
+            digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{dist}=-".encode())
+    return digest.hexdigest()[:16]
+
+
+def _content_id(uri: str) -> str | None:
+    """sha256 of the file's bytes (the `image_id` `_inspect` would give it), None when it cannot be read:
+    `_inspect` then reads it again and reports why."""
+    try:
+        return hashlib.sha256(read_uri_bytes(uri)).hexdigest()
+    except Exception:  # noqa: BLE001 - any failure is reported by `_inspect`, which reads the file again
+        return None
+
+
+def _known_facts(known: pd.DataFrame | None) -> dict[str, tuple]:
+    if known is None or not len(known) or not set(FACT_COLUMNS) <= set(known.columns):
+        return {}
+    frame = known[FACT_COLUMNS].drop_duplicates("image_id")
+    return {row[0]: row[1:] for row in frame.itertuples(index=False, name=None)}
+
+
+def _inspect_all(
+    cands: pd.DataFrame, min_size: int, workers: int | None, known: dict[str, tuple]
+) -> tuple[list, int]:
+    """`_inspect` of every candidate -> (results, how many came from `known`). A file whose bytes hash to an
+    image_id in `known` (the facts an earlier table recorded under the same `facts_version`) is not decoded
+    and hashed again: the facts are a function of the bytes. Only its size is checked against `min_size`."""
+    results: list = [None] * len(cands)
+    todo = list(range(len(cands)))
+    if known:
+        ids = parallel_map(_content_id, cands["uri"], workers=workers, min_for_processes=len(cands) + 1)
+        todo = []
+        for i, image_id in enumerate(ids):
+            facts = known.get(image_id) if image_id is not None else None
+            if facts is None:
+                todo.append(i)
+                continue
+            phash, dihedral, w, h = facts
+            if min(int(w), int(h)) < min_size:
+                results[i] = (
+                    None,
+                    ("too_small", f"{w}x{h} is below the minimum side of {min_size} px (min_size)"),
+                )
+            else:
+                results[i] = ({"image_id": image_id, "phash": phash, "phash_dihedral": dihedral,
+                               "width": int(w), "height": int(h)}, None)  # fmt: skip
+    # large drops on one process per core (the per-image work holds the GIL too often for threads to scale)
+    fresh = parallel_map(
+        _inspect,
+        [cands.at[i, "uri"] for i in todo],
+        [cands.at[i, "file"] for i in todo],
+        [min_size] * len(todo),
+        workers=workers,
+    )
+    for i, result in zip(todo, fresh, strict=True):
+        results[i] = result
+    return results, len(cands) - len(todo)
+
+
 def build_image_table(
     drop_dirs: list[Path],
     *,
@@ -142,9 +224,13 @@ def build_image_table(
     min_size: int = 32,
     max_reject_fraction: float = 0.05,
     workers: int | None = None,
+    known: pd.DataFrame | None = None,
 ) -> ImageTableResult:
     """Union of the drops (oldest first), validated and de-duplicated; see the module docstring.
 
+    `known`: rows of earlier image tables (`FACT_COLUMNS` at least) whose facts were computed under this
+    `facts_version()`; an image whose bytes match one of them is not decoded and hashed again
+    (`ImageTableResult.n_reused`). The table is the same either way.
     Raises `TooManyRejects` when rejects / candidates > `max_reject_fraction`.
     """
     names = class_names or DEFAULT_CLASS_NAMES
@@ -193,17 +279,14 @@ def build_image_table(
                         "detail": f"label {row.label_raw!r} is not 0/1 or one of {sorted(names)}"})  # fmt: skip
     cands = cands[~bad].reset_index(drop=True)
 
-    # large drops on one process per core (the per-image work holds the GIL too often for threads to scale)
-    results = parallel_map(_inspect, cands["uri"], cands["file"], [min_size] * len(cands), workers=workers)
+    results, n_reused = _inspect_all(cands, min_size, workers, _known_facts(known))
     keep = []
     for i, (_facts, reject) in enumerate(results):
         if reject is not None:
             rejects.append({"file": cands.at[i, "file"], "source": cands.at[i, "source"], "reason": reject[0], "detail": reject[1]})  # fmt: skip
         else:
             keep.append(i)
-    facts_frame = pd.DataFrame(
-        [results[i][0] for i in keep], columns=["image_id", "phash", "phash_dihedral", "width", "height"]
-    )
+    facts_frame = pd.DataFrame([results[i][0] for i in keep], columns=FACT_COLUMNS)
     good = pd.concat([cands.loc[keep].reset_index(drop=True), facts_frame], axis=1)
 
     images, duplicates, conflict_rejects = _collapse_duplicates(good)
@@ -224,7 +307,7 @@ def build_image_table(
         raise TooManyRejects(
             _too_many_message(counted, n_candidates, fraction, max_reject_fraction), rejects=reject_frame
         )
-    return ImageTableResult(images, reject_frame, duplicates, n_candidates)
+    return ImageTableResult(images, reject_frame, duplicates, n_candidates, n_reused)
 
 
 def _conflict_detail(row: pd.Series, group: pd.DataFrame, idx) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import mlflow
+import pandas as pd
 import pytest
 
 from roadwork_assets.definitions import build_resources
@@ -54,6 +57,56 @@ def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_h
     assert len(v2) + quarantined == len(v1) + 60, "version v0002 must hold both drops"
     moved = (v2.loc[v1.index] != v1).sum()
     assert moved == 0, f"{moved} images changed split between versions"
+
+    # v0002's image table hashed only its own 60 images: v0001's 80 took their facts from v0001's table,
+    # and the table is the one a build that hashes everything gives
+    from roadwork_core.data.image_table import build_image_table
+
+    table_meta = instance.get_latest_materialization_event(
+        dg.AssetKey("image_table")
+    ).asset_materialization.metadata
+    assert table_meta["num_facts_reused"].value == 80 and table_meta["facts_reused_from"].value == ["v0001"]
+    scratch = build_image_table([inbox / "v0001", inbox / "v0002"], min_size=32)
+    pd.testing.assert_frame_equal(_artifact(instance, "image_table", "v0002"), scratch.images)
+
+
+def test_image_facts_are_hashed_again_under_other_hashing_code_or_an_unreadable_table(
+    tmp_path, rw_home, monkeypatch
+):
+    """Facts come only from a table hashed by the same code and libraries, and a table that cannot be read
+    (a flipped bit) costs the reuse, not the run."""
+    import roadwork_core.data.image_table as image_table
+    from roadwork_core.data.synthetic import make_demo_drop
+
+    inbox = tmp_path / "inbox"
+    make_demo_drop(inbox, "v0001", n=24, seed=71)
+    instance = _instance("v0001")
+    resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
+
+    def table_meta(version):
+        assert materialize(["image_table"], instance=instance, partition=version, resources=resources).success
+        mat = instance.get_latest_materialization_event(dg.AssetKey("image_table")).asset_materialization
+        return {k: v.value for k, v in mat.metadata.items()}
+
+    assert table_meta("v0001")["num_facts_reused"] == 0
+    assert table_meta("v0001")["num_facts_reused"] == 24, "the same version built again hashes nothing"
+    monkeypatch.setattr(image_table, "facts_version", lambda: "other-hashing")
+    again = table_meta("v0001")
+    assert again["num_facts_reused"] == 0 and again["image_facts_version"] == "other-hashing"
+    monkeypatch.undo()
+    make_demo_drop(inbox, "v0002", n=8, seed=72)
+    instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
+    assert table_meta("v0002")["num_facts_reused"] == 0, "facts of other hashing code were reused"
+    from roadwork_assets._util import latest_materialization_metadata
+
+    built = Path(latest_materialization_metadata(instance, dg.AssetKey("image_table"), "v0002")["path"])
+    data = next(p for p in built.iterdir() if p.suffix == ".parquet")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    make_demo_drop(inbox, "v0003", n=8, seed=73)
+    instance.add_dynamic_partitions(dataset_version.name, ["v0003"])
+    assert table_meta("v0003")["num_facts_reused"] == 0, "facts were read from a corrupt table"
 
 
 def test_unopenable_mlflow_store_fails_the_first_tracked_step_and_names_the_setting(

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -169,3 +170,69 @@ def test_label_spellings_read_the_same_in_every_format(raw, label) -> None:
     from roadwork_core.data.image_table import parse_label
 
     assert parse_label(raw, DEFAULT_CLASS_NAMES) == label
+
+
+def test_facts_an_earlier_table_recorded_are_reused_and_give_the_same_table(
+    planted_drop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new version of a growing inbox decodes and hashes only the images no earlier table holds: the
+    rest take their facts from the earlier table (same bytes, same facts), and the table, rejects and
+    duplicates are exactly those of a build that hashes everything again."""
+    import roadwork_core.data.image_table as image_table
+
+    second = tmp_path / "inbox" / "v0002"
+    (second / "images").mkdir(parents=True)
+    (second / "images" / "new.jpg").write_bytes(_jpeg((1, 200, 30), size=(80, 60)))
+    (second / "labels.csv").write_text("file,label,weather\nimages/new.jpg,0,fog\n")
+    earlier = build_image_table([planted_drop], max_reject_fraction=1.0)
+    scratch = build_image_table([planted_drop, second], max_reject_fraction=1.0)
+
+    inspected: list[str] = []
+    real_inspect = image_table._inspect
+    monkeypatch.setattr(
+        image_table, "_inspect", lambda uri, *a: inspected.append(uri) or real_inspect(uri, *a)
+    )
+    reused = build_image_table(
+        [planted_drop, second], max_reject_fraction=1.0, known=earlier.images, workers=1
+    )
+    pd.testing.assert_frame_equal(reused.images, scratch.images)
+    pd.testing.assert_frame_equal(reused.rejects, scratch.rejects)
+    pd.testing.assert_frame_equal(reused.duplicates, scratch.duplicates)
+    # (the label-conflict pair is in no table, so it is hashed again)
+    accepted = {"good0.jpg", "good1.jpg", "good2.jpg", "good3.jpg", "good4.jpg", "good5.jpg", "alpha.png",
+                "gray.png", "cmyk.jpg", "same_a.jpg", "same_b.jpg"}  # fmt: skip
+    assert reused.n_reused == len(accepted), "every file whose bytes an earlier table holds is reused"
+    assert not {Path(u).name for u in inspected} & accepted, "a reused image was decoded and hashed again"
+    assert {"new.jpg", "truncated.jpg", "conflict_a.jpg"} <= {Path(u).name for u in inspected}
+
+    # the size limit applies to reused facts too (min_size may have changed since the earlier table)
+    larger = build_image_table([planted_drop], max_reject_fraction=1.0, known=earlier.images, min_size=60)
+    assert set(larger.rejects.loc[larger.rejects["reason"] == "too_small", "file"]) >= {"images/good0.jpg"}
+    assert larger.n_reused == len(accepted)
+    pd.testing.assert_frame_equal(
+        larger.images, build_image_table([planted_drop], max_reject_fraction=1.0, min_size=60).images
+    )
+
+
+def test_the_facts_version_follows_the_hashing_code_and_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+    import inspect
+
+    import roadwork_core.data.image_table as image_table
+
+    image_table.facts_version.cache_clear()
+    before = image_table.facts_version()
+    assert before == image_table.facts_version()
+    real_source, real_version = inspect.getsource, importlib.metadata.version
+    monkeypatch.setattr(
+        inspect, "getsource", lambda m: real_source(m) + ("#" if m.__name__.endswith("neardup") else "")
+    )
+    image_table.facts_version.cache_clear()
+    assert image_table.facts_version() != before, "an edit to the hashing code keeps the old facts"
+    monkeypatch.setattr(inspect, "getsource", real_source)
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "0.0" if d == "pillow" else real_version(d))
+    image_table.facts_version.cache_clear()
+    assert image_table.facts_version() != before, "another Pillow keeps the old facts"
+    monkeypatch.undo()
+    image_table.facts_version.cache_clear()
+    assert image_table.facts_version() == before
