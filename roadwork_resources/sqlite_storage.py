@@ -37,6 +37,7 @@ import yaml
 from dagster._core.instance import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
@@ -96,7 +97,22 @@ class CachedEngineSqliteEventLogStorage(SqliteEventLogStorage):
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None):
         self._engines = EngineCache(connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+        self._tables_seen: set[str] = set()
         super().__init__(base_dir, inst_data)
+
+    def has_table(self, table_name: str) -> bool:
+        """Dagster's answer, through the index shard's kept engine, and remembered once a table is there
+        (Dagster builds a fresh engine for every call, and asks before each dynamic-partition lookup,
+        i.e. for every partitioned input a step loads, and before storing each tagged event). A table the
+        migrations created is never dropped; a missing one is asked again, so `dagster instance migrate`
+        in another process is seen."""
+        if table_name in self._tables_seen:
+            return True
+        with self._engines.get(self.conn_string_for_shard(INDEX_SHARD_NAME)).connect() as conn:
+            present = bool(conn.dialect.has_table(conn, table_name))
+        if present:
+            self._tables_seen.add(table_name)
+        return present
 
     @contextmanager
     def _connect(self, shard: str) -> Iterator[Connection]:

@@ -131,3 +131,29 @@ def test_two_instances_on_one_home_interleave_writes(tmp_path):
     finally:
         for instance in instances:
             instance.dispose()
+
+
+def test_has_table_uses_the_kept_engine_and_asks_again_only_for_a_missing_table(tmp_path):
+    """Dagster asks `has_table('dynamic_partitions')` before every dynamic-partition lookup (each partitioned
+    input a step loads) on a fresh engine; here a table seen once is not asked again, a missing one is."""
+    import sqlalchemy as sa
+
+    home = _home(tmp_path / "home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        storage = instance.event_log_storage
+        instance.add_dynamic_partitions("versions", ["v1"])
+        index = storage._engines.get(storage.conn_string_for_shard("index"))
+        opened: list[int] = []
+        sa.event.listen(index, "connect", lambda *a: opened.append(1))
+        assert storage.has_table("dynamic_partitions") is True
+        asked = len(opened)
+        for _ in range(5):
+            assert storage.has_table("dynamic_partitions") is True
+            assert instance.has_dynamic_partition("versions", "v1")
+        assert len(opened) == asked + 5, "has_table opened a connection again for a table it had seen"
+        assert storage.has_table("no_such_table") is False
+        assert storage.has_table("no_such_table") is False
+        assert len(opened) == asked + 7, "a missing table must be asked each time (a migration may add it)"
+        with index.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE no_such_table (x INTEGER)")
+        assert storage.has_table("no_such_table") is True
