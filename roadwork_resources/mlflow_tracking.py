@@ -387,6 +387,30 @@ def bundle_model_signature():
 PRODUCTION_ALIAS = "production"
 
 
+# what the pyfunc model (roadwork_core.bundle.mlflow_pyfunc) imports when it loads and predicts
+MODEL_DISTRIBUTIONS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "safetensors",
+    "pillow",
+    "pandas",
+    "numpy",
+    "scipy",
+    "pydantic",
+)
+
+
+def model_requirements() -> list[str]:
+    """The pyfunc model's pip requirements, pinned to the versions this process runs (`torch==2.14.1`, the
+    local build label such as `+cu130` dropped so that any build of that release satisfies it): `mlflow
+    models serve` builds its environment from them, and unpinned names would install whatever is newest
+    that day."""
+    from importlib.metadata import version
+
+    return [f"{dist}=={version(dist).split('+')[0]}" for dist in MODEL_DISTRIBUTIONS]
+
+
 def log_bundle_model(
     mlf,
     bundle_dir: str,
@@ -430,17 +454,7 @@ def log_bundle_model(
             artifacts={"bundle": bundle_dir},
             code_paths=[str(package_dir)],
             registered_model_name=registered_name,
-            pip_requirements=[
-                "torch",
-                "torchvision",
-                "timm",
-                "safetensors",
-                "pillow",
-                "pandas",
-                "numpy",
-                "scipy",
-                "pydantic",
-            ],
+            pip_requirements=model_requirements(),
         )
         version = client.get_model_version(registered_name, str(info.registered_model_version))
         tags = {

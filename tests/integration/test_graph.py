@@ -158,6 +158,14 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     assert registered.tags["bundle_id"] == bundle.manifest.content_sha256, registered.tags
     assert client.get_model_version_by_alias("roadwork", "production").version == registered.version
     model = mlflow.pyfunc.load_model("models:/roadwork@production")
+    # the environment `mlflow models serve` builds is pinned to the versions the bundle was made with
+    from importlib.metadata import version as installed
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/roadwork@production"))
+    pins = dict(line.split("==") for line in requirements.read_text().split() if "==" in line)
+    assert pins.get("torch") == installed("torch").split("+")[0] and pins.get("timm") == installed("timm"), (
+        pins
+    )
     signature = model.metadata.signature  # what `mlflow models serve` and the MLflow UI show and check
     assert signature is not None and signature.inputs.input_names() == ["image_b64", "path"], signature
     served = model.predict(pd.DataFrame({"image_b64": [base64.b64encode(Path(uri).read_bytes()).decode()]}))
