@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "demo_epoch": ("bench.bench_demo_epoch", "demo_epoch"),
     "distortions": ("bench.bench_distortions", "distortions"),
     "image_table": ("bench.bench_image_table", "image_table"),
+    "image_table_reuse": ("bench.bench_image_table_reuse", "image_table_reuse"),
     "exit": ("bench.bench_exit", "exit"),
     "ddp": ("bench.bench_ddp", "ddp"),
     "serve": ("bench.bench_serve", "serve"),
@@ -222,6 +223,19 @@ def table_rows() -> list[list[str]]:
                 "5. image table",
                 f"{r['what']} (median {statistics.median(r['threads_seconds']):.1f} vs "
                 f"{statistics.median(r['processes_seconds']):.1f} s)",
+                f"{r['median_ratio']:.2f}x (n={r['repeats']})",
+                "B faster (> 1x)",
+                _yes(r["median_ratio"] > 1.0),
+                _machine(r) + _speed(r),
+            ]
+        )
+    r = read_result("image_table_reuse")
+    if r:
+        rows.append(
+            [
+                "5. image table of a grown version",
+                f"{r['what']} (median {statistics.median(r['again_seconds']):.1f} vs "
+                f"{statistics.median(r['reuse_seconds']):.1f} s; {r['n_reused']} reused)",
                 f"{r['median_ratio']:.2f}x (n={r['repeats']})",
                 "B faster (> 1x)",
                 _yes(r["median_ratio"] > 1.0),
