@@ -65,18 +65,21 @@ def withdrawn_drops(instance: dg.DagsterInstance, version: str, drops: list[str]
 
 
 def earlier_image_facts(
-    instance: dg.DagsterInstance, version: str, facts_version: str
+    instance: dg.DagsterInstance, version: str, facts_version: str | None
 ) -> tuple[pd.DataFrame | None, list[str], list[str]]:
     """(facts rows, the versions they came from, why other tables were not used) of this version's last
     image table and of the newest earlier version's, each only when its facts were computed under
     `facts_version`: a new version of a growing inbox then decodes and hashes only its new images, and the
-    table is the same as when every image is hashed again. A table that cannot be read is passed over."""
+    table is the same as when every image is hashed again. A table that cannot be read, or whose folder no
+    longer holds what that materialization wrote (a later run of its version replaced it), is passed over."""
     from pathlib import Path
 
     from roadwork_core.data.drops import version_key
     from roadwork_core.data.image_table import FACT_COLUMNS
-    from roadwork_resources.io_manager import read_artifact
+    from roadwork_resources.io_manager import artifact_digest, read_artifact
 
+    if facts_version is None:
+        return None, [], ["every table (the hashing code cannot be fingerprinted here)"]
     key = dg.AssetKey("image_table")
     built = instance.get_materialized_partitions(key)
     earlier = [v for v in built if version_key(v) < version_key(version)]
@@ -91,10 +94,17 @@ def earlier_image_facts(
         if meta.get("image_facts_version") != facts_version or not meta.get("path"):
             skipped.append(f"{source} (hashed by other code or libraries)")
             continue
+        path = Path(meta["path"])
+        if artifact_digest(path) != meta.get("sha256"):
+            skipped.append(f"{source} (its folder holds another table than the one recorded)")
+            continue
         try:
-            table = read_artifact(Path(meta["path"]))
+            table = read_artifact(path)
         except Exception as exc:  # noqa: BLE001 - a cache: the images are hashed again instead
             skipped.append(f"{source} ({type(exc).__name__}: {exc})")
+            continue
+        if artifact_digest(path) != meta.get("sha256"):  # replaced while it was read
+            skipped.append(f"{source} (replaced while it was read)")
             continue
         if isinstance(table, pd.DataFrame) and set(FACT_COLUMNS) <= set(table.columns):
             frames.append(table[FACT_COLUMNS])
@@ -189,7 +199,7 @@ def image_table(
             "rejects": md_table(rejects),
             "rejects_path": dg.MetadataValue.path(str(side / "rejects.parquet")),
             "num_exact_duplicates": len(result.duplicates),
-            "image_facts_version": facts_version(),
+            "image_facts_version": facts_version() or "",
             "num_facts_reused": result.n_reused,
             "facts_reused_from": known_from,
             "dagster/row_count": len(images),

@@ -384,19 +384,35 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         partition = context.asset_partition_key if context.has_asset_partitions else None
         dest = self._path(context.asset_key, partition)
         record = write_artifact(dest, obj)
-        digest = record["files"][next(iter(record["files"]))]["sha256"] if len(record["files"]) == 1 else None
         context.add_output_metadata(
             {
                 "path": dg.MetadataValue.path(str(dest)),
                 "artifact_kind": record["kind"],
                 "bytes": sum(f["bytes"] for f in record["files"].values()),
-                "sha256": digest or _combined_digest(record),
+                "sha256": record_digest(record),
             }
         )
 
     def load_input(self, context: dg.InputContext) -> Any:
         partition = context.asset_partition_key if context.has_asset_partitions else None
         return read_artifact(self._path(context.asset_key, partition))
+
+
+def record_digest(record: dict) -> str:
+    """The `sha256` a materialization records for an artifact: its one file's sha256, or a digest of every
+    file's name and sha256."""
+    files = record["files"]
+    return files[next(iter(files))]["sha256"] if len(files) == 1 else _combined_digest(record)
+
+
+def artifact_digest(src: Path) -> str | None:
+    """`record_digest` of the artifact now at `src` (from its record alone), None without a readable one:
+    compared with a materialization's `sha256`, it tells whether the folder still holds what that
+    materialization wrote (another run of the same partition replaces it)."""
+    try:
+        return record_digest(json.loads((Path(src) / RECORD_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
 
 
 def _combined_digest(record: dict) -> str:

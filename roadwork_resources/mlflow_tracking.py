@@ -405,10 +405,15 @@ def model_requirements() -> list[str]:
     """The pyfunc model's pip requirements, pinned to the versions this process runs (`torch==2.14.1`, the
     local build label such as `+cu130` dropped so that any build of that release satisfies it): `mlflow
     models serve` builds its environment from them, and unpinned names would install whatever is newest
-    that day."""
+    that day. A pre-release or vendor build (`2.6.0a0+nv25.01`) is on no package index: left unpinned."""
+    import re
     from importlib.metadata import version
 
-    return [f"{dist}=={version(dist).split('+')[0]}" for dist in MODEL_DISTRIBUTIONS]
+    pins = []
+    for dist in MODEL_DISTRIBUTIONS:
+        release = version(dist).split("+")[0]
+        pins.append(f"{dist}=={release}" if re.fullmatch(r"\d+(\.\d+)*", release) else dist)
+    return pins
 
 
 def log_bundle_model(

@@ -27,7 +27,14 @@ from roadwork_core.data.drops import (
     ORPHAN_LABEL,
     read_drop,
 )
-from roadwork_core.data.images import ImageRejected, decode_image, printable_name, read_uri_bytes, utf8_name
+from roadwork_core.data.images import (
+    ImageRejected,
+    decode_image,
+    printable_name,
+    read_uri_bytes,
+    split_uri,
+    utf8_name,
+)
 from roadwork_core.data.neardup import dihedral_phashes
 from roadwork_core.data.parallel import parallel_map
 
@@ -140,24 +147,56 @@ FACT_COLUMNS = ["image_id", "phash", "phash_dihedral", "width", "height"]
 _FACT_MODULES = ("roadwork_core.data.images", "roadwork_core.data.neardup", "roadwork_core.data.image_table")
 
 
-@functools.cache
-def facts_version() -> str:
-    """A fingerprint of everything that computes an image's facts (`FACT_COLUMNS`): the source of the
-    modules that decode and hash, and the versions of Pillow, imagehash, numpy and scipy. Facts an earlier
-    table recorded are reused (`build_image_table(known=...)`) only under the same fingerprint, so an edit to
-    the hashing or a library upgrade recomputes every image instead of mixing two kinds of hashes."""
+# the codecs and libraries Pillow decodes with: a distribution's Pillow can link system libraries that
+# are upgraded apart from Pillow's own version
+_PIL_FEATURES = ("jpg", "libjpeg_turbo", "zlib", "libtiff", "littlecms2", "webp", "jpg_2000", "avif")
+
+
+def _module_code(name: str) -> bytes | None:
+    """The source of module `name`, or its compiled code where only bytecode is installed; None when neither
+    can be had (a frozen module)."""
     import importlib
-    import importlib.metadata
     import inspect
+    import marshal
+
+    module = importlib.import_module(name)
+    try:
+        return inspect.getsource(module).encode()
+    except (OSError, TypeError):
+        loader = getattr(module.__spec__, "loader", None)
+        try:
+            code = loader.get_code(name) if loader is not None and hasattr(loader, "get_code") else None
+        except (ImportError, OSError):
+            code = None
+        return marshal.dumps(code) if code is not None else None
+
+
+@functools.cache
+def facts_version() -> str | None:
+    """A fingerprint of everything that computes an image's facts (`FACT_COLUMNS`): the code of the modules
+    that decode and hash, the versions of the imported Pillow, imagehash, numpy and scipy, and of the
+    codecs Pillow decodes with. Facts an earlier table recorded are reused (`build_image_table(known=...)`)
+    only under the same fingerprint, so an edit to the hashing or a library upgrade recomputes every image
+    instead of mixing two kinds of hashes. None (nothing is reused) when the code cannot be read."""
+    import imagehash
+    import numpy
+    import PIL
+    import PIL.features
+    import scipy
 
     digest = hashlib.sha256()
     for name in _FACT_MODULES:
-        digest.update(inspect.getsource(importlib.import_module(name)).encode())
-    for dist in ("pillow", "imagehash", "numpy", "scipy"):
+        code = _module_code(name)
+        if code is None:
+            return None
+        digest.update(name.encode() + b"\0" + code)
+    for name, module in (("pillow", PIL), ("imagehash", imagehash), ("numpy", numpy), ("scipy", scipy)):
+        digest.update(f"{name}={getattr(module, '__version__', '-')}\n".encode())
+    for feature in _PIL_FEATURES:
         try:
-            digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
-        except importlib.metadata.PackageNotFoundError:
-            digest.update(f"{dist}=-".encode())
+            digest.update(f"{feature}={PIL.features.version(feature)}\n".encode())
+        except ValueError:  # a feature this Pillow does not know
+            digest.update(f"{feature}=?\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -186,7 +225,11 @@ def _inspect_all(
     results: list = [None] * len(cands)
     todo = list(range(len(cands)))
     if known:
-        ids = parallel_map(_content_id, cands["uri"], workers=workers, min_for_processes=len(cands) + 1)
+        # threads for files; rows of a parquet file in one ordered pass, which reads each row group once
+        rows = any(split_uri(uri)[1] is not None for uri in cands["uri"])
+        ids = parallel_map(
+            _content_id, cands["uri"], workers=1 if rows else workers, min_for_processes=len(cands) + 1
+        )
         todo = []
         for i, image_id in enumerate(ids):
             facts = known.get(image_id) if image_id is not None else None

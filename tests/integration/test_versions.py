@@ -108,6 +108,21 @@ def test_image_facts_are_hashed_again_under_other_hashing_code_or_an_unreadable_
     instance.add_dynamic_partitions(dataset_version.name, ["v0003"])
     assert table_meta("v0003")["num_facts_reused"] == 0, "facts were read from a corrupt table"
 
+    # a folder that holds another (valid) table than the one its version's materialization recorded, as a run
+    # of that version on other code leaves it, vouches for nothing
+    import shutil
+
+    v3 = Path(latest_materialization_metadata(instance, dg.AssetKey("image_table"), "v0003")["path"])
+    shutil.rmtree(v3)
+    shutil.copytree(
+        Path(latest_materialization_metadata(instance, dg.AssetKey("image_table"), "v0001")["path"]), v3
+    )
+    make_demo_drop(inbox, "v0004", n=8, seed=74)
+    instance.add_dynamic_partitions(dataset_version.name, ["v0004"])
+    assert table_meta("v0004")["num_facts_reused"] == 0, (
+        "facts were read from a table its record does not vouch for"
+    )
+
 
 def test_unopenable_mlflow_store_fails_the_first_tracked_step_and_names_the_setting(
     tmp_path, tiny_inbox, rw_home

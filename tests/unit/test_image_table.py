@@ -215,24 +215,51 @@ def test_facts_an_earlier_table_recorded_are_reused_and_give_the_same_table(
 
 
 def test_the_facts_version_follows_the_hashing_code_and_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.metadata
+    import inspect
+
+    import PIL
+    import PIL.features
+
+    import roadwork_core.data.image_table as image_table
+
+    def fresh() -> str | None:
+        image_table.facts_version.cache_clear()
+        return image_table.facts_version()
+
+    before = fresh()
+    assert before and before == image_table.facts_version()
+    real_source = inspect.getsource
+    monkeypatch.setattr(
+        inspect, "getsource", lambda m: real_source(m) + ("#" if m.__name__.endswith("neardup") else "")
+    )
+    assert fresh() != before, "an edit to the hashing code keeps the old facts"
+    monkeypatch.setattr(inspect, "getsource", real_source)
+    monkeypatch.setattr(PIL, "__version__", "0.0")  # what is imported, whatever the distribution's name
+    assert fresh() != before, "another Pillow keeps the old facts"
+    monkeypatch.undo()
+    real_feature = PIL.features.version
+    monkeypatch.setattr(PIL.features, "version", lambda f: "9.9" if f == "libjpeg_turbo" else real_feature(f))
+    assert fresh() != before, "another JPEG library under the same Pillow keeps the old facts"
+    monkeypatch.undo()
+    assert fresh() == before
+
+
+def test_the_facts_version_without_source_files(monkeypatch: pytest.MonkeyPatch, planted_drop: Path) -> None:
+    """An install of bytecode alone fingerprints the compiled code; with no code to read at all nothing is
+    reused, and the table is still built (it failed with OSError)."""
     import inspect
 
     import roadwork_core.data.image_table as image_table
 
+    def no_source(module):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(inspect, "getsource", no_source)
     image_table.facts_version.cache_clear()
-    before = image_table.facts_version()
-    assert before == image_table.facts_version()
-    real_source, real_version = inspect.getsource, importlib.metadata.version
-    monkeypatch.setattr(
-        inspect, "getsource", lambda m: real_source(m) + ("#" if m.__name__.endswith("neardup") else "")
-    )
+    compiled = image_table.facts_version()
+    assert compiled and len(compiled) == 16
+    monkeypatch.setattr(image_table, "_module_code", lambda name: None)
     image_table.facts_version.cache_clear()
-    assert image_table.facts_version() != before, "an edit to the hashing code keeps the old facts"
-    monkeypatch.setattr(inspect, "getsource", real_source)
-    monkeypatch.setattr(importlib.metadata, "version", lambda d: "0.0" if d == "pillow" else real_version(d))
-    image_table.facts_version.cache_clear()
-    assert image_table.facts_version() != before, "another Pillow keeps the old facts"
+    assert image_table.facts_version() is None
     monkeypatch.undo()
     image_table.facts_version.cache_clear()
-    assert image_table.facts_version() == before

@@ -150,3 +150,18 @@ def test_the_mlflow_run_stays_running_between_steps_and_ends_finished_with_the_r
     assert result.success
     assert result.output_for_node("reported") == ["RUNNING"], "between steps the MLflow run is not over"
     assert status_of(result.run_id) == ["FINISHED"], "the run's end ends it FINISHED"
+
+
+def test_the_model_requirements_pin_released_versions_and_leave_vendor_builds_unpinned(monkeypatch):
+    """`mlflow models serve` installs the registered model's requirements: a release is pinned (its local
+    build label dropped), a pre-release or vendor build that no index holds is left unpinned."""
+    import importlib.metadata
+
+    from roadwork_resources.mlflow_tracking import MODEL_DISTRIBUTIONS, model_requirements
+
+    fake = {"torch": "2.6.0a0+ecf3bae40a.nv25.01", "torchvision": "0.29.1+cu130", "timm": "1.0.31"}
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: fake.get(d) or real(d))
+    pins = model_requirements()
+    assert len(pins) == len(MODEL_DISTRIBUTIONS)
+    assert "torch" in pins and "torchvision==0.29.1" in pins and "timm==1.0.31" in pins, pins
