@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from roadwork_core.data.synthetic import make_demo_drop
+from tests.two_partitions import pg_server, two_partition_runs  # noqa: F401  (session scenario fixtures)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

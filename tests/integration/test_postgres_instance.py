@@ -2,56 +2,28 @@
 (Debian's binaries, a temporary data directory, 127.0.0.1), and deploy/dagster-k8s.yaml validated
 against dagster-k8s's own config schema (no cluster).
 
-One scenario covers the Postgres acceptance in one daemon session: two complete drops arrive, the
-daemon's new_drop_sensor tick (state and ticks stored in Postgres) adds both partitions and launches
-two runs, which the queued coordinator runs at the same time; both materialize the whole tiny graph
-and their training steps never overlap (the `gpu` pool, whose slots live in Postgres, holds one)."""
+The suite's two-partitions-at-once scenario (tests/two_partitions.py) covers the Postgres acceptance in
+one daemon session: two complete drops arrive, the daemon's new_drop_sensor tick (state and ticks stored
+in Postgres) adds both partitions and launches two runs, which the queued coordinator runs at the same
+time; both materialize the whole tiny graph, and their training steps never overlap (the `gpu` pool,
+whose slots live in Postgres, holds one: tests/reliability/test_concurrency.py)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-from itertools import combinations
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
 
-from tests.conftest import seed_mlflow_store
-from tests.e2e.conftest import REPO, TINY_CONFIG, dagster_bin, stop_process, wait_for
-from tests.reliability.test_concurrency import _step_windows
+from tests.e2e.conftest import REPO
+from tests.two_partitions import VERSIONS
 from tools import pg_local
 
 pytestmark = pytest.mark.slow
 
 DEPLOY = REPO / "deploy"
-VERSIONS = ("v0001", "v0002")
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    """One PostgreSQL server for the session; each test creates its own database on it."""
-    data_dir = pg_local.scratch_dir("roadwork-pg-")  # a TMPDIR under a private folder: /tmp instead
-    server = pg_local.start(data_dir / "data")
-    try:
-        yield server
-    finally:
-        pg_local.stop(server.data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def _database(server: pg_local.PgServer, name: str) -> dict[str, str]:
-    """A new empty database on `server`; returns the DAGSTER_PG_* environment that points at it."""
-    import psycopg2
-
-    conn = psycopg2.connect(host=server.host, port=server.port, user=server.user, dbname=server.db)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    conn.close()
-    return {**server.env(password="env-only-pg-password"), "DAGSTER_PG_DB": name}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,69 +87,21 @@ def test_instance_files_hold_no_credentials():
 # Postgres: the daemon's sensor tick, two partitions at once, the gpu pool
 
 
-def test_postgres_instance_sensor_launches_two_concurrent_partitions_and_pool_holds(
-    pg_server, tmp_path, monkeypatch, mlflow_store_template
-):
+@pytest.mark.xdist_group("two_partition_runs")  # the worker that builds the scenario for test_concurrency
+def test_postgres_instance_sensor_launches_two_concurrent_partitions_and_pool_holds(two_partition_runs):
+    """The shared scenario (tests/two_partitions.py) ran on this Postgres instance: the daemon's sensor
+    tick, stored in Postgres, launched both runs; they overlapped and both materialized the whole graph.
+    Their artifacts, MLflow runs, feature cache and the gpu pool's one slot are test_concurrency's."""
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
-    from roadwork_core.data.synthetic import make_demo_drop
-
-    home, state, inbox = tmp_path / "dagster_home", tmp_path / "state", tmp_path / "inbox"
-    home.mkdir()
-    shutil.copy(DEPLOY / "dagster-postgres.yaml", home / "dagster.yaml")
-    seed_mlflow_store(mlflow_store_template, tmp_path)
-    env = {
-        **_database(pg_server, "roadwork_graph"),
-        "DAGSTER_HOME": str(home),
-        "ROADWORK_STATE": str(state),
-        "ROADWORK_INBOX": str(inbox),
-        "ROADWORK_RUN_CONFIG": str(TINY_CONFIG),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "ROADWORK_DROP_SENSOR_INTERVAL": "5",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    instance = dg.DagsterInstance.get()
+    runs, instance = two_partition_runs, two_partition_runs["instance"]
     assert isinstance(instance.run_storage, PostgresRunStorage), type(instance.run_storage)
     assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
     assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
-
-    make_demo_drop(inbox, "v0001", n=120, seed=7, n_unlabelled=8)
-    make_demo_drop(inbox, "v0002", n=48, seed=21)
-    start = subprocess.run(
-        [dagster_bin("dagster"), "sensor", "start", "new_drop_sensor", "-m", "roadwork_assets.definitions"],
-        cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert start.returncode == 0, f"dagster sensor start failed:\n{start.stderr[-3000:]}"
-    log = tmp_path / "daemon.log"
-    daemon = subprocess.Popen(
-        [dagster_bin("dagster-daemon"), "run", "-m", "roadwork_assets.definitions"],
-        cwd=REPO, env=os.environ.copy(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-
-        def runs():
-            found = {v: instance.get_runs(dg.RunsFilter(tags={"dagster/partition": v})) for v in VERSIONS}
-            return found if all(found.values()) else None
-
-        launched = wait_for(runs, 120, "the sensor tick to launch one run per drop")
-        run_ids = {v: launched[v][0].run_id for v in VERSIONS}
-        assert sorted(instance.get_dynamic_partitions("dataset_version")) == list(VERSIONS)
-
-        def finished():
-            done = {v: instance.get_run_by_id(r) for v, r in run_ids.items()}
-            return done if all(run.is_finished for run in done.values()) else None
-
-        done = wait_for(finished, 540, "both sensor-launched runs to finish", interval=2.0)
-        for version, run in done.items():
-            assert run.status == dg.DagsterRunStatus.SUCCESS, (
-                f"run {version} ended {run.status}; daemon log:\n{log.read_text()[-3000:]}"
-            )
-    finally:
-        stop_process(daemon, log)
+    run_ids = {v: r["run_id"] for v, r in runs["results"].items()}
+    for version, result in runs["results"].items():
+        assert result["success"], f"run {version} failed; daemon log:\n{runs['outputs'][version][-3000:]}"
+    assert sorted(instance.get_dynamic_partitions("dataset_version")) == list(VERSIONS)
 
     # the sensor's tick, stored in Postgres, names both runs
     [sensor_state] = [s for s in instance.all_instigator_state() if s.name == "new_drop_sensor"]
@@ -191,22 +115,9 @@ def test_postgres_instance_sensor_launches_two_concurrent_partitions_and_pool_ho
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation_report"), asset_partitions=[version]),
             limit=1,
         ).records
-        assert report, f"no evaluation_report for {version}"
+        assert report and report[0].run_id == run_ids[version], f"no evaluation_report of the {version} run"
 
     # at the same time
     spans = {v: instance.get_run_stats(r) for v, r in run_ids.items()}
     (a0, a1), (b0, b1) = ((s.start_time, s.end_time) for s in spans.values())
     assert a0 < b1 and b0 < a1, f"the two runs did not overlap, nothing concurrent was tested: {spans}"
-
-    # and the gpu pool (slots in Postgres) let one training step run at a time
-    info = instance.event_log_storage.get_concurrency_info("gpu")
-    assert info.slot_count == 1, f"the gpu pool has {info.slot_count} slots, expected 1"
-    assert info.active_slot_count == 0 and info.pending_step_count == 0, "slots were not released"
-    training = {"explora_backbone", "classifier"}
-    windows = []
-    for version, run_id in run_ids.items():
-        steps = _step_windows(instance, run_id, training)
-        assert set(steps) == training, f"run {version} lacks training step events: {steps}"
-        windows += [(f"{version}:{k}", *v) for k, v in steps.items()]
-    for (a, a0, a1), (b, b0, b1) in combinations(windows, 2):
-        assert a1 <= b0 or b1 <= a0, f"training steps overlapped in a 1-slot gpu pool: {a} and {b}"

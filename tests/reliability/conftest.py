@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -107,79 +106,3 @@ def tiny_tmpfs(tmp_path: Path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-_GRAPH_CHILD = """
-import json, sys
-from pathlib import Path
-import dagster as dg
-import torch
-torch.set_num_threads(1)
-from roadwork_assets.definitions import build_resources
-from tests.integration.conftest import materialize, tiny_run_config
-
-version, state, inbox = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-config = tiny_run_config()
-# the base backbone for both partitions: their feature-cache entries are then shareable
-config["ops"]["explora_backbone"]["config"]["enabled"] = False
-resources = build_resources(state=state, inbox=inbox)  # MLflow URI from MLFLOW_TRACKING_URI
-result = materialize("*", instance=dg.DagsterInstance.get(), partition=version, resources=resources,
-                     run_config=config)
-print("RESULT " + json.dumps({"version": version, "run_id": result.run_id, "success": result.success}))
-"""
-
-# Credential-looking values that only the environment holds; no file, log or metadata may show them.
-SECRET_TOKEN = "tok-9f3c1e7a-SECRET"  # a path component of the MLflow URI (production: user:password@host)
-SECRET_PASSWORD = "pw-4be1d2c0-hunter2"
-
-
-@pytest.fixture(scope="session")
-def two_partition_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two processes materialize the whole graph at the same time, on partitions v0001 and v0002
-    (v0002 = v0001 + 48 new images), against one Dagster instance, one state folder (artifacts,
-    feature cache, checkpoints) and one MLflow store whose URI comes only from MLFLOW_TRACKING_URI."""
-    import shutil
-
-    import dagster as dg
-
-    from roadwork_assets.partitions import dataset_version
-    from roadwork_core.data.synthetic import make_demo_drop
-
-    root = tmp_path_factory.mktemp("concurrent")
-    inbox, state, home = root / "inbox", root / "state", root / "dagster_home"
-    make_demo_drop(inbox, "v0001", n=120, seed=7, n_unlabelled=8)
-    make_demo_drop(inbox, "v0002", n=48, seed=21)
-    home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    (state / SECRET_TOKEN).mkdir(parents=True)
-    uri = f"sqlite:///{state / SECRET_TOKEN / 'mlflow.db'}"
-    instance = dg.DagsterInstance.from_config(str(home))
-    instance.add_dynamic_partitions(dataset_version.name, ["v0001", "v0002"])
-    env = {
-        "DAGSTER_HOME": str(home),
-        "ROADWORK_STATE": str(state),
-        "MLFLOW_TRACKING_URI": uri,
-        "DAGSTER_PG_PASSWORD": SECRET_PASSWORD,
-        "ROADWORK_API_TOKEN": SECRET_PASSWORD,
-    }
-    t0 = time.monotonic()
-    children = {v: python_child(_GRAPH_CHILD, v, str(state), str(inbox), env=env) for v in ("v0001", "v0002")}
-    results, outputs = {}, {}
-    for version, child in children.items():
-        out, err = child.communicate(timeout=540)
-        outputs[version] = out + err
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        assert child.returncode == 0 and lines, (
-            f"run {version} crashed (rc {child.returncode}):\n{err[-4000:]}"
-        )
-        results[version] = json.loads(lines[-1].removeprefix("RESULT "))
-    return {
-        "results": results,
-        "outputs": outputs,
-        "seconds": time.monotonic() - t0,
-        "instance": instance,
-        "state": state,
-        "inbox": inbox,
-        "mlflow_uri": uri,
-        "secrets": {SECRET_TOKEN: "the MLflow tracking URI", SECRET_PASSWORD: "a credential env var"},
-    }

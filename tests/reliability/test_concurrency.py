@@ -1,5 +1,7 @@
-"""Concurrency: two runs on different partitions at once (two processes, one instance, one state
-folder, one MLflow store) do not interfere, and the `gpu` pool runs one training step at a time."""
+"""Concurrency: two runs on different partitions at once (two run workers, one instance, one state
+folder, one MLflow store) do not interfere, and the `gpu` pool runs one training step at a time. The runs
+are the suite's two-partitions scenario (tests/two_partitions.py: the daemon's sensor-launched runs on the
+Postgres instance)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import mlflow
 import pytest
 import torch
 
-torch.set_num_threads(1)
-# test_security's secrets test reads the same session fixture (two_partition_runs): one worker builds it
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("two_partition_runs")]
+from tests.two_partitions import VERSIONS
 
-VERSIONS = ("v0001", "v0002")
+torch.set_num_threads(1)
+# the Postgres test and test_security's secrets test read the same session fixture (two_partition_runs):
+# one worker builds it
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("two_partition_runs")]
 
 
 def _step_windows(
@@ -127,7 +130,9 @@ def test_gpu_pool_serializes_training_steps(two_partition_runs) -> None:
 
     instance = two_partition_runs["instance"]
     config = instance.get_concurrency_config()
-    assert config.pool_config.default_pool_limit == 1, "dagster.yaml must give pools a default limit of 1"
+    assert config.pool_config.default_pool_limit == 1, (
+        "the instance file must give pools a default limit of 1"
+    )
     info = instance.event_log_storage.get_concurrency_info("gpu")
     assert info.slot_count == 1, f"the gpu pool has {info.slot_count} slots, expected 1"
     assert info.active_slot_count == 0 and info.pending_step_count == 0, "slots were not released"

@@ -13,7 +13,8 @@ import dagster as dg
 import pytest
 import torch
 
-from tests.reliability.conftest import REPO, SECRET_TOKEN
+from tests.reliability.conftest import REPO
+from tests.two_partitions import SECRET_TOKEN
 
 torch.set_num_threads(1)
 
@@ -162,7 +163,17 @@ def test_ui_and_printed_servers_bind_localhost() -> None:
 def _walk_text(root: Path) -> list[tuple[Path, str]]:
     out = []
     for path in root.rglob("*"):
-        if path.is_file() and path.suffix in {".json", ".md", ".txt", ".yaml", ".csv", ".html", ""}:
+        if path.is_file() and path.suffix in {
+            ".json",
+            ".md",
+            ".txt",
+            ".yaml",
+            ".csv",
+            ".html",
+            ".out",
+            ".err",
+            "",
+        }:
             out.append((path, path.read_text(errors="replace")))
     return out
 
@@ -170,8 +181,10 @@ def _walk_text(root: Path) -> list[tuple[Path, str]]:
 @pytest.mark.slow
 @pytest.mark.xdist_group("two_partition_runs")  # on the worker that builds the fixture for test_concurrency
 def test_secrets_from_env_never_reach_metadata_manifest_logs_or_mlflow(two_partition_runs) -> None:
-    """The two concurrent graph runs (conftest) got the MLflow URI and credential-looking values only
-    from the environment; none of them may appear in what the runs wrote."""
+    """The two concurrent graph runs (tests/two_partitions.py) got the MLflow URI and credential-looking
+    values only from the environment; none of them may appear in what the runs wrote: the daemon's log
+    (its run workers' output), run configs, event logs, metadata, artifacts, the steps' captured output
+    under DAGSTER_HOME, MLflow."""
     import mlflow
 
     runs = two_partition_runs
@@ -205,6 +218,9 @@ def test_secrets_from_env_never_reach_metadata_manifest_logs_or_mlflow(two_parti
 
     files = _walk_text(state / "artifacts") + _walk_text(state / "checkpoints")
     assert any(p.name == "manifest.json" for p, _ in files), "no bundle manifest.json was scanned"
+    captured = _walk_text(runs["home"] / "storage")  # the compute log manager's captured step output
+    assert captured, f"no captured step output under {runs['home'] / 'storage'}"
+    files += captured
     for path, text in files:
         check(text, str(path))
 
