@@ -17,7 +17,9 @@ from tests.two_partitions import pg_server, two_partition_runs  # noqa: F401  (s
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `slow` (servers, daemons, whole-graph runs: tens of seconds each) run first, in
     collection order except that tests sharing an expensive session fixture (`pytest.mark.xdist_group`)
-    sit together, so that the worker holding them builds it once.
+    come first and sit together, so that the worker holding them builds it once. (worksteal ignores
+    the mark itself; a worker stealing the tail of the other's queue takes ungrouped slow tests. A
+    fixture that must be built once whatever the split uses `built_once`.)
 
     Under pytest-xdist's worksteal (`make test`) the first worker starts with the slow tests and works
     through them while the other runs the quick ones, then steals what is left. Spreading the slow tests
@@ -36,10 +38,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(
         key=lambda item: (
             item.get_closest_marker("slow") is None,
+            not group(item),  # the groups lead: worksteal steals from the tail of a worker's queue
             first.get(group(item), index[id(item)]),  # a group's tests at its first test's place
             index[id(item)],
         )
     )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The controller (or the only process, without pytest-xdist) stops the session's PostgreSQL server
+    once every worker is done with it (tests/two_partitions.py)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        from tests.two_partitions import stop_pg_server
+
+        stop_pg_server(factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,6 +16,7 @@ writes on one home) is tests/unit/test_sqlite_storage.py's."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,18 +34,41 @@ SECRET_PASSWORD = "pw-4be1d2c0-hunter2"  # DAGSTER_PG_PASSWORD (trust auth: the 
 RUN_TIMEOUT = 540  # both runs, from the sensor's launch to finished, on a loaded 2-core machine
 
 
+def _pg_server_record(root: Path) -> Path:
+    return root / "built_once" / "pg_server"
+
+
 @pytest.fixture(scope="session")
-def pg_server():
-    """One PostgreSQL server for the session; each scenario creates its own database on it."""
+def pg_server(tmp_path_factory: pytest.TempPathFactory):
+    """One PostgreSQL server for the session, shared by the pytest-xdist workers (`built_once`); each
+    scenario creates its own database on it. The session's end stops it (`stop_pg_server`, called from
+    the controller's pytest_sessionfinish: a worker that finishes first must not stop it under the other)."""
+    from tests.conftest import built_once
     from tools import pg_local
 
-    data_dir = pg_local.scratch_dir("roadwork-pg-")  # a TMPDIR under a private folder: /tmp instead
-    server = pg_local.start(data_dir / "data")
-    try:
-        yield server
-    finally:
-        pg_local.stop(server.data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
+    def build(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)  # what a failed build of another worker left
+        path.mkdir(parents=True)
+        scratch = pg_local.scratch_dir("roadwork-pg-")  # a TMPDIR under a private folder: /tmp instead
+        (path / "scratch").write_text(str(scratch))  # first: the session's end removes it whatever happens
+        server = pg_local.start(scratch / "data")
+        fields = {"data_dir": str(server.data_dir), "host": server.host, "port": server.port, "user": server.user, "db": server.db}  # fmt: skip
+        (path / "server.json").write_text(json.dumps(fields))
+
+    fields = json.loads((built_once(tmp_path_factory, "pg_server", build) / "server.json").read_text())
+    return pg_local.PgServer(**{**fields, "data_dir": Path(fields["data_dir"])})
+
+
+def stop_pg_server(root: Path) -> None:
+    """Stop the session's PostgreSQL server (if one was started under the built_once folder of `root`)
+    and remove its data."""
+    from tools import pg_local
+
+    record = _pg_server_record(root) / "scratch"
+    if record.is_file():
+        scratch = Path(record.read_text())
+        pg_local.stop(scratch / "data")
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def pg_database(server, name: str, password: str) -> dict[str, str]:
@@ -59,17 +83,23 @@ def pg_database(server, name: str, password: str) -> dict[str, str]:
     return {**server.env(password=password), "DAGSTER_PG_DB": name}
 
 
-@pytest.fixture(scope="session")
-def two_partition_runs(tmp_path_factory: pytest.TempPathFactory, pg_server) -> dict:
-    """Runs the scenario once; returns {instance (the Postgres instance), results {version: {run_id,
-    success}}, outputs {version: the daemon's log, which holds its run workers' output}, seconds, state,
-    inbox, home, mlflow_uri, secrets {value: what it stands for}}."""
+PG_VARS = (
+    "DAGSTER_PG_HOST",
+    "DAGSTER_PG_PORT",
+    "DAGSTER_PG_USERNAME",
+    "DAGSTER_PG_PASSWORD",
+    "DAGSTER_PG_DB",
+)
+
+
+def _run_scenario(root: Path, server) -> None:
+    """The scenario, under `root`; writes root/result.json."""
     import dagster as dg
 
     from roadwork_core.data.synthetic import make_demo_drop
     from tests.e2e.conftest import UNSET_FOR_TESTS, dagster_bin, stop_process, tiny_run_config, wait_for
 
-    root = tmp_path_factory.mktemp("concurrent")
+    shutil.rmtree(root, ignore_errors=True)  # what a failed build of another worker left
     inbox, state, home = root / "inbox", root / "state", root / "dagster_home"
     make_demo_drop(inbox, "v0001", n=120, seed=7, n_unlabelled=8)
     make_demo_drop(inbox, "v0002", n=48, seed=21)
@@ -82,9 +112,10 @@ def two_partition_runs(tmp_path_factory: pytest.TempPathFactory, pg_server) -> d
     config["ops"]["explora_backbone"]["config"]["enabled"] = False
     run_config = root / "run_config.yaml"
     run_config.write_text(yaml.safe_dump(config))
+    database = f"roadwork_graph_{os.getpid()}"  # a failed build's database stays; the next one is new
     env = {key: value for key, value in os.environ.items() if key not in UNSET_FOR_TESTS}
     env.update(
-        pg_database(pg_server, "roadwork_graph", password=SECRET_PASSWORD),
+        pg_database(server, database, password=SECRET_PASSWORD),
         DAGSTER_HOME=str(home),
         ROADWORK_STATE=str(state),
         ROADWORK_INBOX=str(inbox),
@@ -97,12 +128,7 @@ def two_partition_runs(tmp_path_factory: pytest.TempPathFactory, pg_server) -> d
         ROADWORK_DROP_SENSOR_INTERVAL="5",
         ROADWORK_SLOT_REAPER_INTERVAL="3",
     )
-    with pytest.MonkeyPatch.context() as mp:  # the instance reads its storage settings from the environment
-        mp.setenv("DAGSTER_HOME", str(home))
-        for key in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USERNAME", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"):  # fmt: skip
-            mp.setenv(key, env[key])
-        instance = dg.DagsterInstance.get()
-
+    instance = _instance(home, env)
     start = subprocess.run(
         [dagster_bin("dagster"), "sensor", "start", "new_drop_sensor", "-m", "roadwork_assets.definitions"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
@@ -129,18 +155,48 @@ def two_partition_runs(tmp_path_factory: pytest.TempPathFactory, pg_server) -> d
         done = wait_for(finished, RUN_TIMEOUT, "both sensor-launched runs to finish", interval=2.0)
     finally:
         stop_process(daemon, log)
-    output = log.read_text(errors="replace")
-    return {
-        "instance": instance,
+    result = {
         "results": {
             v: {"run_id": run.run_id, "success": run.status == dg.DagsterRunStatus.SUCCESS}
             for v, run in done.items()
         },
-        "outputs": dict.fromkeys(VERSIONS, output),
         "seconds": time.monotonic() - t0,
-        "state": state,
-        "inbox": inbox,
-        "home": home,
+        "pg_env": {key: env[key] for key in PG_VARS},
         "mlflow_uri": uri,
+    }
+    (root / "result.json").write_text(json.dumps(result))
+
+
+def _instance(home: Path, env: dict[str, str]):
+    """The scenario's instance (its storage settings come from the environment, read once here)."""
+    import dagster as dg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(home))
+        for key in PG_VARS:
+            mp.setenv(key, env[key])
+        return dg.DagsterInstance.get()
+
+
+@pytest.fixture(scope="session")
+def two_partition_runs(tmp_path_factory: pytest.TempPathFactory, pg_server) -> dict:
+    """The scenario, run once for the session (`built_once`: the pytest-xdist workers share it); returns
+    {instance (the Postgres instance), results {version: {run_id, success}}, outputs {version: the
+    daemon's log, which holds its run workers' output}, seconds, state, inbox, home, mlflow_uri, secrets
+    {value: what it stands for}}."""
+    from tests.conftest import built_once
+
+    root = built_once(tmp_path_factory, "two_partition_runs", lambda path: _run_scenario(path, pg_server))
+    result = json.loads((root / "result.json").read_text())
+    output = (root / "daemon.log").read_text(errors="replace")
+    return {
+        "instance": _instance(root / "dagster_home", result["pg_env"]),
+        "results": result["results"],
+        "outputs": dict.fromkeys(VERSIONS, output),
+        "seconds": result["seconds"],
+        "state": root / "state",
+        "inbox": root / "inbox",
+        "home": root / "dagster_home",
+        "mlflow_uri": result["mlflow_uri"],
         "secrets": {SECRET_TOKEN: "the MLflow tracking URI", SECRET_PASSWORD: "a credential env var"},
     }
