@@ -95,7 +95,7 @@ def mlflow_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     MLflow's ~50 alembic migrations (seconds); the graph tests copy this file to their state folder
     instead (`seed_mlflow_store`), and the pytest-xdist workers share one (`built_once`). The
     environment's own template (roadwork_resources.mlflow_store, built by `make`) is what
-    test_cli_materialize and the README test start from."""
+    the whole-graph CLI test (tests/integration/test_graph.py) and the README test start from."""
     from roadwork_resources.mlflow_store import make_template
 
     def build(folder: Path) -> None:

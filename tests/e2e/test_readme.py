@@ -49,7 +49,7 @@ RULES = [
     Rule(
         r"^\.venv/bin/dagster asset materialize .*--select '\*'",
         "covered",
-        "tests/e2e/test_cli_materialize.py::test_cli_materializes_the_whole_graph",
+        "tests/integration/test_graph.py::test_full_graph_materializes_with_green_checks_and_mlflow_run",
     ),
     Rule(
         r"^\.venv/bin/python -m roadwork_commands\.ablation\b",

@@ -1,4 +1,5 @@
-"""Materialize the real graph on a temporary instance: every asset, the checks, MLflow, lineage."""
+"""Materialize the real graph on a temporary instance (the whole graph through `dagster asset materialize`,
+parts of it in process): every asset, the checks, MLflow, lineage."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from roadwork_assets._util import latest_materialization_metadata
 from roadwork_assets.definitions import build_resources
 from roadwork_assets.partitions import dataset_version
 from roadwork_core.bundle.bundle import Bundle
-from tests.integration.conftest import materialize, tiny_run_config
+from tests.integration.conftest import REPO, materialize, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -35,25 +36,63 @@ def _artifact(instance: dg.DagsterInstance, asset: str, version: str = "v0001"):
     return read_artifact(Path(latest_materialization_metadata(instance, dg.AssetKey(asset), version)["path"]))
 
 
-def _checks(result) -> dict[str, bool]:
+def _checks(source, run_id: str | None = None) -> dict[str, bool]:
+    """check@asset -> passed, from an in-process result, or from `source` (an instance)'s log of `run_id`."""
+    events = (
+        [e.dagster_event for e in source.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)]
+        if run_id is not None
+        else source.all_events
+    )
     return {
         ev.asset_check_evaluation_data.asset_check_key.name
         + "@"
         + ev.asset_check_evaluation_data.asset_check_key.asset_key.to_user_string(): ev.asset_check_evaluation_data.passed
-        for ev in result.all_events
+        for ev in events
         if ev.event_type_value == "ASSET_CHECK_EVALUATION"
     }
 
 
-def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw_home, monkeypatch):
-    instance = _instance("v0001")
-    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
-    config = tiny_run_config()
-    config["ops"]["evaluation_report"]["config"]["register_model"] = True  # the default; tiny.yaml skips it
-    result = materialize("*", instance=instance, partition="v0001", resources=resources, run_config=config)
-    assert result.success, "the full graph failed on the tiny drop"
+def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw_home, monkeypatch, tmp_path):
+    """Way in #2, `dagster asset materialize --select '*'` in a subprocess against a temporary instance,
+    on first use (the run itself creates and migrates the MLflow store, as in a new checkout), with the
+    model registration on (the default; tests/configs/tiny.yaml skips it). Then everything it made: checks,
+    per-split predictions, the bundle, metadata, the MLflow run and registered model, and later runs of
+    parts of the graph on the same instance (in process)."""
+    import os
+    import subprocess
 
-    checks = _checks(result)
+    import yaml
+
+    from tests.e2e.conftest import RUN_TIMEOUT, dagster_bin
+
+    instance = _instance("v0001")
+    config = tiny_run_config()
+    config["ops"]["evaluation_report"]["config"]["register_model"] = True
+    config_path = tmp_path / "run_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    (rw_home["state"] / "mlflow.db").unlink()  # first use: no store yet
+    env = {**os.environ, "ROADWORK_INBOX": str(tiny_inbox), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for key in (
+        "ROADWORK_RUN_CONFIG",
+        "ROADWORK_MONITOR_DIR",
+        "ROADWORK_FORCE_RETRAIN",
+        "MLFLOW_TRACKING_URI",
+    ):
+        env.pop(key, None)  # the store is the state folder's own: sqlite:///$ROADWORK_STATE/mlflow.db
+    cmd = [
+        dagster_bin("dagster"), "asset", "materialize", "-m", "roadwork_assets.definitions",
+        "--select", "*", "--partition", "v0001", "-c", str(config_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, (
+        f"dagster asset materialize failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    )
+    [dagster_run] = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]))
+    assert len(instance.get_runs()) == 1, "expected exactly one run in the temporary instance"
+    assert (rw_home["state"] / "mlflow.db").is_file(), "the run did not create the MLflow store"
+    resources = build_resources(state=rw_home["state"], inbox=tiny_inbox, mlflow_uri=rw_home["mlflow_uri"])
+
+    checks = _checks(instance, dagster_run.run_id)
     assert checks and all(checks.values()), f"failing checks: {[k for k, v in checks.items() if not v]}"
     for name in (
         "check_no_shared_images",
@@ -65,14 +104,17 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
         assert f"{name}@splits" in checks, f"split check {name} did not run"
     assert "check_split_contract@evaluation_report" in checks
 
+    bundle_files = _artifact(instance, "bundle")
+    for name in ("manifest.json", "model.safetensors", "policy.json", "calibrator.json", "config.json"):
+        assert (Path(bundle_files) / name).is_file(), f"bundle file {name} missing under {bundle_files}"
+
     # every predictions asset read exactly its own split
     for asset, split in [
         ("select_predictions", "val_select"),
         ("calib_predictions", "val_calib"),
         ("test_predictions", "val_test"),
     ]:
-        frame = result.output_for_node(asset)
-        splits = result.output_for_node("splits")
+        frame, splits = _artifact(instance, asset), _artifact(instance, "splits")
         own = set(splits.loc[splits["split"] == split, "image_id"])
         assert set(frame["image_id"]) == own, f"{asset} is not exactly {split}"
 
@@ -83,7 +125,7 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     assert manifest["dataset_version"] == "v0001"
     assert manifest["policy"] == "scrc"
     assert manifest["code_version"]["roadwork"] == roadwork_core.__version__
-    uri = result.output_for_node("splits")["uri"].iloc[0]
+    uri = _artifact(instance, "splits")["uri"].iloc[0]
     pred = bundle.predict([uri])[0]
     assert 0.0 <= pred.p_roadwork <= 1.0 and pred.decision in {"roadwork", "no_roadwork", "defer"}
     # the subnet answer: its threshold was chosen on val_calib by the bundle asset and recorded
@@ -96,7 +138,7 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     explora_meta = latest_materialization_metadata(instance, dg.AssetKey("explora_backbone"), "v0001")
     assert explora_meta["images_used"] == 32 and explora_meta["unlabelled_kept"] > 0, explora_meta
     assert explora_meta["unlabelled_used"] == 0, explora_meta
-    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    messages = [entry.user_message for entry in instance.all_logs(dagster_run.run_id)]
     assert any("raise explora_backbone.max_images" in m for m in messages if m), "no cap warning logged"
     assert bundle_meta["bundle_id"] == manifest["content_sha256"] and bundle_meta["source_fingerprint"]
 
@@ -128,7 +170,7 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     mlflow.set_tracking_uri(rw_home["mlflow_uri"])
     runs = mlflow.search_runs(
         experiment_names=["roadwork"],
-        filter_string=f"tags.dagster_run_id = '{result.run_id}'",
+        filter_string=f"tags.dagster_run_id = '{dagster_run.run_id}'",
         output_format="list",
     )
     assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
@@ -153,7 +195,8 @@ def test_full_graph_materializes_with_green_checks_and_mlflow_run(tiny_inbox, rw
     # through mlflow.pyfunc and predicts the same
     [registered] = client.search_model_versions("name = 'roadwork'")
     assert (
-        registered.tags["dataset_version"] == "v0001" and registered.tags["dagster_run_id"] == result.run_id
+        registered.tags["dataset_version"] == "v0001"
+        and registered.tags["dagster_run_id"] == dagster_run.run_id
     )
     assert registered.tags["bundle_id"] == bundle.manifest.content_sha256, registered.tags
     assert client.get_model_version_by_alias("roadwork", "production").version == registered.version
