@@ -15,34 +15,54 @@ from tests.two_partitions import pg_server, two_partition_runs  # noqa: F401  (s
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `slow` (servers, daemons, whole-graph runs: tens of seconds each) run first, in
-    collection order except that tests sharing an expensive session fixture (`pytest.mark.xdist_group`)
-    come first and sit together, so that the worker holding them builds it once. (worksteal ignores
-    the mark itself; a worker stealing the tail of the other's queue takes ungrouped slow tests. A
-    fixture that must be built once whatever the split uses `built_once`.)
+    """Order for pytest-xdist's worksteal (`make test`: two workers), which gives each worker a contiguous
+    share of the list (the first worker the first half) and then lets an idle worker steal the tail of
+    another's queue. The tests marked `slow` come in units that one worker runs in one piece: the tests
+    sharing an expensive session fixture (`xdist_group`, a mark worksteal itself ignores) or a module (its
+    module fixtures). Each share starts with its slow units and is filled up with quick tests: the first
+    worker's with the server and daemon scenarios (the groups and tests/e2e: whole-graph runs in other
+    processes, much of their time spent waiting on them), the other workers' with the slow tests that
+    compute in this process or under torchrun (round robin), so that the quick tests fill in beside both
+    and are stolen at the end. A fixture that must be built once whatever the split uses `built_once`.
 
-    Under pytest-xdist's worksteal (`make test`) the first worker starts with the slow tests and works
-    through them while the other runs the quick ones, then steals what is left. Spreading the slow tests
-    over both workers from the start was measured and is slower: 13m59s against ~11 min in fresh clones
-    (two workers on two cores), their servers, daemons and concurrent runs then compete for the CPU."""
+    Measured on the 2-core CI machine (twenty-second round, same hour): every slow test on the first worker
+    6m33s; the units alternating between the workers 6m45s; this order 6m39s; all within the machine's
+    run-to-run spread, so the order is chosen for its reasons (the e2e chain no longer runs beside the
+    other worker's e2e tests, the in-process slow tests no longer wait behind it). A third worker on two
+    cores is slower (7m07s: the processes compete for the cores)."""
 
     def group(item: pytest.Item) -> str:
         mark = item.get_closest_marker("xdist_group")
         return (mark.kwargs.get("name") or (mark.args[0] if mark.args else "")) if mark else ""
 
-    index = {id(item): i for i, item in enumerate(items)}
-    first: dict[str, int] = {}
-    for i, item in enumerate(items):
-        if group(item):
-            first.setdefault(group(item), i)
-    items.sort(
-        key=lambda item: (
-            item.get_closest_marker("slow") is None,
-            not group(item),  # the groups lead: worksteal steals from the tail of a worker's queue
-            first.get(group(item), index[id(item)]),  # a group's tests at its first test's place
-            index[id(item)],
-        )
-    )
+    grouped: dict[str, list[pytest.Item]] = {}
+    modules: dict[str, list[pytest.Item]] = {}
+    quick: list[pytest.Item] = []
+    for item in items:
+        if item.get_closest_marker("slow") is None:
+            quick.append(item)
+        elif group(item):
+            grouped.setdefault(group(item), []).append(item)
+        else:
+            modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    parts: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    # the first worker: the server and daemon scenarios (groups, tests/e2e), which wait on their processes
+    # much of the time; the others (round robin): the slow tests that compute in process or under torchrun
+    serving = [*grouped.values(), *(u for name, u in modules.items() if name.startswith("tests/e2e/"))]
+    computing = [u for name, u in modules.items() if not name.startswith("tests/e2e/")]
+    for unit in serving:
+        parts[0].extend(unit)
+    for i, unit in enumerate(computing):
+        parts[(i % (workers - 1)) + 1 if workers > 1 else 0].extend(unit)
+    ordered, left = [], len(items)
+    for k, part in enumerate(parts):  # worksteal's first share: what is left // the workers still to serve
+        share = left // (workers - k)
+        fill = max(0, share - len(part)) if k < workers - 1 else len(quick)
+        ordered += [*part, *quick[:fill]]
+        del quick[:fill]
+        left -= len(part) + fill
+    items[:] = ordered
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -55,6 +75,23 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         from tests.two_partitions import stop_pg_server
 
         stop_pg_server(factory.getbasetemp())
+
+
+def _restore_bound_paths():
+    from roadwork_resources import paths
+
+    saved = dict(paths._bound)
+    yield
+    paths._bound.clear()
+    paths._bound.update(saved)
+
+
+# `build_resources` records its folders for the process (roadwork_resources.paths.bind_paths), as a run's
+# process does once. A test sees what its own and its module's fixtures bound, never what an earlier test
+# or module on the same worker bound (a unit test read another module's inbox when the slow tests ran
+# before it on its worker).
+_paths_bound_by_this_module_only = pytest.fixture(autouse=True, scope="module")(_restore_bound_paths)
+_paths_bound_by_this_test_only = pytest.fixture(autouse=True)(_restore_bound_paths)
 
 
 @pytest.fixture(autouse=True, scope="session")
