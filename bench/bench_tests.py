@@ -67,11 +67,16 @@ def _suite(workers: str, cpu: bool = False) -> dict:
     cpu_report = sampler.stop() if sampler else None
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
+    # pytest's short summary ("FAILED tests/...::name - reason", "ERROR ..."): a timing with failures names them
+    failures = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    if proc.returncode != 0:
+        print(f"[bench] the suite exited {proc.returncode}:", *failures or [proc.stdout[-3000:]], sep="\n  ")
     return {
         "command": " ".join(cmd[1:]),
         "seconds": round(seconds, 1),
         "exit": proc.returncode,
         "summary": tail,
+        "failures": failures,
         **counts,
         **({"cpu": cpu_report} if cpu_report else {}),
     }
