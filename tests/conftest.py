@@ -157,7 +157,7 @@ def seed_mlflow_store(template: Path, state: Path) -> Path:
 def demo_inbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An inbox holding one ready drop `v0001` of 48 synthetic scenes (+4 unlabelled)."""
     inbox = tmp_path_factory.mktemp("inbox")
-    make_demo_drop(inbox, "v0001", n=48, seed=0, n_unlabelled=4)
+    make_demo_drop(inbox, "v0001", n=48, seed=0, n_unlabelled=4, scale=0.5)
     return inbox
 
 

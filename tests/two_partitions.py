@@ -101,8 +101,8 @@ def _run_scenario(root: Path, server) -> None:
 
     shutil.rmtree(root, ignore_errors=True)  # what a failed build of another worker left
     inbox, state, home = root / "inbox", root / "state", root / "dagster_home"
-    make_demo_drop(inbox, "v0001", n=120, seed=7, n_unlabelled=8)
-    make_demo_drop(inbox, "v0002", n=48, seed=21)
+    make_demo_drop(inbox, "v0001", n=120, seed=7, n_unlabelled=8, scale=0.5)
+    make_demo_drop(inbox, "v0002", n=48, seed=21, scale=0.5)
     home.mkdir()
     shutil.copy(REPO / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
     (state / SECRET_TOKEN).mkdir(parents=True)

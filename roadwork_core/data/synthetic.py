@@ -108,6 +108,21 @@ class ScenePlan:
 # Planning
 
 
+MIN_SCENE_SIDE = 64  # below this the far cues are under a pixel
+
+
+def _scaled(w: int, h: int, scale: float) -> tuple[int, int]:
+    if not scale > 0:
+        raise ValueError(f"scale={scale} must be > 0 (1 draws the scenes at their full size)")
+    sw, sh = round(w * scale), round(h * scale)
+    if min(sw, sh) < MIN_SCENE_SIDE:
+        raise ValueError(
+            f"scale={scale} draws a {w}x{h} scene at {sw}x{sh}, under the {MIN_SCENE_SIDE} px this generator "
+            f"draws cues at; use a scale of at least {MIN_SCENE_SIDE / min(w, h):.2f}"
+        )
+    return sw, sh
+
+
 class _Road:
     def __init__(self, rng: np.random.Generator, w: int, h: int):
         self.w, self.h = w, h
@@ -128,8 +143,12 @@ def plan_scene(
     positive: bool,
     hard_negative: bool = False,
     size: tuple[int, int] | None = None,
+    scale: float = 1.0,
 ) -> ScenePlan:
+    """Every random choice of one scene. `size` fixes (width, height), else it is drawn from SIZES;
+    `scale` multiplies it (the same scene, drawn smaller: the random choices do not depend on it)."""
     w, h = size if size is not None else SIZES[rng.choice(len(SIZES), p=SIZE_WEIGHTS)]
+    w, h = _scaled(w, h, scale)
     meta = {
         "time_of_day": str(rng.choice(TIMES_OF_DAY, p=(0.55, 0.2, 0.25))),
         "weather": str(rng.choice(WEATHERS, p=(0.55, 0.2, 0.13, 0.12))),
@@ -572,9 +591,12 @@ def draw_scene(
     positive: bool,
     hard_negative: bool = False,
     size: tuple[int, int] | None = None,
+    scale: float = 1.0,
 ) -> Scene:
     """One street scene. Positives carry >= 1 roadwork cue (boxes in `cues`); negatives carry none."""
-    plan = plan_scene(rng, positive=positive, hard_negative=hard_negative and not positive, size=size)
+    plan = plan_scene(
+        rng, positive=positive, hard_negative=hard_negative and not positive, size=size, scale=scale
+    )
     return Scene(
         image=render_scene(plan),
         label=plan.label,
@@ -617,19 +639,25 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _draw_labelled(seed: int, version: str, i: int, positive_rate: float, hard_negative_rate: float):
+def _draw_labelled(
+    seed: int, version: str, i: int, positive_rate: float, hard_negative_rate: float, scale: float
+):
     """Labelled scene `i` of a drop -> (file name, JPEG bytes, labels.csv row); its own RNG stream."""
     rng = _image_rng(seed, version, "labelled", i)
     positive = bool(rng.random() < positive_rate)
-    scene = draw_scene(rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate))
+    scene = draw_scene(
+        rng, positive=positive, hard_negative=bool(rng.random() < hard_negative_rate), scale=scale
+    )
     name = f"images/{i:06d}.jpg"
     row = {"file": name, "label": scene.label, **scene.metadata, **mask_point_columns(scene.cues)}
     return name, _jpeg_bytes(scene.image, rng), row
 
 
-def _draw_unlabelled(seed: int, version: str, i: int, positive_rate: float, hard_negative_rate: float):
+def _draw_unlabelled(
+    seed: int, version: str, i: int, positive_rate: float, hard_negative_rate: float, scale: float
+):
     rng = _image_rng(seed, version, "unlabelled", i)
-    scene = draw_scene(rng, positive=bool(rng.random() < positive_rate), hard_negative=True)
+    scene = draw_scene(rng, positive=bool(rng.random() < positive_rate), hard_negative=True, scale=scale)
     return f"unlabelled/{i:06d}.jpg", _jpeg_bytes(scene.image, rng), None
 
 
@@ -661,6 +689,7 @@ def make_demo_drop(
     n_unlabelled: int = 0,
     hard_negative_rate: float = 0.3,
     workers: int = 1,
+    scale: float = 1.0,
 ) -> Path:
     """Write a labels.csv drop of `n` synthetic scenes to `out/version/` and return that folder.
 
@@ -668,7 +697,9 @@ def make_demo_drop(
     mask_y: the centre of the largest cue box of a positive, blank for a negative), optional
     `unlabelled/<index>.jpg`, and `_READY` last. The drop is built under a temporary name and renamed
     into place, so a crash never leaves a half-written drop under the final name. `workers` > 1 draws
-    the scenes in that many processes; the drop is byte for byte the same.
+    the scenes in that many processes; the drop is byte for byte the same. `scale` < 1 draws the same
+    scenes smaller (0.5: 160x120 to 640x360 instead of 320x240 to 1280x720), for quick drops whose
+    images are cheaper to hash, decode and train on.
     """
     if not 0.0 <= positive_rate <= 1.0:
         raise ValueError(f"positive_rate={positive_rate} must be within [0, 1]")
@@ -676,13 +707,15 @@ def make_demo_drop(
         raise ValueError(f"n={n}: a drop needs at least one image")
     if workers < 1:
         raise ValueError(f"workers={workers}: use 1 (this process) or more")
+    for w, h in SIZES:
+        _scaled(w, h, scale)  # a scale too small for any of the sizes fails here, before any drawing
     from roadwork_core.data.drops import version_name_problem
 
     if (problem := version_name_problem(version)) is not None:  # '' made the inbox itself the drop
         raise ValueError(f"version {version!r} {problem}; name the drop like v0001 or 2026-11-23")
     drop = Path(out) / version
     rows = []
-    args = (seed, version, positive_rate, hard_negative_rate)
+    args = (seed, version, positive_rate, hard_negative_rate, scale)
     # Writing (and fsyncing) happens in threads so that disk waits overlap with drawing.
     with atomic_dir(drop) as tmp, ThreadPoolExecutor(max_workers=4) as writer:
         (tmp / "images").mkdir()

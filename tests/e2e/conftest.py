@@ -81,7 +81,7 @@ def tiny_drop_source(tmp_path_factory) -> Path:
     """A complete synthetic drop `v0001` of 120 images (+8 unlabelled), built once; copy it to use it."""
     from roadwork_core.data.synthetic import make_demo_drop
 
-    return make_demo_drop(tmp_path_factory.mktemp("drops"), "v0001", n=120, seed=7, n_unlabelled=8)
+    return make_demo_drop(tmp_path_factory.mktemp("drops"), "v0001", n=120, seed=7, n_unlabelled=8, scale=0.5)
 
 
 def e2e_environment(root: Path, mlflow_template: Path | None = None) -> dict[str, str]:

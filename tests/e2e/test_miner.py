@@ -270,7 +270,7 @@ def test_daemon_skips_a_released_drop_and_queues_retrains_one_at_a_time(released
 
         # a burst of two new drops (the acceptance: copy them in, do nothing else): two retrain runs,
         # which must not run at the same time
-        make_demo_drop(inbox, "v0002", n=48, seed=21)  # writes _READY last
+        make_demo_drop(inbox, "v0002", n=48, seed=21, scale=0.5)  # writes _READY last
         _broken_drop(inbox, "v0003")
         runs = wait_for(lambda: len(r := _sensor_runs(instance)) == 2 and r, 120, "two retrain runs")
         assert {r.tags["dagster/partition"] for r in runs} == {"v0002", "v0003"}

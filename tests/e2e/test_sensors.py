@@ -276,8 +276,8 @@ def test_the_sensors_use_the_intervals_read_when_the_code_location_loads(monkeyp
 @pytest.fixture(scope="module")
 def drift_world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("drift_sensor")
-    train = make_demo_drop(root / "inbox", "v0001", n=48, seed=21)
-    same = make_demo_drop(root / "same", "m", n=32, seed=22)
+    train = make_demo_drop(root / "inbox", "v0001", n=48, seed=21, scale=0.5)
+    same = make_demo_drop(root / "same", "m", n=32, seed=22, scale=0.5)
     return {
         "bundle": build_tiny_bundle(root),
         "splits": splits_for(train / "images"),

@@ -25,7 +25,7 @@ def tiny_inbox(tmp_path_factory) -> Path:
     from roadwork_core.data.synthetic import make_demo_drop
 
     inbox = tmp_path_factory.mktemp("inbox")
-    make_demo_drop(inbox, "v0001", n=120, seed=7, n_unlabelled=8)
+    make_demo_drop(inbox, "v0001", n=120, seed=7, n_unlabelled=8, scale=0.5)
     return inbox
 
 

@@ -264,7 +264,7 @@ def test_failing_blocking_check_stops_downstream_and_fails_mlflow_run(tmp_path, 
     from roadwork_core.data.synthetic import make_demo_drop
 
     inbox = tmp_path / "inbox"
-    make_demo_drop(inbox, "v0001", n=40, seed=3)
+    make_demo_drop(inbox, "v0001", n=40, seed=3, scale=0.5)
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
     config = tiny_run_config()

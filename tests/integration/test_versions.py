@@ -21,7 +21,7 @@ def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_h
     from roadwork_core.data.synthetic import make_demo_drop
 
     inbox = tmp_path / "inbox"
-    make_demo_drop(inbox, "v0001", n=80, seed=11)
+    make_demo_drop(inbox, "v0001", n=80, seed=11, scale=0.5)
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
     config = {"resources": tiny_run_config()["resources"]}
@@ -37,7 +37,7 @@ def test_second_version_keeps_every_split_and_passes_sticky_check(tmp_path, rw_h
     assert first.success
     v1 = _artifact(instance, "splits", "v0001").set_index("image_id")["split"]
 
-    make_demo_drop(inbox, "v0002", n=60, seed=12)  # version v0002 = drops v0001 + v0002
+    make_demo_drop(inbox, "v0002", n=60, seed=12, scale=0.5)  # version v0002 = drops v0001 + v0002
     instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
     second = materialize(
         ["image_table", "splits"],
@@ -79,7 +79,7 @@ def test_image_facts_are_hashed_again_under_other_hashing_code_or_an_unreadable_
     from roadwork_core.data.synthetic import make_demo_drop
 
     inbox = tmp_path / "inbox"
-    make_demo_drop(inbox, "v0001", n=24, seed=71)
+    make_demo_drop(inbox, "v0001", n=24, seed=71, scale=0.5)
     instance = _instance("v0001")
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
 
@@ -94,7 +94,7 @@ def test_image_facts_are_hashed_again_under_other_hashing_code_or_an_unreadable_
     again = table_meta("v0001")
     assert again["num_facts_reused"] == 0 and again["image_facts_version"] == "other-hashing"
     monkeypatch.undo()
-    make_demo_drop(inbox, "v0002", n=8, seed=72)
+    make_demo_drop(inbox, "v0002", n=8, seed=72, scale=0.5)
     instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
     assert table_meta("v0002")["num_facts_reused"] == 0, "facts of other hashing code were reused"
     from roadwork_assets._util import latest_materialization_metadata
@@ -104,7 +104,7 @@ def test_image_facts_are_hashed_again_under_other_hashing_code_or_an_unreadable_
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
-    make_demo_drop(inbox, "v0003", n=8, seed=73)
+    make_demo_drop(inbox, "v0003", n=8, seed=73, scale=0.5)
     instance.add_dynamic_partitions(dataset_version.name, ["v0003"])
     assert table_meta("v0003")["num_facts_reused"] == 0, "facts were read from a corrupt table"
 
@@ -117,7 +117,7 @@ def test_image_facts_are_hashed_again_under_other_hashing_code_or_an_unreadable_
     shutil.copytree(
         Path(latest_materialization_metadata(instance, dg.AssetKey("image_table"), "v0001")["path"]), v3
     )
-    make_demo_drop(inbox, "v0004", n=8, seed=74)
+    make_demo_drop(inbox, "v0004", n=8, seed=74, scale=0.5)
     instance.add_dynamic_partitions(dataset_version.name, ["v0004"])
     assert table_meta("v0004")["num_facts_reused"] == 0, (
         "facts were read from a table its record does not vouch for"
@@ -265,8 +265,8 @@ def test_splits_refuse_to_skip_an_unmaterialized_earlier_version(tmp_path, rw_ho
     from roadwork_core.data.synthetic import make_demo_drop
 
     inbox = tmp_path / "inbox"
-    make_demo_drop(inbox, "v0001", n=40, seed=21)
-    make_demo_drop(inbox, "v0002", n=40, seed=22)
+    make_demo_drop(inbox, "v0001", n=40, seed=21, scale=0.5)
+    make_demo_drop(inbox, "v0002", n=40, seed=22, scale=0.5)
     instance = _instance("v0001")
     instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
@@ -297,8 +297,8 @@ def test_a_late_drop_is_refused_and_a_version_split_again_keeps_every_split(tmp_
     from roadwork_resources.settings import RetrainSettings
 
     inbox = tmp_path / "inbox"
-    make_demo_drop(inbox, "v0001", n=40, seed=31)
-    make_demo_drop(inbox, "v0003", n=40, seed=33)
+    make_demo_drop(inbox, "v0001", n=40, seed=31, scale=0.5)
+    make_demo_drop(inbox, "v0003", n=40, seed=33, scale=0.5)
     instance = _instance("v0001")
     instance.add_dynamic_partitions(dataset_version.name, ["v0003"])
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
@@ -315,7 +315,7 @@ def test_a_late_drop_is_refused_and_a_version_split_again_keeps_every_split(tmp_
     )
     assert meta["num_vanished_anchors"].value == 0
 
-    make_demo_drop(inbox, "v0002", n=24, seed=32)  # late
+    make_demo_drop(inbox, "v0002", n=24, seed=32, scale=0.5)  # late
     context = dg.build_sensor_context(
         instance=instance,
         cursor='["v0001", "v0003"]',
@@ -370,7 +370,7 @@ def test_a_drop_without_a_partition_of_its_own_is_part_of_the_version_that_took_
 
     inbox = tmp_path / "inbox"
     for i, version in enumerate(("v0001", "v0002", "v0003")):
-        make_demo_drop(inbox, version, n=24, seed=40 + i)
+        make_demo_drop(inbox, version, n=24, seed=40 + i, scale=0.5)
     instance = _instance("v0001")
     instance.add_dynamic_partitions(dataset_version.name, ["v0003"])
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
@@ -381,7 +381,7 @@ def test_a_drop_without_a_partition_of_its_own_is_part_of_the_version_that_took_
         return materialize(["image_table", "splits"], instance=instance, partition=version, resources=resources, run_config=config)  # fmt: skip
 
     assert split("v0001").success and split("v0003").success
-    make_demo_drop(inbox, "v0004", n=24, seed=44)
+    make_demo_drop(inbox, "v0004", n=24, seed=44, scale=0.5)
     instance.add_dynamic_partitions(dataset_version.name, ["v0004"])
     v4 = split("v0004")
     assert v4.success, [str(e.event_specific_data.error)[:400] for e in v4.all_events if e.event_type_value == "STEP_FAILURE"]  # fmt: skip
@@ -417,7 +417,7 @@ def test_an_earlier_version_split_again_after_its_drop_grew_agrees_with_the_late
 
     inbox = tmp_path / "inbox"
     for i, version in enumerate(("v0001", "v0002", "v0003")):
-        make_demo_drop(inbox, version, n=30, seed=50 + i)
+        make_demo_drop(inbox, version, n=30, seed=50 + i, scale=0.5)
     instance = _instance("v0001")
     instance.add_dynamic_partitions(dataset_version.name, ["v0002", "v0003"])
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
@@ -432,7 +432,9 @@ def test_an_earlier_version_split_again_after_its_drop_grew_agrees_with_the_late
 
     for version in ("v0001", "v0002", "v0003"):
         split(version)
-    extra = make_demo_drop(tmp_path / "more", "x", n=40, seed=59)  # 40 images added to v0001 in place
+    extra = make_demo_drop(
+        tmp_path / "more", "x", n=40, seed=59, scale=0.5
+    )  # 40 images added to v0001 in place
     rows = pd.read_csv(extra / "labels.csv")
     for name in rows["file"]:
         shutil.copy(extra / name, inbox / "v0001" / name.replace("images/", "images/extra_"))
@@ -573,7 +575,7 @@ def test_deleting_a_split_partition_does_not_let_its_images_move(tmp_path, rw_ho
 
     inbox = tmp_path / "inbox"
     for version, seed in (("v0001", 41), ("v0002", 42), ("v0003", 43)):
-        make_demo_drop(inbox, version, n=40, seed=seed)
+        make_demo_drop(inbox, version, n=40, seed=seed, scale=0.5)
     instance = _instance("v0001")
     instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
@@ -598,8 +600,8 @@ def test_an_earlier_drop_that_lost_its_ready_marker_stops_the_image_table(tmp_pa
     from roadwork_core.data.synthetic import make_demo_drop
 
     inbox = tmp_path / "inbox"
-    make_demo_drop(inbox, "v0001", n=30, seed=51)
-    make_demo_drop(inbox, "v0002", n=30, seed=52)
+    make_demo_drop(inbox, "v0001", n=30, seed=51, scale=0.5)
+    make_demo_drop(inbox, "v0002", n=30, seed=52, scale=0.5)
     instance = _instance("v0001")
     instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])
@@ -626,8 +628,8 @@ def test_a_label_edited_in_place_is_reported_by_the_next_split(tmp_path, rw_home
     from roadwork_core.data.synthetic import make_demo_drop
 
     inbox = tmp_path / "inbox"
-    make_demo_drop(inbox, "v0001", n=30, seed=61)
-    make_demo_drop(inbox, "v0002", n=20, seed=62)
+    make_demo_drop(inbox, "v0001", n=30, seed=61, scale=0.5)
+    make_demo_drop(inbox, "v0002", n=20, seed=62, scale=0.5)
     instance = _instance("v0001")
     instance.add_dynamic_partitions(dataset_version.name, ["v0002"])
     resources = build_resources(state=rw_home["state"], inbox=inbox, mlflow_uri=rw_home["mlflow_uri"])

@@ -30,7 +30,7 @@ def test_make_demo_data_refuses_a_bad_version_and_an_existing_drop(tmp_path: Pat
     from roadwork_core.data.synthetic import make_demo_drop
 
     with pytest.raises(ValueError, match="version '' is not the name of one folder"):
-        make_demo_drop(inbox, "", n=2)
+        make_demo_drop(inbox, "", n=2, scale=0.5)
 
 
 def test_a_run_config_that_is_not_yaml_is_named(tmp_path: Path, monkeypatch) -> None:
@@ -185,7 +185,7 @@ def test_the_demo_says_when_the_drop_it_reuses_holds_another_number_of_images(tm
     from roadwork_commands.demo import ensure_drop
     from roadwork_core.data.synthetic import make_demo_drop
 
-    make_demo_drop(tmp_path, "v0001", n=6)
+    make_demo_drop(tmp_path, "v0001", n=6, scale=0.5)
     assert ensure_drop(tmp_path, "v0001", 6, 0, 0) == tmp_path / "v0001"
     assert capsys.readouterr().out.strip().endswith("reusing it")
     ensure_drop(tmp_path, "v0001", 120, 0, 0)

@@ -76,8 +76,8 @@ def drift_world(tmp_path_factory) -> dict:
     from roadwork_core.data.synthetic import make_demo_drop
 
     root = tmp_path_factory.mktemp("drift")
-    train = make_demo_drop(root / "inbox", "v0001", n=48, seed=11)
-    same = make_demo_drop(root / "monitor_same", "m", n=48, seed=12)
+    train = make_demo_drop(root / "inbox", "v0001", n=48, seed=11, scale=0.5)
+    same = make_demo_drop(root / "monitor_same", "m", n=48, seed=12, scale=0.5)
     same_uris = sorted(str(p) for p in (same / "images").glob("*.jpg"))
     return {
         "bundle": build_tiny_bundle(root),

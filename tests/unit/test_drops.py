@@ -650,8 +650,8 @@ def test_a_drop_of_unlabelled_images_only_adds_to_the_pool_and_blocks_nothing(tm
     from roadwork_core.data.synthetic import make_demo_drop
 
     inbox = tmp_path / "inbox"
-    make_demo_drop(inbox, "v0001", n=12, seed=1)
-    make_demo_drop(inbox, "v0003", n=12, seed=3)
+    make_demo_drop(inbox, "v0001", n=12, seed=1, scale=0.5)
+    make_demo_drop(inbox, "v0003", n=12, seed=3, scale=0.5)
     pool = inbox / "v0002" / "unlabelled"
     pool.mkdir(parents=True)
     for i in range(3):

@@ -64,6 +64,21 @@ def test_drop_layout_labels_and_ready_marker(tmp_path: Path) -> None:
     assert len(sizes) >= 3, f"image sizes should vary, got {sizes}"
 
 
+def test_a_scaled_drop_draws_the_same_scenes_smaller(tmp_path: Path) -> None:
+    full = make_demo_drop(tmp_path / "full", "v0001", n=8, seed=5)
+    half = make_demo_drop(tmp_path / "half", "v0001", n=8, seed=5, scale=0.5)
+    a = pd.read_csv(full / "labels.csv", dtype=str, keep_default_na=False)
+    b = pd.read_csv(half / "labels.csv", dtype=str, keep_default_na=False)
+    cols = ["file", "label", "time_of_day", "weather", "scene"]
+    assert a[cols].equals(b[cols]), "a scale must not change which scenes are drawn"
+    for f in a["file"]:
+        (w, h), (hw, hh) = Image.open(full / f).size, Image.open(half / f).size
+        assert (hw, hh) == (round(w / 2), round(h / 2)), f"{f}: {w}x{h} at scale 0.5 is {hw}x{hh}"
+    with pytest.raises(ValueError, match=r"scale=0.1 draws a 320x240 scene at 32x24.*at least 0.27"):
+        make_demo_drop(tmp_path / "tiny", "v0001", n=2, scale=0.1)
+    assert not (tmp_path / "tiny").exists(), "a refused scale must not leave a drop behind"
+
+
 def test_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="positive_rate"):
         make_demo_drop(tmp_path, "v1", n=2, positive_rate=1.5)
@@ -71,9 +86,10 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         make_demo_drop(tmp_path, "v1", n=2, workers=0)
 
 
-@pytest.mark.parametrize("index", range(24))
-def test_positive_scenes_show_their_cues(index: int) -> None:
-    plan = plan_scene(np.random.default_rng([7, index]), positive=True)
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("index", range(16))
+def test_positive_scenes_show_their_cues(index: int, scale: float) -> None:
+    plan = plan_scene(np.random.default_rng([7, index]), positive=True, scale=scale)
     assert plan.label == 1 and plan.cues, "a positive must carry at least one cue"
     with_cues = np.asarray(render_scene(plan), dtype=np.int16)  # (H, W, 3)
     without = np.asarray(render_scene(plan, cues=False), dtype=np.int16)
