@@ -48,6 +48,19 @@ PROGRAMS = {
 }
 
 
+FORKED_KIND = "fork of a test process (a process pool on the fork context)"
+
+
+def _forked_from_same_program(proc: psutil.Process, cmdline: str) -> bool:
+    """A child whose command line is its parent's: forked (not exec'd), so started by the test running
+    in the parent, not a pytest process of its own."""
+    try:
+        parent = proc.parent()
+        return parent is not None and " ".join(parent.cmdline())[:300] == cmdline
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def kind_of(cmdline: str, name: str) -> str:
     for needle, kind in PROGRAMS.items():
         if name.startswith(needle):
@@ -103,6 +116,8 @@ class CpuSampler:
                     except (psutil.AccessDenied, psutil.ZombieProcess):
                         test = ""
                     kind = kind_of(cmdline, info["name"] or "")
+                    if kind.startswith("pytest") and _forked_from_same_program(proc, cmdline):
+                        kind = FORKED_KIND  # a test's fork (process pool, fork context) keeps the cmdline
                     seen = self._seen[key] = _Seen(kind, test.split(" ")[0], cmdline)
                 seen.cpu = times.user + times.system
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -25,6 +25,33 @@ def test_a_child_started_after_start_is_counted_and_older_processes_are_not():
     )
 
 
+def test_a_fork_of_a_pytest_worker_is_counted_as_a_tests_process_not_as_pytest():
+    """A process pool on the fork context (make_demo_drop's workers, the image table's) keeps the pytest
+    worker's command line: the sampler must not take it for the worker itself."""
+    import multiprocessing
+
+    sampler = CpuSampler(interval=0.05).start()
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_burn, args=(0.6,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    report = sampler.stop()
+    assert (
+        report["by_kind"]["fork of a test process (a process pool on the fork context)"]["cpu_seconds"] >= 0.5
+    ), report
+    assert not [k for k in report["by_kind"] if k.startswith("pytest")], report
+
+
+def _burn(seconds: float) -> None:
+    import time
+
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+    time.sleep(0.2)  # alive for the sampler's next poll
+
+
 def test_process_kinds():
     spawn = "/v/bin/python -B -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5)"
     assert kind_of(spawn, "python").startswith("run worker")
