@@ -331,7 +331,7 @@ def test_compile_runs_the_training_forward_through_dynamo_and_trains_the_same(ro
     import torch._dynamo
 
     train, select = rows
-    cfg = _cfg(mode="full", epochs=1, augment_max_level=0)
+    cfg = _cfg(mode="full", epochs=2, augment_max_level=0)  # 16 images in 4 batches of 4: one input shape
     eager = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -341,11 +341,18 @@ def test_compile_runs_the_training_forward_through_dynamo_and_trains_the_same(ro
             _model(), train, select, cfg, checkpoint_dir=tmp_path / "compiled", compile_backend="aot_eager"
         )
         captured = torch._dynamo.utils.counters["aot_autograd"]["ok"]  # frames compiled, not fallen back
+        frames = dict(torch._dynamo.utils.counters["frames"])
         # the eager fallback was scoped to the training forward, not left on for the whole process
         assert torch._dynamo.config.suppress_errors is suppress_before, "suppress_errors left changed"
     finally:
         torch._dynamo.reset()
     assert captured > 0, "the training forward did not go through torch.compile"
+    # compiled once for 8 steps of one shape: a guard on a Python value that changes per step (the
+    # backbone-forward counter's int was one) compiles the whole forward and backward again
+    assert frames.get("ok") == 1, f"the training forward was compiled more than once: {frames}"
+    assert [h["backbone_forwards"] for h in compiled.history] == [
+        h["backbone_forwards"] for h in eager.history
+    ]
     for key, value in eager.state_dict.items():
         torch.testing.assert_close(compiled.state_dict[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
