@@ -36,7 +36,7 @@ def per_view_loop(model, canvas: torch.Tensor) -> torch.Tensor:
     return torch.stack(feats, dim=1)  # (B, V, D)
 
 
-def measure(preset: str, batch: int, repeats: int, device: str) -> dict:
+def measure(preset: str, batch: int, repeats: int, device: str, min_seconds: float = 1.0) -> dict:
     torch.manual_seed(0)
     model = build_classifier(BackboneConfig(name=preset)).eval().to(device)
     model.views_per_call = None  # B: one call on every crop (the default "auto" is recorded below)
@@ -67,8 +67,8 @@ def measure(preset: str, batch: int, repeats: int, device: str) -> dict:
 
     with torch.inference_mode():  # the two paths compute the same features
         diff = (per_view_loop(model, canvas) - model.forward_features(canvas)).abs().max().item()
-    sbs = side_by_side(loop, batched, repeats=repeats, warmup=1, min_seconds=1.0)
-    split = side_by_side(loop, chunked, repeats=repeats, warmup=1, min_seconds=1.0)
+    sbs = side_by_side(loop, batched, repeats=repeats, warmup=1, min_seconds=min_seconds)
+    split = side_by_side(loop, chunked, repeats=repeats, warmup=1, min_seconds=min_seconds)
     return {
         "preset": preset,
         "device": device,

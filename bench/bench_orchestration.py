@@ -75,8 +75,6 @@ def resolve_config(config_path: Path) -> dict:
             **(res_doc.get("split_settings") or {}).get("config", {})
         ).model_dump(),
     }
-    if resources["gpu"]["device"] not in ("cpu", "auto"):
-        raise SystemExit(f"{config_path}: the direct pipeline runs on CPU; use gpu.device cpu")
     return {"ops": ops, "resources": resources}
 
 

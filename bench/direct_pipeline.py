@@ -24,15 +24,30 @@ from pathlib import Path
 
 
 def _setup(gpu: dict) -> None:
-    """What GPUResource.setup does on CPU: threads and seeds."""
+    """What GPUResource.setup does: threads, determinism / TF32 flags and seeds."""
     import numpy as np
     import torch
 
-    if gpu["threads"] > 0:
-        torch.set_num_threads(gpu["threads"])
+    from roadwork_core.config import apply_torch_flags
+
+    apply_torch_flags(threads=gpu["threads"], deterministic=gpu.get("deterministic", False))
     random.seed(gpu["seed"])
     np.random.seed(gpu["seed"] % (2**32))
     torch.manual_seed(gpu["seed"])
+
+
+def _device_and_precision(gpu: dict) -> tuple[str, str]:
+    """GPUResource.torch_device / effective_precision: `auto` takes CUDA when torch sees it; a CPU runs
+    fp32 whatever the precision asked for (fp16 needs CUDA, bf16 on a CPU is slower than fp32)."""
+    import torch
+
+    device = gpu["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("gpu.device is 'cuda' but torch sees no CUDA device; set device: auto or cpu")
+    precision = "fp32" if device == "cpu" else gpu["precision"]
+    return device, precision
 
 
 def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
@@ -51,6 +66,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
         HeadConfig,
         MultiViewConfig,
         TrainConfig,
+        exact_fp32,
         from_mapping,
     )
     from roadwork_core.contracts.predictions import UNCERTAINTY_FEATURES
@@ -68,7 +84,7 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
 
     ops, res = resolved["ops"], resolved["resources"]
     gpu = res["gpu"]
-    device = "cpu"
+    device, precision = _device_and_precision(gpu)
     times: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -99,7 +115,9 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     backbone_cfg = from_mapping(BackboneConfig, ec["backbone"], attn_backend=gpu["attn_backend"])
     backbone = create_backbone(backbone_cfg)
     xcfg = from_mapping(ExploraConfig, ec, seed=gpu["seed"])
-    explora = run_explora(backbone, uris, xcfg, device=device)
+    explora = run_explora(
+        backbone, uris, xcfg, device=device, precision=precision, checkpoint_dir=out / "explora_checkpoints"
+    )
     (out / "explora").mkdir(parents=True)
     save_file(
         {k: v.contiguous() for k, v in explora.state_dict.items()},
@@ -119,8 +137,9 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
         by["val_select"],
         train_cfg,
         device=device,
-        precision=gpu["precision"],
+        precision=precision,
         checkpoint_dir=out / "checkpoints",
+        compile_backend="inductor" if gpu.get("compile") else None,
         feature_cache_dir=out / "feature_cache",
     )
     save_classifier(out / "classifier", model, extra={"best_epoch": result.best_epoch})
@@ -130,10 +149,12 @@ def run(resolved: dict, inbox: Path, version: str, out: Path) -> dict:
     preds = {}
     for name, split in [("select", "val_select"), ("calib", "val_calib"), ("test", "val_test")]:
         _setup(gpu)
-        clf = load_classifier(out / "classifier", device=device)
-        preds[name] = predict_frame(
-            clf, by[split], device=device, batch_size=ops[f"{name}_predictions"]["batch_size"]
-        )
+        clf = load_classifier(out / "classifier", device=device, inference=True)
+        pc = ops[f"{name}_predictions"]
+        with exact_fp32():  # as the prediction assets: fp32 without TF32, the logits the bundle serves
+            preds[name] = predict_frame(
+                clf, by[split], device=device, batch_size=pc["batch_size"], num_workers=pc["num_workers"]
+            )
         lap(f"{name}_predictions")
 
     def feats(frame) -> dict:

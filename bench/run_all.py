@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ddp": ("bench.bench_ddp", "ddp"),
     "serve": ("bench.bench_serve", "serve"),
     "tests": ("bench.bench_tests", "tests"),
+    "gpu_checks": ("bench.gpu_checks", "gpu_checks"),  # only where torch sees CUDA
 }
 
 
@@ -308,7 +309,10 @@ def write_table() -> Path:
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows()),
+        *(
+            "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+            for row in [*table_rows(), *_gpu_rows()]
+        ),
         "",
         "Every figure is a ratio of two things timed side by side in one process (A and B alternate "
         "each repeat), median over n repeats; details, per-repeat figures and machine facts in "
@@ -318,6 +322,51 @@ def write_table() -> Path:
     atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"[bench] wrote {path}")
     return path
+
+
+def _cuda_available() -> bool:
+    code = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def _gpu_rows() -> list[list[str]]:
+    """bench.gpu_checks: the multi-view row on a GPU and the training settings of the `gpu` resource."""
+    r = read_result("gpu_checks")
+    if not r:
+        return []
+    rows, machine = [], _machine(r, "cuda")
+    for run in r["sections"].get("multiview", {}).get("runs", []):
+        rows.append(
+            [
+                "1. multi-view batched forward, GPU",
+                f"one backbone call on {run['batch_images']}x{run['views_per_image']} views vs a loop over "
+                f"{run['views_per_image']} views; {run['preset']} random init, {run['view_size']} px, cuda, fp32 "
+                f"(loop {run['median_a_seconds'] * 1e3:.1f} ms, one call {run['median_b_seconds'] * 1e3:.1f} ms; "
+                f"calls of {run['batch_images']} crops: {run['chunked_speedup']:.2f}x)",
+                f"{run['speedup']:.2f}x (n={run['repeats']})",
+                ">= 1.5x",
+                _yes(run["speedup"] >= 1.5),
+                machine,
+            ]
+        )
+    runs = r["sections"].get("training", {}).get("runs", [])
+    base = next((run for run in runs if run["precision"] == "fp32"), None)
+    for run in runs:
+        last = run["epoch_seconds"][-1]
+        rows.append(
+            [
+                "11. classifier training on a GPU",
+                f"`train_classifier`, {run['variant']}; LoRA on random-init DINOv3 ViT-B/16, {run['train_images']} "
+                f"images x {run['views_per_image']} views, batch {run['batch_size']}; epochs "
+                + " / ".join(f"{s:.1f}" for s in run["epoch_seconds"])
+                + f" s (the first compiles and warms up), peak {run['peak_memory_gib']} GiB",
+                f"{base['epoch_seconds'][-1] / last:.2f}x fp32's last epoch" if base else f"{last:.1f} s",
+                "faster than fp32",
+                "n/a" if run is base else _yes(base is not None and last < base["epoch_seconds"][-1]),
+                machine,
+            ]
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         names = args.only or [n for n in BENCHMARKS if n not in skipped]
         for name in names:
             module, _ = BENCHMARKS[name]
+            if name == "gpu_checks" and not _cuda_available():
+                print(
+                    "[bench] gpu_checks skipped: torch sees no CUDA device (its last result stays)",
+                    flush=True,
+                )
+                continue
             cmd = [sys.executable, "-m", module] + (["--n", str(args.demo_n)] if name == "demo" else [])
             if name == "orchestration_demo":  # issue 19: the demo's own workload, target <= 1.10x
                 cmd += ["--config", "configs/demo.yaml", "--n", str(args.demo_n), "--repeats", "2"]
