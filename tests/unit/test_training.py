@@ -331,7 +331,7 @@ def test_compile_runs_the_training_forward_through_dynamo_and_trains_the_same(ro
     import torch._dynamo
 
     train, select = rows
-    cfg = _cfg(mode="full", epochs=2, augment_max_level=0)  # 16 images in 4 batches of 4: one input shape
+    cfg = _cfg(mode="full", epochs=1, augment_max_level=0)  # 16 images in 4 batches of 4: one input shape
     eager = train_classifier(_model(), train, select, cfg, checkpoint_dir=tmp_path / "eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -347,7 +347,7 @@ def test_compile_runs_the_training_forward_through_dynamo_and_trains_the_same(ro
     finally:
         torch._dynamo.reset()
     assert captured > 0, "the training forward did not go through torch.compile"
-    # compiled once for 8 steps of one shape: a guard on a Python value that changes per step (the
+    # compiled once for 4 steps of one shape: a guard on a Python value that changes per step (the
     # backbone-forward counter's int was one) compiles the whole forward and backward again
     assert frames.get("ok") == 1, f"the training forward was compiled more than once: {frames}"
     assert [h["backbone_forwards"] for h in compiled.history] == [
