@@ -377,11 +377,16 @@ class _SuppressingDynamoErrors(nn.Module):
         super().__init__()
         self.compiled = compiled
 
-    def forward(self, *args, **kwargs):
+    def forward(self, x: Tensor):
         import torch._dynamo
 
+        # The batch dimension is dynamic from the first compilation. An epoch's last, smaller batch would
+        # otherwise compile the forward and backward again as dynamic, and from then on that dynamic graph
+        # serves every batch (dynamo tries its newest entry first): the static one only ever ran the first
+        # epoch. `maybe`: a model that needs a fixed batch size gets it, at the cost of that second compile.
+        torch._dynamo.maybe_mark_dynamic(x, 0)
         with torch._dynamo.config.patch(suppress_errors=True):
-            return self.compiled(*args, **kwargs)
+            return self.compiled(x)
 
 
 def _build_optim(
